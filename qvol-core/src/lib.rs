@@ -1,0 +1,3 @@
+//! qvol-core: the `.qvol` format, cipher suites, block map, commit protocol and the
+//! `Volume` API. Knows nothing of virtio or of key storage.
+#![forbid(unsafe_code)]

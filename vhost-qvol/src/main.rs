@@ -1,0 +1,2 @@
+//! `vhost-qvol`: the vhost-user-blk backend daemon.
+fn main() {}
