@@ -16,9 +16,29 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Print the version of qvol and of the format it writes.
+    Version,
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Version => {
+            println!("qvol {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the error and its causes, each said once.
+            let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+            eprintln!("qvol: {}", chain.join(": "));
+            ExitCode::from(1)
+        }
+    }
 }
