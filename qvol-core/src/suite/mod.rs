@@ -1,0 +1,1 @@
+//! Cipher suites for data blocks (DESIGN.md decision 3).
