@@ -1,3 +1,29 @@
 //! qvol-keys: the keystore, the hybrid ML-KEM-1024 + X25519 KEM and keyslots.
-//! Knows nothing of block I/O.
-#![forbid(unsafe_code)]
+//! Knows nothing of block I/O. docs/KEYS.md describes the hierarchy and every format.
+//!
+//! - [`Secret32`]: 32 secret bytes, zeroized on drop, mlocked, printed `[REDACTED]`.
+//! - [`kem`]: the hybrid KEM (keygen from a seed, encapsulate, decapsulate).
+//! - [`Keystore`] / [`UnlockedKeystore`]: master seed, per-VM keys, rotation, export/import.
+//! - [`keyslot`]: wrapping a volume key for a recipient, a passphrase or recovery shares.
+#![deny(unsafe_code)]
+
+mod aead;
+mod error;
+pub mod kdf;
+pub mod kem;
+pub mod keyslot;
+mod keystore;
+mod mlock;
+pub mod recovery;
+mod secret;
+
+pub use error::{Error, ErrorKind, Result};
+pub use kdf::KdfParams;
+pub use kem::RecipientPublicKey;
+pub use keyslot::{SlotInfo, SlotKind};
+pub use keystore::{
+    validate_vm_name, GenerationInfo, KeyInfo, Keystore, UnlockedKeystore, EXPORT_FORMAT,
+    KEYSTORE_FILE, KEYS_DIR,
+};
+pub use recovery::RecoveryShare;
+pub use secret::{Secret32, SecretBytes};

@@ -1,0 +1,680 @@
+//! The keystore: a directory holding a master seed (sealed under argon2id(passphrase), or
+//! plain when asked) and one record per VM key. Key pairs are never stored: each generation
+//! is derived from the master seed (docs/KEYS.md, "Hierarchy").
+//!
+//! ```text
+//! DIR/                 0700
+//!   keystore.json      0600  master seed (sealed or plain), argon2id parameters
+//!   keys/              0700
+//!     <key id>.json    0600  metadata and generations of one key
+//! ```
+
+mod export;
+mod files;
+mod records;
+mod time;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use subtle::ConstantTimeEq;
+
+use crate::aead;
+use crate::error::{Error, ErrorKind, Result};
+use crate::kdf::{hkdf32, lp, KdfParams};
+use crate::kem::{HybridSecretKey, RecipientPublicKey, KEM_NAME};
+use crate::secret::{fill_random, Secret32};
+use records::{
+    hex_array, GenerationRecord, KeyRecord, KeystoreFile, Protection, Sealed, KEYSTORE_FORMAT,
+    KEY_FORMAT, VERSION,
+};
+
+pub use export::EXPORT_FORMAT;
+
+/// File name of the keystore's main file.
+pub const KEYSTORE_FILE: &str = "keystore.json";
+/// Subdirectory of key records.
+pub const KEYS_DIR: &str = "keys";
+/// HKDF salt of every derivation from the master seed.
+pub const MASTER_SALT: &[u8] = b"qvol-keystore-v1";
+/// HKDF info prefix of a VM key generation seed.
+pub const VM_KEY_INFO: &[u8] = b"qvol-keystore-v1 vm key seed";
+/// HKDF info of the storage key (seals imported seeds).
+pub const STORAGE_KEY_INFO: &[u8] = b"qvol-keystore-v1 storage key";
+/// HKDF info of the key that seals the master seed (from the argon2id output).
+pub const SEED_WRAP_INFO: &[u8] = b"qvol-keystore-v1 master seed wrap key";
+/// Associated-data label of the sealed master seed.
+pub const SEED_AD_LABEL: &[u8] = b"qvol-keystore-v1 master seed";
+/// Associated-data label of an imported generation seed.
+pub const IMPORTED_AD_LABEL: &[u8] = b"qvol-keystore-v1 imported seed";
+/// Check-value label of a plain master seed.
+pub const SEED_CHECK_LABEL: &[u8] = b"qvol-keystore-v1 seed check";
+/// Longest VM name.
+pub const MAX_VM_NAME_LEN: usize = 48;
+
+const SALT_LEN: usize = 16;
+
+/// A keystore directory, opened but locked.
+#[derive(Debug)]
+pub struct Keystore {
+    dir: PathBuf,
+    file: KeystoreFile,
+    kdf_duration: Option<Duration>,
+}
+
+/// An unlocked keystore: holds the master seed in locked, zeroize-on-drop memory.
+pub struct UnlockedKeystore {
+    dir: PathBuf,
+    master: Secret32,
+    storage_key: Secret32,
+}
+
+impl fmt::Debug for UnlockedKeystore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UnlockedKeystore({}, [REDACTED])", self.dir.display())
+    }
+}
+
+/// Public facts about a key (what `qvol key show` prints). No secrets.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KeyInfo {
+    /// Key id (what `qvol create --key` takes).
+    pub key_id: String,
+    /// VM name.
+    pub vm: String,
+    /// "ML-KEM-1024+X25519".
+    pub key_type: String,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// Last rotation, RFC 3339.
+    pub last_rotated: Option<String>,
+    /// Number of rotations.
+    pub rotation_count: u32,
+    /// Current generation.
+    pub generation: u32,
+    /// Fingerprint of the current generation's public key (hex SHA3-256).
+    pub fingerprint: String,
+    /// All generations still usable.
+    pub generations: Vec<GenerationInfo>,
+}
+
+/// One generation of a key.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GenerationInfo {
+    /// Generation number.
+    pub generation: u32,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// Public key fingerprint (hex).
+    pub fingerprint: String,
+    /// Whether the seed was imported rather than derived from this keystore's master seed.
+    pub imported: bool,
+}
+
+impl Keystore {
+    /// Creates a keystore in `dir` (created 0700 if missing; must not hold a keystore or
+    /// other files). With `passphrase` the master seed is sealed under argon2id with `kdf`;
+    /// with `None` it is stored in the clear.
+    pub fn init(dir: &Path, passphrase: Option<&[u8]>, kdf: KdfParams) -> Result<Self> {
+        if passphrase.is_some_and(<[u8]>::is_empty) {
+            return Err(Error::invalid("the passphrase is empty"));
+        }
+        if dir.join(KEYSTORE_FILE).exists() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{} already holds a keystore", dir.display()),
+            ));
+        }
+        if let Ok(mut entries) = std::fs::read_dir(dir) {
+            if entries.next().is_some() {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{} exists and is not empty", dir.display()),
+                ));
+            }
+        }
+        kdf.validate()?;
+        let master = Secret32::random();
+        let created = time::now_rfc3339();
+        let (file, kdf_duration) = match passphrase {
+            Some(pass) => {
+                let mut salt = [0u8; SALT_LEN];
+                fill_random(&mut salt);
+                let (hash, took) = kdf.derive(pass, &salt)?;
+                let wrap = hkdf32(MASTER_SALT, hash.expose(), &[SEED_WRAP_INFO]);
+                let nonce = aead::random_nonce();
+                let mut sealed = master.expose().to_vec();
+                let tag = aead::seal(&wrap, &nonce, &seed_ad(&kdf, &salt), &mut sealed);
+                sealed.extend_from_slice(&tag);
+                let file = KeystoreFile {
+                    format: KEYSTORE_FORMAT.into(),
+                    version: VERSION,
+                    created,
+                    protection: Protection::Argon2id,
+                    kdf: Some(kdf),
+                    salt: Some(hex::encode(salt)),
+                    sealed_seed: Some(Sealed {
+                        nonce: hex::encode(nonce),
+                        ciphertext: hex::encode(&sealed),
+                    }),
+                    seed: None,
+                    seed_check: None,
+                };
+                (file, Some(took))
+            }
+            None => {
+                let file = KeystoreFile {
+                    format: KEYSTORE_FORMAT.into(),
+                    version: VERSION,
+                    created,
+                    protection: Protection::None,
+                    kdf: None,
+                    salt: None,
+                    sealed_seed: None,
+                    seed: Some(hex::encode(master.expose())),
+                    seed_check: Some(hex::encode(seed_check(&master))),
+                };
+                (file, None)
+            }
+        };
+        files::create_private_dir(dir)?;
+        files::create_private_dir(&dir.join(KEYS_DIR))?;
+        files::write_atomic(&dir.join(KEYSTORE_FILE), &records::to_json(&file))?;
+        Ok(Keystore {
+            dir: dir.to_path_buf(),
+            file,
+            kdf_duration,
+        })
+    }
+
+    /// Opens the keystore in `dir` without unlocking it.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(KEYSTORE_FILE);
+        if !path.exists() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{} holds no keystore (run `qvol keystore init`)",
+                    dir.display()
+                ),
+            ));
+        }
+        let what = path.display().to_string();
+        let file: KeystoreFile = records::parse(&files::read_bounded(&path)?, &what)?;
+        if file.format != KEYSTORE_FORMAT {
+            return Err(Error::corrupt(format!("{what} is not a qvol keystore")));
+        }
+        if file.version != VERSION {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{what} has keystore version {}, this build reads {VERSION}",
+                    file.version
+                ),
+            ));
+        }
+        Ok(Keystore {
+            dir: dir.to_path_buf(),
+            file,
+            kdf_duration: None,
+        })
+    }
+
+    /// The keystore directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether unlocking needs a passphrase.
+    pub fn needs_passphrase(&self) -> bool {
+        self.file.protection == Protection::Argon2id
+    }
+
+    /// The argon2id parameters protecting the seed, if any.
+    pub fn kdf_params(&self) -> Option<KdfParams> {
+        self.file.kdf
+    }
+
+    /// How long the argon2id derivation took in [`Keystore::init`] (the unlock cost).
+    pub fn kdf_duration(&self) -> Option<Duration> {
+        self.kdf_duration
+    }
+
+    /// Unlocks with `passphrase` (ignored, and may be `None`, for a keystore without one).
+    pub fn unlock(&self, passphrase: Option<&[u8]>) -> Result<UnlockedKeystore> {
+        let what = self.dir.join(KEYSTORE_FILE).display().to_string();
+        let master = match self.file.protection {
+            Protection::None => {
+                let seed_hex = self
+                    .file
+                    .seed
+                    .as_deref()
+                    .ok_or_else(|| Error::corrupt(format!("{what} lacks its seed")))?;
+                let mut bytes = hex_array::<32>(seed_hex, "the master seed")?;
+                let master = Secret32::from_bytes(bytes);
+                zeroize::Zeroize::zeroize(&mut bytes);
+                let check = self.file.seed_check.as_deref().unwrap_or("");
+                let expected = hex_array::<8>(check, "the seed check value")?;
+                if !bool::from(seed_check(&master).ct_eq(&expected)) {
+                    return Err(Error::corrupt(format!(
+                        "{what}: the master seed is damaged"
+                    )));
+                }
+                master
+            }
+            Protection::Argon2id => {
+                let pass = passphrase.ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::WrongPassphrase,
+                        "the keystore is protected by a passphrase and none was given",
+                    )
+                })?;
+                let kdf = self.file.kdf.ok_or_else(|| {
+                    Error::corrupt(format!("{what} lacks its argon2id parameters"))
+                })?;
+                let salt =
+                    hex_array::<SALT_LEN>(self.file.salt.as_deref().unwrap_or(""), "the salt")?;
+                let sealed = self
+                    .file
+                    .sealed_seed
+                    .as_ref()
+                    .ok_or_else(|| Error::corrupt(format!("{what} lacks its sealed seed")))?;
+                let (hash, _) = kdf.derive(pass, &salt)?;
+                let wrap = hkdf32(MASTER_SALT, hash.expose(), &[SEED_WRAP_INFO]);
+                open_sealed(&wrap, sealed, &seed_ad(&kdf, &salt)).map_err(|e| {
+                    if e.kind() == ErrorKind::Integrity {
+                        Error::new(
+                            ErrorKind::WrongPassphrase,
+                            "the passphrase does not unlock the keystore",
+                        )
+                    } else {
+                        e
+                    }
+                })?
+            }
+        };
+        let storage_key = hkdf32(MASTER_SALT, master.expose(), &[STORAGE_KEY_INFO]);
+        Ok(UnlockedKeystore {
+            dir: self.dir.clone(),
+            master,
+            storage_key,
+        })
+    }
+}
+
+fn seed_ad(kdf: &KdfParams, salt: &[u8]) -> Vec<u8> {
+    [
+        SEED_AD_LABEL,
+        &kdf.m_cost_kib.to_le_bytes(),
+        &kdf.t_cost.to_le_bytes(),
+        &kdf.p_cost.to_le_bytes(),
+        salt,
+    ]
+    .concat()
+}
+
+fn seed_check(seed: &Secret32) -> [u8; 8] {
+    use sha3::{Digest, Sha3_256};
+    let d = Sha3_256::new()
+        .chain_update(SEED_CHECK_LABEL)
+        .chain_update(seed.expose())
+        .finalize();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d[..8]);
+    out
+}
+
+/// Opens a sealed 32-byte secret.
+fn open_sealed(key: &Secret32, sealed: &Sealed, ad: &[u8]) -> Result<Secret32> {
+    let nonce = hex_array::<{ aead::NONCE_LEN }>(&sealed.nonce, "a sealed value's nonce")?;
+    let ct = hex_array::<{ 32 + aead::TAG_LEN }>(&sealed.ciphertext, "a sealed value")?;
+    let mut out = Secret32::zero();
+    out.expose_mut().copy_from_slice(&ct[..32]);
+    aead::open(
+        key,
+        &nonce,
+        ad,
+        out.expose_mut(),
+        &ct[32..],
+        "a sealed secret failed authentication",
+    )?;
+    Ok(out)
+}
+
+fn seal(key: &Secret32, secret: &Secret32, ad: &[u8]) -> Sealed {
+    let nonce = aead::random_nonce();
+    let mut buf = Secret32::clone(secret);
+    let tag = aead::seal(key, &nonce, ad, buf.expose_mut());
+    let mut ct = buf.expose().to_vec();
+    ct.extend_from_slice(&tag);
+    Sealed {
+        nonce: hex::encode(nonce),
+        ciphertext: hex::encode(ct),
+    }
+}
+
+/// Checks a VM name: 1..=48 characters of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn validate_vm_name(vm: &str) -> Result<()> {
+    let ok = !vm.is_empty()
+        && vm.len() <= MAX_VM_NAME_LEN
+        && vm
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !vm.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "VM name {vm:?} is invalid: use 1 to {MAX_VM_NAME_LEN} letters, digits, '.', '_' \
+             or '-', not starting with '.' or '-'"
+        )))
+    }
+}
+
+fn validate_key_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= crate::keyslot::MAX_KEY_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !id.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::NotFound,
+            format!("there is no key {id:?} (not a valid key id)"),
+        ))
+    }
+}
+
+impl UnlockedKeystore {
+    /// The keystore directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.dir.join(KEYS_DIR).join(format!("{id}.json"))
+    }
+
+    fn load(&self, id: &str) -> Result<KeyRecord> {
+        validate_key_id(id)?;
+        let path = self.record_path(id);
+        if !path.exists() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("there is no key {id:?}"),
+            ));
+        }
+        let what = path.display().to_string();
+        let rec: KeyRecord = records::parse(&files::read_bounded(&path)?, &what)?;
+        if rec.format != KEY_FORMAT || rec.version != VERSION || rec.key_id != id {
+            return Err(Error::corrupt(format!(
+                "{what} is not a qvol key record for {id}"
+            )));
+        }
+        if !rec
+            .generations
+            .iter()
+            .any(|g| g.generation == rec.current_generation)
+        {
+            return Err(Error::corrupt(format!(
+                "{what} lacks its current generation"
+            )));
+        }
+        Ok(rec)
+    }
+
+    fn store(&self, rec: &KeyRecord) -> Result<()> {
+        files::write_atomic(&self.record_path(&rec.key_id), &records::to_json(rec))
+    }
+
+    /// The seed of generation `g` of `rec`: derived from the master seed along
+    /// (VM name, key id, generation), or an imported seed unsealed with the storage key.
+    fn generation_seed(&self, rec: &KeyRecord, g: &GenerationRecord) -> Result<Secret32> {
+        match &g.sealed_seed {
+            None => Ok(self.derive_seed(&rec.vm, &rec.key_id, g.generation)),
+            Some(sealed) => open_sealed(&self.storage_key, sealed, &imported_ad(&rec.key_id, g.generation))
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Integrity,
+                        format!(
+                            "the imported seed of key {} generation {} does not open with this keystore",
+                            rec.key_id, g.generation
+                        ),
+                    )
+                }),
+        }
+    }
+
+    fn derive_seed(&self, vm: &str, key_id: &str, generation: u32) -> Secret32 {
+        hkdf32(
+            MASTER_SALT,
+            self.master.expose(),
+            &[
+                VM_KEY_INFO,
+                &lp(vm.as_bytes()),
+                &lp(key_id.as_bytes()),
+                &generation.to_le_bytes(),
+            ],
+        )
+    }
+
+    /// The key pair of one generation, checked against its recorded fingerprint.
+    fn key_pair(&self, rec: &KeyRecord, g: &GenerationRecord) -> Result<HybridSecretKey> {
+        let sk = HybridSecretKey::from_seed(&self.generation_seed(rec, g)?);
+        let expected = hex_array::<32>(&g.fingerprint, "a fingerprint")?;
+        if !bool::from(sk.public_key().fingerprint().ct_eq(&expected)) {
+            return Err(Error::corrupt(format!(
+                "key {} generation {} does not match its recorded fingerprint (a key record \
+                 from another keystore?)",
+                rec.key_id, g.generation
+            )));
+        }
+        Ok(sk)
+    }
+
+    /// Creates a key for `vm` (generation 1) and returns its description.
+    pub fn new_key(&self, vm: &str) -> Result<KeyInfo> {
+        validate_vm_name(vm)?;
+        let mut suffix = [0u8; 4];
+        fill_random(&mut suffix);
+        let key_id = format!("{vm}-{}", hex::encode(suffix));
+        if self.record_path(&key_id).exists() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("key {key_id} exists already"),
+            ));
+        }
+        let now = time::now_rfc3339();
+        let pk = HybridSecretKey::from_seed(&self.derive_seed(vm, &key_id, 1))
+            .public_key()
+            .clone();
+        let rec = KeyRecord {
+            format: KEY_FORMAT.into(),
+            version: VERSION,
+            key_id,
+            vm: vm.into(),
+            key_type: KEM_NAME.into(),
+            created: now.clone(),
+            last_rotated: None,
+            rotation_count: 0,
+            current_generation: 1,
+            generations: vec![GenerationRecord {
+                generation: 1,
+                created: now,
+                fingerprint: pk.fingerprint_hex(),
+                sealed_seed: None,
+            }],
+        };
+        self.store(&rec)?;
+        Ok(info(&rec))
+    }
+
+    /// Every key, sorted by key id. Unreadable records are reported as errors.
+    pub fn list(&self) -> Result<Vec<KeyInfo>> {
+        let dir = self.dir.join(KEYS_DIR);
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if id.starts_with('.') {
+                continue; // a temporary file of an interrupted write
+            }
+            out.push(info(&self.load(id)?));
+        }
+        out.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        Ok(out)
+    }
+
+    /// One key.
+    pub fn show(&self, id: &str) -> Result<KeyInfo> {
+        Ok(info(&self.load(id)?))
+    }
+
+    /// The current generation's public key of `id` (labelled with its generation).
+    pub fn public_key(&self, id: &str) -> Result<RecipientPublicKey> {
+        let rec = self.load(id)?;
+        let g = current(&rec)?;
+        Ok(self
+            .key_pair(&rec, g)?
+            .public_key()
+            .clone()
+            .with_generation(g.generation))
+    }
+
+    /// Rotates `id`: a new generation becomes current; older ones stay usable for
+    /// unwrapping until [`UnlockedKeystore::remove_generation`].
+    pub fn rotate(&self, id: &str) -> Result<KeyInfo> {
+        let mut rec = self.load(id)?;
+        let next = rec
+            .generations
+            .iter()
+            .map(|g| g.generation)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| Error::invalid(format!("key {id} cannot be rotated any more")))?;
+        let now = time::now_rfc3339();
+        let pk = HybridSecretKey::from_seed(&self.derive_seed(&rec.vm, &rec.key_id, next))
+            .public_key()
+            .clone();
+        rec.generations.push(GenerationRecord {
+            generation: next,
+            created: now.clone(),
+            fingerprint: pk.fingerprint_hex(),
+            sealed_seed: None,
+        });
+        rec.current_generation = next;
+        rec.rotation_count = rec.rotation_count.saturating_add(1);
+        rec.last_rotated = Some(now);
+        self.store(&rec)?;
+        Ok(info(&rec))
+    }
+
+    /// Forgets generation `generation` of `id` (not the current one): volumes wrapped only
+    /// for it no longer open with this keystore.
+    pub fn remove_generation(&self, id: &str, generation: u32) -> Result<KeyInfo> {
+        let mut rec = self.load(id)?;
+        if generation == rec.current_generation {
+            return Err(Error::invalid(format!(
+                "generation {generation} is the current generation of key {id}; rotate first"
+            )));
+        }
+        let before = rec.generations.len();
+        rec.generations.retain(|g| g.generation != generation);
+        if rec.generations.len() == before {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("key {id} has no generation {generation}"),
+            ));
+        }
+        self.store(&rec)?;
+        Ok(info(&rec))
+    }
+
+    /// Deletes key `id` and every generation. Volumes wrapped only for it become unreadable
+    /// with this keystore (a new key for the same VM gets a different id and key pair).
+    pub fn delete(&self, id: &str) -> Result<()> {
+        self.load(id)?;
+        files::remove(&self.record_path(id))
+    }
+
+    /// The secret key able to open a recipient slot naming (`key_id`, `generation`,
+    /// `fingerprint`), if this keystore holds it. Never errors: a slot that names a key we
+    /// do not hold (or a damaged record) is simply not ours.
+    pub(crate) fn secret_key_for_slot(
+        &self,
+        key_id: &str,
+        generation: u32,
+        fingerprint: &[u8; 32],
+    ) -> Option<HybridSecretKey> {
+        let rec = self.load(key_id).ok()?;
+        let want = hex::encode(fingerprint);
+        // The named generation first, then any generation with that fingerprint.
+        let mut candidates: Vec<&GenerationRecord> = rec
+            .generations
+            .iter()
+            .filter(|g| g.generation == generation)
+            .collect();
+        candidates.extend(
+            rec.generations
+                .iter()
+                .filter(|g| g.generation != generation),
+        );
+        candidates
+            .into_iter()
+            .filter(|g| g.fingerprint == want)
+            .find_map(|g| self.key_pair(&rec, g).ok())
+    }
+}
+
+fn current(rec: &KeyRecord) -> Result<&GenerationRecord> {
+    rec.generations
+        .iter()
+        .find(|g| g.generation == rec.current_generation)
+        .ok_or_else(|| Error::corrupt(format!("key {} lacks its current generation", rec.key_id)))
+}
+
+fn imported_ad(key_id: &str, generation: u32) -> Vec<u8> {
+    [
+        IMPORTED_AD_LABEL,
+        &lp(key_id.as_bytes()),
+        &generation.to_le_bytes(),
+    ]
+    .concat()
+}
+
+fn info(rec: &KeyRecord) -> KeyInfo {
+    let fingerprint = current(rec)
+        .map(|g| g.fingerprint.clone())
+        .unwrap_or_default();
+    KeyInfo {
+        key_id: rec.key_id.clone(),
+        vm: rec.vm.clone(),
+        key_type: rec.key_type.clone(),
+        created: rec.created.clone(),
+        last_rotated: rec.last_rotated.clone(),
+        rotation_count: rec.rotation_count,
+        generation: rec.current_generation,
+        fingerprint,
+        generations: rec
+            .generations
+            .iter()
+            .map(|g| GenerationInfo {
+                generation: g.generation,
+                created: g.created.clone(),
+                fingerprint: g.fingerprint.clone(),
+                imported: g.sealed_seed.is_some(),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,129 @@
+//! The keystore's files, as JSON (docs/KEYS.md, "Keystore files"):
+//! `keystore.json` (the master seed, sealed or plain) and `keys/<key id>.json` (one per key:
+//! metadata and generations).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::kdf::KdfParams;
+
+/// `format` of keystore.json.
+pub const KEYSTORE_FORMAT: &str = "qvol-keystore";
+/// `format` of a key record.
+pub const KEY_FORMAT: &str = "qvol-key";
+/// Version of both.
+pub const VERSION: u32 = 1;
+
+/// How the master seed is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protection {
+    /// Sealed with XChaCha20-Poly1305 under argon2id(passphrase).
+    Argon2id,
+    /// Stored in the clear (`--no-passphrase`).
+    None,
+}
+
+/// keystore.json.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeystoreFile {
+    /// Always [`KEYSTORE_FORMAT`].
+    pub format: String,
+    /// Always [`VERSION`].
+    pub version: u32,
+    /// Creation time (RFC 3339).
+    pub created: String,
+    /// How the seed is protected.
+    pub protection: Protection,
+    /// argon2id parameters (protection = argon2id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kdf: Option<KdfParams>,
+    /// argon2id salt, hex (protection = argon2id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+    /// The sealed seed (protection = argon2id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_seed: Option<Sealed>,
+    /// The plain seed, hex (protection = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
+    /// SHA3-256(SEED_CHECK_LABEL || seed), first 8 bytes, hex (protection = none): catches a
+    /// damaged plain seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_check: Option<String>,
+}
+
+/// An XChaCha20-Poly1305 sealed value: nonce and ciphertext || tag, hex.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sealed {
+    /// 24-byte nonce, hex.
+    pub nonce: String,
+    /// Ciphertext followed by the 16-byte tag, hex.
+    pub ciphertext: String,
+}
+
+/// keys/<id>.json.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    /// Always [`KEY_FORMAT`].
+    pub format: String,
+    /// Always [`VERSION`].
+    pub version: u32,
+    /// Key id.
+    pub key_id: String,
+    /// The VM it belongs to.
+    pub vm: String,
+    /// Always the KEM name.
+    pub key_type: String,
+    /// Creation time (RFC 3339).
+    pub created: String,
+    /// Last rotation (RFC 3339), if any.
+    pub last_rotated: Option<String>,
+    /// Number of rotations.
+    pub rotation_count: u32,
+    /// The generation new volumes are wrapped for.
+    pub current_generation: u32,
+    /// Every generation still usable, ascending.
+    pub generations: Vec<GenerationRecord>,
+}
+
+/// One generation of a key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationRecord {
+    /// Generation number (1 = first).
+    pub generation: u32,
+    /// Creation time (RFC 3339).
+    pub created: String,
+    /// Public key fingerprint, hex.
+    pub fingerprint: String,
+    /// Where the seed comes from: absent = derived from this keystore's master seed; present
+    /// = an imported seed sealed under the keystore's storage key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_seed: Option<Sealed>,
+}
+
+/// Parses JSON of type `T`, naming `what` in the error.
+pub fn parse<T: for<'de> Deserialize<'de>>(data: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(data).map_err(|e| {
+        Error::corrupt(format!("{what} is not a valid qvol keystore file")).with_source(e)
+    })
+}
+
+/// Serializes pretty JSON with a final newline.
+pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut v = serde_json::to_vec_pretty(value).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+/// Decodes hex of exactly `N` bytes.
+pub fn hex_array<const N: usize>(text: &str, what: &str) -> Result<[u8; N]> {
+    let mut out = [0u8; N];
+    hex::decode_to_slice(text, &mut out)
+        .map_err(|_| Error::corrupt(format!("{what} is not {N} bytes of hex")))?;
+    Ok(out)
+}
