@@ -1,5 +1,94 @@
 //! vhost-qvol: glue between qvol-core (the volume engine), qvol-keys (keystore, KEM,
 //! keyslots) and vhost-user-blk. Both binaries, `vhost-qvol` and `qvol`, are thin layers
 //! over the modules here.
+//!
+//! A request's path: `serve` accepts a frontend -> `backend` (one thread per queue) pops
+//! a descriptor chain -> `request` parses it and copies through a bounce buffer ->
+//! `disk::Disk` (a `qvol_core::Volume`) encrypts or decrypts -> status back to the guest.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod backend;
+pub mod blk_config;
+pub mod config;
+pub mod disk;
+pub mod lock;
 pub mod paths;
+pub mod request;
+pub mod serve;
+pub mod signals;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use log::{error, info};
+
+use crate::backend::Device;
+use crate::config::Config;
+use crate::disk::Disk;
+use crate::serve::SocketSource;
+
+/// Runs the daemon: opens the image, listens, serves frontends one after another until
+/// SIGTERM/SIGINT (then finishes what is in flight, commits and exits 0).
+pub fn start_backend(config: Config) -> anyhow::Result<()> {
+    // Before any thread starts, so that every thread inherits the blocked mask.
+    signals::block_termination_signals().context("cannot block SIGTERM and SIGINT")?;
+    let (disk, volume_id): (Arc<dyn Disk>, [u8; 16]) = open_disk(&config)?;
+    let serial = config
+        .serial
+        .unwrap_or_else(|| config::default_serial(&volume_id));
+    let device = Arc::new(Device::new(
+        disk,
+        config.read_only,
+        serial,
+        config.num_queues,
+    ));
+    let mut listener = serve::listen(&config.socket)?;
+    info!(
+        "serving {} ({} bytes{}) on {}",
+        config.blk_file.display(),
+        device.disk().size(),
+        if config.read_only { ", read-only" } else { "" },
+        match &config.socket {
+            SocketSource::Path(p) => p.display().to_string(),
+            SocketSource::Fd(fd) => format!("fd {fd}"),
+        }
+    );
+    let socket_path = match &config.socket {
+        SocketSource::Path(p) => Some(p.clone()),
+        SocketSource::Fd(_) => None,
+    };
+    let on_signal_device = Arc::clone(&device);
+    signals::on_termination(move |sig| shut_down(&on_signal_device, socket_path, sig))
+        .context("cannot start the signal thread")?;
+    serve::serve(&mut listener, &device)?;
+    Ok(())
+}
+
+/// SIGTERM/SIGINT: let requests in flight finish, stop new ones, commit, exit.
+fn shut_down(device: &Device, socket: Option<std::path::PathBuf>, sig: i32) -> ! {
+    info!("signal {sig}: finishing requests in flight and closing the image");
+    let _quiet = device.quiesce();
+    let code = match device.flush() {
+        Ok(()) => 0,
+        Err(e) => {
+            error!("cannot commit the image: {e}");
+            1
+        }
+    };
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
+    std::process::exit(code)
+}
+
+/// Opens the image named in `config` and returns it as a [`Disk`] with its volume id.
+fn open_disk(config: &Config) -> anyhow::Result<(Arc<dyn Disk>, [u8; 16])> {
+    let size = std::fs::metadata(&config.blk_file)
+        .with_context(|| format!("cannot read {}", config.blk_file.display()))?
+        .len();
+    // Placeholder until the engine lands: serves the file size as an in-memory disk.
+    Ok((
+        Arc::new(disk::MemDisk::new(size, config.read_only)),
+        [0u8; 16],
+    ))
+}

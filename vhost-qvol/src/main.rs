@@ -1,2 +1,153 @@
-//! `vhost-qvol`: the vhost-user-blk backend daemon.
-fn main() {}
+//! `vhost-qvol`: the vhost-user-blk backend daemon (one per VM disk).
+//!
+//! Follows the vhost-user spec's "Backend program conventions": no daemonizing,
+//! `--socket-path` xor `--fd`, `--print-capabilities`, `--blk-file`, `--read-only`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vhost_qvol::config::{
+    check_image, check_queues, check_socket_path, serial_bytes, Config, ConfigError,
+};
+use vhost_qvol::paths;
+use vhost_qvol::serve::SocketSource;
+
+/// What `--print-capabilities` prints (vhost-user.json, block backends).
+const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-qvol",
+    version,
+    about = "Serve an encrypted .qvol volume to a VM over vhost-user-blk"
+)]
+struct Args {
+    /// Listen on this Unix socket path (replaced if a socket is there already).
+    #[arg(long, value_name = "SOCK")]
+    socket_path: Option<PathBuf>,
+    /// Serve on this already listening Unix socket, inherited from the parent.
+    #[arg(long, value_name = "N")]
+    fd: Option<i32>,
+    /// The .qvol image to serve.
+    #[arg(long, value_name = "IMAGE")]
+    blk_file: Option<PathBuf>,
+    /// Serve the disk read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Number of request queues (one worker thread each).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    num_queues: u32,
+    /// Keystore directory [default: $QVOL_KEYSTORE, then $XDG_DATA_HOME/qvol/keystore].
+    #[arg(long, value_name = "DIR")]
+    keystore: Option<PathBuf>,
+    /// File holding the keystore passphrase [default: $QVOL_PASSPHRASE_FILE, then
+    /// $CREDENTIALS_DIRECTORY/qvol-passphrase].
+    #[arg(long, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// Serial number the guest sees (at most 20 bytes) [default: from the volume id].
+    #[arg(long, value_name = "S")]
+    serial: Option<String>,
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        let socket = match (args.socket_path, args.fd) {
+            (Some(_), Some(_)) => return Err(ConfigError::BothSockets),
+            (None, None) => return Err(ConfigError::NoSocket),
+            (Some(path), None) => check_socket_path(&path)?,
+            (None, Some(fd)) if fd < 0 => return Err(ConfigError::BadFd(fd)),
+            (None, Some(fd)) => SocketSource::Fd(fd),
+        };
+        let blk_file = check_image(&args.blk_file.ok_or(ConfigError::NoImage)?)?;
+        Ok(Config {
+            socket,
+            blk_file,
+            read_only: args.read_only,
+            num_queues: check_queues(args.num_queues)?,
+            keystore: paths::keystore_dir(args.keystore.as_deref()),
+            passphrase_file: paths::passphrase_file(args.passphrase_file.as_deref()),
+            serial: args.serial.as_deref().map(serial_bytes).transpose()?,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_capabilities {
+        println!("{CAPABILITIES}");
+        return ExitCode::SUCCESS;
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result = Config::try_from(args)
+        .map_err(anyhow::Error::from)
+        .and_then(vhost_qvol::start_backend);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+            eprintln!("vhost-qvol: {}", chain.join(": "));
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let args = Args::try_parse_from(std::iter::once("vhost-qvol").chain(args.iter().copied()))
+            .expect("clap accepts the arguments");
+        Config::try_from(args)
+    }
+
+    #[test]
+    fn socket_path_and_fd_are_exclusive_and_one_is_needed() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let img = img.path().to_str().unwrap();
+        assert_eq!(
+            parse(&["--socket-path", "a.sock", "--fd", "3", "--blk-file", img]),
+            Err(ConfigError::BothSockets)
+        );
+        assert_eq!(parse(&["--blk-file", img]), Err(ConfigError::NoSocket));
+        let cfg = parse(&["--fd", "3", "--blk-file", img, "--num-queues", "4"]).unwrap();
+        assert_eq!(cfg.socket, SocketSource::Fd(3));
+        assert_eq!(cfg.num_queues, 4);
+    }
+
+    #[test]
+    fn missing_image_and_bad_queue_counts_are_refused() {
+        assert_eq!(
+            parse(&[
+                "--socket-path",
+                "a.sock",
+                "--blk-file",
+                "/nonexistent/x.qvol"
+            ]),
+            Err(ConfigError::ImageMissing("/nonexistent/x.qvol".into()))
+        );
+        assert_eq!(
+            parse(&["--socket-path", "a.sock"]),
+            Err(ConfigError::NoImage)
+        );
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let img = img.path().to_str().unwrap();
+        assert_eq!(
+            parse(&[
+                "--socket-path",
+                "a.sock",
+                "--blk-file",
+                img,
+                "--num-queues",
+                "0"
+            ]),
+            Err(ConfigError::BadQueueCount(0))
+        );
+    }
+}

@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "qvol", version, about = "Manage post-quantum encrypted .qvol volumes")]
+#[command(
+    name = "qvol",
+    version,
+    about = "Manage post-quantum encrypted .qvol volumes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,175 @@
+//! A temporary world for one test: a keystore, keys, images, daemons, all under one
+//! temporary directory, driven through the `qvol` and `vhost-qvol` binaries exactly as a
+//! user would.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tempfile::TempDir;
+
+use crate::bins;
+use crate::daemon::Daemon;
+
+/// A temporary directory with a keystore in it.
+#[derive(Debug)]
+pub struct Fixture {
+    dir: TempDir,
+    /// The keystore directory.
+    pub keystore: PathBuf,
+    /// The passphrase file, for a keystore with a passphrase.
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// The result of running a command: status, stdout, stderr as text.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(out: Output) -> Self {
+        Self {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// Panics with the output unless the command succeeded.
+    pub fn success(self) -> Self {
+        assert_eq!(self.code, 0, "command failed: {self:#?}");
+        self
+    }
+}
+
+impl Fixture {
+    /// A fixture whose keystore has no passphrase.
+    pub fn new() -> Self {
+        let f = Self::empty(None);
+        f.qvol(["keystore", "init", "--no-passphrase"]).success();
+        f
+    }
+
+    /// A fixture whose keystore is protected by `passphrase` (written to a file).
+    pub fn with_passphrase(passphrase: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("passphrase");
+        std::fs::write(&file, format!("{passphrase}\n")).expect("write passphrase");
+        let mut f = Self::empty(Some(dir));
+        f.passphrase_file = Some(file.clone());
+        f.qvol([
+            OsStr::new("keystore"),
+            OsStr::new("init"),
+            OsStr::new("--passphrase-file"),
+            file.as_os_str(),
+        ])
+        .success();
+        f
+    }
+
+    fn empty(dir: Option<TempDir>) -> Self {
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
+        let keystore = dir.path().join("keystore");
+        Self {
+            dir,
+            keystore,
+            passphrase_file: None,
+        }
+    }
+
+    /// A path inside the fixture's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A `Command` for `program` with this fixture's keystore and passphrase in its
+    /// environment (and no stray settings from the caller's).
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("QVOL_KEYSTORE", &self.keystore)
+            .env_remove("QVOL_PASSPHRASE_FILE")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env("XDG_DATA_HOME", self.path("xdg"));
+        if let Some(file) = &self.passphrase_file {
+            cmd.env("QVOL_PASSPHRASE_FILE", file);
+        }
+        cmd
+    }
+
+    /// Runs `qvol ARGS...`.
+    pub fn qvol<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command(&bins::qvol())
+            .args(args)
+            .output()
+            .expect("qvol runs")
+            .into()
+    }
+
+    /// Runs `vhost-qvol ARGS...` to completion (for command lines that should fail).
+    pub fn vhost_qvol<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command(&bins::vhost_qvol())
+            .args(args)
+            .output()
+            .expect("vhost-qvol runs")
+            .into()
+    }
+
+    /// Makes a key for `vm` and returns its id.
+    pub fn new_key(&self, vm: &str) -> String {
+        let run = self.qvol(["key", "new", vm]).success();
+        let id = run.stdout.trim().to_string();
+        assert!(!id.is_empty(), "qvol key new printed no key id");
+        id
+    }
+
+    /// Creates image `name` of `size` (e.g. "64M") for `key` and returns its path.
+    pub fn create_image(&self, name: &str, size: &str, key: &str, extra: &[&str]) -> PathBuf {
+        let image = self.path(name);
+        let mut args = vec![
+            OsStr::new("create"),
+            image.as_os_str(),
+            OsStr::new("--size"),
+            OsStr::new(size),
+            OsStr::new("--key"),
+            OsStr::new(key),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        self.qvol(args).success();
+        image
+    }
+
+    /// Starts `vhost-qvol` on `image` with a socket and a log named after `tag`.
+    pub fn start_daemon(&self, image: &Path, tag: &str, extra: &[&str]) -> Result<Daemon, String> {
+        let socket = self.path(&format!("{tag}.sock"));
+        let log = self.path(&format!("{tag}.log"));
+        let mut cmd = self.command(&bins::vhost_qvol());
+        cmd.arg("--socket-path")
+            .arg(&socket)
+            .arg("--blk-file")
+            .arg(image)
+            .args(extra);
+        Daemon::start_command(cmd, &socket, &log)
+    }
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}

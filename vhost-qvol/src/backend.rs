@@ -1,0 +1,320 @@
+//! The vhost-user-blk device: `VhostUserBackend` (the `&self` variant) over a [`Disk`].
+//!
+//! A [`Device`] lives as long as the process and holds what must outlive a frontend
+//! connection: the disk, the write-cache mode, and one [`QueueWorker`] per queue. A
+//! [`BlkBackend`] is made per connection (see `serve.rs`). Each queue is served by its own
+//! worker thread (`queues_per_thread`), and on the I/O path a thread takes only its own
+//! queue's lock, never one shared by all queues.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::blk_config::{BlkConfig, WRITEBACK_OFFSET};
+use crate::disk::{Disk, DiskError};
+use crate::request::{DeviceSettings, QueueWorker};
+
+/// Largest queue the frontend may configure (libblkio needs at least 256).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// The queue size `seg_max` is computed for (QEMU's and libblkio's default is 256 or less).
+const SEG_MAX_QUEUE_SIZE: u16 = 256;
+/// Most queues one device serves (one worker thread each).
+pub const MAX_QUEUES: u16 = 64;
+
+/// The GET_ID string: at most 20 bytes, NUL padded (virtio 1.2, 5.2.6).
+pub type Serial = [u8; VIRTIO_BLK_ID_BYTES as usize];
+
+/// What stays across frontend connections.
+pub struct Device {
+    disk: Arc<dyn Disk>,
+    read_only: bool,
+    serial: Serial,
+    writeback: AtomicBool,
+    workers: Vec<Mutex<QueueWorker>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("size", &self.disk.size())
+            .field("read_only", &self.read_only)
+            .field("queues", &self.workers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// A device serving `disk` over `num_queues` queues (clamped to 1..=[`MAX_QUEUES`]).
+    pub fn new(disk: Arc<dyn Disk>, read_only: bool, serial: Serial, num_queues: u16) -> Self {
+        let n = num_queues.clamp(1, MAX_QUEUES);
+        Self {
+            disk,
+            read_only,
+            serial,
+            writeback: AtomicBool::new(true),
+            workers: (0..usize::from(n))
+                .map(|q| Mutex::new(QueueWorker::new(q)))
+                .collect(),
+        }
+    }
+
+    /// Number of request queues.
+    pub fn num_queues(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The disk being served.
+    pub fn disk(&self) -> &Arc<dyn Disk> {
+        &self.disk
+    }
+
+    /// The config space as it stands now.
+    pub fn config(&self) -> BlkConfig {
+        let mut cfg = BlkConfig::new(
+            self.disk.size(),
+            self.workers.len() as u16,
+            SEG_MAX_QUEUE_SIZE,
+        );
+        cfg.writeback = u8::from(self.writeback.load(Ordering::Relaxed));
+        cfg
+    }
+
+    /// Waits until no queue is in the middle of a request, then keeps every queue from
+    /// starting another for as long as the returned guards live. Used at shutdown:
+    /// requests in flight finish (and are completed to the guest), nothing new starts.
+    pub fn quiesce(&self) -> Vec<MutexGuard<'_, QueueWorker>> {
+        self.workers.iter().map(lock).collect()
+    }
+
+    /// Commits and syncs what was written.
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.disk.flush()
+    }
+}
+
+fn lock(worker: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
+    // A worker only panics on a bug; its state (a bounce buffer) stays usable.
+    worker.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The `VhostUserBackend` for one frontend connection.
+pub struct BlkBackend {
+    device: Arc<Device>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    event_idx: AtomicBool,
+}
+
+impl std::fmt::Debug for BlkBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkBackend")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlkBackend {
+    /// A backend for `device`, reading guest memory through `mem` (the same
+    /// `GuestMemoryAtomic` handed to `VhostUserDaemon::new`, so memory-table updates from
+    /// the frontend are seen here).
+    pub fn new(device: Arc<Device>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+        Self {
+            device,
+            mem,
+            event_idx: AtomicBool::new(false),
+        }
+    }
+
+    /// Serves every available request of queue `queue`, completing them in order.
+    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> Result<(), String> {
+        let Some(worker) = self.device.workers.get(queue) else {
+            return Err(format!("no worker for queue {queue}"));
+        };
+        let mem = self.mem.memory();
+        let settings = DeviceSettings {
+            read_only: self.device.read_only,
+            writeback: self.device.writeback.load(Ordering::Relaxed),
+            serial: &self.device.serial,
+        };
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            // Held from the disk operation until the guest is told: see Device::quiesce.
+            let mut worker = lock(worker);
+            let len = worker.process(self.device.disk.as_ref(), settings, &mem, chain);
+            vring
+                .add_used(head, len)
+                .map_err(|e| format!("cannot complete request {head}: {e}"))?;
+            if vring
+                .needs_notification()
+                .map_err(|e| format!("cannot read the used event index: {e}"))?
+            {
+                vring
+                    .signal_used_queue()
+                    .map_err(|e| format!("cannot notify the frontend: {e}"))?;
+            }
+            drop(worker);
+        }
+        Ok(())
+    }
+
+    fn serve_kick(&self, queue: usize, vring: &VringRwLock) -> Result<(), String> {
+        if !self.event_idx.load(Ordering::Relaxed) {
+            return self.process_queue(queue, vring);
+        }
+        // With VIRTIO_F_EVENT_IDX a kick may cover many requests, and requests added while
+        // notifications were off would not kick us: loop until re-enabling notifications
+        // finds the ring empty (virtio 1.2, 2.7.10).
+        loop {
+            vring
+                .disable_notification()
+                .map_err(|e| format!("cannot disable notifications: {e}"))?;
+            self.process_queue(queue, vring)?;
+            if !vring
+                .enable_notification()
+                .map_err(|e| format!("cannot enable notifications: {e}"))?
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.device.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(MAX_QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        let mut blk = [
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+        ]
+        .iter()
+        .fold(0u64, |acc, bit| acc | (1 << bit));
+        if self.device.read_only {
+            blk |= 1 << VIRTIO_BLK_F_RO;
+        }
+        blk | (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("frontend acked features {features:#x}");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.device.config().read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` is writable (VIRTIO_BLK_F_CONFIG_WCE, virtio 1.2 5.2.5).
+        if offset as usize == WRITEBACK_OFFSET && buf.len() == 1 {
+            let writeback = buf[0] != 0;
+            info!(
+                "guest switched the write cache to {}",
+                if writeback {
+                    "write-back"
+                } else {
+                    "write-through"
+                }
+            );
+            self.device.writeback.store(writeback, Ordering::Relaxed);
+        } else {
+            warn!(
+                "ignoring a write of {} bytes at config offset {offset}",
+                buf.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // `self.mem` is the same GuestMemoryAtomic the daemon updates.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.device.num_queues()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("cannot create an exit event, a worker thread may linger: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("queue {thread_id}: unexpected event set {evset:?}");
+            return Ok(());
+        }
+        // One queue per thread: the thread index is the queue number, and the event is
+        // the index of the vring within this thread's (single-element) list.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            warn!("queue {thread_id}: event {device_event} has no vring");
+            return Ok(());
+        };
+        if let Err(e) = self.serve_kick(thread_id, vring) {
+            // A broken ring is the guest's problem; keep the thread alive for the next kick.
+            warn!("queue {thread_id}: {e}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! The daemon's validated configuration. `main.rs` turns command-line `Args` into a
+//! [`Config`] (all validation happens there, once); everything after works from this.
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::{Serial, MAX_QUEUES};
+use crate::serve::SocketSource;
+
+/// Everything `start_backend` needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Where frontends connect.
+    pub socket: SocketSource,
+    /// The `.qvol` image.
+    pub blk_file: PathBuf,
+    /// Serve read-only (VIRTIO_BLK_F_RO; the image is opened read-only).
+    pub read_only: bool,
+    /// Number of request queues, 1..=64.
+    pub num_queues: u16,
+    /// The keystore directory (already resolved from flag, environment, default).
+    pub keystore: Option<PathBuf>,
+    /// The passphrase file, if any (already resolved).
+    pub passphrase_file: Option<PathBuf>,
+    /// The GET_ID serial; `None` derives one from the volume id.
+    pub serial: Option<Serial>,
+}
+
+/// A command line that cannot work, said as one sentence.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Neither `--socket-path` nor `--fd`.
+    #[error("say where to listen with --socket-path PATH or --fd N")]
+    NoSocket,
+    /// Both `--socket-path` and `--fd`.
+    #[error("--socket-path and --fd cannot be used together")]
+    BothSockets,
+    /// No `--blk-file`.
+    #[error("say which image to serve with --blk-file IMAGE")]
+    NoImage,
+    /// The image does not exist or is not a file.
+    #[error("the image {} does not exist or is not a regular file", .0.display())]
+    ImageMissing(PathBuf),
+    /// The socket's directory does not exist.
+    #[error("the directory of the socket path {} does not exist", .0.display())]
+    SocketDirMissing(PathBuf),
+    /// Bad `--num-queues`.
+    #[error("--num-queues must be between 1 and {MAX_QUEUES}, not {0}")]
+    BadQueueCount(u32),
+    /// `--serial` too long.
+    #[error("--serial is {0} bytes long; virtio-blk allows at most 20")]
+    SerialTooLong(usize),
+    /// Negative `--fd`.
+    #[error("--fd must be a file descriptor number, not {0}")]
+    BadFd(i32),
+}
+
+/// Validates the image path.
+pub fn check_image(path: &Path) -> Result<PathBuf, ConfigError> {
+    if path.is_file() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(ConfigError::ImageMissing(path.to_path_buf()))
+    }
+}
+
+/// Validates a socket path: its directory must exist (the socket itself is created).
+pub fn check_socket_path(path: &Path) -> Result<SocketSource, ConfigError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if dir.is_dir() {
+        Ok(SocketSource::Path(path.to_path_buf()))
+    } else {
+        Err(ConfigError::SocketDirMissing(path.to_path_buf()))
+    }
+}
+
+/// Validates a queue count.
+pub fn check_queues(n: u32) -> Result<u16, ConfigError> {
+    match u16::try_from(n) {
+        Ok(q) if (1..=MAX_QUEUES).contains(&q) => Ok(q),
+        _ => Err(ConfigError::BadQueueCount(n)),
+    }
+}
+
+/// Turns `--serial` into the 20-byte, NUL-padded GET_ID answer.
+pub fn serial_bytes(serial: &str) -> Result<Serial, ConfigError> {
+    let bytes = serial.as_bytes();
+    let mut out = [0u8; 20];
+    if bytes.len() > out.len() {
+        return Err(ConfigError::SerialTooLong(bytes.len()));
+    }
+    out[..bytes.len()].copy_from_slice(bytes);
+    Ok(out)
+}
+
+/// The default serial: "qvol-" and the first 7 bytes of the volume id in hex (19 bytes).
+pub fn default_serial(volume_id: &[u8; 16]) -> Serial {
+    let mut out = [0u8; 20];
+    let text: String = std::iter::once("qvol-".to_string())
+        .chain(volume_id[..7].iter().map(|b| format!("{b:02x}")))
+        .collect();
+    out[..text.len()].copy_from_slice(text.as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_in_a_missing_directory_is_refused() {
+        let err = check_socket_path(Path::new("/nonexistent-dir/x.sock")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the directory of the socket path /nonexistent-dir/x.sock does not exist"
+        );
+        assert!(check_socket_path(Path::new("relative.sock")).is_ok());
+    }
+
+    #[test]
+    fn serials_are_padded_and_bounded() {
+        assert_eq!(&serial_bytes("abc").unwrap()[..4], b"abc\0");
+        assert_eq!(
+            serial_bytes("012345678901234567890"),
+            Err(ConfigError::SerialTooLong(21))
+        );
+        let s = default_serial(&[0xab; 16]);
+        assert_eq!(&s[..19], b"qvol-ababababababab");
+        assert_eq!(s[19], 0);
+    }
+
+    #[test]
+    fn queue_counts_are_bounded() {
+        assert_eq!(check_queues(4), Ok(4));
+        assert!(check_queues(0).is_err());
+        assert!(check_queues(65).is_err());
+        assert!(check_queues(70_000).is_err());
+    }
+}
