@@ -1,6 +1,43 @@
 //! qvol-core: the `.qvol` format, cipher suites, block map, commit protocol and the
 //! `Volume` API. Knows nothing of virtio or of key storage.
+//!
+//! The on-disk format is specified in `docs/FORMAT.md`; each structure is encoded and decoded
+//! in one module: [`header`], [`superblock`], [`node`], [`wal`].
 #![forbid(unsafe_code)]
 
+mod alloc;
+mod commit;
+mod datablock;
+pub mod error;
+pub mod header;
+mod info;
+mod key;
+mod layout;
+mod map;
+pub mod node;
+mod replay;
+mod rw;
 pub mod storage;
+mod subkeys;
 pub mod suite;
+pub mod superblock;
+mod tree;
+mod volume;
+pub mod wal;
+
+pub use error::{Error, ErrorKind, Result};
+pub use header::{decode_header, read_header, HeaderInfo};
+pub use info::{CreateOptions, VolumeInfo};
+pub use key::VolumeKey;
+pub use layout::{
+    BLOCK_SIZE, FORMAT_VERSION, KEYSLOT_SIZE, MAX_KEYSLOTS, MAX_KEYSLOT_LEN, MAX_NAME_LEN,
+    MAX_VOLUME_SIZE, SECTOR_SIZE,
+};
+pub use node::decode_map_node;
+pub use suite::CipherSuite;
+pub use superblock::Superblock;
+pub use volume::Volume;
+pub use wal::LogRecord;
+
+#[cfg(test)]
+mod volume_tests;

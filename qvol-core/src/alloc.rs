@@ -1,0 +1,328 @@
+//! Free-space tracking (docs/FORMAT.md §7): the space tree's bitmap leaves, loaded on demand,
+//! and the rules that keep a freed block from being reused before the commit that frees it
+//! is durable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout::*;
+use crate::node::{node_mac, NodePtr, TreeKind};
+use crate::storage::Storage;
+use crate::subkeys::Subkeys;
+use crate::tree::{read_node, zero_page, Page, TreeCache};
+
+#[derive(Debug)]
+struct BitLeaf {
+    bits: Page,
+    pbn: u64,
+    dirty: bool,
+}
+
+/// The allocator's state; all of it behind one mutex, held for short scans only.
+#[derive(Debug)]
+pub(crate) struct AllocState {
+    tree: TreeCache,
+    leaves: HashMap<u64, BitLeaf>,
+    /// Freed in this log epoch: clear in the bitmap, not allocatable until the next commit
+    /// is durable.
+    pending: HashSet<u64>,
+    /// Freed blocks that held discarded data: punched after the next commit.
+    punch: BTreeSet<u64>,
+    cursor: u64,
+    capacity: u64,
+    used: u64,
+    high_water: u64,
+}
+
+/// The allocator of a volume's physical blocks.
+#[derive(Debug)]
+pub(crate) struct Allocator {
+    state: Mutex<AllocState>,
+}
+
+/// Physical blocks the space tree must cover for a volume of `blocks` logical blocks:
+/// every data block, the map nodes and the copies a commit needs, with room to spare.
+pub(crate) fn space_capacity(blocks: u64) -> u64 {
+    DATA_START_BLOCK + 2 * blocks + (1 << 20)
+}
+
+impl Allocator {
+    /// The allocator of a committed space tree.
+    pub(crate) fn new(height: u8, root: NodePtr, capacity: u64, used: u64, high_water: u64) -> Self {
+        Allocator {
+            state: Mutex::new(AllocState {
+                tree: TreeCache::new(TreeKind::Space, height, root),
+                leaves: HashMap::new(),
+                pending: HashSet::new(),
+                punch: BTreeSet::new(),
+                cursor: DATA_START_BLOCK,
+                capacity,
+                used,
+                high_water: high_water.max(DATA_START_BLOCK),
+            }),
+        }
+    }
+
+    /// Locks the state.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, AllocState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl AllocState {
+    /// The space-tree height for `capacity` blocks.
+    pub(crate) fn height_for(capacity: u64) -> u8 {
+        tree_height(capacity.div_ceil(BITS_PER_SPACE_LEAF), FANOUT)
+    }
+
+    fn leaf(&mut self, st: &dyn Storage, keys: &Subkeys, index: u64) -> Result<&mut BitLeaf> {
+        if !self.leaves.contains_key(&index) {
+            let ptr = self.tree.leaf_ptr(st, keys, index)?;
+            let leaf = if ptr.pbn == 0 {
+                BitLeaf { bits: zero_page(), pbn: 0, dirty: false }
+            } else {
+                BitLeaf { bits: read_node(st, keys, TreeKind::Space, 0, index, &ptr)?, pbn: ptr.pbn, dirty: false }
+            };
+            self.leaves.insert(index, leaf);
+        }
+        self.leaves
+            .get_mut(&index)
+            .ok_or_else(|| Error::corrupt("internal: a space leaf left the cache"))
+    }
+
+    fn bit(&mut self, st: &dyn Storage, keys: &Subkeys, pbn: u64) -> Result<bool> {
+        let leaf = self.leaf(st, keys, pbn / BITS_PER_SPACE_LEAF)?;
+        let j = (pbn % BITS_PER_SPACE_LEAF) as usize;
+        Ok(leaf.bits[j / 8] & (1 << (j % 8)) != 0)
+    }
+
+    fn set_bit(&mut self, st: &dyn Storage, keys: &Subkeys, pbn: u64, value: bool) -> Result<()> {
+        let leaf = self.leaf(st, keys, pbn / BITS_PER_SPACE_LEAF)?;
+        let j = (pbn % BITS_PER_SPACE_LEAF) as usize;
+        if value {
+            leaf.bits[j / 8] |= 1 << (j % 8);
+        } else {
+            leaf.bits[j / 8] &= !(1 << (j % 8));
+        }
+        leaf.dirty = true;
+        Ok(())
+    }
+
+    /// Marks the fixed regions (header .. log) in use: at create.
+    pub(crate) fn mark_fixed_regions(&mut self, st: &dyn Storage, keys: &Subkeys) -> Result<()> {
+        for pbn in 0..DATA_START_BLOCK {
+            self.set_bit(st, keys, pbn, true)?;
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` blocks, as contiguous as the free space allows, in ascending order.
+    pub(crate) fn alloc(&mut self, st: &dyn Storage, keys: &Subkeys, n: usize) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(n);
+        let mut scanned = 0u64;
+        let span = self.capacity - DATA_START_BLOCK;
+        while out.len() < n {
+            if scanned > span {
+                for &pbn in &out {
+                    self.set_bit(st, keys, pbn, false)?;
+                }
+                self.used -= out.len() as u64;
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    format!("no free block is left among the volume's {} physical blocks", self.capacity),
+                ));
+            }
+            if self.cursor >= self.capacity {
+                self.cursor = DATA_START_BLOCK;
+            }
+            let index = self.cursor / BITS_PER_SPACE_LEAF;
+            self.leaf(st, keys, index)?;
+            let Some(leaf) = self.leaves.get_mut(&index) else {
+                return Err(Error::corrupt("internal: a space leaf left the cache"));
+            };
+            let base = index * BITS_PER_SPACE_LEAF;
+            let end = (base + BITS_PER_SPACE_LEAF).min(self.capacity);
+            let mut pbn = self.cursor;
+            while pbn < end && out.len() < n {
+                let j = (pbn - base) as usize;
+                if j % 8 == 0 && leaf.bits[j / 8] == 0xff {
+                    pbn += 8;
+                    continue;
+                }
+                if leaf.bits[j / 8] & (1 << (j % 8)) == 0 && !self.pending.contains(&pbn) {
+                    leaf.bits[j / 8] |= 1 << (j % 8);
+                    leaf.dirty = true;
+                    out.push(pbn);
+                }
+                pbn += 1;
+            }
+            scanned += pbn - self.cursor;
+            self.cursor = pbn;
+        }
+        self.used += out.len() as u64;
+        if let Some(&top) = out.iter().max() {
+            self.high_water = self.high_water.max(top + 1);
+        }
+        Ok(out)
+    }
+
+    /// Frees `pbn`, which a committed tree or a log record may still reference: allocatable
+    /// only after the next commit. `punch`: it held discarded data.
+    pub(crate) fn free(&mut self, st: &dyn Storage, keys: &Subkeys, pbn: u64, punch: bool) -> Result<()> {
+        if pbn == 0 {
+            return Ok(());
+        }
+        self.check_range(pbn)?;
+        if !self.bit(st, keys, pbn)? {
+            return Err(Error::integrity(format!("block {pbn} is freed twice: the block map is inconsistent")));
+        }
+        self.set_bit(st, keys, pbn, false)?;
+        self.used -= 1;
+        self.pending.insert(pbn);
+        if punch {
+            self.punch.insert(pbn);
+        }
+        Ok(())
+    }
+
+    /// Frees a block that nothing durable references (allocated, never published).
+    pub(crate) fn free_unused(&mut self, st: &dyn Storage, keys: &Subkeys, pbn: u64) -> Result<()> {
+        self.set_bit(st, keys, pbn, false)?;
+        self.used -= 1;
+        Ok(())
+    }
+
+    /// Marks `pbn` in use while replaying the log; it must be free in the committed bitmap.
+    pub(crate) fn claim(&mut self, st: &dyn Storage, keys: &Subkeys, pbn: u64) -> Result<()> {
+        self.check_range(pbn)?;
+        if self.bit(st, keys, pbn)? {
+            return Err(Error::integrity(format!(
+                "the log maps block {pbn}, which the committed space map says is in use"
+            )));
+        }
+        self.set_bit(st, keys, pbn, true)?;
+        self.used += 1;
+        self.high_water = self.high_water.max(pbn + 1);
+        Ok(())
+    }
+
+    fn check_range(&self, pbn: u64) -> Result<()> {
+        if pbn < DATA_START_BLOCK || pbn >= self.capacity {
+            return Err(Error::corrupt(format!("block {pbn} is outside the data region")));
+        }
+        Ok(())
+    }
+
+    /// Frees the old copy (if any) and allocates one block: the relocation step of a commit.
+    pub(crate) fn realloc(&mut self, st: &dyn Storage, keys: &Subkeys, old: u64) -> Result<u64> {
+        self.free(st, keys, old, false)?;
+        Ok(self.alloc(st, keys, 1)?[0])
+    }
+
+    /// Commit, step 2: relocates every dirty bitmap leaf and its ancestors until allocating
+    /// their blocks dirties no further leaf, then MACs them. Returns the new root and pages.
+    pub(crate) fn prepare_commit(&mut self, st: &dyn Storage, keys: &Subkeys) -> Result<(NodePtr, Vec<(u64, Page)>)> {
+        let mut moved: BTreeMap<u64, u64> = BTreeMap::new();
+        loop {
+            let todo: Vec<u64> = self
+                .leaves
+                .iter()
+                .filter(|(i, l)| l.dirty && !moved.contains_key(i))
+                .map(|(&i, _)| i)
+                .collect();
+            if todo.is_empty() {
+                break;
+            }
+            for index in todo {
+                let mut tree = std::mem::replace(&mut self.tree, TreeCache::new(TreeKind::Space, 1, NodePtr::default()));
+                let r = tree.relocate_path(st, keys, index, &mut |old| self.realloc(st, keys, old));
+                self.tree = tree;
+                r?;
+                let old = self.leaves.get(&index).map_or(0, |l| l.pbn);
+                let new = self.realloc(st, keys, old)?;
+                moved.insert(index, new);
+            }
+        }
+        let mut ptrs = Vec::with_capacity(moved.len());
+        let mut pages = Vec::with_capacity(moved.len() * 2);
+        for (&index, &pbn) in &moved {
+            let leaf = self
+                .leaves
+                .get_mut(&index)
+                .ok_or_else(|| Error::corrupt("internal: a moved space leaf is not cached"))?;
+            leaf.pbn = pbn;
+            leaf.dirty = false;
+            ptrs.push((index, NodePtr { pbn, mac: node_mac(keys, TreeKind::Space, 0, index, &leaf.bits[..]) }));
+            pages.push((pbn, leaf.bits.clone()));
+        }
+        pages.extend(self.tree.seal(keys, &ptrs)?);
+        Ok((self.tree.root(), pages))
+    }
+
+    /// Commit, last step (the new superblock is durable): freed blocks become allocatable.
+    /// Returns the blocks to punch.
+    pub(crate) fn finish_commit(&mut self) -> Vec<u64> {
+        self.pending.clear();
+        self.cursor = DATA_START_BLOCK;
+        std::mem::take(&mut self.punch).into_iter().collect()
+    }
+
+    /// Blocks in use in the data region (data and metadata).
+    pub(crate) fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// One past the highest block ever allocated.
+    pub(crate) fn high_water(&self) -> u64 {
+        self.high_water
+    }
+
+    /// The space tree's height.
+    pub(crate) fn height(&self) -> u8 {
+        self.tree.height()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::VolumeKey;
+    use crate::storage::MemStorage;
+    use crate::suite::CipherSuite;
+
+    fn setup() -> (MemStorage, Subkeys, Allocator) {
+        let keys = Subkeys::derive(&VolumeKey::from_bytes([1; 32]), CipherSuite::default(), [0; 16]);
+        let cap = space_capacity(1000);
+        let a = Allocator::new(AllocState::height_for(cap), NodePtr::default(), cap, 0, 0);
+        (MemStorage::new(), keys, a)
+    }
+
+    #[test]
+    fn freed_blocks_wait_for_the_commit() {
+        let (st, keys, a) = setup();
+        let mut s = a.lock();
+        s.mark_fixed_regions(&st, &keys).unwrap();
+        let got = s.alloc(&st, &keys, 4).unwrap();
+        assert_eq!(got, vec![1040, 1041, 1042, 1043]);
+        s.free(&st, &keys, 1041, true).unwrap();
+        assert_eq!(s.alloc(&st, &keys, 1).unwrap(), vec![1044], "pending blocks are not reused");
+        assert!(s.free(&st, &keys, 1041, false).is_err(), "double free is caught");
+        let (root, pages) = s.prepare_commit(&st, &keys).unwrap();
+        assert!(root.pbn >= DATA_START_BLOCK && !pages.is_empty());
+        for (pbn, page) in &pages {
+            st.write_all_at(&page[..], pbn * BLOCK_SIZE).unwrap();
+        }
+        assert_eq!(s.finish_commit(), vec![1041]);
+        assert_eq!(s.alloc(&st, &keys, 1).unwrap(), vec![1041]);
+        // The committed bitmap reloads and agrees.
+        let used = s.used();
+        drop(s);
+        let b = Allocator::new(AllocState::height_for(space_capacity(1000)), root, space_capacity(1000), used, 0);
+        let mut t = b.lock();
+        assert!(t.bit(&st, &keys, 1040).unwrap());
+        assert!(!t.bit(&st, &keys, 1041).unwrap(), "1041 was allocated after the commit");
+        assert!(t.claim(&st, &keys, 1040).is_err());
+        t.claim(&st, &keys, 1041).unwrap();
+    }
+}

@@ -1,0 +1,98 @@
+//! The commit protocol (docs/FORMAT.md §10): new nodes to free blocks, sync, the other
+//! superblock, sync, then freed blocks become reusable and discarded ones are punched.
+
+use crate::error::{Error, Result};
+use crate::layout::*;
+use crate::storage::Storage;
+use crate::superblock::Superblock;
+use crate::tree::Page;
+use crate::volume::Volume;
+
+impl Volume {
+    /// Commits; the caller holds the gate exclusively. `force`: even with nothing to write.
+    pub(crate) fn commit_locked(&self, force: bool) -> Result<()> {
+        self.check_usable()?;
+        let r = self.commit_inner(force);
+        r.map_err(|e| self.fail(e))
+    }
+
+    fn commit_inner(&self, force: bool) -> Result<()> {
+        let st: &dyn Storage = &*self.storage;
+        let keys = &self.keys;
+        let dirty = self.map.dirty_leaves();
+        if !force && dirty.is_empty() && self.wal.next() == 0 {
+            return Ok(());
+        }
+        let mut a = self.alloc.lock();
+        let (map_root, mut pages, moved) =
+            self.map
+                .prepare_commit(st, keys, &dirty, &mut |old| a.realloc(st, keys, old))?;
+        let (space_root, space_pages) = a.prepare_commit(st, keys)?;
+        pages.extend(space_pages);
+        write_pages(st, pages)?;
+        st.sync_data()
+            .map_err(|e| Error::io("cannot sync the new map nodes during a commit", e))?;
+        let mut sb = self.superblock();
+        let generation = sb.generation + 1;
+        let next = Superblock {
+            generation,
+            log_epoch: generation,
+            map_root,
+            map_height: sb.map_height,
+            space_height: a.height(),
+            key_epoch: 0,
+            space_root,
+            snapshots: Default::default(),
+            allocated_blocks: a.used(),
+            high_water: a.high_water(),
+            header_hash: self.header_hash,
+        };
+        let offset = SUPERBLOCK_OFFSETS[(generation % 2) as usize];
+        st.write_all_at(&next.encode(keys), offset)
+            .map_err(|e| Error::io(format!("cannot write superblock generation {generation}"), e))?;
+        st.sync_data()
+            .map_err(|e| Error::io(format!("cannot sync superblock generation {generation}"), e))?;
+        *sb = next;
+        drop(sb);
+        self.map.finish_commit(&moved);
+        let punch = a.finish_commit();
+        drop(a);
+        self.wal.reset(generation);
+        punch_runs(st, &punch);
+        Ok(())
+    }
+}
+
+/// Writes pages sorted by block, coalescing contiguous ones into one write.
+fn write_pages(st: &dyn Storage, mut pages: Vec<(u64, Page)>) -> Result<()> {
+    pages.sort_by_key(|(pbn, _)| *pbn);
+    let mut i = 0;
+    let mut buf = Vec::new();
+    while i < pages.len() {
+        let start = pages[i].0;
+        let mut j = i;
+        buf.clear();
+        while j < pages.len() && pages[j].0 == start + (j - i) as u64 {
+            buf.extend_from_slice(&pages[j].1[..]);
+            j += 1;
+        }
+        st.write_all_at(&buf, start * BLOCK_SIZE)
+            .map_err(|e| Error::io(format!("cannot write {} map nodes at block {start}", j - i), e))?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Punches freed blocks that held discarded data, in contiguous runs. Best effort: a
+/// failure only means the host keeps the space (the blocks are reused all the same).
+fn punch_runs(st: &dyn Storage, blocks: &[u64]) {
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut j = i + 1;
+        while j < blocks.len() && blocks[j] == blocks[i] + (j - i) as u64 {
+            j += 1;
+        }
+        let _ = st.punch_hole(blocks[i] * BLOCK_SIZE, (j - i) as u64 * BLOCK_SIZE);
+        i = j;
+    }
+}

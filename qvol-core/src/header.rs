@@ -1,0 +1,280 @@
+//! The header (block 0) and the keyslot area (blocks 1..=8): docs/FORMAT.md §2 and §3.
+//! Readable without a key.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout::*;
+use crate::storage::Storage;
+use crate::suite::CipherSuite;
+
+/// `\x89QVOL\r\n\x1a`.
+pub const HEADER_MAGIC: [u8; 8] = [0x89, b'Q', b'V', b'O', b'L', b'\r', b'\n', 0x1a];
+const OFF_CHECKSUM: usize = 4064;
+const OFF_NAME: usize = 146;
+/// Bytes of header plus keyslot area, the span the superblock hashes.
+pub(crate) const HEADER_AREA_LEN: usize = BS + MAX_KEYSLOTS * KEYSLOT_SIZE;
+
+/// The decoded header of a version-1 image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// The volume's random identifier.
+    pub volume_id: [u8; 16],
+    /// The cipher suite of its data blocks.
+    pub suite: CipherSuite,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// A human-readable name (may be empty).
+    pub name: String,
+    /// `BLAKE3-keyed(K_check, ...)`: tells a wrong key from a tampered image.
+    pub key_check: [u8; 32],
+}
+
+/// What `qvol info` and key unwrapping need, read without any key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeaderInfo {
+    /// The format version (1).
+    pub format_version: u32,
+    /// The volume's random identifier (bound into keyslots as associated data).
+    pub volume_id: [u8; 16],
+    /// The cipher suite of its data blocks.
+    pub suite: CipherSuite,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// The volume's name.
+    pub name: String,
+    /// The non-empty keyslot blobs, in slot order (opaque, written by qvol-keys).
+    pub keyslots: Vec<Vec<u8>>,
+}
+
+impl Header {
+    /// Encodes the header block, checksum included.
+    pub(crate) fn encode(&self) -> Result<[u8; BS]> {
+        let name = self.name.as_bytes();
+        if name.len() > MAX_NAME_LEN {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("the volume name is {} bytes long, the most is {MAX_NAME_LEN}", name.len()),
+            ));
+        }
+        let mut b = [0u8; BS];
+        b[..8].copy_from_slice(&HEADER_MAGIC);
+        put_u32(&mut b, 8, FORMAT_VERSION);
+        put_u32(&mut b, 12, BS as u32);
+        b[16..32].copy_from_slice(&self.volume_id);
+        put_u16(&mut b, 32, self.suite.id());
+        put_u32(&mut b, 36, BS as u32);
+        put_u64(&mut b, 40, self.size);
+        put_u64(&mut b, 48, KEYSLOT_OFFSET);
+        put_u32(&mut b, 56, MAX_KEYSLOTS as u32);
+        put_u32(&mut b, 60, KEYSLOT_SIZE as u32);
+        put_u64(&mut b, 64, SUPERBLOCK_OFFSETS[0]);
+        put_u64(&mut b, 72, SUPERBLOCK_OFFSETS[1]);
+        put_u64(&mut b, 80, LOG_OFFSET);
+        put_u64(&mut b, 88, LOG_LEN);
+        put_u64(&mut b, 96, DATA_OFFSET);
+        b[112..144].copy_from_slice(&self.key_check);
+        put_u16(&mut b, 144, name.len() as u16);
+        b[OFF_NAME..OFF_NAME + name.len()].copy_from_slice(name);
+        let sum = blake3::hash(&b[..OFF_CHECKSUM]);
+        b[OFF_CHECKSUM..].copy_from_slice(sum.as_bytes());
+        Ok(b)
+    }
+}
+
+/// Decodes and checks a header block (the first 4096 bytes of an image).
+///
+/// Fails with `Corrupt` for a wrong magic, checksum, length or region layout, and with
+/// `Unsupported` for another format version, suite or feature flags.
+pub fn decode_header(b: &[u8]) -> Result<Header> {
+    if b.len() < BS {
+        return Err(Error::corrupt(format!(
+            "the image is {} bytes long, too short for a qvol header",
+            b.len()
+        )));
+    }
+    if b[..8] != HEADER_MAGIC {
+        return Err(Error::corrupt("the file is not a qvol image (wrong magic)"));
+    }
+    let version = get_u32(b, 8);
+    if version != FORMAT_VERSION {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("the image has format version {version}, this build reads version {FORMAT_VERSION}"),
+        ));
+    }
+    if blake3::hash(&b[..OFF_CHECKSUM]).as_bytes() != &b[OFF_CHECKSUM..BS] {
+        return Err(Error::corrupt("the qvol header checksum does not match (damaged header)"));
+    }
+    let layout_ok = get_u32(b, 12) == BS as u32
+        && get_u32(b, 36) == BS as u32
+        && get_u64(b, 48) == KEYSLOT_OFFSET
+        && get_u32(b, 56) == MAX_KEYSLOTS as u32
+        && get_u32(b, 60) == KEYSLOT_SIZE as u32
+        && get_u64(b, 64) == SUPERBLOCK_OFFSETS[0]
+        && get_u64(b, 72) == SUPERBLOCK_OFFSETS[1]
+        && get_u64(b, 80) == LOG_OFFSET
+        && get_u64(b, 88) == LOG_LEN
+        && get_u64(b, 96) == DATA_OFFSET;
+    if !layout_ok {
+        return Err(Error::corrupt("the qvol header describes a region layout version 1 does not have"));
+    }
+    let flags = get_u32(b, 104);
+    if flags != 0 {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("the image uses feature flags {flags:#x} this build does not know"),
+        ));
+    }
+    let suite_id = get_u16(b, 32);
+    let suite = CipherSuite::from_id(suite_id).ok_or_else(|| {
+        Error::new(ErrorKind::Unsupported, format!("the image uses unknown cipher suite id {suite_id}"))
+    })?;
+    let size = get_u64(b, 40);
+    if size == 0 || size % BLOCK_SIZE != 0 || size > MAX_VOLUME_SIZE {
+        return Err(Error::corrupt(format!("the header gives an invalid volume size of {size} bytes")));
+    }
+    let name_len = usize::from(get_u16(b, 144));
+    if name_len > MAX_NAME_LEN {
+        return Err(Error::corrupt(format!("the header gives a name length of {name_len} bytes")));
+    }
+    let name = std::str::from_utf8(&b[OFF_NAME..OFF_NAME + name_len])
+        .map_err(|_| Error::corrupt("the volume name in the header is not UTF-8"))?
+        .to_owned();
+    Ok(Header {
+        volume_id: get_array(b, 16),
+        suite,
+        size,
+        name,
+        key_check: get_array(b, 112),
+    })
+}
+
+/// Encodes the keyslot area (8 slots x 4096 bytes) from at most 8 blobs.
+pub(crate) fn encode_keyslots(slots: &[Vec<u8>]) -> Result<Vec<u8>> {
+    if slots.len() > MAX_KEYSLOTS {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{} keyslots given, a volume holds at most {MAX_KEYSLOTS}", slots.len()),
+        ));
+    }
+    let mut area = vec![0u8; MAX_KEYSLOTS * KEYSLOT_SIZE];
+    for (i, blob) in slots.iter().enumerate() {
+        if blob.is_empty() || blob.len() > MAX_KEYSLOT_LEN {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("keyslot {i} is {} bytes long; it must hold 1 to {MAX_KEYSLOT_LEN}", blob.len()),
+            ));
+        }
+        let at = i * KEYSLOT_SIZE;
+        put_u32(&mut area, at, blob.len() as u32);
+        area[at + 4..at + 4 + blob.len()].copy_from_slice(blob);
+    }
+    Ok(area)
+}
+
+/// Decodes the keyslot area into its non-empty blobs, in slot order.
+pub fn decode_keyslots(area: &[u8]) -> Result<Vec<Vec<u8>>> {
+    if area.len() < MAX_KEYSLOTS * KEYSLOT_SIZE {
+        return Err(Error::corrupt("the keyslot area is truncated"));
+    }
+    let mut slots = Vec::new();
+    for i in 0..MAX_KEYSLOTS {
+        let at = i * KEYSLOT_SIZE;
+        let len = get_u32(area, at) as usize;
+        if len > MAX_KEYSLOT_LEN {
+            return Err(Error::corrupt(format!("keyslot {i} claims {len} bytes, more than a slot holds")));
+        }
+        if len > 0 {
+            slots.push(area[at + 4..at + 4 + len].to_vec());
+        }
+    }
+    Ok(slots)
+}
+
+/// Reads the header block and keyslot area (36 KiB) from `storage`.
+pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<Vec<u8>> {
+    let len = storage
+        .len()
+        .map_err(|e| Error::io("cannot get the length of the image", e))?;
+    if len < DATA_OFFSET {
+        return Err(Error::corrupt(format!(
+            "the image is {len} bytes long, too short for a qvol volume"
+        )));
+    }
+    let mut area = vec![0u8; HEADER_AREA_LEN];
+    storage
+        .read_exact_at(&mut area, 0)
+        .map_err(|e| Error::io("cannot read the qvol header", e))?;
+    Ok(area)
+}
+
+/// Reads the header and keyslots without any key: for `qvol info` and to find one's keyslot.
+pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
+    let area = read_header_area(storage)?;
+    let header = decode_header(&area[..BS])?;
+    let keyslots = decode_keyslots(&area[BS..])?;
+    Ok(HeaderInfo {
+        format_version: FORMAT_VERSION,
+        volume_id: header.volume_id,
+        suite: header.suite,
+        size: header.size,
+        name: header.name,
+        keyslots,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Header {
+        Header {
+            volume_id: [7; 16],
+            suite: CipherSuite::Aegis256,
+            size: 1 << 30,
+            name: "vm-disk é".into(),
+            key_check: [9; 32],
+        }
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let b = sample().encode().unwrap();
+        assert_eq!(decode_header(&b).unwrap(), sample());
+    }
+
+    #[test]
+    fn any_flipped_byte_is_rejected() {
+        let b = sample().encode().unwrap();
+        for i in (0..BS).step_by(97) {
+            let mut c = b;
+            c[i] ^= 1;
+            assert!(decode_header(&c).is_err(), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn foreign_files_are_corrupt() {
+        assert_eq!(decode_header(&[0u8; BS]).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(decode_header(&[0u8; 10]).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn long_names_are_refused() {
+        let mut h = sample();
+        h.name = "x".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(h.encode().unwrap_err().kind(), ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn keyslots_round_trip() {
+        let slots = vec![vec![1u8; 10], vec![2u8; MAX_KEYSLOT_LEN]];
+        let area = encode_keyslots(&slots).unwrap();
+        assert_eq!(decode_keyslots(&area).unwrap(), slots);
+        assert!(encode_keyslots(&[vec![0u8; MAX_KEYSLOT_LEN + 1]]).is_err());
+        assert!(encode_keyslots(&vec![vec![1u8]; 9]).is_err());
+        let mut bad = area.clone();
+        put_u32(&mut bad, 0, 5000);
+        assert!(decode_keyslots(&bad).is_err());
+    }
+}

@@ -1,0 +1,131 @@
+//! Where everything lives in a version-1 image (docs/FORMAT.md §1) and little-endian helpers.
+//! Every on-disk offset of the format is a constant here or in the file of its structure.
+
+/// The size of a data block, a map node and every other unit of the data region.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Requests must be aligned to this many bytes.
+pub const SECTOR_SIZE: u64 = 512;
+/// The format version this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Number of keyslots in the keyslot area.
+pub const MAX_KEYSLOTS: usize = 8;
+/// Bytes reserved per keyslot (a 4-byte length, then the blob).
+pub const KEYSLOT_SIZE: usize = 4096;
+/// The longest keyslot blob.
+pub const MAX_KEYSLOT_LEN: usize = KEYSLOT_SIZE - 4;
+/// The longest volume name in bytes (UTF-8).
+pub const MAX_NAME_LEN: usize = 254;
+/// The largest virtual disk: 256 TiB.
+pub const MAX_VOLUME_SIZE: u64 = 1 << 48;
+
+/// [`BLOCK_SIZE`] as a `usize`, for buffers.
+pub(crate) const BS: usize = 4096;
+/// Byte offset of the keyslot area.
+pub(crate) const KEYSLOT_OFFSET: u64 = 4096;
+/// Byte offsets of superblocks A and B.
+pub(crate) const SUPERBLOCK_OFFSETS: [u64; 2] = [0x9000, 0xA000];
+/// Byte offset of the write-ahead log.
+pub(crate) const LOG_OFFSET: u64 = 0x10000;
+/// Length of the write-ahead log in bytes.
+pub(crate) const LOG_LEN: u64 = 4 << 20;
+/// Length of one log record.
+pub(crate) const LOG_RECORD_LEN: usize = 128;
+/// Number of log slots.
+pub(crate) const LOG_SLOTS: u64 = LOG_LEN / LOG_RECORD_LEN as u64;
+/// Byte offset of the data region.
+pub(crate) const DATA_OFFSET: u64 = LOG_OFFSET + LOG_LEN;
+/// First physical block of the data region.
+pub(crate) const DATA_START_BLOCK: u64 = DATA_OFFSET / BLOCK_SIZE;
+/// Entries per tree node.
+pub(crate) const FANOUT: u64 = 64;
+/// Bytes per tree-node entry.
+pub(crate) const ENTRY_LEN: usize = 64;
+/// Physical blocks covered by one space-tree leaf (one bit each).
+pub(crate) const BITS_PER_SPACE_LEAF: u64 = BLOCK_SIZE * 8;
+
+/// Reads a little-endian u16 at `off`.
+pub(crate) fn get_u16(b: &[u8], off: usize) -> u16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[off..off + 2]);
+    u16::from_le_bytes(a)
+}
+
+/// Reads a little-endian u32 at `off`.
+pub(crate) fn get_u32(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_le_bytes(a)
+}
+
+/// Reads a little-endian u64 at `off`.
+pub(crate) fn get_u64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Reads `N` bytes at `off`.
+pub(crate) fn get_array<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[off..off + N]);
+    a
+}
+
+/// Writes `v` little-endian at `off`.
+pub(crate) fn put_u16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Writes `v` little-endian at `off`.
+pub(crate) fn put_u32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Writes `v` little-endian at `off`.
+pub(crate) fn put_u64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// The smallest tree height `h >= 1` whose root covers `units` leaf entries when each leaf
+/// holds `per_leaf` of them and every interior node has [`FANOUT`] children.
+pub(crate) fn tree_height(units: u64, per_leaf: u64) -> u8 {
+    let mut height = 1u8;
+    let mut covered = per_leaf.saturating_mul(FANOUT);
+    while covered < units {
+        height += 1;
+        covered = covered.saturating_mul(FANOUT);
+    }
+    height
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_match_the_format_document() {
+        assert_eq!(DATA_OFFSET, 0x41_0000);
+        assert_eq!(DATA_START_BLOCK, 1040);
+        assert_eq!(LOG_SLOTS, 32768);
+        assert_eq!(KEYSLOT_OFFSET + (MAX_KEYSLOTS * KEYSLOT_SIZE) as u64, 0x9000);
+    }
+
+    #[test]
+    fn heights() {
+        assert_eq!(tree_height(1, 64), 1);
+        assert_eq!(tree_height(4096, 64), 1);
+        assert_eq!(tree_height(4097, 64), 2);
+        assert_eq!(tree_height(1 << 36, 64), 5);
+    }
+
+    #[test]
+    fn little_endian_round_trip() {
+        let mut b = [0u8; 16];
+        put_u64(&mut b, 1, 0x0102_0304_0506_0708);
+        assert_eq!(b[1], 8);
+        assert_eq!(get_u64(&b, 1), 0x0102_0304_0506_0708);
+        put_u32(&mut b, 9, 7);
+        put_u16(&mut b, 13, 9);
+        assert_eq!((get_u32(&b, 9), get_u16(&b, 13)), (7, 9));
+    }
+}

@@ -1,0 +1,195 @@
+//! The block map in memory: leaves in sharded locks (so queue threads rarely meet), interior
+//! nodes in one [`TreeCache`] touched only on a cache miss and at commit.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+
+use crate::error::{Error, Result};
+use crate::layout::*;
+use crate::node::{node_mac, LeafEntry, NodePtr, TreeKind};
+use crate::storage::Storage;
+use crate::subkeys::Subkeys;
+use crate::tree::{read_node, zero_page, Page, TreeCache};
+
+const SHARDS: usize = 64;
+
+/// One cached map leaf: 64 entries, where it is on disk, whether it changed since the commit.
+#[derive(Debug)]
+pub(crate) struct Leaf {
+    page: Page,
+    pbn: u64,
+    dirty: bool,
+}
+
+impl Leaf {
+    /// Entry `i` (already validated when the leaf was loaded).
+    pub(crate) fn get(&self, i: usize) -> LeafEntry {
+        LeafEntry::decode(&self.page[..], i).unwrap_or_default()
+    }
+
+    /// Sets entry `i` and returns the previous one.
+    pub(crate) fn set(&mut self, i: usize, entry: &LeafEntry) -> LeafEntry {
+        let old = self.get(i);
+        entry.encode(&mut self.page[..], i);
+        self.dirty = true;
+        old
+    }
+}
+
+/// A dirty leaf handed to the commit.
+#[derive(Debug)]
+pub(crate) struct DirtyLeaf {
+    pub(crate) index: u64,
+    pub(crate) old_pbn: u64,
+    pub(crate) page: Page,
+}
+
+/// The block map of a volume.
+#[derive(Debug)]
+pub(crate) struct BlockMap {
+    shards: Vec<RwLock<HashMap<u64, Leaf>>>,
+    interior: Mutex<TreeCache>,
+}
+
+type Shard = HashMap<u64, Leaf>;
+
+impl BlockMap {
+    /// The map whose root is `root` (height from the superblock).
+    pub(crate) fn new(height: u8, root: NodePtr) -> Self {
+        BlockMap {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            interior: Mutex::new(TreeCache::new(TreeKind::Map, height, root)),
+        }
+    }
+
+    fn shard(&self, leaf: u64) -> &RwLock<Shard> {
+        &self.shards[(leaf % SHARDS as u64) as usize]
+    }
+
+    /// Loads leaf `leaf` from disk (or a zero leaf if absent), verified against its parent.
+    fn load(&self, st: &dyn Storage, keys: &Subkeys, leaf: u64) -> Result<Leaf> {
+        let ptr = {
+            let mut t = self.interior.lock().unwrap_or_else(|p| p.into_inner());
+            t.leaf_ptr(st, keys, leaf)?
+        };
+        if ptr.pbn == 0 {
+            return Ok(Leaf { page: zero_page(), pbn: 0, dirty: false });
+        }
+        let page = read_node(st, keys, TreeKind::Map, 0, leaf, &ptr)?;
+        for i in 0..FANOUT as usize {
+            LeafEntry::decode(&page[..], i)?;
+        }
+        Ok(Leaf { page, pbn: ptr.pbn, dirty: false })
+    }
+
+    /// Copies the entries of `lbn .. lbn + out.len()` (all within one leaf) into `out`.
+    pub(crate) fn lookup(&self, st: &dyn Storage, keys: &Subkeys, lbn: u64, out: &mut [LeafEntry]) -> Result<()> {
+        let leaf = lbn / FANOUT;
+        let first = (lbn % FANOUT) as usize;
+        {
+            let shard = self.shard(leaf).read().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = shard.get(&leaf) {
+                for (i, e) in out.iter_mut().enumerate() {
+                    *e = l.get(first + i);
+                }
+                return Ok(());
+            }
+        }
+        self.with_leaf(st, keys, leaf, |l| {
+            for (i, e) in out.iter_mut().enumerate() {
+                *e = l.get(first + i);
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on leaf `leaf` under its shard's write lock (loading it if needed).
+    pub(crate) fn with_leaf<R>(
+        &self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        leaf: u64,
+        f: impl FnOnce(&mut Leaf) -> Result<R>,
+    ) -> Result<R> {
+        let loaded = {
+            let shard = self.shard(leaf).read().unwrap_or_else(|p| p.into_inner());
+            shard.contains_key(&leaf)
+        };
+        let fresh = if loaded { None } else { Some(self.load(st, keys, leaf)?) };
+        let mut shard = self.shard(leaf).write().unwrap_or_else(|p| p.into_inner());
+        let l = match fresh {
+            Some(fresh) => shard.entry(leaf).or_insert(fresh),
+            None => match shard.get_mut(&leaf) {
+                Some(l) => l,
+                None => return Err(Error::corrupt("internal: a map leaf left the cache")),
+            },
+        };
+        f(l)
+    }
+
+    /// Takes every dirty leaf for a commit (the caller holds the commit gate exclusively).
+    pub(crate) fn dirty_leaves(&self) -> Vec<DirtyLeaf> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            for (&index, l) in shard.iter().filter(|(_, l)| l.dirty) {
+                out.push(DirtyLeaf { index, old_pbn: l.pbn, page: l.page.clone() });
+            }
+        }
+        out.sort_by_key(|d| d.index);
+        out
+    }
+
+    /// Commit, step 1: gives the dirty leaves and their ancestors new blocks, MACs them and
+    /// returns the pages to write and the new root. `realloc` frees an old block (0 = none)
+    /// and returns a new one.
+    pub(crate) fn prepare_commit(
+        &self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        dirty: &[DirtyLeaf],
+        realloc: &mut dyn FnMut(u64) -> Result<u64>,
+    ) -> Result<(NodePtr, Vec<(u64, Page)>, Vec<(u64, u64)>)> {
+        let mut t = self.interior.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pages = Vec::with_capacity(dirty.len() * 2);
+        let mut ptrs = Vec::with_capacity(dirty.len());
+        let mut moved = Vec::with_capacity(dirty.len());
+        for d in dirty {
+            t.relocate_path(st, keys, d.index, realloc)?;
+            let pbn = realloc(d.old_pbn)?;
+            let mac = node_mac(keys, TreeKind::Map, 0, d.index, &d.page[..]);
+            ptrs.push((d.index, NodePtr { pbn, mac }));
+            moved.push((d.index, pbn));
+            pages.push((pbn, d.page.clone()));
+        }
+        pages.extend(t.seal(keys, &ptrs)?);
+        Ok((t.root(), pages, moved))
+    }
+
+    /// Commit, last step: the leaves now live at their new blocks and are clean.
+    pub(crate) fn finish_commit(&self, moved: &[(u64, u64)]) {
+        for &(index, pbn) in moved {
+            let mut shard = self.shard(index).write().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = shard.get_mut(&index) {
+                l.pbn = pbn;
+                l.dirty = false;
+            }
+        }
+    }
+}
+
+impl BlockMap {
+    /// 0 if leaf `leaf` exists (cached or on disk); otherwise how many leaves from `leaf`
+    /// on lie in an absent subtree (nothing to unmap there).
+    pub(crate) fn absent_leaves(&self, st: &dyn Storage, keys: &Subkeys, leaf: u64) -> Result<u64> {
+        {
+            let shard = self.shard(leaf).read().unwrap_or_else(|p| p.into_inner());
+            if shard.contains_key(&leaf) {
+                return Ok(0);
+            }
+        }
+        let mut t = self.interior.lock().unwrap_or_else(|p| p.into_inner());
+        let (ptr, skip) = t.probe_leaf(st, keys, leaf)?;
+        Ok(if ptr.pbn == 0 { skip } else { 0 })
+    }
+}

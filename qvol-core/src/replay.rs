@@ -1,0 +1,61 @@
+//! Log replay at open (docs/FORMAT.md §9): valid records of the superblock's epoch are
+//! applied in order; records never covered by a sync are kept only if their data block
+//! verifies (a power loss may have lost or torn it).
+
+use crate::datablock::open_block;
+use crate::error::{Error, Result};
+use crate::layout::*;
+use crate::node::LeafEntry;
+use crate::volume::Volume;
+use crate::wal::{read_log, scan, LogOp};
+
+impl Volume {
+    /// Replays the log over the committed tree; returns the number of valid records found.
+    pub(crate) fn replay(&self) -> Result<usize> {
+        let st = &*self.storage;
+        let keys = &self.keys;
+        let epoch = self.superblock().log_epoch;
+        let log = read_log(st)?;
+        let scanned = scan(&log, epoch, keys)?;
+        for rec in &scanned.records {
+            match rec.op {
+                LogOp::Map { lbn, entry } => {
+                    if lbn >= self.blocks {
+                        return Err(Error::integrity(format!("log record {} maps block {lbn} past the end", rec.seq)));
+                    }
+                    if rec.seq >= scanned.durable && !self.data_verifies(lbn, &entry) {
+                        continue;
+                    }
+                    let old = self.map.with_leaf(st, keys, lbn / FANOUT, |leaf| {
+                        Ok(leaf.set((lbn % FANOUT) as usize, &entry))
+                    })?;
+                    let mut a = self.alloc.lock();
+                    a.claim(st, keys, entry.pbn)?;
+                    a.free(st, keys, old.pbn, false)?;
+                }
+                LogOp::Unmap { lbn, count } => {
+                    if lbn + count > self.blocks {
+                        return Err(Error::integrity(format!("log record {} unmaps blocks past the end", rec.seq)));
+                    }
+                    let olds = self.map.with_leaf(st, keys, lbn / FANOUT, |leaf| {
+                        Ok((0..count)
+                            .map(|k| leaf.set(((lbn + k) % FANOUT) as usize, &LeafEntry::default()).pbn)
+                            .collect::<Vec<_>>())
+                    })?;
+                    let mut a = self.alloc.lock();
+                    for pbn in olds {
+                        a.free(st, keys, pbn, true)?;
+                    }
+                }
+            }
+        }
+        Ok(scanned.records.len())
+    }
+
+    /// Whether the data block a record points to is there and opens.
+    fn data_verifies(&self, lbn: u64, entry: &LeafEntry) -> bool {
+        let mut block = vec![0u8; BS];
+        self.storage.read_exact_at(&mut block, entry.pbn * BLOCK_SIZE).is_ok()
+            && open_block(&self.keys, self.header.suite, lbn, entry, &mut block).is_ok()
+    }
+}

@@ -1,0 +1,386 @@
+//! Reads, writes, discards and zero writes through the block map. Encryption and decryption
+//! run outside every lock shared between threads; only the map update and the log append of
+//! one leaf are serialised (FORMAT.md §9).
+
+use std::sync::RwLockReadGuard;
+
+use crate::datablock::{open_block, random_nonces, seal_block};
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout::*;
+use crate::node::LeafEntry;
+use crate::volume::Volume;
+use crate::wal::{LogOp, Wal};
+
+/// Blocks handled under one hold of the commit gate and one log reservation.
+const CHUNK_BLOCKS: u64 = 256;
+/// Blocks discarded under one hold of the gate.
+const ZERO_CHUNK_BLOCKS: u64 = 64 * FANOUT;
+
+/// Log slots reserved for one operation; unused ones are given back on drop.
+struct Credit<'a> {
+    wal: &'a Wal,
+    left: u64,
+}
+
+impl Drop for Credit<'_> {
+    fn drop(&mut self) {
+        self.wal.release(self.left);
+    }
+}
+
+impl Volume {
+    fn check_request(&self, offset: u64, len: u64) -> Result<()> {
+        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+            return Err(Error::new(
+                ErrorKind::Unaligned,
+                format!("a request of {len} bytes at offset {offset} is not aligned to 512 bytes"),
+            ));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.header.size) {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "a request of {len} bytes at offset {offset} goes past the end of the {}-byte volume",
+                    self.header.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        self.check_usable()?;
+        if self.read_only {
+            return Err(Error::new(ErrorKind::ReadOnly, "the volume is open read-only"));
+        }
+        Ok(())
+    }
+
+    /// Enters the gate with `n` log slots reserved, committing first if the log is full.
+    fn enter_with_log(&self, n: u64) -> Result<(RwLockReadGuard<'_, ()>, Credit<'_>)> {
+        loop {
+            self.check_usable()?;
+            let gate = self.shared();
+            if self.wal.try_reserve(n) {
+                return Ok((gate, Credit { wal: &self.wal, left: n }));
+            }
+            drop(gate);
+            let _excl = self.exclusive();
+            if self.wal.next() > 0 {
+                self.commit_locked(false)?;
+            }
+        }
+    }
+
+    fn append(&self, credit: &mut Credit<'_>, ops: &[LogOp]) -> Result<()> {
+        let n = ops.len() as u64;
+        self.wal
+            .append(&*self.storage, &self.keys, ops)
+            .map_err(|e| self.fail(e))?;
+        credit.left = credit.left.saturating_sub(n);
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Unwritten and discarded
+    /// blocks read as zeros; a block that fails authentication is an `Integrity` error.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_request(offset, buf.len() as u64)?;
+        self.check_usable()?;
+        let _gate = self.shared();
+        let mut entries = [LeafEntry::default(); FANOUT as usize];
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            let lbn = off / BLOCK_SIZE;
+            let in_leaf = (FANOUT - lbn % FANOUT) as usize;
+            let end_off = (offset + buf.len() as u64).min((lbn + in_leaf as u64) * BLOCK_SIZE);
+            let last = (end_off - 1) / BLOCK_SIZE;
+            let n = (last - lbn + 1) as usize;
+            self.map.lookup(&*self.storage, &self.keys, lbn, &mut entries[..n])?;
+            let span = (end_off - off) as usize;
+            self.read_leaf_span(off, &entries[..n], &mut buf[pos..pos + span])?;
+            pos += span;
+        }
+        Ok(())
+    }
+
+    /// Reads the part of one leaf's blocks at `off` into `buf`, coalescing physically
+    /// contiguous full blocks into one read.
+    fn read_leaf_span(&self, off: u64, entries: &[LeafEntry], buf: &mut [u8]) -> Result<()> {
+        let first_lbn = off / BLOCK_SIZE;
+        let mut i = 0;
+        let mut pos = 0usize;
+        while i < entries.len() {
+            let lbn = first_lbn + i as u64;
+            let in_block = if i == 0 { (off % BLOCK_SIZE) as usize } else { 0 };
+            let len = (BS - in_block).min(buf.len() - pos);
+            let e = entries[i];
+            if e.pbn == 0 {
+                buf[pos..pos + len].fill(0);
+                pos += len;
+                i += 1;
+                continue;
+            }
+            if len < BS {
+                let mut block = vec![0u8; BS];
+                self.read_blocks(e.pbn, &mut block)?;
+                open_block(&self.keys, self.header.suite, lbn, &e, &mut block)?;
+                buf[pos..pos + len].copy_from_slice(&block[in_block..in_block + len]);
+                pos += len;
+                i += 1;
+                continue;
+            }
+            // A run of full blocks with consecutive physical blocks.
+            let mut j = i + 1;
+            while j < entries.len()
+                && buf.len() - pos >= (j - i + 1) * BS
+                && entries[j].pbn == e.pbn + (j - i) as u64
+            {
+                j += 1;
+            }
+            let run = &mut buf[pos..pos + (j - i) * BS];
+            self.read_blocks(e.pbn, run)?;
+            for (k, block) in run.chunks_exact_mut(BS).enumerate() {
+                open_block(&self.keys, self.header.suite, lbn + k as u64, &entries[i + k], block)?;
+            }
+            pos += (j - i) * BS;
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn read_blocks(&self, pbn: u64, buf: &mut [u8]) -> Result<()> {
+        self.storage.read_exact_at(buf, pbn * BLOCK_SIZE).map_err(|e| {
+            Error::io(format!("cannot read {} bytes of data at physical block {pbn}", buf.len()), e)
+        })
+    }
+
+    /// Writes `data` at `offset` (both multiples of 512). Returns once the write is in the
+    /// page cache and the log (it survives a crash of this process; `flush` for power loss).
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        self.check_request(offset, data.len() as u64)?;
+        self.chunked(offset, data.len() as u64, CHUNK_BLOCKS, |off, len| {
+            let at = (off - offset) as usize;
+            self.write_chunk(off, &data[at..at + len as usize])
+        })
+    }
+
+    /// Splits `offset .. offset + len` at multiples of `chunk` blocks.
+    fn chunked(&self, offset: u64, len: u64, chunk: u64, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let boundary = (off / BLOCK_SIZE / chunk + 1) * chunk * BLOCK_SIZE;
+            let stop = end.min(boundary);
+            f(off, stop - off)?;
+            off = stop;
+        }
+        Ok(())
+    }
+
+    fn write_chunk(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + data.len() as u64 - 1) / BLOCK_SIZE;
+        let (_gate, mut credit) = self.enter_with_log(last - first + 1)?;
+        let head = (offset % BLOCK_SIZE) as usize;
+        let mut pos = 0usize;
+        let mut lbn = first;
+        if head != 0 || data.len() < BS {
+            let len = (BS - head).min(data.len());
+            self.write_partial(lbn, head, &data[..len], &mut credit)?;
+            pos = len;
+            lbn += 1;
+        }
+        let full = (data.len() - pos) / BS;
+        if full > 0 {
+            self.write_full(lbn, &data[pos..pos + full * BS], &mut credit)?;
+            pos += full * BS;
+            lbn += full as u64;
+        }
+        if pos < data.len() {
+            self.write_partial(lbn, 0, &data[pos..], &mut credit)?;
+        }
+        Ok(())
+    }
+
+    /// Seals `data` (whole blocks from `lbn`), writes it to new blocks, then maps it.
+    fn write_full(&self, lbn: u64, data: &[u8], credit: &mut Credit<'_>) -> Result<()> {
+        let n = data.len() / BS;
+        let suite = self.header.suite;
+        let nl = suite.nonce_len();
+        let mut buf = data.to_vec();
+        let nonces = random_nonces(suite, n)?;
+        let mut entries = Vec::with_capacity(n);
+        for (i, block) in buf.chunks_exact_mut(BS).enumerate() {
+            entries.push(seal_block(&self.keys, suite, lbn + i as u64, &nonces[i * nl..(i + 1) * nl], block)?);
+        }
+        let pbns = self.alloc.lock().alloc(&*self.storage, &self.keys, n)?;
+        let mut i = 0;
+        while i < n {
+            let mut j = i + 1;
+            while j < n && pbns[j] == pbns[i] + (j - i) as u64 {
+                j += 1;
+            }
+            self.storage
+                .write_all_at(&buf[i * BS..j * BS], pbns[i] * BLOCK_SIZE)
+                .map_err(|e| self.fail(Error::io(format!("cannot write data at physical block {}", pbns[i]), e)))?;
+            i = j;
+        }
+        for (e, &pbn) in entries.iter_mut().zip(&pbns) {
+            e.pbn = pbn;
+        }
+        let mut freed = Vec::with_capacity(n);
+        let mut i = 0;
+        while i < n {
+            let l = lbn + i as u64;
+            let count = ((FANOUT - l % FANOUT) as usize).min(n - i);
+            let group = &entries[i..i + count];
+            self.map.with_leaf(&*self.storage, &self.keys, l / FANOUT, |leaf| {
+                let mut ops = Vec::with_capacity(count);
+                for (k, e) in group.iter().enumerate() {
+                    let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
+                    freed.push(old.pbn);
+                    ops.push(LogOp::Map { lbn: l + k as u64, entry: *e });
+                }
+                self.append(credit, &ops)
+            })?;
+            i += count;
+        }
+        self.free_blocks(&freed, false)
+    }
+
+    fn free_blocks(&self, pbns: &[u64], punch: bool) -> Result<()> {
+        let mut a = self.alloc.lock();
+        for &pbn in pbns {
+            a.free(&*self.storage, &self.keys, pbn, punch).map_err(|e| self.fail(e))?;
+        }
+        Ok(())
+    }
+
+    /// Read-modify-write of part of block `lbn`: `data` at byte `at` (None: zeros). Retries
+    /// if another thread changed the block in between.
+    fn write_partial(&self, lbn: u64, at: usize, data: &[u8], credit: &mut Credit<'_>) -> Result<()> {
+        self.rmw(lbn, at, data.len(), Some(data), credit)
+    }
+
+    fn rmw(&self, lbn: u64, at: usize, len: usize, data: Option<&[u8]>, credit: &mut Credit<'_>) -> Result<()> {
+        let st = &*self.storage;
+        let suite = self.header.suite;
+        loop {
+            let mut cur = [LeafEntry::default()];
+            self.map.lookup(st, &self.keys, lbn, &mut cur)?;
+            let cur = cur[0];
+            if cur.pbn == 0 && data.is_none() {
+                return Ok(());
+            }
+            let mut block = vec![0u8; BS];
+            if cur.pbn != 0 {
+                self.read_blocks(cur.pbn, &mut block)?;
+                open_block(&self.keys, suite, lbn, &cur, &mut block)?;
+            }
+            match data {
+                Some(d) => block[at..at + len].copy_from_slice(d),
+                None => block[at..at + len].fill(0),
+            }
+            let nonce = random_nonces(suite, 1)?;
+            let mut entry = seal_block(&self.keys, suite, lbn, &nonce, &mut block)?;
+            entry.pbn = self.alloc.lock().alloc(st, &self.keys, 1)?[0];
+            st.write_all_at(&block, entry.pbn * BLOCK_SIZE).map_err(|e| {
+                self.fail(Error::io(format!("cannot write data at physical block {}", entry.pbn), e))
+            })?;
+            let i = (lbn % FANOUT) as usize;
+            let done = self.map.with_leaf(st, &self.keys, lbn / FANOUT, |leaf| {
+                if leaf.get(i) != cur {
+                    return Ok(false);
+                }
+                leaf.set(i, &entry);
+                self.append(credit, &[LogOp::Map { lbn, entry }])?;
+                Ok(true)
+            })?;
+            if done {
+                return self.free_blocks(&[cur.pbn], false);
+            }
+            self.alloc
+                .lock()
+                .free_unused(st, &self.keys, entry.pbn)
+                .map_err(|e| self.fail(e))?;
+        }
+    }
+
+    /// Discards `len` bytes at `offset`: they read as zeros afterwards and whole blocks take
+    /// no space (their blocks are punched out of the file after the next commit).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+
+    /// Writes zeros over `len` bytes at `offset`. Whole blocks are always unmapped (they
+    /// read as zeros without taking space, whatever `unmap` says); partial blocks are
+    /// rewritten.
+    pub fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.chunked(offset, len, ZERO_CHUNK_BLOCKS, |off, len| self.zero_chunk(off, len))
+    }
+
+    fn zero_chunk(&self, offset: u64, len: u64) -> Result<()> {
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        let leaves = last / FANOUT - first / FANOUT + 1;
+        let (_gate, mut credit) = self.enter_with_log(leaves + 2)?;
+        let head = (offset % BLOCK_SIZE) as usize;
+        let mut lbn = first;
+        let mut left = len as usize;
+        if head != 0 || left < BS {
+            let n = (BS - head).min(left);
+            self.rmw(lbn, head, n, None, &mut credit)?;
+            left -= n;
+            lbn += 1;
+        }
+        let full = (left / BS) as u64;
+        self.unmap_blocks(lbn, full, &mut credit)?;
+        left -= full as usize * BS;
+        if left > 0 {
+            self.rmw(lbn + full, 0, left, None, &mut credit)?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps `count` whole blocks from `lbn`, skipping subtrees that hold nothing.
+    fn unmap_blocks(&self, lbn: u64, count: u64, credit: &mut Credit<'_>) -> Result<()> {
+        let st = &*self.storage;
+        let end = lbn + count;
+        let mut l = lbn;
+        let mut freed = Vec::new();
+        while l < end {
+            let leaf = l / FANOUT;
+            let skip = self.map.absent_leaves(st, &self.keys, leaf)?;
+            if skip > 0 {
+                l = ((leaf + skip) * FANOUT).max(l + 1);
+                continue;
+            }
+            let n = (FANOUT - l % FANOUT).min(end - l);
+            self.map.with_leaf(st, &self.keys, leaf, |lf| {
+                let mut changed = false;
+                for k in 0..n {
+                    let i = ((l + k) % FANOUT) as usize;
+                    let old = lf.get(i);
+                    if old.pbn != 0 {
+                        lf.set(i, &LeafEntry::default());
+                        freed.push(old.pbn);
+                        changed = true;
+                    }
+                }
+                if changed {
+                    self.append(credit, &[LogOp::Unmap { lbn: l, count: n }])?;
+                }
+                Ok(())
+            })?;
+            l += n;
+        }
+        self.free_blocks(&freed, true)
+    }
+}

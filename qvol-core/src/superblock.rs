@@ -1,0 +1,158 @@
+//! Superblocks A and B (docs/FORMAT.md §8): the root of everything, MAC'd under `K_meta`.
+
+use crate::error::{Error, Result};
+use crate::layout::*;
+use crate::node::NodePtr;
+use crate::subkeys::Subkeys;
+
+/// `"QVOLSUP1"`.
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"QVOLSUP1";
+const OFF_MAC: usize = 480;
+/// Bytes of a superblock that carry meaning (one sector).
+pub(crate) const SUPERBLOCK_LEN: usize = 512;
+
+/// A decoded superblock.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Superblock {
+    /// Commit generation (>= 1); the copy written is `generation % 2`.
+    pub generation: u64,
+    /// The log epoch whose records belong to this superblock (= generation).
+    pub log_epoch: u64,
+    /// Root of the block map.
+    pub map_root: NodePtr,
+    /// Height of the block map.
+    pub map_height: u8,
+    /// Height of the space tree.
+    pub space_height: u8,
+    /// Key epoch new data is sealed under.
+    pub key_epoch: u32,
+    /// Root of the space tree.
+    pub space_root: NodePtr,
+    /// Snapshot table (reserved: pbn 0).
+    pub snapshots: NodePtr,
+    /// Allocated data blocks.
+    pub allocated_blocks: u64,
+    /// File length in blocks when committed.
+    pub high_water: u64,
+    /// `BLAKE3(header block || keyslot area)`.
+    pub header_hash: [u8; 32],
+}
+
+impl Superblock {
+    /// Encodes and MACs the superblock (512 bytes).
+    pub(crate) fn encode(&self, keys: &Subkeys) -> [u8; SUPERBLOCK_LEN] {
+        let mut b = [0u8; SUPERBLOCK_LEN];
+        b[..8].copy_from_slice(&SUPERBLOCK_MAGIC);
+        put_u64(&mut b, 8, self.generation);
+        put_u64(&mut b, 16, self.log_epoch);
+        put_u64(&mut b, 24, self.map_root.pbn);
+        b[32..64].copy_from_slice(&self.map_root.mac);
+        b[64] = self.map_height;
+        b[65] = self.space_height;
+        put_u32(&mut b, 68, self.key_epoch);
+        put_u64(&mut b, 72, self.space_root.pbn);
+        b[80..112].copy_from_slice(&self.space_root.mac);
+        put_u64(&mut b, 112, self.snapshots.pbn);
+        b[120..152].copy_from_slice(&self.snapshots.mac);
+        put_u64(&mut b, 152, self.allocated_blocks);
+        put_u64(&mut b, 160, self.high_water);
+        b[168..200].copy_from_slice(&self.header_hash);
+        let mac = mac(keys, &b[..OFF_MAC]);
+        b[OFF_MAC..].copy_from_slice(&mac);
+        b
+    }
+
+    /// Parses a superblock's fields without checking its MAC (for fuzzing and diagnostics).
+    pub fn decode(b: &[u8]) -> Result<Superblock> {
+        if b.len() < SUPERBLOCK_LEN || b[..8] != SUPERBLOCK_MAGIC {
+            return Err(Error::corrupt("no superblock here (wrong magic or too short)"));
+        }
+        if b[66..68] != [0, 0] || b[200..OFF_MAC].iter().any(|&x| x != 0) {
+            return Err(Error::corrupt("the superblock's reserved bytes are not zero"));
+        }
+        let sb = Superblock {
+            generation: get_u64(b, 8),
+            log_epoch: get_u64(b, 16),
+            map_root: NodePtr { pbn: get_u64(b, 24), mac: get_array(b, 32) },
+            map_height: b[64],
+            space_height: b[65],
+            key_epoch: get_u32(b, 68),
+            space_root: NodePtr { pbn: get_u64(b, 72), mac: get_array(b, 80) },
+            snapshots: NodePtr { pbn: get_u64(b, 112), mac: get_array(b, 120) },
+            allocated_blocks: get_u64(b, 152),
+            high_water: get_u64(b, 160),
+            header_hash: get_array(b, 168),
+        };
+        if sb.generation == 0 || sb.map_height == 0 || sb.map_height > 8 || sb.space_height == 0
+            || sb.space_height > 8
+        {
+            return Err(Error::corrupt("the superblock has an invalid generation or tree height"));
+        }
+        Ok(sb)
+    }
+
+    /// Parses a superblock and checks its MAC; `None` if either fails (a torn or foreign copy).
+    pub(crate) fn decode_verified(b: &[u8], keys: &Subkeys) -> Option<Superblock> {
+        if b.len() < SUPERBLOCK_LEN {
+            return None;
+        }
+        let expected = blake3::Hash::from(mac(keys, &b[..OFF_MAC]));
+        if expected != blake3::Hash::from(get_array::<32>(b, OFF_MAC)) {
+            return None;
+        }
+        Superblock::decode(b).ok()
+    }
+}
+
+fn mac(keys: &Subkeys, body: &[u8]) -> [u8; 32] {
+    let mut h = keys.meta_mac();
+    h.update(b"qvol-super-v1");
+    h.update(keys.volume_id());
+    h.update(body);
+    *h.finalize().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::VolumeKey;
+    use crate::suite::CipherSuite;
+
+    fn keys(k: u8) -> Subkeys {
+        Subkeys::derive(&VolumeKey::from_bytes([k; 32]), CipherSuite::default(), [1; 16])
+    }
+
+    fn sample() -> Superblock {
+        Superblock {
+            generation: 42,
+            log_epoch: 42,
+            map_root: NodePtr { pbn: 1500, mac: [1; 32] },
+            map_height: 3,
+            space_height: 2,
+            key_epoch: 0,
+            space_root: NodePtr { pbn: 1600, mac: [2; 32] },
+            snapshots: NodePtr::default(),
+            allocated_blocks: 77,
+            high_water: 3000,
+            header_hash: [3; 32],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_verifies() {
+        let b = sample().encode(&keys(1));
+        assert_eq!(Superblock::decode_verified(&b, &keys(1)), Some(sample()));
+        assert_eq!(Superblock::decode(&b).unwrap(), sample());
+        assert_eq!(Superblock::decode_verified(&b, &keys(2)), None);
+    }
+
+    #[test]
+    fn every_byte_is_covered() {
+        let b = sample().encode(&keys(1));
+        for i in 0..SUPERBLOCK_LEN {
+            let mut c = b;
+            c[i] ^= 0x10;
+            assert_eq!(Superblock::decode_verified(&c, &keys(1)), None, "byte {i}");
+        }
+    }
+}
