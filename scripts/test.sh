@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what it needs, then runs every test.
+# The whole test suite (README command 2; .ci/run execs it): installs what the tests need
+# (scripts/setup.sh: QEMU, busybox, the guest kernel, ...), builds the binaries the end-to-end
+# tests drive, then runs every test, the QEMU guest tests included (integration/tests/guest_*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/setup.sh
+echo "== cargo build --bins"
+cargo build --workspace --bins --locked
+echo "== cargo nextest run"
 cargo nextest run --workspace --locked --no-tests=pass
