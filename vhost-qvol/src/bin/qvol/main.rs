@@ -8,6 +8,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod create;
+mod info;
+mod key;
+mod keystore;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "qvol",
@@ -23,6 +28,20 @@ struct Cli {
 enum Command {
     /// Print the version of qvol and of the format it writes.
     Version,
+    /// Manage the keystore.
+    Keystore {
+        #[command(subcommand)]
+        command: keystore::KeystoreCommand,
+    },
+    /// Manage VM keys (ML-KEM-1024 + X25519).
+    Key {
+        #[command(subcommand)]
+        command: key::KeyCommand,
+    },
+    /// Create an encrypted volume with a keyslot for a keystore key.
+    Create(create::CreateArgs),
+    /// Describe a volume: header, cipher, keyslots; generation and space used if unlockable.
+    Info(info::InfoArgs),
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -31,6 +50,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("qvol {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Keystore { command } => keystore::run(command),
+        Command::Key { command } => key::run(command),
+        Command::Create(args) => create::run(args),
+        Command::Info(args) => info::run(args),
     }
 }
 

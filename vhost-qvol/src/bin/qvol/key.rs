@@ -1,0 +1,216 @@
+//! `qvol key new|list|show|rotate|remove-generation|delete|export|import`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use qvol_keys::{KdfParams, KeyInfo};
+
+use crate::keystore::{read_passphrase, KeystoreArgs};
+
+/// `qvol key ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum KeyCommand {
+    /// Create a key for VM; prints the new key id (and nothing else) on stdout.
+    New {
+        /// VM name: letters, digits, '.', '_', '-' (at most 48).
+        vm: String,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// List the keys of the keystore.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Show a key's public fingerprint and metadata (never a secret).
+    Show {
+        /// Key id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Start a new generation of a key; older generations still open existing volumes.
+    Rotate {
+        /// Key id.
+        id: String,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Forget an old generation of a key (volumes wrapped only for it stop opening).
+    RemoveGeneration {
+        /// Key id.
+        id: String,
+        /// Generation number.
+        generation: u32,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Delete a key and all its generations.
+    Delete {
+        /// Key id.
+        id: String,
+        /// Confirm: volumes wrapped only for this key will no longer open.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Export a key (all generations) to a file sealed under a passphrase.
+    Export {
+        /// Key id.
+        id: String,
+        /// Output file (created with mode 0600; must not exist).
+        #[arg(long, short, value_name = "FILE")]
+        output: PathBuf,
+        /// File holding the export passphrase.
+        #[arg(long, value_name = "FILE")]
+        export_passphrase_file: PathBuf,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Import a key exported with `qvol key export`; prints its key id.
+    Import {
+        /// Export file.
+        file: PathBuf,
+        /// File holding the export passphrase.
+        #[arg(long, value_name = "FILE")]
+        export_passphrase_file: PathBuf,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+}
+
+/// Runs `qvol key ...`.
+pub fn run(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::New { vm, keystore } => {
+            let info = keystore.unlock()?.new_key(&vm)?;
+            println!("{}", info.key_id);
+        }
+        KeyCommand::List { json, keystore } => {
+            let keys = keystore.unlock()?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                print_table(&keys);
+            }
+        }
+        KeyCommand::Show { id, json, keystore } => {
+            let info = keystore.unlock()?.show(&id)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_info(&info);
+            }
+        }
+        KeyCommand::Rotate { id, keystore } => {
+            let info = keystore.unlock()?.rotate(&id)?;
+            println!("{} is now at generation {}", info.key_id, info.generation);
+        }
+        KeyCommand::RemoveGeneration {
+            id,
+            generation,
+            keystore,
+        } => {
+            keystore.unlock()?.remove_generation(&id, generation)?;
+            println!("Removed generation {generation} of {id}");
+        }
+        KeyCommand::Delete { id, yes, keystore } => {
+            if !yes {
+                bail!("deleting key {id} makes volumes wrapped only for it unreadable; confirm with --yes");
+            }
+            keystore.unlock()?.delete(&id)?;
+            println!("Deleted key {id}");
+        }
+        KeyCommand::Export {
+            id,
+            output,
+            export_passphrase_file,
+            keystore,
+        } => {
+            let pass = read_passphrase(&export_passphrase_file)?;
+            let ks = keystore.unlock()?;
+            let data = ks.export_key(&id, pass.expose(), KdfParams::from_env())?;
+            write_new_private(&output, &data)?;
+        }
+        KeyCommand::Import {
+            file,
+            export_passphrase_file,
+            keystore,
+        } => {
+            let pass = read_passphrase(&export_passphrase_file)?;
+            let data = std::fs::read(&file)
+                .with_context(|| format!("cannot read the export file {}", file.display()))?;
+            let info = keystore.unlock()?.import_key(&data, pass.expose())?;
+            println!("{}", info.key_id);
+        }
+    }
+    Ok(())
+}
+
+fn write_new_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let written = file.write_all(data).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(path);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+fn short(fp: &str) -> &str {
+    fp.get(..16).unwrap_or(fp)
+}
+
+fn print_table(keys: &[KeyInfo]) {
+    println!(
+        "{:<40} {:<24} {:>4}  {:<20}  FINGERPRINT",
+        "KEY ID", "VM", "GEN", "CREATED"
+    );
+    for k in keys {
+        println!(
+            "{:<40} {:<24} {:>4}  {:<20}  {}",
+            k.key_id,
+            k.vm,
+            k.generation,
+            k.created,
+            short(&k.fingerprint)
+        );
+    }
+}
+
+fn print_info(k: &KeyInfo) {
+    println!("key id:         {}", k.key_id);
+    println!("vm:             {}", k.vm);
+    println!("key type:       {}", k.key_type);
+    println!("fingerprint:    {}", k.fingerprint);
+    println!("created:        {}", k.created);
+    println!(
+        "last rotated:   {}",
+        k.last_rotated.as_deref().unwrap_or("never")
+    );
+    println!("rotation count: {}", k.rotation_count);
+    println!("generation:     {}", k.generation);
+    for g in &k.generations {
+        println!(
+            "  generation {:>3}: {}  created {}{}",
+            g.generation,
+            g.fingerprint,
+            g.created,
+            if g.imported { "  (imported)" } else { "" }
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! `qvol keystore init`, and unlocking a keystore for the other subcommands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use qvol_keys::{KdfParams, Keystore, SecretBytes, UnlockedKeystore};
+use vhost_qvol::paths;
+
+/// Where the keystore is and how to unlock it (shared by the subcommands that need keys).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeystoreArgs {
+    /// Keystore directory [default: $QVOL_KEYSTORE, then $XDG_DATA_HOME/qvol/keystore].
+    #[arg(long, value_name = "DIR")]
+    pub keystore: Option<PathBuf>,
+    /// File holding the keystore passphrase (trailing newline ignored)
+    /// [default: $QVOL_PASSPHRASE_FILE, then $CREDENTIALS_DIRECTORY/qvol-passphrase].
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl KeystoreArgs {
+    /// The keystore directory this command uses.
+    pub fn dir(&self) -> anyhow::Result<PathBuf> {
+        paths::keystore_dir(self.keystore.as_deref()).ok_or_else(|| {
+            anyhow!("no keystore directory: pass --keystore DIR or set QVOL_KEYSTORE")
+        })
+    }
+
+    /// Opens and unlocks the keystore, reading the passphrase file only if one is needed.
+    pub fn unlock(&self) -> anyhow::Result<UnlockedKeystore> {
+        let dir = self.dir()?;
+        let keystore = Keystore::open(&dir)?;
+        if !keystore.needs_passphrase() {
+            return Ok(keystore.unlock(None)?);
+        }
+        let file = paths::passphrase_file(self.passphrase_file.as_deref()).ok_or_else(|| {
+            anyhow!(
+                "the keystore {} is protected by a passphrase: pass --passphrase-file FILE or \
+                 set QVOL_PASSPHRASE_FILE",
+                dir.display()
+            )
+        })?;
+        let pass = read_passphrase(&file)?;
+        Ok(keystore.unlock(Some(pass.expose()))?)
+    }
+}
+
+/// Reads a passphrase file: its bytes without one trailing "\n" or "\r\n"; empty is refused.
+pub fn read_passphrase(path: &Path) -> anyhow::Result<SecretBytes> {
+    let mut bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the passphrase file {}", path.display()))?;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    let pass = SecretBytes::new(bytes);
+    if pass.expose().is_empty() {
+        bail!("the passphrase file {} is empty", path.display());
+    }
+    Ok(pass)
+}
+
+/// `qvol keystore ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum KeystoreCommand {
+    /// Create a keystore: a random master seed, sealed under a passphrase (argon2id).
+    Init(InitArgs),
+}
+
+/// `qvol keystore init`
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// Keystore directory [default: $QVOL_KEYSTORE, then $XDG_DATA_HOME/qvol/keystore].
+    #[arg(long, value_name = "DIR")]
+    pub keystore: Option<PathBuf>,
+    /// File holding the new passphrase (trailing newline ignored)
+    /// [default: $QVOL_PASSPHRASE_FILE, then $CREDENTIALS_DIRECTORY/qvol-passphrase].
+    #[arg(long, value_name = "FILE", conflicts_with = "no_passphrase")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Store the master seed unencrypted (anyone who can read the keystore can open every
+    /// volume).
+    #[arg(long)]
+    pub no_passphrase: bool,
+}
+
+/// Runs `qvol keystore ...`.
+pub fn run(command: KeystoreCommand) -> anyhow::Result<()> {
+    match command {
+        KeystoreCommand::Init(args) => init(args),
+    }
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let dir = paths::keystore_dir(args.keystore.as_deref()).ok_or_else(|| {
+        anyhow!("no keystore directory: pass --keystore DIR or set QVOL_KEYSTORE")
+    })?;
+    let kdf = KdfParams::from_env();
+    if args.no_passphrase {
+        let keystore = Keystore::init(&dir, None, kdf)?;
+        eprintln!(
+            "qvol: warning: the master seed is stored unencrypted in {}; anyone who can read \
+             it can open every volume of this keystore",
+            keystore.dir().join(qvol_keys::KEYSTORE_FILE).display()
+        );
+        println!("Created keystore {} without a passphrase.", dir.display());
+        return Ok(());
+    }
+    let file = paths::passphrase_file(args.passphrase_file.as_deref()).ok_or_else(|| {
+        anyhow!("no passphrase given: pass --passphrase-file FILE, or --no-passphrase")
+    })?;
+    let pass = read_passphrase(&file)?;
+    if kdf == KdfParams::insecure_for_tests() {
+        eprintln!(
+            "qvol: warning: {}=1: using INSECURE test argon2id parameters",
+            qvol_keys::kdf::WEAK_KDF_ENV
+        );
+    }
+    let keystore = Keystore::init(&dir, Some(pass.expose()), kdf)?;
+    let took = keystore.kdf_duration().unwrap_or_default();
+    println!(
+        "Created keystore {}; unlock takes {:.2} s (argon2id, {}, {} passes, {} lanes).",
+        dir.display(),
+        took.as_secs_f64(),
+        memory(kdf.m_cost_kib),
+        kdf.t_cost,
+        kdf.p_cost
+    );
+    Ok(())
+}
+
+fn memory(kib: u32) -> String {
+    if kib % 1024 == 0 {
+        format!("{} MiB", kib / 1024)
+    } else {
+        format!("{kib} KiB")
+    }
+}
