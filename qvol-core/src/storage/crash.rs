@@ -19,7 +19,7 @@ use std::fmt;
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
-use super::mem::{punch_vec, read_vec, set_len_vec, write_vec};
+use super::chunked::Chunked;
 use super::{Storage, STORAGE_SECTOR};
 
 /// What a crash keeps of the operations made since the last sync.
@@ -65,8 +65,8 @@ enum PendingOp {
 
 #[derive(Clone, Default)]
 struct State {
-    durable: Vec<u8>,
-    live: Vec<u8>,
+    durable: Chunked,
+    live: Chunked,
     pending: Vec<PendingOp>,
     syncs: u64,
 }
@@ -85,10 +85,14 @@ impl CrashStorage {
 
     /// A storage whose durable (and live) bytes are `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self::from_image(Chunked::from_bytes(&bytes))
+    }
+
+    fn from_image(image: Chunked) -> Self {
         Self {
             state: Mutex::new(State {
-                live: bytes.clone(),
-                durable: bytes,
+                live: image.clone(),
+                durable: image,
                 pending: Vec::new(),
                 syncs: 0,
             }),
@@ -104,11 +108,15 @@ impl CrashStorage {
 
     /// The image a power loss could leave under `policy`, deterministic in `seed`.
     pub fn crash_with(&self, policy: CrashPolicy, seed: u64) -> CrashStorage {
-        CrashStorage::from_bytes(self.crash_image(policy, seed))
+        CrashStorage::from_image(self.crashed(policy, seed))
     }
 
     /// The bytes a power loss under `policy` could leave, deterministic in `seed`.
     pub fn crash_image(&self, policy: CrashPolicy, seed: u64) -> Vec<u8> {
+        self.crashed(policy, seed).to_vec()
+    }
+
+    fn crashed(&self, policy: CrashPolicy, seed: u64) -> Chunked {
         let st = self.lock();
         let mut rng = SplitMix64::new(seed);
         let mut image = st.durable.clone();
@@ -139,12 +147,12 @@ impl CrashStorage {
 
     /// A copy of the live bytes (what reads return now).
     pub fn live_image(&self) -> Vec<u8> {
-        self.lock().live.clone()
+        self.lock().live.to_vec()
     }
 
     /// A copy of the durable bytes (what survives any power loss).
     pub fn durable_image(&self) -> Vec<u8> {
-        self.lock().durable.clone()
+        self.lock().durable.to_vec()
     }
 
     /// How many operations were made since the last sync.
@@ -166,33 +174,33 @@ impl CrashStorage {
 
 /// Applies one surviving operation to a crash image; with `tear`, only a random subset of
 /// the write's sectors lands.
-fn apply(image: &mut Vec<u8>, op: &PendingOp, tear: Option<&mut SplitMix64>) {
+fn apply(image: &mut Chunked, op: &PendingOp, tear: Option<&mut SplitMix64>) {
     match op {
         PendingOp::SetLen(len) => {
             // The length was valid when the operation succeeded, so it fits now.
-            let _ = set_len_vec(image, *len);
+            let _ = image.set_len(*len);
         }
         PendingOp::Punch { offset, len } => match tear {
-            None => punch_vec(image, *offset, *len),
+            None => image.punch(*offset, *len),
             Some(rng) => {
                 let end = offset.saturating_add(*len).min(image.len() as u64);
                 for (start, stop) in sectors(*offset, end) {
                     if rng.percent(50) {
-                        punch_vec(image, start, stop - start);
+                        image.punch(start, stop - start);
                     }
                 }
             }
         },
         PendingOp::Write { offset, data } => match tear {
             None => {
-                let _ = write_vec(image, data, *offset);
+                let _ = image.write(data, *offset);
             }
             Some(rng) => {
                 let end = *offset + data.len() as u64;
                 for (start, stop) in sectors(*offset, end) {
                     if rng.percent(50) {
                         let piece = &data[(start - offset) as usize..(stop - offset) as usize];
-                        let _ = write_vec(image, piece, start);
+                        let _ = image.write(piece, start);
                     }
                 }
             }
@@ -231,12 +239,12 @@ impl Storage for CrashStorage {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        read_vec(&self.lock().live, buf, offset)
+        self.lock().live.read(buf, offset)
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut st = self.lock();
-        write_vec(&mut st.live, buf, offset)?;
+        st.live.write(buf, offset)?;
         st.pending.push(PendingOp::Write {
             offset,
             data: buf.to_vec(),
@@ -246,7 +254,7 @@ impl Storage for CrashStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut st = self.lock();
-        set_len_vec(&mut st.live, len)?;
+        st.live.set_len(len)?;
         st.pending.push(PendingOp::SetLen(len));
         Ok(())
     }
@@ -261,7 +269,7 @@ impl Storage for CrashStorage {
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut st = self.lock();
-        punch_vec(&mut st.live, offset, len);
+        st.live.punch(offset, len);
         st.pending.push(PendingOp::Punch { offset, len });
         Ok(())
     }

@@ -17,6 +17,7 @@ use std::fmt::Debug;
 use std::io;
 use std::sync::Arc;
 
+mod chunked;
 mod crash;
 mod fault;
 mod file;
