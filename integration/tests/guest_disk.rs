@@ -193,6 +193,11 @@ fn io_survives_backend_kill(kind: BackendKind, dir: &ScratchDir) {
     let _ = backend
         .signal_and_wait("KILL", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("killing the backend: {e}"));
+    // Six more 8 MiB write+read passes remain: the kill landed in the middle of the I/O.
+    assert!(
+        !running.console().contains("QVOL-PASS 7"),
+        "the guest finished its I/O before the backend was killed"
+    );
     std::thread::sleep(Duration::from_millis(300));
     backend
         .restart()
