@@ -20,7 +20,7 @@ use std::fmt;
 use crate::aead::{self, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kdf::{hkdf32, KdfParams};
-use crate::kem::{self, RecipientPublicKey, CIPHERTEXT_LEN, KEM_ID, KEM_NAME};
+use crate::kem::{self, HybridSecretKey, RecipientPublicKey, CIPHERTEXT_LEN, KEM_ID, KEM_NAME};
 use crate::keystore::UnlockedKeystore;
 use crate::recovery::{self, RecoveryShare};
 use crate::secret::{fill_random, Secret32};
@@ -401,6 +401,43 @@ pub fn unwrap_with_keystore(
                 "none of the {} keyslots is wrapped for a key in this keystore",
                 slots.len()
             ),
+        )
+    }))
+}
+
+/// Tries every recipient slot made for `sk`'s public key (matched by fingerprint),
+/// without a keystore: for tools holding one decapsulation key.
+pub fn unwrap_with_secret_key(
+    slots: &[Vec<u8>],
+    sk: &HybridSecretKey,
+    volume_id: &[u8; 16],
+) -> Result<(usize, Secret32)> {
+    let fingerprint = sk.public_key().fingerprint();
+    let mut failure: Option<Error> = None;
+    for (index, slot) in slots.iter().enumerate() {
+        let Ok(p) = parse(slot) else { continue };
+        if p.kind != SlotKind::Recipient {
+            continue;
+        }
+        let Ok(body) = parse_recipient(p.body) else {
+            continue;
+        };
+        if body.fingerprint != fingerprint {
+            continue;
+        }
+        let attempt = sk
+            .decapsulate(body.ciphertext)
+            .map(|ss| hkdf32(volume_id, ss.expose(), &[RECIPIENT_INFO]))
+            .and_then(|wrap_key| open_slot(&p, &wrap_key, volume_id));
+        match attempt {
+            Ok(vk) => return Ok((index, vk)),
+            Err(e) => failure = Some(e),
+        }
+    }
+    Err(failure.unwrap_or_else(|| {
+        Error::new(
+            ErrorKind::NoMatchingSlot,
+            "no keyslot is wrapped for this key",
         )
     }))
 }

@@ -22,8 +22,8 @@ pub use kdf::KdfParams;
 pub use kem::RecipientPublicKey;
 pub use keyslot::{SlotInfo, SlotKind};
 pub use keystore::{
-    validate_vm_name, GenerationInfo, KeyInfo, Keystore, UnlockedKeystore, EXPORT_FORMAT,
-    KEYSTORE_FILE, KEYS_DIR,
+    derive_vm_key_seed, validate_vm_name, GenerationInfo, KeyInfo, Keystore, UnlockedKeystore,
+    EXPORT_FORMAT, KEYSTORE_FILE, KEYS_DIR,
 };
 pub use recovery::RecoveryShare;
 pub use secret::{Secret32, SecretBytes};

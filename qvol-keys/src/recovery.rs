@@ -122,8 +122,13 @@ pub fn split(key: &Secret32, k: u8, n: u8, set_id: [u8; SET_ID_LEN]) -> Result<V
             "a recovery split needs 2 <= k <= n <= 255 (got {k} of {n})"
         )));
     }
-    let raw = Gf256::split_array(usize::from(k), usize::from(n), key.expose(), rand_core::OsRng)
-        .map_err(|e| Error::invalid(format!("Shamir split failed: {e:?}")))?;
+    let raw = Gf256::split_array(
+        usize::from(k),
+        usize::from(n),
+        key.expose(),
+        rand_core::OsRng,
+    )
+    .map_err(|e| Error::invalid(format!("Shamir split failed: {e:?}")))?;
     let mut out = Vec::with_capacity(raw.len());
     for (i, mut r) in raw.into_iter().enumerate() {
         // vsss-rs numbers shares 1..=n in order; each is x || y[32].

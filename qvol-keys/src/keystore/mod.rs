@@ -637,6 +637,23 @@ impl UnlockedKeystore {
     }
 }
 
+/// The seed of one generation of a VM key (docs/KEYS.md, "Hierarchy"):
+/// HKDF-SHA-256(salt = MASTER_SALT, ikm = master seed,
+/// info = VM_KEY_INFO || lp(vm) || lp(key id) || generation as u32 LE), where lp(x) is x
+/// prefixed by its length as u16 big-endian. Public for the golden-vector tests.
+pub fn derive_vm_key_seed(master: &Secret32, vm: &str, key_id: &str, generation: u32) -> Secret32 {
+    hkdf32(
+        MASTER_SALT,
+        master.expose(),
+        &[
+            VM_KEY_INFO,
+            &lp(vm.as_bytes()),
+            &lp(key_id.as_bytes()),
+            &generation.to_le_bytes(),
+        ],
+    )
+}
+
 fn current(rec: &KeyRecord) -> Result<&GenerationRecord> {
     rec.generations
         .iter()
