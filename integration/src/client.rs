@@ -207,8 +207,9 @@ impl QueueHandle<'_> {
 
     /// Runs one request per entry of `offsets`, each `block` bytes, keeping up to `depth`
     /// in flight. For writes, `fill(i, buf)` fills request `i`'s data first; as each
-    /// request completes, `done(i, buf, result)` sees its buffer (the data, for reads).
-    /// Returns when all are done, or the first transport error.
+    /// request completes, `done(i, buf, result)` sees its buffer (the data, for reads) and
+    /// returns whether to go on. Returns when all are done, when `done` says stop
+    /// (abandoning what is in flight), or on the first transport error.
     pub fn run_batch(
         &mut self,
         offsets: &[u64],
@@ -216,7 +217,7 @@ impl QueueHandle<'_> {
         depth: usize,
         write: bool,
         mut fill: impl FnMut(usize, &mut [u8]),
-        mut done: impl FnMut(usize, &[u8], Result<(), Errno>),
+        mut done: impl FnMut(usize, &[u8], Result<(), Errno>) -> bool,
     ) -> Result<(), Errno> {
         assert!(
             depth * block <= self.buf_len,
@@ -273,11 +274,14 @@ impl QueueHandle<'_> {
                 } else {
                     Err(Errno::from_raw_os_error(-c.ret))
                 };
-                done(
+                let go_on = done(
                     c.user_data,
                     &self.buffer()[slot * block..(slot + 1) * block],
                     result,
                 );
+                if !go_on {
+                    return Ok(());
+                }
             }
         }
         Ok(())

@@ -9,5 +9,6 @@ pub mod bins;
 pub mod client;
 pub mod daemon;
 pub mod fixture;
+pub mod guest;
 pub mod inproc;
 pub mod pattern;

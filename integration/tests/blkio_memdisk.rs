@@ -104,7 +104,10 @@ fn several_queues_work_at_once() {
                         16,
                         true,
                         |i, buf| pattern::fill(buf, offsets[i], 3),
-                        |_, _, r| r.unwrap(),
+                        |_, _, r| {
+                            r.unwrap();
+                            true
+                        },
                     )
                     .unwrap();
                 handle
@@ -117,6 +120,7 @@ fn several_queues_work_at_once() {
                         |i, buf, r| {
                             r.unwrap();
                             assert_eq!(buf, &pattern::make(4096, offsets[i], 3)[..]);
+                            true
                         },
                     )
                     .unwrap();

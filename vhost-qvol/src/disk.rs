@@ -78,6 +78,11 @@ pub trait Disk: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError>;
     /// The range reads back as zeros afterwards; `unmap` allows deallocating it.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError>;
+    /// Writes back everything held in memory and makes it durable: what a clean
+    /// shutdown or a frontend disconnect does. Defaults to [`Disk::flush`].
+    fn commit(&self) -> Result<(), DiskError> {
+        self.flush()
+    }
 }
 
 /// Checks that `offset..offset+len` is sector aligned and inside a disk of `size` bytes.

@@ -12,10 +12,13 @@ pub mod blk_config;
 pub mod config;
 pub mod disk;
 pub mod lock;
+pub mod open;
 pub mod paths;
 pub mod request;
 pub mod serve;
 pub mod signals;
+pub mod size;
+pub mod volume_disk;
 
 use std::sync::Arc;
 
@@ -25,6 +28,8 @@ use log::{error, info};
 use crate::backend::Device;
 use crate::config::Config;
 use crate::disk::Disk;
+use crate::lock::ImageLock;
+use crate::open::KeySource;
 use crate::serve::SocketSource;
 
 /// Runs the daemon: opens the image, listens, serves frontends one after another until
@@ -32,7 +37,7 @@ use crate::serve::SocketSource;
 pub fn start_backend(config: Config) -> anyhow::Result<()> {
     // Before any thread starts, so that every thread inherits the blocked mask.
     signals::block_termination_signals().context("cannot block SIGTERM and SIGINT")?;
-    let (disk, volume_id): (Arc<dyn Disk>, [u8; 16]) = open_disk(&config)?;
+    let (disk, volume_id, _lock) = open_disk(&config)?;
     let serial = config
         .serial
         .unwrap_or_else(|| config::default_serial(&volume_id));
@@ -68,7 +73,7 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
 fn shut_down(device: &Device, socket: Option<std::path::PathBuf>, sig: i32) -> ! {
     info!("signal {sig}: finishing requests in flight and closing the image");
     let _quiet = device.quiesce();
-    let code = match device.flush() {
+    let code = match device.disk().commit() {
         Ok(()) => 0,
         Err(e) => {
             error!("cannot commit the image: {e}");
@@ -81,14 +86,22 @@ fn shut_down(device: &Device, socket: Option<std::path::PathBuf>, sig: i32) -> !
     std::process::exit(code)
 }
 
-/// Opens the image named in `config` and returns it as a [`Disk`] with its volume id.
-fn open_disk(config: &Config) -> anyhow::Result<(Arc<dyn Disk>, [u8; 16])> {
-    let size = std::fs::metadata(&config.blk_file)
-        .with_context(|| format!("cannot read {}", config.blk_file.display()))?
-        .len();
-    // Placeholder until the engine lands: serves the file size as an in-memory disk.
+/// Opens the image named in `config` and returns it as a [`Disk`] with its volume id and
+/// the lock that must be held while it is served.
+fn open_disk(config: &Config) -> anyhow::Result<(Arc<dyn Disk>, [u8; 16], ImageLock)> {
+    let keys = KeySource {
+        keystore: config.keystore.clone(),
+        passphrase_file: config.passphrase_file.clone(),
+    };
+    let opened = open::open_volume(&config.blk_file, &keys, config.read_only)?;
+    info!(
+        "opened {} with keyslot {}",
+        config.blk_file.display(),
+        opened.slot
+    );
     Ok((
-        Arc::new(disk::MemDisk::new(size, config.read_only)),
-        [0u8; 16],
+        Arc::new(opened.volume),
+        opened.header.volume_id,
+        opened.lock,
     ))
 }

@@ -131,7 +131,7 @@ pub fn serve(listener: &mut Listener, device: &Arc<Device>) -> Result<(), ServeE
         }
         // Dropping the daemon stops and joins this connection's queue threads.
         drop(daemon);
-        if let Err(e) = device.flush() {
+        if let Err(e) = device.disk().commit() {
             error!("cannot commit after the frontend left: {e}");
         }
     }

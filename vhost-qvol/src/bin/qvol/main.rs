@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod create;
+mod info;
 mod key;
 mod keystore;
 
@@ -36,6 +38,10 @@ enum Command {
         #[command(subcommand)]
         command: key::KeyCommand,
     },
+    /// Create an encrypted volume with a keyslot for a keystore key.
+    Create(create::CreateArgs),
+    /// Describe a volume: header, cipher, keyslots; generation and space used if unlockable.
+    Info(info::InfoArgs),
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -46,6 +52,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Keystore { command } => keystore::run(command),
         Command::Key { command } => key::run(command),
+        Command::Create(args) => create::run(args),
+        Command::Info(args) => info::run(args),
     }
 }
 

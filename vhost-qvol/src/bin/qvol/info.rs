@@ -1,0 +1,133 @@
+//! `qvol info IMAGE [--json]`: what the header says (no key needed) and, when the keystore
+//! can unlock the volume, its generation and space used.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use qvol_core::storage::FileStorage;
+use qvol_core::Volume;
+use qvol_keys::keyslot;
+use serde_json::{json, Value};
+use vhost_qvol::open::{read_image_header, unwrap_volume_key, KeySource};
+use vhost_qvol::size::format_size;
+use vhost_qvol::volume_disk::error_chain;
+
+use crate::create::hex;
+use crate::keystore::KeystoreArgs;
+
+/// `qvol info`
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// The image to describe.
+    pub image: PathBuf,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub keys: KeystoreArgs,
+}
+
+/// What only the volume key reveals.
+struct Unlocked {
+    generation: u64,
+    allocated: u64,
+    slot: usize,
+}
+
+/// Runs `qvol info`.
+pub fn run(args: InfoArgs) -> anyhow::Result<()> {
+    let (_, header) = read_image_header(&args.image)?;
+    let keys = KeySource::from_flags(
+        args.keys.keystore.as_deref(),
+        args.keys.passphrase_file.as_deref(),
+    );
+    let unlocked = unlock(&args, &keys, &header);
+    let slots: Vec<Value> = header
+        .keyslots
+        .iter()
+        .enumerate()
+        .map(|(i, blob)| match keyslot::describe(blob) {
+            Ok(info) => json!({"index": i, "kind": info.kind, "key_id": info.key_id,
+                "generation": info.generation, "kem": info.kem,
+                "fingerprint": info.fingerprint, "description": info.to_string()}),
+            Err(e) => json!({"index": i, "kind": "unreadable", "description": e.to_string()}),
+        })
+        .collect();
+    let suite = header.suite;
+    let mut doc = json!({
+        "image": args.image.display().to_string(),
+        "name": header.name,
+        "format_version": header.format_version,
+        "volume_id": hex(&header.volume_id),
+        "size": header.size,
+        "cipher": suite.name(),
+        "implementation": suite.implementation(),
+        "keyslots": slots,
+    });
+    match &unlocked {
+        Ok(u) => {
+            doc["generation"] = json!(u.generation);
+            doc["allocated_bytes"] = json!(u.allocated);
+            doc["opened_with_keyslot"] = json!(u.slot);
+        }
+        Err(reason) => doc["locked"] = json!(reason),
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("image:          {}", args.image.display());
+    println!("name:           {}", header.name);
+    println!("format:         version {}", header.format_version);
+    println!("volume id:      {}", hex(&header.volume_id));
+    println!("size:           {} ({} bytes)", format_size(header.size), header.size);
+    println!("cipher:         {suite} ({} on this CPU)", suite.implementation());
+    match &unlocked {
+        Ok(u) => {
+            println!("generation:     {}", u.generation);
+            println!(
+                "space used:     {} ({} bytes)",
+                format_size(u.allocated),
+                u.allocated
+            );
+        }
+        Err(reason) => {
+            println!("generation:     unknown (needs the volume key: {reason})");
+            println!("space used:     unknown (needs the volume key)");
+        }
+    }
+    println!("keyslots:       {}", header.keyslots.len());
+    for slot in doc["keyslots"].as_array().into_iter().flatten() {
+        println!(
+            "  slot {}: {}",
+            slot["index"],
+            slot["description"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn unlock(
+    args: &InfoArgs,
+    keys: &KeySource,
+    header: &qvol_core::HeaderInfo,
+) -> Result<Unlocked, String> {
+    let chain = |e: anyhow::Error| {
+        e.chain()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ")
+    };
+    let keystore = keys.unlock().map_err(chain)?;
+    let (slot, key) = unwrap_volume_key(&args.image, header, &keystore).map_err(chain)?;
+    let storage = FileStorage::open(&args.image, false).map_err(|e| e.to_string())?;
+    let volume = Volume::open(Arc::new(storage), &key, true)
+        .map_err(|e| chain(anyhow!("cannot open the volume: {}", error_chain(&e))))?;
+    let info = volume.info();
+    Ok(Unlocked {
+        generation: info.generation,
+        allocated: info.allocated_bytes,
+        slot,
+    })
+}
