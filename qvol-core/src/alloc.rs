@@ -2,15 +2,16 @@
 //! and the rules that keep a freed block from being reused before the commit that frees it
 //! is durable.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::fasthash::{U64Map, U64Set};
 use crate::layout::*;
 use crate::node::{node_mac, NodePtr, TreeKind};
 use crate::storage::Storage;
 use crate::subkeys::Subkeys;
-use crate::tree::{read_node, zero_page, Page, TreeCache};
+use crate::tree::{read_node, zero_page, Page, PageWriter, TreeCache};
 
 #[derive(Debug)]
 struct BitLeaf {
@@ -23,10 +24,10 @@ struct BitLeaf {
 #[derive(Debug)]
 pub(crate) struct AllocState {
     tree: TreeCache,
-    leaves: HashMap<u64, BitLeaf>,
+    leaves: U64Map<BitLeaf>,
     /// Freed in this log epoch: clear in the bitmap, not allocatable until the next commit
     /// is durable.
-    pending: HashSet<u64>,
+    pending: U64Set,
     /// Freed blocks that held discarded data: punched after the next commit.
     punch: BTreeSet<u64>,
     cursor: u64,
@@ -49,12 +50,18 @@ pub(crate) fn space_capacity(blocks: u64) -> u64 {
 
 impl Allocator {
     /// The allocator of a committed space tree.
-    pub(crate) fn new(height: u8, root: NodePtr, capacity: u64, used: u64, high_water: u64) -> Self {
+    pub(crate) fn new(
+        height: u8,
+        root: NodePtr,
+        capacity: u64,
+        used: u64,
+        high_water: u64,
+    ) -> Self {
         Allocator {
             state: Mutex::new(AllocState {
                 tree: TreeCache::new(TreeKind::Space, height, root),
-                leaves: HashMap::new(),
-                pending: HashSet::new(),
+                leaves: U64Map::default(),
+                pending: U64Set::default(),
                 punch: BTreeSet::new(),
                 cursor: DATA_START_BLOCK,
                 capacity,
@@ -80,9 +87,17 @@ impl AllocState {
         if !self.leaves.contains_key(&index) {
             let ptr = self.tree.leaf_ptr(st, keys, index)?;
             let leaf = if ptr.pbn == 0 {
-                BitLeaf { bits: zero_page(), pbn: 0, dirty: false }
+                BitLeaf {
+                    bits: zero_page(),
+                    pbn: 0,
+                    dirty: false,
+                }
             } else {
-                BitLeaf { bits: read_node(st, keys, TreeKind::Space, 0, index, &ptr)?, pbn: ptr.pbn, dirty: false }
+                BitLeaf {
+                    bits: read_node(st, keys, TreeKind::Space, 0, index, &ptr)?,
+                    pbn: ptr.pbn,
+                    dirty: false,
+                }
             };
             self.leaves.insert(index, leaf);
         }
@@ -130,7 +145,10 @@ impl AllocState {
                 self.used -= out.len() as u64;
                 return Err(Error::new(
                     ErrorKind::NoSpace,
-                    format!("no free block is left among the volume's {} physical blocks", self.capacity),
+                    format!(
+                        "no free block is left among the volume's {} physical blocks",
+                        self.capacity
+                    ),
                 ));
             }
             if self.cursor >= self.capacity {
@@ -169,13 +187,21 @@ impl AllocState {
 
     /// Frees `pbn`, which a committed tree or a log record may still reference: allocatable
     /// only after the next commit. `punch`: it held discarded data.
-    pub(crate) fn free(&mut self, st: &dyn Storage, keys: &Subkeys, pbn: u64, punch: bool) -> Result<()> {
+    pub(crate) fn free(
+        &mut self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        pbn: u64,
+        punch: bool,
+    ) -> Result<()> {
         if pbn == 0 {
             return Ok(());
         }
         self.check_range(pbn)?;
         if !self.bit(st, keys, pbn)? {
-            return Err(Error::integrity(format!("block {pbn} is freed twice: the block map is inconsistent")));
+            return Err(Error::integrity(format!(
+                "block {pbn} is freed twice: the block map is inconsistent"
+            )));
         }
         self.set_bit(st, keys, pbn, false)?;
         self.used -= 1;
@@ -209,7 +235,9 @@ impl AllocState {
 
     fn check_range(&self, pbn: u64) -> Result<()> {
         if pbn < DATA_START_BLOCK || pbn >= self.capacity {
-            return Err(Error::corrupt(format!("block {pbn} is outside the data region")));
+            return Err(Error::corrupt(format!(
+                "block {pbn} is outside the data region"
+            )));
         }
         Ok(())
     }
@@ -222,7 +250,12 @@ impl AllocState {
 
     /// Commit, step 2: relocates every dirty bitmap leaf and its ancestors until allocating
     /// their blocks dirties no further leaf, then MACs them. Returns the new root and pages.
-    pub(crate) fn prepare_commit(&mut self, st: &dyn Storage, keys: &Subkeys) -> Result<(NodePtr, Vec<(u64, Page)>)> {
+    pub(crate) fn prepare_commit(
+        &mut self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        out: &mut PageWriter<'_>,
+    ) -> Result<NodePtr> {
         let mut moved: BTreeMap<u64, u64> = BTreeMap::new();
         loop {
             let todo: Vec<u64> = self
@@ -235,7 +268,10 @@ impl AllocState {
                 break;
             }
             for index in todo {
-                let mut tree = std::mem::replace(&mut self.tree, TreeCache::new(TreeKind::Space, 1, NodePtr::default()));
+                let mut tree = std::mem::replace(
+                    &mut self.tree,
+                    TreeCache::new(TreeKind::Space, 1, NodePtr::default()),
+                );
                 let r = tree.relocate_path(st, keys, index, &mut |old| self.realloc(st, keys, old));
                 self.tree = tree;
                 r?;
@@ -245,7 +281,6 @@ impl AllocState {
             }
         }
         let mut ptrs = Vec::with_capacity(moved.len());
-        let mut pages = Vec::with_capacity(moved.len() * 2);
         for (&index, &pbn) in &moved {
             let leaf = self
                 .leaves
@@ -253,11 +288,19 @@ impl AllocState {
                 .ok_or_else(|| Error::corrupt("internal: a moved space leaf is not cached"))?;
             leaf.pbn = pbn;
             leaf.dirty = false;
-            ptrs.push((index, NodePtr { pbn, mac: node_mac(keys, TreeKind::Space, 0, index, &leaf.bits[..]) }));
-            pages.push((pbn, leaf.bits.clone()));
+            ptrs.push((
+                index,
+                NodePtr {
+                    pbn,
+                    mac: node_mac(keys, TreeKind::Space, 0, index, &leaf.bits[..]),
+                },
+            ));
+            out.push(pbn, &leaf.bits[..])?;
         }
-        pages.extend(self.tree.seal(keys, &ptrs)?);
-        Ok((self.tree.root(), pages))
+        for (pbn, page) in self.tree.seal(keys, &ptrs)? {
+            out.push(pbn, &page[..])?;
+        }
+        Ok(self.tree.root())
     }
 
     /// Commit, last step (the new superblock is durable): freed blocks become allocatable.
@@ -292,7 +335,11 @@ mod tests {
     use crate::suite::CipherSuite;
 
     fn setup() -> (MemStorage, Subkeys, Allocator) {
-        let keys = Subkeys::derive(&VolumeKey::from_bytes([1; 32]), CipherSuite::default(), [0; 16]);
+        let keys = Subkeys::derive(
+            &VolumeKey::from_bytes([1; 32]),
+            CipherSuite::default(),
+            [0; 16],
+        );
         let cap = space_capacity(1000);
         let a = Allocator::new(AllocState::height_for(cap), NodePtr::default(), cap, 0, 0);
         (MemStorage::new(), keys, a)
@@ -306,22 +353,37 @@ mod tests {
         let got = s.alloc(&st, &keys, 4).unwrap();
         assert_eq!(got, vec![1040, 1041, 1042, 1043]);
         s.free(&st, &keys, 1041, true).unwrap();
-        assert_eq!(s.alloc(&st, &keys, 1).unwrap(), vec![1044], "pending blocks are not reused");
-        assert!(s.free(&st, &keys, 1041, false).is_err(), "double free is caught");
-        let (root, pages) = s.prepare_commit(&st, &keys).unwrap();
-        assert!(root.pbn >= DATA_START_BLOCK && !pages.is_empty());
-        for (pbn, page) in &pages {
-            st.write_all_at(&page[..], pbn * BLOCK_SIZE).unwrap();
-        }
+        assert_eq!(
+            s.alloc(&st, &keys, 1).unwrap(),
+            vec![1044],
+            "pending blocks are not reused"
+        );
+        assert!(
+            s.free(&st, &keys, 1041, false).is_err(),
+            "double free is caught"
+        );
+        let mut w = PageWriter::new(&st);
+        let root = s.prepare_commit(&st, &keys, &mut w).unwrap();
+        w.flush().unwrap();
+        assert!(root.pbn >= DATA_START_BLOCK);
         assert_eq!(s.finish_commit(), vec![1041]);
         assert_eq!(s.alloc(&st, &keys, 1).unwrap(), vec![1041]);
         // The committed bitmap reloads and agrees.
         let used = s.used();
         drop(s);
-        let b = Allocator::new(AllocState::height_for(space_capacity(1000)), root, space_capacity(1000), used, 0);
+        let b = Allocator::new(
+            AllocState::height_for(space_capacity(1000)),
+            root,
+            space_capacity(1000),
+            used,
+            0,
+        );
         let mut t = b.lock();
         assert!(t.bit(&st, &keys, 1040).unwrap());
-        assert!(!t.bit(&st, &keys, 1041).unwrap(), "1041 was allocated after the commit");
+        assert!(
+            !t.bit(&st, &keys, 1041).unwrap(),
+            "1041 was allocated after the commit"
+        );
         assert!(t.claim(&st, &keys, 1040).is_err());
         t.claim(&st, &keys, 1041).unwrap();
     }

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::storage::Storage;
 use crate::superblock::Superblock;
-use crate::tree::Page;
+use crate::tree::PageWriter;
 use crate::volume::Volume;
 
 impl Volume {
@@ -19,17 +19,16 @@ impl Volume {
     fn commit_inner(&self, force: bool) -> Result<()> {
         let st: &dyn Storage = &*self.storage;
         let keys = &self.keys;
-        let dirty = self.map.dirty_leaves();
-        if !force && dirty.is_empty() && self.wal.next() == 0 {
+        if !force && self.wal.next() == 0 && !self.map.is_dirty() {
             return Ok(());
         }
         let mut a = self.alloc.lock();
-        let (map_root, mut pages, moved) =
+        let mut out = PageWriter::new(st);
+        let (map_root, moved) =
             self.map
-                .prepare_commit(st, keys, &dirty, &mut |old| a.realloc(st, keys, old))?;
-        let (space_root, space_pages) = a.prepare_commit(st, keys)?;
-        pages.extend(space_pages);
-        write_pages(st, pages)?;
+                .prepare_commit(st, keys, &mut |old| a.realloc(st, keys, old), &mut out)?;
+        let space_root = a.prepare_commit(st, keys, &mut out)?;
+        out.flush()?;
         st.sync_data()
             .map_err(|e| Error::io("cannot sync the new map nodes during a commit", e))?;
         let mut sb = self.superblock();
@@ -48,8 +47,12 @@ impl Volume {
             header_hash: self.header_hash,
         };
         let offset = SUPERBLOCK_OFFSETS[(generation % 2) as usize];
-        st.write_all_at(&next.encode(keys), offset)
-            .map_err(|e| Error::io(format!("cannot write superblock generation {generation}"), e))?;
+        st.write_all_at(&next.encode(keys), offset).map_err(|e| {
+            Error::io(
+                format!("cannot write superblock generation {generation}"),
+                e,
+            )
+        })?;
         st.sync_data()
             .map_err(|e| Error::io(format!("cannot sync superblock generation {generation}"), e))?;
         *sb = next;
@@ -61,26 +64,6 @@ impl Volume {
         punch_runs(st, &punch);
         Ok(())
     }
-}
-
-/// Writes pages sorted by block, coalescing contiguous ones into one write.
-fn write_pages(st: &dyn Storage, mut pages: Vec<(u64, Page)>) -> Result<()> {
-    pages.sort_by_key(|(pbn, _)| *pbn);
-    let mut i = 0;
-    let mut buf = Vec::new();
-    while i < pages.len() {
-        let start = pages[i].0;
-        let mut j = i;
-        buf.clear();
-        while j < pages.len() && pages[j].0 == start + (j - i) as u64 {
-            buf.extend_from_slice(&pages[j].1[..]);
-            j += 1;
-        }
-        st.write_all_at(&buf, start * BLOCK_SIZE)
-            .map_err(|e| Error::io(format!("cannot write {} map nodes at block {start}", j - i), e))?;
-        i = j;
-    }
-    Ok(())
 }
 
 /// Punches freed blocks that held discarded data, in contiguous runs. Best effort: a

@@ -22,14 +22,23 @@ pub(crate) fn data_ad(volume_id: &[u8; 16], lbn: u64, epoch: u32) -> [u8; 40] {
 pub(crate) fn random_nonces(suite: CipherSuite, n: usize) -> Result<Vec<u8>> {
     let mut nonces = vec![0u8; n * suite.nonce_len()];
     getrandom::getrandom(&mut nonces).map_err(|e| {
-        Error::new(ErrorKind::Io, format!("the operating system's random number generator failed: {e}"))
+        Error::new(
+            ErrorKind::Io,
+            format!("the operating system's random number generator failed: {e}"),
+        )
     })?;
     Ok(nonces)
 }
 
 /// Encrypts `buf` (one block of logical block `lbn`) in place with `nonce`; returns its
 /// leaf entry without a physical block yet.
-pub(crate) fn seal_block(keys: &Subkeys, suite: CipherSuite, lbn: u64, nonce: &[u8], buf: &mut [u8]) -> Result<LeafEntry> {
+pub(crate) fn seal_block(
+    keys: &Subkeys,
+    suite: CipherSuite,
+    lbn: u64,
+    nonce: &[u8],
+    buf: &mut [u8],
+) -> Result<LeafEntry> {
     let cipher = keys
         .data(0)
         .ok_or_else(|| Error::new(ErrorKind::Unsupported, "key epoch 0 has no data key"))?;
@@ -37,15 +46,29 @@ pub(crate) fn seal_block(keys: &Subkeys, suite: CipherSuite, lbn: u64, nonce: &[
     let tag = cipher.seal(nonce, &ad, buf);
     let mut padded = [0u8; MAX_NONCE_LEN];
     padded[..suite.nonce_len()].copy_from_slice(nonce);
-    Ok(LeafEntry { pbn: 0, key_epoch: 0, nonce: padded, tag })
+    Ok(LeafEntry {
+        pbn: 0,
+        key_epoch: 0,
+        nonce: padded,
+        tag,
+    })
 }
 
 /// Decrypts `buf`, the ciphertext of logical block `lbn` that `entry` points to, in place.
-pub(crate) fn open_block(keys: &Subkeys, suite: CipherSuite, lbn: u64, entry: &LeafEntry, buf: &mut [u8]) -> Result<()> {
+pub(crate) fn open_block(
+    keys: &Subkeys,
+    suite: CipherSuite,
+    lbn: u64,
+    entry: &LeafEntry,
+    buf: &mut [u8],
+) -> Result<()> {
     let cipher = keys.data(entry.key_epoch).ok_or_else(|| {
         Error::new(
             ErrorKind::Unsupported,
-            format!("logical block {lbn} uses key epoch {}, which this build cannot open", entry.key_epoch),
+            format!(
+                "logical block {lbn} uses key epoch {}, which this build cannot open",
+                entry.key_epoch
+            ),
         )
     })?;
     let ad = data_ad(keys.volume_id(), lbn, entry.key_epoch);

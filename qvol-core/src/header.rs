@@ -53,7 +53,10 @@ impl Header {
         if name.len() > MAX_NAME_LEN {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                format!("the volume name is {} bytes long, the most is {MAX_NAME_LEN}", name.len()),
+                format!(
+                    "the volume name is {} bytes long, the most is {MAX_NAME_LEN}",
+                    name.len()
+                ),
             ));
         }
         let mut b = [0u8; BS];
@@ -99,11 +102,15 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
     if version != FORMAT_VERSION {
         return Err(Error::new(
             ErrorKind::Unsupported,
-            format!("the image has format version {version}, this build reads version {FORMAT_VERSION}"),
+            format!(
+                "the image has format version {version}, this build reads version {FORMAT_VERSION}"
+            ),
         ));
     }
     if blake3::hash(&b[..OFF_CHECKSUM]).as_bytes() != &b[OFF_CHECKSUM..BS] {
-        return Err(Error::corrupt("the qvol header checksum does not match (damaged header)"));
+        return Err(Error::corrupt(
+            "the qvol header checksum does not match (damaged header)",
+        ));
     }
     let layout_ok = get_u32(b, 12) == BS as u32
         && get_u32(b, 36) == BS as u32
@@ -116,7 +123,9 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         && get_u64(b, 88) == LOG_LEN
         && get_u64(b, 96) == DATA_OFFSET;
     if !layout_ok {
-        return Err(Error::corrupt("the qvol header describes a region layout version 1 does not have"));
+        return Err(Error::corrupt(
+            "the qvol header describes a region layout version 1 does not have",
+        ));
     }
     let flags = get_u32(b, 104);
     if flags != 0 {
@@ -127,15 +136,22 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
     }
     let suite_id = get_u16(b, 32);
     let suite = CipherSuite::from_id(suite_id).ok_or_else(|| {
-        Error::new(ErrorKind::Unsupported, format!("the image uses unknown cipher suite id {suite_id}"))
+        Error::new(
+            ErrorKind::Unsupported,
+            format!("the image uses unknown cipher suite id {suite_id}"),
+        )
     })?;
     let size = get_u64(b, 40);
     if size == 0 || size % BLOCK_SIZE != 0 || size > MAX_VOLUME_SIZE {
-        return Err(Error::corrupt(format!("the header gives an invalid volume size of {size} bytes")));
+        return Err(Error::corrupt(format!(
+            "the header gives an invalid volume size of {size} bytes"
+        )));
     }
     let name_len = usize::from(get_u16(b, 144));
     if name_len > MAX_NAME_LEN {
-        return Err(Error::corrupt(format!("the header gives a name length of {name_len} bytes")));
+        return Err(Error::corrupt(format!(
+            "the header gives a name length of {name_len} bytes"
+        )));
     }
     let name = std::str::from_utf8(&b[OFF_NAME..OFF_NAME + name_len])
         .map_err(|_| Error::corrupt("the volume name in the header is not UTF-8"))?
@@ -154,7 +170,10 @@ pub(crate) fn encode_keyslots(slots: &[Vec<u8>]) -> Result<Vec<u8>> {
     if slots.len() > MAX_KEYSLOTS {
         return Err(Error::new(
             ErrorKind::InvalidInput,
-            format!("{} keyslots given, a volume holds at most {MAX_KEYSLOTS}", slots.len()),
+            format!(
+                "{} keyslots given, a volume holds at most {MAX_KEYSLOTS}",
+                slots.len()
+            ),
         ));
     }
     let mut area = vec![0u8; MAX_KEYSLOTS * KEYSLOT_SIZE];
@@ -162,7 +181,10 @@ pub(crate) fn encode_keyslots(slots: &[Vec<u8>]) -> Result<Vec<u8>> {
         if blob.is_empty() || blob.len() > MAX_KEYSLOT_LEN {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                format!("keyslot {i} is {} bytes long; it must hold 1 to {MAX_KEYSLOT_LEN}", blob.len()),
+                format!(
+                    "keyslot {i} is {} bytes long; it must hold 1 to {MAX_KEYSLOT_LEN}",
+                    blob.len()
+                ),
             ));
         }
         let at = i * KEYSLOT_SIZE;
@@ -182,7 +204,9 @@ pub fn decode_keyslots(area: &[u8]) -> Result<Vec<Vec<u8>>> {
         let at = i * KEYSLOT_SIZE;
         let len = get_u32(area, at) as usize;
         if len > MAX_KEYSLOT_LEN {
-            return Err(Error::corrupt(format!("keyslot {i} claims {len} bytes, more than a slot holds")));
+            return Err(Error::corrupt(format!(
+                "keyslot {i} claims {len} bytes, more than a slot holds"
+            )));
         }
         if len > 0 {
             slots.push(area[at + 4..at + 4 + len].to_vec());
@@ -255,8 +279,14 @@ mod tests {
 
     #[test]
     fn foreign_files_are_corrupt() {
-        assert_eq!(decode_header(&[0u8; BS]).unwrap_err().kind(), ErrorKind::Corrupt);
-        assert_eq!(decode_header(&[0u8; 10]).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            decode_header(&[0u8; BS]).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            decode_header(&[0u8; 10]).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
     }
 
     #[test]

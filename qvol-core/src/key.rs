@@ -50,6 +50,9 @@ mod tests {
     fn debug_is_redacted() {
         let key = VolumeKey::from_bytes([0x41; 32]);
         assert_eq!(format!("{key:?}"), "VolumeKey([REDACTED])");
-        assert_ne!(VolumeKey::generate().expose(), VolumeKey::generate().expose());
+        assert_ne!(
+            VolumeKey::generate().expose(),
+            VolumeKey::generate().expose()
+        );
     }
 }

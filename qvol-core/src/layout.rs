@@ -18,6 +18,8 @@ pub const MAX_NAME_LEN: usize = 254;
 /// The largest virtual disk: 256 TiB.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 48;
 
+/// No physical block number reaches this (the space tree of the largest volume covers less).
+pub(crate) const MAX_PBN: u64 = 1 << 40;
 /// [`BLOCK_SIZE`] as a `usize`, for buffers.
 pub(crate) const BS: usize = 4096;
 /// Byte offset of the keyslot area.
@@ -107,7 +109,10 @@ mod tests {
         assert_eq!(DATA_OFFSET, 0x41_0000);
         assert_eq!(DATA_START_BLOCK, 1040);
         assert_eq!(LOG_SLOTS, 32768);
-        assert_eq!(KEYSLOT_OFFSET + (MAX_KEYSLOTS * KEYSLOT_SIZE) as u64, 0x9000);
+        assert_eq!(
+            KEYSLOT_OFFSET + (MAX_KEYSLOTS * KEYSLOT_SIZE) as u64,
+            0x9000
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod alloc;
 mod commit;
 mod datablock;
 pub mod error;
+mod fasthash;
 pub mod header;
 mod info;
 mod key;

@@ -1,15 +1,15 @@
 //! The block map in memory: leaves in sharded locks (so queue threads rarely meet), interior
 //! nodes in one [`TreeCache`] touched only on a cache miss and at commit.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
+use crate::fasthash::U64Map;
 use crate::layout::*;
 use crate::node::{node_mac, LeafEntry, NodePtr, TreeKind};
 use crate::storage::Storage;
 use crate::subkeys::Subkeys;
-use crate::tree::{read_node, zero_page, Page, TreeCache};
+use crate::tree::{read_node, zero_page, Page, PageWriter, TreeCache};
 
 const SHARDS: usize = 64;
 
@@ -36,28 +36,22 @@ impl Leaf {
     }
 }
 
-/// A dirty leaf handed to the commit.
-#[derive(Debug)]
-pub(crate) struct DirtyLeaf {
-    pub(crate) index: u64,
-    pub(crate) old_pbn: u64,
-    pub(crate) page: Page,
-}
-
 /// The block map of a volume.
 #[derive(Debug)]
 pub(crate) struct BlockMap {
-    shards: Vec<RwLock<HashMap<u64, Leaf>>>,
+    shards: Vec<RwLock<U64Map<Leaf>>>,
     interior: Mutex<TreeCache>,
 }
 
-type Shard = HashMap<u64, Leaf>;
+type Shard = U64Map<Leaf>;
 
 impl BlockMap {
     /// The map whose root is `root` (height from the superblock).
     pub(crate) fn new(height: u8, root: NodePtr) -> Self {
         BlockMap {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(U64Map::default()))
+                .collect(),
             interior: Mutex::new(TreeCache::new(TreeKind::Map, height, root)),
         }
     }
@@ -73,17 +67,31 @@ impl BlockMap {
             t.leaf_ptr(st, keys, leaf)?
         };
         if ptr.pbn == 0 {
-            return Ok(Leaf { page: zero_page(), pbn: 0, dirty: false });
+            return Ok(Leaf {
+                page: zero_page(),
+                pbn: 0,
+                dirty: false,
+            });
         }
         let page = read_node(st, keys, TreeKind::Map, 0, leaf, &ptr)?;
         for i in 0..FANOUT as usize {
             LeafEntry::decode(&page[..], i)?;
         }
-        Ok(Leaf { page, pbn: ptr.pbn, dirty: false })
+        Ok(Leaf {
+            page,
+            pbn: ptr.pbn,
+            dirty: false,
+        })
     }
 
     /// Copies the entries of `lbn .. lbn + out.len()` (all within one leaf) into `out`.
-    pub(crate) fn lookup(&self, st: &dyn Storage, keys: &Subkeys, lbn: u64, out: &mut [LeafEntry]) -> Result<()> {
+    pub(crate) fn lookup(
+        &self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        lbn: u64,
+        out: &mut [LeafEntry],
+    ) -> Result<()> {
         let leaf = lbn / FANOUT;
         let first = (lbn % FANOUT) as usize;
         {
@@ -115,7 +123,11 @@ impl BlockMap {
             let shard = self.shard(leaf).read().unwrap_or_else(|p| p.into_inner());
             shard.contains_key(&leaf)
         };
-        let fresh = if loaded { None } else { Some(self.load(st, keys, leaf)?) };
+        let fresh = if loaded {
+            None
+        } else {
+            Some(self.load(st, keys, leaf)?)
+        };
         let mut shard = self.shard(leaf).write().unwrap_or_else(|p| p.into_inner());
         let l = match fresh {
             Some(fresh) => shard.entry(leaf).or_insert(fresh),
@@ -127,43 +139,50 @@ impl BlockMap {
         f(l)
     }
 
-    /// Takes every dirty leaf for a commit (the caller holds the commit gate exclusively).
-    pub(crate) fn dirty_leaves(&self) -> Vec<DirtyLeaf> {
-        let mut out = Vec::new();
-        for shard in &self.shards {
+    /// Whether any leaf changed since the last commit.
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.shards.iter().any(|shard| {
             let shard = shard.read().unwrap_or_else(|p| p.into_inner());
-            for (&index, l) in shard.iter().filter(|(_, l)| l.dirty) {
-                out.push(DirtyLeaf { index, old_pbn: l.pbn, page: l.page.clone() });
-            }
-        }
-        out.sort_by_key(|d| d.index);
-        out
+            shard.values().any(|l| l.dirty)
+        })
     }
 
-    /// Commit, step 1: gives the dirty leaves and their ancestors new blocks, MACs them and
-    /// returns the pages to write and the new root. `realloc` frees an old block (0 = none)
-    /// and returns a new one.
+    /// Commit, step 1 (the caller holds the commit gate exclusively): gives every dirty leaf
+    /// and its ancestors a new block, MACs them bottom-up and hands them to `out`. Returns
+    /// the new root and the leaves' new blocks. `realloc` frees an old block (0 = none) and
+    /// returns a new one.
     pub(crate) fn prepare_commit(
         &self,
         st: &dyn Storage,
         keys: &Subkeys,
-        dirty: &[DirtyLeaf],
         realloc: &mut dyn FnMut(u64) -> Result<u64>,
-    ) -> Result<(NodePtr, Vec<(u64, Page)>, Vec<(u64, u64)>)> {
+        out: &mut PageWriter<'_>,
+    ) -> Result<(NodePtr, Vec<(u64, u64)>)> {
+        let mut dirty: Vec<u64> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            dirty.extend(shard.iter().filter(|(_, l)| l.dirty).map(|(&i, _)| i));
+        }
+        dirty.sort_unstable();
         let mut t = self.interior.lock().unwrap_or_else(|p| p.into_inner());
-        let mut pages = Vec::with_capacity(dirty.len() * 2);
         let mut ptrs = Vec::with_capacity(dirty.len());
         let mut moved = Vec::with_capacity(dirty.len());
-        for d in dirty {
-            t.relocate_path(st, keys, d.index, realloc)?;
-            let pbn = realloc(d.old_pbn)?;
-            let mac = node_mac(keys, TreeKind::Map, 0, d.index, &d.page[..]);
-            ptrs.push((d.index, NodePtr { pbn, mac }));
-            moved.push((d.index, pbn));
-            pages.push((pbn, d.page.clone()));
+        for index in dirty {
+            t.relocate_path(st, keys, index, realloc)?;
+            let shard = self.shard(index).read().unwrap_or_else(|p| p.into_inner());
+            let leaf = shard
+                .get(&index)
+                .ok_or_else(|| Error::corrupt("internal: a dirty map leaf left the cache"))?;
+            let pbn = realloc(leaf.pbn)?;
+            let mac = node_mac(keys, TreeKind::Map, 0, index, &leaf.page[..]);
+            out.push(pbn, &leaf.page[..])?;
+            ptrs.push((index, NodePtr { pbn, mac }));
+            moved.push((index, pbn));
         }
-        pages.extend(t.seal(keys, &ptrs)?);
-        Ok((t.root(), pages, moved))
+        for (pbn, page) in t.seal(keys, &ptrs)? {
+            out.push(pbn, &page[..])?;
+        }
+        Ok((t.root(), moved))
     }
 
     /// Commit, last step: the leaves now live at their new blocks and are clean.

@@ -50,10 +50,14 @@ impl LeafEntry {
         };
         let flags = get_u32(e, 12);
         if flags != 0 || (entry.pbn == 0 && e.iter().any(|&b| b != 0)) {
-            return Err(Error::corrupt(format!("map leaf entry {i} has invalid flags or fields")));
+            return Err(Error::corrupt(format!(
+                "map leaf entry {i} has invalid flags or fields"
+            )));
         }
-        if entry.pbn != 0 && entry.pbn < DATA_START_BLOCK {
-            return Err(Error::corrupt(format!("map leaf entry {i} points outside the data region")));
+        if entry.pbn != 0 && !(DATA_START_BLOCK..MAX_PBN).contains(&entry.pbn) {
+            return Err(Error::corrupt(format!(
+                "map leaf entry {i} points outside the data region"
+            )));
         }
         Ok(entry)
     }
@@ -84,7 +88,10 @@ pub fn decode_interior_entry(node: &[u8], i: usize) -> Result<NodePtr> {
     };
     let reserved_ok = e[8..32].iter().all(|&b| b == 0);
     let empty_ok = ptr.pbn != 0 || ptr.mac == [0; 32];
-    if !reserved_ok || !empty_ok || (ptr.pbn != 0 && ptr.pbn < DATA_START_BLOCK) {
+    if !reserved_ok
+        || !empty_ok
+        || (ptr.pbn != 0 && !(DATA_START_BLOCK..MAX_PBN).contains(&ptr.pbn))
+    {
         return Err(Error::corrupt(format!("interior entry {i} is malformed")));
     }
     Ok(ptr)
@@ -105,7 +112,10 @@ pub(crate) fn encode_interior_entry(node: &mut [u8], i: usize, ptr: &NodePtr) {
 /// `qvol check`. `level` 0 is a leaf.
 pub fn decode_map_node(node: &[u8], level: u8) -> Result<Vec<NodePtrOrLeaf>> {
     if node.len() != BS {
-        return Err(Error::corrupt(format!("a map node is 4096 bytes, not {}", node.len())));
+        return Err(Error::corrupt(format!(
+            "a map node is 4096 bytes, not {}",
+            node.len()
+        )));
     }
     (0..FANOUT as usize)
         .map(|i| {
@@ -129,7 +139,13 @@ pub enum NodePtrOrLeaf {
 
 /// The MAC of a node: `BLAKE3-keyed(K_meta, "qvol-node-v1" || tree || level || 0u16 || 0u32
 /// || u64le(index) || volume id || node)`.
-pub(crate) fn node_mac(keys: &Subkeys, tree: TreeKind, level: u8, index: u64, node: &[u8]) -> [u8; 32] {
+pub(crate) fn node_mac(
+    keys: &Subkeys,
+    tree: TreeKind,
+    level: u8,
+    index: u64,
+    node: &[u8],
+) -> [u8; 32] {
     let mut prefix = [0u8; 12 + 8 + 8 + 16];
     prefix[..12].copy_from_slice(b"qvol-node-v1");
     prefix[12] = tree as u8;
@@ -164,7 +180,12 @@ mod tests {
     #[test]
     fn leaf_entries_round_trip() {
         let mut node = vec![0u8; BS];
-        let e = LeafEntry { pbn: 5000, key_epoch: 0, nonce: [3; 32], tag: [4; 16] };
+        let e = LeafEntry {
+            pbn: 5000,
+            key_epoch: 0,
+            nonce: [3; 32],
+            tag: [4; 16],
+        };
         e.encode(&mut node, 63);
         assert_eq!(LeafEntry::decode(&node, 63).unwrap(), e);
         assert_eq!(LeafEntry::decode(&node, 0).unwrap(), LeafEntry::default());
@@ -176,7 +197,10 @@ mod tests {
     #[test]
     fn interior_entries_round_trip() {
         let mut node = vec![0u8; BS];
-        let p = NodePtr { pbn: 2000, mac: [8; 32] };
+        let p = NodePtr {
+            pbn: 2000,
+            mac: [8; 32],
+        };
         encode_interior_entry(&mut node, 1, &p);
         assert_eq!(decode_interior_entry(&node, 1).unwrap(), p);
         node[ENTRY_LEN * 2 + 40] = 1;
@@ -185,7 +209,11 @@ mod tests {
 
     #[test]
     fn mac_binds_position_tree_and_content() {
-        let keys = Subkeys::derive(&VolumeKey::from_bytes([5; 32]), CipherSuite::default(), [1; 16]);
+        let keys = Subkeys::derive(
+            &VolumeKey::from_bytes([5; 32]),
+            CipherSuite::default(),
+            [1; 16],
+        );
         let node = vec![1u8; BS];
         let mac = node_mac(&keys, TreeKind::Map, 0, 3, &node);
         assert!(verify_node(&keys, TreeKind::Map, 0, 3, &node, &mac));

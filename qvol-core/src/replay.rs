@@ -2,6 +2,7 @@
 //! applied in order; records never covered by a sync are kept only if their data block
 //! verifies (a power loss may have lost or torn it).
 
+use crate::alloc::space_capacity;
 use crate::datablock::open_block;
 use crate::error::{Error, Result};
 use crate::layout::*;
@@ -20,8 +21,11 @@ impl Volume {
         for rec in &scanned.records {
             match rec.op {
                 LogOp::Map { lbn, entry } => {
-                    if lbn >= self.blocks {
-                        return Err(Error::integrity(format!("log record {} maps block {lbn} past the end", rec.seq)));
+                    if lbn >= self.blocks || entry.pbn >= space_capacity(self.blocks) {
+                        return Err(Error::integrity(format!(
+                            "log record {} maps logical block {lbn} to physical block {}, out of range",
+                            rec.seq, entry.pbn
+                        )));
                     }
                     if rec.seq >= scanned.durable && !self.data_verifies(lbn, &entry) {
                         continue;
@@ -34,12 +38,18 @@ impl Volume {
                     a.free(st, keys, old.pbn, false)?;
                 }
                 LogOp::Unmap { lbn, count } => {
-                    if lbn + count > self.blocks {
-                        return Err(Error::integrity(format!("log record {} unmaps blocks past the end", rec.seq)));
+                    if lbn.checked_add(count).is_none_or(|end| end > self.blocks) {
+                        return Err(Error::integrity(format!(
+                            "log record {} unmaps blocks past the end",
+                            rec.seq
+                        )));
                     }
                     let olds = self.map.with_leaf(st, keys, lbn / FANOUT, |leaf| {
                         Ok((0..count)
-                            .map(|k| leaf.set(((lbn + k) % FANOUT) as usize, &LeafEntry::default()).pbn)
+                            .map(|k| {
+                                leaf.set(((lbn + k) % FANOUT) as usize, &LeafEntry::default())
+                                    .pbn
+                            })
                             .collect::<Vec<_>>())
                     })?;
                     let mut a = self.alloc.lock();
@@ -55,7 +65,9 @@ impl Volume {
     /// Whether the data block a record points to is there and opens.
     fn data_verifies(&self, lbn: u64, entry: &LeafEntry) -> bool {
         let mut block = vec![0u8; BS];
-        self.storage.read_exact_at(&mut block, entry.pbn * BLOCK_SIZE).is_ok()
+        self.storage
+            .read_exact_at(&mut block, entry.pbn * BLOCK_SIZE)
+            .is_ok()
             && open_block(&self.keys, self.header.suite, lbn, entry, &mut block).is_ok()
     }
 }

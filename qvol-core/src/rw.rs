@@ -2,6 +2,7 @@
 //! run outside every lock shared between threads; only the map update and the log append of
 //! one leaf are serialised (FORMAT.md §9).
 
+use std::cell::RefCell;
 use std::sync::RwLockReadGuard;
 
 use crate::datablock::{open_block, random_nonces, seal_block};
@@ -15,6 +16,14 @@ use crate::wal::{LogOp, Wal};
 const CHUNK_BLOCKS: u64 = 256;
 /// Blocks discarded under one hold of the gate.
 const ZERO_CHUNK_BLOCKS: u64 = 64 * FANOUT;
+
+/// Blocks sealed and written together through the per-thread scratch buffer.
+const SEAL_BATCH: usize = 16;
+
+thread_local! {
+    /// Per-thread scratch buffer for sealing (no allocation per write).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Log slots reserved for one operation; unused ones are given back on drop.
 struct Credit<'a> {
@@ -36,7 +45,10 @@ impl Volume {
                 format!("a request of {len} bytes at offset {offset} is not aligned to 512 bytes"),
             ));
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.header.size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.header.size)
+        {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
                 format!(
@@ -51,7 +63,10 @@ impl Volume {
     fn check_writable(&self) -> Result<()> {
         self.check_usable()?;
         if self.read_only {
-            return Err(Error::new(ErrorKind::ReadOnly, "the volume is open read-only"));
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "the volume is open read-only",
+            ));
         }
         Ok(())
     }
@@ -62,7 +77,13 @@ impl Volume {
             self.check_usable()?;
             let gate = self.shared();
             if self.wal.try_reserve(n) {
-                return Ok((gate, Credit { wal: &self.wal, left: n }));
+                return Ok((
+                    gate,
+                    Credit {
+                        wal: &self.wal,
+                        left: n,
+                    },
+                ));
             }
             drop(gate);
             let _excl = self.exclusive();
@@ -96,7 +117,8 @@ impl Volume {
             let end_off = (offset + buf.len() as u64).min((lbn + in_leaf as u64) * BLOCK_SIZE);
             let last = (end_off - 1) / BLOCK_SIZE;
             let n = (last - lbn + 1) as usize;
-            self.map.lookup(&*self.storage, &self.keys, lbn, &mut entries[..n])?;
+            self.map
+                .lookup(&*self.storage, &self.keys, lbn, &mut entries[..n])?;
             let span = (end_off - off) as usize;
             self.read_leaf_span(off, &entries[..n], &mut buf[pos..pos + span])?;
             pos += span;
@@ -112,7 +134,11 @@ impl Volume {
         let mut pos = 0usize;
         while i < entries.len() {
             let lbn = first_lbn + i as u64;
-            let in_block = if i == 0 { (off % BLOCK_SIZE) as usize } else { 0 };
+            let in_block = if i == 0 {
+                (off % BLOCK_SIZE) as usize
+            } else {
+                0
+            };
             let len = (BS - in_block).min(buf.len() - pos);
             let e = entries[i];
             if e.pbn == 0 {
@@ -141,7 +167,13 @@ impl Volume {
             let run = &mut buf[pos..pos + (j - i) * BS];
             self.read_blocks(e.pbn, run)?;
             for (k, block) in run.chunks_exact_mut(BS).enumerate() {
-                open_block(&self.keys, self.header.suite, lbn + k as u64, &entries[i + k], block)?;
+                open_block(
+                    &self.keys,
+                    self.header.suite,
+                    lbn + k as u64,
+                    &entries[i + k],
+                    block,
+                )?;
             }
             pos += (j - i) * BS;
             i = j;
@@ -150,9 +182,17 @@ impl Volume {
     }
 
     fn read_blocks(&self, pbn: u64, buf: &mut [u8]) -> Result<()> {
-        self.storage.read_exact_at(buf, pbn * BLOCK_SIZE).map_err(|e| {
-            Error::io(format!("cannot read {} bytes of data at physical block {pbn}", buf.len()), e)
-        })
+        self.storage
+            .read_exact_at(buf, pbn * BLOCK_SIZE)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot read {} bytes of data at physical block {pbn}",
+                        buf.len()
+                    ),
+                    e,
+                )
+            })
     }
 
     /// Writes `data` at `offset` (both multiples of 512). Returns once the write is in the
@@ -167,7 +207,13 @@ impl Volume {
     }
 
     /// Splits `offset .. offset + len` at multiples of `chunk` blocks.
-    fn chunked(&self, offset: u64, len: u64, chunk: u64, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    fn chunked(
+        &self,
+        offset: u64,
+        len: u64,
+        chunk: u64,
+        mut f: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
         let end = offset + len;
         let mut off = offset;
         while off < end {
@@ -205,28 +251,31 @@ impl Volume {
     }
 
     /// Seals `data` (whole blocks from `lbn`), writes it to new blocks, then maps it.
+    /// Blocks are copied, sealed and written [`SEAL_BATCH`] at a time through a per-thread
+    /// buffer that stays in cache.
     fn write_full(&self, lbn: u64, data: &[u8], credit: &mut Credit<'_>) -> Result<()> {
         let n = data.len() / BS;
         let suite = self.header.suite;
         let nl = suite.nonce_len();
-        let mut buf = data.to_vec();
         let nonces = random_nonces(suite, n)?;
-        let mut entries = Vec::with_capacity(n);
-        for (i, block) in buf.chunks_exact_mut(BS).enumerate() {
-            entries.push(seal_block(&self.keys, suite, lbn + i as u64, &nonces[i * nl..(i + 1) * nl], block)?);
-        }
         let pbns = self.alloc.lock().alloc(&*self.storage, &self.keys, n)?;
-        let mut i = 0;
-        while i < n {
-            let mut j = i + 1;
-            while j < n && pbns[j] == pbns[i] + (j - i) as u64 {
-                j += 1;
+        let mut entries = Vec::with_capacity(n);
+        SCRATCH.with(|cell| -> Result<()> {
+            let mut scratch = cell.borrow_mut();
+            scratch.resize(SEAL_BATCH * BS, 0);
+            for start in (0..n).step_by(SEAL_BATCH) {
+                let m = SEAL_BATCH.min(n - start);
+                let buf = &mut scratch[..m * BS];
+                buf.copy_from_slice(&data[start * BS..(start + m) * BS]);
+                for (k, block) in buf.chunks_exact_mut(BS).enumerate() {
+                    let i = start + k;
+                    let nonce = &nonces[i * nl..(i + 1) * nl];
+                    entries.push(seal_block(&self.keys, suite, lbn + i as u64, nonce, block)?);
+                }
+                self.write_runs(&pbns[start..start + m], buf)?;
             }
-            self.storage
-                .write_all_at(&buf[i * BS..j * BS], pbns[i] * BLOCK_SIZE)
-                .map_err(|e| self.fail(Error::io(format!("cannot write data at physical block {}", pbns[i]), e)))?;
-            i = j;
-        }
+            Ok(())
+        })?;
         for (e, &pbn) in entries.iter_mut().zip(&pbns) {
             e.pbn = pbn;
         }
@@ -236,35 +285,74 @@ impl Volume {
             let l = lbn + i as u64;
             let count = ((FANOUT - l % FANOUT) as usize).min(n - i);
             let group = &entries[i..i + count];
-            self.map.with_leaf(&*self.storage, &self.keys, l / FANOUT, |leaf| {
-                let mut ops = Vec::with_capacity(count);
-                for (k, e) in group.iter().enumerate() {
-                    let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
-                    freed.push(old.pbn);
-                    ops.push(LogOp::Map { lbn: l + k as u64, entry: *e });
-                }
-                self.append(credit, &ops)
-            })?;
+            self.map
+                .with_leaf(&*self.storage, &self.keys, l / FANOUT, |leaf| {
+                    let mut ops = Vec::with_capacity(count);
+                    for (k, e) in group.iter().enumerate() {
+                        let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
+                        freed.push(old.pbn);
+                        ops.push(LogOp::Map {
+                            lbn: l + k as u64,
+                            entry: *e,
+                        });
+                    }
+                    self.append(credit, &ops)
+                })?;
             i += count;
         }
         self.free_blocks(&freed, false)
     }
 
+    /// Writes `buf` (one block per entry of `pbns`) in runs of contiguous blocks.
+    fn write_runs(&self, pbns: &[u64], buf: &[u8]) -> Result<()> {
+        let mut i = 0;
+        while i < pbns.len() {
+            let mut j = i + 1;
+            while j < pbns.len() && pbns[j] == pbns[i] + (j - i) as u64 {
+                j += 1;
+            }
+            self.storage
+                .write_all_at(&buf[i * BS..j * BS], pbns[i] * BLOCK_SIZE)
+                .map_err(|e| {
+                    self.fail(Error::io(
+                        format!("cannot write data at physical block {}", pbns[i]),
+                        e,
+                    ))
+                })?;
+            i = j;
+        }
+        Ok(())
+    }
+
     fn free_blocks(&self, pbns: &[u64], punch: bool) -> Result<()> {
         let mut a = self.alloc.lock();
         for &pbn in pbns {
-            a.free(&*self.storage, &self.keys, pbn, punch).map_err(|e| self.fail(e))?;
+            a.free(&*self.storage, &self.keys, pbn, punch)
+                .map_err(|e| self.fail(e))?;
         }
         Ok(())
     }
 
     /// Read-modify-write of part of block `lbn`: `data` at byte `at` (None: zeros). Retries
     /// if another thread changed the block in between.
-    fn write_partial(&self, lbn: u64, at: usize, data: &[u8], credit: &mut Credit<'_>) -> Result<()> {
+    fn write_partial(
+        &self,
+        lbn: u64,
+        at: usize,
+        data: &[u8],
+        credit: &mut Credit<'_>,
+    ) -> Result<()> {
         self.rmw(lbn, at, data.len(), Some(data), credit)
     }
 
-    fn rmw(&self, lbn: u64, at: usize, len: usize, data: Option<&[u8]>, credit: &mut Credit<'_>) -> Result<()> {
+    fn rmw(
+        &self,
+        lbn: u64,
+        at: usize,
+        len: usize,
+        data: Option<&[u8]>,
+        credit: &mut Credit<'_>,
+    ) -> Result<()> {
         let st = &*self.storage;
         let suite = self.header.suite;
         loop {
@@ -286,9 +374,13 @@ impl Volume {
             let nonce = random_nonces(suite, 1)?;
             let mut entry = seal_block(&self.keys, suite, lbn, &nonce, &mut block)?;
             entry.pbn = self.alloc.lock().alloc(st, &self.keys, 1)?[0];
-            st.write_all_at(&block, entry.pbn * BLOCK_SIZE).map_err(|e| {
-                self.fail(Error::io(format!("cannot write data at physical block {}", entry.pbn), e))
-            })?;
+            st.write_all_at(&block, entry.pbn * BLOCK_SIZE)
+                .map_err(|e| {
+                    self.fail(Error::io(
+                        format!("cannot write data at physical block {}", entry.pbn),
+                        e,
+                    ))
+                })?;
             let i = (lbn % FANOUT) as usize;
             let done = self.map.with_leaf(st, &self.keys, lbn / FANOUT, |leaf| {
                 if leaf.get(i) != cur {
@@ -323,7 +415,9 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.chunked(offset, len, ZERO_CHUNK_BLOCKS, |off, len| self.zero_chunk(off, len))
+        self.chunked(offset, len, ZERO_CHUNK_BLOCKS, |off, len| {
+            self.zero_chunk(off, len)
+        })
     }
 
     fn zero_chunk(&self, offset: u64, len: u64) -> Result<()> {

@@ -85,8 +85,16 @@ mod tests {
 
     #[test]
     fn subkeys_differ_by_purpose_and_key() {
-        let a = Subkeys::derive(&VolumeKey::from_bytes([1; 32]), CipherSuite::default(), [0; 16]);
-        let b = Subkeys::derive(&VolumeKey::from_bytes([2; 32]), CipherSuite::default(), [0; 16]);
+        let a = Subkeys::derive(
+            &VolumeKey::from_bytes([1; 32]),
+            CipherSuite::default(),
+            [0; 16],
+        );
+        let b = Subkeys::derive(
+            &VolumeKey::from_bytes([2; 32]),
+            CipherSuite::default(),
+            [0; 16],
+        );
         assert_ne!(*a.meta, *a.log);
         assert_ne!(*a.meta, *a.check);
         assert_ne!(a.key_check(), b.key_check());

@@ -65,28 +65,52 @@ impl Superblock {
     /// Parses a superblock's fields without checking its MAC (for fuzzing and diagnostics).
     pub fn decode(b: &[u8]) -> Result<Superblock> {
         if b.len() < SUPERBLOCK_LEN || b[..8] != SUPERBLOCK_MAGIC {
-            return Err(Error::corrupt("no superblock here (wrong magic or too short)"));
+            return Err(Error::corrupt(
+                "no superblock here (wrong magic or too short)",
+            ));
         }
         if b[66..68] != [0, 0] || b[200..OFF_MAC].iter().any(|&x| x != 0) {
-            return Err(Error::corrupt("the superblock's reserved bytes are not zero"));
+            return Err(Error::corrupt(
+                "the superblock's reserved bytes are not zero",
+            ));
         }
         let sb = Superblock {
             generation: get_u64(b, 8),
             log_epoch: get_u64(b, 16),
-            map_root: NodePtr { pbn: get_u64(b, 24), mac: get_array(b, 32) },
+            map_root: NodePtr {
+                pbn: get_u64(b, 24),
+                mac: get_array(b, 32),
+            },
             map_height: b[64],
             space_height: b[65],
             key_epoch: get_u32(b, 68),
-            space_root: NodePtr { pbn: get_u64(b, 72), mac: get_array(b, 80) },
-            snapshots: NodePtr { pbn: get_u64(b, 112), mac: get_array(b, 120) },
+            space_root: NodePtr {
+                pbn: get_u64(b, 72),
+                mac: get_array(b, 80),
+            },
+            snapshots: NodePtr {
+                pbn: get_u64(b, 112),
+                mac: get_array(b, 120),
+            },
             allocated_blocks: get_u64(b, 152),
             high_water: get_u64(b, 160),
             header_hash: get_array(b, 168),
         };
-        if sb.generation == 0 || sb.map_height == 0 || sb.map_height > 8 || sb.space_height == 0
+        let ptr_ok = |p: &NodePtr| p.pbn == 0 || (DATA_START_BLOCK..MAX_PBN).contains(&p.pbn);
+        if !ptr_ok(&sb.map_root) || !ptr_ok(&sb.space_root) || !ptr_ok(&sb.snapshots) {
+            return Err(Error::corrupt(
+                "the superblock points outside the data region",
+            ));
+        }
+        if sb.generation == 0
+            || sb.map_height == 0
+            || sb.map_height > 8
+            || sb.space_height == 0
             || sb.space_height > 8
         {
-            return Err(Error::corrupt("the superblock has an invalid generation or tree height"));
+            return Err(Error::corrupt(
+                "the superblock has an invalid generation or tree height",
+            ));
         }
         Ok(sb)
     }
@@ -119,18 +143,28 @@ mod tests {
     use crate::suite::CipherSuite;
 
     fn keys(k: u8) -> Subkeys {
-        Subkeys::derive(&VolumeKey::from_bytes([k; 32]), CipherSuite::default(), [1; 16])
+        Subkeys::derive(
+            &VolumeKey::from_bytes([k; 32]),
+            CipherSuite::default(),
+            [1; 16],
+        )
     }
 
     fn sample() -> Superblock {
         Superblock {
             generation: 42,
             log_epoch: 42,
-            map_root: NodePtr { pbn: 1500, mac: [1; 32] },
+            map_root: NodePtr {
+                pbn: 1500,
+                mac: [1; 32],
+            },
             map_height: 3,
             space_height: 2,
             key_epoch: 0,
-            space_root: NodePtr { pbn: 1600, mac: [2; 32] },
+            space_root: NodePtr {
+                pbn: 1600,
+                mac: [2; 32],
+            },
             snapshots: NodePtr::default(),
             allocated_blocks: 77,
             high_water: 3000,

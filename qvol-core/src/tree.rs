@@ -6,7 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::error::{Error, Result};
 use crate::layout::*;
-use crate::node::{decode_interior_entry, encode_interior_entry, node_mac, verify_node, NodePtr, TreeKind};
+use crate::node::{
+    decode_interior_entry, encode_interior_entry, node_mac, verify_node, NodePtr, TreeKind,
+};
 use crate::storage::Storage;
 use crate::subkeys::Subkeys;
 
@@ -16,6 +18,61 @@ pub(crate) type Page = Box<[u8; BS]>;
 /// A new zeroed page.
 pub(crate) fn zero_page() -> Page {
     Box::new([0u8; BS])
+}
+
+/// Writes node pages, coalescing runs of consecutive blocks into writes of up to 1 MiB
+/// through one reused buffer.
+pub(crate) struct PageWriter<'a> {
+    st: &'a dyn Storage,
+    buf: Vec<u8>,
+    start: u64,
+    count: u64,
+}
+
+impl<'a> PageWriter<'a> {
+    const MAX_RUN: u64 = 256;
+
+    pub(crate) fn new(st: &'a dyn Storage) -> Self {
+        PageWriter {
+            st,
+            buf: Vec::with_capacity(Self::MAX_RUN as usize * BS),
+            start: 0,
+            count: 0,
+        }
+    }
+
+    /// Queues `page` for block `pbn`.
+    pub(crate) fn push(&mut self, pbn: u64, page: &[u8]) -> Result<()> {
+        if self.count > 0 && (pbn != self.start + self.count || self.count == Self::MAX_RUN) {
+            self.flush()?;
+        }
+        if self.count == 0 {
+            self.start = pbn;
+        }
+        self.buf.extend_from_slice(page);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Writes what is queued.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if self.count > 0 {
+            self.st
+                .write_all_at(&self.buf, self.start * BLOCK_SIZE)
+                .map_err(|e| {
+                    Error::io(
+                        format!(
+                            "cannot write {} tree nodes at block {}",
+                            self.count, self.start
+                        ),
+                        e,
+                    )
+                })?;
+        }
+        self.buf.clear();
+        self.count = 0;
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -38,7 +95,13 @@ pub(crate) struct TreeCache {
 impl TreeCache {
     /// A tree of `height` (>= 1) whose root is `root`.
     pub(crate) fn new(kind: TreeKind, height: u8, root: NodePtr) -> Self {
-        TreeCache { kind, height, root, nodes: HashMap::new(), moved: BTreeSet::new() }
+        TreeCache {
+            kind,
+            height,
+            root,
+            nodes: HashMap::new(),
+            moved: BTreeSet::new(),
+        }
     }
 
     /// The tree's height.
@@ -52,7 +115,14 @@ impl TreeCache {
     }
 
     /// Reads and verifies node (`level`, `index`) at `ptr`.
-    fn load(&self, st: &dyn Storage, keys: &Subkeys, level: u8, index: u64, ptr: &NodePtr) -> Result<Page> {
+    fn load(
+        &self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        level: u8,
+        index: u64,
+        ptr: &NodePtr,
+    ) -> Result<Page> {
         let page = read_node(st, keys, self.kind, level, index, ptr)?;
         for i in 0..FANOUT as usize {
             decode_interior_entry(&page[..], i)?;
@@ -67,15 +137,23 @@ impl TreeCache {
         }
         let ptr = if level == self.height {
             if index != 0 {
-                return Err(Error::corrupt(format!("no {:?} tree node {index} at the root level", self.kind)));
+                return Err(Error::corrupt(format!(
+                    "no {:?} tree node {index} at the root level",
+                    self.kind
+                )));
             }
             self.root
         } else {
             self.ensure(st, keys, level + 1, index / FANOUT)?;
             self.entry(level + 1, index / FANOUT, (index % FANOUT) as usize)?
         };
-        let page = if ptr.pbn == 0 { zero_page() } else { self.load(st, keys, level, index, &ptr)? };
-        self.nodes.insert((level, index), Interior { page, pbn: ptr.pbn });
+        let page = if ptr.pbn == 0 {
+            zero_page()
+        } else {
+            self.load(st, keys, level, index, &ptr)?
+        };
+        self.nodes
+            .insert((level, index), Interior { page, pbn: ptr.pbn });
         Ok(())
     }
 
@@ -88,14 +166,24 @@ impl TreeCache {
     }
 
     /// The pointer to leaf `leaf` (level 0), loading the path to it.
-    pub(crate) fn leaf_ptr(&mut self, st: &dyn Storage, keys: &Subkeys, leaf: u64) -> Result<NodePtr> {
+    pub(crate) fn leaf_ptr(
+        &mut self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        leaf: u64,
+    ) -> Result<NodePtr> {
         self.ensure(st, keys, 1, leaf / FANOUT)?;
         self.entry(1, leaf / FANOUT, (leaf % FANOUT) as usize)
     }
 
     /// The pointer to leaf `leaf` without caching absent nodes, and the number of leaves from
     /// `leaf` to the end of the absent subtree it lies in (1 if the leaf's parent exists).
-    pub(crate) fn probe_leaf(&mut self, st: &dyn Storage, keys: &Subkeys, leaf: u64) -> Result<(NodePtr, u64)> {
+    pub(crate) fn probe_leaf(
+        &mut self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        leaf: u64,
+    ) -> Result<(NodePtr, u64)> {
         let mut ptr = self.root;
         for level in (1..=self.height).rev() {
             // `index` of the node at `level` on the path to `leaf`.
@@ -141,7 +229,11 @@ impl TreeCache {
 
     /// Stores the new pointers of the moved leaves, then MACs every moved interior node
     /// bottom-up. Returns the pages to write; the root pointer is updated.
-    pub(crate) fn seal(&mut self, keys: &Subkeys, leaves: &[(u64, NodePtr)]) -> Result<Vec<(u64, Page)>> {
+    pub(crate) fn seal(
+        &mut self,
+        keys: &Subkeys,
+        leaves: &[(u64, NodePtr)],
+    ) -> Result<Vec<(u64, Page)>> {
         for (leaf, ptr) in leaves {
             self.set_entry(1, leaf / FANOUT, (leaf % FANOUT) as usize, ptr)?;
         }
@@ -156,7 +248,10 @@ impl TreeCache {
                     .ok_or_else(|| Error::corrupt("internal: a moved tree node is not cached"))?;
                 (node.pbn, node.page.clone())
             };
-            let ptr = NodePtr { pbn, mac: node_mac(keys, self.kind, level, index, &page[..]) };
+            let ptr = NodePtr {
+                pbn,
+                mac: node_mac(keys, self.kind, level, index, &page[..]),
+            };
             if level == self.height {
                 self.root = ptr;
             } else {
@@ -187,9 +282,16 @@ pub(crate) fn read_node(
     ptr: &NodePtr,
 ) -> Result<Page> {
     let mut page = zero_page();
-    st.read_exact_at(&mut page[..], ptr.pbn * BLOCK_SIZE).map_err(|e| {
-        Error::io(format!("cannot read {tree:?} tree node {index} (level {level}) at block {}", ptr.pbn), e)
-    })?;
+    st.read_exact_at(&mut page[..], ptr.pbn * BLOCK_SIZE)
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot read {tree:?} tree node {index} (level {level}) at block {}",
+                    ptr.pbn
+                ),
+                e,
+            )
+        })?;
     if !verify_node(keys, tree, level, index, &page[..], &ptr.mac) {
         return Err(Error::integrity(format!(
             "{tree:?} tree node {index} (level {level}) at block {} fails its MAC: changed or replaced",
@@ -208,7 +310,11 @@ mod tests {
 
     #[test]
     fn commit_then_reload_verifies_the_path() {
-        let keys = Subkeys::derive(&VolumeKey::from_bytes([1; 32]), CipherSuite::default(), [0; 16]);
+        let keys = Subkeys::derive(
+            &VolumeKey::from_bytes([1; 32]),
+            CipherSuite::default(),
+            [0; 16],
+        );
         let st = MemStorage::new();
         let mut t = TreeCache::new(TreeKind::Map, 2, NodePtr::default());
         let mut next = DATA_START_BLOCK;
@@ -219,7 +325,10 @@ mod tests {
         let leaf = 64 * 3 + 5;
         assert!(t.relocate_path(&st, &keys, leaf, &mut realloc).unwrap());
         assert!(!t.relocate_path(&st, &keys, leaf + 1, &mut realloc).unwrap());
-        let leaf_ptr = NodePtr { pbn: 9999, mac: [7; 32] };
+        let leaf_ptr = NodePtr {
+            pbn: 9999,
+            mac: [7; 32],
+        };
         let pages = t.seal(&keys, &[(leaf, leaf_ptr)]).unwrap();
         assert_eq!(pages.len(), 2);
         for (pbn, page) in &pages {
@@ -227,7 +336,10 @@ mod tests {
         }
         let mut fresh = TreeCache::new(TreeKind::Map, 2, t.root());
         assert_eq!(fresh.leaf_ptr(&st, &keys, leaf).unwrap(), leaf_ptr);
-        assert_eq!(fresh.leaf_ptr(&st, &keys, leaf + 1).unwrap(), NodePtr::default());
+        assert_eq!(
+            fresh.leaf_ptr(&st, &keys, leaf + 1).unwrap(),
+            NodePtr::default()
+        );
         // Tampering with the level-1 node is caught on load.
         let (pbn, _) = pages[0];
         st.write_all_at(&[1], pbn * BLOCK_SIZE + 3000).unwrap();

@@ -42,12 +42,18 @@ pub struct Volume {
 
 impl Volume {
     /// Creates a volume on `storage` (whose previous content is discarded) and opens it.
-    pub fn create(storage: Arc<dyn Storage>, opts: CreateOptions, key: &VolumeKey) -> Result<Volume> {
+    pub fn create(
+        storage: Arc<dyn Storage>,
+        opts: CreateOptions,
+        key: &VolumeKey,
+    ) -> Result<Volume> {
         let size = opts.size;
         if size == 0 || size % BLOCK_SIZE != 0 || size > MAX_VOLUME_SIZE {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                format!("a volume size must be a non-zero multiple of 4096 up to 256 TiB, not {size}"),
+                format!(
+                    "a volume size must be a non-zero multiple of 4096 up to 256 TiB, not {size}"
+                ),
             ));
         }
         let keys = Subkeys::derive(key, opts.suite, opts.volume_id);
@@ -61,10 +67,18 @@ impl Volume {
         let header_block = header.encode()?;
         let slots = encode_keyslots(&opts.keyslots)?;
         let io = |what: &str, e| Error::io(format!("cannot {what} while creating the volume"), e);
-        storage.set_len(0).map_err(|e| io("truncate the image", e))?;
-        storage.write_all_at(&header_block, 0).map_err(|e| io("write the header", e))?;
-        storage.write_all_at(&slots, KEYSLOT_OFFSET).map_err(|e| io("write the keyslots", e))?;
-        storage.set_len(DATA_OFFSET).map_err(|e| io("size the image", e))?;
+        storage
+            .set_len(0)
+            .map_err(|e| io("truncate the image", e))?;
+        storage
+            .write_all_at(&header_block, 0)
+            .map_err(|e| io("write the header", e))?;
+        storage
+            .write_all_at(&slots, KEYSLOT_OFFSET)
+            .map_err(|e| io("write the keyslots", e))?;
+        storage
+            .set_len(DATA_OFFSET)
+            .map_err(|e| io("size the image", e))?;
         let mut hasher = blake3::Hasher::new();
         hasher.update(&header_block);
         hasher.update(&slots);
@@ -113,7 +127,9 @@ impl Volume {
         if sb.map_height != tree_height(blocks, FANOUT)
             || sb.space_height != AllocState::height_for(space_capacity(blocks))
         {
-            return Err(Error::corrupt("the superblock's tree heights do not fit the volume size"));
+            return Err(Error::corrupt(
+                "the superblock's tree heights do not fit the volume size",
+            ));
         }
         let vol = Volume::assemble(storage, keys, header, keyslot_count, sb, read_only);
         let replayed = vol.replay()?;
@@ -261,7 +277,9 @@ fn pick_superblock(storage: &dyn Storage, keys: &Subkeys) -> Result<Superblock> 
             .map_err(|e| Error::io(format!("cannot read superblock {}", ["A", "B"][i]), e))?;
         if let Some(sb) = Superblock::decode_verified(&b, keys) {
             // Commit g writes copy g % 2: a copy elsewhere was moved there.
-            if sb.generation % 2 == i as u64 && best.as_ref().is_none_or(|b| b.generation < sb.generation) {
+            if sb.generation % 2 == i as u64
+                && best.as_ref().is_none_or(|b| b.generation < sb.generation)
+            {
                 best = Some(sb);
             }
         }

@@ -22,7 +22,9 @@ fn key() -> VolumeKey {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn read(vol: &Volume, off: u64, len: usize) -> Vec<u8> {
@@ -36,7 +38,11 @@ fn write_read_reopen_for_both_suites() {
     for suite in CipherSuite::ALL {
         let st = Arc::new(MemStorage::new());
         let vol = Volume::create(st.clone(), opts(64 << 20, suite), &key()).unwrap();
-        assert_eq!(read(&vol, 0, 8192), vec![0; 8192], "unwritten reads as zeros");
+        assert_eq!(
+            read(&vol, 0, 8192),
+            vec![0; 8192],
+            "unwritten reads as zeros"
+        );
         let data = pattern(1, 1 << 20);
         vol.write_at(4096 * 10, &data).unwrap();
         vol.write_at(512 * 3, &pattern(2, 1024)).unwrap();
@@ -57,23 +63,46 @@ fn write_read_reopen_for_both_suites() {
 
 #[test]
 fn requests_are_checked() {
-    let vol = Volume::create(Arc::new(MemStorage::new()), opts(1 << 20, CipherSuite::default()), &key()).unwrap();
+    let vol = Volume::create(
+        Arc::new(MemStorage::new()),
+        opts(1 << 20, CipherSuite::default()),
+        &key(),
+    )
+    .unwrap();
     let mut buf = vec![0u8; 512];
-    assert_eq!(vol.read_at(100, &mut buf).unwrap_err().kind(), ErrorKind::Unaligned);
-    assert_eq!(vol.read_at(1 << 20, &mut buf).unwrap_err().kind(), ErrorKind::OutOfRange);
-    assert_eq!(vol.write_at(u64::MAX - 511, &buf).unwrap_err().kind(), ErrorKind::OutOfRange);
-    let bad = CreateOptions { size: 1000, ..opts(0, CipherSuite::default()) };
+    assert_eq!(
+        vol.read_at(100, &mut buf).unwrap_err().kind(),
+        ErrorKind::Unaligned
+    );
+    assert_eq!(
+        vol.read_at(1 << 20, &mut buf).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        vol.write_at(u64::MAX - 511, &buf).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    let bad = CreateOptions {
+        size: 1000,
+        ..opts(0, CipherSuite::default())
+    };
     assert!(Volume::create(Arc::new(MemStorage::new()), bad, &key()).is_err());
 }
 
 #[test]
 fn wrong_key_and_foreign_files_are_told_apart() {
     let st = Arc::new(MemStorage::new());
-    Volume::create(st.clone(), opts(1 << 20, CipherSuite::default()), &key()).unwrap().close().unwrap();
+    Volume::create(st.clone(), opts(1 << 20, CipherSuite::default()), &key())
+        .unwrap()
+        .close()
+        .unwrap();
     let err = Volume::open(st.clone(), &VolumeKey::from_bytes([1; 32]), false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::WrongKey);
     let junk = Arc::new(MemStorage::from_bytes(vec![7u8; 1 << 23]));
-    assert_eq!(Volume::open(junk, &key(), false).unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        Volume::open(junk, &key(), false).unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
     let info = crate::read_header(&*st).unwrap();
     assert_eq!(info.keyslots, vec![vec![1, 2, 3]]);
     assert_eq!(info.size, 1 << 20);
@@ -93,11 +122,22 @@ fn unclosed_writes_come_back_from_the_log() {
     expect[512..1024].copy_from_slice(&pattern(6, 512));
     expect[4096..8192].fill(0);
     assert_eq!(read(&vol, 0, 3 * 4096), expect);
-    assert_eq!(vol.info().generation, gen, "a read-only open does not commit");
-    assert_eq!(vol.write_at(0, &[0; 512]).unwrap_err().kind(), ErrorKind::ReadOnly);
+    assert_eq!(
+        vol.info().generation,
+        gen,
+        "a read-only open does not commit"
+    );
+    assert_eq!(
+        vol.write_at(0, &[0; 512]).unwrap_err().kind(),
+        ErrorKind::ReadOnly
+    );
     drop(vol);
     let vol = Volume::open(st, &key(), false).unwrap();
-    assert_eq!(vol.info().generation, gen + 1, "a writable open commits the replayed log");
+    assert_eq!(
+        vol.info().generation,
+        gen + 1,
+        "a writable open commits the replayed log"
+    );
     assert_eq!(read(&vol, 0, 3 * 4096), expect);
 }
 
@@ -110,7 +150,10 @@ fn filling_the_log_commits_by_itself() {
     for i in 0..200u64 {
         vol.write_at(i << 20, &chunk).unwrap();
     }
-    assert!(vol.info().generation > gen, "51,200 records do not fit in one log");
+    assert!(
+        vol.info().generation > gen,
+        "51,200 records do not fit in one log"
+    );
     drop(vol);
     let vol = Volume::open(st, &key(), false).unwrap();
     for i in [0u64, 77, 199] {
@@ -131,12 +174,21 @@ fn discard_frees_and_punches_space() {
     assert_eq!(read(&vol, 0, 8 << 20), vec![0; 8 << 20]);
     vol.commit().unwrap();
     let after = vol.info().allocated_bytes;
-    assert!(after < full - (7 << 20), "{after} of {full} bytes still allocated");
+    assert!(
+        after < full - (7 << 20),
+        "{after} of {full} bytes still allocated"
+    );
     // The punched data region reads as zeros in the file.
     let bytes = st.to_vec();
     let data = &bytes[DATA_OFFSET as usize..];
-    let nonzero_blocks = data.chunks(BS).filter(|b| b.iter().any(|&x| x != 0)).count();
-    assert!(nonzero_blocks < 64, "{nonzero_blocks} blocks still hold bytes");
+    let nonzero_blocks = data
+        .chunks(BS)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count();
+    assert!(
+        nonzero_blocks < 64,
+        "{nonzero_blocks} blocks still hold bytes"
+    );
     // Freed space is reused.
     vol.write_at(0, &pattern(2, 8 << 20)).unwrap();
     vol.close().unwrap();
@@ -160,14 +212,24 @@ fn tampered_data_and_nodes_are_detected() {
     st.write_all_at(&[0xff], pbn * BLOCK_SIZE + 9).unwrap();
     let vol = Volume::open(st.clone(), &key(), false).unwrap();
     let mut buf = vec![0u8; 4096];
-    assert_eq!(vol.read_at(0, &mut buf).unwrap_err().kind(), ErrorKind::Integrity);
-    assert_eq!(read(&vol, 4096, 4096), vec![0; 4096], "other blocks still read");
+    assert_eq!(
+        vol.read_at(0, &mut buf).unwrap_err().kind(),
+        ErrorKind::Integrity
+    );
+    assert_eq!(
+        read(&vol, 4096, 4096),
+        vec![0; 4096],
+        "other blocks still read"
+    );
     drop(vol);
     // Both superblocks damaged: refused with Integrity, not WrongKey.
     let st2 = Arc::new(MemStorage::from_bytes(before));
     st2.write_all_at(&[1], SUPERBLOCK_OFFSETS[0] + 100).unwrap();
     st2.write_all_at(&[1], SUPERBLOCK_OFFSETS[1] + 100).unwrap();
-    assert_eq!(Volume::open(st2, &key(), false).unwrap_err().kind(), ErrorKind::Integrity);
+    assert_eq!(
+        Volume::open(st2, &key(), false).unwrap_err().kind(),
+        ErrorKind::Integrity
+    );
 }
 
 #[test]
@@ -186,17 +248,22 @@ fn an_older_block_put_back_is_detected() {
     vol.close().unwrap();
     // Copy the old ciphertext over the new block.
     let at = (e1[0].pbn * BLOCK_SIZE) as usize;
-    st.write_all_at(&old[at..at + BS], e2[0].pbn * BLOCK_SIZE).unwrap();
+    st.write_all_at(&old[at..at + BS], e2[0].pbn * BLOCK_SIZE)
+        .unwrap();
     let vol = Volume::open(st, &key(), false).unwrap();
     let mut buf = vec![0u8; 4096];
-    assert_eq!(vol.read_at(0, &mut buf).unwrap_err().kind(), ErrorKind::Integrity);
+    assert_eq!(
+        vol.read_at(0, &mut buf).unwrap_err().kind(),
+        ErrorKind::Integrity
+    );
 }
 
 #[test]
 fn crashes_leave_flushed_or_later_data() {
     for seed in 0..40u64 {
         let st = Arc::new(CrashStorage::new());
-        let vol = Volume::create(st.clone(), opts(4 << 20, CipherSuite::default()), &key()).unwrap();
+        let vol =
+            Volume::create(st.clone(), opts(4 << 20, CipherSuite::default()), &key()).unwrap();
         vol.write_at(0, &pattern(1, 64 * 1024)).unwrap();
         vol.flush().unwrap();
         vol.write_at(0, &pattern(2, 32 * 1024)).unwrap();
@@ -225,7 +292,9 @@ fn crashes_leave_flushed_or_later_data() {
 #[test]
 fn several_threads_write_and_read_at_once() {
     let st = Arc::new(MemStorage::new());
-    let vol = Arc::new(Volume::create(st.clone(), opts(64 << 20, CipherSuite::default()), &key()).unwrap());
+    let vol = Arc::new(
+        Volume::create(st.clone(), opts(64 << 20, CipherSuite::default()), &key()).unwrap(),
+    );
     let threads: Vec<_> = (0..4u8)
         .map(|t| {
             let vol = vol.clone();

@@ -78,7 +78,9 @@ impl LogRecord {
             return Err(Error::corrupt("a log record is 128 bytes"));
         }
         if b[1..4] != [0, 0, 0] {
-            return Err(Error::corrupt("the log record's reserved bytes are not zero"));
+            return Err(Error::corrupt(
+                "the log record's reserved bytes are not zero",
+            ));
         }
         let lbn = get_u64(b, 32);
         let op = match b[0] {
@@ -89,14 +91,16 @@ impl LogRecord {
                     nonce: get_array(b, 48),
                     tag: get_array(b, 80),
                 };
-                if entry.pbn < DATA_START_BLOCK {
-                    return Err(Error::corrupt("a log record maps a block outside the data region"));
+                if !(DATA_START_BLOCK..MAX_PBN).contains(&entry.pbn) {
+                    return Err(Error::corrupt(
+                        "a log record maps a block outside the data region",
+                    ));
                 }
                 LogOp::Map { lbn, entry }
             }
             KIND_UNMAP => {
                 let count = get_u64(b, 40);
-                let in_one_leaf = count >= 1 && (lbn % FANOUT) + count <= FANOUT;
+                let in_one_leaf = count >= 1 && count <= FANOUT - lbn % FANOUT;
                 if !in_one_leaf || b[4..8] != [0; 4] || b[48..96].iter().any(|&x| x != 0) {
                     return Err(Error::corrupt("an unmap log record has an invalid range"));
                 }
@@ -111,7 +115,9 @@ impl LogRecord {
             op,
         };
         if rec.durable > rec.seq || rec.seq >= LOG_SLOTS {
-            return Err(Error::corrupt("a log record has an invalid sequence number"));
+            return Err(Error::corrupt(
+                "a log record has an invalid sequence number",
+            ));
         }
         Ok(rec)
     }
@@ -194,7 +200,12 @@ impl Wal {
     /// An empty log of `epoch` whose next record goes to slot `next`.
     pub(crate) fn new(epoch: u64, next: u64) -> Self {
         Wal {
-            state: Mutex::new(WalState { epoch, next, reserved: 0, durable: 0 }),
+            state: Mutex::new(WalState {
+                epoch,
+                next,
+                reserved: 0,
+                durable: 0,
+            }),
         }
     }
 
@@ -221,7 +232,12 @@ impl Wal {
     /// Appends `ops` (taken from an earlier reservation) and writes them to the log region.
     /// Call with the lock of the map leaf they update held, so that records of one block
     /// are in the order of its map updates.
-    pub(crate) fn append(&self, storage: &dyn Storage, keys: &Subkeys, ops: &[LogOp]) -> Result<()> {
+    pub(crate) fn append(
+        &self,
+        storage: &dyn Storage,
+        keys: &Subkeys,
+        ops: &[LogOp],
+    ) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
@@ -235,13 +251,21 @@ impl Wal {
             ));
         }
         for (i, op) in ops.iter().enumerate() {
-            let rec = LogRecord { epoch: s.epoch, seq: s.next + i as u64, durable: s.durable, op: *op };
+            let rec = LogRecord {
+                epoch: s.epoch,
+                seq: s.next + i as u64,
+                durable: s.durable,
+                op: *op,
+            };
             rec.encode(keys, &mut buf[i * LOG_RECORD_LEN..]);
         }
         let offset = LOG_OFFSET + s.next * LOG_RECORD_LEN as u64;
-        storage
-            .write_all_at(&buf, offset)
-            .map_err(|e| Error::io(format!("cannot append {n} records to the write-ahead log"), e))?;
+        storage.write_all_at(&buf, offset).map_err(|e| {
+            Error::io(
+                format!("cannot append {n} records to the write-ahead log"),
+                e,
+            )
+        })?;
         s.next += n;
         s.reserved = s.reserved.saturating_sub(n);
         Ok(())
@@ -275,13 +299,22 @@ mod tests {
     use crate::suite::CipherSuite;
 
     fn keys() -> Subkeys {
-        Subkeys::derive(&VolumeKey::from_bytes([3; 32]), CipherSuite::default(), [2; 16])
+        Subkeys::derive(
+            &VolumeKey::from_bytes([3; 32]),
+            CipherSuite::default(),
+            [2; 16],
+        )
     }
 
     fn map_op(lbn: u64) -> LogOp {
         LogOp::Map {
             lbn,
-            entry: LeafEntry { pbn: 2000 + lbn, key_epoch: 0, nonce: [1; 32], tag: [2; 16] },
+            entry: LeafEntry {
+                pbn: 2000 + lbn,
+                key_epoch: 0,
+                nonce: [1; 32],
+                tag: [2; 16],
+            },
         }
     }
 
@@ -289,7 +322,12 @@ mod tests {
     fn records_round_trip() {
         let k = keys();
         for op in [map_op(9), LogOp::Unmap { lbn: 64, count: 64 }] {
-            let rec = LogRecord { epoch: 3, seq: 10, durable: 4, op };
+            let rec = LogRecord {
+                epoch: 3,
+                seq: 10,
+                durable: 4,
+                op,
+            };
             let mut b = [0u8; LOG_RECORD_LEN];
             rec.encode(&k, &mut b);
             assert_eq!(LogRecord::decode_verified(&b, &k), Some(rec));
@@ -299,10 +337,18 @@ mod tests {
                 assert_eq!(LogRecord::decode_verified(&c, &k), None, "byte {i}");
             }
         }
-        let bad = LogRecord { epoch: 1, seq: 1, durable: 0, op: LogOp::Unmap { lbn: 60, count: 5 } };
+        let bad = LogRecord {
+            epoch: 1,
+            seq: 1,
+            durable: 0,
+            op: LogOp::Unmap { lbn: 60, count: 5 },
+        };
         let mut b = [0u8; LOG_RECORD_LEN];
         bad.encode(&k, &mut b);
-        assert!(LogRecord::decode(&b).is_err(), "an unmap may not cross a leaf");
+        assert!(
+            LogRecord::decode(&b).is_err(),
+            "an unmap may not cross a leaf"
+        );
     }
 
     fn log_with(k: &Subkeys, epoch: u64, n: u64, durable_after: u64) -> (MemStorage, Wal) {
@@ -328,7 +374,11 @@ mod tests {
         let scanned = scan(&log, 5, &k).unwrap();
         assert_eq!(scanned.records.len(), 10);
         assert_eq!(scanned.durable, 6);
-        assert_eq!(scan(&log, 6, &k).unwrap().records.len(), 0, "other epochs are stale");
+        assert_eq!(
+            scan(&log, 6, &k).unwrap().records.len(),
+            0,
+            "other epochs are stale"
+        );
     }
 
     #[test]
@@ -336,10 +386,12 @@ mod tests {
         let k = keys();
         let (st, _) = log_with(&k, 5, 10, 6);
         let zero = [0u8; LOG_RECORD_LEN];
-        st.write_all_at(&zero, LOG_OFFSET + 8 * LOG_RECORD_LEN as u64).unwrap();
+        st.write_all_at(&zero, LOG_OFFSET + 8 * LOG_RECORD_LEN as u64)
+            .unwrap();
         let scanned = scan(&read_log(&st).unwrap(), 5, &k).unwrap();
         assert_eq!(scanned.records.len(), 9);
-        st.write_all_at(&zero, LOG_OFFSET + 2 * LOG_RECORD_LEN as u64).unwrap();
+        st.write_all_at(&zero, LOG_OFFSET + 2 * LOG_RECORD_LEN as u64)
+            .unwrap();
         let err = scan(&read_log(&st).unwrap(), 5, &k).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::Integrity);
     }

@@ -1,0 +1,239 @@
+//! A quick release-mode performance check of the engine (the criterion benches are in
+//! `benches/`): `cargo run --release -p qvol-core --example perf -- [xchacha20-poly1305|aegis-256] [DIR]`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use qvol_core::storage::FileStorage;
+use qvol_core::{CipherSuite, CreateOptions, Volume, VolumeKey};
+
+/// CPU time of the calling thread in seconds (from /proc/thread-self/schedstat), so that
+/// figures do not depend on what else runs on the machine.
+fn cpu() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<f64>().ok())
+        })
+        .map_or(0.0, |ns| ns / 1e9)
+}
+
+/// Wall and CPU seconds of `f`.
+fn timed<R>(f: impl FnOnce() -> R) -> (R, f64, f64) {
+    let (t, c) = (Instant::now(), cpu());
+    let r = f();
+    (r, t.elapsed().as_secs_f64(), cpu() - c)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let suite: CipherSuite = args
+        .get(1)
+        .map_or(Ok(CipherSuite::default()), |s| s.parse())?;
+    let dir = args
+        .get(2)
+        .cloned()
+        .unwrap_or_else(|| std::env::temp_dir().display().to_string());
+    let path = format!("{dir}/qvol-perf-{}.qvol", std::process::id());
+    let size: u64 = 4 << 30;
+    let key = VolumeKey::generate();
+    let opts = CreateOptions {
+        size,
+        suite,
+        name: "perf".into(),
+        volume_id: [1; 16],
+        keyslots: vec![],
+    };
+    let vol = Arc::new(Volume::create(
+        Arc::new(FileStorage::create(&path)?),
+        opts,
+        &key,
+    )?);
+    println!("suite {suite} ({})", suite.implementation());
+
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let block = vec![0x5au8; 4096];
+    if args.get(3).map(String::as_str) == Some("rand") {
+        for _ in 0..300_000 {
+            vol.write_at((next() % (size / 4096)) * 4096, &block)?;
+        }
+        return Ok(());
+    }
+    if args.get(3).map(String::as_str) == Some("seqw") {
+        let mib = vec![0xa5u8; 1 << 20];
+        for _ in 0..4 {
+            for i in 0..1024u64 {
+                vol.write_at(i << 20, &mib)?;
+            }
+        }
+        let c = cpu();
+        let (r, wall, cpu_s) = timed(|| -> qvol_core::Result<()> {
+            let cipher = suite.cipher(&[7; 32]);
+            let mut buf = vec![0u8; 1 << 20];
+            let nonce = qvol_core::suite::random_nonce(suite);
+            for _ in 0..1024 {
+                for b in buf.chunks_exact_mut(4096) {
+                    std::hint::black_box(cipher.seal(&nonce[..suite.nonce_len()], &[0; 40], b));
+                }
+            }
+            Ok(())
+        });
+        r?;
+        println!(
+            "primitive seal: {:.0} MB/s wall, {:.0} MB/s per CPU-second ({c})",
+            1073.7 / wall,
+            1073.7 / cpu_s
+        );
+        return Ok(());
+    }
+    if args.get(3).map(String::as_str) == Some("seq") {
+        let mib = vec![0xa5u8; 1 << 20];
+        let mut rb = vec![0u8; 1 << 20];
+        for _ in 0..3 {
+            for i in 0..1024u64 {
+                vol.write_at(i << 20, &mib)?;
+            }
+            for i in 0..1024u64 {
+                vol.read_at(i << 20, &mut rb)?;
+            }
+        }
+        return Ok(());
+    }
+    let blocks = size / 4096;
+
+    // Random 4 KiB writes, commits included as the log fills.
+    let n = 100_000;
+    let (r, wall, cpu_s) = timed(|| -> qvol_core::Result<()> {
+        for _ in 0..n {
+            vol.write_at((next() % blocks) * 4096, &block)?;
+        }
+        Ok(())
+    });
+    r?;
+    println!(
+        "random 4 KiB writes: {:.0}/s wall, {:.0}/s per CPU-second",
+        n as f64 / wall,
+        n as f64 / cpu_s
+    );
+    vol.commit()?;
+
+    // Commit after 10,000 random writes.
+    for _ in 0..10_000 {
+        vol.write_at((next() % blocks) * 4096, &block)?;
+    }
+    let (r, wall, cpu_s) = timed(|| vol.commit());
+    r?;
+    println!(
+        "commit after 10,000 random writes: {:.1} ms wall, {:.1} ms CPU",
+        wall * 1e3,
+        cpu_s * 1e3
+    );
+
+    // Random 4 KiB reads.
+    let mut rbuf = vec![0u8; 4096];
+    let (r, wall, cpu_s) = timed(|| -> qvol_core::Result<()> {
+        for _ in 0..n {
+            vol.read_at((next() % blocks) * 4096, &mut rbuf)?;
+        }
+        Ok(())
+    });
+    r?;
+    println!(
+        "random 4 KiB reads: {:.0}/s wall, {:.0}/s per CPU-second",
+        n as f64 / wall,
+        n as f64 / cpu_s
+    );
+
+    // Sequential 1 MiB writes and reads over 1 GiB.
+    let mib = vec![0xa5u8; 1 << 20];
+    let (r, wall, cpu_s) = timed(|| -> qvol_core::Result<()> {
+        for i in 0..1024u64 {
+            vol.write_at(i << 20, &mib)?;
+        }
+        Ok(())
+    });
+    r?;
+    println!(
+        "seq 1 MiB writes: {:.0} MB/s wall, {:.0} MB/s per CPU-second",
+        1073.7 / wall,
+        1073.7 / cpu_s
+    );
+    let mut rb = vec![0u8; 1 << 20];
+    let (r, wall, cpu_s) = timed(|| -> qvol_core::Result<()> {
+        for i in 0..1024u64 {
+            vol.read_at(i << 20, &mut rb)?;
+        }
+        Ok(())
+    });
+    r?;
+    println!(
+        "seq 1 MiB reads: {:.0} MB/s wall, {:.0} MB/s per CPU-second",
+        1073.7 / wall,
+        1073.7 / cpu_s
+    );
+
+    // Two threads of random 4 KiB writes.
+    let t = Instant::now();
+    let handles: Vec<_> = (0..2u64)
+        .map(|k| {
+            let vol = vol.clone();
+            std::thread::spawn(move || -> qvol_core::Result<f64> {
+                let c = cpu();
+                let mut r = 0x9e37_79b9_7f4a_7c15u64 ^ k;
+                let block = vec![k as u8; 4096];
+                for _ in 0..n / 2 {
+                    r ^= r << 13;
+                    r ^= r >> 7;
+                    r ^= r << 17;
+                    vol.write_at((r % blocks) * 4096, &block)?;
+                }
+                Ok(cpu() - c)
+            })
+        })
+        .collect();
+    let mut cpus = Vec::new();
+    for h in handles {
+        cpus.push(h.join().map_err(|_| "a writer thread panicked")??);
+    }
+    println!(
+        "random 4 KiB writes, 2 threads: {:.0}/s wall, {:.0}/s per CPU-second of each thread (CPU {:.2} s + {:.2} s)",
+        n as f64 / t.elapsed().as_secs_f64(),
+        n as f64 / (cpus[0] + cpus[1]),
+        cpus[0],
+        cpus[1]
+    );
+    let t = Instant::now();
+    let handles: Vec<_> = (0..2u64)
+        .map(|k| {
+            let vol = vol.clone();
+            std::thread::spawn(move || -> qvol_core::Result<f64> {
+                let c = cpu();
+                let mib = vec![k as u8; 1 << 20];
+                for i in 0..512u64 {
+                    vol.write_at(((k * 512 + i) << 20) + (1 << 30), &mib)?;
+                }
+                Ok(cpu() - c)
+            })
+        })
+        .collect();
+    let mut cpus = Vec::new();
+    for h in handles {
+        cpus.push(h.join().map_err(|_| "a writer thread panicked")??);
+    }
+    println!(
+        "seq 1 MiB writes, 2 threads: {:.0} MB/s wall, {:.0} MB/s per CPU-second",
+        1073.7 / t.elapsed().as_secs_f64(),
+        1073.7 / (cpus[0] + cpus[1])
+    );
+    drop(vol);
+    std::fs::remove_file(&path)?;
+    Ok(())
+}
