@@ -100,7 +100,11 @@ say "What happened"
 "$bin/qvol" info "$demo/disk.qvol"
 sectors_written=$(sed -n 's/^QVOL-DEMO-SECTORS-WRITTEN \([0-9]*\).*/\1/p' "$demo/console.log")
 sectors_read=$(sed -n 's/^QVOL-DEMO-SECTORS-READ \([0-9]*\).*/\1/p' "$demo/console.log")
+cipher=$("$bin/qvol" info "$demo/disk.qvol" --json | sed -n 's/^ *"cipher": *"\([^"]*\)".*/\1/p' | head -n1)
+kem=$("$bin/qvol" info "$demo/disk.qvol" --json | sed -n 's/^ *"kem": *"\([^"]*\)".*/\1/p' | head -n1)
 echo
+echo "cipher suite:       ${cipher:-unknown} (data blocks, authenticated)"
+echo "volume key wrapped: ${kem:-unknown} (keyslot for key $key)"
 echo "guest wrote:        $((sectors_written * 512)) bytes to /dev/vda (its block-layer counters)"
 echo "guest read:         $((sectors_read * 512)) bytes, and every checksum matched"
 echo "image file:         $demo/disk.qvol, $(du -k --apparent-size "$demo/disk.qvol" | cut -f1) KiB apparent, $(du -k "$demo/disk.qvol" | cut -f1) KiB allocated"

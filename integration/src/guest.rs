@@ -190,7 +190,7 @@ pub struct GuestSpec {
 }
 
 impl GuestSpec {
-    /// A guest with 512 MiB, a three-minute limit and one single-queue disk per socket.
+    /// A guest with 512 MiB, a five-minute limit and one single-queue disk per socket.
     pub fn new(script: impl Into<String>, sockets: &[&Path]) -> Self {
         Self {
             script: script.into(),
@@ -202,7 +202,7 @@ impl GuestSpec {
                 })
                 .collect(),
             memory_mib: 512,
-            timeout: Duration::from_secs(180),
+            timeout: Duration::from_secs(300),
         }
     }
 }

@@ -188,7 +188,7 @@ fn io_survives_backend_kill(kind: BackendKind, dir: &ScratchDir) {
     let mut running = guest::boot(&kit, &spec, &dir.path().join("boot"))
         .unwrap_or_else(|e| panic!("the guest did not start: {e}"));
     running
-        .wait_for_console("QVOL-PASS 1", Duration::from_secs(120))
+        .wait_for_console("QVOL-PASS 1", Duration::from_secs(240))
         .unwrap_or_else(|e| panic!("{e}\n--- backend ---\n{}", backend.log()));
     let _ = backend
         .signal_and_wait("KILL", Duration::from_secs(10))
