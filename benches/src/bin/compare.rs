@@ -1,0 +1,333 @@
+//! End-to-end comparison (issue 6): qemu-storage-daemon raw and LUKS against vhost-qvol
+//! with each cipher suite, all driven by the same libblkio client.
+//!
+//! `scripts/bench.sh` builds and runs it; `--quick` finishes in under two minutes.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use benches::compare::backend::{self, BackendKind, Tools};
+use benches::compare::client::Client;
+use benches::compare::machine::Machine;
+use benches::compare::procstat;
+use benches::compare::report::{Measurement, Report, Skipped};
+use benches::compare::workload::{max_queue_buffer, Workload, PREFILL, WORKLOADS};
+use clap::Parser;
+
+/// Compare vhost-qvol with qemu-storage-daemon (raw and LUKS) through one libblkio client.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Measured seconds per workload.
+    #[arg(long, env = "QVOL_BENCH_SECONDS", default_value_t = 5.0)]
+    seconds: f64,
+    /// Unmeasured warm-up seconds before each workload.
+    #[arg(long, env = "QVOL_BENCH_WARMUP", default_value_t = 1.0)]
+    warmup: f64,
+    /// Image size in MiB (the same for every backend).
+    #[arg(long, env = "QVOL_BENCH_SIZE_MIB", default_value_t = 1024)]
+    size_mib: u64,
+    /// Queue counts to run, comma-separated; "n" means one per CPU.
+    #[arg(
+        long,
+        env = "QVOL_BENCH_QUEUES",
+        default_value = "1,n",
+        value_delimiter = ','
+    )]
+    queues: Vec<String>,
+    /// Backends to run: raw, luks, xchacha, aegis.
+    #[arg(
+        long,
+        env = "QVOL_BENCH_BACKENDS",
+        default_value = "raw,luks,xchacha,aegis",
+        value_delimiter = ','
+    )]
+    backends: Vec<String>,
+    /// Short run (0.5 s warm-up, 1 s per workload, 256 MiB images): under two minutes.
+    #[arg(long, env = "QVOL_BENCH_QUICK")]
+    quick: bool,
+    /// Where the images and sockets go (one filesystem for all).
+    #[arg(long, env = "QVOL_BENCH_DIR", default_value = "target/bench/work")]
+    dir: PathBuf,
+    /// Where compare.md and compare.json are written.
+    #[arg(long, env = "QVOL_BENCH_OUT", default_value = "target/bench")]
+    out: PathBuf,
+}
+
+struct Config {
+    measure: Duration,
+    warmup: Duration,
+    size: u64,
+    queues: Vec<usize>,
+    backends: Vec<BackendKind>,
+    dir: PathBuf,
+    out: PathBuf,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = String;
+
+    fn try_from(a: Args) -> Result<Config, String> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (seconds, warmup, size_mib) = if a.quick {
+            (1.0, 0.5, 256)
+        } else {
+            (a.seconds, a.warmup, a.size_mib)
+        };
+        if !(seconds > 0.0 && warmup >= 0.0) {
+            return Err("--seconds must be positive and --warmup not negative".to_owned());
+        }
+        if size_mib < 64 {
+            return Err("--size-mib must be at least 64".to_owned());
+        }
+        let mut queues = Vec::new();
+        for q in &a.queues {
+            let n = if q == "n" {
+                cpus.max(2)
+            } else {
+                q.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| {
+                        format!("--queues: {q:?} is not a number from 1 to 64 or \"n\"")
+                    })?
+            };
+            if !queues.contains(&n) {
+                queues.push(n);
+            }
+        }
+        let mut backends = Vec::new();
+        for b in &a.backends {
+            let kind = BackendKind::ALL
+                .into_iter()
+                .find(|k| k.short() == b)
+                .ok_or_else(|| {
+                    format!("--backends: unknown backend {b:?} (raw, luks, xchacha, aegis)")
+                })?;
+            backends.push(kind);
+        }
+        Ok(Config {
+            measure: Duration::from_secs_f64(seconds),
+            warmup: Duration::from_secs_f64(warmup),
+            size: size_mib << 20,
+            queues,
+            backends,
+            dir: a.dir,
+            out: a.out,
+        })
+    }
+}
+
+fn progress(line: &str) {
+    let mut err = std::io::stderr();
+    let _ = write!(err, "\r\x1b[2K{line}");
+    let _ = err.flush();
+}
+
+/// Runs every workload on one backend with `queues` queues.
+fn run_backend(
+    tools: &Tools,
+    prepared: &backend::Prepared,
+    queues: usize,
+    cfg: &Config,
+    prefill: bool,
+    step: &mut usize,
+    steps: usize,
+) -> Result<Vec<Measurement>, String> {
+    let kind = prepared.kind;
+    let running = backend::start(tools, prepared, queues)?;
+    let pid = running.pid();
+    let mut client = Client::connect(&running.socket, queues, max_queue_buffer())
+        .map_err(|e| format!("{}: {e}", kind.label()))?;
+    if client.capacity() < cfg.size {
+        return Err(format!(
+            "{} reports {} bytes, less than the {} asked for",
+            kind.label(),
+            client.capacity(),
+            cfg.size
+        ));
+    }
+    if prefill {
+        progress(&format!(
+            "{} q{queues}: filling the image once",
+            kind.label()
+        ));
+        let st = client
+            .run(&PREFILL, Duration::ZERO, Duration::ZERO, true)
+            .map_err(|e| format!("{} prefill: {e}", kind.label()))?;
+        progress(&format!(
+            "{} q{queues}: filled {} MiB at {:.2} GB/s",
+            kind.label(),
+            st.total_bytes >> 20,
+            st.total_bytes as f64 / st.window.as_secs_f64() / 1e9
+        ));
+    }
+    let mut out = Vec::new();
+    for w in &WORKLOADS {
+        *step += 1;
+        progress(&format!(
+            "[{}/{steps}] {} q{queues} {} ...",
+            *step,
+            kind.label(),
+            w.name
+        ));
+        out.push(measure(&mut client, pid, kind, queues, w, cfg)?);
+        progress(&format!(
+            "[{}/{steps}] {} q{queues} {}: done",
+            *step,
+            kind.label(),
+            w.name
+        ));
+    }
+    drop(client);
+    running.stop();
+    Ok(out)
+}
+
+fn measure(
+    client: &mut Client,
+    pid: u32,
+    kind: BackendKind,
+    queues: usize,
+    w: &Workload,
+    cfg: &Config,
+) -> Result<Measurement, String> {
+    let cpu0 = procstat::cpu_time(pid)?;
+    let st = client
+        .run(w, cfg.warmup, cfg.measure, false)
+        .map_err(|e| format!("{} {}: {e}", kind.label(), w.name))?;
+    let cpu = procstat::cpu_time(pid)?.saturating_sub(cpu0);
+    let mem = procstat::memory(pid)?;
+    let secs = st.window.as_secs_f64();
+    let us = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e6);
+    Ok(Measurement {
+        backend: kind.label().to_owned(),
+        queues,
+        workload: w.name.to_owned(),
+        metric: w.metric,
+        bytes_per_sec: st.bytes as f64 / secs,
+        iops: st.ops as f64 / secs,
+        p50_us: us(st.percentile(50.0)),
+        p99_us: us(st.percentile(99.0)),
+        backend_cpu_s_per_gb: if st.total_bytes > 0 {
+            cpu.as_secs_f64() / (st.total_bytes as f64 / 1e9)
+        } else {
+            0.0
+        },
+        backend_rss_bytes: mem.rss,
+        backend_peak_rss_bytes: mem.peak_rss,
+    })
+}
+
+fn date_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn run(cfg: Config) -> Result<Report, String> {
+    let tools = Tools::find()?;
+    std::fs::create_dir_all(&cfg.dir)
+        .map_err(|e| format!("cannot create {}: {e}", cfg.dir.display()))?;
+    let _ = std::fs::remove_dir_all(cfg.dir.join("keystore"));
+    let machine = Machine::describe(&cfg.dir, &tools.qsd);
+    let mut measurements = Vec::new();
+    let mut skipped = Vec::new();
+    let steps = cfg.backends.len() * cfg.queues.len() * WORKLOADS.len();
+    let mut step = 0;
+    for &kind in &cfg.backends {
+        progress(&format!(
+            "{}: creating a {} MiB image",
+            kind.label(),
+            cfg.size >> 20
+        ));
+        let prepared = match backend::prepare(&tools, kind, &cfg.dir, cfg.size) {
+            Ok(p) => p,
+            Err(reason) => {
+                eprintln!("\nskipping {}: {reason}", kind.label());
+                skipped.push(Skipped {
+                    backend: kind.label().to_owned(),
+                    reason,
+                });
+                step += cfg.queues.len() * WORKLOADS.len();
+                continue;
+            }
+        };
+        for (i, &q) in cfg.queues.iter().enumerate() {
+            match run_backend(&tools, &prepared, q, &cfg, i == 0, &mut step, steps) {
+                Ok(m) => measurements.extend(m),
+                // qemu-storage-daemon failing is an error; a qvol backend that cannot run yet
+                // is skipped with its reason, so the other rows still come out.
+                Err(reason) if matches!(kind, BackendKind::Qvol(_)) => {
+                    eprintln!("\nskipping {} with {q} queue(s): {reason}", kind.label());
+                    skipped.push(Skipped {
+                        backend: format!("{} ({q} queues)", kind.label()),
+                        reason,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let _ = std::fs::remove_file(&prepared.image);
+        eprintln!();
+    }
+    Ok(Report {
+        date: date_utc(),
+        command: "scripts/bench.sh".to_owned(),
+        machine,
+        image_size: cfg.size,
+        warmup_s: cfg.warmup.as_secs_f64(),
+        measure_s: cfg.measure.as_secs_f64(),
+        queue_counts: cfg.queues.clone(),
+        measurements,
+        skipped,
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cfg = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("compare: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let out = cfg.out.clone();
+    let report = match run(cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("\ncompare: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let md = report.markdown();
+    println!("{md}");
+    let json = match serde_json::to_string_pretty(&report) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("compare: cannot serialise the report: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let written = std::fs::create_dir_all(&out)
+        .and_then(|()| std::fs::write(out.join("compare.md"), &md))
+        .and_then(|()| std::fs::write(out.join("compare.json"), json));
+    if let Err(e) = written {
+        eprintln!(
+            "compare: cannot write the report under {}: {e}",
+            out.display()
+        );
+        return ExitCode::from(1);
+    }
+    eprintln!(
+        "wrote {} and {}",
+        out.join("compare.md").display(),
+        out.join("compare.json").display()
+    );
+    ExitCode::SUCCESS
+}

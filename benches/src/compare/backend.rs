@@ -1,0 +1,341 @@
+//! The backends under comparison: how to create their images and start their processes.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qvol_core::suite::CipherSuite;
+
+/// One backend configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// qemu-storage-daemon exporting a raw file: no encryption.
+    QsdRaw,
+    /// qemu-storage-daemon exporting a LUKS image (aes-256-xts): what QEMU users pick today.
+    QsdLuks,
+    /// vhost-qvol with the given suite.
+    Qvol(CipherSuite),
+}
+
+impl BackendKind {
+    /// Every backend, in table order.
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::QsdRaw,
+        BackendKind::QsdLuks,
+        BackendKind::Qvol(CipherSuite::XChaCha20Poly1305),
+        BackendKind::Qvol(CipherSuite::Aegis256),
+    ];
+
+    /// Name in tables and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendKind::QsdRaw => "qsd raw",
+            BackendKind::QsdLuks => "qsd LUKS",
+            BackendKind::Qvol(CipherSuite::XChaCha20Poly1305) => "qvol xchacha20-poly1305",
+            BackendKind::Qvol(CipherSuite::Aegis256) => "qvol aegis-256",
+        }
+    }
+
+    /// Short name for `--backends`.
+    pub fn short(self) -> &'static str {
+        match self {
+            BackendKind::QsdRaw => "raw",
+            BackendKind::QsdLuks => "luks",
+            BackendKind::Qvol(CipherSuite::XChaCha20Poly1305) => "xchacha",
+            BackendKind::Qvol(CipherSuite::Aegis256) => "aegis",
+        }
+    }
+}
+
+/// The executables the comparison needs.
+#[derive(Clone, Debug)]
+pub struct Tools {
+    /// qemu-storage-daemon (required).
+    pub qsd: PathBuf,
+    /// qemu-img (required for the LUKS image).
+    pub qemu_img: PathBuf,
+    /// `qvol` and `vhost-qvol`, or why they cannot be used.
+    pub qvol: Result<(PathBuf, PathBuf), String>,
+}
+
+/// Looks `name` up in PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Looks for a workspace binary next to this program (target/release), then in
+/// target/release and target/debug under the current directory, then in PATH.
+pub fn find_workspace_binary(name: &str) -> Option<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        dirs.push(dir);
+    }
+    dirs.push(PathBuf::from("target/release"));
+    dirs.push(PathBuf::from("target/debug"));
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .or_else(|| which(name))
+}
+
+impl Tools {
+    /// Finds the tools, or says how to install qemu-storage-daemon.
+    pub fn find() -> Result<Tools, String> {
+        let qsd = which("qemu-storage-daemon").ok_or(
+            "qemu-storage-daemon is not installed (not found in PATH); install it with \
+             `apt-get install qemu-system-common` (Debian/Ubuntu; Fedora: `dnf install qemu-img`)",
+        )?;
+        let qemu_img = which("qemu-img")
+            .ok_or("qemu-img is not installed (not found in PATH); install it with `apt-get install qemu-utils`")?;
+        let qvol = match (find_workspace_binary("qvol"), find_workspace_binary("vhost-qvol")) {
+            (Some(q), Some(v)) => Ok((q, v)),
+            _ => Err("the `qvol` and `vhost-qvol` binaries were not found next to this program, in \
+                      target/{release,debug} or in PATH (build them with `cargo build --release -p vhost-qvol`)"
+                .to_owned()),
+        };
+        Ok(Tools {
+            qsd,
+            qemu_img,
+            qvol,
+        })
+    }
+}
+
+/// A backend whose image exists, ready to be started.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Which backend.
+    pub kind: BackendKind,
+    /// The image file.
+    pub image: PathBuf,
+    dir: PathBuf,
+    keystore: PathBuf,
+}
+
+const LUKS_SECRET: &str = "qvol-bench-passphrase";
+
+fn run_tool(cmd: &mut Command, what: &str) -> Result<String, String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: cannot run {:?}: {e}", cmd.get_program()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Creates the image of `kind` (size `size` bytes) in `dir`, replacing an old one.
+pub fn prepare(
+    tools: &Tools,
+    kind: BackendKind,
+    dir: &Path,
+    size: u64,
+) -> Result<Prepared, String> {
+    let image = dir.join(format!("{}.img", kind.short()));
+    let _ = fs::remove_file(&image);
+    let keystore = dir.join("keystore");
+    match kind {
+        BackendKind::QsdRaw => {
+            let f = File::create(&image)
+                .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
+            f.set_len(size)
+                .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
+        }
+        BackendKind::QsdLuks => {
+            run_tool(
+                Command::new(&tools.qemu_img)
+                    .args(["create", "-q", "-f", "luks", "--object"])
+                    .arg(format!("secret,id=s0,data={LUKS_SECRET}"))
+                    .args(["-o", "key-secret=s0,iter-time=10"])
+                    .arg(&image)
+                    .arg(size.to_string()),
+                "qemu-img create -f luks",
+            )?;
+        }
+        BackendKind::Qvol(suite) => {
+            let (qvol, _) = tools.qvol.as_ref().map_err(Clone::clone)?;
+            // The comparison program removes the keystore when it starts, so this runs
+            // once per run.
+            if !keystore.exists() {
+                run_tool(
+                    Command::new(qvol).env("QVOL_KEYSTORE", &keystore).args([
+                        "keystore",
+                        "init",
+                        "--no-passphrase",
+                    ]),
+                    "qvol keystore init",
+                )?;
+            }
+            let key = run_tool(
+                Command::new(qvol).env("QVOL_KEYSTORE", &keystore).args([
+                    "key",
+                    "new",
+                    &format!("bench-{}", kind.short()),
+                ]),
+                "qvol key new",
+            )?;
+            let key = key.lines().last().unwrap_or("").trim().to_owned();
+            run_tool(
+                Command::new(qvol)
+                    .env("QVOL_KEYSTORE", &keystore)
+                    .arg("create")
+                    .arg(&image)
+                    .args([
+                        "--size",
+                        &format!("{}K", size / 1024),
+                        "--key",
+                        &key,
+                        "--cipher",
+                        suite.name(),
+                    ]),
+                "qvol create",
+            )?;
+        }
+    }
+    Ok(Prepared {
+        kind,
+        image,
+        dir: dir.to_path_buf(),
+        keystore,
+    })
+}
+
+/// A running backend process; stopped (SIGTERM, then SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Running {
+    /// The backend's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the process: SIGTERM, up to 5 s, then SIGKILL.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Starts the backend for `p` with `queues` virtqueues and waits for its socket.
+pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, String> {
+    let socket = p.dir.join(format!("{}.sock", p.kind.short()));
+    let log = p.dir.join(format!("{}-q{queues}.log", p.kind.short()));
+    let _ = fs::remove_file(&socket);
+    let mut cmd = match p.kind {
+        BackendKind::QsdRaw | BackendKind::QsdLuks => {
+            let mut c = Command::new(&tools.qsd);
+            let mut top = "f0";
+            if p.kind == BackendKind::QsdLuks {
+                c.arg("--object")
+                    .arg(format!("secret,id=s0,data={LUKS_SECRET}"));
+            }
+            c.arg("--blockdev").arg(format!(
+                "driver=file,node-name=f0,filename={},aio=threads",
+                p.image.display()
+            ));
+            if p.kind == BackendKind::QsdLuks {
+                c.arg("--blockdev")
+                    .arg("driver=luks,node-name=l0,file=f0,key-secret=s0");
+                top = "l0";
+            }
+            c.arg("--export").arg(format!(
+                "type=vhost-user-blk,id=e0,node-name={top},addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                socket.display()
+            ));
+            c
+        }
+        BackendKind::Qvol(_) => {
+            let (_, vhost) = tools.qvol.as_ref().map_err(Clone::clone)?;
+            let mut c = Command::new(vhost);
+            c.env("QVOL_KEYSTORE", &p.keystore)
+                .arg("--socket-path")
+                .arg(&socket)
+                .arg("--blk-file")
+                .arg(&p.image)
+                .arg("--num-queues")
+                .arg(queues.to_string());
+            c
+        }
+    };
+    let log_file =
+        File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+    let log_err = log_file
+        .try_clone()
+        .map_err(|e| format!("cannot duplicate the log file handle: {e}"))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let mut running = Running { child, socket, log };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if running.socket.exists() {
+            return Ok(running);
+        }
+        if let Ok(Some(status)) = running.child.try_wait() {
+            return Err(format!(
+                "{} exited ({status}) before listening: {}",
+                p.kind.label(),
+                running.log_tail()
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} did not create its socket within 20 s: {}",
+                p.kind.label(),
+                running.log_tail()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

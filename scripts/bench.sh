@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# End-to-end comparison (issue 6): qemu-storage-daemon raw and LUKS against vhost-qvol
+# (xchacha20-poly1305, aegis-256), all through one libblkio client. Writes
+# target/bench/compare.md and target/bench/compare.json and prints the table.
+#
+#   scripts/bench.sh            # full run (5 s per workload, 1 GiB images, 1 and N queues)
+#   scripts/bench.sh --quick    # under two minutes
+#   scripts/bench.sh --help     # every option (also settable as QVOL_BENCH_* variables)
+#
+# Needs qemu-storage-daemon and qemu-img (Debian: apt-get install qemu-system-common qemu-utils).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+for tool in qemu-storage-daemon qemu-img; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "bench.sh: $tool is not installed; install it with" \
+             "\`apt-get install qemu-system-common qemu-utils\` (Debian/Ubuntu)" >&2
+        exit 1
+    fi
+done
+
+echo "== cargo build --release (vhost-qvol, qvol, compare)" >&2
+cargo build --release --locked -p vhost-qvol --bins >&2 || \
+    echo "bench.sh: vhost-qvol did not build; its rows will be skipped" >&2
+cargo build --release --locked -p benches --bin compare >&2
+exec target/release/compare "$@"
