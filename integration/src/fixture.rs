@@ -48,6 +48,25 @@ impl Run {
         assert_eq!(self.code, 0, "command failed: {self:#?}");
         self
     }
+
+    /// Asserts a user-facing failure: exit status 1 and exactly one line on stderr,
+    /// `PROGRAM: sentence`, containing `needle`. Returns the line.
+    pub fn one_sentence_error(&self, program: &str, needle: &str) -> String {
+        assert_eq!(self.code, 1, "expected exit status 1: {self:#?}");
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr: {self:#?}");
+        let line = lines[0];
+        assert!(line.starts_with(&format!("{program}: ")), "{line}");
+        assert!(
+            line.contains(needle),
+            "{line:?} does not mention {needle:?}"
+        );
+        line.to_string()
+    }
 }
 
 impl Fixture {
@@ -97,7 +116,9 @@ impl Fixture {
         cmd.env("QVOL_KEYSTORE", &self.keystore)
             .env_remove("QVOL_PASSPHRASE_FILE")
             .env_remove("CREDENTIALS_DIRECTORY")
-            .env("XDG_DATA_HOME", self.path("xdg"));
+            .env("XDG_DATA_HOME", self.path("xdg"))
+            // Keystores made here use argon2id parameters that take milliseconds.
+            .env("QVOL_TEST_WEAK_KDF", "1");
         if let Some(file) = &self.passphrase_file {
             cmd.env("QVOL_PASSPHRASE_FILE", file);
         }

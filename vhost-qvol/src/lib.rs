@@ -37,6 +37,12 @@ use crate::serve::SocketSource;
 pub fn start_backend(config: Config) -> anyhow::Result<()> {
     // Before any thread starts, so that every thread inherits the blocked mask.
     signals::block_termination_signals().context("cannot block SIGTERM and SIGINT")?;
+    // An inherited socket is checked before the image is opened; a socket path is bound
+    // after, so that it appears only once the daemon can serve.
+    let inherited = match &config.socket {
+        SocketSource::Fd(_) => Some(serve::listen(&config.socket)?),
+        SocketSource::Path(_) => None,
+    };
     let (disk, volume_id, _lock) = open_disk(&config)?;
     let serial = config
         .serial
@@ -47,7 +53,10 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         serial,
         config.num_queues,
     ));
-    let mut listener = serve::listen(&config.socket)?;
+    let mut listener = match inherited {
+        Some(listener) => listener,
+        None => serve::listen(&config.socket)?,
+    };
     info!(
         "serving {} ({} bytes{}) on {}",
         config.blk_file.display(),

@@ -36,9 +36,9 @@ impl KeySource {
 
     /// The keystore directory, or a sentence saying how to name one.
     pub fn keystore_dir(&self) -> anyhow::Result<&Path> {
-        self.keystore
-            .as_deref()
-            .ok_or_else(|| anyhow!("no keystore directory: pass --keystore DIR or set QVOL_KEYSTORE"))
+        self.keystore.as_deref().ok_or_else(|| {
+            anyhow!("no keystore directory: pass --keystore DIR or set QVOL_KEYSTORE")
+        })
     }
 
     /// Opens and unlocks the keystore, reading the passphrase file only if one is needed.
@@ -102,15 +102,17 @@ pub fn unwrap_volume_key(
     header: &HeaderInfo,
     keystore: &UnlockedKeystore,
 ) -> anyhow::Result<(usize, VolumeKey)> {
-    let (slot, secret) = keyslot::unwrap_with_keystore(&header.keyslots, keystore, &header.volume_id)
-        .map_err(|e| {
-            anyhow!(
-                "no keyslot of {} opens with the keys in keystore {}: {}",
-                image.display(),
-                keystore.dir().display(),
-                error_chain(&e)
-            )
-        })?;
+    let (slot, secret) =
+        keyslot::unwrap_with_keystore(&header.keyslots, keystore, &header.volume_id).map_err(
+            |e| {
+                anyhow!(
+                    "no keyslot of {} opens with the keys in keystore {}: {}",
+                    image.display(),
+                    keystore.dir().display(),
+                    error_chain(&e)
+                )
+            },
+        )?;
     Ok((slot, VolumeKey::from_bytes(*secret.expose())))
 }
 
@@ -128,7 +130,11 @@ pub struct OpenedVolume {
 }
 
 /// Locks, unlocks and opens `image` (read-only if `read_only`).
-pub fn open_volume(image: &Path, keys: &KeySource, read_only: bool) -> anyhow::Result<OpenedVolume> {
+pub fn open_volume(
+    image: &Path,
+    keys: &KeySource,
+    read_only: bool,
+) -> anyhow::Result<OpenedVolume> {
     let lock = ImageLock::acquire(image, !read_only)?;
     let (_, header) = read_image_header(image)?;
     let keystore = keys.unlock()?;
@@ -137,7 +143,11 @@ pub fn open_volume(image: &Path, keys: &KeySource, read_only: bool) -> anyhow::R
     let storage = FileStorage::open(image, !read_only)
         .with_context(|| format!("cannot open the image {}", image.display()))?;
     let volume = Volume::open(Arc::new(storage), &key, read_only).map_err(|e| {
-        anyhow!("cannot open the volume {}: {}", image.display(), error_chain(&e))
+        anyhow!(
+            "cannot open the volume {}: {}",
+            image.display(),
+            error_chain(&e)
+        )
     })?;
     Ok(OpenedVolume {
         volume,

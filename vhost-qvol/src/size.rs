@@ -16,9 +16,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         Some('t' | 'T') => (&t[..t.len() - 1], 40),
         _ => (t, 0),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size; write a number with an optional K, M, G or T"))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("{text:?} is not a size; write a number with an optional K, M, G or T")
+    })?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("the size {text} is too large"))
 }

@@ -62,7 +62,10 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("unknown cipher suite {}: {e}", args.cipher))?;
     let image = &args.image;
     if fs::symlink_metadata(image).is_ok() {
-        bail!("{} already exists; refusing to overwrite it", image.display());
+        bail!(
+            "{} already exists; refusing to overwrite it",
+            image.display()
+        );
     }
     let name = match args.name {
         Some(name) => name,
@@ -107,11 +110,20 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
         volume_id,
         keyslots: vec![slot],
     };
-    let volume = Volume::create(Arc::new(storage), opts, &volume_key)
-        .map_err(|e| anyhow!("cannot create the volume {}: {}", image.display(), error_chain(&e)))?;
-    volume
-        .close()
-        .map_err(|e| anyhow!("cannot close the new volume {}: {}", image.display(), error_chain(&e)))?;
+    let volume = Volume::create(Arc::new(storage), opts, &volume_key).map_err(|e| {
+        anyhow!(
+            "cannot create the volume {}: {}",
+            image.display(),
+            error_chain(&e)
+        )
+    })?;
+    volume.close().map_err(|e| {
+        anyhow!(
+            "cannot close the new volume {}: {}",
+            image.display(),
+            error_chain(&e)
+        )
+    })?;
     cleanup.0 = None;
     println!(
         "Created {} ({name}): {}, {suite}, volume id {}, keyslot 0 for key {}.",

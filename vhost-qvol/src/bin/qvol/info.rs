@@ -81,8 +81,15 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     println!("name:           {}", header.name);
     println!("format:         version {}", header.format_version);
     println!("volume id:      {}", hex(&header.volume_id));
-    println!("size:           {} ({} bytes)", format_size(header.size), header.size);
-    println!("cipher:         {suite} ({} on this CPU)", suite.implementation());
+    println!(
+        "size:           {} ({} bytes)",
+        format_size(header.size),
+        header.size
+    );
+    println!(
+        "cipher:         {suite} ({} on this CPU)",
+        suite.implementation()
+    );
     match &unlocked {
         Ok(u) => {
             println!("generation:     {}", u.generation);
