@@ -1,0 +1,7 @@
+//! The superblock parser (docs/FORMAT.md §8) on arbitrary bytes: never panics.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = qvol_core::superblock::Superblock::decode(data);
+});

@@ -1,0 +1,201 @@
+//! Helpers shared by the engine's integration tests: keys, volume creation, content
+//! patterns and a per-block reference model of what a crash may leave.
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod layout;
+
+use std::sync::Arc;
+
+use qvol_core::storage::Storage;
+use qvol_core::{CipherSuite, CreateOptions, ErrorKind, Volume, VolumeKey};
+
+/// The block size of the contract.
+pub const BS: usize = 4096;
+/// The request alignment of the contract.
+pub const SECTOR: u64 = 512;
+
+/// A fixed test key, different for each `n`.
+pub fn key(n: u8) -> VolumeKey {
+    let mut bytes = [0u8; 32];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = n.wrapping_mul(31).wrapping_add(i as u8);
+    }
+    VolumeKey::from_bytes(bytes)
+}
+
+/// Options for a test volume of `size` bytes.
+pub fn options(size: u64, suite: CipherSuite) -> CreateOptions {
+    CreateOptions {
+        size,
+        suite,
+        name: "test".to_string(),
+        volume_id: [0x42; 16],
+        keyslots: vec![b"an opaque keyslot blob".to_vec()],
+    }
+}
+
+/// Creates a volume of `size` bytes on `storage` with [`key`]`(1)`.
+pub fn create(storage: Arc<dyn Storage>, size: u64) -> Volume {
+    Volume::create(
+        storage,
+        options(size, CipherSuite::XChaCha20Poly1305),
+        &key(1),
+    )
+    .unwrap_or_else(|e| panic!("create a {size}-byte volume: {e:?}"))
+}
+
+/// Opens `storage` with [`key`]`(1)`, writable.
+pub fn open(storage: Arc<dyn Storage>) -> qvol_core::Result<Volume> {
+    Volume::open(storage, &key(1), false)
+}
+
+/// Deterministic pseudo-random bytes for a write tagged `tag` (SplitMix64 stream).
+pub fn pattern(tag: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut state = tag.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5851_f42d_4c95_7f2d;
+    while out.len() < len {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads the whole block `lbn` of `vol`.
+pub fn read_block(vol: &Volume, lbn: u64) -> qvol_core::Result<Vec<u8>> {
+    let mut buf = vec![0u8; BS];
+    vol.read_at(lbn * BS as u64, &mut buf)?;
+    Ok(buf)
+}
+
+/// Asserts `result` failed with `kind`.
+pub fn assert_kind<T: std::fmt::Debug>(result: qvol_core::Result<T>, kind: ErrorKind, what: &str) {
+    match result {
+        Ok(v) => panic!("{what}: expected a {kind:?} error, got Ok({v:?})"),
+        Err(e) => assert_eq!(e.kind(), kind, "{what}: {e:?}"),
+    }
+}
+
+/// What each 4 KiB block may hold after a crash: its content as of the last completed
+/// flush (the first version) followed by every version written since, the last being the
+/// current content.
+#[derive(Clone, Debug)]
+pub struct BlockHistory {
+    blocks: Vec<Vec<Vec<u8>>>,
+}
+
+impl BlockHistory {
+    /// A volume of `size` bytes that reads as zeros and is durable.
+    pub fn new(size: u64) -> Self {
+        let n = (size / BS as u64) as usize;
+        Self {
+            blocks: vec![vec![vec![0u8; BS]]; n],
+        }
+    }
+
+    /// The number of blocks.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The current content of block `lbn`.
+    pub fn current(&self, lbn: usize) -> &[u8] {
+        self.blocks[lbn].last().map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Applies `data` at byte `offset` (a write, or zeros for discard/write_zeroes): every
+    /// touched block gets a new version.
+    pub fn apply(&mut self, offset: u64, data: &[u8]) {
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let abs = offset as usize + pos;
+            let lbn = abs / BS;
+            let within = abs % BS;
+            let n = (BS - within).min(data.len() - pos);
+            let mut next = self.current(lbn).to_vec();
+            next[within..within + n].copy_from_slice(&data[pos..pos + n]);
+            self.blocks[lbn].push(next);
+            pos += n;
+        }
+    }
+
+    /// The bytes the volume must return for `len` bytes at `offset` now.
+    pub fn expected(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        let mut pos = 0usize;
+        while pos < len {
+            let abs = offset as usize + pos;
+            let (lbn, within) = (abs / BS, abs % BS);
+            let n = (BS - within).min(len - pos);
+            out.extend_from_slice(&self.current(lbn)[within..within + n]);
+            pos += n;
+        }
+        out
+    }
+
+    /// Everything up to now is durable: only the current versions remain.
+    pub fn make_durable(&mut self) {
+        for versions in &mut self.blocks {
+            if versions.len() > 1 {
+                let last = versions.pop().unwrap_or_default();
+                *versions = vec![last];
+            }
+        }
+    }
+
+    /// Which version of `lbn` the bytes `got` are, if any (0 = the durable one).
+    pub fn version_of(&self, lbn: usize, got: &[u8]) -> Option<usize> {
+        self.blocks[lbn].iter().position(|v| v.as_slice() == got)
+    }
+
+    /// Every allowed version of `lbn`, the durable one first.
+    pub fn all_versions(&self, lbn: usize) -> &[Vec<u8>] {
+        &self.blocks[lbn]
+    }
+
+    /// How many versions block `lbn` has.
+    pub fn versions(&self, lbn: usize) -> usize {
+        self.blocks[lbn].len()
+    }
+
+    /// After a crash and reopen: every block of `vol` must read without error as one of its
+    /// versions; the state read becomes the new durable state. `Err` describes the first
+    /// violation.
+    pub fn check_after_crash(&mut self, vol: &Volume) -> Result<(), String> {
+        for lbn in 0..self.len() {
+            let got = read_block(vol, lbn as u64)
+                .map_err(|e| format!("block {lbn} fails to read after a crash: {e:?}"))?;
+            match self.version_of(lbn, &got) {
+                Some(_) => self.blocks[lbn] = vec![got],
+                None => {
+                    return Err(format!(
+                        "block {lbn} reads as none of its {} versions after a crash \
+                         (first bytes {:02x?})",
+                        self.versions(lbn),
+                        &got[..16]
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every block of `vol` must read as its current version.
+    pub fn check_current(&self, vol: &Volume) -> Result<(), String> {
+        for lbn in 0..self.len() {
+            let got = read_block(vol, lbn as u64)
+                .map_err(|e| format!("block {lbn} fails to read: {e:?}"))?;
+            if got != self.current(lbn) {
+                return Err(format!(
+                    "block {lbn} is not its latest version (it is version {:?} of {})",
+                    self.version_of(lbn, &got),
+                    self.versions(lbn)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
