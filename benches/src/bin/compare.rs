@@ -13,7 +13,7 @@ use benches::compare::client::Client;
 use benches::compare::machine::Machine;
 use benches::compare::procstat;
 use benches::compare::report::{Measurement, Report, Skipped};
-use benches::compare::workload::{max_queue_buffer, Workload, PREFILL, WORKLOADS};
+use benches::compare::workload::{max_queue_buffer, Metric, Workload, PREFILL, WORKLOADS};
 use clap::Parser;
 
 /// Compare vhost-qvol with qemu-storage-daemon (raw and LUKS) through one libblkio client.
@@ -139,8 +139,8 @@ fn run_backend(
     let kind = prepared.kind;
     let running = backend::start(tools, prepared, queues)?;
     let pid = running.pid();
-    let mut client = Client::connect(&running.socket, queues, max_queue_buffer())
-        .map_err(|e| format!("{}: {e}", kind.label()))?;
+    let mut client =
+        connect(&running.socket, queues).map_err(|e| format!("{}: {e}", kind.label()))?;
     if client.capacity() < cfg.size {
         return Err(format!(
             "{} reports {} bytes, less than the {} asked for",
@@ -173,17 +173,47 @@ fn run_backend(
             kind.label(),
             w.name
         ));
-        out.push(measure(&mut client, pid, kind, queues, w, cfg)?);
+        let m = measure(&mut client, pid, kind, queues, w, cfg)?;
         progress(&format!(
-            "[{}/{steps}] {} q{queues} {}: done",
+            "[{}/{steps}] {} q{queues} {}: {}",
             *step,
             kind.label(),
-            w.name
+            w.name,
+            headline(&m)
         ));
+        out.push(m);
     }
     drop(client);
     running.stop();
     Ok(out)
+}
+
+/// Connects, retrying for a few seconds: the socket file appears at bind(), a moment
+/// before the backend listens.
+fn connect(socket: &std::path::Path, queues: usize) -> Result<Client, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect(socket, queues, max_queue_buffer()) {
+            Ok(c) => return Ok(c),
+            Err(e) if std::time::Instant::now() < deadline && e.contains("refused") => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The headline figure of a measurement, for the progress line.
+fn headline(m: &Measurement) -> String {
+    match m.metric {
+        Metric::Bandwidth => format!("{:.2} GB/s", m.bytes_per_sec / 1e9),
+        Metric::Iops => format!("{:.1}k IOPS", m.iops / 1e3),
+        Metric::Latency => format!(
+            "p50 {:.0} µs, p99 {:.0} µs",
+            m.p50_us.unwrap_or(f64::NAN),
+            m.p99_us.unwrap_or(f64::NAN)
+        ),
+    }
 }
 
 fn measure(
