@@ -149,6 +149,9 @@ fn run_backend(
             cfg.size
         ));
     }
+    client
+        .verify()
+        .map_err(|e| format!("{} data check: {e}", kind.label()))?;
     if prefill {
         progress(&format!(
             "{} q{queues}: filling the image once",

@@ -115,6 +115,51 @@ impl Client {
         })
     }
 
+    /// Checks that the backend really stores data: writes 16 distinct 4 KiB blocks at
+    /// spread-out offsets on queue 0, flushes, reads them back and compares. Run before
+    /// measuring, so that a backend that completes requests without doing them cannot look
+    /// fast.
+    pub fn verify(&mut self) -> Result<(), String> {
+        const BS: usize = 4096;
+        const N: usize = 16;
+        if self.per_queue < 2 * BS {
+            return Err("the I/O buffer is too small to verify".to_owned());
+        }
+        let blocks = self.capacity / BS as u64;
+        let q = &mut self.queues[0];
+        let base = self.region.addr;
+        let (wbuf, rbuf) = (base, base + BS);
+        for i in 0..N as u64 {
+            let off = (xorshift(0xfeed ^ (i + 1)) % blocks) / N as u64 * N as u64 * BS as u64
+                + i * BS as u64;
+            let off = off.min((blocks - 1) * BS as u64);
+            let expected: Vec<u8> = (0..BS)
+                .map(|j| (j as u64 ^ (i * 131) ^ (off >> 12)) as u8)
+                .collect();
+            {
+                // SAFETY: [wbuf, wbuf + BS) lies inside the mapped region (per_queue >= 2 BS)
+                // and no request is in flight while this slice lives.
+                let w = unsafe { std::slice::from_raw_parts_mut(wbuf as *mut u8, BS) };
+                w.copy_from_slice(&expected);
+            }
+            q.write(off, wbuf as *const u8, BS, 0, ReqFlags::empty());
+            wait_one(q, "verify write")?;
+            q.flush(0, ReqFlags::empty());
+            wait_one(q, "verify flush")?;
+            q.read(off, rbuf as *mut u8, BS, 0, ReqFlags::empty());
+            wait_one(q, "verify read")?;
+            // SAFETY: [rbuf, rbuf + BS) lies inside the mapped region and the read that
+            // filled it has completed.
+            let r = unsafe { std::slice::from_raw_parts(rbuf as *const u8, BS) };
+            if r != &expected[..] {
+                return Err(format!(
+                    "the backend returned different data at offset {off} than was written there"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The disk size the backend reports.
     pub fn capacity(&self) -> u64 {
         self.capacity
@@ -184,6 +229,29 @@ impl Client {
         total.latencies_ns.sort_unstable();
         Ok(total)
     }
+}
+
+/// Waits for the one request in flight on `q` and checks that it succeeded.
+fn wait_one(q: &mut Blkioq, what: &str) -> Result<(), String> {
+    let mut completions = [MaybeUninit::<Completion>::uninit()];
+    let mut timeout = IO_TIMEOUT;
+    let n = q
+        .do_io(&mut completions, 1, Some(&mut timeout), None)
+        .map_err(blkio_err("do_io"))?;
+    if n != 1 {
+        return Err(format!(
+            "{what}: no completion within {IO_TIMEOUT:?}; the backend hangs"
+        ));
+    }
+    // SAFETY: do_io initialised the first `n` (= 1) entries.
+    let c = unsafe { completions[0].assume_init_ref() };
+    if c.ret != 0 {
+        return Err(format!(
+            "{what} failed: {}",
+            std::io::Error::from_raw_os_error(-c.ret)
+        ));
+    }
+    Ok(())
 }
 
 /// One queue's share of a run.
