@@ -27,6 +27,8 @@ pub enum ErrorKind {
     InvalidInput,
     /// Fewer recovery shares than the threshold, or shares from different sets.
     TooFewShares,
+    /// An image is older than the generation the keystore recorded for it.
+    Rollback,
 }
 
 /// An error from qvol-keys.

@@ -23,7 +23,7 @@ pub use kem::RecipientPublicKey;
 pub use keyslot::{SlotInfo, SlotKind};
 pub use keystore::{
     derive_vm_key_seed, validate_vm_name, GenerationInfo, KeyInfo, Keystore, UnlockedKeystore,
-    EXPORT_FORMAT, KEYSTORE_FILE, KEYS_DIR,
+    EXPORT_FORMAT, KEYSTORE_FILE, KEYS_DIR, VOLUMES_DIR,
 };
 pub use recovery::RecoveryShare;
 pub use secret::{Secret32, SecretBytes};

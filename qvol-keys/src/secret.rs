@@ -16,8 +16,7 @@ pub struct Secret32(Box<[u8; 32]>);
 impl Secret32 {
     /// Takes ownership of `bytes`; the caller should zeroize its own copy.
     pub fn from_bytes(mut bytes: [u8; 32]) -> Self {
-        let secret = Secret32::zero();
-        let mut secret = secret;
+        let mut secret = Secret32::zero();
         secret.0.copy_from_slice(&bytes);
         bytes.zeroize();
         secret

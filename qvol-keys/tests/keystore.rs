@@ -345,3 +345,60 @@ fn export_import_across_two_keystores() {
     assert_eq!(r.generation, 3);
     assert!(!r.generations.last().unwrap().imported);
 }
+
+#[test]
+fn volume_generation_register_detects_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = keystore(dir.path());
+    let vol = [0x42; 16];
+    assert_eq!(u.volume_generation(&vol).unwrap(), None);
+    u.check_volume_generation(&vol, 1).unwrap();
+    u.record_volume_generation(&vol, 5).unwrap();
+    assert_eq!(u.volume_generation(&vol).unwrap(), Some(5));
+    u.check_volume_generation(&vol, 5).unwrap();
+    u.check_volume_generation(&vol, 9).unwrap();
+    let before = snapshot(dir.path());
+    let err = u.check_volume_generation(&vol, 4).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rollback);
+    assert_eq!(
+        u.record_volume_generation(&vol, 3).unwrap_err().kind(),
+        ErrorKind::Rollback
+    );
+    assert_eq!(snapshot(dir.path()), before);
+    u.record_volume_generation(&vol, 7).unwrap();
+    assert_eq!(u.volume_generation(&vol).unwrap(), Some(7));
+
+    // Lowering the number in the file is caught by its MAC.
+    let path = dir
+        .path()
+        .join("volumes")
+        .join(format!("{}.json", hex::encode(vol)));
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("\"generation\": 7", "\"generation\": 2"),
+    )
+    .unwrap();
+    assert_eq!(
+        u.volume_generation(&vol).unwrap_err().kind(),
+        ErrorKind::Integrity
+    );
+    // So is a record from another keystore.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = keystore(other_dir.path());
+    other.record_volume_generation(&vol, 1).unwrap();
+    std::fs::copy(
+        other_dir
+            .path()
+            .join("volumes")
+            .join(format!("{}.json", hex::encode(vol))),
+        &path,
+    )
+    .unwrap();
+    assert_eq!(
+        u.volume_generation(&vol).unwrap_err().kind(),
+        ErrorKind::Integrity
+    );
+    u.forget_volume(&vol).unwrap();
+    assert_eq!(u.volume_generation(&vol).unwrap(), None);
+}

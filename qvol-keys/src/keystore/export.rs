@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::records::{self, hex_array, GenerationRecord, KeyRecord, KEY_FORMAT, VERSION};
-use super::{imported_ad, seal, time, UnlockedKeystore, SALT_LEN};
+use super::{imported_ad, seal, UnlockedKeystore, SALT_LEN};
 use crate::aead;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kdf::{hkdf32, KdfParams};
@@ -213,7 +213,6 @@ impl UnlockedKeystore {
             current_generation: key.current_generation,
             generations,
         };
-        let _ = time::now_rfc3339;
         self.store(&rec)?;
         Ok(super::info(&rec))
     }

@@ -13,6 +13,7 @@ mod export;
 mod files;
 mod records;
 mod time;
+mod volumes;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use records::{
 };
 
 pub use export::EXPORT_FORMAT;
+pub use volumes::VOLUMES_DIR;
 
 /// File name of the keystore's main file.
 pub const KEYSTORE_FILE: &str = "keystore.json";
