@@ -45,6 +45,10 @@ struct Args {
         value_delimiter = ','
     )]
     backends: Vec<String>,
+    /// Workloads to run (default: all), comma-separated names as in the table, e.g.
+    /// seq-write-1M-qd8,rand-read-4K-qd32.
+    #[arg(long, env = "QVOL_BENCH_WORKLOADS", value_delimiter = ',')]
+    workloads: Vec<String>,
     /// Short run (0.5 s warm-up, 1 s per workload, 256 MiB images): under two minutes.
     #[arg(long, env = "QVOL_BENCH_QUICK")]
     quick: bool,
@@ -62,6 +66,7 @@ struct Config {
     size: u64,
     queues: Vec<usize>,
     backends: Vec<BackendKind>,
+    workloads: Vec<Workload>,
     dir: PathBuf,
     out: PathBuf,
 }
@@ -108,7 +113,28 @@ impl TryFrom<Args> for Config {
                 })?;
             backends.push(kind);
         }
+        let workloads = if a.workloads.is_empty() {
+            WORKLOADS.to_vec()
+        } else {
+            a.workloads
+                .iter()
+                .map(|name| {
+                    WORKLOADS
+                        .iter()
+                        .find(|w| w.name == name)
+                        .copied()
+                        .ok_or_else(|| {
+                            let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+                            format!(
+                                "--workloads: unknown workload {name:?} (one of {})",
+                                names.join(", ")
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
         Ok(Config {
+            workloads,
             measure: Duration::from_secs_f64(seconds),
             warmup: Duration::from_secs_f64(warmup),
             size: size_mib << 20,
@@ -168,7 +194,7 @@ fn run_backend(
         ));
     }
     let mut out = Vec::new();
-    for w in &WORKLOADS {
+    for w in &cfg.workloads {
         *step += 1;
         progress(&format!(
             "[{}/{steps}] {} q{queues} {} ...",
@@ -270,7 +296,7 @@ fn run(cfg: Config) -> Result<Report, String> {
     let machine = Machine::describe(&cfg.dir, &tools.qsd);
     let mut measurements = Vec::new();
     let mut skipped = Vec::new();
-    let steps = cfg.backends.len() * cfg.queues.len() * WORKLOADS.len();
+    let steps = cfg.backends.len() * cfg.queues.len() * cfg.workloads.len();
     let mut step = 0;
     for &kind in &cfg.backends {
         progress(&format!(
@@ -286,7 +312,7 @@ fn run(cfg: Config) -> Result<Report, String> {
                     backend: kind.label().to_owned(),
                     reason,
                 });
-                step += cfg.queues.len() * WORKLOADS.len();
+                step += cfg.queues.len() * cfg.workloads.len();
                 continue;
             }
         };
