@@ -86,6 +86,18 @@ fn raw_chacha(group: &mut Group<'_>, size: usize, buf: &mut [u8]) {
             })
         },
     );
+    group.bench_with_input(
+        BenchmarkId::new("hchacha20 subkey only", size),
+        &size,
+        |b, _| {
+            b.iter(|| {
+                black_box(chacha20::hchacha::<chacha20::cipher::consts::U10>(
+                    (&KEY).into(),
+                    NONCE[..16].into(),
+                ))
+            })
+        },
+    );
     let rc = XChaCha20Poly1305::new(&KEY.into());
     group.bench_with_input(
         BenchmarkId::new("raw RustCrypto xchacha20-poly1305 seal", size),
