@@ -418,3 +418,43 @@ fn rotate_export_import() {
     assert_eq!(b["generation"], 2);
     assert_eq!(b["rotation_count"], 1);
 }
+
+#[test]
+fn argon2_cost_is_the_users_choice() {
+    let env = Env::new();
+    let out = env.ok(&[
+        "keystore",
+        "init",
+        "--keystore",
+        "ks",
+        "--passphrase-file",
+        "pass",
+        "--argon2-memory",
+        "1",
+        "--argon2-passes",
+        "2",
+        "--argon2-lanes",
+        "1",
+    ]);
+    assert!(out.contains("argon2id, 1 MiB, 2 passes, 1 lanes"), "{out}");
+    let text = std::fs::read_to_string(env.ks().join("keystore.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["kdf"]["m_cost_kib"], 1024);
+    assert_eq!(v["kdf"]["t_cost"], 2);
+    assert_eq!(v["kdf"]["p_cost"], 1);
+    env.new_key("vm1");
+    let env = Env::new();
+    env.fails(
+        &[
+            "keystore",
+            "init",
+            "--keystore",
+            "ks",
+            "--passphrase-file",
+            "pass",
+            "--argon2-passes",
+            "0",
+        ],
+        "outside the accepted range",
+    );
+}

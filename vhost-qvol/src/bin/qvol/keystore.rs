@@ -83,6 +83,15 @@ pub struct InitArgs {
     /// volume).
     #[arg(long)]
     pub no_passphrase: bool,
+    /// argon2id memory in MiB [default: 256].
+    #[arg(long, value_name = "MIB", conflicts_with = "no_passphrase")]
+    pub argon2_memory: Option<u32>,
+    /// argon2id passes over memory [default: 3].
+    #[arg(long, value_name = "N", conflicts_with = "no_passphrase")]
+    pub argon2_passes: Option<u32>,
+    /// argon2id lanes [default: 4].
+    #[arg(long, value_name = "N", conflicts_with = "no_passphrase")]
+    pub argon2_lanes: Option<u32>,
 }
 
 /// Runs `qvol keystore ...`.
@@ -96,7 +105,15 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     let dir = paths::keystore_dir(args.keystore.as_deref()).ok_or_else(|| {
         anyhow!("no keystore directory: pass --keystore DIR or set QVOL_KEYSTORE")
     })?;
-    let kdf = KdfParams::from_env();
+    let mut kdf = KdfParams::from_env();
+    if let Some(mib) = args.argon2_memory {
+        kdf.m_cost_kib = mib
+            .checked_mul(1024)
+            .ok_or_else(|| anyhow!("--argon2-memory {mib} MiB is too large"))?;
+    }
+    kdf.t_cost = args.argon2_passes.unwrap_or(kdf.t_cost);
+    kdf.p_cost = args.argon2_lanes.unwrap_or(kdf.p_cost);
+    kdf.validate()?;
     if args.no_passphrase {
         let keystore = Keystore::init(&dir, None, kdf)?;
         eprintln!(
@@ -111,10 +128,10 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         anyhow!("no passphrase given: pass --passphrase-file FILE, or --no-passphrase")
     })?;
     let pass = read_passphrase(&file)?;
-    if kdf == KdfParams::insecure_for_tests() {
+    if kdf.m_cost_kib < KdfParams::default().m_cost_kib / 4 {
         eprintln!(
-            "qvol: warning: {}=1: using INSECURE test argon2id parameters",
-            qvol_keys::kdf::WEAK_KDF_ENV
+            "qvol: warning: argon2id with {} of memory is weak against passphrase guessing",
+            memory(kdf.m_cost_kib)
         );
     }
     let keystore = Keystore::init(&dir, Some(pass.expose()), kdf)?;
