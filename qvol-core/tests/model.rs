@@ -57,6 +57,8 @@ enum Op {
     },
     /// close() then open().
     Reopen,
+    /// An explicit commit (durable on return).
+    Commit,
 }
 
 /// A range of `sectors` starting at `sector`, within `total` sectors: sub-block, one to a
@@ -87,6 +89,7 @@ fn op(total: u64) -> impl Strategy<Value = Op> {
         1 => Just(Op::ProcessCrash),
         2 => (0u16..400, any::<u64>()).prop_map(|(after, seed)| Op::CrashAfterOps { after, seed }),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Commit),
     ]
 }
 
@@ -228,6 +231,10 @@ impl Harness {
                     return self.on_error("write_zeroes", e);
                 }
             }
+            Op::Commit => match self.vol().commit() {
+                Ok(()) => self.model.make_durable(),
+                Err(e) => return self.on_error("commit", e),
+            },
             Op::PowerLoss { seed } => self.power_loss(seed)?,
             Op::ProcessCrash => {
                 let image = self.disk.process_crash();
