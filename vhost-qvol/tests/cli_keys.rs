@@ -378,6 +378,28 @@ fn rotate_export_import() {
         "--passphrase-file",
         "pass",
     ]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(env.root.join("web01.key")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+    // An existing output file is never overwritten.
+    env.fails(
+        &[
+            "key",
+            "export",
+            &id,
+            "-o",
+            "web01.key",
+            "--export-passphrase-file",
+            "pass",
+            "--keystore",
+            "ks",
+            "--passphrase-file",
+            "pass",
+        ],
+        "cannot create",
+    );
     env.ok(&["keystore", "init", "--keystore", "ks2", "--no-passphrase"]);
     env.fails(
         &[
