@@ -48,21 +48,21 @@ umount /run/qvol/mnt
 echo QVOL-VERIFY-DONE
 "#;
 
-/// Writes an 8 MiB random pattern to eight regions of the raw disk with O_DIRECT, reading
-/// each back and comparing, printing `QVOL-PASS n` after each; then reads all regions again.
+/// Writes a 4 MiB random pattern to six regions of the raw disk with O_DIRECT, reading each
+/// back and comparing, printing `QVOL-PASS n` after each; then reads all regions again.
 const IO_LOOP: &str = r#"
 dev=/dev/vda
-head -c 8388608 /dev/urandom > /run/qvol/pattern
+head -c 4194304 /dev/urandom > /run/qvol/pattern
 want=$(sha256sum < /run/qvol/pattern | cut -d' ' -f1)
 echo QVOL-IO-START
-for pass in 0 1 2 3 4 5 6 7; do
-    dd if=/run/qvol/pattern of=$dev bs=256k seek=$((pass * 32)) oflag=direct conv=fsync 2>/dev/null
-    got=$(dd if=$dev bs=256k skip=$((pass * 32)) count=32 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+for pass in 0 1 2 3 4 5; do
+    dd if=/run/qvol/pattern of=$dev bs=256k seek=$((pass * 16)) oflag=direct conv=fsync 2>/dev/null
+    got=$(dd if=$dev bs=256k skip=$((pass * 16)) count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
     if [ "$got" != "$want" ]; then echo "QVOL-MISMATCH pass $pass"; exit 1; fi
     echo "QVOL-PASS $pass"
 done
-for pass in 0 1 2 3 4 5 6 7; do
-    got=$(dd if=$dev bs=256k skip=$((pass * 32)) count=32 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+for pass in 0 1 2 3 4 5; do
+    got=$(dd if=$dev bs=256k skip=$((pass * 16)) count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
     if [ "$got" != "$want" ]; then echo "QVOL-MISMATCH reread $pass"; exit 1; fi
 done
 echo QVOL-IO-DONE
@@ -193,9 +193,9 @@ fn io_survives_backend_kill(kind: BackendKind, dir: &ScratchDir) {
     let _ = backend
         .signal_and_wait("KILL", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("killing the backend: {e}"));
-    // Six more 8 MiB write+read passes remain: the kill landed in the middle of the I/O.
+    // Four more 4 MiB write+read passes remain: the kill landed in the middle of the I/O.
     assert!(
-        !running.console().contains("QVOL-PASS 7"),
+        !running.console().contains("QVOL-PASS 5"),
         "the guest finished its I/O before the backend was killed"
     );
     std::thread::sleep(Duration::from_millis(300));
@@ -212,7 +212,7 @@ fn io_survives_backend_kill(kind: BackendKind, dir: &ScratchDir) {
         outcome.report()
     );
     let passes = outcome.lines_with_prefix("QVOL-PASS ").count();
-    assert_eq!(passes, 8, "{}", outcome.report());
+    assert_eq!(passes, 6, "{}", outcome.report());
 }
 
 #[test]
@@ -224,7 +224,7 @@ fn guest_ext4_survives_vhost_qvol_restart() {
 #[test]
 fn guest_io_survives_vhost_qvol_kill_and_reconnect() {
     let dir = ScratchDir::new("guest-reconnect").expect("scratch dir");
-    io_survives_backend_kill(qvol_backend(&dir, "80M"), &dir);
+    io_survives_backend_kill(qvol_backend(&dir, "32M"), &dir);
 }
 
 #[test]
@@ -238,5 +238,5 @@ fn qemu_storage_daemon_ext4_survives_restart() {
 #[ignore = "harness check against the reference backend; see the module doc"]
 fn qemu_storage_daemon_io_survives_kill_and_reconnect() {
     let dir = ScratchDir::new("qsd-reconnect").expect("scratch dir");
-    io_survives_backend_kill(raw_backend(&dir, 80 << 20), &dir);
+    io_survives_backend_kill(raw_backend(&dir, 32 << 20), &dir);
 }
