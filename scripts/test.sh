@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "== installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
 echo "== cargo build --bins"
 cargo build --workspace --bins --locked
 echo "== cargo nextest run"
