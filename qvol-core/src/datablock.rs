@@ -1,6 +1,8 @@
 //! Sealing and opening data blocks (docs/FORMAT.md §5): AEAD under `K_data[e]`, a fresh
 //! random nonce per write, associated data binding the volume and the logical position.
 
+use std::cell::RefCell;
+
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::*;
 use crate::node::LeafEntry;
@@ -17,17 +19,49 @@ pub(crate) fn data_ad(volume_id: &[u8; 16], lbn: u64, epoch: u32) -> [u8; 40] {
     ad
 }
 
-/// Fresh random nonces for `n` blocks, `suite.nonce_len()` bytes each, from one call to the
-/// OS CSPRNG.
+/// Bytes of OS randomness fetched at once for the per-thread nonce pool.
+const POOL_LEN: usize = 4096;
+
+thread_local! {
+    /// Random bytes from the OS CSPRNG not yet used as nonces, and how many are used.
+    /// Each byte is handed out once; nonces are public, so the pool holds no secret.
+    static NONCE_POOL: RefCell<(Vec<u8>, usize)> = const { RefCell::new((Vec::new(), 0)) };
+}
+
+/// Fresh random nonces for `n` blocks, `suite.nonce_len()` bytes each, all from the OS
+/// CSPRNG (getrandom), drawn through a per-thread pool so that a 4 KiB write costs no
+/// system call of its own.
 pub(crate) fn random_nonces(suite: CipherSuite, n: usize) -> Result<Vec<u8>> {
-    let mut nonces = vec![0u8; n * suite.nonce_len()];
-    getrandom::getrandom(&mut nonces).map_err(|e| {
+    let need = n * suite.nonce_len();
+    let mut nonces = vec![0u8; need];
+    if need > POOL_LEN / 4 {
+        fill_random(&mut nonces)?;
+        return Ok(nonces);
+    }
+    NONCE_POOL.with(|cell| -> Result<()> {
+        let mut pool = cell.borrow_mut();
+        let (bytes, used) = &mut *pool;
+        if bytes.len() != POOL_LEN || *used + need > POOL_LEN {
+            bytes.resize(POOL_LEN, 0);
+            fill_random(bytes)?;
+            *used = 0;
+        }
+        nonces.copy_from_slice(&bytes[*used..*used + need]);
+        // Never hand out the same bytes twice.
+        bytes[*used..*used + need].fill(0);
+        *used += need;
+        Ok(())
+    })?;
+    Ok(nonces)
+}
+
+fn fill_random(buf: &mut [u8]) -> Result<()> {
+    getrandom::getrandom(buf).map_err(|e| {
         Error::new(
             ErrorKind::Io,
             format!("the operating system's random number generator failed: {e}"),
         )
-    })?;
-    Ok(nonces)
+    })
 }
 
 /// Encrypts `buf` (one block of logical block `lbn`) in place with `nonce`; returns its
@@ -88,6 +122,19 @@ pub(crate) fn open_block(
 mod tests {
     use super::*;
     use crate::key::VolumeKey;
+
+    #[test]
+    fn nonces_never_repeat() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let n = random_nonces(CipherSuite::XChaCha20Poly1305, 1).unwrap();
+            assert!(seen.insert(n), "a nonce repeated");
+        }
+        assert_eq!(
+            random_nonces(CipherSuite::Aegis256, 256).unwrap().len(),
+            256 * 32
+        );
+    }
 
     #[test]
     fn blocks_are_bound_to_their_position() {

@@ -282,7 +282,9 @@ fn crashes_leave_flushed_or_later_data() {
             let flushed = &pattern(1, 64 * 1024)[b * BS..(b + 1) * BS];
             assert!(
                 blk == flushed || b < 8,
-                "seed {seed}: block {b} lost its flushed content"
+                "seed {seed}: block {b} lost its flushed content (zeros: {}, policy {:?})",
+                blk.iter().all(|&x| x == 0),
+                CrashPolicy::from_seed(seed)
             );
         }
         vol.close().unwrap();
@@ -323,3 +325,4 @@ fn several_threads_write_and_read_at_once() {
     want[512..1024].copy_from_slice(&pattern(103, 512));
     assert_eq!(read(&vol, (3000 + 199) * 4096, 4096), want);
 }
+
