@@ -318,3 +318,66 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::MemDisk;
+
+    fn backend(read_only: bool, queues: u16) -> BlkBackend {
+        let disk = Arc::new(MemDisk::new(1 << 20, read_only));
+        let device = Arc::new(Device::new(disk, read_only, [0; 20], queues));
+        BlkBackend::new(device, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+    }
+
+    #[test]
+    fn offers_the_issue_5_feature_set() {
+        let b = backend(false, 4);
+        let f = b.features();
+        for bit in [
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_F_VERSION_1,
+        ] {
+            assert_ne!(f & (1 << bit), 0, "feature bit {bit} missing");
+        }
+        assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(backend(true, 1).features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+        let p = b.protocol_features();
+        assert!(p.contains(
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        ));
+        assert!(b.max_queue_size() >= 256);
+    }
+
+    #[test]
+    fn one_thread_per_queue() {
+        let b = backend(false, 3);
+        assert_eq!(b.num_queues(), 3);
+        assert_eq!(b.queues_per_thread(), vec![1, 2, 4]);
+        assert!(b.exit_event(0).is_some());
+    }
+
+    #[test]
+    fn the_guest_can_switch_the_write_cache_and_nothing_else() {
+        let b = backend(false, 1);
+        assert_eq!(b.get_config(WRITEBACK_OFFSET as u32, 1), vec![1]);
+        b.set_config(WRITEBACK_OFFSET as u32, &[0]).unwrap();
+        assert_eq!(b.get_config(WRITEBACK_OFFSET as u32, 1), vec![0]);
+        let capacity = b.get_config(0, 8);
+        b.set_config(0, &[0xff; 8]).unwrap();
+        assert_eq!(b.get_config(0, 8), capacity);
+        assert_eq!(u64::from_le_bytes(capacity.try_into().unwrap()), 2048);
+    }
+}

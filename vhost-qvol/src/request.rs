@@ -80,7 +80,7 @@ pub struct DeviceSettings<'a> {
     pub serial: &'a [u8; VIRTIO_BLK_ID_BYTES as usize],
 }
 
-/// Logs guest mistakes without letting a guest flood the log: [`LOG_BURST`] lines per
+/// Logs guest mistakes without letting a guest flood the log: `LOG_BURST` (10) lines per
 /// second, then a count of what was suppressed.
 #[derive(Debug)]
 pub struct LogLimiter {
@@ -668,5 +668,18 @@ mod tests {
         ];
         let chain = queue.build_desc_chain(&descs).unwrap();
         assert_eq!(s.worker.process(&s.disk, settings, &s.mem, chain), 0);
+    }
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::LogLimiter;
+
+    #[test]
+    fn allows_a_burst_then_counts() {
+        let mut l = LogLimiter::default();
+        let allowed = (0..100).filter(|_| l.allow(0)).count();
+        assert_eq!(allowed, 10);
+        assert_eq!(l.suppressed, 90);
     }
 }

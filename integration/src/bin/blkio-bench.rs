@@ -3,7 +3,7 @@
 //! random 4 KiB writes and reads at queue depth 32, each for a few seconds on one queue.
 //! Prints one line per workload. Not a test: figures, for people and scripts.
 //!
-//! Usage: blkio-bench SOCKET [SECONDS] [RANGE_MIB]
+//! Usage: `blkio-bench SOCKET [SECONDS] [RANGE_MIB]`
 
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,8 @@ fn main() {
         }
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut next_seq = 0u64;
-        let batch = 4096;
+        // About 64 MiB per batch, so that the clock is checked often enough.
+        let batch = ((64 << 20) / w.block).clamp(w.depth, 4096);
         let start = Instant::now();
         let (mut ops, mut errors) = (0u64, 0u64);
         while start.elapsed() < Duration::from_secs_f64(seconds) {

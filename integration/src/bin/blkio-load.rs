@@ -3,7 +3,7 @@
 //! with several requests in flight, and prints `done OFFSET` for every completed write,
 //! until killed.
 //!
-//! Usage: blkio-load SOCKET SEED BLOCKS
+//! Usage: `blkio-load SOCKET SEED BLOCKS`
 
 use std::io::Write;
 
