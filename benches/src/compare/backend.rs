@@ -1,6 +1,7 @@
 //! The backends under comparison: how to create their images and start their processes.
 
 use std::fs::{self, File};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -310,6 +311,18 @@ pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, Stri
     let log_err = log_file
         .try_clone()
         .map_err(|e| format!("cannot duplicate the log file handle: {e}"))?;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe; it asks the kernel to SIGTERM the backend if this
+    // program dies (Ctrl-C), so no backend outlives a run.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
     let child = cmd
         .stdin(Stdio::null())
         .stdout(log_file)

@@ -393,3 +393,28 @@ fn fill_pseudo_random(buf: &mut [u8], seed: u64) {
         chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_from_sorted_latencies() {
+        let st = RunStats {
+            latencies_ns: (1..=100).map(|i| i * 1000).collect(),
+            ..RunStats::default()
+        };
+        assert_eq!(st.percentile(50.0), Some(Duration::from_micros(51)));
+        assert_eq!(st.percentile(99.0), Some(Duration::from_micros(99)));
+        assert_eq!(st.percentile(100.0), Some(Duration::from_micros(100)));
+        assert_eq!(RunStats::default().percentile(50.0), None);
+    }
+
+    #[test]
+    fn pseudo_random_fill_is_not_constant() {
+        let mut buf = [0u8; 4096];
+        fill_pseudo_random(&mut buf, 1);
+        assert!(buf.iter().filter(|&&b| b == 0).count() < 100);
+        assert_ne!(buf[..8], buf[8..16]);
+    }
+}
