@@ -156,7 +156,7 @@ mod tests {
     fn message_and_source_are_separate() {
         let e = Error::io(
             "cannot read block 7",
-            io::Error::new(io::ErrorKind::Other, "disk on fire"),
+            io::Error::other("disk on fire"),
         );
         assert_eq!(e.kind(), ErrorKind::Io);
         assert_eq!(e.to_string(), "cannot read block 7");
