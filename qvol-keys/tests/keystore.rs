@@ -402,3 +402,35 @@ fn volume_generation_register_detects_rollback() {
     u.forget_volume(&vol).unwrap();
     assert_eq!(u.volume_generation(&vol).unwrap(), None);
 }
+
+#[test]
+fn change_passphrase_keeps_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = keystore(dir.path());
+    let k = u.new_key("web01").unwrap();
+    let slot = keyslot::wrap_for_recipient(
+        &u.public_key(&k.key_id).unwrap(),
+        &k.key_id,
+        &VOL,
+        &Secret32::random(),
+    )
+    .unwrap();
+    let before = snapshot(dir.path());
+    assert_eq!(
+        u.change_passphrase(Some(b""), WEAK).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(snapshot(dir.path()), before);
+    u.change_passphrase(Some(b"new pass"), WEAK).unwrap();
+    let ks = Keystore::open(dir.path()).unwrap();
+    assert_eq!(
+        ks.unlock(Some(PASS)).unwrap_err().kind(),
+        ErrorKind::WrongPassphrase
+    );
+    let u2 = ks.unlock(Some(b"new pass")).unwrap();
+    assert_eq!(u2.show(&k.key_id).unwrap(), k);
+    assert!(keyslot::unwrap_with_keystore(std::slice::from_ref(&slot), &u2, &VOL).is_ok());
+    u2.change_passphrase(None, WEAK).unwrap();
+    let u3 = Keystore::open(dir.path()).unwrap().unlock(None).unwrap();
+    assert!(keyslot::unwrap_with_keystore(&[slot], &u3, &VOL).is_ok());
+}

@@ -480,3 +480,55 @@ fn argon2_cost_is_the_users_choice() {
         "outside the accepted range",
     );
 }
+
+#[test]
+fn passwd_changes_the_passphrase() {
+    let env = Env::new();
+    env.init();
+    let id = env.new_key("vm1");
+    std::fs::write(env.root.join("new"), "a new passphrase\n").unwrap();
+    env.fails(
+        &[
+            "keystore",
+            "passwd",
+            "--keystore",
+            "ks",
+            "--passphrase-file",
+            "wrong",
+            "--new-passphrase-file",
+            "new",
+        ],
+        "passphrase does not unlock",
+    );
+    env.ok(&[
+        "keystore",
+        "passwd",
+        "--keystore",
+        "ks",
+        "--passphrase-file",
+        "pass",
+        "--new-passphrase-file",
+        "new",
+    ]);
+    env.fails(
+        &[
+            "key",
+            "show",
+            &id,
+            "--keystore",
+            "ks",
+            "--passphrase-file",
+            "pass",
+        ],
+        "passphrase does not unlock",
+    );
+    env.ok(&[
+        "key",
+        "show",
+        &id,
+        "--keystore",
+        "ks",
+        "--passphrase-file",
+        "new",
+    ]);
+}

@@ -139,47 +139,7 @@ impl Keystore {
         kdf.validate()?;
         let master = Secret32::random();
         let created = time::now_rfc3339();
-        let (file, kdf_duration) = match passphrase {
-            Some(pass) => {
-                let mut salt = [0u8; SALT_LEN];
-                fill_random(&mut salt);
-                let (hash, took) = kdf.derive(pass, &salt)?;
-                let wrap = hkdf32(MASTER_SALT, hash.expose(), &[SEED_WRAP_INFO]);
-                let nonce = aead::random_nonce();
-                let mut sealed = master.expose().to_vec();
-                let tag = aead::seal(&wrap, &nonce, &seed_ad(&kdf, &salt), &mut sealed);
-                sealed.extend_from_slice(&tag);
-                let file = KeystoreFile {
-                    format: KEYSTORE_FORMAT.into(),
-                    version: VERSION,
-                    created,
-                    protection: Protection::Argon2id,
-                    kdf: Some(kdf),
-                    salt: Some(hex::encode(salt)),
-                    sealed_seed: Some(Sealed {
-                        nonce: hex::encode(nonce),
-                        ciphertext: hex::encode(&sealed),
-                    }),
-                    seed: None,
-                    seed_check: None,
-                };
-                (file, Some(took))
-            }
-            None => {
-                let file = KeystoreFile {
-                    format: KEYSTORE_FORMAT.into(),
-                    version: VERSION,
-                    created,
-                    protection: Protection::None,
-                    kdf: None,
-                    salt: None,
-                    sealed_seed: None,
-                    seed: Some(hex::encode(master.expose())),
-                    seed_check: Some(hex::encode(seed_check(&master))),
-                };
-                (file, None)
-            }
-        };
+        let (file, kdf_duration) = keystore_file(&master, passphrase, kdf, created)?;
         files::create_private_dir(dir)?;
         files::create_private_dir(&dir.join(KEYS_DIR))?;
         files::write_atomic(&dir.join(KEYSTORE_FILE), &records::to_json(&file))?;
@@ -303,6 +263,50 @@ impl Keystore {
             storage_key,
         })
     }
+}
+
+/// The keystore.json content for `master`: sealed under argon2id(`passphrase`) with `kdf`,
+/// or plain when `passphrase` is `None`. Returns the argon2id time too.
+fn keystore_file(
+    master: &Secret32,
+    passphrase: Option<&[u8]>,
+    kdf: KdfParams,
+    created: String,
+) -> Result<(KeystoreFile, Option<Duration>)> {
+    let Some(pass) = passphrase else {
+        let file = KeystoreFile {
+            format: KEYSTORE_FORMAT.into(),
+            version: VERSION,
+            created,
+            protection: Protection::None,
+            kdf: None,
+            salt: None,
+            sealed_seed: None,
+            seed: Some(hex::encode(master.expose())),
+            seed_check: Some(hex::encode(seed_check(master))),
+        };
+        return Ok((file, None));
+    };
+    if pass.is_empty() {
+        return Err(Error::invalid("the passphrase is empty"));
+    }
+    let mut salt = [0u8; SALT_LEN];
+    fill_random(&mut salt);
+    let (hash, took) = kdf.derive(pass, &salt)?;
+    let wrap = hkdf32(MASTER_SALT, hash.expose(), &[SEED_WRAP_INFO]);
+    let sealed = seal(&wrap, master, &seed_ad(&kdf, &salt));
+    let file = KeystoreFile {
+        format: KEYSTORE_FORMAT.into(),
+        version: VERSION,
+        created,
+        protection: Protection::Argon2id,
+        kdf: Some(kdf),
+        salt: Some(hex::encode(salt)),
+        sealed_seed: Some(sealed),
+        seed: None,
+        seed_check: None,
+    };
+    Ok((file, Some(took)))
 }
 
 fn seed_ad(kdf: &KdfParams, salt: &[u8]) -> Vec<u8> {
@@ -608,6 +612,22 @@ impl UnlockedKeystore {
     pub fn delete(&self, id: &str) -> Result<()> {
         self.load(id)?;
         files::remove(&self.record_path(id))
+    }
+
+    /// Re-seals the master seed under a new passphrase (or none) and KDF parameters; keys,
+    /// records and every volume stay as they are. Returns the new argon2id unlock time.
+    pub fn change_passphrase(
+        &self,
+        passphrase: Option<&[u8]>,
+        kdf: KdfParams,
+    ) -> Result<Option<Duration>> {
+        kdf.validate()?;
+        let path = self.dir.join(KEYSTORE_FILE);
+        let what = path.display().to_string();
+        let old: KeystoreFile = records::parse(&files::read_bounded(&path)?, &what)?;
+        let (file, took) = keystore_file(&self.master, passphrase, kdf, old.created)?;
+        files::write_atomic(&path, &records::to_json(&file))?;
+        Ok(took)
     }
 
     /// The secret key able to open a recipient slot naming (`key_id`, `generation`,

@@ -67,6 +67,21 @@ pub fn read_passphrase(path: &Path) -> anyhow::Result<SecretBytes> {
 pub enum KeystoreCommand {
     /// Create a keystore: a random master seed, sealed under a passphrase (argon2id).
     Init(InitArgs),
+    /// Change the keystore passphrase (or remove it); keys and volumes are unchanged.
+    Passwd(PasswdArgs),
+}
+
+/// `qvol keystore passwd`
+#[derive(Debug, clap::Args)]
+pub struct PasswdArgs {
+    #[command(flatten)]
+    pub keystore: KeystoreArgs,
+    /// File holding the new passphrase.
+    #[arg(long, value_name = "FILE", required_unless_present = "no_passphrase")]
+    pub new_passphrase_file: Option<PathBuf>,
+    /// Store the master seed unencrypted from now on.
+    #[arg(long, conflicts_with = "new_passphrase_file")]
+    pub no_passphrase: bool,
 }
 
 /// `qvol keystore init`
@@ -98,6 +113,7 @@ pub struct InitArgs {
 pub fn run(command: KeystoreCommand) -> anyhow::Result<()> {
     match command {
         KeystoreCommand::Init(args) => init(args),
+        KeystoreCommand::Passwd(args) => passwd(args),
     }
 }
 
@@ -144,6 +160,33 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         kdf.t_cost,
         kdf.p_cost
     );
+    Ok(())
+}
+
+fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
+    let new_pass = match &args.new_passphrase_file {
+        Some(file) if !args.no_passphrase => Some(read_passphrase(file)?),
+        _ => None,
+    };
+    let unlocked = args.keystore.unlock()?;
+    let kdf = Keystore::open(unlocked.dir())?
+        .kdf_params()
+        .unwrap_or_else(KdfParams::from_env);
+    let took = unlocked.change_passphrase(new_pass.as_ref().map(SecretBytes::expose), kdf)?;
+    match took {
+        Some(t) => println!(
+            "Changed the passphrase of {}; unlock takes {:.2} s.",
+            unlocked.dir().display(),
+            t.as_secs_f64()
+        ),
+        None => {
+            eprintln!(
+                "qvol: warning: the master seed of {} is now stored unencrypted",
+                unlocked.dir().display()
+            );
+            println!("Removed the passphrase of {}.", unlocked.dir().display());
+        }
+    }
     Ok(())
 }
 
