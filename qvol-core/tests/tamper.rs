@@ -526,3 +526,72 @@ fn truncated_images_refuse_or_fail_reads_never_wrong_data() {
         );
     }
 }
+
+/// Destroying the newest superblock may make open fall back to the previous commit (the
+/// same as a torn superblock write after a crash): that is a rollback, which only the
+/// generation can reveal (FORMAT.md §12; qvol-keys records the last generation seen). So a
+/// fallback that serves older data must show in `info().generation`, and what it reads must
+/// be an older version of each block, never anything else.
+#[test]
+fn a_superblock_fallback_shows_in_the_generation() {
+    // History kept whole (never made durable): every version ever written is "older".
+    let mem = Arc::new(MemStorage::new());
+    let vol = common::create(mem.clone(), SIZE);
+    let mut model = common::BlockHistory::new(SIZE);
+    let mut w = |vol: &Volume, lbn: u64, tag: u64| {
+        let data = common::pattern(tag, 4096);
+        vol.write_at(lbn * 4096, &data).expect("write");
+        model.apply(lbn * 4096, &data);
+    };
+    for lbn in 0..8 {
+        w(&vol, lbn, lbn);
+    }
+    vol.commit().expect("commit");
+    for lbn in 0..8 {
+        w(&vol, lbn, 100 + lbn); // these records overwrite the previous epoch's slots
+    }
+    vol.commit().expect("commit");
+    w(&vol, 0, 200);
+    w(&vol, 200, 201);
+    vol.flush().expect("flush");
+    let latest_generation = vol.info().generation;
+    let image = mem.to_vec();
+    drop(vol);
+    let l = Layout::read(&image);
+    let mut opened = 0;
+    let mut rollbacks = 0;
+    for off in (0..layout::SUPERBLOCK_LEN).step_by(23) {
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(flipped(
+            &image,
+            l.newest_superblock + off,
+        )));
+        let Ok(vol) = Volume::open(storage, &common::key(1), true) else {
+            continue; // refused: detected
+        };
+        opened += 1;
+        let mut rolled_back = false;
+        for lbn in 0..BLOCKS {
+            match common::read_block(&vol, lbn) {
+                Ok(got) if got == model.current(lbn as usize) => {}
+                Ok(got) => {
+                    assert!(
+                        model.version_of(lbn as usize, &got).is_some(),
+                        "flip at superblock byte {off}: block {lbn} is none of its versions"
+                    );
+                    rolled_back = true;
+                }
+                Err(e) => assert_eq!(e.kind(), ErrorKind::Integrity, "{e:?}"),
+            }
+        }
+        if rolled_back {
+            rollbacks += 1;
+            assert!(
+                vol.info().generation < latest_generation,
+                "flip at superblock byte {off}: older data is served under generation {} \
+                 (latest {latest_generation}): the rollback is invisible",
+                vol.info().generation
+            );
+        }
+    }
+    eprintln!("{opened} flips opened (fallback), {rollbacks} of them rolled data back");
+}
