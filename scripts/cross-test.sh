@@ -36,4 +36,4 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -cpu m
 
 echo "== cargo test -p qvol-core --target $TARGET (suite tests, under qemu-user)"
 cargo test -p qvol-core --target "$TARGET" --locked --lib "$@" -- suite::
-cargo test -p qvol-core --target "$TARGET" --locked --test suite_equivalence "$@" -- --nocapture
+cargo test -p qvol-core --target "$TARGET" --locked --test suite_equivalence --test suite_alloc "$@" -- --nocapture
