@@ -17,8 +17,12 @@ fn bench_kem(c: &mut Criterion) {
         let seed = Secret32::from_bytes([9; 32]);
         b.iter(|| HybridSecretKey::from_seed(&seed))
     });
-    g.bench_function("encapsulate", |b| b.iter(|| kem::encapsulate(&pk).expect("encapsulate")));
-    g.bench_function("decapsulate", |b| b.iter(|| sk.decapsulate(&ct[..]).expect("decapsulate")));
+    g.bench_function("encapsulate", |b| {
+        b.iter(|| kem::encapsulate(&pk).expect("encapsulate"))
+    });
+    g.bench_function("decapsulate", |b| {
+        b.iter(|| sk.decapsulate(&ct[..]).expect("decapsulate"))
+    });
     g.finish();
 
     let vk = Secret32::random();
