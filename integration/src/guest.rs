@@ -60,9 +60,14 @@ impl GuestError {
     }
 }
 
+/// `{}` prints this error's sentence; `{:#}` adds its source (what tests panic with).
 impl fmt::Display for GuestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        f.write_str(&self.message)?;
+        match &self.source {
+            Some(source) if f.alternate() => write!(f, ": {source}"),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -109,10 +114,15 @@ impl GuestKit {
     /// Finds QEMU, the guest kernel and the initramfs builder; every missing piece is an error
     /// that says how to install it.
     pub fn locate() -> Result<Self, GuestError> {
-        let root = repo_root();
         let guest_dir = std::env::var_os("QVOL_GUEST_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| root.join(".cache/guest"));
+            .unwrap_or_else(|| repo_root().join(".cache/guest"));
+        Self::locate_in(&guest_dir)
+    }
+
+    /// As [`GuestKit::locate`], with the kernel and modules in `guest_dir`.
+    pub fn locate_in(guest_dir: &Path) -> Result<Self, GuestError> {
+        let root = repo_root();
         let kernel = guest_dir.join("vmlinuz");
         for needed in [kernel.clone(), guest_dir.join("modules.order")] {
             if !needed.is_file() {
@@ -438,11 +448,7 @@ impl RunningGuest {
             thread::sleep(Duration::from_millis(50));
         };
         let console = self.console();
-        let script_status = console
-            .lines()
-            .filter_map(|l| l.trim_end_matches('\r').strip_prefix(EXIT_MARKER))
-            .filter_map(|s| s.trim().parse().ok())
-            .next_back();
+        let script_status = script_status(&console);
         Ok(GuestOutcome {
             console,
             qemu_log: read_lossy(&self.qemu_log),
@@ -452,11 +458,61 @@ impl RunningGuest {
     }
 }
 
+/// The status the guest's init reported for the test script (the last `QVOL-GUEST-EXIT=`).
+fn script_status(console: &str) -> Option<i32> {
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(EXIT_MARKER))
+        .filter_map(|s| s.trim().parse().ok())
+        .next_back()
+}
+
 impl Drop for RunningGuest {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_kernel_fails_and_names_the_setup_script() {
+        let empty = std::env::temp_dir().join(format!("qvol-no-kernel-{}", std::process::id()));
+        let err = GuestKit::locate_in(&empty).expect_err("no kernel there");
+        let text = err.to_string();
+        assert!(text.contains("vmlinuz"), "{text}");
+        assert!(text.contains("scripts/setup.sh"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_tool_fails_and_names_the_setup_script() {
+        let err = require_tool("qvol-no-such-tool").expect_err("not on PATH");
+        assert!(err.to_string().contains("scripts/setup.sh"), "{err}");
+    }
+
+    #[test]
+    fn qemu_options_double_commas_in_paths() {
+        assert_eq!(qemu_escape(Path::new("/tmp/a,b.sock")), "/tmp/a,,b.sock");
+    }
+
+    #[test]
+    fn the_script_status_and_io_errors_come_from_the_console() {
+        let console =
+            "QVOL-GUEST-BEGIN\r\n[ 1.0] I/O error, dev vda, sector 8\r\nQVOL-GUEST-EXIT=3\r\n";
+        assert_eq!(script_status(console), Some(3));
+        assert_eq!(script_status("QVOL-GUEST-BEGIN\n"), None);
+        let outcome = GuestOutcome {
+            console: console.to_string(),
+            qemu_log: String::new(),
+            script_status: script_status(console),
+            qemu_status: None,
+        };
+        assert_eq!(outcome.io_error_lines().len(), 1);
+        assert!(!outcome.succeeded());
     }
 }

@@ -21,7 +21,7 @@ fn config(name: &str) -> PathBuf {
 }
 
 fn tool(name: &str) -> PathBuf {
-    require_tool(name).unwrap_or_else(|e| panic!("{e}"))
+    require_tool(name).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The guest checks it sees two virtqueues (two blk-mq hardware queues with two vCPUs), then
@@ -37,16 +37,16 @@ echo QVOL-CONFIG-OK
 
 #[test]
 fn qemu_command_line_boots_a_guest_on_vhost_qvol() {
-    let kit = GuestKit::locate().unwrap_or_else(|e| panic!("cannot boot the test guest: {e}"));
+    let kit = GuestKit::locate().unwrap_or_else(|e| panic!("cannot boot the test guest: {e:#}"));
     let dir = ScratchDir::new("guest-config").expect("scratch dir");
     let volume = QvolVolume::create(dir.path(), "32M", None)
-        .unwrap_or_else(|e| panic!("cannot create the test volume: {e}"));
+        .unwrap_or_else(|e| panic!("cannot create the test volume: {e:#}"));
     let backend = Backend::start(
         BackendKind::VhostQvol(volume),
         &dir.path().join("disk.sock"),
         2,
     )
-    .unwrap_or_else(|e| panic!("cannot start vhost-qvol: {e}"));
+    .unwrap_or_else(|e| panic!("cannot start vhost-qvol: {e:#}"));
 
     let mut launcher = Command::new(config("qemu-vhost-qvol.sh"));
     launcher
@@ -64,7 +64,7 @@ fn qemu_command_line_boots_a_guest_on_vhost_qvol() {
         &dir.path().join("boot"),
     )
     .and_then(|g| g.wait())
-    .unwrap_or_else(|e| panic!("the guest did not run: {e}"));
+    .unwrap_or_else(|e| panic!("the guest did not run: {e:#}"));
     assert!(
         outcome.succeeded(),
         "{}\n--- backend ---\n{}",
@@ -109,7 +109,7 @@ fn vhost_user_descriptor_matches_print_capabilities() {
         "binary is not vhost-qvol: {binary}"
     );
 
-    let daemon = workspace_binary("vhost-qvol").unwrap_or_else(|e| panic!("{e}"));
+    let daemon = workspace_binary("vhost-qvol").unwrap_or_else(|e| panic!("{e:#}"));
     let out = Command::new(&daemon)
         .arg("--print-capabilities")
         .output()
@@ -155,7 +155,7 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         "the passphrase credential is gone"
     );
     // verify checks that ExecStart's binary exists: point it at the one just built.
-    let daemon = workspace_binary("vhost-qvol").unwrap_or_else(|e| panic!("{e}"));
+    let daemon = workspace_binary("vhost-qvol").unwrap_or_else(|e| panic!("{e:#}"));
     let dir = ScratchDir::new("systemd").expect("scratch dir");
     fs::write(
         dir.path().join("vhost-qvol@.service"),

@@ -69,12 +69,12 @@ echo QVOL-IO-DONE
 "#;
 
 fn kit() -> GuestKit {
-    GuestKit::locate().unwrap_or_else(|e| panic!("cannot boot the test guest: {e}"))
+    GuestKit::locate().unwrap_or_else(|e| panic!("cannot boot the test guest: {e:#}"))
 }
 
 fn qvol_backend(dir: &ScratchDir, size: &str) -> BackendKind {
     let volume = QvolVolume::create(dir.path(), size, None)
-        .unwrap_or_else(|e| panic!("cannot create the test volume: {e}"));
+        .unwrap_or_else(|e| panic!("cannot create the test volume: {e:#}"));
     BackendKind::VhostQvol(volume)
 }
 
@@ -92,7 +92,7 @@ fn run_guest(
     workdir: &std::path::Path,
 ) -> GuestOutcome {
     let spec = GuestSpec::new(script, &[backend.socket()]);
-    guest::run(kit, &spec, workdir).unwrap_or_else(|e| panic!("the guest did not run: {e}"))
+    guest::run(kit, &spec, workdir).unwrap_or_else(|e| panic!("the guest did not run: {e:#}"))
 }
 
 fn assert_clean(outcome: &GuestOutcome, backend: &Backend, what: &str) {
@@ -128,7 +128,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn ext4_survives_restart(kind: BackendKind, dir: &ScratchDir) {
     let kit = kit();
     let mut backend = Backend::start(kind.clone(), &dir.path().join("disk.sock"), 1)
-        .unwrap_or_else(|e| panic!("cannot start the backend: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start the backend: {e:#}"));
     let first = run_guest(&kit, WRITE_FS, &backend, &dir.path().join("boot1"));
     assert_clean(&first, &backend, "first boot");
     assert!(
@@ -146,7 +146,7 @@ fn ext4_survives_restart(kind: BackendKind, dir: &ScratchDir) {
 
     let status = backend
         .signal_and_wait("TERM", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("stopping the backend: {e}\n{}", backend.log()));
+        .unwrap_or_else(|e| panic!("stopping the backend: {e:#}\n{}", backend.log()));
     assert!(
         status.success(),
         "the backend exited with {status} on SIGTERM\n{}",
@@ -161,7 +161,7 @@ fn ext4_survives_restart(kind: BackendKind, dir: &ScratchDir) {
     }
     backend
         .restart()
-        .unwrap_or_else(|e| panic!("cannot restart the backend: {e}"));
+        .unwrap_or_else(|e| panic!("cannot restart the backend: {e:#}"));
 
     let second = run_guest(&kit, VERIFY_FS, &backend, &dir.path().join("boot2"));
     assert_clean(&second, &backend, "second boot");
@@ -183,16 +183,16 @@ fn ext4_survives_restart(kind: BackendKind, dir: &ScratchDir) {
 fn io_survives_backend_kill(kind: BackendKind, dir: &ScratchDir) {
     let kit = kit();
     let mut backend = Backend::start(kind, &dir.path().join("disk.sock"), 1)
-        .unwrap_or_else(|e| panic!("cannot start the backend: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start the backend: {e:#}"));
     let spec = GuestSpec::new(IO_LOOP, &[backend.socket()]);
     let mut running = guest::boot(&kit, &spec, &dir.path().join("boot"))
-        .unwrap_or_else(|e| panic!("the guest did not start: {e}"));
+        .unwrap_or_else(|e| panic!("the guest did not start: {e:#}"));
     running
         .wait_for_console("QVOL-PASS 1", Duration::from_secs(240))
-        .unwrap_or_else(|e| panic!("{e}\n--- backend ---\n{}", backend.log()));
+        .unwrap_or_else(|e| panic!("{e:#}\n--- backend ---\n{}", backend.log()));
     let _ = backend
         .signal_and_wait("KILL", Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("killing the backend: {e}"));
+        .unwrap_or_else(|e| panic!("killing the backend: {e:#}"));
     // Four more 4 MiB write+read passes remain: the kill landed in the middle of the I/O.
     assert!(
         !running.console().contains("QVOL-PASS 5"),
@@ -201,10 +201,10 @@ fn io_survives_backend_kill(kind: BackendKind, dir: &ScratchDir) {
     std::thread::sleep(Duration::from_millis(300));
     backend
         .restart()
-        .unwrap_or_else(|e| panic!("cannot restart the backend: {e}"));
+        .unwrap_or_else(|e| panic!("cannot restart the backend: {e:#}"));
     let outcome = running
         .wait()
-        .unwrap_or_else(|e| panic!("the guest did not finish: {e}"));
+        .unwrap_or_else(|e| panic!("the guest did not finish: {e:#}"));
     assert_clean(&outcome, &backend, "I/O across a backend restart");
     assert!(
         outcome.console.contains("QVOL-IO-DONE"),
