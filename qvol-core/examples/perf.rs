@@ -68,6 +68,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     if args.get(3).map(String::as_str) == Some("seqw") {
+        if args.get(4).is_some() {
+            for _ in 0..110_000 {
+                vol.write_at((next() % (size / 4096)) * 4096, &block)?;
+            }
+            vol.commit()?;
+        }
         let mib = vec![0xa5u8; 1 << 20];
         for _ in 0..4 {
             for i in 0..1024u64 {

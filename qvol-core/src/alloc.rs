@@ -20,6 +20,11 @@ struct BitLeaf {
     dirty: bool,
 }
 
+/// Requests of at least this many blocks look for a contiguous run first.
+const RUN_MIN: usize = 16;
+/// How far past the cursor such a run is looked for.
+const RUN_SCAN: u64 = 8192;
+
 /// The allocator's state; all of it behind one mutex, held for short scans only.
 #[derive(Debug)]
 pub(crate) struct AllocState {
@@ -132,8 +137,64 @@ impl AllocState {
         Ok(())
     }
 
-    /// Allocates `n` blocks, as contiguous as the free space allows, in ascending order.
+    /// Allocates `n` blocks, as contiguous as the free space allows. Requests of
+    /// [`RUN_MIN`] blocks or more first look for one contiguous run near the cursor, so that
+    /// big writes and reads stay one system call each.
     pub(crate) fn alloc(&mut self, st: &dyn Storage, keys: &Subkeys, n: usize) -> Result<Vec<u64>> {
+        if n >= RUN_MIN {
+            if let Some(start) = self.find_run(st, keys, n as u64)? {
+                for pbn in start..start + n as u64 {
+                    self.set_bit(st, keys, pbn, true)?;
+                }
+                self.cursor = start + n as u64;
+                self.used += n as u64;
+                self.high_water = self.high_water.max(start + n as u64);
+                return Ok((start..start + n as u64).collect());
+            }
+        }
+        self.alloc_scattered(st, keys, n)
+    }
+
+    /// The start of `n` contiguous free blocks within [`RUN_SCAN`] blocks of the cursor.
+    fn find_run(&mut self, st: &dyn Storage, keys: &Subkeys, n: u64) -> Result<Option<u64>> {
+        let mut pbn = self.cursor.max(DATA_START_BLOCK);
+        let limit = (pbn + RUN_SCAN).min(self.capacity);
+        let mut run_start = pbn;
+        let mut run = 0u64;
+        while pbn < limit {
+            let index = pbn / BITS_PER_SPACE_LEAF;
+            self.leaf(st, keys, index)?;
+            let Some(leaf) = self.leaves.get(&index) else {
+                return Err(Error::corrupt("internal: a space leaf left the cache"));
+            };
+            let base = index * BITS_PER_SPACE_LEAF;
+            let end = (base + BITS_PER_SPACE_LEAF).min(limit);
+            while pbn < end {
+                let j = (pbn - base) as usize;
+                if j % 8 == 0 && leaf.bits[j / 8] == 0xff && pbn + 8 <= end {
+                    run = 0;
+                    pbn += 8;
+                    continue;
+                }
+                let free = leaf.bits[j / 8] & (1 << (j % 8)) == 0 && !self.pending.contains(&pbn);
+                if free {
+                    if run == 0 {
+                        run_start = pbn;
+                    }
+                    run += 1;
+                    if run == n {
+                        return Ok(Some(run_start));
+                    }
+                } else {
+                    run = 0;
+                }
+                pbn += 1;
+            }
+        }
+        Ok(None)
+    }
+
+    fn alloc_scattered(&mut self, st: &dyn Storage, keys: &Subkeys, n: usize) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(n);
         let mut scanned = 0u64;
         let span = self.capacity - DATA_START_BLOCK;
@@ -343,6 +404,29 @@ mod tests {
         let cap = space_capacity(1000);
         let a = Allocator::new(AllocState::height_for(cap), NodePtr::default(), cap, 0, 0);
         (MemStorage::new(), keys, a)
+    }
+
+    #[test]
+    fn big_requests_get_one_run() {
+        let (st, keys, a) = setup();
+        let mut s = a.lock();
+        s.mark_fixed_regions(&st, &keys).unwrap();
+        let small = s.alloc(&st, &keys, 20).unwrap();
+        for pbn in small.iter().step_by(2) {
+            s.free(&st, &keys, *pbn, false).unwrap();
+        }
+        s.finish_commit();
+        let run = s.alloc(&st, &keys, 16).unwrap();
+        assert!(run.windows(2).all(|w| w[1] == w[0] + 1), "{run:?}");
+        assert!(
+            run[0] >= 1060,
+            "the holes of one block are skipped: {run:?}"
+        );
+        let scattered = s.alloc(&st, &keys, 3).unwrap();
+        assert_eq!(
+            scattered[0], 1076,
+            "small requests take what follows the cursor"
+        );
     }
 
     #[test]

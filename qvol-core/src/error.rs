@@ -154,10 +154,7 @@ mod tests {
 
     #[test]
     fn message_and_source_are_separate() {
-        let e = Error::io(
-            "cannot read block 7",
-            io::Error::other("disk on fire"),
-        );
+        let e = Error::io("cannot read block 7", io::Error::other("disk on fire"));
         assert_eq!(e.kind(), ErrorKind::Io);
         assert_eq!(e.to_string(), "cannot read block 7");
         let source = std::error::Error::source(&e).map(|s| s.to_string());

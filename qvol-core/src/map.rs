@@ -235,6 +235,23 @@ impl BlockMap {
         })
     }
 
+    /// Drops every clean cached leaf once more than `limit` are cached (after a commit,
+    /// with the gate held exclusively, every leaf is clean). They reload on demand.
+    pub(crate) fn trim(&self, limit: usize) {
+        let cached: usize = self
+            .shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
+            .sum();
+        if cached <= limit {
+            return;
+        }
+        for shard in &self.shards {
+            let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, l| l.dirty);
+        }
+    }
+
     /// Commit, last step: the leaves now live at their new blocks and are clean.
     pub(crate) fn finish_commit(&self, moved: &[(u64, u64)]) {
         for &(index, pbn) in moved {

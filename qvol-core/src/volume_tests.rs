@@ -326,3 +326,22 @@ fn several_threads_write_and_read_at_once() {
     assert_eq!(read(&vol, (3000 + 199) * 4096, 4096), want);
 }
 
+#[test]
+fn trimmed_leaves_reload_verified() {
+    let st = Arc::new(MemStorage::new());
+    let vol = Volume::create(st.clone(), opts(64 << 20, CipherSuite::default()), &key()).unwrap();
+    for i in 0..40u64 {
+        vol.write_at(i * 256 * 4096, &pattern(i as u8, 4096))
+            .unwrap();
+    }
+    vol.commit().unwrap();
+    vol.map.trim(0);
+    for i in 0..40u64 {
+        assert_eq!(read(&vol, i * 256 * 4096, 4096), pattern(i as u8, 4096));
+    }
+    vol.write_at(4096, &pattern(99, 4096)).unwrap();
+    vol.close().unwrap();
+    let vol = Volume::open(st, &key(), false).unwrap();
+    assert_eq!(read(&vol, 4096, 4096), pattern(99, 4096));
+    assert_eq!(read(&vol, 39 * 256 * 4096, 4096), pattern(39, 4096));
+}
