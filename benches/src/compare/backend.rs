@@ -91,7 +91,7 @@ impl Tools {
     pub fn find() -> Result<Tools, String> {
         let qsd = which("qemu-storage-daemon").ok_or(
             "qemu-storage-daemon is not installed (not found in PATH); install it with \
-             `apt-get install qemu-system-common` (Debian/Ubuntu; Fedora: `dnf install qemu-img`)",
+             `apt-get install qemu-system-common` (Debian/Ubuntu)",
         )?;
         let qemu_img = which("qemu-img")
             .ok_or("qemu-img is not installed (not found in PATH); install it with `apt-get install qemu-utils`")?;
