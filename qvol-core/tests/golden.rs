@@ -1,0 +1,192 @@
+//! Golden images of format version 1 (`tests/data/golden-v1*.qvol`), checked into the
+//! repository: every later version of qvol-core must still open them and read back their
+//! known content. The images hold a committed tree and, after it, flushed log records that
+//! only a replay applies, so both paths are pinned.
+//!
+//! The images were made once with
+//! `QVOL_WRITE_GOLDEN=1 cargo test -p qvol-core --test golden -- --ignored write_golden_images`
+//! and must never be regenerated for version 1 (make `golden-v2*` for a new version).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::BlockHistory;
+use qvol_core::storage::{MemStorage, Storage};
+use qvol_core::{CipherSuite, CreateOptions, Volume, VolumeKey};
+
+const SIZE: u64 = 1 << 20;
+const NAME: &str = "golden-v1";
+const VOLUME_ID: [u8; 16] = *b"qvol-golden-v1\0\0";
+
+/// The key of the golden images: bytes 0, 1, ..., 31.
+fn golden_key() -> VolumeKey {
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    VolumeKey::from_bytes(k)
+}
+
+fn keyslots() -> Vec<Vec<u8>> {
+    vec![b"golden keyslot 0".to_vec(), vec![0xa5; 300]]
+}
+
+/// What the first session does (then closes: committed).
+enum Step {
+    Write(u64, usize, u64),
+    Discard(u64, u64),
+    Zeroes(u64, u64),
+}
+
+const COMMITTED: &[Step] = &[
+    Step::Write(0, 4096, 1),
+    Step::Write(4096 + 512, 1024, 2),
+    Step::Write(64 * 4096 - 512, 1024, 3), // straddles two map leaves
+    Step::Write(100 * 4096, 4 * 4096, 4),
+    Step::Write(255 * 4096, 4096, 5), // the last block
+    Step::Discard(101 * 4096, 4096),
+    Step::Zeroes(1024, 512),
+];
+
+/// What the second session does: flushed, never committed (lives in the log only).
+const LOGGED: &[Step] = &[
+    Step::Write(8 * 4096, 4096, 6),
+    Step::Write(100 * 4096 + 2048, 512, 7),
+    Step::Discard(255 * 4096, 4096),
+];
+
+fn apply(steps: &[Step], model: &mut BlockHistory, vol: Option<&Volume>) {
+    for step in steps {
+        match *step {
+            Step::Write(off, len, tag) => {
+                let data = common::pattern(tag, len);
+                model.apply(off, &data);
+                if let Some(v) = vol {
+                    v.write_at(off, &data).expect("write");
+                }
+            }
+            Step::Discard(off, len) => {
+                model.apply(off, &vec![0u8; len as usize]);
+                if let Some(v) = vol {
+                    v.discard(off, len).expect("discard");
+                }
+            }
+            Step::Zeroes(off, len) => {
+                model.apply(off, &vec![0u8; len as usize]);
+                if let Some(v) = vol {
+                    v.write_zeroes(off, len, false).expect("write_zeroes");
+                }
+            }
+        }
+    }
+}
+
+fn expected() -> BlockHistory {
+    let mut model = BlockHistory::new(SIZE);
+    apply(COMMITTED, &mut model, None);
+    apply(LOGGED, &mut model, None);
+    model
+}
+
+fn path(suite: CipherSuite) -> PathBuf {
+    let file = match suite {
+        CipherSuite::XChaCha20Poly1305 => "golden-v1.qvol",
+        CipherSuite::Aegis256 => "golden-v1-aegis-256.qvol",
+    };
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(file)
+}
+
+fn load(suite: CipherSuite) -> Vec<u8> {
+    let p = path(suite);
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!(
+            "the golden image {} is missing ({e}); it is part of the repository",
+            p.display()
+        )
+    })
+}
+
+fn check(suite: CipherSuite, read_only: bool) {
+    let bytes = load(suite);
+    let records = common::layout::Layout::read(&bytes).records.len();
+    assert!(
+        records >= 3,
+        "the golden image keeps its second session in the log ({records})"
+    );
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+    let info = qvol_core::read_header(&*storage).expect("read the golden header");
+    assert_eq!(info.format_version, 1);
+    assert_eq!(info.volume_id, VOLUME_ID);
+    assert_eq!(info.suite, suite);
+    assert_eq!(info.size, SIZE);
+    assert_eq!(info.name, NAME);
+    assert_eq!(info.keyslots, keyslots());
+    let vol = Volume::open(storage, &golden_key(), read_only).expect("open the golden image");
+    assert_eq!(vol.size(), SIZE);
+    expected()
+        .check_current(&vol)
+        .unwrap_or_else(|m| panic!("{suite} golden image, read_only {read_only}: {m}"));
+    if !read_only {
+        // The replayed state commits and stays.
+        vol.write_at(3 * 4096, &common::pattern(99, 4096))
+            .expect("write");
+        vol.close().expect("close");
+    }
+}
+
+#[test]
+fn golden_xchacha20_poly1305_image_reads_back() {
+    check(CipherSuite::XChaCha20Poly1305, true);
+    check(CipherSuite::XChaCha20Poly1305, false);
+}
+
+#[test]
+fn golden_aegis_256_image_reads_back() {
+    check(CipherSuite::Aegis256, true);
+    check(CipherSuite::Aegis256, false);
+}
+
+#[test]
+fn golden_images_refuse_another_key() {
+    let storage: Arc<dyn Storage> =
+        Arc::new(MemStorage::from_bytes(load(CipherSuite::XChaCha20Poly1305)));
+    let r = Volume::open(storage, &common::key(9), true).map(|_| ());
+    common::assert_kind(r, qvol_core::ErrorKind::WrongKey, "golden image, wrong key");
+}
+
+/// Writes the golden images. Run once per format version, see the module documentation.
+#[test]
+#[ignore = "writes tests/data/golden-v1*.qvol; run by hand, once"]
+fn write_golden_images() {
+    assert_eq!(
+        std::env::var("QVOL_WRITE_GOLDEN").as_deref(),
+        Ok("1"),
+        "set QVOL_WRITE_GOLDEN=1 to overwrite the golden images"
+    );
+    for suite in CipherSuite::ALL {
+        let mem = Arc::new(MemStorage::new());
+        let opts = CreateOptions {
+            size: SIZE,
+            suite,
+            name: NAME.to_string(),
+            volume_id: VOLUME_ID,
+            keyslots: keyslots(),
+        };
+        let mut model = BlockHistory::new(SIZE);
+        let vol = Volume::create(mem.clone(), opts, &golden_key()).expect("create");
+        apply(COMMITTED, &mut model, Some(&vol));
+        vol.close().expect("close");
+        let vol = Volume::open(mem.clone(), &golden_key(), false).expect("open");
+        apply(LOGGED, &mut model, Some(&vol));
+        vol.flush().expect("flush");
+        let image = mem.to_vec(); // as a kill -9 leaves it: the log is not committed
+        drop(vol);
+        let p = path(suite);
+        std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir tests/data");
+        std::fs::write(&p, image).expect("write the golden image");
+    }
+}
