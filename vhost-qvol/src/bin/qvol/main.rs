@@ -59,6 +59,8 @@ fn run(command: Command) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Warnings (a failed mlock, a weak test KDF) reach stderr; RUST_LOG raises the level.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
