@@ -42,9 +42,8 @@ fn a_tampered_block_fails_alone() {
         .unwrap();
     let before = std::fs::read(&image).unwrap();
     let mut daemon = f.start_daemon(&image, "w2", &[]).unwrap();
-    connect(daemon.socket())
-        .write(0, &pattern::make(REGION as usize, 0, 6))
-        .unwrap();
+    let region = pattern::make(REGION as usize, 0, 6);
+    connect(daemon.socket()).write(0, &region).unwrap();
     daemon
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
         .unwrap();
@@ -80,7 +79,7 @@ fn a_tampered_block_fails_alone() {
             match c.read(offset, BLOCK) {
                 Ok(data) => assert_eq!(
                     data,
-                    pattern::make(REGION as usize, 0, 6)[offset as usize..offset as usize + BLOCK],
+                    region[offset as usize..offset as usize + BLOCK],
                     "wrong data at {offset}"
                 ),
                 Err(e) => {
