@@ -11,5 +11,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 echo "== cargo build --bins"
 cargo build --workspace --bins --locked
+# The end-to-end tests use these binaries as they are instead of each test process running
+# cargo build again (integration/src/bins.rs).
+export QVOL_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/debug"
 echo "== cargo nextest run"
 cargo nextest run --workspace --locked --no-tests=pass
