@@ -6,6 +6,8 @@
 //! ~8 GB/s); random 4 KiB writes including the map update >= 100k/s; a commit after 10,000
 //! random writes < 50 ms; two threads scale. Run:
 //! `cargo bench -p benches --bench volume` (add a filter such as `seq` to run a subset).
+//! The image files go to a temporary directory under `$QVOL_BENCH_DIR` if set (e.g.
+//! `/dev/shm`, to keep a real disk's writeback out of syncs and commits), else under `$TMPDIR`.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -23,6 +25,14 @@ const VOLUME_SIZE: u64 = 1 << 30;
 const SEQ_SPAN: u64 = 256 * MIB;
 /// Random writes land in this many bytes (64 Ki blocks).
 const RAND_SPAN_BLOCKS: u64 = (256 * MIB) / 4096;
+
+fn bench_dir() -> tempfile::TempDir {
+    match std::env::var_os("QVOL_BENCH_DIR") {
+        Some(base) => tempfile::tempdir_in(base),
+        None => tempfile::tempdir(),
+    }
+    .expect("a temporary directory")
+}
 
 fn new_volume(dir: &Path, name: &str, suite: CipherSuite) -> Volume {
     let path = dir.join(name);
@@ -53,7 +63,7 @@ impl Iterator for Lbns {
 }
 
 fn sequential(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("a temporary directory");
+    let dir = bench_dir();
     let mut group = c.benchmark_group("volume sequential 1 MiB");
     group.throughput(Throughput::Bytes(MIB));
     group.measurement_time(Duration::from_secs(5));
@@ -87,7 +97,7 @@ fn sequential(c: &mut Criterion) {
 }
 
 fn random_writes(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("a temporary directory");
+    let dir = bench_dir();
     let mut group = c.benchmark_group("volume random 4 KiB writes");
     group.throughput(Throughput::Elements(1));
     let vol = new_volume(dir.path(), "rand", CipherSuite::XChaCha20Poly1305);
@@ -129,20 +139,22 @@ fn random_writes(c: &mut Criterion) {
 }
 
 fn commit_after_10k(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("a temporary directory");
+    let dir = bench_dir();
     let mut group = c.benchmark_group("volume commit");
     group.sample_size(10);
     let vol = new_volume(dir.path(), "commit", CipherSuite::XChaCha20Poly1305);
     let block = vec![0x77u8; 4096];
     let mut lbns = Lbns(0xdead_beef);
     vol.commit().expect("commit");
-    group.bench_function("after 10,000 random 4 KiB writes", |b| {
+    group.bench_function("after 10,000 random 4 KiB writes and a flush", |b| {
         b.iter_batched(
             || {
                 for _ in 0..10_000 {
                     let lbn = lbns.next().unwrap_or(0);
                     vol.write_at(lbn * 4096, &block).expect("write");
                 }
+                // The data's own fdatasync belongs to the flush, not to the commit.
+                vol.flush().expect("flush");
             },
             |()| vol.commit().expect("commit"),
             BatchSize::PerIteration,
