@@ -41,4 +41,6 @@ pub use volume::Volume;
 pub use wal::LogRecord;
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod volume_tests;

@@ -258,9 +258,14 @@ fn an_older_block_put_back_is_detected() {
     );
 }
 
+/// `QVOL_CRASH_SEEDS` sets the number of seeds (40 unless set).
 #[test]
 fn crashes_leave_flushed_or_later_data() {
-    for seed in 0..40u64 {
+    let seeds = std::env::var("QVOL_CRASH_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40u64);
+    for seed in 0..seeds {
         let st = Arc::new(CrashStorage::new());
         let vol =
             Volume::create(st.clone(), opts(4 << 20, CipherSuite::default()), &key()).unwrap();
