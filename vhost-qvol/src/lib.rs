@@ -31,6 +31,7 @@ use crate::disk::Disk;
 use crate::lock::ImageLock;
 use crate::open::KeySource;
 use crate::serve::SocketSource;
+use crate::volume_disk::RecordingVolume;
 
 /// Runs the daemon: opens the image, listens, serves frontends one after another until
 /// SIGTERM/SIGINT (then finishes what is in flight, commits and exits 0).
@@ -108,9 +109,16 @@ fn open_disk(config: &Config) -> anyhow::Result<(Arc<dyn Disk>, [u8; 16], ImageL
         config.blk_file.display(),
         opened.slot
     );
-    Ok((
-        Arc::new(opened.volume),
-        opened.header.volume_id,
-        opened.lock,
-    ))
+    let volume_id = opened.header.volume_id;
+    let disk: Arc<dyn Disk> = if config.read_only {
+        Arc::new(opened.volume)
+    } else {
+        Arc::new(RecordingVolume::new(
+            opened.volume,
+            opened.keystore,
+            volume_id,
+            config.blk_file.clone(),
+        ))
+    };
+    Ok((disk, volume_id, opened.lock))
 }

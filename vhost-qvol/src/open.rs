@@ -121,6 +121,8 @@ pub fn unwrap_volume_key(
 pub struct OpenedVolume {
     /// The volume.
     pub volume: Volume,
+    /// The unlocked keystore, to record the volume's generation as it advances.
+    pub keystore: UnlockedKeystore,
     /// The header as read before opening.
     pub header: HeaderInfo,
     /// Which keyslot opened it.
@@ -129,7 +131,9 @@ pub struct OpenedVolume {
     pub lock: ImageLock,
 }
 
-/// Locks, unlocks and opens `image` (read-only if `read_only`).
+/// Locks, unlocks and opens `image` (read-only if `read_only`), and checks its generation
+/// against the one the keystore last recorded (DESIGN.md, "Freshness": an older copy of
+/// the whole image put back is refused). A writable open records the current generation.
 pub fn open_volume(
     image: &Path,
     keys: &KeySource,
@@ -139,7 +143,6 @@ pub fn open_volume(
     let (_, header) = read_image_header(image)?;
     let keystore = keys.unlock()?;
     let (slot, key) = unwrap_volume_key(image, &header, &keystore)?;
-    drop(keystore);
     let storage = FileStorage::open(image, !read_only)
         .with_context(|| format!("cannot open the image {}", image.display()))?;
     let volume = Volume::open(Arc::new(storage), &key, read_only).map_err(|e| {
@@ -149,10 +152,36 @@ pub fn open_volume(
             error_chain(&e)
         )
     })?;
+    let generation = volume.info().generation;
+    keystore
+        .check_volume_generation(&header.volume_id, generation)
+        .map_err(|e| anyhow!("refusing to open {}: {}", image.display(), error_chain(&e)))?;
+    if !read_only {
+        record_generation(&keystore, image, &header.volume_id, generation)?;
+    }
     Ok(OpenedVolume {
         volume,
+        keystore,
         header,
         slot,
         lock,
     })
+}
+
+/// Records in the keystore that the volume reached `generation`.
+pub fn record_generation(
+    keystore: &UnlockedKeystore,
+    image: &Path,
+    volume_id: &[u8; 16],
+    generation: u64,
+) -> anyhow::Result<()> {
+    keystore
+        .record_volume_generation(volume_id, generation)
+        .map_err(|e| {
+            anyhow!(
+                "cannot record generation {generation} of {} in the keystore: {}",
+                image.display(),
+                error_chain(&e)
+            )
+        })
 }

@@ -31,6 +31,7 @@ pub struct InfoArgs {
 /// What only the volume key reveals.
 struct Unlocked {
     generation: u64,
+    recorded: Option<u64>,
     allocated: u64,
     slot: usize,
 }
@@ -70,6 +71,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             doc["generation"] = json!(u.generation);
             doc["allocated_bytes"] = json!(u.allocated);
             doc["opened_with_keyslot"] = json!(u.slot);
+            doc["recorded_generation"] = json!(u.recorded);
+            doc["rolled_back"] = json!(u.recorded.is_some_and(|r| u.generation < r));
         }
         Err(reason) => doc["locked"] = json!(reason),
     }
@@ -92,7 +95,14 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     );
     match &unlocked {
         Ok(u) => {
-            println!("generation:     {}", u.generation);
+            let freshness = match u.recorded {
+                Some(r) if u.generation < r => {
+                    format!("ROLLED BACK: the keystore has seen generation {r}")
+                }
+                Some(r) => format!("keystore has seen {r}"),
+                None => "not recorded in this keystore".to_string(),
+            };
+            println!("generation:     {} ({freshness})", u.generation);
             println!(
                 "space used:     {} ({} bytes)",
                 format_size(u.allocated),
@@ -132,8 +142,12 @@ fn unlock(
     let volume = Volume::open(Arc::new(storage), &key, true)
         .map_err(|e| chain(anyhow!("cannot open the volume: {}", error_chain(&e))))?;
     let info = volume.info();
+    let recorded = keystore
+        .volume_generation(&header.volume_id)
+        .map_err(|e| chain(anyhow!("cannot read the keystore's volume record: {e}")))?;
     Ok(Unlocked {
         generation: info.generation,
+        recorded,
         allocated: info.allocated_bytes,
         slot,
     })

@@ -1,0 +1,58 @@
+//! Freshness (DESIGN.md): the keystore records the generation the daemon committed, so an
+//! older copy of the whole image put back is refused, and `qvol info` says so.
+
+use std::ffi::OsStr;
+use std::time::Duration;
+
+use integration::client::{describe, BlkioClient};
+use integration::fixture::Fixture;
+use integration::pattern;
+
+fn write_and_stop(f: &Fixture, image: &std::path::Path, tag: &str, seed: u64) {
+    let mut daemon = f.start_daemon(image, tag, &[]).unwrap();
+    {
+        let mut c = BlkioClient::connect(daemon.socket(), 1, false, 1 << 20)
+            .unwrap_or_else(|e| panic!("connect: {}", describe(&e)));
+        c.write(0, &pattern::make(65536, 0, seed)).unwrap();
+    }
+    let status = daemon
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .expect("exits on SIGTERM");
+    assert!(status.success());
+}
+
+#[test]
+fn an_older_copy_of_the_image_is_refused() {
+    let f = Fixture::new();
+    let key = f.new_key("vm");
+    let image = f.create_image("r.qvol", "64M", &key, &[]);
+    write_and_stop(&f, &image, "a", 1);
+    let old = std::fs::read(&image).unwrap();
+    write_and_stop(&f, &image, "b", 2);
+    let new = std::fs::read(&image).unwrap();
+
+    std::fs::write(&image, &old).unwrap();
+    let socket = f.path("rolled.sock");
+    let run = f.vhost_qvol([
+        OsStr::new("--socket-path"),
+        socket.as_os_str(),
+        OsStr::new("--blk-file"),
+        image.as_os_str(),
+    ]);
+    run.one_sentence_error("vhost-qvol", "older copy");
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        old,
+        "the refused image changed"
+    );
+
+    let info = f
+        .qvol([OsStr::new("info"), image.as_os_str(), OsStr::new("--json")])
+        .success();
+    let doc: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    assert_eq!(doc["rolled_back"], true, "{doc}");
+
+    // The current copy still opens.
+    std::fs::write(&image, &new).unwrap();
+    let _daemon = f.start_daemon(&image, "c", &[]).unwrap();
+}
