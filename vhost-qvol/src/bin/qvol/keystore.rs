@@ -1,9 +1,11 @@
 //! `qvol keystore init`, and unlocking a keystore for the other subcommands.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::anyhow;
 use qvol_keys::{KdfParams, Keystore, SecretBytes, UnlockedKeystore};
+pub use vhost_qvol::open::read_passphrase;
+use vhost_qvol::open::KeySource;
 use vhost_qvol::paths;
 
 /// Where the keystore is and how to unlock it (shared by the subcommands that need keys).
@@ -19,47 +21,15 @@ pub struct KeystoreArgs {
 }
 
 impl KeystoreArgs {
-    /// The keystore directory this command uses.
-    pub fn dir(&self) -> anyhow::Result<PathBuf> {
-        paths::keystore_dir(self.keystore.as_deref()).ok_or_else(|| {
-            anyhow!("no keystore directory: pass --keystore DIR or set QVOL_KEYSTORE")
-        })
+    /// The flags resolved against the environment and the defaults.
+    pub fn source(&self) -> KeySource {
+        KeySource::from_flags(self.keystore.as_deref(), self.passphrase_file.as_deref())
     }
 
     /// Opens and unlocks the keystore, reading the passphrase file only if one is needed.
     pub fn unlock(&self) -> anyhow::Result<UnlockedKeystore> {
-        let dir = self.dir()?;
-        let keystore = Keystore::open(&dir)?;
-        if !keystore.needs_passphrase() {
-            return Ok(keystore.unlock(None)?);
-        }
-        let file = paths::passphrase_file(self.passphrase_file.as_deref()).ok_or_else(|| {
-            anyhow!(
-                "the keystore {} is protected by a passphrase: pass --passphrase-file FILE or \
-                 set QVOL_PASSPHRASE_FILE",
-                dir.display()
-            )
-        })?;
-        let pass = read_passphrase(&file)?;
-        Ok(keystore.unlock(Some(pass.expose()))?)
+        self.source().unlock()
     }
-}
-
-/// Reads a passphrase file: its bytes without one trailing "\n" or "\r\n"; empty is refused.
-pub fn read_passphrase(path: &Path) -> anyhow::Result<SecretBytes> {
-    let mut bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read the passphrase file {}", path.display()))?;
-    if bytes.last() == Some(&b'\n') {
-        bytes.pop();
-        if bytes.last() == Some(&b'\r') {
-            bytes.pop();
-        }
-    }
-    let pass = SecretBytes::new(bytes);
-    if pass.expose().is_empty() {
-        bail!("the passphrase file {} is empty", path.display());
-    }
-    Ok(pass)
 }
 
 /// `qvol keystore ...`
