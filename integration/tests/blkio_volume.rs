@@ -1,7 +1,7 @@
 //! `vhost-qvol` serving real `.qvol` volumes, driven through libblkio: the daemon and the
 //! `qvol` CLI are the workspace binaries (built on first use, see `integration::bins`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blkio::Errno;
 use integration::client::{describe, BlkioClient};
@@ -225,25 +225,21 @@ fn run_load_and_kill(
 }
 
 #[test]
-fn sigterm_commits_and_exits_zero_within_a_second() {
+fn sigterm_commits_and_exits_zero_promptly() {
     let (f, image) = setup(&[]);
     let mut daemon = f.start_daemon(&image, "term", &[]).unwrap();
     {
         let mut c = connect(daemon.socket(), 1, false);
         c.write(4096, &pattern::make(65536, 4096, 12)).unwrap();
-        let start = Instant::now();
+        // The goal is under a second; the bound here is loose so that a loaded CI machine
+        // cannot make it flaky (no timing assertions in tests).
         let status = daemon
             .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
-            .expect("vhost-qvol exits after SIGTERM");
+            .expect("vhost-qvol exits within 5 s of SIGTERM");
         assert!(
             status.success(),
             "exit status {status}: {}",
             daemon.log_text()
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            start.elapsed()
         );
     }
     let info = f
