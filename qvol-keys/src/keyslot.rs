@@ -250,6 +250,18 @@ struct RecipientBody<'a> {
     ciphertext: &'a [u8],
 }
 
+/// Decapsulates a recipient slot's KEM ciphertext with `sk` and opens the wrapped key.
+fn open_recipient_slot(
+    p: &Parsed<'_>,
+    body: &RecipientBody<'_>,
+    sk: &HybridSecretKey,
+    volume_id: &[u8; 16],
+) -> Result<Secret32> {
+    let shared = sk.decapsulate(body.ciphertext)?;
+    let wrap_key = hkdf32(volume_id, shared.expose(), &[RECIPIENT_INFO]);
+    open_slot(p, &wrap_key, volume_id)
+}
+
 fn parse_recipient(body: &[u8]) -> Result<RecipientBody<'_>> {
     let bad = || Error::corrupt("the recipient keyslot body is malformed");
     if body.len() < 3 {
@@ -380,10 +392,7 @@ pub fn unwrap_with_keystore(
         else {
             continue;
         };
-        let attempt = sk
-            .decapsulate(body.ciphertext)
-            .map(|ss| hkdf32(volume_id, ss.expose(), &[RECIPIENT_INFO]))
-            .and_then(|wrap_key| open_slot(&p, &wrap_key, volume_id));
+        let attempt = open_recipient_slot(&p, &body, &sk, volume_id);
         match attempt {
             Ok(vk) => return Ok((index, vk)),
             Err(e) => {
@@ -425,10 +434,7 @@ pub fn unwrap_with_secret_key(
         if body.fingerprint != fingerprint {
             continue;
         }
-        let attempt = sk
-            .decapsulate(body.ciphertext)
-            .map(|ss| hkdf32(volume_id, ss.expose(), &[RECIPIENT_INFO]))
-            .and_then(|wrap_key| open_slot(&p, &wrap_key, volume_id));
+        let attempt = open_recipient_slot(&p, &body, sk, volume_id);
         match attempt {
             Ok(vk) => return Ok((index, vk)),
             Err(e) => failure = Some(e),
