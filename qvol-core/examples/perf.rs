@@ -27,6 +27,38 @@ fn timed<R>(f: impl FnOnce() -> R) -> (R, f64, f64) {
     (r, t.elapsed().as_secs_f64(), cpu() - c)
 }
 
+/// What the page cache alone costs this thread, in MB per CPU-second: 1 GiB written in
+/// 64 KiB `pwrite`s to a new file, written again over the same pages, then read back. A
+/// copy-on-write volume writes to blocks that are new to the file at first and to reused
+/// ones later, so its sequential writes are bounded by the seal and a write between these.
+fn page_cache_floor(dir: &str) -> std::io::Result<(f64, f64, f64)> {
+    use std::os::unix::fs::FileExt;
+    let path = format!("{dir}/qvol-perf-floor-{}", std::process::id());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    let chunk = vec![0x3cu8; 64 << 10];
+    let write_all = || -> std::io::Result<f64> {
+        let c = cpu();
+        for i in 0..16384u64 {
+            file.write_all_at(&chunk, i * (64 << 10))?;
+        }
+        Ok(1073.7 / (cpu() - c))
+    };
+    let fresh = write_all()?;
+    let over = write_all()?;
+    let mut rb = vec![0u8; 64 << 10];
+    let c = cpu();
+    for i in 0..16384u64 {
+        file.read_exact_at(&mut rb, i * (64 << 10))?;
+    }
+    let read = 1073.7 / (cpu() - c);
+    std::fs::remove_file(&path)?;
+    Ok((fresh, over, read))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let suite: CipherSuite = args
@@ -64,6 +96,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.get(3).map(String::as_str) == Some("rand") {
         for _ in 0..300_000 {
             vol.write_at((next() % (size / 4096)) * 4096, &block)?;
+        }
+        return Ok(());
+    }
+    if args.get(3).map(String::as_str) == Some("rand2") {
+        let handles: Vec<_> = (0..2u64)
+            .map(|k| {
+                let vol = vol.clone();
+                std::thread::spawn(move || -> qvol_core::Result<()> {
+                    let mut r = 0x9e37_79b9_7f4a_7c15u64 ^ k;
+                    let block = vec![k as u8; 4096];
+                    for _ in 0..300_000 {
+                        r ^= r << 13;
+                        r ^= r >> 7;
+                        r ^= r << 17;
+                        vol.write_at((r % (size / 4096)) * 4096, &block)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| "a writer thread panicked")??;
         }
         return Ok(());
     }
@@ -128,6 +182,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         tags
     });
+    let cpu_seal = cpu_s;
     println!(
         "primitive seal 4 KiB: {:.0} MB/s wall, {:.0} MB/s per CPU-second",
         268.4 / wall,
@@ -151,6 +206,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "primitive open 4 KiB: {:.0} MB/s wall, {:.0} MB/s per CPU-second",
         268.4 / wall,
         268.4 / cpu_s
+    );
+
+    let seal_mbs = 268.4 / cpu_seal;
+    let open_mbs = 268.4 / cpu_s;
+    let (fresh, over, read) = page_cache_floor(&dir)?;
+    println!(
+        "page cache alone (64 KiB): write to new blocks {fresh:.0}, overwrite {over:.0}, read {read:.0} MB/s per CPU-second"
     );
 
     // Random 4 KiB writes, commits included as the log fills.
@@ -181,21 +243,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cpu_s * 1e3
     );
 
-    // Random 4 KiB reads.
-    let mut rbuf = vec![0u8; 4096];
-    let (r, wall, cpu_s) = timed(|| -> qvol_core::Result<()> {
-        for _ in 0..n {
-            vol.read_at((next() % blocks) * 4096, &mut rbuf)?;
-        }
-        Ok(())
-    });
-    r?;
-    println!(
-        "random 4 KiB reads: {:.0}/s wall, {:.0}/s per CPU-second",
-        n as f64 / wall,
-        n as f64 / cpu_s
-    );
-
     // Sequential 1 MiB writes and reads over 1 GiB.
     let mib = vec![0xa5u8; 1 << 20];
     let (r, wall, cpu_s) = timed(|| -> qvol_core::Result<()> {
@@ -205,10 +252,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     });
     r?;
+    let w = 1073.7 / cpu_s;
+    // Sealing and writing one byte costs 1/seal + 1/pwrite seconds per MB at best.
+    let bound = |pw: f64| 1.0 / (1.0 / seal_mbs + 1.0 / pw);
     println!(
-        "seq 1 MiB writes: {:.0} MB/s wall, {:.0} MB/s per CPU-second",
+        "seq 1 MiB writes: {:.0} MB/s wall, {w:.0} MB/s per CPU-second = {:.0}% of the seal; \
+         seal + page cache bound {:.0}..{:.0} MB/s",
         1073.7 / wall,
-        1073.7 / cpu_s
+        100.0 * w / seal_mbs,
+        bound(fresh),
+        bound(over),
     );
     let mut rb = vec![0u8; 1 << 20];
     let (r, wall, cpu_s) = timed(|| -> qvol_core::Result<()> {
@@ -218,10 +271,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     });
     r?;
+    let r = 1073.7 / cpu_s;
     println!(
-        "seq 1 MiB reads: {:.0} MB/s wall, {:.0} MB/s per CPU-second",
+        "seq 1 MiB reads: {:.0} MB/s wall, {r:.0} MB/s per CPU-second = {:.0}% of the open; \
+         open + page cache bound {:.0} MB/s",
         1073.7 / wall,
-        1073.7 / cpu_s
+        100.0 * r / open_mbs,
+        1.0 / (1.0 / open_mbs + 1.0 / read),
+    );
+
+    // Random 4 KiB reads of the first GiB, which the sequential writes filled.
+    let mut rbuf = vec![0u8; 4096];
+    let (r, wall, cpu_s) = timed(|| -> qvol_core::Result<()> {
+        for _ in 0..n {
+            vol.read_at((next() % (1 << 18)) * 4096, &mut rbuf)?;
+        }
+        Ok(())
+    });
+    r?;
+    println!(
+        "random 4 KiB reads: {:.0}/s wall, {:.0}/s per CPU-second",
+        n as f64 / wall,
+        n as f64 / cpu_s
     );
 
     // Two threads of random 4 KiB writes.
@@ -253,6 +324,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         n as f64 / (cpus[0] + cpus[1]),
         cpus[0],
         cpus[1]
+    );
+    let t = Instant::now();
+    let handles: Vec<_> = (0..2u64)
+        .map(|k| {
+            let vol = vol.clone();
+            std::thread::spawn(move || -> qvol_core::Result<f64> {
+                let c = cpu();
+                let mut r = 0x2545_f491_4f6c_dd1du64 ^ k;
+                let mut buf = vec![0u8; 4096];
+                for _ in 0..n {
+                    r ^= r << 13;
+                    r ^= r >> 7;
+                    r ^= r << 17;
+                    vol.read_at((r % (1 << 18)) * 4096, &mut buf)?;
+                }
+                Ok(cpu() - c)
+            })
+        })
+        .collect();
+    let mut cpus = Vec::new();
+    for h in handles {
+        cpus.push(h.join().map_err(|_| "a reader thread panicked")??);
+    }
+    println!(
+        "random 4 KiB reads, 2 threads: {:.0}/s wall, {:.0}/s per CPU-second",
+        2.0 * n as f64 / t.elapsed().as_secs_f64(),
+        2.0 * n as f64 / (cpus[0] + cpus[1]),
     );
     let t = Instant::now();
     let handles: Vec<_> = (0..2u64)

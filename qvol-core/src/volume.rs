@@ -207,7 +207,7 @@ impl Volume {
             return Ok(());
         }
         let _gate = self.shared();
-        let upto = self.wal.next();
+        let upto = self.wal.written();
         self.storage
             .sync_data()
             .map_err(|e| self.fail(Error::io("cannot sync the image (flush)", e)))?;

@@ -194,6 +194,8 @@ struct WalState {
     next: u64,
     reserved: u64,
     durable: u64,
+    /// First slots of appends whose slots are assigned but whose `pwrite` has not returned.
+    writing: Vec<u64>,
 }
 
 impl Wal {
@@ -205,6 +207,7 @@ impl Wal {
                 next,
                 reserved: 0,
                 durable: 0,
+                writing: Vec::new(),
             }),
         }
     }
@@ -231,7 +234,9 @@ impl Wal {
 
     /// Appends `ops` (taken from an earlier reservation) and writes them to the log region.
     /// Call with the lock of the map leaf they update held, so that records of one block
-    /// are in the order of its map updates.
+    /// are in the order of its map updates. Only the slot assignment is under the log's
+    /// mutex; the records are MACed and written outside it, so that appends of different
+    /// leaves overlap.
     pub(crate) fn append(
         &self,
         storage: &dyn Storage,
@@ -241,34 +246,51 @@ impl Wal {
         if ops.is_empty() {
             return Ok(());
         }
-        let mut buf = vec![0u8; ops.len() * LOG_RECORD_LEN];
-        let mut s = self.lock();
         let n = ops.len() as u64;
-        if s.next + n > LOG_SLOTS {
-            return Err(Error::new(
-                crate::error::ErrorKind::NoSpace,
-                "the write-ahead log is full (a reservation was not honoured)",
-            ));
-        }
+        let (epoch, first, durable) = {
+            let mut s = self.lock();
+            if s.next + n > LOG_SLOTS {
+                return Err(Error::new(
+                    crate::error::ErrorKind::NoSpace,
+                    "the write-ahead log is full (a reservation was not honoured)",
+                ));
+            }
+            let first = s.next;
+            s.next += n;
+            s.reserved = s.reserved.saturating_sub(n);
+            s.writing.push(first);
+            (s.epoch, first, s.durable)
+        };
+        let mut buf = vec![0u8; ops.len() * LOG_RECORD_LEN];
         for (i, op) in ops.iter().enumerate() {
             let rec = LogRecord {
-                epoch: s.epoch,
-                seq: s.next + i as u64,
-                durable: s.durable,
+                epoch,
+                seq: first + i as u64,
+                durable,
                 op: *op,
             };
             rec.encode(keys, &mut buf[i * LOG_RECORD_LEN..]);
         }
-        let offset = LOG_OFFSET + s.next * LOG_RECORD_LEN as u64;
-        storage.write_all_at(&buf, offset).map_err(|e| {
+        let offset = LOG_OFFSET + first * LOG_RECORD_LEN as u64;
+        let written = storage.write_all_at(&buf, offset);
+        {
+            let mut s = self.lock();
+            if let Some(k) = s.writing.iter().position(|&w| w == first) {
+                s.writing.swap_remove(k);
+            }
+        }
+        written.map_err(|e| {
             Error::io(
                 format!("cannot append {n} records to the write-ahead log"),
                 e,
             )
-        })?;
-        s.next += n;
-        s.reserved = s.reserved.saturating_sub(n);
-        Ok(())
+        })
+    }
+
+    /// Every slot below this is written (its `pwrite` returned): what a sync makes durable.
+    pub(crate) fn written(&self) -> u64 {
+        let s = self.lock();
+        s.writing.iter().copied().min().unwrap_or(s.next)
     }
 
     /// The slot the next record goes to.
@@ -394,6 +416,68 @@ mod tests {
             .unwrap();
         let err = scan(&read_log(&st).unwrap(), 5, &k).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::Integrity);
+    }
+
+    /// A storage whose log writes wait until the test lets them go.
+    #[derive(Debug)]
+    struct Gated {
+        inner: MemStorage,
+        entered: std::sync::mpsc::SyncSender<()>,
+        go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Storage for Gated {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.entered.send(()).unwrap();
+            self.go.lock().unwrap().recv().unwrap();
+            self.inner.write_all_at(buf, offset)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.inner.punch_hole(offset, len)
+        }
+    }
+
+    #[test]
+    fn a_sync_covers_only_appends_whose_write_returned() {
+        let k = keys();
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(0);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(0);
+        let st = Gated {
+            inner: MemStorage::new(),
+            entered: entered_tx,
+            go: std::sync::Mutex::new(go_rx),
+        };
+        st.set_len(DATA_OFFSET).unwrap();
+        let wal = Wal::new(1, 0);
+        assert!(wal.try_reserve(3));
+        std::thread::scope(|s| {
+            let first = s.spawn(|| wal.append(&st, &k, &[map_op(0), map_op(1)]));
+            entered.recv().unwrap();
+            // Slots 0 and 1 are assigned, not written: a sync now makes nothing durable.
+            assert_eq!(wal.next(), 2);
+            assert_eq!(wal.written(), 0);
+            let second = s.spawn(|| wal.append(&st, &k, &[map_op(2)]));
+            entered.recv().unwrap();
+            go.send(()).unwrap();
+            go.send(()).unwrap();
+            first.join().unwrap().unwrap();
+            second.join().unwrap().unwrap();
+        });
+        assert_eq!(wal.written(), 3);
+        let scanned = scan(&read_log(&st.inner).unwrap(), 1, &k).unwrap();
+        assert_eq!(scanned.records.len(), 3);
     }
 
     #[test]
