@@ -1,19 +1,32 @@
 //! A small synchronous wrapper over libblkio's `virtio-blk-vhost-user` driver: the same
 //! frontend code QEMU's `blkio` block driver uses, talking to a backend with no VM.
+//!
+//! The one libblkio client of the workspace: the end-to-end tests use it directly and the
+//! comparison benchmark (`benches/src/compare/run.rs`) drives its queues with workloads.
 
 use std::mem::MaybeUninit;
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, Errno, MemoryRegion, ReqFlags};
 
-/// How long one `do_io` may wait before the test calls the backend hung.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one wait for completions may take before the backend is called hung.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A connected, started libblkio instance with one memory region for I/O buffers.
+/// How long connecting may take, the vhost-user handshake included: libblkio has no
+/// timeout of its own, so a backend that accepts and never answers would hang the caller.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Buffers are at least page-aligned, whatever the driver asks for (O_DIRECT backends).
+const MIN_ALIGN: usize = 4096;
+
+/// A connected, started libblkio instance with one memory region for I/O buffers, split
+/// into one equal, aligned slice per queue.
 pub struct BlkioClient {
     queues: Vec<Blkioq>,
     region: MemoryRegion,
+    per_queue: usize,
     // Dropped last: the queues and the region belong to it.
     _blkio: Blkio,
 }
@@ -32,9 +45,43 @@ pub fn describe(err: &blkio::Error) -> String {
     format!("{} ({:?})", err.message(), err.errno())
 }
 
+/// A completed request's outcome.
+pub fn completion_result(c: &Completion) -> Result<(), Errno> {
+    if c.ret == 0 {
+        Ok(())
+    } else {
+        Err(Errno::from_raw_os_error(-c.ret))
+    }
+}
+
 impl BlkioClient {
-    /// Connects to `socket` with `num_queues` queues and a `buffer_len`-byte buffer.
+    /// Connects to `socket` with `num_queues` queues and a buffer of at least `buffer_len`
+    /// bytes (each queue's slice rounded up to the memory alignment), giving up after
+    /// [`CONNECT_TIMEOUT`]. Fails if the backend does not start exactly `num_queues`.
     pub fn connect(
+        socket: &Path,
+        num_queues: usize,
+        read_only: bool,
+        buffer_len: usize,
+    ) -> Result<Self, blkio::Error> {
+        let (tx, rx) = mpsc::channel();
+        let path = socket.to_path_buf();
+        // The thread is left behind if the handshake never ends; the caller gets an error.
+        std::thread::spawn(move || {
+            let _ = tx.send(Self::connect_now(&path, num_queues, read_only, buffer_len));
+        });
+        rx.recv_timeout(CONNECT_TIMEOUT).unwrap_or_else(|_| {
+            Err(blkio::Error::new(
+                Errno::TIMEDOUT,
+                format!(
+                    "no answer from {} within {CONNECT_TIMEOUT:?}",
+                    socket.display()
+                ),
+            ))
+        })
+    }
+
+    fn connect_now(
         socket: &Path,
         num_queues: usize,
         read_only: bool,
@@ -44,15 +91,33 @@ impl BlkioClient {
         b.set_str("path", &socket.to_string_lossy())?;
         b.set_bool("read-only", read_only)?;
         b.connect()?;
-        b.set_i32("num-queues", i32::try_from(num_queues).unwrap_or(1))?;
+        let nq = i32::try_from(num_queues)
+            .map_err(|_| blkio::Error::new(Errno::INVAL, "too many queues"))?;
+        b.set_i32("num-queues", nq)?;
         let outcome = b.start()?;
-        let align = b.get_u64("mem-region-alignment")? as usize;
-        let len = buffer_len.div_ceil(align).max(1) * align;
-        let region = b.alloc_mem_region(len)?;
+        if outcome.queues.len() != num_queues {
+            return Err(blkio::Error::new(
+                Errno::INVAL,
+                format!(
+                    "asked for {num_queues} queues, the backend gave {}",
+                    outcome.queues.len()
+                ),
+            ));
+        }
+        let align = usize::try_from(b.get_u64("mem-region-alignment")?)
+            .unwrap_or(MIN_ALIGN)
+            .max(MIN_ALIGN);
+        let per_queue = buffer_len
+            .div_ceil(num_queues.max(1))
+            .div_ceil(align)
+            .max(1)
+            * align;
+        let region = b.alloc_mem_region(per_queue * num_queues)?;
         b.map_mem_region(&region)?;
         Ok(Self {
             queues: outcome.queues,
             region,
+            per_queue,
             _blkio: b,
         })
     }
@@ -81,10 +146,10 @@ impl BlkioClient {
         self.queues.len()
     }
 
-    /// Splits the client into per-queue handles, each with its own slice of the buffer,
-    /// for use from several threads at once.
+    /// Splits the client into per-queue handles, each with its own aligned slice of the
+    /// buffer, for use from several threads at once.
     pub fn split(&mut self) -> Vec<QueueHandle<'_>> {
-        let per = self.region.len / self.queues.len();
+        let per = self.per_queue;
         let base = self.region.addr;
         self.queues
             .iter_mut()
@@ -159,11 +224,54 @@ impl QueueHandle<'_> {
         unsafe { std::slice::from_raw_parts_mut(self.buf_addr as *mut u8, self.buf_len) }
     }
 
+    /// The address of `[at, at + len)` in this handle's buffer, checked to lie inside it.
+    fn buf_range(&self, at: usize, len: usize) -> usize {
+        assert!(
+            at.checked_add(len).is_some_and(|end| end <= self.buf_len),
+            "request larger than the buffer"
+        );
+        self.buf_addr + at
+    }
+
+    /// Queues, without waiting, a read of `len` bytes at `offset` into this handle's
+    /// buffer at `at`; its completion carries `user_data`. The buffer range must not be
+    /// touched until then.
+    pub fn submit_read(&mut self, offset: u64, at: usize, len: usize, user_data: usize) {
+        let addr = self.buf_range(at, len);
+        self.queue
+            .read(offset, addr as *mut u8, len, user_data, ReqFlags::empty());
+    }
+
+    /// Queues, without waiting, a write of this handle's buffer `[at, at + len)` at
+    /// `offset`; its completion carries `user_data`.
+    pub fn submit_write(&mut self, offset: u64, at: usize, len: usize, user_data: usize) {
+        let addr = self.buf_range(at, len);
+        self.queue
+            .write(offset, addr as *const u8, len, user_data, ReqFlags::empty());
+    }
+
+    /// Submits what is queued and waits up to [`IO_TIMEOUT`] for at least one completion;
+    /// returns those that arrived (at most `slots.len()`), or `Errno::TIMEDOUT` if none did.
+    pub fn wait_for_completions<'c>(
+        &mut self,
+        slots: &'c mut [MaybeUninit<Completion>],
+    ) -> Result<&'c [Completion], Errno> {
+        let mut timeout = IO_TIMEOUT;
+        let n = self
+            .queue
+            .do_io(slots, 1, Some(&mut timeout), None)
+            .map_err(|e| e.errno())?;
+        if n == 0 {
+            return Err(Errno::TIMEDOUT);
+        }
+        // SAFETY: do_io initialised the first `n` entries of `slots`, and
+        // `MaybeUninit<Completion>` has the layout of `Completion`.
+        Ok(unsafe { std::slice::from_raw_parts(slots.as_ptr().cast::<Completion>(), n) })
+    }
+
     /// Reads `len` bytes at `offset`.
     pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
-        assert!(len <= self.buf_len, "read larger than the buffer");
-        self.queue
-            .read(offset, self.buf_addr as *mut u8, len, 0, ReqFlags::empty());
+        self.submit_read(offset, 0, len, 0);
         self.wait_one()?;
         Ok(self.buffer()[..len].to_vec())
     }
@@ -172,13 +280,7 @@ impl QueueHandle<'_> {
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
         assert!(data.len() <= self.buf_len, "write larger than the buffer");
         self.buffer()[..data.len()].copy_from_slice(data);
-        self.queue.write(
-            offset,
-            self.buf_addr as *const u8,
-            data.len(),
-            0,
-            ReqFlags::empty(),
-        );
+        self.submit_write(offset, 0, data.len(), 0);
         self.wait_one()
     }
 
@@ -232,52 +334,24 @@ impl QueueHandle<'_> {
         while next < offsets.len() || in_flight > 0 {
             while next < offsets.len() {
                 let Some(slot) = free_slots.pop() else { break };
-                let addr = self.buf_addr + slot * block;
                 if write {
                     fill(next, &mut self.buffer()[slot * block..(slot + 1) * block]);
-                    self.queue.write(
-                        offsets[next],
-                        addr as *const u8,
-                        block,
-                        next,
-                        ReqFlags::empty(),
-                    );
+                    self.submit_write(offsets[next], slot * block, block, next);
                 } else {
-                    self.queue.read(
-                        offsets[next],
-                        addr as *mut u8,
-                        block,
-                        next,
-                        ReqFlags::empty(),
-                    );
+                    self.submit_read(offsets[next], slot * block, block, next);
                 }
                 slot_of[next] = slot;
                 next += 1;
                 in_flight += 1;
             }
-            let mut timeout = IO_TIMEOUT;
-            let n = self
-                .queue
-                .do_io(&mut completions, 1, Some(&mut timeout), None)
-                .map_err(|e| e.errno())?;
-            if n == 0 {
-                return Err(Errno::TIMEDOUT);
-            }
-            for c in &completions[..n] {
-                // SAFETY: do_io initialised the first `n` completions.
-                let c = unsafe { c.assume_init_read() };
+            for c in self.wait_for_completions(&mut completions)? {
                 in_flight -= 1;
                 let slot = slot_of[c.user_data];
                 free_slots.push(slot);
-                let result = if c.ret == 0 {
-                    Ok(())
-                } else {
-                    Err(Errno::from_raw_os_error(-c.ret))
-                };
                 let go_on = done(
                     c.user_data,
                     &self.buffer()[slot * block..(slot + 1) * block],
-                    result,
+                    completion_result(c),
                 );
                 if !go_on {
                     return Ok(());
@@ -287,22 +361,10 @@ impl QueueHandle<'_> {
         Ok(())
     }
 
+    /// Waits for the one request in flight and returns its outcome.
     fn wait_one(&mut self) -> Result<(), Errno> {
-        let mut completions = [MaybeUninit::<Completion>::uninit()];
-        let mut timeout = IO_TIMEOUT;
-        let n = self
-            .queue
-            .do_io(&mut completions, 1, Some(&mut timeout), None)
-            .map_err(|e| e.errno())?;
-        if n != 1 {
-            return Err(Errno::TIMEDOUT);
-        }
-        // SAFETY: do_io initialised one completion.
-        let c = unsafe { completions[0].assume_init_read() };
-        if c.ret == 0 {
-            Ok(())
-        } else {
-            Err(Errno::from_raw_os_error(-c.ret))
-        }
+        let mut slot = [MaybeUninit::<Completion>::uninit()];
+        let done = self.wait_for_completions(&mut slot)?;
+        completion_result(&done[0])
     }
 }

@@ -9,12 +9,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use benches::compare::backend::{self, BackendKind, Tools};
-use benches::compare::client::Client;
 use benches::compare::machine::Machine;
 use benches::compare::procstat;
 use benches::compare::report::{Measurement, Report, Skipped};
+use benches::compare::run::{self, fill_buffer};
 use benches::compare::workload::{max_queue_buffer, Metric, Workload, PREFILL, WORKLOADS};
+use blkio::Errno;
 use clap::Parser;
+use integration::client::{describe, BlkioClient};
 
 /// Compare vhost-qvol with qemu-storage-daemon (raw and LUKS) through one libblkio client.
 #[derive(Parser, Debug)]
@@ -167,24 +169,21 @@ fn run_backend(
     let pid = running.pid();
     let mut client =
         connect(&running.socket, queues).map_err(|e| format!("{}: {e}", kind.label()))?;
-    if client.capacity() < cfg.size {
+    let capacity = run::capacity(&client).map_err(|e| format!("{}: {e}", kind.label()))?;
+    if capacity < cfg.size {
         return Err(format!(
-            "{} reports {} bytes, less than the {} asked for",
+            "{} reports {capacity} bytes, less than the {} asked for",
             kind.label(),
-            client.capacity(),
             cfg.size
         ));
     }
-    client
-        .verify()
-        .map_err(|e| format!("{} data check: {e}", kind.label()))?;
+    run::verify(&mut client).map_err(|e| format!("{} data check: {e}", kind.label()))?;
     if prefill {
         progress(&format!(
             "{} q{queues}: filling the image once",
             kind.label()
         ));
-        let st = client
-            .run(&PREFILL, Duration::ZERO, Duration::ZERO, true)
+        let st = run::run(&mut client, &PREFILL, Duration::ZERO, Duration::ZERO, true)
             .map_err(|e| format!("{} prefill: {e}", kind.label()))?;
         progress(&format!(
             "{} q{queues}: filled {} MiB at {:.2} GB/s",
@@ -218,16 +217,20 @@ fn run_backend(
 }
 
 /// Connects, retrying for a few seconds: the socket file appears at bind(), a moment
-/// before the backend listens.
-fn connect(socket: &std::path::Path, queues: usize) -> Result<Client, String> {
+/// before the backend listens. Fills the buffer so that writes carry no zeros.
+fn connect(socket: &std::path::Path, queues: usize) -> Result<BlkioClient, String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let buffer = max_queue_buffer() * queues;
     loop {
-        match Client::connect(socket, queues, max_queue_buffer()) {
-            Ok(c) => return Ok(c),
-            Err(e) if std::time::Instant::now() < deadline && e.contains("refused") => {
+        match BlkioClient::connect(socket, queues, false, buffer) {
+            Ok(mut c) => {
+                fill_buffer(&mut c);
+                return Ok(c);
+            }
+            Err(e) if std::time::Instant::now() < deadline && e.errno() == Errno::CONNREFUSED => {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(format!("libblkio connect failed: {}", describe(&e))),
         }
     }
 }
@@ -246,7 +249,7 @@ fn headline(m: &Measurement) -> String {
 }
 
 fn measure(
-    client: &mut Client,
+    client: &mut BlkioClient,
     pid: u32,
     kind: BackendKind,
     queues: usize,
@@ -254,8 +257,7 @@ fn measure(
     cfg: &Config,
 ) -> Result<Measurement, String> {
     let cpu0 = procstat::cpu_time(pid)?;
-    let st = client
-        .run(w, cfg.warmup, cfg.measure, false)
+    let st = run::run(client, w, cfg.warmup, cfg.measure, false)
         .map_err(|e| format!("{} {}: {e}", kind.label(), w.name))?;
     let cpu = procstat::cpu_time(pid)?.saturating_sub(cpu0);
     let mem = procstat::memory(pid)?;

@@ -1,40 +1,16 @@
-//! The libblkio client: one thread per virtqueue, each keeping `queue_depth` requests in
-//! flight for a fixed time.
+//! Workloads on the shared libblkio client (`integration::client`): one thread per
+//! virtqueue, each keeping `queue_depth` requests in flight for a fixed time, and what
+//! that measured.
 
 use std::mem::MaybeUninit;
-use std::path::Path;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use blkio::{Completion, Errno};
+use integration::client::{completion_result, describe, BlkioClient, QueueHandle, IO_TIMEOUT};
+use integration::pattern;
 
 use super::workload::{Op, Pattern, Workload};
-
-/// How long one `do_io` may wait before the backend is called hung.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A connected libblkio `virtio-blk-vhost-user` instance with one I/O buffer per queue.
-pub struct Client {
-    queues: Vec<Blkioq>,
-    region: MemoryRegion,
-    per_queue: usize,
-    capacity: u64,
-    // Dropped last: the queues and the region belong to it.
-    _blkio: Blkio,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("queues", &self.queues.len())
-            .field("capacity", &self.capacity)
-            .finish()
-    }
-}
-
-fn blkio_err(what: &str) -> impl Fn(blkio::Error) -> String + '_ {
-    move |e| format!("libblkio {what} failed: {} ({:?})", e.message(), e.errno())
-}
 
 /// What one run measured, summed over the queues.
 #[derive(Clone, Debug, Default)]
@@ -64,200 +40,136 @@ impl RunStats {
     }
 }
 
-impl Client {
-    /// Connects to the vhost-user-blk socket with `num_queues` queues.
-    pub fn connect(
-        socket: &Path,
-        num_queues: usize,
-        per_queue_buffer: usize,
-    ) -> Result<Self, String> {
-        let mut b =
-            Blkio::new("virtio-blk-vhost-user").map_err(blkio_err("creating the driver"))?;
-        b.set_str("path", &socket.to_string_lossy())
-            .map_err(blkio_err("setting path"))?;
-        b.connect().map_err(blkio_err("connect"))?;
-        let nq = i32::try_from(num_queues).map_err(|_| "too many queues".to_owned())?;
-        b.set_i32("num-queues", nq)
-            .map_err(blkio_err("setting num-queues"))?;
-        let outcome = b.start().map_err(blkio_err("start"))?;
-        if outcome.queues.len() != num_queues {
-            return Err(format!(
-                "asked for {num_queues} queues, the backend gave {}",
-                outcome.queues.len()
-            ));
-        }
-        let capacity = b
-            .get_u64("capacity")
-            .map_err(blkio_err("reading capacity"))?;
-        let align = usize::try_from(
-            b.get_u64("mem-region-alignment")
-                .map_err(blkio_err("reading mem-region-alignment"))?,
+/// A failed request or wait, as a sentence: `what` names the request.
+fn request_error(what: &str, errno: Errno) -> String {
+    if errno == Errno::TIMEDOUT {
+        format!("{what}: no completion within {IO_TIMEOUT:?}; the backend hangs")
+    } else {
+        format!(
+            "{what} failed: {}",
+            std::io::Error::from_raw_os_error(errno.raw_os_error())
         )
-        .unwrap_or(4096)
-        .max(4096);
-        let per_queue = per_queue_buffer.div_ceil(align) * align;
-        let region = b
-            .alloc_mem_region(per_queue * num_queues)
-            .map_err(blkio_err("allocating the I/O buffer"))?;
-        b.map_mem_region(&region)
-            .map_err(blkio_err("mapping the I/O buffer"))?;
-        // SAFETY: the region was just allocated read-write for `len` bytes and stays mapped
-        // while `b` lives; no request is in flight yet, so nothing else touches it. The
-        // slice does not outlive this block.
-        let buf = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region.len) };
-        fill_pseudo_random(buf, 0x9e37_79b9_7f4a_7c15);
-        Ok(Client {
-            queues: outcome.queues,
-            region,
-            per_queue,
-            capacity,
-            _blkio: b,
-        })
-    }
-
-    /// Checks that the backend really stores data: writes 16 distinct 4 KiB blocks at
-    /// spread-out offsets on queue 0, flushes, reads them back and compares. Run before
-    /// measuring, so that a backend that completes requests without doing them cannot look
-    /// fast.
-    pub fn verify(&mut self) -> Result<(), String> {
-        const BS: usize = 4096;
-        const N: usize = 16;
-        if self.per_queue < 2 * BS {
-            return Err("the I/O buffer is too small to verify".to_owned());
-        }
-        let blocks = self.capacity / BS as u64;
-        let q = &mut self.queues[0];
-        let base = self.region.addr;
-        let (wbuf, rbuf) = (base, base + BS);
-        for i in 0..N as u64 {
-            let off = (xorshift(0xfeed ^ (i + 1)) % blocks) / N as u64 * N as u64 * BS as u64
-                + i * BS as u64;
-            let off = off.min((blocks - 1) * BS as u64);
-            let expected: Vec<u8> = (0..BS)
-                .map(|j| (j as u64 ^ (i * 131) ^ (off >> 12)) as u8)
-                .collect();
-            {
-                // SAFETY: [wbuf, wbuf + BS) lies inside the mapped region (per_queue >= 2 BS)
-                // and no request is in flight while this slice lives.
-                let w = unsafe { std::slice::from_raw_parts_mut(wbuf as *mut u8, BS) };
-                w.copy_from_slice(&expected);
-            }
-            q.write(off, wbuf as *const u8, BS, 0, ReqFlags::empty());
-            wait_one(q, "verify write")?;
-            q.flush(0, ReqFlags::empty());
-            wait_one(q, "verify flush")?;
-            q.read(off, rbuf as *mut u8, BS, 0, ReqFlags::empty());
-            wait_one(q, "verify read")?;
-            // SAFETY: [rbuf, rbuf + BS) lies inside the mapped region and the read that
-            // filled it has completed.
-            let r = unsafe { std::slice::from_raw_parts(rbuf as *const u8, BS) };
-            if r != &expected[..] {
-                return Err(format!(
-                    "the backend returned different data at offset {off} than was written there"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The disk size the backend reports.
-    pub fn capacity(&self) -> u64 {
-        self.capacity
-    }
-
-    /// Runs `w` on every queue at once: `warmup` unmeasured, then `measure` measured.
-    /// With `one_pass`, each queue instead writes its stripe exactly once (the prefill).
-    pub fn run(
-        &mut self,
-        w: &Workload,
-        warmup: Duration,
-        measure: Duration,
-        one_pass: bool,
-    ) -> Result<RunStats, String> {
-        let nq = self.queues.len();
-        let bs = w.block_size as u64;
-        let stripe = (self.capacity / nq as u64) / bs * bs;
-        if stripe == 0 {
-            return Err(format!(
-                "the disk ({} bytes) is too small for {}",
-                self.capacity, w.name
-            ));
-        }
-        let barrier = Barrier::new(nq);
-        let base = self.region.addr;
-        let per_queue = self.per_queue;
-        let capacity = self.capacity;
-        let results: Vec<Result<RunStats, String>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .queues
-                .iter_mut()
-                .enumerate()
-                .map(|(i, q)| {
-                    let barrier = &barrier;
-                    let job = Job {
-                        w: *w,
-                        buf: base + i * per_queue,
-                        stripe_start: i as u64 * stripe,
-                        stripe_len: stripe,
-                        capacity,
-                        seed: 0x2545_f491_4f6c_dd1d ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9),
-                        one_pass,
-                    };
-                    s.spawn(move || {
-                        barrier.wait();
-                        job.drive(q, warmup, measure)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("a client thread panicked".to_owned()))
-                })
-                .collect()
-        });
-        let mut total = RunStats::default();
-        for r in results {
-            let r = r?;
-            total.ops += r.ops;
-            total.bytes += r.bytes;
-            total.total_bytes += r.total_bytes;
-            total.window = total.window.max(r.window);
-            total.latencies_ns.extend(r.latencies_ns);
-        }
-        total.latencies_ns.sort_unstable();
-        Ok(total)
     }
 }
 
-/// Waits for the one request in flight on `q` and checks that it succeeded.
-fn wait_one(q: &mut Blkioq, what: &str) -> Result<(), String> {
-    let mut completions = [MaybeUninit::<Completion>::uninit()];
-    let mut timeout = IO_TIMEOUT;
-    let n = q
-        .do_io(&mut completions, 1, Some(&mut timeout), None)
-        .map_err(blkio_err("do_io"))?;
-    if n != 1 {
+/// The disk size the backend reports.
+pub fn capacity(client: &BlkioClient) -> Result<u64, String> {
+    client
+        .capacity()
+        .map_err(|e| format!("reading the capacity failed: {}", describe(&e)))
+}
+
+/// Fills the whole I/O buffer with incompressible data, so that writes carry no zeros.
+pub fn fill_buffer(client: &mut BlkioClient) {
+    fill_pseudo_random(client.buffer(), 0x9e37_79b9_7f4a_7c15);
+}
+
+fn fill_pseudo_random(buf: &mut [u8], seed: u64) {
+    pattern::fill(buf, 0, seed);
+}
+
+/// Checks that the backend really stores data: writes 16 distinct 4 KiB blocks at
+/// spread-out offsets on queue 0, flushes, reads them back and compares. Run before
+/// measuring, so that a backend that completes requests without doing them cannot look
+/// fast.
+pub fn verify(client: &mut BlkioClient) -> Result<(), String> {
+    const BS: usize = 4096;
+    const N: u64 = 16;
+    let capacity = capacity(client)?;
+    let blocks = capacity / BS as u64;
+    if blocks == 0 {
         return Err(format!(
-            "{what}: no completion within {IO_TIMEOUT:?}; the backend hangs"
+            "the disk ({capacity} bytes) is too small to verify"
         ));
     }
-    // SAFETY: do_io initialised the first `n` (= 1) entries.
-    let c = unsafe { completions[0].assume_init_ref() };
-    if c.ret != 0 {
-        return Err(format!(
-            "{what} failed: {}",
-            std::io::Error::from_raw_os_error(-c.ret)
-        ));
+    for i in 0..N {
+        let off = (xorshift(0xfeed ^ (i + 1)) % blocks) / N * N * BS as u64 + i * BS as u64;
+        let off = off.min((blocks - 1) * BS as u64);
+        let expected = pattern::make(BS, off, i);
+        client
+            .write(off, &expected)
+            .map_err(|e| request_error("verify write", e))?;
+        client
+            .flush()
+            .map_err(|e| request_error("verify flush", e))?;
+        let data = client
+            .read(off, BS)
+            .map_err(|e| request_error("verify read", e))?;
+        if data != expected {
+            return Err(format!(
+                "the backend returned different data at offset {off} than was written there"
+            ));
+        }
     }
     Ok(())
+}
+
+/// Runs `w` on every queue of `client` at once: `warmup` unmeasured, then `measure`
+/// measured. With `one_pass`, each queue instead writes its stripe exactly once (the
+/// prefill).
+pub fn run(
+    client: &mut BlkioClient,
+    w: &Workload,
+    warmup: Duration,
+    measure: Duration,
+    one_pass: bool,
+) -> Result<RunStats, String> {
+    let capacity = capacity(client)?;
+    let nq = client.num_queues();
+    let bs = w.block_size as u64;
+    let stripe = (capacity / nq as u64) / bs * bs;
+    if stripe == 0 {
+        return Err(format!(
+            "the disk ({capacity} bytes) is too small for {}",
+            w.name
+        ));
+    }
+    let barrier = Barrier::new(nq);
+    let results: Vec<Result<RunStats, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = client
+            .split()
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut q)| {
+                let barrier = &barrier;
+                let job = Job {
+                    w: *w,
+                    stripe_start: i as u64 * stripe,
+                    stripe_len: stripe,
+                    capacity,
+                    seed: 0x2545_f491_4f6c_dd1d ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9),
+                    one_pass,
+                };
+                s.spawn(move || {
+                    barrier.wait();
+                    job.drive(&mut q, warmup, measure)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a client thread panicked".to_owned()))
+            })
+            .collect()
+    });
+    let mut total = RunStats::default();
+    for r in results {
+        let r = r?;
+        total.ops += r.ops;
+        total.bytes += r.bytes;
+        total.total_bytes += r.total_bytes;
+        total.window = total.window.max(r.window);
+        total.latencies_ns.extend(r.latencies_ns);
+    }
+    total.latencies_ns.sort_unstable();
+    Ok(total)
 }
 
 /// One queue's share of a run.
 struct Job {
     w: Workload,
-    buf: usize,
     stripe_start: u64,
     stripe_len: u64,
     capacity: u64,
@@ -268,7 +180,7 @@ struct Job {
 impl Job {
     fn drive(
         &self,
-        q: &mut Blkioq,
+        q: &mut QueueHandle<'_>,
         warmup: Duration,
         measure: Duration,
     ) -> Result<RunStats, String> {
@@ -293,18 +205,10 @@ impl Job {
                 }
             }
         };
-        let submit = |q: &mut Blkioq, slot: usize, off: u64| {
-            let addr = self.buf + slot * w.block_size;
-            match w.op {
-                Op::Read => q.read(off, addr as *mut u8, w.block_size, slot, ReqFlags::empty()),
-                Op::Write => q.write(
-                    off,
-                    addr as *const u8,
-                    w.block_size,
-                    slot,
-                    ReqFlags::empty(),
-                ),
-            }
+        // Request `slot` uses the `slot`-th block of the queue's buffer.
+        let submit = |q: &mut QueueHandle<'_>, slot: usize, off: u64| match w.op {
+            Op::Read => q.submit_read(off, slot * w.block_size, w.block_size, slot),
+            Op::Write => q.submit_write(off, slot * w.block_size, w.block_size, slot),
         };
 
         let start = Instant::now();
@@ -323,27 +227,12 @@ impl Job {
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..w.queue_depth).map(|_| MaybeUninit::uninit()).collect();
         while inflight > 0 {
-            let mut timeout = IO_TIMEOUT;
-            let n = q
-                .do_io(&mut completions, 1, Some(&mut timeout), None)
-                .map_err(blkio_err("do_io"))?;
-            if n == 0 {
-                return Err(format!(
-                    "{}: no completion within {IO_TIMEOUT:?}; the backend hangs",
-                    w.name
-                ));
-            }
+            let done = q
+                .wait_for_completions(&mut completions)
+                .map_err(|e| request_error(w.name, e))?;
             let now = Instant::now();
-            for c in &completions[..n] {
-                // SAFETY: do_io initialised the first `n` entries of `completions`.
-                let c = unsafe { c.assume_init_ref() };
-                if c.ret != 0 {
-                    return Err(format!(
-                        "{}: a request failed with {}",
-                        w.name,
-                        std::io::Error::from_raw_os_error(-c.ret)
-                    ));
-                }
+            for c in done {
+                completion_result(c).map_err(|e| request_error(w.name, e))?;
                 inflight -= 1;
                 let slot = c.user_data;
                 stats.total_bytes += bs;
@@ -383,15 +272,6 @@ fn xorshift(mut x: u64) -> u64 {
     x ^= x >> 7;
     x ^= x << 17;
     x
-}
-
-fn fill_pseudo_random(buf: &mut [u8], seed: u64) {
-    let mut x = seed;
-    for chunk in buf.chunks_mut(8) {
-        x = xorshift(x);
-        let bytes = x.to_le_bytes();
-        chunk.copy_from_slice(&bytes[..chunk.len()]);
-    }
 }
 
 #[cfg(test)]
