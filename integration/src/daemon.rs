@@ -90,21 +90,16 @@ impl Daemon {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// Sends `signal` and waits up to `timeout` for the exit; `None` on timeout.
+    /// Sends `signal` and waits up to `timeout` for the exit; `None` on timeout (or if
+    /// the daemon was already reaped).
     pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<ExitStatus> {
-        let pid = self.pid() as libc::pid_t;
+        let child = self.child.as_mut()?;
         // SAFETY: kill(2) on our own child's pid; the child has not been reaped yet
         // (we hold its Child), so the pid cannot have been reused.
-        unsafe { libc::kill(pid, signal) };
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            sleep(Duration::from_millis(5));
-        }
-        None
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let status = wait_within(child, timeout)?;
+        self.child = None;
+        Some(status)
     }
 
     /// SIGKILL and reap.
@@ -119,5 +114,19 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; `None` if it is still running then.
+pub fn wait_within(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        sleep(Duration::from_millis(5));
     }
 }

@@ -3,13 +3,19 @@
 //! user would.
 
 use std::ffi::OsStr;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tempfile::TempDir;
 
 use crate::bins;
-use crate::daemon::Daemon;
+use crate::daemon::{wait_within, Daemon};
+
+/// How long a `qvol` or `vhost-qvol` command run to completion may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A temporary directory with a keystore in it.
 #[derive(Debug)]
@@ -125,30 +131,27 @@ impl Fixture {
         cmd
     }
 
-    /// Runs `qvol ARGS...`.
+    /// Runs `qvol ARGS...`, for at most [`COMMAND_TIMEOUT`].
     pub fn qvol<I, S>(&self, args: I) -> Run
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.command(&bins::qvol())
-            .args(args)
-            .output()
-            .expect("qvol runs")
-            .into()
+        let mut cmd = self.command(&bins::qvol());
+        cmd.args(args);
+        run_bounded(cmd, "qvol")
     }
 
-    /// Runs `vhost-qvol ARGS...` to completion (for command lines that should fail).
+    /// Runs `vhost-qvol ARGS...` to completion (for command lines that should fail): a
+    /// daemon that starts serving instead is killed after [`COMMAND_TIMEOUT`].
     pub fn vhost_qvol<I, S>(&self, args: I) -> Run
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.command(&bins::vhost_qvol())
-            .args(args)
-            .output()
-            .expect("vhost-qvol runs")
-            .into()
+        let mut cmd = self.command(&bins::vhost_qvol());
+        cmd.args(args);
+        run_bounded(cmd, "vhost-qvol")
     }
 
     /// Makes a key for `vm` and returns its id.
@@ -187,6 +190,48 @@ impl Fixture {
             .args(extra);
         Daemon::start_command(cmd, &socket, &log)
     }
+}
+
+/// Runs `cmd` to completion with no input, as `Command::output` does, but panics with what
+/// it printed if it has not exited within [`COMMAND_TIMEOUT`] (and kills it).
+fn run_bounded(mut cmd: Command, program: &str) -> Run {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+    let stdout = read_to_end(child.stdout.take());
+    let stderr = read_to_end(child.stderr.take());
+    let exited = wait_within(&mut child, COMMAND_TIMEOUT);
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let status = child
+        .wait()
+        .unwrap_or_else(|e| panic!("cannot wait for {program}: {e}"));
+    let run = Run::from(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    });
+    assert!(
+        exited.is_some(),
+        "{program} did not exit within {COMMAND_TIMEOUT:?} and was killed: {run:#?}"
+    );
+    run
+}
+
+/// Reads a child's pipe to its end on another thread (so that a full pipe cannot stall the
+/// child while we wait for it).
+fn read_to_end(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 impl Default for Fixture {

@@ -5,20 +5,33 @@ use std::ffi::OsStr;
 use std::time::Duration;
 
 use integration::client::{describe, BlkioClient};
+use integration::daemon::Daemon;
 use integration::fixture::Fixture;
 use integration::pattern;
 
+// Every wait here is bounded, so a regression fails with a sentence instead of hanging
+// until nextest gives up: the daemon's start (`Daemon::start_command`), the connect and
+// each request (`BlkioClient`), the exit on SIGTERM (below), and the commands run to
+// completion (`Fixture::qvol`, `Fixture::vhost_qvol`: a rolled-back image served instead
+// of refused is killed and reported).
+
+fn start(f: &Fixture, image: &std::path::Path, tag: &str) -> Daemon {
+    f.start_daemon(image, tag, &[])
+        .unwrap_or_else(|e| panic!("vhost-qvol ({tag}) did not start: {e}"))
+}
+
 fn write_and_stop(f: &Fixture, image: &std::path::Path, tag: &str, seed: u64) {
-    let mut daemon = f.start_daemon(image, tag, &[]).unwrap();
+    let mut daemon = start(f, image, tag);
     {
         let mut c = BlkioClient::connect(daemon.socket(), 1, false, 1 << 20)
-            .unwrap_or_else(|e| panic!("connect: {}", describe(&e)));
-        c.write(0, &pattern::make(65536, 0, seed)).unwrap();
+            .unwrap_or_else(|e| panic!("connect ({tag}): {}", describe(&e)));
+        c.write(0, &pattern::make(65536, 0, seed))
+            .unwrap_or_else(|e| panic!("write ({tag}): {e}"));
     }
     let status = daemon
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
-        .expect("exits on SIGTERM");
-    assert!(status.success());
+        .unwrap_or_else(|| panic!("vhost-qvol ({tag}) did not exit within 5 s of SIGTERM"));
+    assert!(status.success(), "vhost-qvol ({tag}) exited with {status}");
 }
 
 #[test]
@@ -54,5 +67,5 @@ fn an_older_copy_of_the_image_is_refused() {
 
     // The current copy still opens.
     std::fs::write(&image, &new).unwrap();
-    let _daemon = f.start_daemon(&image, "c", &[]).unwrap();
+    let _daemon = start(&f, &image, "c");
 }
