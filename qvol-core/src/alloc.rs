@@ -36,6 +36,8 @@ pub(crate) struct AllocState {
     /// Freed blocks that held discarded data: punched after the next commit.
     punch: BTreeSet<u64>,
     cursor: u64,
+    /// The first block of the data region (every block below is fixed).
+    data_start: u64,
     capacity: u64,
     used: u64,
     high_water: u64,
@@ -47,17 +49,19 @@ pub(crate) struct Allocator {
     state: Mutex<AllocState>,
 }
 
-/// Physical blocks the space tree must cover for a volume of `blocks` logical blocks:
-/// every data block, the map nodes and the copies a commit needs, with room to spare.
-pub(crate) fn space_capacity(blocks: u64) -> u64 {
-    DATA_START_BLOCK + 2 * blocks + (1 << 20)
+/// Physical blocks the space tree must cover for a volume of `blocks` logical blocks laid out
+/// as `regions` says: every data block, the map nodes and the copies a commit needs, with
+/// room to spare.
+pub(crate) fn space_capacity(regions: Regions, blocks: u64) -> u64 {
+    regions.data_start_block() + 2 * blocks + (1 << 20)
 }
 
 impl Allocator {
-    /// The allocator of a committed space tree.
+    /// The allocator of a committed space tree whose data region starts at `data_start`.
     pub(crate) fn new(
         height: u8,
         root: NodePtr,
+        data_start: u64,
         capacity: u64,
         used: u64,
         high_water: u64,
@@ -68,10 +72,11 @@ impl Allocator {
                 leaves: U64Map::default(),
                 pending: U64Set::default(),
                 punch: BTreeSet::new(),
-                cursor: DATA_START_BLOCK,
+                cursor: data_start,
+                data_start,
                 capacity,
                 used,
-                high_water: high_water.max(DATA_START_BLOCK),
+                high_water: high_water.max(data_start),
             }),
         }
     }
@@ -131,7 +136,7 @@ impl AllocState {
 
     /// Marks the fixed regions (header .. log) in use: at create.
     pub(crate) fn mark_fixed_regions(&mut self, st: &dyn Storage, keys: &Subkeys) -> Result<()> {
-        for pbn in 0..DATA_START_BLOCK {
+        for pbn in 0..self.data_start {
             self.set_bit(st, keys, pbn, true)?;
         }
         Ok(())
@@ -157,7 +162,7 @@ impl AllocState {
 
     /// The start of `n` contiguous free blocks within [`RUN_SCAN`] blocks of the cursor.
     fn find_run(&mut self, st: &dyn Storage, keys: &Subkeys, n: u64) -> Result<Option<u64>> {
-        let mut pbn = self.cursor.max(DATA_START_BLOCK);
+        let mut pbn = self.cursor.max(self.data_start);
         let limit = (pbn + RUN_SCAN).min(self.capacity);
         let mut run_start = pbn;
         let mut run = 0u64;
@@ -197,7 +202,7 @@ impl AllocState {
     fn alloc_scattered(&mut self, st: &dyn Storage, keys: &Subkeys, n: usize) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(n);
         let mut scanned = 0u64;
-        let span = self.capacity - DATA_START_BLOCK;
+        let span = self.capacity - self.data_start;
         while out.len() < n {
             if scanned > span {
                 for &pbn in &out {
@@ -213,7 +218,7 @@ impl AllocState {
                 ));
             }
             if self.cursor >= self.capacity {
-                self.cursor = DATA_START_BLOCK;
+                self.cursor = self.data_start;
             }
             let index = self.cursor / BITS_PER_SPACE_LEAF;
             self.leaf(st, keys, index)?;
@@ -295,7 +300,7 @@ impl AllocState {
     }
 
     fn check_range(&self, pbn: u64) -> Result<()> {
-        if pbn < DATA_START_BLOCK || pbn >= self.capacity {
+        if pbn < self.data_start || pbn >= self.capacity {
             return Err(Error::corrupt(format!(
                 "block {pbn} is outside the data region"
             )));
@@ -368,7 +373,7 @@ impl AllocState {
     /// Returns the blocks to punch.
     pub(crate) fn finish_commit(&mut self) -> Vec<u64> {
         self.pending.clear();
-        self.cursor = DATA_START_BLOCK;
+        self.cursor = self.data_start;
         std::mem::take(&mut self.punch).into_iter().collect()
     }
 
@@ -401,8 +406,15 @@ mod tests {
             CipherSuite::default(),
             [0; 16],
         );
-        let cap = space_capacity(1000);
-        let a = Allocator::new(AllocState::height_for(cap), NodePtr::default(), cap, 0, 0);
+        let cap = space_capacity(Regions::V1, 1000);
+        let a = Allocator::new(
+            AllocState::height_for(cap),
+            NodePtr::default(),
+            Regions::V1.data_start_block(),
+            cap,
+            0,
+            0,
+        );
         (MemStorage::new(), keys, a)
     }
 
@@ -449,16 +461,17 @@ mod tests {
         let mut w = PageWriter::new(&st);
         let root = s.prepare_commit(&st, &keys, &mut w).unwrap();
         w.flush().unwrap();
-        assert!(root.pbn >= DATA_START_BLOCK);
+        assert!(root.pbn >= Regions::V1.data_start_block());
         assert_eq!(s.finish_commit(), vec![1041]);
         assert_eq!(s.alloc(&st, &keys, 1).unwrap(), vec![1041]);
         // The committed bitmap reloads and agrees.
         let used = s.used();
         drop(s);
         let b = Allocator::new(
-            AllocState::height_for(space_capacity(1000)),
+            AllocState::height_for(space_capacity(Regions::V1, 1000)),
             root,
-            space_capacity(1000),
+            Regions::V1.data_start_block(),
+            space_capacity(Regions::V1, 1000),
             used,
             0,
         );

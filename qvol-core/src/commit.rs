@@ -10,6 +10,9 @@ use crate::volume::Volume;
 
 /// Map leaves kept cached across commits (64 Ki leaves = 256 MiB, mapping 16 GiB of data).
 const MAX_CACHED_LEAVES: usize = 1 << 16;
+/// Map leaves that may change before a commit (32 Ki leaves = 128 MiB held in memory, the
+/// most a 4 MiB log could dirty): with a long log, scattered writes commit before it fills.
+pub(crate) const MAX_DIRTY_LEAVES: u64 = 1 << 15;
 
 impl Volume {
     /// Commits; the caller holds the gate exclusively. `force`: even with nothing to write.

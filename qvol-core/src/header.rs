@@ -13,9 +13,13 @@ const OFF_NAME: usize = 146;
 /// Bytes of header plus keyslot area, the span the superblock hashes.
 pub(crate) const HEADER_AREA_LEN: usize = BS + MAX_KEYSLOTS * KEYSLOT_SIZE;
 
-/// The decoded header of a version-1 image.
+/// The decoded header of an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// The format version (1 or 2).
+    pub version: u32,
+    /// Length of the write-ahead log in bytes (4 MiB in version 1).
+    pub log_len: u64,
     /// The volume's random identifier.
     pub volume_id: [u8; 16],
     /// The cipher suite of its data blocks.
@@ -32,8 +36,11 @@ pub struct Header {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HeaderInfo {
-    /// The format version (1).
+    /// The format version (1 or 2).
     pub format_version: u32,
+    /// Length of the write-ahead log in bytes: writes between two commits take a 128-byte
+    /// record per block, so a log of `n` bytes holds `n / 128` block writes.
+    pub log_len: u64,
     /// The volume's random identifier (bound into keyslots as associated data).
     pub volume_id: [u8; 16],
     /// The cipher suite of its data blocks.
@@ -47,6 +54,13 @@ pub struct HeaderInfo {
 }
 
 impl Header {
+    /// Where the log and the data region are.
+    pub(crate) fn regions(&self) -> Regions {
+        Regions {
+            log_len: self.log_len,
+        }
+    }
+
     /// Encodes the header block, checksum included.
     pub(crate) fn encode(&self) -> Result<[u8; BS]> {
         let name = self.name.as_bytes();
@@ -61,7 +75,7 @@ impl Header {
         }
         let mut b = [0u8; BS];
         b[..8].copy_from_slice(&HEADER_MAGIC);
-        put_u32(&mut b, 8, FORMAT_VERSION);
+        put_u32(&mut b, 8, self.version);
         put_u32(&mut b, 12, BS as u32);
         b[16..32].copy_from_slice(&self.volume_id);
         put_u16(&mut b, 32, self.suite.id());
@@ -73,8 +87,8 @@ impl Header {
         put_u64(&mut b, 64, SUPERBLOCK_OFFSETS[0]);
         put_u64(&mut b, 72, SUPERBLOCK_OFFSETS[1]);
         put_u64(&mut b, 80, LOG_OFFSET);
-        put_u64(&mut b, 88, LOG_LEN);
-        put_u64(&mut b, 96, DATA_OFFSET);
+        put_u64(&mut b, 88, self.log_len);
+        put_u64(&mut b, 96, self.regions().data_offset());
         b[112..144].copy_from_slice(&self.key_check);
         put_u16(&mut b, 144, name.len() as u16);
         b[OFF_NAME..OFF_NAME + name.len()].copy_from_slice(name);
@@ -99,11 +113,12 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         return Err(Error::corrupt("the file is not a qvol image (wrong magic)"));
     }
     let version = get_u32(b, 8);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!(
-                "the image has format version {version}, this build reads version {FORMAT_VERSION}"
+                "the image has format version {version}, this build reads versions \
+                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
             ),
         ));
     }
@@ -119,13 +134,17 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         && get_u32(b, 60) == KEYSLOT_SIZE as u32
         && get_u64(b, 64) == SUPERBLOCK_OFFSETS[0]
         && get_u64(b, 72) == SUPERBLOCK_OFFSETS[1]
-        && get_u64(b, 80) == LOG_OFFSET
-        && get_u64(b, 88) == LOG_LEN
-        && get_u64(b, 96) == DATA_OFFSET;
-    if !layout_ok {
-        return Err(Error::corrupt(
-            "the qvol header describes a region layout version 1 does not have",
-        ));
+        && get_u64(b, 80) == LOG_OFFSET;
+    // Version 1 has a 4 MiB log; version 2 a power of two from 4 to 64 MiB (FORMAT.md §2).
+    let log_len = get_u64(b, 88);
+    let log_ok = match version {
+        1 => log_len == MIN_LOG_LEN,
+        _ => Regions::valid_log_len(log_len),
+    };
+    if !layout_ok || !log_ok || get_u64(b, 96) != LOG_OFFSET + log_len {
+        return Err(Error::corrupt(format!(
+            "the qvol header describes a region layout format version {version} does not have"
+        )));
     }
     let flags = get_u32(b, 104);
     if flags != 0 {
@@ -157,6 +176,8 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         .map_err(|_| Error::corrupt("the volume name in the header is not UTF-8"))?
         .to_owned();
     Ok(Header {
+        version,
+        log_len,
         volume_id: get_array(b, 16),
         suite,
         size,
@@ -220,7 +241,7 @@ pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<Vec<u8>> {
     let len = storage
         .len()
         .map_err(|e| Error::io("cannot get the length of the image", e))?;
-    if len < DATA_OFFSET {
+    if len < Regions::V1.data_offset() {
         return Err(Error::corrupt(format!(
             "the image is {len} bytes long, too short for a qvol volume"
         )));
@@ -229,6 +250,14 @@ pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<Vec<u8>> {
     storage
         .read_exact_at(&mut area, 0)
         .map_err(|e| Error::io("cannot read the qvol header", e))?;
+    if let Ok(header) = decode_header(&area[..BS]) {
+        if len < header.regions().data_offset() {
+            return Err(Error::corrupt(format!(
+                "the image is {len} bytes long, shorter than its {}-byte log needs",
+                header.log_len
+            )));
+        }
+    }
     Ok(area)
 }
 
@@ -238,7 +267,8 @@ pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
     let header = decode_header(&area[..BS])?;
     let keyslots = decode_keyslots(&area[BS..])?;
     Ok(HeaderInfo {
-        format_version: FORMAT_VERSION,
+        format_version: header.version,
+        log_len: header.log_len,
         volume_id: header.volume_id,
         suite: header.suite,
         size: header.size,
@@ -253,6 +283,8 @@ mod tests {
 
     fn sample() -> Header {
         Header {
+            version: FORMAT_VERSION,
+            log_len: 16 << 20,
             volume_id: [7; 16],
             suite: CipherSuite::Aegis256,
             size: 1 << 30,
@@ -275,6 +307,34 @@ mod tests {
             c[i] ^= 1;
             assert!(decode_header(&c).is_err(), "byte {i}");
         }
+    }
+
+    #[test]
+    fn version_1_has_a_4_mib_log_version_2_a_power_of_two() {
+        let mut v1 = sample();
+        v1.version = 1;
+        v1.log_len = MIN_LOG_LEN;
+        assert_eq!(decode_header(&v1.encode().unwrap()).unwrap(), v1);
+        v1.log_len = 16 << 20;
+        assert_eq!(
+            decode_header(&v1.encode().unwrap()).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        let mut v2 = sample();
+        for bad in [2 << 20, 5 << 20, 128 << 20] {
+            v2.log_len = bad;
+            assert_eq!(
+                decode_header(&v2.encode().unwrap()).unwrap_err().kind(),
+                ErrorKind::Corrupt,
+                "log of {bad} bytes"
+            );
+        }
+        let mut v3 = sample();
+        v3.version = 3;
+        assert_eq!(
+            decode_header(&v3.encode().unwrap()).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
     }
 
     #[test]

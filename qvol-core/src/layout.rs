@@ -5,8 +5,10 @@
 pub const BLOCK_SIZE: u64 = 4096;
 /// Requests must be aligned to this many bytes.
 pub const SECTOR_SIZE: u64 = 512;
-/// The format version this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this crate writes. It reads this one and every earlier one.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this crate reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Number of keyslots in the keyslot area.
 pub const MAX_KEYSLOTS: usize = 8;
 /// Bytes reserved per keyslot (a 4-byte length, then the blob).
@@ -28,16 +30,64 @@ pub(crate) const KEYSLOT_OFFSET: u64 = 4096;
 pub(crate) const SUPERBLOCK_OFFSETS: [u64; 2] = [0x9000, 0xA000];
 /// Byte offset of the write-ahead log.
 pub(crate) const LOG_OFFSET: u64 = 0x10000;
-/// Length of the write-ahead log in bytes.
-pub(crate) const LOG_LEN: u64 = 4 << 20;
+/// Length of the write-ahead log of a version-1 image, and the shortest log of any version.
+pub(crate) const MIN_LOG_LEN: u64 = 4 << 20;
+/// The longest write-ahead log (format version 2).
+pub(crate) const MAX_LOG_LEN: u64 = 64 << 20;
 /// Length of one log record.
 pub(crate) const LOG_RECORD_LEN: usize = 128;
-/// Number of log slots.
-pub(crate) const LOG_SLOTS: u64 = LOG_LEN / LOG_RECORD_LEN as u64;
-/// Byte offset of the data region.
-pub(crate) const DATA_OFFSET: u64 = LOG_OFFSET + LOG_LEN;
-/// First physical block of the data region.
-pub(crate) const DATA_START_BLOCK: u64 = DATA_OFFSET / BLOCK_SIZE;
+/// The most log slots of any image.
+pub(crate) const MAX_LOG_SLOTS: u64 = MAX_LOG_LEN / LOG_RECORD_LEN as u64;
+/// The lowest first block of any image's data region (that of a 4 MiB log): pointers below it
+/// are invalid whatever the image.
+pub(crate) const MIN_DATA_START_BLOCK: u64 = (LOG_OFFSET + MIN_LOG_LEN) / BLOCK_SIZE;
+
+/// Where one image's log ends and its data region starts (docs/FORMAT.md §1): the log length
+/// is 4 MiB in version 1 and a power of two from 4 to 64 MiB in version 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Regions {
+    /// Length of the write-ahead log in bytes.
+    pub(crate) log_len: u64,
+}
+
+impl Regions {
+    /// The regions of a version-1 image.
+    pub(crate) const V1: Regions = Regions {
+        log_len: MIN_LOG_LEN,
+    };
+
+    /// The log a new volume of `size` bytes gets: 1/32 of the size, rounded up to a power of
+    /// two, from 4 to 64 MiB. A longer log means fewer commits (each commit rewrites every map
+    /// leaf changed since the last one) at the cost of room in the image and a longer replay.
+    pub(crate) fn for_size(size: u64) -> Regions {
+        Regions {
+            log_len: (size / 32)
+                .next_power_of_two()
+                .clamp(MIN_LOG_LEN, MAX_LOG_LEN),
+        }
+    }
+
+    /// Whether `log_len` is a valid log length.
+    pub(crate) fn valid_log_len(log_len: u64) -> bool {
+        log_len.is_power_of_two() && (MIN_LOG_LEN..=MAX_LOG_LEN).contains(&log_len)
+    }
+
+    /// Number of log slots.
+    pub(crate) fn log_slots(self) -> u64 {
+        self.log_len / LOG_RECORD_LEN as u64
+    }
+
+    /// Byte offset of the data region.
+    pub(crate) fn data_offset(self) -> u64 {
+        LOG_OFFSET + self.log_len
+    }
+
+    /// First physical block of the data region.
+    pub(crate) fn data_start_block(self) -> u64 {
+        self.data_offset() / BLOCK_SIZE
+    }
+}
+
 /// Entries per tree node.
 pub(crate) const FANOUT: u64 = 64;
 /// Bytes per tree-node entry.
@@ -106,13 +156,35 @@ mod tests {
 
     #[test]
     fn regions_match_the_format_document() {
-        assert_eq!(DATA_OFFSET, 0x41_0000);
-        assert_eq!(DATA_START_BLOCK, 1040);
-        assert_eq!(LOG_SLOTS, 32768);
+        assert_eq!(Regions::V1.data_offset(), 0x41_0000);
+        assert_eq!(Regions::V1.data_start_block(), 1040);
+        assert_eq!(MIN_DATA_START_BLOCK, 1040);
+        assert_eq!(Regions::V1.log_slots(), 32768);
+        let big = Regions {
+            log_len: MAX_LOG_LEN,
+        };
+        assert_eq!(big.data_offset(), 0x401_0000);
+        assert_eq!(big.log_slots(), MAX_LOG_SLOTS);
         assert_eq!(
             KEYSLOT_OFFSET + (MAX_KEYSLOTS * KEYSLOT_SIZE) as u64,
             0x9000
         );
+    }
+
+    #[test]
+    fn new_volumes_get_a_log_of_a_thirty_second_of_their_size() {
+        let mib = 1u64 << 20;
+        assert_eq!(Regions::for_size(4 * mib), Regions::V1);
+        assert_eq!(Regions::for_size(128 * mib), Regions::V1);
+        assert_eq!(Regions::for_size(129 * mib).log_len, 8 * mib);
+        assert_eq!(Regions::for_size(1 << 30).log_len, 32 * mib);
+        assert_eq!(Regions::for_size(1 << 48).log_len, MAX_LOG_LEN);
+        for len in [4 * mib, 8 * mib, 64 * mib] {
+            assert!(Regions::valid_log_len(len));
+        }
+        for len in [0, 2 * mib, 5 * mib, 128 * mib] {
+            assert!(!Regions::valid_log_len(len));
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The block map in memory: leaves in sharded locks (so queue threads rarely meet), interior
 //! nodes in one [`TreeCache`] touched only on a cache miss and at commit.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
@@ -41,6 +42,8 @@ impl Leaf {
 pub(crate) struct BlockMap {
     shards: Vec<RwLock<U64Map<Leaf>>>,
     interior: Mutex<TreeCache>,
+    /// Leaves changed since the last commit (they stay in memory until it).
+    dirty_leaves: AtomicU64,
 }
 
 type Shard = U64Map<Leaf>;
@@ -53,6 +56,7 @@ impl BlockMap {
                 .map(|_| RwLock::new(U64Map::default()))
                 .collect(),
             interior: Mutex::new(TreeCache::new(TreeKind::Map, height, root)),
+            dirty_leaves: AtomicU64::new(0),
         }
     }
 
@@ -136,7 +140,17 @@ impl BlockMap {
                 None => return Err(Error::corrupt("internal: a map leaf left the cache")),
             },
         };
-        f(l)
+        let was_dirty = l.dirty;
+        let r = f(l);
+        if l.dirty && !was_dirty {
+            self.dirty_leaves.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// How many leaves changed since the last commit.
+    pub(crate) fn dirty_leaves(&self) -> u64 {
+        self.dirty_leaves.load(Ordering::Relaxed)
     }
 
     /// Whether any leaf changed since the last commit.
@@ -261,6 +275,7 @@ impl BlockMap {
                 l.dirty = false;
             }
         }
+        self.dirty_leaves.store(0, Ordering::Relaxed);
     }
 }
 

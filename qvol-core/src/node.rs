@@ -54,7 +54,7 @@ impl LeafEntry {
                 "map leaf entry {i} has invalid flags or fields"
             )));
         }
-        if entry.pbn != 0 && !(DATA_START_BLOCK..MAX_PBN).contains(&entry.pbn) {
+        if entry.pbn != 0 && !(MIN_DATA_START_BLOCK..MAX_PBN).contains(&entry.pbn) {
             return Err(Error::corrupt(format!(
                 "map leaf entry {i} points outside the data region"
             )));
@@ -90,7 +90,7 @@ pub fn decode_interior_entry(node: &[u8], i: usize) -> Result<NodePtr> {
     let empty_ok = ptr.pbn != 0 || ptr.mac == [0; 32];
     if !reserved_ok
         || !empty_ok
-        || (ptr.pbn != 0 && !(DATA_START_BLOCK..MAX_PBN).contains(&ptr.pbn))
+        || (ptr.pbn != 0 && !(MIN_DATA_START_BLOCK..MAX_PBN).contains(&ptr.pbn))
     {
         return Err(Error::corrupt(format!("interior entry {i} is malformed")));
     }

@@ -16,12 +16,14 @@ impl Volume {
         let st = &*self.storage;
         let keys = &self.keys;
         let epoch = self.superblock().log_epoch;
-        let log = read_log(st)?;
+        let log = read_log(st, self.header.regions())?;
         let scanned = scan(&log, epoch, keys)?;
         for rec in &scanned.records {
             match rec.op {
                 LogOp::Map { lbn, entry } => {
-                    if lbn >= self.blocks || entry.pbn >= space_capacity(self.blocks) {
+                    if lbn >= self.blocks
+                        || entry.pbn >= space_capacity(self.header.regions(), self.blocks)
+                    {
                         return Err(Error::integrity(format!(
                             "log record {} maps logical block {lbn} to physical block {}, out of range",
                             rec.seq, entry.pbn

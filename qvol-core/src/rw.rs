@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::sync::RwLockReadGuard;
 
+use crate::commit::MAX_DIRTY_LEAVES;
 use crate::datablock::{open_block, random_nonces, seal_block};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::*;
@@ -71,12 +72,13 @@ impl Volume {
         Ok(())
     }
 
-    /// Enters the gate with `n` log slots reserved, committing first if the log is full.
+    /// Enters the gate with `n` log slots reserved, committing first if the log is full or
+    /// too many map leaves wait for a commit.
     fn enter_with_log(&self, n: u64) -> Result<(RwLockReadGuard<'_, ()>, Credit<'_>)> {
         loop {
             self.check_usable()?;
             let gate = self.shared();
-            if self.wal.try_reserve(n) {
+            if self.map.dirty_leaves() < MAX_DIRTY_LEAVES && self.wal.try_reserve(n) {
                 return Ok((
                     gate,
                     Credit {
@@ -87,7 +89,7 @@ impl Volume {
             }
             drop(gate);
             let _excl = self.exclusive();
-            if self.wal.next() > 0 {
+            if self.wal.next() > 0 || self.map.dirty_leaves() >= MAX_DIRTY_LEAVES {
                 self.commit_locked(false)?;
             }
         }

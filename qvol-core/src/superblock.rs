@@ -96,7 +96,7 @@ impl Superblock {
             high_water: get_u64(b, 160),
             header_hash: get_array(b, 168),
         };
-        let ptr_ok = |p: &NodePtr| p.pbn == 0 || (DATA_START_BLOCK..MAX_PBN).contains(&p.pbn);
+        let ptr_ok = |p: &NodePtr| p.pbn == 0 || (MIN_DATA_START_BLOCK..MAX_PBN).contains(&p.pbn);
         if !ptr_ok(&sb.map_root) || !ptr_ok(&sb.space_root) || !ptr_ok(&sb.snapshots) {
             return Err(Error::corrupt(
                 "the superblock points outside the data region",

@@ -317,7 +317,7 @@ mod tests {
         );
         let st = MemStorage::new();
         let mut t = TreeCache::new(TreeKind::Map, 2, NodePtr::default());
-        let mut next = DATA_START_BLOCK;
+        let mut next = MIN_DATA_START_BLOCK;
         let mut realloc = |_old: u64| {
             next += 1;
             Ok(next)

@@ -58,6 +58,8 @@ impl Volume {
         }
         let keys = Subkeys::derive(key, opts.suite, opts.volume_id);
         let header = Header {
+            version: FORMAT_VERSION,
+            log_len: Regions::for_size(size).log_len,
             volume_id: opts.volume_id,
             suite: opts.suite,
             size,
@@ -77,13 +79,13 @@ impl Volume {
             .write_all_at(&slots, KEYSLOT_OFFSET)
             .map_err(|e| io("write the keyslots", e))?;
         storage
-            .set_len(DATA_OFFSET)
+            .set_len(header.regions().data_offset())
             .map_err(|e| io("size the image", e))?;
         let mut hasher = blake3::Hasher::new();
         hasher.update(&header_block);
         hasher.update(&slots);
         let blocks = size / BLOCK_SIZE;
-        let capacity = space_capacity(blocks);
+        let capacity = space_capacity(header.regions(), blocks);
         let sb = Superblock {
             map_height: tree_height(blocks, FANOUT),
             space_height: AllocState::height_for(capacity),
@@ -125,7 +127,7 @@ impl Volume {
         }
         let blocks = header.size / BLOCK_SIZE;
         if sb.map_height != tree_height(blocks, FANOUT)
-            || sb.space_height != AllocState::height_for(space_capacity(blocks))
+            || sb.space_height != AllocState::height_for(space_capacity(header.regions(), blocks))
         {
             return Err(Error::corrupt(
                 "the superblock's tree heights do not fit the volume size",
@@ -149,17 +151,19 @@ impl Volume {
         read_only: bool,
     ) -> Volume {
         let blocks = header.size / BLOCK_SIZE;
+        let regions = header.regions();
         Volume {
             storage,
             map: BlockMap::new(sb.map_height, sb.map_root),
             alloc: Allocator::new(
                 sb.space_height,
                 sb.space_root,
-                space_capacity(blocks),
+                regions.data_start_block(),
+                space_capacity(regions, blocks),
                 sb.allocated_blocks,
                 sb.high_water,
             ),
-            wal: Wal::new(sb.log_epoch, 0),
+            wal: Wal::new(regions.log_slots(), sb.log_epoch, 0),
             keys,
             header,
             keyslot_count,
@@ -186,7 +190,7 @@ impl Volume {
     pub fn info(&self) -> VolumeInfo {
         let generation = self.superblock().generation;
         VolumeInfo {
-            format_version: FORMAT_VERSION,
+            format_version: self.header.version,
             name: self.header.name.clone(),
             volume_id: self.header.volume_id,
             size: self.header.size,

@@ -144,11 +144,12 @@ fn unclosed_writes_come_back_from_the_log() {
 #[test]
 fn filling_the_log_commits_by_itself() {
     let st = Arc::new(MemStorage::new());
-    let vol = Volume::create(st.clone(), opts(256 << 20, CipherSuite::Aegis256), &key()).unwrap();
+    // 128 MiB: the shortest log, 32,768 records.
+    let vol = Volume::create(st.clone(), opts(128 << 20, CipherSuite::Aegis256), &key()).unwrap();
     let gen = vol.info().generation;
     let chunk = pattern(9, 1 << 20);
     for i in 0..200u64 {
-        vol.write_at(i << 20, &chunk).unwrap();
+        vol.write_at((i % 128) << 20, &chunk).unwrap();
     }
     assert!(
         vol.info().generation > gen,
@@ -156,8 +157,62 @@ fn filling_the_log_commits_by_itself() {
     );
     drop(vol);
     let vol = Volume::open(st, &key(), false).unwrap();
-    for i in [0u64, 77, 199] {
+    for i in [0u64, 77, 127] {
         assert_eq!(read(&vol, i << 20, 1 << 20), chunk);
+    }
+}
+
+#[test]
+fn a_long_log_holds_more_writes_and_replays_them() {
+    let st = Arc::new(MemStorage::new());
+    // 1 GiB: a 32 MiB log of 262,144 records.
+    let vol = Volume::create(st.clone(), opts(1 << 30, CipherSuite::Aegis256), &key()).unwrap();
+    assert_eq!(vol.header.log_len, 32 << 20);
+    assert_eq!(vol.info().format_version, FORMAT_VERSION);
+    let gen = vol.info().generation;
+    let chunk = pattern(3, 1 << 20);
+    for i in 0..160u64 {
+        vol.write_at(i << 20, &chunk).unwrap();
+    }
+    assert_eq!(vol.info().log_records, 160 * 256);
+    assert_eq!(
+        vol.info().generation,
+        gen,
+        "40,960 records fit without a commit"
+    );
+    drop(vol);
+    let vol = Volume::open(st, &key(), false).unwrap();
+    assert!(
+        vol.info().generation > gen,
+        "the replayed log was committed"
+    );
+    for i in [0u64, 100, 159] {
+        assert_eq!(read(&vol, i << 20, 1 << 20), chunk);
+    }
+}
+
+#[test]
+fn too_many_changed_map_leaves_commit_before_the_log_fills() {
+    let st = Arc::new(MemStorage::new());
+    // 8 GiB + 1 MiB: 32,772 leaves of 64 blocks, a 64 MiB log.
+    let size = (8 << 30) + (1 << 20);
+    let vol = Volume::create(st.clone(), opts(size, CipherSuite::Aegis256), &key()).unwrap();
+    let gen = vol.info().generation;
+    let block = pattern(5, BS);
+    let leaves = crate::commit::MAX_DIRTY_LEAVES + 2;
+    for leaf in 0..leaves {
+        vol.write_at(leaf * FANOUT * BLOCK_SIZE, &block).unwrap();
+    }
+    assert!(
+        vol.info().generation > gen,
+        "a commit bounded the dirty leaves"
+    );
+    assert!(vol.info().log_records < leaves);
+    assert!(vol.map.dirty_leaves() < leaves);
+    drop(vol);
+    let vol = Volume::open(st, &key(), false).unwrap();
+    for leaf in [0, leaves / 2, leaves - 1] {
+        assert_eq!(read(&vol, leaf * FANOUT * BLOCK_SIZE, BS), block);
     }
 }
 
@@ -180,7 +235,7 @@ fn discard_frees_and_punches_space() {
     );
     // The punched data region reads as zeros in the file.
     let bytes = st.to_vec();
-    let data = &bytes[DATA_OFFSET as usize..];
+    let data = &bytes[vol.header.regions().data_offset() as usize..];
     let nonzero_blocks = data
         .chunks(BS)
         .filter(|b| b.iter().any(|&x| x != 0))

@@ -91,7 +91,7 @@ impl LogRecord {
                     nonce: get_array(b, 48),
                     tag: get_array(b, 80),
                 };
-                if !(DATA_START_BLOCK..MAX_PBN).contains(&entry.pbn) {
+                if !(MIN_DATA_START_BLOCK..MAX_PBN).contains(&entry.pbn) {
                     return Err(Error::corrupt(
                         "a log record maps a block outside the data region",
                     ));
@@ -114,7 +114,7 @@ impl LogRecord {
             durable: get_u64(b, 24),
             op,
         };
-        if rec.durable > rec.seq || rec.seq >= LOG_SLOTS {
+        if rec.durable > rec.seq || rec.seq >= MAX_LOG_SLOTS {
             return Err(Error::corrupt(
                 "a log record has an invalid sequence number",
             ));
@@ -147,11 +147,11 @@ pub(crate) struct ScannedLog {
     pub(crate) durable: u64,
 }
 
-/// Scans the whole log region for `epoch`. Fails with `Integrity` if a slot below the durable
-/// mark is invalid (a synced record was removed or altered).
+/// Scans the whole log region (`log`, all its slots) for `epoch`. Fails with `Integrity` if a
+/// slot below the durable mark is invalid (a synced record was removed or altered).
 pub(crate) fn scan(log: &[u8], epoch: u64, keys: &Subkeys) -> Result<ScannedLog> {
     let mut records = Vec::new();
-    let mut valid = vec![false; LOG_SLOTS as usize];
+    let mut valid = vec![false; log.len() / LOG_RECORD_LEN];
     let mut durable = 0;
     for (slot, chunk) in log.chunks_exact(LOG_RECORD_LEN).enumerate() {
         if chunk.iter().all(|&b| b == 0) {
@@ -173,9 +173,9 @@ pub(crate) fn scan(log: &[u8], epoch: u64, keys: &Subkeys) -> Result<ScannedLog>
     Ok(ScannedLog { records, durable })
 }
 
-/// Reads the whole log region.
-pub(crate) fn read_log(storage: &dyn Storage) -> Result<Vec<u8>> {
-    let mut log = vec![0u8; LOG_LEN as usize];
+/// Reads the whole log region of an image with `regions`.
+pub(crate) fn read_log(storage: &dyn Storage, regions: Regions) -> Result<Vec<u8>> {
+    let mut log = vec![0u8; regions.log_len as usize];
     storage
         .read_exact_at(&mut log, LOG_OFFSET)
         .map_err(|e| Error::io("cannot read the write-ahead log", e))?;
@@ -186,6 +186,8 @@ pub(crate) fn read_log(storage: &dyn Storage) -> Result<Vec<u8>> {
 #[derive(Debug)]
 pub(crate) struct Wal {
     state: Mutex<WalState>,
+    /// Slots in the log region.
+    slots: u64,
 }
 
 #[derive(Debug)]
@@ -199,9 +201,10 @@ struct WalState {
 }
 
 impl Wal {
-    /// An empty log of `epoch` whose next record goes to slot `next`.
-    pub(crate) fn new(epoch: u64, next: u64) -> Self {
+    /// An empty log of `slots` slots and `epoch` whose next record goes to slot `next`.
+    pub(crate) fn new(slots: u64, epoch: u64, next: u64) -> Self {
         Wal {
+            slots,
             state: Mutex::new(WalState {
                 epoch,
                 next,
@@ -219,7 +222,7 @@ impl Wal {
     /// Reserves room for `n` records; false if the log is too full (commit first).
     pub(crate) fn try_reserve(&self, n: u64) -> bool {
         let mut s = self.lock();
-        if s.next + s.reserved + n > LOG_SLOTS {
+        if s.next + s.reserved + n > self.slots {
             return false;
         }
         s.reserved += n;
@@ -249,7 +252,7 @@ impl Wal {
         let n = ops.len() as u64;
         let (epoch, first, durable) = {
             let mut s = self.lock();
-            if s.next + n > LOG_SLOTS {
+            if s.next + n > self.slots {
                 return Err(Error::new(
                     crate::error::ErrorKind::NoSpace,
                     "the write-ahead log is full (a reservation was not honoured)",
@@ -375,8 +378,8 @@ mod tests {
 
     fn log_with(k: &Subkeys, epoch: u64, n: u64, durable_after: u64) -> (MemStorage, Wal) {
         let st = MemStorage::new();
-        st.set_len(DATA_OFFSET).unwrap();
-        let wal = Wal::new(epoch, 0);
+        st.set_len(Regions::V1.data_offset()).unwrap();
+        let wal = Wal::new(Regions::V1.log_slots(), epoch, 0);
         for i in 0..n {
             assert!(wal.try_reserve(1));
             if i == durable_after {
@@ -392,7 +395,7 @@ mod tests {
         let k = keys();
         let (st, wal) = log_with(&k, 5, 10, 6);
         assert_eq!(wal.next(), 10);
-        let log = read_log(&st).unwrap();
+        let log = read_log(&st, Regions::V1).unwrap();
         let scanned = scan(&log, 5, &k).unwrap();
         assert_eq!(scanned.records.len(), 10);
         assert_eq!(scanned.durable, 6);
@@ -410,11 +413,11 @@ mod tests {
         let zero = [0u8; LOG_RECORD_LEN];
         st.write_all_at(&zero, LOG_OFFSET + 8 * LOG_RECORD_LEN as u64)
             .unwrap();
-        let scanned = scan(&read_log(&st).unwrap(), 5, &k).unwrap();
+        let scanned = scan(&read_log(&st, Regions::V1).unwrap(), 5, &k).unwrap();
         assert_eq!(scanned.records.len(), 9);
         st.write_all_at(&zero, LOG_OFFSET + 2 * LOG_RECORD_LEN as u64)
             .unwrap();
-        let err = scan(&read_log(&st).unwrap(), 5, &k).unwrap_err();
+        let err = scan(&read_log(&st, Regions::V1).unwrap(), 5, &k).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::Integrity);
     }
 
@@ -459,8 +462,8 @@ mod tests {
             entered: entered_tx,
             go: std::sync::Mutex::new(go_rx),
         };
-        st.set_len(DATA_OFFSET).unwrap();
-        let wal = Wal::new(1, 0);
+        st.set_len(Regions::V1.data_offset()).unwrap();
+        let wal = Wal::new(Regions::V1.log_slots(), 1, 0);
         assert!(wal.try_reserve(3));
         std::thread::scope(|s| {
             let first = s.spawn(|| wal.append(&st, &k, &[map_op(0), map_op(1)]));
@@ -476,13 +479,13 @@ mod tests {
             second.join().unwrap().unwrap();
         });
         assert_eq!(wal.written(), 3);
-        let scanned = scan(&read_log(&st.inner).unwrap(), 1, &k).unwrap();
+        let scanned = scan(&read_log(&st.inner, Regions::V1).unwrap(), 1, &k).unwrap();
         assert_eq!(scanned.records.len(), 3);
     }
 
     #[test]
     fn reservations_bound_the_log() {
-        let wal = Wal::new(1, LOG_SLOTS - 2);
+        let wal = Wal::new(Regions::V1.log_slots(), 1, Regions::V1.log_slots() - 2);
         assert!(wal.try_reserve(2));
         assert!(!wal.try_reserve(1));
         wal.release(2);

@@ -1,11 +1,12 @@
-//! Golden images of format version 1 (`tests/data/golden-v1*.qvol`), checked into the
-//! repository: every later version of qvol-core must still open them and read back their
+//! Golden images of every format version (`tests/data/golden-v{1,2}*.qvol`), checked into
+//! the repository: every later version of qvol-core must still open them and read back their
 //! known content. The images hold a committed tree and, after it, flushed log records that
-//! only a replay applies, so both paths are pinned.
+//! only a replay applies, so both paths are pinned. The version-2 images are of a 256 MiB
+//! volume, whose log (8 MiB) is longer than version 1's.
 //!
-//! The images were made once with
+//! The images of the current version were made once with
 //! `QVOL_WRITE_GOLDEN=1 cargo test -p qvol-core --test golden -- --ignored write_golden_images`
-//! and must never be regenerated for version 1 (make `golden-v2*` for a new version).
+//! and must never be regenerated (bump the version and add `golden-v3*` for a new format).
 
 mod common;
 
@@ -14,11 +15,27 @@ use std::sync::Arc;
 
 use common::BlockHistory;
 use qvol_core::storage::{MemStorage, Storage};
-use qvol_core::{CipherSuite, CreateOptions, Volume, VolumeKey};
+use qvol_core::{CipherSuite, CreateOptions, Volume, VolumeKey, FORMAT_VERSION};
 
-const SIZE: u64 = 1 << 20;
-const NAME: &str = "golden-v1";
-const VOLUME_ID: [u8; 16] = *b"qvol-golden-v1\0\0";
+/// The volume size of the golden image of format `version`.
+fn size(version: u32) -> u64 {
+    match version {
+        1 => 1 << 20,
+        _ => 256 << 20,
+    }
+}
+
+/// Its name: `golden-v1`, `golden-v2`.
+fn name(version: u32) -> String {
+    format!("golden-v{version}")
+}
+
+/// Its volume id: `qvol-golden-v1\0\0`, ...
+fn volume_id(version: u32) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..14].copy_from_slice(format!("qvol-golden-v{version}").as_bytes());
+    id
+}
 
 /// The key of the golden images: bytes 0, 1, ..., 31.
 fn golden_key() -> VolumeKey {
@@ -83,25 +100,25 @@ fn apply(steps: &[Step], model: &mut BlockHistory, vol: Option<&Volume>) {
     }
 }
 
-fn expected() -> BlockHistory {
-    let mut model = BlockHistory::new(SIZE);
+fn expected(version: u32) -> BlockHistory {
+    let mut model = BlockHistory::new(size(version));
     apply(COMMITTED, &mut model, None);
     apply(LOGGED, &mut model, None);
     model
 }
 
-fn path(suite: CipherSuite) -> PathBuf {
+fn path(version: u32, suite: CipherSuite) -> PathBuf {
     let file = match suite {
-        CipherSuite::XChaCha20Poly1305 => "golden-v1.qvol",
-        CipherSuite::Aegis256 => "golden-v1-aegis-256.qvol",
+        CipherSuite::XChaCha20Poly1305 => format!("golden-v{version}.qvol"),
+        CipherSuite::Aegis256 => format!("golden-v{version}-aegis-256.qvol"),
     };
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
         .join(file)
 }
 
-fn load(suite: CipherSuite) -> Vec<u8> {
-    let p = path(suite);
+fn load(version: u32, suite: CipherSuite) -> Vec<u8> {
+    let p = path(version, suite);
     std::fs::read(&p).unwrap_or_else(|e| {
         panic!(
             "the golden image {} is missing ({e}); it is part of the repository",
@@ -110,8 +127,11 @@ fn load(suite: CipherSuite) -> Vec<u8> {
     })
 }
 
-fn check(suite: CipherSuite, read_only: bool) {
-    let bytes = load(suite);
+fn check(version: u32, suite: CipherSuite, read_only: bool) {
+    let bytes = load(version, suite);
+    // Header bytes 88..96: the log length (FORMAT.md §2).
+    let log_len = u64::from_le_bytes(bytes[88..96].try_into().expect("8 bytes"));
+    assert_eq!(log_len, if version == 1 { 4 << 20 } else { 8 << 20 });
     let records = common::layout::Layout::read(&bytes).records.len();
     assert!(
         records >= 3,
@@ -119,17 +139,22 @@ fn check(suite: CipherSuite, read_only: bool) {
     );
     let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
     let info = qvol_core::read_header(&*storage).expect("read the golden header");
-    assert_eq!(info.format_version, 1);
-    assert_eq!(info.volume_id, VOLUME_ID);
+    assert_eq!(info.format_version, version);
+    assert_eq!(info.volume_id, volume_id(version));
     assert_eq!(info.suite, suite);
-    assert_eq!(info.size, SIZE);
-    assert_eq!(info.name, NAME);
+    assert_eq!(info.size, size(version));
+    assert_eq!(info.name, name(version));
     assert_eq!(info.keyslots, keyslots());
     let vol = Volume::open(storage, &golden_key(), read_only).expect("open the golden image");
-    assert_eq!(vol.size(), SIZE);
-    expected()
-        .check_current(&vol)
-        .unwrap_or_else(|m| panic!("{suite} golden image, read_only {read_only}: {m}"));
+    assert_eq!(vol.size(), size(version));
+    assert_eq!(
+        vol.info().format_version,
+        version,
+        "an image keeps its version"
+    );
+    expected(version).check_current(&vol).unwrap_or_else(|m| {
+        panic!("version {version} {suite} golden image, read_only {read_only}: {m}")
+    });
     if !read_only {
         // The replayed state commits and stays.
         vol.write_at(3 * 4096, &common::pattern(99, 4096))
@@ -139,28 +164,43 @@ fn check(suite: CipherSuite, read_only: bool) {
 }
 
 #[test]
-fn golden_xchacha20_poly1305_image_reads_back() {
-    check(CipherSuite::XChaCha20Poly1305, true);
-    check(CipherSuite::XChaCha20Poly1305, false);
+fn golden_v1_xchacha20_poly1305_image_reads_back() {
+    check(1, CipherSuite::XChaCha20Poly1305, true);
+    check(1, CipherSuite::XChaCha20Poly1305, false);
 }
 
 #[test]
-fn golden_aegis_256_image_reads_back() {
-    check(CipherSuite::Aegis256, true);
-    check(CipherSuite::Aegis256, false);
+fn golden_v1_aegis_256_image_reads_back() {
+    check(1, CipherSuite::Aegis256, true);
+    check(1, CipherSuite::Aegis256, false);
+}
+
+#[test]
+fn golden_v2_xchacha20_poly1305_image_reads_back() {
+    check(2, CipherSuite::XChaCha20Poly1305, true);
+    check(2, CipherSuite::XChaCha20Poly1305, false);
+}
+
+#[test]
+fn golden_v2_aegis_256_image_reads_back() {
+    check(2, CipherSuite::Aegis256, true);
+    check(2, CipherSuite::Aegis256, false);
 }
 
 #[test]
 fn golden_images_refuse_another_key() {
-    let storage: Arc<dyn Storage> =
-        Arc::new(MemStorage::from_bytes(load(CipherSuite::XChaCha20Poly1305)));
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(
+        1,
+        CipherSuite::XChaCha20Poly1305,
+    )));
     let r = Volume::open(storage, &common::key(9), true).map(|_| ());
     common::assert_kind(r, qvol_core::ErrorKind::WrongKey, "golden image, wrong key");
 }
 
-/// Writes the golden images. Run once per format version, see the module documentation.
+/// Writes the golden images of the current format version. Run once per format version,
+/// see the module documentation.
 #[test]
-#[ignore = "writes tests/data/golden-v1*.qvol; run by hand, once"]
+#[ignore = "writes tests/data/golden-v<current>*.qvol; run by hand, once per version"]
 fn write_golden_images() {
     assert_eq!(
         std::env::var("QVOL_WRITE_GOLDEN").as_deref(),
@@ -168,15 +208,22 @@ fn write_golden_images() {
         "set QVOL_WRITE_GOLDEN=1 to overwrite the golden images"
     );
     for suite in CipherSuite::ALL {
+        let version = FORMAT_VERSION;
+        let p = path(version, suite);
+        assert!(
+            !p.exists(),
+            "{} exists: golden images are never regenerated",
+            p.display()
+        );
         let mem = Arc::new(MemStorage::new());
         let opts = CreateOptions {
-            size: SIZE,
+            size: size(version),
             suite,
-            name: NAME.to_string(),
-            volume_id: VOLUME_ID,
+            name: name(version),
+            volume_id: volume_id(version),
             keyslots: keyslots(),
         };
-        let mut model = BlockHistory::new(SIZE);
+        let mut model = BlockHistory::new(size(version));
         let vol = Volume::create(mem.clone(), opts, &golden_key()).expect("create");
         apply(COMMITTED, &mut model, Some(&vol));
         vol.close().expect("close");
@@ -185,7 +232,6 @@ fn write_golden_images() {
         vol.flush().expect("flush");
         let image = mem.to_vec(); // as a kill -9 leaves it: the log is not committed
         drop(vol);
-        let p = path(suite);
         std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir tests/data");
         std::fs::write(&p, image).expect("write the golden image");
     }

@@ -60,6 +60,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "image": args.image.display().to_string(),
         "name": header.name,
         "format_version": header.format_version,
+        "log_bytes": header.log_len,
         "volume_id": hex(&header.volume_id),
         "size": header.size,
         "cipher": suite.name(),
@@ -82,7 +83,12 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     }
     println!("image:          {}", args.image.display());
     println!("name:           {}", header.name);
-    println!("format:         version {}", header.format_version);
+    println!(
+        "format:         version {}, {} log ({} writes between commits)",
+        header.format_version,
+        format_size(header.log_len),
+        header.log_len / 128
+    );
     println!("volume id:      {}", hex(&header.volume_id));
     println!(
         "size:           {} ({} bytes)",
