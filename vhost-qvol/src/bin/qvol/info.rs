@@ -84,7 +84,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     println!("image:          {}", args.image.display());
     println!("name:           {}", header.name);
     println!(
-        "format:         version {}, {} log ({} writes between commits)",
+        "format:         version {}, {} log (room for {} block writes between commits)",
         header.format_version,
         format_size(header.log_len),
         header.log_len / 128
