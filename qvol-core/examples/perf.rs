@@ -59,6 +59,40 @@ fn page_cache_floor(dir: &str) -> std::io::Result<(f64, f64, f64)> {
     Ok((fresh, over, read))
 }
 
+/// One xorshift64 step: the pseudo-random block positions of the workloads.
+fn xorshift(r: &mut u64) -> u64 {
+    *r ^= *r << 13;
+    *r ^= *r >> 7;
+    *r ^= *r << 17;
+    *r
+}
+
+/// Runs `f(0)` and `f(1)` on two threads; returns the wall seconds and each thread's CPU
+/// seconds.
+fn on_two_threads(
+    f: impl Fn(u64) -> qvol_core::Result<()> + Sync,
+) -> Result<(f64, [f64; 2]), Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let mut cpus = [0.0; 2];
+    std::thread::scope(|s| -> Result<(), Box<dyn std::error::Error>> {
+        let f = &f;
+        let handles: Vec<_> = (0..2u64)
+            .map(|k| {
+                s.spawn(move || -> qvol_core::Result<f64> {
+                    let c = cpu();
+                    f(k)?;
+                    Ok(cpu() - c)
+                })
+            })
+            .collect();
+        for (c, h) in cpus.iter_mut().zip(handles) {
+            *c = h.join().map_err(|_| "a workload thread panicked")??;
+        }
+        Ok(())
+    })?;
+    Ok((t.elapsed().as_secs_f64(), cpus))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let suite: CipherSuite = args
@@ -86,12 +120,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("suite {suite} ({})", suite.implementation());
 
     let mut rng = 0x1234_5678_9abc_def0u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = move || xorshift(&mut rng);
     let block = vec![0x5au8; 4096];
     if args.get(3).map(String::as_str) == Some("rand") {
         for _ in 0..300_000 {
@@ -100,25 +129,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     if args.get(3).map(String::as_str) == Some("rand2") {
-        let handles: Vec<_> = (0..2u64)
-            .map(|k| {
-                let vol = vol.clone();
-                std::thread::spawn(move || -> qvol_core::Result<()> {
-                    let mut r = 0x9e37_79b9_7f4a_7c15u64 ^ k;
-                    let block = vec![k as u8; 4096];
-                    for _ in 0..300_000 {
-                        r ^= r << 13;
-                        r ^= r >> 7;
-                        r ^= r << 17;
-                        vol.write_at((r % (size / 4096)) * 4096, &block)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().map_err(|_| "a writer thread panicked")??;
-        }
+        on_two_threads(|k| {
+            let mut r = 0x9e37_79b9_7f4a_7c15u64 ^ k;
+            let block = vec![k as u8; 4096];
+            for _ in 0..300_000 {
+                vol.write_at((xorshift(&mut r) % (size / 4096)) * 4096, &block)?;
+            }
+            Ok(())
+        })?;
         return Ok(());
     }
     if args.get(3).map(String::as_str) == Some("seqw") {
@@ -295,84 +313,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         n as f64 / cpu_s
     );
 
-    // Two threads of random 4 KiB writes.
-    let t = Instant::now();
-    let handles: Vec<_> = (0..2u64)
-        .map(|k| {
-            let vol = vol.clone();
-            std::thread::spawn(move || -> qvol_core::Result<f64> {
-                let c = cpu();
-                let mut r = 0x9e37_79b9_7f4a_7c15u64 ^ k;
-                let block = vec![k as u8; 4096];
-                for _ in 0..n / 2 {
-                    r ^= r << 13;
-                    r ^= r >> 7;
-                    r ^= r << 17;
-                    vol.write_at((r % blocks) * 4096, &block)?;
-                }
-                Ok(cpu() - c)
-            })
-        })
-        .collect();
-    let mut cpus = Vec::new();
-    for h in handles {
-        cpus.push(h.join().map_err(|_| "a writer thread panicked")??);
-    }
+    // Two threads of random 4 KiB writes, random reads, sequential 1 MiB writes.
+    let (wall, cpus) = on_two_threads(|k| {
+        let mut r = 0x9e37_79b9_7f4a_7c15u64 ^ k;
+        let block = vec![k as u8; 4096];
+        for _ in 0..n / 2 {
+            vol.write_at((xorshift(&mut r) % blocks) * 4096, &block)?;
+        }
+        Ok(())
+    })?;
     println!(
         "random 4 KiB writes, 2 threads: {:.0}/s wall, {:.0}/s per CPU-second of each thread (CPU {:.2} s + {:.2} s)",
-        n as f64 / t.elapsed().as_secs_f64(),
+        n as f64 / wall,
         n as f64 / (cpus[0] + cpus[1]),
         cpus[0],
         cpus[1]
     );
-    let t = Instant::now();
-    let handles: Vec<_> = (0..2u64)
-        .map(|k| {
-            let vol = vol.clone();
-            std::thread::spawn(move || -> qvol_core::Result<f64> {
-                let c = cpu();
-                let mut r = 0x2545_f491_4f6c_dd1du64 ^ k;
-                let mut buf = vec![0u8; 4096];
-                for _ in 0..n {
-                    r ^= r << 13;
-                    r ^= r >> 7;
-                    r ^= r << 17;
-                    vol.read_at((r % (1 << 18)) * 4096, &mut buf)?;
-                }
-                Ok(cpu() - c)
-            })
-        })
-        .collect();
-    let mut cpus = Vec::new();
-    for h in handles {
-        cpus.push(h.join().map_err(|_| "a reader thread panicked")??);
-    }
+    let (wall, cpus) = on_two_threads(|k| {
+        let mut r = 0x2545_f491_4f6c_dd1du64 ^ k;
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..n {
+            vol.read_at((xorshift(&mut r) % (1 << 18)) * 4096, &mut buf)?;
+        }
+        Ok(())
+    })?;
     println!(
         "random 4 KiB reads, 2 threads: {:.0}/s wall, {:.0}/s per CPU-second",
-        2.0 * n as f64 / t.elapsed().as_secs_f64(),
+        2.0 * n as f64 / wall,
         2.0 * n as f64 / (cpus[0] + cpus[1]),
     );
-    let t = Instant::now();
-    let handles: Vec<_> = (0..2u64)
-        .map(|k| {
-            let vol = vol.clone();
-            std::thread::spawn(move || -> qvol_core::Result<f64> {
-                let c = cpu();
-                let mib = vec![k as u8; 1 << 20];
-                for i in 0..512u64 {
-                    vol.write_at(((k * 512 + i) << 20) + (1 << 30), &mib)?;
-                }
-                Ok(cpu() - c)
-            })
-        })
-        .collect();
-    let mut cpus = Vec::new();
-    for h in handles {
-        cpus.push(h.join().map_err(|_| "a writer thread panicked")??);
-    }
+    let (wall, cpus) = on_two_threads(|k| {
+        let mib = vec![k as u8; 1 << 20];
+        for i in 0..512u64 {
+            vol.write_at(((k * 512 + i) << 20) + (1 << 30), &mib)?;
+        }
+        Ok(())
+    })?;
     println!(
         "seq 1 MiB writes, 2 threads: {:.0} MB/s wall, {:.0} MB/s per CPU-second",
-        1073.7 / t.elapsed().as_secs_f64(),
+        1073.7 / wall,
         1073.7 / (cpus[0] + cpus[1])
     );
     drop(vol);
