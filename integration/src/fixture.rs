@@ -15,7 +15,7 @@ use crate::bins;
 use crate::daemon::{wait_within, Daemon};
 
 /// How long a `qvol` or `vhost-qvol` command run to completion may take.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A temporary directory with a keystore in it.
 #[derive(Debug)]
