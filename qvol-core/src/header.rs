@@ -236,8 +236,9 @@ pub fn decode_keyslots(area: &[u8]) -> Result<Vec<Vec<u8>>> {
     Ok(slots)
 }
 
-/// Reads the header block and keyslot area (36 KiB) from `storage`.
-pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<Vec<u8>> {
+/// Reads the header block and keyslot area (36 KiB) from `storage`; returns the decoded
+/// header and the whole area (which the superblock hashes).
+pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<(Header, Vec<u8>)> {
     let len = storage
         .len()
         .map_err(|e| Error::io("cannot get the length of the image", e))?;
@@ -250,21 +251,19 @@ pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<Vec<u8>> {
     storage
         .read_exact_at(&mut area, 0)
         .map_err(|e| Error::io("cannot read the qvol header", e))?;
-    if let Ok(header) = decode_header(&area[..BS]) {
-        if len < header.regions().data_offset() {
-            return Err(Error::corrupt(format!(
-                "the image is {len} bytes long, shorter than its {}-byte log needs",
-                header.log_len
-            )));
-        }
+    let header = decode_header(&area[..BS])?;
+    if len < header.regions().data_offset() {
+        return Err(Error::corrupt(format!(
+            "the image is {len} bytes long, shorter than its {}-byte log needs",
+            header.log_len
+        )));
     }
-    Ok(area)
+    Ok((header, area))
 }
 
 /// Reads the header and keyslots without any key: for `qvol info` and to find one's keyslot.
 pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
-    let area = read_header_area(storage)?;
-    let header = decode_header(&area[..BS])?;
+    let (header, area) = read_header_area(storage)?;
     let keyslots = decode_keyslots(&area[BS..])?;
     Ok(HeaderInfo {
         format_version: header.version,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use crate::alloc::{space_capacity, AllocState, Allocator};
 use crate::error::{Error, ErrorKind, Result};
-use crate::header::{decode_header, decode_keyslots, encode_keyslots, read_header_area, Header};
+use crate::header::{decode_keyslots, encode_keyslots, read_header_area, Header};
 use crate::info::{CreateOptions, VolumeInfo};
 use crate::key::VolumeKey;
 use crate::layout::*;
@@ -108,8 +108,7 @@ impl Volume {
     /// Errors: `Corrupt`/`Unsupported` (not a qvol image, or a version or suite this build
     /// does not know), `WrongKey`, `Integrity` (tampered superblocks, header or log).
     pub fn open(storage: Arc<dyn Storage>, key: &VolumeKey, read_only: bool) -> Result<Volume> {
-        let area = read_header_area(&*storage)?;
-        let header = decode_header(&area[..BS])?;
+        let (header, area) = read_header_area(&*storage)?;
         let keyslot_count = decode_keyslots(&area[BS..])?.len();
         let keys = Subkeys::derive(key, header.suite, header.volume_id);
         if blake3::Hash::from(keys.key_check()) != blake3::Hash::from(header.key_check) {
