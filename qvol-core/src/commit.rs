@@ -6,7 +6,7 @@ use crate::layout::*;
 use crate::storage::Storage;
 use crate::superblock::Superblock;
 use crate::tree::PageWriter;
-use crate::volume::Volume;
+use crate::volume::{CommitPoint, Volume};
 
 /// Map leaves kept cached across commits (64 Ki leaves = 256 MiB, mapping 16 GiB of data).
 const MAX_CACHED_LEAVES: usize = 1 << 16;
@@ -16,17 +16,23 @@ pub(crate) const MAX_DIRTY_LEAVES: u64 = 1 << 15;
 
 impl Volume {
     /// Commits; the caller holds the gate exclusively. `force`: even with nothing to write.
+    /// The commit hook (if any) is told the new commit point once it is durable, with the
+    /// gate still held but no other lock.
     pub(crate) fn commit_locked(&self, force: bool) -> Result<()> {
         self.check_usable()?;
-        let r = self.commit_inner(force);
-        r.map_err(|e| self.fail(e))
+        let point = self.commit_inner(force).map_err(|e| self.fail(e))?;
+        if let (Some(point), Some(hook)) = (point, &self.on_commit.0) {
+            hook(&point);
+        }
+        Ok(())
     }
 
-    fn commit_inner(&self, force: bool) -> Result<()> {
+    /// Returns the new commit point, or `None` if there was nothing to commit.
+    fn commit_inner(&self, force: bool) -> Result<Option<CommitPoint>> {
         let st: &dyn Storage = &*self.storage;
         let keys = &self.keys;
         if !force && self.wal.next() == 0 && !self.map.is_dirty() {
-            return Ok(());
+            return Ok(None);
         }
         let mut a = self.alloc.lock();
         let mut out = PageWriter::new(st);
@@ -53,7 +59,12 @@ impl Volume {
             header_hash: self.header_hash,
         };
         let offset = SUPERBLOCK_OFFSETS[(generation % 2) as usize];
-        st.write_all_at(&next.encode(keys), offset).map_err(|e| {
+        let encoded = next.encode(keys);
+        let point = CommitPoint {
+            generation,
+            root_id: Superblock::mac_of(&encoded),
+        };
+        st.write_all_at(&encoded, offset).map_err(|e| {
             Error::io(
                 format!("cannot write superblock generation {generation}"),
                 e,
@@ -63,13 +74,14 @@ impl Volume {
             .map_err(|e| Error::io(format!("cannot sync superblock generation {generation}"), e))?;
         *sb = next;
         drop(sb);
+        *self.point.lock().unwrap_or_else(|p| p.into_inner()) = point;
         self.map.finish_commit(&moved);
         self.map.trim(MAX_CACHED_LEAVES);
         let punch = a.finish_commit();
         drop(a);
-        self.wal.reset(generation);
+        self.wal.reset(generation, point.root_id);
         punch_runs(st, &punch);
-        Ok(())
+        Ok(Some(point))
     }
 }
 

@@ -1,5 +1,6 @@
-//! The durability contract (DESIGN.md decision 2) under concurrency: writers, a flusher and a
-//! committer run at once on a crash-model storage, and power is lost at a random moment.
+//! The durability contract (FORMAT.md §9 and §11: a flushed write survives a power loss)
+//! under concurrency: writers, a flusher and a committer run at once on a crash-model
+//! storage, and power is lost at a random moment.
 //! Every block must then read as the version it had at the last flush that returned before
 //! the crash, or as a later one; never an error, never garbage, never older.
 //!

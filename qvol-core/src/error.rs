@@ -31,6 +31,9 @@ pub enum ErrorKind {
     NoSpace,
     /// An argument is invalid (e.g. a volume size that is not a multiple of 4096).
     InvalidInput,
+    /// The caller's check refused the volume's commit point at open (`OpenOptions::check`):
+    /// nothing was written. The check's own error is the source.
+    Refused,
 }
 
 impl ErrorKind {
@@ -47,6 +50,7 @@ impl ErrorKind {
             ErrorKind::PreviousIo => "previous I/O error",
             ErrorKind::NoSpace => "no space",
             ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::Refused => "refused by the caller's check",
         }
     }
 }
@@ -85,6 +89,19 @@ impl Error {
             kind: ErrorKind::Io,
             message: message.into(),
             source: Some(Box::new(source)),
+        }
+    }
+
+    /// An error of `kind` with a context sentence and the error that caused it.
+    pub(crate) fn with_source(
+        kind: ErrorKind,
+        message: impl Into<String>,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    ) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: Some(source),
         }
     }
 
@@ -140,7 +157,7 @@ impl From<Error> for io::Error {
             ErrorKind::OutOfRange | ErrorKind::Unaligned | ErrorKind::InvalidInput => {
                 io::ErrorKind::InvalidInput
             }
-            ErrorKind::ReadOnly => io::ErrorKind::PermissionDenied,
+            ErrorKind::ReadOnly | ErrorKind::Refused => io::ErrorKind::PermissionDenied,
             ErrorKind::Unsupported => io::ErrorKind::Unsupported,
             _ => io::ErrorKind::Other,
         };

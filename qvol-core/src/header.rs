@@ -16,7 +16,7 @@ pub(crate) const HEADER_AREA_LEN: usize = BS + MAX_KEYSLOTS * KEYSLOT_SIZE;
 /// The decoded header of an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// The format version (1 or 2).
+    /// The format version (1, 2 or 3).
     pub version: u32,
     /// Length of the write-ahead log in bytes (4 MiB in version 1).
     pub log_len: u64,
@@ -36,7 +36,7 @@ pub struct Header {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HeaderInfo {
-    /// The format version (1 or 2).
+    /// The format version (1, 2 or 3).
     pub format_version: u32,
     /// Length of the write-ahead log in bytes: writes between two commits take a 128-byte
     /// record per block, so a log of `n` bytes holds `n / 128` block writes.
@@ -59,6 +59,12 @@ impl Header {
         Regions {
             log_len: self.log_len,
         }
+    }
+
+    /// Whether log records are bound to their superblock and durable marks are written
+    /// (format version 3 and later).
+    pub(crate) fn binds_log(&self) -> bool {
+        self.version >= BOUND_LOG_VERSION
     }
 
     /// Encodes the header block, checksum included.
@@ -135,7 +141,7 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         && get_u64(b, 64) == SUPERBLOCK_OFFSETS[0]
         && get_u64(b, 72) == SUPERBLOCK_OFFSETS[1]
         && get_u64(b, 80) == LOG_OFFSET;
-    // Version 1 has a 4 MiB log; version 2 a power of two from 4 to 64 MiB (FORMAT.md §2).
+    // Version 1 has a 4 MiB log; versions 2 and 3 a power of two from 4 to 64 MiB (FORMAT.md §2).
     let log_len = get_u64(b, 88);
     let log_ok = match version {
         1 => log_len == MIN_LOG_LEN,
@@ -330,8 +336,11 @@ mod tests {
         }
         let mut v3 = sample();
         v3.version = 3;
+        assert_eq!(decode_header(&v3.encode().unwrap()).unwrap(), v3);
+        let mut v4 = sample();
+        v4.version = 4;
         assert_eq!(
-            decode_header(&v3.encode().unwrap()).unwrap_err().kind(),
+            decode_header(&v4.encode().unwrap()).unwrap_err().kind(),
             ErrorKind::Unsupported
         );
     }

@@ -1,4 +1,4 @@
-//! Where everything lives in a version-1 image (docs/FORMAT.md §1) and little-endian helpers.
+//! Where everything lives in an image (docs/FORMAT.md §1) and little-endian helpers.
 //! Every on-disk offset of the format is a constant here or in the file of its structure.
 
 /// The size of a data block, a map node and every other unit of the data region.
@@ -6,7 +6,7 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// Requests must be aligned to this many bytes.
 pub const SECTOR_SIZE: u64 = 512;
 /// The format version this crate writes. It reads this one and every earlier one.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this crate reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Number of keyslots in the keyslot area.
@@ -28,6 +28,10 @@ pub(crate) const BS: usize = 4096;
 pub(crate) const KEYSLOT_OFFSET: u64 = 4096;
 /// Byte offsets of superblocks A and B.
 pub(crate) const SUPERBLOCK_OFFSETS: [u64; 2] = [0x9000, 0xA000];
+/// Byte offsets of the two copies of the durable mark (format version 3; blocks 11 and 12).
+pub(crate) const MARK_OFFSETS: [u64; 2] = [0xB000, 0xC000];
+/// The first format version with durable marks and log records bound to their superblock.
+pub(crate) const BOUND_LOG_VERSION: u32 = 3;
 /// Byte offset of the write-ahead log.
 pub(crate) const LOG_OFFSET: u64 = 0x10000;
 /// Length of the write-ahead log of a version-1 image, and the shortest log of any version.
@@ -43,7 +47,7 @@ pub(crate) const MAX_LOG_SLOTS: u64 = MAX_LOG_LEN / LOG_RECORD_LEN as u64;
 pub(crate) const MIN_DATA_START_BLOCK: u64 = (LOG_OFFSET + MIN_LOG_LEN) / BLOCK_SIZE;
 
 /// Where one image's log ends and its data region starts (docs/FORMAT.md §1): the log length
-/// is 4 MiB in version 1 and a power of two from 4 to 64 MiB in version 2.
+/// is 4 MiB in version 1 and a power of two from 4 to 64 MiB in versions 2 and 3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Regions {
     /// Length of the write-ahead log in bytes.

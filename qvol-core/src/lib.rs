@@ -37,7 +37,7 @@ pub use layout::{
 pub use node::decode_map_node;
 pub use suite::CipherSuite;
 pub use superblock::Superblock;
-pub use volume::Volume;
+pub use volume::{CommitCheck, CommitHook, CommitPoint, OpenOptions, Volume};
 pub use wal::LogRecord;
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Log replay at open (docs/FORMAT.md §9): valid records of the superblock's epoch are
 //! applied in order; records never covered by a sync are kept only if their data block
-//! verifies (a power loss may have lost or torn it).
+//! verifies (a power loss may have lost or torn it). In format version 3 records are bound to
+//! the chosen superblock and the durable mark of blocks 11 and 12 counts too.
 
 use crate::alloc::space_capacity;
 use crate::datablock::open_block;
@@ -8,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::node::LeafEntry;
 use crate::volume::Volume;
-use crate::wal::{read_log, scan, LogOp};
+use crate::wal::{read_log, read_mark, scan, LogOp};
 
 impl Volume {
     /// Replays the log over the committed tree; returns the number of valid records found.
@@ -16,8 +17,14 @@ impl Volume {
         let st = &*self.storage;
         let keys = &self.keys;
         let epoch = self.superblock().log_epoch;
-        let log = read_log(st, self.header.regions())?;
-        let scanned = scan(&log, epoch, keys)?;
+        let regions = self.header.regions();
+        let anchor = self.header.binds_log().then(|| self.commit_point().root_id);
+        let mark = match &anchor {
+            Some(a) => read_mark(st, keys, regions.log_slots(), epoch, a)?,
+            None => 0,
+        };
+        let log = read_log(st, regions)?;
+        let scanned = scan(&log, epoch, keys, anchor.as_ref(), mark)?;
         for rec in &scanned.records {
             match rec.op {
                 LogOp::Map { lbn, entry } => {

@@ -116,15 +116,28 @@ impl Superblock {
     }
 
     /// Parses a superblock and checks its MAC; `None` if either fails (a torn or foreign copy).
+    #[cfg(test)]
     pub(crate) fn decode_verified(b: &[u8], keys: &Subkeys) -> Option<Superblock> {
+        Superblock::decode_verified_mac(b, keys).map(|(sb, _)| sb)
+    }
+
+    /// [`Superblock::decode_verified`] that also returns the MAC (the root id of its commit
+    /// point, FORMAT.md §8).
+    pub(crate) fn decode_verified_mac(b: &[u8], keys: &Subkeys) -> Option<(Superblock, [u8; 32])> {
         if b.len() < SUPERBLOCK_LEN {
             return None;
         }
         let expected = blake3::Hash::from(mac(keys, &b[..OFF_MAC]));
-        if expected != blake3::Hash::from(get_array::<32>(b, OFF_MAC)) {
+        let stored = get_array::<32>(b, OFF_MAC);
+        if expected != blake3::Hash::from(stored) {
             return None;
         }
-        Superblock::decode(b).ok()
+        Superblock::decode(b).ok().map(|sb| (sb, stored))
+    }
+
+    /// The MAC of an encoded superblock.
+    pub(crate) fn mac_of(encoded: &[u8; SUPERBLOCK_LEN]) -> [u8; 32] {
+        get_array(encoded, OFF_MAC)
     }
 }
 

@@ -16,6 +16,65 @@ use crate::subkeys::Subkeys;
 use crate::superblock::{Superblock, SUPERBLOCK_LEN};
 use crate::wal::Wal;
 
+/// Identity of a committed state: its generation and the MAC of its superblock (FORMAT.md
+/// §8). Two histories forked from one image may share a generation, never a `root_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitPoint {
+    /// The superblock's generation.
+    pub generation: u64,
+    /// The superblock's MAC (offset 480).
+    pub root_id: [u8; 32],
+}
+
+/// Judges the commit point chosen at open, before anything is read from the log or written
+/// (FORMAT.md §9, open order). An `Err` makes the open fail with [`ErrorKind::Refused`].
+pub type CommitCheck = Box<
+    dyn FnOnce(&CommitPoint) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+        + Send,
+>;
+
+/// Told every new commit point once its superblock is durable.
+pub type CommitHook = Arc<dyn Fn(&CommitPoint) + Send + Sync>;
+
+/// How [`Volume::open_with`] opens a volume.
+#[derive(Default)]
+pub struct OpenOptions {
+    /// Open read-only: nothing is ever written (no replay commit either).
+    pub read_only: bool,
+    /// Called with the chosen superblock's commit point right after it is chosen, before log
+    /// replay and before any write; an `Err` refuses the open and leaves the file untouched.
+    pub check: Option<CommitCheck>,
+    /// Called after every commit's superblock is durable (the replay commit of this open,
+    /// log-full commits, [`Volume::commit`], [`Volume::close`]) with the new commit point.
+    /// It runs while the commit holds the volume's exclusive gate: it must not call back into
+    /// the volume, and should be quick.
+    pub on_commit: Option<CommitHook>,
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("read_only", &self.read_only)
+            .field("check", &self.check.as_ref().map(|_| "<fn>"))
+            .field("on_commit", &self.on_commit.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
+}
+
+/// The commit hook of an open volume.
+#[derive(Clone, Default)]
+pub(crate) struct HookSlot(pub(crate) Option<CommitHook>);
+
+impl std::fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(<fn>)"
+        } else {
+            "None"
+        })
+    }
+}
+
 /// An open qvol volume. `Send + Sync`: share it as `Arc<Volume>` between queue threads.
 ///
 /// Every acknowledged write is in the write-ahead log (kill -9 safe); [`Volume::flush`]
@@ -35,6 +94,9 @@ pub struct Volume {
     pub(crate) alloc: Allocator,
     pub(crate) wal: Wal,
     pub(crate) sb: Mutex<Superblock>,
+    /// The commit point of `sb` (the last durable commit).
+    pub(crate) point: Mutex<CommitPoint>,
+    pub(crate) on_commit: HookSlot,
     pub(crate) failed: AtomicBool,
     /// Logical blocks.
     pub(crate) blocks: u64,
@@ -42,10 +104,22 @@ pub struct Volume {
 
 impl Volume {
     /// Creates a volume on `storage` (whose previous content is discarded) and opens it.
+    /// Its first commit point is [`Volume::commit_point`].
     pub fn create(
         storage: Arc<dyn Storage>,
         opts: CreateOptions,
         key: &VolumeKey,
+    ) -> Result<Volume> {
+        Volume::create_with(storage, opts, key, None)
+    }
+
+    /// [`Volume::create`], with `on_commit` told of every commit point from the first (that
+    /// of the create) on, like [`OpenOptions::on_commit`].
+    pub fn create_with(
+        storage: Arc<dyn Storage>,
+        opts: CreateOptions,
+        key: &VolumeKey,
+        on_commit: Option<CommitHook>,
     ) -> Result<Volume> {
         let size = opts.size;
         if size == 0 || size % BLOCK_SIZE != 0 || size > MAX_VOLUME_SIZE {
@@ -92,7 +166,13 @@ impl Volume {
             header_hash: *hasher.finalize().as_bytes(),
             ..Superblock::default()
         };
-        let vol = Volume::assemble(storage, keys, header, opts.keyslots.len(), sb, false);
+        let point = CommitPoint {
+            generation: 0,
+            root_id: [0; 32],
+        };
+        let mut vol =
+            Volume::assemble(storage, keys, header, opts.keyslots.len(), sb, point, false);
+        vol.on_commit = HookSlot(on_commit);
         {
             let mut a = vol.alloc.lock();
             a.mark_fixed_regions(&*vol.storage, &vol.keys)?;
@@ -104,10 +184,33 @@ impl Volume {
     }
 
     /// Opens the volume on `storage` with its volume key, replaying the write-ahead log.
+    /// The same as [`Volume::open_with`] with only `read_only` set.
     ///
     /// Errors: `Corrupt`/`Unsupported` (not a qvol image, or a version or suite this build
     /// does not know), `WrongKey`, `Integrity` (tampered superblocks, header or log).
     pub fn open(storage: Arc<dyn Storage>, key: &VolumeKey, read_only: bool) -> Result<Volume> {
+        Volume::open_with(
+            storage,
+            key,
+            OpenOptions {
+                read_only,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// Opens the volume on `storage` with its volume key (FORMAT.md §9, open order): checks
+    /// the header and the key, chooses the superblock, hands its commit point to
+    /// `opts.check`, and only if that accepts it replays the log and (writable) commits.
+    ///
+    /// Errors: those of [`Volume::open`], and `Refused` (with the check's error as source)
+    /// when the check refuses: then nothing was written.
+    pub fn open_with(
+        storage: Arc<dyn Storage>,
+        key: &VolumeKey,
+        opts: OpenOptions,
+    ) -> Result<Volume> {
+        let read_only = opts.read_only;
         let (header, area) = read_header_area(&*storage)?;
         let keyslot_count = decode_keyslots(&area[BS..])?.len();
         let keys = Subkeys::derive(key, header.suite, header.volume_id);
@@ -118,7 +221,7 @@ impl Volume {
             ));
         }
         let header_hash = *blake3::hash(&area).as_bytes();
-        let sb = pick_superblock(&*storage, &keys)?;
+        let (sb, root_id) = pick_superblock(&*storage, &keys)?;
         if blake3::Hash::from(sb.header_hash) != blake3::Hash::from(header_hash) {
             return Err(Error::integrity(
                 "the header or the keyslot area was changed after the last commit",
@@ -132,7 +235,25 @@ impl Volume {
                 "the superblock's tree heights do not fit the volume size",
             ));
         }
-        let vol = Volume::assemble(storage, keys, header, keyslot_count, sb, read_only);
+        let point = CommitPoint {
+            generation: sb.generation,
+            root_id,
+        };
+        if let Some(check) = opts.check {
+            check(&point).map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Refused,
+                    format!(
+                        "volume {} at generation {} was refused by the caller's check",
+                        hex_id(&header.volume_id),
+                        point.generation
+                    ),
+                    e,
+                )
+            })?;
+        }
+        let mut vol = Volume::assemble(storage, keys, header, keyslot_count, sb, point, read_only);
+        vol.on_commit = HookSlot(opts.on_commit);
         let replayed = vol.replay()?;
         if replayed > 0 && !read_only {
             let _gate = vol.exclusive();
@@ -147,10 +268,12 @@ impl Volume {
         header: Header,
         keyslot_count: usize,
         sb: Superblock,
+        point: CommitPoint,
         read_only: bool,
     ) -> Volume {
         let blocks = header.size / BLOCK_SIZE;
         let regions = header.regions();
+        let anchor = header.binds_log().then_some(point.root_id);
         Volume {
             storage,
             map: BlockMap::new(sb.map_height, sb.map_root),
@@ -162,7 +285,7 @@ impl Volume {
                 sb.allocated_blocks,
                 sb.high_water,
             ),
-            wal: Wal::new(regions.log_slots(), sb.log_epoch, 0),
+            wal: Wal::new(regions.log_slots(), sb.log_epoch, 0, anchor),
             keys,
             header,
             keyslot_count,
@@ -170,6 +293,8 @@ impl Volume {
             read_only,
             gate: RwLock::new(()),
             sb: Mutex::new(sb),
+            point: Mutex::new(point),
+            on_commit: HookSlot::default(),
             failed: AtomicBool::new(false),
             blocks,
         }
@@ -178,6 +303,12 @@ impl Volume {
     /// The virtual disk size in bytes.
     pub fn size(&self) -> u64 {
         self.header.size
+    }
+
+    /// The commit point of the last durable commit (that of the superblock chosen at open,
+    /// or of the latest commit since).
+    pub fn commit_point(&self) -> CommitPoint {
+        *self.point.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the volume was opened read-only.
@@ -215,7 +346,9 @@ impl Volume {
             .sync_data()
             .map_err(|e| self.fail(Error::io("cannot sync the image (flush)", e)))?;
         self.wal.set_durable(upto);
-        Ok(())
+        self.wal
+            .write_mark(&*self.storage, &self.keys)
+            .map_err(|e| self.fail(e))
     }
 
     /// Writes the block map and space map back and starts a new log (see FORMAT.md §10).
@@ -270,20 +403,20 @@ impl Volume {
     }
 }
 
-/// Reads both superblocks and returns the valid one with the highest generation.
-fn pick_superblock(storage: &dyn Storage, keys: &Subkeys) -> Result<Superblock> {
-    let mut best: Option<Superblock> = None;
+/// Reads both superblocks and returns the valid one with the highest generation, and its MAC.
+fn pick_superblock(storage: &dyn Storage, keys: &Subkeys) -> Result<(Superblock, [u8; 32])> {
+    let mut best: Option<(Superblock, [u8; 32])> = None;
     for (i, &off) in SUPERBLOCK_OFFSETS.iter().enumerate() {
         let mut b = [0u8; SUPERBLOCK_LEN];
         storage
             .read_exact_at(&mut b, off)
             .map_err(|e| Error::io(format!("cannot read superblock {}", ["A", "B"][i]), e))?;
-        if let Some(sb) = Superblock::decode_verified(&b, keys) {
+        if let Some((sb, mac)) = Superblock::decode_verified_mac(&b, keys) {
             // Commit g writes copy g % 2: a copy elsewhere was moved there.
             if sb.generation % 2 == i as u64
-                && best.as_ref().is_none_or(|b| b.generation < sb.generation)
+                && best.as_ref().is_none_or(|b| b.0.generation < sb.generation)
             {
-                best = Some(sb);
+                best = Some((sb, mac));
             }
         }
     }

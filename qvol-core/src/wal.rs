@@ -1,5 +1,9 @@
 //! The write-ahead log (docs/FORMAT.md §9): 128-byte MAC'd records of map updates, written
-//! before a write is acknowledged, replayed at open.
+//! before a write is acknowledged, replayed at open; and (format version 3) the durable mark
+//! written to blocks 11 and 12 after every flush.
+//!
+//! An *anchor* is the MAC of the superblock a log epoch extends: `None` for versions 1 and 2
+//! (records are not bound to it, there is no mark), `Some` for version 3.
 
 use std::sync::Mutex;
 
@@ -46,8 +50,8 @@ pub struct LogRecord {
 }
 
 impl LogRecord {
-    /// Encodes and MACs the record.
-    pub(crate) fn encode(&self, keys: &Subkeys, out: &mut [u8]) {
+    /// Encodes and MACs the record (bound to `anchor` in format version 3).
+    pub(crate) fn encode(&self, keys: &Subkeys, anchor: Option<&[u8; 32]>, out: &mut [u8]) {
         let b = &mut out[..LOG_RECORD_LEN];
         b.fill(0);
         put_u64(b, 8, self.epoch);
@@ -68,7 +72,7 @@ impl LogRecord {
                 put_u64(b, 40, count);
             }
         }
-        let mac = mac(keys, &b[..OFF_MAC]);
+        let mac = mac(keys, anchor, &b[..OFF_MAC]);
         b[OFF_MAC..].copy_from_slice(&mac);
     }
 
@@ -123,8 +127,12 @@ impl LogRecord {
     }
 
     /// Parses and verifies a record; `None` for anything that is not a valid record.
-    pub(crate) fn decode_verified(b: &[u8], keys: &Subkeys) -> Option<LogRecord> {
-        let expected = blake3::Hash::from(mac(keys, &b[..OFF_MAC]));
+    pub(crate) fn decode_verified(
+        b: &[u8],
+        keys: &Subkeys,
+        anchor: Option<&[u8; 32]>,
+    ) -> Option<LogRecord> {
+        let expected = blake3::Hash::from(mac(keys, anchor, &b[..OFF_MAC]));
         if expected != blake3::Hash::from(get_array::<32>(b, OFF_MAC)) {
             return None;
         }
@@ -132,12 +140,108 @@ impl LogRecord {
     }
 }
 
-fn mac(keys: &Subkeys, body: &[u8]) -> [u8; 32] {
+fn mac(keys: &Subkeys, anchor: Option<&[u8; 32]>, body: &[u8]) -> [u8; 32] {
     let mut h = keys.log_mac();
-    h.update(b"qvol-log-v1");
+    match anchor {
+        None => {
+            h.update(b"qvol-log-v1");
+            h.update(keys.volume_id());
+        }
+        Some(sb_mac) => {
+            h.update(b"qvol-log-v3");
+            h.update(keys.volume_id());
+            h.update(sb_mac);
+        }
+    }
+    h.update(body);
+    *h.finalize().as_bytes()
+}
+
+/// `"QVOLMRK3"`.
+const MARK_MAGIC: [u8; 8] = *b"QVOLMRK3";
+/// Bytes of a durable mark that carry meaning, then zeros up to [`MARK_LEN`].
+const MARK_BODY: usize = 64;
+/// Bytes written for one copy of the mark (one sector).
+pub(crate) const MARK_LEN: usize = 512;
+
+/// The durable mark of format version 3 (FORMAT.md §9): every slot below `durable` of log
+/// epoch `epoch`, which extends the superblock whose MAC is `anchor`, was synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DurableMark {
+    pub(crate) epoch: u64,
+    pub(crate) durable: u64,
+    pub(crate) anchor: [u8; 32],
+}
+
+impl DurableMark {
+    pub(crate) fn encode(&self, keys: &Subkeys) -> [u8; MARK_LEN] {
+        let mut b = [0u8; MARK_LEN];
+        b[..8].copy_from_slice(&MARK_MAGIC);
+        put_u64(&mut b, 8, self.epoch);
+        put_u64(&mut b, 16, self.durable);
+        b[32..64].copy_from_slice(&self.anchor);
+        let mac = mark_mac(keys, &b[..MARK_BODY]);
+        b[MARK_BODY..MARK_BODY + 32].copy_from_slice(&mac);
+        b
+    }
+
+    /// Parses and verifies a mark; `None` for anything that is not a valid mark.
+    pub(crate) fn decode_verified(b: &[u8], keys: &Subkeys) -> Option<DurableMark> {
+        if b.len() < MARK_LEN || b[..8] != MARK_MAGIC {
+            return None;
+        }
+        let expected = blake3::Hash::from(mark_mac(keys, &b[..MARK_BODY]));
+        if expected != blake3::Hash::from(get_array::<32>(b, MARK_BODY)) {
+            return None;
+        }
+        if b[24..32].iter().any(|&x| x != 0) || b[MARK_BODY + 32..MARK_LEN].iter().any(|&x| x != 0)
+        {
+            return None;
+        }
+        Some(DurableMark {
+            epoch: get_u64(b, 8),
+            durable: get_u64(b, 16),
+            anchor: get_array(b, 32),
+        })
+    }
+}
+
+fn mark_mac(keys: &Subkeys, body: &[u8]) -> [u8; 32] {
+    let mut h = keys.log_mac();
+    h.update(b"qvol-mark-v3");
     h.update(keys.volume_id());
     h.update(body);
     *h.finalize().as_bytes()
+}
+
+/// The highest D of the valid marks of `epoch` extending `anchor` (0 if none). A valid mark
+/// with D beyond the log is `Integrity` (only a holder of the key writes one).
+pub(crate) fn read_mark(
+    storage: &dyn Storage,
+    keys: &Subkeys,
+    slots: u64,
+    epoch: u64,
+    anchor: &[u8; 32],
+) -> Result<u64> {
+    let mut durable = 0;
+    for off in MARK_OFFSETS {
+        let mut b = [0u8; MARK_LEN];
+        storage
+            .read_exact_at(&mut b, off)
+            .map_err(|e| Error::io("cannot read the durable mark", e))?;
+        if let Some(m) = DurableMark::decode_verified(&b, keys) {
+            if m.epoch == epoch && m.anchor == *anchor {
+                if m.durable > slots {
+                    return Err(Error::integrity(format!(
+                        "the durable mark covers {} log slots, the log has {slots}",
+                        m.durable
+                    )));
+                }
+                durable = durable.max(m.durable);
+            }
+        }
+    }
+    Ok(durable)
 }
 
 /// The valid records of one epoch and the durable mark, after the tamper check of §9.
@@ -147,17 +251,29 @@ pub(crate) struct ScannedLog {
     pub(crate) durable: u64,
 }
 
-/// Scans the whole log region (`log`, all its slots) for `epoch`. Fails with `Integrity` if a
-/// slot below the durable mark is invalid (a synced record was removed or altered).
-pub(crate) fn scan(log: &[u8], epoch: u64, keys: &Subkeys) -> Result<ScannedLog> {
+/// Scans the whole log region (`log`, all its slots) for `epoch` (records bound to `anchor` in
+/// version 3). `mark`: the D of the durable mark (0 if none). Fails with `Integrity` if a slot
+/// below the durable mark is invalid (a synced record was removed or altered).
+pub(crate) fn scan(
+    log: &[u8],
+    epoch: u64,
+    keys: &Subkeys,
+    anchor: Option<&[u8; 32]>,
+    mark: u64,
+) -> Result<ScannedLog> {
     let mut records = Vec::new();
     let mut valid = vec![false; log.len() / LOG_RECORD_LEN];
-    let mut durable = 0;
+    if mark > valid.len() as u64 {
+        return Err(Error::integrity(
+            "the durable mark covers more slots than the log has",
+        ));
+    }
+    let mut durable = mark;
     for (slot, chunk) in log.chunks_exact(LOG_RECORD_LEN).enumerate() {
         if chunk.iter().all(|&b| b == 0) {
             continue;
         }
-        if let Some(rec) = LogRecord::decode_verified(chunk, keys) {
+        if let Some(rec) = LogRecord::decode_verified(chunk, keys, anchor) {
             if rec.epoch == epoch && rec.seq == slot as u64 {
                 valid[slot] = true;
                 durable = durable.max(rec.durable);
@@ -188,10 +304,22 @@ pub(crate) struct Wal {
     state: Mutex<WalState>,
     /// Slots in the log region.
     slots: u64,
+    /// The copy the next durable mark goes to and the last D written (version 3); taken
+    /// around the mark's `pwrite` so that marks reach the file in the order of their D.
+    mark: Mutex<MarkState>,
+}
+
+#[derive(Debug, Default)]
+struct MarkState {
+    copy: usize,
+    /// (epoch, D) of the last mark written: an unchanged mark is not written again.
+    last: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
 struct WalState {
+    /// The MAC of the superblock this epoch extends (version 3), `None` in versions 1 and 2.
+    anchor: Option<[u8; 32]>,
     epoch: u64,
     next: u64,
     reserved: u64,
@@ -201,11 +329,14 @@ struct WalState {
 }
 
 impl Wal {
-    /// An empty log of `slots` slots and `epoch` whose next record goes to slot `next`.
-    pub(crate) fn new(slots: u64, epoch: u64, next: u64) -> Self {
+    /// An empty log of `slots` slots and `epoch` whose next record goes to slot `next`;
+    /// `anchor`: the MAC of the superblock it extends (format version 3), or `None`.
+    pub(crate) fn new(slots: u64, epoch: u64, next: u64, anchor: Option<[u8; 32]>) -> Self {
         Wal {
             slots,
+            mark: Mutex::new(MarkState::default()),
             state: Mutex::new(WalState {
+                anchor,
                 epoch,
                 next,
                 reserved: 0,
@@ -250,7 +381,7 @@ impl Wal {
             return Ok(());
         }
         let n = ops.len() as u64;
-        let (epoch, first, durable) = {
+        let (epoch, first, durable, anchor) = {
             let mut s = self.lock();
             if s.next + n > self.slots {
                 return Err(Error::new(
@@ -262,7 +393,7 @@ impl Wal {
             s.next += n;
             s.reserved = s.reserved.saturating_sub(n);
             s.writing.push(first);
-            (s.epoch, first, s.durable)
+            (s.epoch, first, s.durable, s.anchor)
         };
         let mut buf = vec![0u8; ops.len() * LOG_RECORD_LEN];
         for (i, op) in ops.iter().enumerate() {
@@ -272,7 +403,7 @@ impl Wal {
                 durable,
                 op: *op,
             };
-            rec.encode(keys, &mut buf[i * LOG_RECORD_LEN..]);
+            rec.encode(keys, anchor.as_ref(), &mut buf[i * LOG_RECORD_LEN..]);
         }
         let offset = LOG_OFFSET + first * LOG_RECORD_LEN as u64;
         let written = storage.write_all_at(&buf, offset);
@@ -307,12 +438,44 @@ impl Wal {
         s.durable = s.durable.max(upto.min(s.next));
     }
 
-    /// Starts the empty log of a new epoch (after a commit).
-    pub(crate) fn reset(&self, epoch: u64) {
+    /// Writes the durable mark (format version 3; nothing in versions 1 and 2) after a
+    /// completed sync raised it: the two copies in turn, never a lower D after a higher one,
+    /// and not again if it did not change. Not synced (FORMAT.md §9 says why).
+    pub(crate) fn write_mark(&self, storage: &dyn Storage, keys: &Subkeys) -> Result<()> {
+        let mut m = self.mark.lock().unwrap_or_else(|p| p.into_inner());
+        let (epoch, durable, anchor) = {
+            let s = self.lock();
+            (s.epoch, s.durable, s.anchor)
+        };
+        let Some(anchor) = anchor else {
+            return Ok(());
+        };
+        if durable == 0 || m.last == Some((epoch, durable)) {
+            return Ok(());
+        }
+        let mark = DurableMark {
+            epoch,
+            durable,
+            anchor,
+        };
+        storage
+            .write_all_at(&mark.encode(keys), MARK_OFFSETS[m.copy])
+            .map_err(|e| Error::io(format!("cannot write the durable mark ({durable})"), e))?;
+        m.copy ^= 1;
+        m.last = Some((epoch, durable));
+        Ok(())
+    }
+
+    /// Starts the empty log of a new epoch (after a commit) extending the superblock whose
+    /// MAC is `anchor` (kept `None` in versions 1 and 2).
+    pub(crate) fn reset(&self, epoch: u64, anchor: [u8; 32]) {
         let mut s = self.lock();
         s.epoch = epoch;
         s.next = 0;
         s.durable = 0;
+        if s.anchor.is_some() {
+            s.anchor = Some(anchor);
+        }
     }
 }
 
@@ -354,12 +517,12 @@ mod tests {
                 op,
             };
             let mut b = [0u8; LOG_RECORD_LEN];
-            rec.encode(&k, &mut b);
-            assert_eq!(LogRecord::decode_verified(&b, &k), Some(rec));
+            rec.encode(&k, None, &mut b);
+            assert_eq!(LogRecord::decode_verified(&b, &k, None), Some(rec));
             for i in 0..LOG_RECORD_LEN {
                 let mut c = b;
                 c[i] ^= 4;
-                assert_eq!(LogRecord::decode_verified(&c, &k), None, "byte {i}");
+                assert_eq!(LogRecord::decode_verified(&c, &k, None), None, "byte {i}");
             }
         }
         let bad = LogRecord {
@@ -369,7 +532,7 @@ mod tests {
             op: LogOp::Unmap { lbn: 60, count: 5 },
         };
         let mut b = [0u8; LOG_RECORD_LEN];
-        bad.encode(&k, &mut b);
+        bad.encode(&k, None, &mut b);
         assert!(
             LogRecord::decode(&b).is_err(),
             "an unmap may not cross a leaf"
@@ -379,7 +542,7 @@ mod tests {
     fn log_with(k: &Subkeys, epoch: u64, n: u64, durable_after: u64) -> (MemStorage, Wal) {
         let st = MemStorage::new();
         st.set_len(Regions::V1.data_offset()).unwrap();
-        let wal = Wal::new(Regions::V1.log_slots(), epoch, 0);
+        let wal = Wal::new(Regions::V1.log_slots(), epoch, 0, None);
         for i in 0..n {
             assert!(wal.try_reserve(1));
             if i == durable_after {
@@ -396,11 +559,11 @@ mod tests {
         let (st, wal) = log_with(&k, 5, 10, 6);
         assert_eq!(wal.next(), 10);
         let log = read_log(&st, Regions::V1).unwrap();
-        let scanned = scan(&log, 5, &k).unwrap();
+        let scanned = scan(&log, 5, &k, None, 0).unwrap();
         assert_eq!(scanned.records.len(), 10);
         assert_eq!(scanned.durable, 6);
         assert_eq!(
-            scan(&log, 6, &k).unwrap().records.len(),
+            scan(&log, 6, &k, None, 0).unwrap().records.len(),
             0,
             "other epochs are stale"
         );
@@ -413,11 +576,11 @@ mod tests {
         let zero = [0u8; LOG_RECORD_LEN];
         st.write_all_at(&zero, LOG_OFFSET + 8 * LOG_RECORD_LEN as u64)
             .unwrap();
-        let scanned = scan(&read_log(&st, Regions::V1).unwrap(), 5, &k).unwrap();
+        let scanned = scan(&read_log(&st, Regions::V1).unwrap(), 5, &k, None, 0).unwrap();
         assert_eq!(scanned.records.len(), 9);
         st.write_all_at(&zero, LOG_OFFSET + 2 * LOG_RECORD_LEN as u64)
             .unwrap();
-        let err = scan(&read_log(&st, Regions::V1).unwrap(), 5, &k).unwrap_err();
+        let err = scan(&read_log(&st, Regions::V1).unwrap(), 5, &k, None, 0).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::Integrity);
     }
 
@@ -463,7 +626,7 @@ mod tests {
             go: std::sync::Mutex::new(go_rx),
         };
         st.set_len(Regions::V1.data_offset()).unwrap();
-        let wal = Wal::new(Regions::V1.log_slots(), 1, 0);
+        let wal = Wal::new(Regions::V1.log_slots(), 1, 0, None);
         assert!(wal.try_reserve(3));
         std::thread::scope(|s| {
             let first = s.spawn(|| wal.append(&st, &k, &[map_op(0), map_op(1)]));
@@ -479,13 +642,93 @@ mod tests {
             second.join().unwrap().unwrap();
         });
         assert_eq!(wal.written(), 3);
-        let scanned = scan(&read_log(&st.inner, Regions::V1).unwrap(), 1, &k).unwrap();
+        let scanned = scan(&read_log(&st.inner, Regions::V1).unwrap(), 1, &k, None, 0).unwrap();
         assert_eq!(scanned.records.len(), 3);
     }
 
     #[test]
+    fn version_3_records_are_bound_to_their_superblock() {
+        let k = keys();
+        let rec = LogRecord {
+            epoch: 7,
+            seq: 0,
+            durable: 0,
+            op: map_op(1),
+        };
+        let mut b = [0u8; LOG_RECORD_LEN];
+        rec.encode(&k, Some(&[1; 32]), &mut b);
+        assert_eq!(
+            LogRecord::decode_verified(&b, &k, Some(&[1; 32])),
+            Some(rec)
+        );
+        assert_eq!(LogRecord::decode_verified(&b, &k, Some(&[2; 32])), None);
+        assert_eq!(LogRecord::decode_verified(&b, &k, None), None);
+    }
+
+    #[test]
+    fn durable_marks_verify_and_bind() {
+        let k = keys();
+        let st = MemStorage::new();
+        st.set_len(Regions::V1.data_offset()).unwrap();
+        let slots = Regions::V1.log_slots();
+        let wal = Wal::new(slots, 4, 0, Some([9; 32]));
+        assert!(wal.try_reserve(3));
+        wal.append(&st, &k, &[map_op(0), map_op(1), map_op(2)])
+            .unwrap();
+        wal.write_mark(&st, &k).unwrap();
+        assert_eq!(
+            read_mark(&st, &k, slots, 4, &[9; 32]).unwrap(),
+            0,
+            "D = 0 is not written"
+        );
+        wal.set_durable(2);
+        wal.write_mark(&st, &k).unwrap();
+        wal.set_durable(3);
+        wal.write_mark(&st, &k).unwrap();
+        assert_eq!(read_mark(&st, &k, slots, 4, &[9; 32]).unwrap(), 3);
+        // A torn (here: destroyed) last copy leaves the previous one.
+        st.write_all_at(&[0u8; MARK_LEN], MARK_OFFSETS[1]).unwrap();
+        assert_eq!(read_mark(&st, &k, slots, 4, &[9; 32]).unwrap(), 2);
+        // Another epoch or another superblock: the mark does not apply.
+        assert_eq!(read_mark(&st, &k, slots, 5, &[9; 32]).unwrap(), 0);
+        assert_eq!(read_mark(&st, &k, slots, 4, &[8; 32]).unwrap(), 0);
+        let mut b = [0u8; MARK_LEN];
+        st.read_exact_at(&mut b, MARK_OFFSETS[0]).unwrap();
+        for i in 0..MARK_LEN {
+            let mut c = b;
+            c[i] ^= 0x20;
+            assert_eq!(DurableMark::decode_verified(&c, &k), None, "byte {i}");
+        }
+        // The mark counts in the tamper rule of replay.
+        let log = read_log(&st, Regions::V1).unwrap();
+        assert_eq!(scan(&log, 4, &k, Some(&[9; 32]), 2).unwrap().durable, 2);
+        st.write_all_at(&[0u8; LOG_RECORD_LEN], LOG_OFFSET).unwrap();
+        let log = read_log(&st, Regions::V1).unwrap();
+        assert_eq!(
+            scan(&log, 4, &k, Some(&[9; 32]), 2).unwrap_err().kind(),
+            crate::error::ErrorKind::Integrity
+        );
+        assert_eq!(
+            scan(&log, 4, &k, Some(&[9; 32]), 0).unwrap().records.len(),
+            2
+        );
+        // Versions 1 and 2 write no mark.
+        let old = Wal::new(slots, 4, 0, None);
+        old.set_durable(0);
+        let st2 = MemStorage::new();
+        st2.set_len(Regions::V1.data_offset()).unwrap();
+        old.write_mark(&st2, &k).unwrap();
+        assert!(st2.to_vec().iter().all(|&x| x == 0));
+    }
+
+    #[test]
     fn reservations_bound_the_log() {
-        let wal = Wal::new(Regions::V1.log_slots(), 1, Regions::V1.log_slots() - 2);
+        let wal = Wal::new(
+            Regions::V1.log_slots(),
+            1,
+            Regions::V1.log_slots() - 2,
+            None,
+        );
         assert!(wal.try_reserve(2));
         assert!(!wal.try_reserve(1));
         wal.release(2);

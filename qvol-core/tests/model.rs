@@ -1,4 +1,5 @@
-//! Model-based test of the durability contract (DESIGN.md, decision 2): random sequences of
+//! Model-based test of the durability contract (a flushed write survives a power loss, an
+//! acknowledged one a process crash; FORMAT.md §9 and §11): random sequences of
 //! write / read / flush / discard / write_zeroes on a small volume, checked against a plain
 //! in-memory reference, with crashes injected at random points through the crash model.
 //!

@@ -1,6 +1,6 @@
-//! Tampering (DESIGN.md, threat model): any change to any byte of the image is detected — a
-//! read of an affected block fails with `ErrorKind::Integrity`, or the volume refuses to
-//! open — never wrong data, never a panic; putting back an older copy of a block or a node
+//! Tampering (the threat model of docs/SECURITY.md and FORMAT.md §12): any change to any
+//! byte of the image is detected — a read of an affected block fails with
+//! `ErrorKind::Integrity`, or the volume refuses to open — never wrong data, never a panic; putting back an older copy of a block or a node
 //! is detected; a wrong key is `WrongKey`.
 //!
 //! Bytes are flipped systematically (every byte, or every n-th, of each structure). Where
