@@ -1,8 +1,10 @@
-//! Golden images of every format version (`tests/data/golden-v{1,2}*.qvol`), checked into
+//! Golden images of every format version (`tests/data/golden-v{1,2,3}*.qvol`), checked into
 //! the repository: every later version of qvol-core must still open them and read back their
 //! known content. The images hold a committed tree and, after it, flushed log records that
-//! only a replay applies, so both paths are pinned. The version-2 images are of a 256 MiB
-//! volume, whose log (8 MiB) is longer than version 1's.
+//! only a replay applies, so both paths are pinned. The version-2 and version-3 images are of
+//! a 256 MiB volume, whose log (8 MiB) is longer than version 1's; the version-3 images also
+//! hold the durable mark of their flush (FORMAT.md §9), so zeroing their log tail is detected,
+//! while the older versions keep their old semantics (the tail is dropped unnoticed).
 //!
 //! The images of the current version were made once with
 //! `QVOL_WRITE_GOLDEN=1 cargo test -p qvol-core --test golden -- --ignored write_golden_images`
@@ -25,7 +27,7 @@ fn size(version: u32) -> u64 {
     }
 }
 
-/// Its name: `golden-v1`, `golden-v2`.
+/// Its name: `golden-v1`, `golden-v2`, `golden-v3`.
 fn name(version: u32) -> String {
     format!("golden-v{version}")
 }
@@ -185,6 +187,57 @@ fn golden_v2_xchacha20_poly1305_image_reads_back() {
 fn golden_v2_aegis_256_image_reads_back() {
     check(2, CipherSuite::Aegis256, true);
     check(2, CipherSuite::Aegis256, false);
+}
+
+#[test]
+fn golden_v3_xchacha20_poly1305_image_reads_back() {
+    check(3, CipherSuite::XChaCha20Poly1305, true);
+    check(3, CipherSuite::XChaCha20Poly1305, false);
+}
+
+#[test]
+fn golden_v3_aegis_256_image_reads_back() {
+    check(3, CipherSuite::Aegis256, true);
+    check(3, CipherSuite::Aegis256, false);
+}
+
+/// The golden images are what kill -9 after a flush leaves. Zeroing their log region (the
+/// attack of FORMAT.md §12) is refused from version 3 on, thanks to the durable mark of
+/// blocks 11 and 12; versions 1 and 2 open at their last commit, as they always did.
+#[test]
+fn zeroing_the_golden_log_tail_is_detected_from_version_3() {
+    for version in [1, 2, 3] {
+        for suite in CipherSuite::ALL {
+            let mut bytes = load(version, suite);
+            let log_len = u64::from_le_bytes(bytes[88..96].try_into().expect("8 bytes")) as usize;
+            // FORMAT.md §1: the log starts at 0x10000; the marks are at 0xB000 and 0xC000.
+            let marked = [0xB000, 0xC000]
+                .iter()
+                .any(|&o| &bytes[o..o + 8] == b"QVOLMRK3");
+            assert_eq!(
+                marked,
+                version >= 3,
+                "version {version} {suite}: durable mark"
+            );
+            bytes[0x10000..0x10000 + log_len].fill(0);
+            let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+            let r = Volume::open(storage, &golden_key(), true);
+            if version >= 3 {
+                common::assert_kind(
+                    r.map(|_| ()),
+                    qvol_core::ErrorKind::Integrity,
+                    "a zeroed log below the durable mark",
+                );
+            } else {
+                let vol = r.unwrap_or_else(|e| panic!("version {version} {suite}: {e:?}"));
+                let mut model = BlockHistory::new(size(version));
+                apply(COMMITTED, &mut model, None);
+                model
+                    .check_current(&vol)
+                    .unwrap_or_else(|m| panic!("version {version} {suite}: {m}"));
+            }
+        }
+    }
 }
 
 #[test]
