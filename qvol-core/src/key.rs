@@ -2,20 +2,32 @@
 
 use std::fmt;
 
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
-/// A volume's 32-byte secret key. Zeroized on drop; `Debug` prints `[REDACTED]`.
-#[derive(Clone)]
+use crate::secret::Secret;
+
+/// A volume's 32-byte secret key. Zeroized on drop; `Debug` prints `[REDACTED]`. The bytes
+/// live on a page of their own, locked in RAM and left out of core dumps where the OS allows.
 pub struct VolumeKey {
-    bytes: Zeroizing<[u8; 32]>,
+    bytes: Secret<Zeroizing<[u8; 32]>>,
+}
+
+impl Clone for VolumeKey {
+    fn clone(&self) -> Self {
+        let mut bytes = Secret::new(Zeroizing::new([0u8; 32]));
+        bytes.copy_from_slice(self.expose());
+        VolumeKey { bytes }
+    }
 }
 
 impl VolumeKey {
     /// Wraps 32 secret bytes (the caller should zeroize its own copy).
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        VolumeKey {
-            bytes: Zeroizing::new(bytes),
-        }
+        let mut bytes = bytes;
+        let mut locked = Secret::new(Zeroizing::new([0u8; 32]));
+        locked.copy_from_slice(&bytes);
+        bytes.zeroize();
+        VolumeKey { bytes: locked }
     }
 
     /// A fresh random key from the OS CSPRNG.
@@ -23,8 +35,8 @@ impl VolumeKey {
     /// # Panics
     /// If the operating system's random source fails.
     pub fn generate() -> Self {
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        if let Err(e) = getrandom::getrandom(bytes.as_mut()) {
+        let mut bytes = Secret::new(Zeroizing::new([0u8; 32]));
+        if let Err(e) = getrandom::getrandom(bytes.as_mut_slice()) {
             panic!("the operating system's random number generator failed: {e}");
         }
         VolumeKey { bytes }

@@ -3,7 +3,8 @@
 //!
 //! The on-disk format is specified in `docs/FORMAT.md`; each structure is encoded and decoded
 //! in one module: [`header`], [`superblock`], [`node`], [`wal`].
-#![forbid(unsafe_code)]
+// The one exception is `secret.rs` (mlock and madvise of the pages holding keys).
+#![deny(unsafe_code)]
 
 mod alloc;
 mod commit;
@@ -18,6 +19,7 @@ mod map;
 pub mod node;
 mod replay;
 mod rw;
+mod secret;
 pub mod storage;
 mod subkeys;
 pub mod suite;
