@@ -27,8 +27,10 @@ pub enum ErrorKind {
     InvalidInput,
     /// Fewer recovery shares than the threshold, or shares from different sets.
     TooFewShares,
-    /// An image is older than the generation the keystore recorded for it.
+    /// An image is older than the state the keystore recorded for it, or its history forked.
     Rollback,
+    /// The thing to remove is still in use (a key bound to recorded volumes).
+    InUse,
 }
 
 /// An error from qvol-keys.

@@ -15,13 +15,17 @@ use crate::secret::Secret32;
 /// parameters. Meant for test suites only.
 pub const WEAK_KDF_ENV: &str = "QVOL_TEST_WEAK_KDF";
 
-/// Largest memory cost accepted from a file (4 GiB): a forged slot or keystore must not be
+/// Largest memory cost accepted from a file (2 GiB): a forged slot or keystore must not be
 /// able to make unlocking allocate without bound.
-pub const MAX_M_COST_KIB: u32 = 4 * 1024 * 1024;
+pub const MAX_M_COST_KIB: u32 = 2 * 1024 * 1024;
 /// Largest time cost accepted from a file.
-pub const MAX_T_COST: u32 = 64;
+pub const MAX_T_COST: u32 = 16;
 /// Largest parallelism accepted from a file.
-pub const MAX_P_COST: u32 = 64;
+pub const MAX_P_COST: u32 = 16;
+/// Largest total work m x t accepted from a file, in KiB-passes (8 GiB-passes: 2 GiB with
+/// 4 passes, 256 MiB with 32 would be refused by MAX_T_COST; about 10 s on one core). The
+/// default (256 MiB x 3) is 768 MiB-passes.
+pub const MAX_WORK_KIB_PASSES: u64 = 8 * 1024 * 1024;
 
 /// argon2id cost parameters, stored beside every passphrase-protected secret.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -71,7 +75,8 @@ impl KdfParams {
             && self.t_cost >= 1
             && self.t_cost <= MAX_T_COST
             && self.m_cost_kib >= 8 * self.p_cost
-            && self.m_cost_kib <= MAX_M_COST_KIB;
+            && self.m_cost_kib <= MAX_M_COST_KIB
+            && u64::from(self.m_cost_kib) * u64::from(self.t_cost) <= MAX_WORK_KIB_PASSES;
         if ok {
             Ok(())
         } else {
@@ -79,7 +84,8 @@ impl KdfParams {
                 ErrorKind::Unsupported,
                 format!(
                     "argon2id parameters m={} KiB, t={}, p={} are outside the accepted range \
-                     (m 8p..{MAX_M_COST_KIB} KiB, t 1..{MAX_T_COST}, p 1..{MAX_P_COST})",
+                     (m 8p..{MAX_M_COST_KIB} KiB, t 1..{MAX_T_COST}, p 1..{MAX_P_COST}, \
+                     m x t <= {MAX_WORK_KIB_PASSES} KiB)",
                     self.m_cost_kib, self.t_cost, self.p_cost
                 ),
             ))

@@ -514,10 +514,18 @@ pub fn unwrap_with_passphrase(
             continue;
         }
         let Ok((params, salt)) = parse_passphrase(p.body) else {
+            log::debug!("keyslot {index}: malformed passphrase slot skipped");
             continue;
         };
+        if let Err(e) = params.validate() {
+            log::debug!("keyslot {index}: skipped: {e}");
+            continue;
+        }
         seen += 1;
-        let (hash, _) = params.derive(pass, salt)?;
+        let Ok((hash, _)) = params.derive(pass, salt) else {
+            log::debug!("keyslot {index}: argon2id failed; skipped");
+            continue;
+        };
         let wrap_key = hkdf32(volume_id, hash.expose(), &[PASSPHRASE_INFO]);
         if let Ok(vk) = open_slot(&p, &wrap_key, volume_id) {
             return Ok((index, vk));
@@ -574,31 +582,46 @@ pub fn unwrap_with_recovery(
     shares: &[RecoveryShare],
     volume_id: &[u8; 16],
 ) -> Result<(usize, Secret32)> {
+    let mut failure: Option<Error> = None;
     for (index, slot) in slots.iter().enumerate() {
         let Ok(p) = parse(slot) else { continue };
         if p.kind != SlotKind::Recovery || p.body.len() != 2 + recovery::SET_ID_LEN {
             continue;
         }
-        let threshold = p.body[0];
+        let (threshold, count) = (p.body[0], p.body[1]);
+        if threshold < 2 || threshold > count {
+            log::debug!("keyslot {index}: recovery slot with {threshold} of {count} skipped");
+            continue;
+        }
         let set_id = &p.body[2..];
         let mine: Vec<&RecoveryShare> = shares.iter().filter(|s| s.set_id() == set_id).collect();
         if mine.is_empty() {
             continue;
         }
-        let recovery_key = recovery::combine(&mine, threshold)?;
+        let recovery_key = match recovery::combine(&mine, threshold) {
+            Ok(k) => k,
+            Err(e) => {
+                failure = Some(e);
+                continue;
+            }
+        };
         let wrap_key = hkdf32(volume_id, recovery_key.expose(), &[RECOVERY_INFO]);
-        let vk = open_slot(&p, &wrap_key, volume_id).map_err(|_| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("the recovery shares do not open keyslot {index} (a share is wrong)"),
-            )
-        })?;
-        return Ok((index, vk));
+        match open_slot(&p, &wrap_key, volume_id) {
+            Ok(vk) => return Ok((index, vk)),
+            Err(_) => {
+                failure = Some(Error::new(
+                    ErrorKind::Integrity,
+                    format!("the recovery shares do not open keyslot {index} (a share is wrong)"),
+                ));
+            }
+        }
     }
-    Err(Error::new(
-        ErrorKind::NoMatchingSlot,
-        "no recovery keyslot of this volume matches the shares given",
-    ))
+    Err(failure.unwrap_or_else(|| {
+        Error::new(
+            ErrorKind::NoMatchingSlot,
+            "no recovery keyslot of this volume matches the shares given",
+        )
+    }))
 }
 
 /// Describes a slot without opening it.

@@ -3,7 +3,8 @@
 //!
 //! - [`Secret32`]: 32 secret bytes, zeroized on drop, mlocked, printed `[REDACTED]`.
 //! - [`kem`]: the hybrid KEM (keygen from a seed, encapsulate, decapsulate).
-//! - [`Keystore`] / [`UnlockedKeystore`]: master seed, per-VM keys, rotation, export/import.
+//! - [`Keystore`] / [`UnlockedKeystore`]: master seed, per-VM keys, rotation, export/import,
+//!   the MACed manifest and volume records ([`VolumeGuard`]).
 //! - [`keyslot`]: wrapping a volume key for a recipient, a passphrase or recovery shares.
 #![deny(unsafe_code)]
 
@@ -23,7 +24,8 @@ pub use kem::RecipientPublicKey;
 pub use keyslot::{SlotInfo, SlotKind};
 pub use keystore::{
     derive_vm_key_seed, validate_vm_name, GenerationInfo, KeyInfo, Keystore, UnlockedKeystore,
-    EXPORT_FORMAT, KEYSTORE_FILE, KEYS_DIR, VOLUMES_DIR,
+    VolumeBinding, VolumeGuard, VolumeState, EXPORT_FORMAT, KEYSTORE_FILE, KEYSTORE_VERSION,
+    KEYS_DIR, LOCK_FILE, MANIFEST_FILE, VOLUMES_DIR,
 };
 pub use recovery::RecoveryShare;
 pub use secret::{Secret32, SecretBytes};

@@ -1,16 +1,21 @@
-//! Keeping secrets out of swap: `mlock(2)` on the pages that hold them.
+//! The operating-system calls qvol-keys needs beyond std: `mlock(2)` and
+//! `madvise(MADV_DONTDUMP)` on the pages that hold secrets, and `flock(2)` on the keystore's
+//! lock file.
 //!
-//! The only `unsafe` of qvol-keys lives here. A failure to lock (RLIMIT_MEMLOCK, a platform
-//! without mlock) is a warning logged once per process, never an error: the secret is still
-//! zeroized on drop. Pages are never unlocked on drop: `munlock` would also unlock other
-//! secrets sharing the page, and a locked page costs nothing once its secret is zeroized.
+//! The only `unsafe` of qvol-keys lives here. A failure to lock or to exclude from core dumps
+//! (RLIMIT_MEMLOCK, a platform without the call) is a warning logged once per process, never
+//! an error: the secret is still zeroized on drop. Pages are never unlocked on drop: `munlock`
+//! would also unlock other secrets sharing the page, and a locked page costs nothing once its
+//! secret is zeroized.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static WARNED: AtomicBool = AtomicBool::new(false);
+static WARNED_DUMP: AtomicBool = AtomicBool::new(false);
 
-/// Locks the pages spanning `bytes` in RAM, or logs a warning (once) if the OS refuses.
+/// Locks the pages spanning `bytes` in RAM and excludes them from core dumps (Linux), or
+/// logs a warning (once) if the OS refuses.
 pub(crate) fn lock(bytes: &[u8]) {
     if bytes.is_empty() {
         return;
@@ -20,6 +25,11 @@ pub(crate) fn lock(bytes: &[u8]) {
             log::warn!(
                 "cannot lock secret key memory in RAM ({err}); secrets may be written to swap"
             );
+        }
+    }
+    if let Err(err) = dont_dump(bytes) {
+        if !WARNED_DUMP.swap(true, Ordering::Relaxed) {
+            log::debug!("cannot exclude secret key memory from core dumps ({err})");
         }
     }
 }
@@ -43,4 +53,63 @@ fn lock_pages(_bytes: &[u8]) -> std::io::Result<()> {
         std::io::ErrorKind::Unsupported,
         "mlock is not available",
     ))
+}
+
+/// `madvise(MADV_DONTDUMP)` on the whole pages spanning `bytes`: a core dump of the process
+/// leaves them out. Other data sharing those pages is left out too, which is harmless.
+#[cfg(target_os = "linux")]
+fn dont_dump(bytes: &[u8]) -> std::io::Result<()> {
+    // SAFETY: sysconf has no memory effects.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096);
+    let start = bytes.as_ptr() as usize & !(page - 1);
+    let end = (bytes.as_ptr() as usize + bytes.len() + page - 1) & !(page - 1);
+    // SAFETY: MADV_DONTDUMP only sets a flag on the mappings covering the page-aligned range,
+    // which contains the live borrow `bytes` and so is mapped; it neither reads nor writes
+    // the memory and does not change its contents or protection.
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTDUMP) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn dont_dump(_bytes: &[u8]) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "MADV_DONTDUMP is not available",
+    ))
+}
+
+/// `flock(2)` on an open file: exclusive or shared, blocking. Released when the file is
+/// closed.
+#[cfg(unix)]
+pub(crate) fn flock(file: &std::fs::File, exclusive: bool) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    loop {
+        // SAFETY: flock takes a file descriptor that `file` keeps open for the whole call and
+        // touches no memory of ours.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+#[cfg(not(unix))]
+pub(crate) fn flock(_file: &std::fs::File, _exclusive: bool) -> std::io::Result<()> {
+    Ok(())
 }

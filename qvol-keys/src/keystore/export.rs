@@ -6,8 +6,13 @@
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::records::{self, hex_array, GenerationRecord, KeyRecord, KEY_FORMAT, VERSION};
-use super::{imported_ad, seal, UnlockedKeystore, SALT_LEN};
+use super::records::{
+    self, hex_array, GenerationRecord, KeyRecord, SeedOrigin, KEY_FORMAT, VERSION,
+};
+use super::{generation_ad, seal, UnlockedKeystore, SALT_LEN};
+
+/// Version of the export file format (independent of the keystore version).
+const EXPORT_VERSION: u32 = 1;
 use crate::aead;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kdf::{hkdf32, KdfParams};
@@ -110,7 +115,7 @@ impl UnlockedKeystore {
         seeds.extend_from_slice(&tag);
         let file = ExportFile {
             format: EXPORT_FORMAT.into(),
-            version: VERSION,
+            version: EXPORT_VERSION,
             key,
             kdf,
             salt: hex::encode(salt),
@@ -124,7 +129,7 @@ impl UnlockedKeystore {
     /// The key keeps its id; its seeds are sealed under this keystore's storage key.
     pub fn import_key(&self, data: &[u8], passphrase: &[u8]) -> Result<super::KeyInfo> {
         let file: ExportFile = records::parse(data, "the export file")?;
-        if file.format != EXPORT_FORMAT || file.version != VERSION {
+        if file.format != EXPORT_FORMAT || file.version != EXPORT_VERSION {
             return Err(Error::corrupt(
                 "the file is not a qvol key export (version 1)",
             ));
@@ -194,10 +199,11 @@ impl UnlockedKeystore {
                 generation: g.generation,
                 created: g.created.clone(),
                 fingerprint: fp,
+                origin: Some(SeedOrigin::Imported),
                 sealed_seed: Some(seal(
                     &self.storage_key,
                     &seed,
-                    &imported_ad(&key.key_id, g.generation),
+                    &generation_ad(&key.key_id, g.generation),
                 )),
             });
         }
@@ -213,7 +219,15 @@ impl UnlockedKeystore {
             current_generation: key.current_generation,
             generations,
         };
-        self.store(&rec)?;
-        Ok(super::info(&rec))
+        let id = rec.key_id.clone();
+        self.transact(|m| {
+            if self.record_path(&id).exists() || m.keys.contains_key(&id) {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("key {id} exists already in this keystore"),
+                ));
+            }
+            Ok((vec![Self::store_op(&rec)], super::info(&rec)))
+        })
     }
 }

@@ -1,18 +1,25 @@
-//! The keystore: a directory holding a master seed (sealed under argon2id(passphrase), or
-//! plain when asked) and one record per VM key. Key pairs are never stored: each generation
-//! is derived from the master seed (docs/KEYS.md, "Hierarchy").
+//! The keystore (version 2): a directory holding a master seed (sealed under
+//! argon2id(passphrase), or plain when asked), one record per VM key (random generation
+//! seeds sealed under the storage key), one record per volume, and a MACed manifest listing
+//! them all (docs/KEYS.md §4).
 //!
 //! ```text
 //! DIR/                 0700
 //!   keystore.json      0600  master seed (sealed or plain), argon2id parameters
+//!   manifest.json      0600  MACed list of key records, volume bindings and floors
+//!   .lock              0600  flock: exclusive for admin writes, shared for readers
 //!   keys/              0700
 //!     <key id>.json    0600  metadata and generations of one key
+//!   volumes/           0700
+//!     <volume id>.json 0600  binding and last committed state of one volume
 //! ```
 
 mod export;
 mod files;
+mod manifest;
 mod records;
 mod time;
+mod upgrade;
 mod volumes;
 
 use std::fmt;
@@ -26,13 +33,15 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::kdf::{hkdf32, lp, KdfParams};
 use crate::kem::{HybridSecretKey, RecipientPublicKey, KEM_NAME};
 use crate::secret::{fill_random, Secret32};
+use manifest::{FileOp, Manifest};
 use records::{
-    hex_array, GenerationRecord, KeyRecord, KeystoreFile, Protection, Sealed, KEYSTORE_FORMAT,
-    KEY_FORMAT, VERSION,
+    hex_array, GenerationRecord, KeyRecord, KeystoreFile, Protection, Sealed, SeedOrigin,
+    KEYSTORE_FORMAT, KEY_FORMAT, VERSION, VERSION_V1,
 };
 
 pub use export::EXPORT_FORMAT;
-pub use volumes::VOLUMES_DIR;
+pub use manifest::{LOCK_FILE, MANIFEST_FILE};
+pub use volumes::{VolumeBinding, VolumeGuard, VolumeState, VOLUMES_DIR};
 
 /// File name of the keystore's main file.
 pub const KEYSTORE_FILE: &str = "keystore.json";
@@ -48,21 +57,42 @@ pub const STORAGE_KEY_INFO: &[u8] = b"qvol-keystore-v1 storage key";
 pub const SEED_WRAP_INFO: &[u8] = b"qvol-keystore-v1 master seed wrap key";
 /// Associated-data label of the sealed master seed.
 pub const SEED_AD_LABEL: &[u8] = b"qvol-keystore-v1 master seed";
-/// Associated-data label of an imported generation seed.
+/// Associated-data label of the sealed master seed in keystore version 2 (followed by the
+/// version, u32 LE).
+pub const SEED_AD_LABEL_V2: &[u8] = b"qvol-keystore-v2 master seed";
+/// Associated-data label of an imported generation seed (key records version 1).
 pub const IMPORTED_AD_LABEL: &[u8] = b"qvol-keystore-v1 imported seed";
-/// Check-value label of a plain master seed.
+/// Associated-data label of a sealed generation seed (random or imported, version 2).
+pub const GENERATION_AD_LABEL: &[u8] = b"qvol-keystore-v2 generation seed";
+/// Check-value label of a plain master seed (version 1).
 pub const SEED_CHECK_LABEL: &[u8] = b"qvol-keystore-v1 seed check";
+/// Check-value label of a plain master seed (version 2).
+pub const SEED_CHECK_LABEL_V2: &[u8] = b"qvol-keystore-v2 seed check";
+/// Version of keystore.json this build writes and unlocks.
+pub const KEYSTORE_VERSION: u32 = VERSION;
 /// Longest VM name.
 pub const MAX_VM_NAME_LEN: usize = 48;
 
 const SALT_LEN: usize = 16;
 
-/// A keystore directory, opened but locked.
-#[derive(Debug)]
+/// A keystore directory, opened but locked. `Debug` never prints the seed of a
+/// `--no-passphrase` keystore.
 pub struct Keystore {
     dir: PathBuf,
     file: KeystoreFile,
     kdf_duration: Option<Duration>,
+}
+
+impl fmt::Debug for Keystore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Keystore({}, version {}, {:?}, [REDACTED])",
+            self.dir.display(),
+            self.file.version,
+            self.file.protection
+        )
+    }
 }
 
 /// An unlocked keystore: holds the master seed in locked, zeroize-on-drop memory.
@@ -70,6 +100,7 @@ pub struct UnlockedKeystore {
     dir: PathBuf,
     master: Secret32,
     storage_key: Secret32,
+    manifest_key: Secret32,
 }
 
 impl fmt::Debug for UnlockedKeystore {
@@ -142,6 +173,11 @@ impl Keystore {
         let (file, kdf_duration) = keystore_file(&master, passphrase, kdf, created)?;
         files::create_private_dir(dir)?;
         files::create_private_dir(&dir.join(KEYS_DIR))?;
+        files::create_private_dir(&dir.join(VOLUMES_DIR))?;
+        let _lock = manifest::lock(dir, true)?;
+        // The manifest first: a keystore.json without a manifest is not a keystore yet.
+        let mut m = Manifest::new(file.protection);
+        manifest::write(dir, &manifest::mac_key(&master), &mut m)?;
         files::write_atomic(&dir.join(KEYSTORE_FILE), &records::to_json(&file))?;
         Ok(Keystore {
             dir: dir.to_path_buf(),
@@ -167,7 +203,7 @@ impl Keystore {
         if file.format != KEYSTORE_FORMAT {
             return Err(Error::corrupt(format!("{what} is not a qvol keystore")));
         }
-        if file.version != VERSION {
+        if file.version != VERSION && file.version != VERSION_V1 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
@@ -188,6 +224,12 @@ impl Keystore {
         &self.dir
     }
 
+    /// The keystore version of keystore.json (1: must be upgraded with
+    /// [`Keystore::upgrade`] before it unlocks).
+    pub fn version(&self) -> u32 {
+        self.file.version
+    }
+
     /// Whether unlocking needs a passphrase.
     pub fn needs_passphrase(&self) -> bool {
         self.file.protection == Protection::Argon2id
@@ -203,66 +245,107 @@ impl Keystore {
         self.kdf_duration
     }
 
-    /// Unlocks with `passphrase` (ignored, and may be `None`, for a keystore without one).
+    /// Unlocks with `passphrase` (`None` for a keystore without one; a passphrase given to
+    /// an unprotected keystore is refused), then verifies the manifest and every key and
+    /// volume record against it. A version 1 keystore is refused (run `qvol keystore
+    /// upgrade`, [`Keystore::upgrade`]).
     pub fn unlock(&self, passphrase: Option<&[u8]>) -> Result<UnlockedKeystore> {
-        let what = self.dir.join(KEYSTORE_FILE).display().to_string();
-        let master = match self.file.protection {
-            Protection::None => {
-                let seed_hex = self
-                    .file
-                    .seed
-                    .as_deref()
-                    .ok_or_else(|| Error::corrupt(format!("{what} lacks its seed")))?;
-                let mut bytes = hex_array::<32>(seed_hex, "the master seed")?;
-                let master = Secret32::from_bytes(bytes);
-                zeroize::Zeroize::zeroize(&mut bytes);
-                let check = self.file.seed_check.as_deref().unwrap_or("");
-                let expected = hex_array::<8>(check, "the seed check value")?;
-                if !bool::from(seed_check(&master).ct_eq(&expected)) {
-                    return Err(Error::corrupt(format!(
-                        "{what}: the master seed is damaged"
-                    )));
-                }
-                master
+        if self.file.version != VERSION {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{} is a version {} keystore, which this build no longer unlocks: run                      `qvol keystore upgrade` to upgrade it to version {VERSION}",
+                    self.dir.display(),
+                    self.file.version
+                ),
+            ));
+        }
+        let master = unseal_master(&self.dir, &self.file, passphrase)?;
+        let u = UnlockedKeystore::new(self.dir.clone(), master);
+        let _lock = manifest::lock(&self.dir, false)?;
+        let m = u.manifest()?;
+        manifest::check_files(
+            &self.dir,
+            &u.master,
+            &m,
+            self.file.protection,
+            manifest::Skip::Nothing,
+        )?;
+        Ok(u)
+    }
+}
+
+/// The master seed of `file` (version 1 or 2), unsealed with `passphrase`.
+fn unseal_master(dir: &Path, file: &KeystoreFile, passphrase: Option<&[u8]>) -> Result<Secret32> {
+    let what = dir.join(KEYSTORE_FILE).display().to_string();
+    let v2 = file.version == VERSION;
+    match file.protection {
+        Protection::None => {
+            if passphrase.is_some() {
+                return Err(Error::new(
+                    ErrorKind::WrongPassphrase,
+                    format!(
+                        "the keystore is not protected by a passphrase but one was given;                          someone may have replaced {what}"
+                    ),
+                ));
             }
-            Protection::Argon2id => {
-                let pass = passphrase.ok_or_else(|| {
+            let seed_hex = file
+                .seed
+                .as_deref()
+                .ok_or_else(|| Error::corrupt(format!("{what} lacks its seed")))?;
+            let mut bytes = hex_array::<32>(seed_hex, "the master seed")?;
+            let master = Secret32::from_bytes(bytes);
+            zeroize::Zeroize::zeroize(&mut bytes);
+            let check = file.seed_check.as_deref().unwrap_or("");
+            let expected = hex_array::<8>(check, "the seed check value")?;
+            if !bool::from(seed_check(&master, file.version).ct_eq(&expected)) {
+                return Err(Error::corrupt(format!(
+                    "{what}: the master seed is damaged"
+                )));
+            }
+            Ok(master)
+        }
+        Protection::Argon2id => {
+            let pass = passphrase.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::WrongPassphrase,
+                    "the keystore is protected by a passphrase and none was given",
+                )
+            })?;
+            let kdf = file
+                .kdf
+                .ok_or_else(|| Error::corrupt(format!("{what} lacks its argon2id parameters")))?;
+            let salt = hex_array::<SALT_LEN>(file.salt.as_deref().unwrap_or(""), "the salt")?;
+            let sealed = file
+                .sealed_seed
+                .as_ref()
+                .ok_or_else(|| Error::corrupt(format!("{what} lacks its sealed seed")))?;
+            let (hash, _) = kdf.derive(pass, &salt)?;
+            let wrap = hkdf32(MASTER_SALT, hash.expose(), &[SEED_WRAP_INFO]);
+            let ad = if v2 {
+                seed_ad_v2(&kdf, &salt)
+            } else {
+                seed_ad(&kdf, &salt)
+            };
+            open_sealed(&wrap, sealed, &ad).map_err(|e| {
+                if e.kind() == ErrorKind::Integrity {
                     Error::new(
                         ErrorKind::WrongPassphrase,
-                        "the keystore is protected by a passphrase and none was given",
+                        "the passphrase does not unlock the keystore",
                     )
-                })?;
-                let kdf = self.file.kdf.ok_or_else(|| {
-                    Error::corrupt(format!("{what} lacks its argon2id parameters"))
-                })?;
-                let salt =
-                    hex_array::<SALT_LEN>(self.file.salt.as_deref().unwrap_or(""), "the salt")?;
-                let sealed = self
-                    .file
-                    .sealed_seed
-                    .as_ref()
-                    .ok_or_else(|| Error::corrupt(format!("{what} lacks its sealed seed")))?;
-                let (hash, _) = kdf.derive(pass, &salt)?;
-                let wrap = hkdf32(MASTER_SALT, hash.expose(), &[SEED_WRAP_INFO]);
-                open_sealed(&wrap, sealed, &seed_ad(&kdf, &salt)).map_err(|e| {
-                    if e.kind() == ErrorKind::Integrity {
-                        Error::new(
-                            ErrorKind::WrongPassphrase,
-                            "the passphrase does not unlock the keystore",
-                        )
-                    } else {
-                        e
-                    }
-                })?
-            }
-        };
-        let storage_key = hkdf32(MASTER_SALT, master.expose(), &[STORAGE_KEY_INFO]);
-        Ok(UnlockedKeystore {
-            dir: self.dir.clone(),
-            master,
-            storage_key,
-        })
+                } else {
+                    e
+                }
+            })
+        }
     }
+}
+
+/// Reads and parses DIR/keystore.json.
+fn read_keystore_file(dir: &Path) -> Result<KeystoreFile> {
+    let path = dir.join(KEYSTORE_FILE);
+    let what = path.display().to_string();
+    records::parse(&files::read_bounded(&path)?, &what)
 }
 
 /// The keystore.json content for `master`: sealed under argon2id(`passphrase`) with `kdf`,
@@ -283,7 +366,7 @@ fn keystore_file(
             salt: None,
             sealed_seed: None,
             seed: Some(hex::encode(master.expose())),
-            seed_check: Some(hex::encode(seed_check(master))),
+            seed_check: Some(hex::encode(seed_check(master, VERSION))),
         };
         return Ok((file, None));
     };
@@ -294,7 +377,7 @@ fn keystore_file(
     fill_random(&mut salt);
     let (hash, took) = kdf.derive(pass, &salt)?;
     let wrap = hkdf32(MASTER_SALT, hash.expose(), &[SEED_WRAP_INFO]);
-    let sealed = seal(&wrap, master, &seed_ad(&kdf, &salt));
+    let sealed = seal(&wrap, master, &seed_ad_v2(&kdf, &salt));
     let file = KeystoreFile {
         format: KEYSTORE_FORMAT.into(),
         version: VERSION,
@@ -320,10 +403,29 @@ fn seed_ad(kdf: &KdfParams, salt: &[u8]) -> Vec<u8> {
     .concat()
 }
 
-fn seed_check(seed: &Secret32) -> [u8; 8] {
+/// The version 2 AD of the sealed master seed: the version is bound, so a version 2 file
+/// cannot be relabelled as version 1.
+fn seed_ad_v2(kdf: &KdfParams, salt: &[u8]) -> Vec<u8> {
+    [
+        SEED_AD_LABEL_V2,
+        &VERSION.to_le_bytes(),
+        &kdf.m_cost_kib.to_le_bytes(),
+        &kdf.t_cost.to_le_bytes(),
+        &kdf.p_cost.to_le_bytes(),
+        salt,
+    ]
+    .concat()
+}
+
+fn seed_check(seed: &Secret32, version: u32) -> [u8; 8] {
     use sha3::{Digest, Sha3_256};
+    let label = if version == VERSION_V1 {
+        SEED_CHECK_LABEL
+    } else {
+        SEED_CHECK_LABEL_V2
+    };
     let d = Sha3_256::new()
-        .chain_update(SEED_CHECK_LABEL)
+        .chain_update(label)
         .chain_update(seed.expose())
         .finalize();
     let mut out = [0u8; 8];
@@ -396,6 +498,17 @@ fn validate_key_id(id: &str) -> Result<()> {
 }
 
 impl UnlockedKeystore {
+    fn new(dir: PathBuf, master: Secret32) -> Self {
+        let storage_key = hkdf32(MASTER_SALT, master.expose(), &[STORAGE_KEY_INFO]);
+        let manifest_key = manifest::mac_key(&master);
+        UnlockedKeystore {
+            dir,
+            master,
+            storage_key,
+            manifest_key,
+        }
+    }
+
     /// The keystore directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -405,18 +518,41 @@ impl UnlockedKeystore {
         self.dir.join(KEYS_DIR).join(format!("{id}.json"))
     }
 
+    /// Loads key record `id`, checked against the current manifest.
     fn load(&self, id: &str) -> Result<KeyRecord> {
+        validate_key_id(id)?;
+        let _lock = manifest::lock(&self.dir, false)?;
+        let m = self.manifest()?;
+        self.load_in(&m, id)
+    }
+
+    /// Loads key record `id`, checked against `m` (the caller holds the lock).
+    fn load_in(&self, m: &Manifest, id: &str) -> Result<KeyRecord> {
         validate_key_id(id)?;
         let path = self.record_path(id);
         if !path.exists() {
+            if m.key_hashes(id).is_some_and(|h| !h.contains(&None)) {
+                return Err(Error::new(
+                    ErrorKind::Integrity,
+                    format!(
+                        "{} is listed in the keystore manifest but missing (deleted)",
+                        path.display()
+                    ),
+                ));
+            }
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!("there is no key {id:?}"),
             ));
         }
         let what = path.display().to_string();
-        let rec: KeyRecord = records::parse(&files::read_bounded(&path)?, &what)?;
-        if rec.format != KEY_FORMAT || rec.version != VERSION || rec.key_id != id {
+        let data = files::read_bounded(&path)?;
+        manifest::check_key_bytes(&self.dir, m, id, &data)?;
+        let rec: KeyRecord = records::parse(&data, &what)?;
+        if rec.format != KEY_FORMAT
+            || (rec.version != VERSION && rec.version != VERSION_V1)
+            || rec.key_id != id
+        {
             return Err(Error::corrupt(format!(
                 "{what} is not a qvol key record for {id}"
             )));
@@ -433,39 +569,60 @@ impl UnlockedKeystore {
         Ok(rec)
     }
 
-    fn store(&self, rec: &KeyRecord) -> Result<()> {
-        files::write_atomic(&self.record_path(&rec.key_id), &records::to_json(rec))
+    /// The file change that stores `rec`.
+    fn store_op(rec: &KeyRecord) -> FileOp {
+        FileOp::WriteKey(rec.key_id.clone(), records::to_json(rec))
     }
 
-    /// The seed of generation `g` of `rec`: derived from the master seed along
-    /// (VM name, key id, generation), or an imported seed unsealed with the storage key.
+    /// The seed of generation `g` of `rec`: sealed under the storage key (version 2 random
+    /// or imported seeds, version 1 imported seeds), or derived from the master seed along
+    /// (VM name, key id, generation) for generations made by keystore version 1.
     fn generation_seed(&self, rec: &KeyRecord, g: &GenerationRecord) -> Result<Secret32> {
-        match &g.sealed_seed {
-            None => Ok(self.derive_seed(&rec.vm, &rec.key_id, g.generation)),
-            Some(sealed) => open_sealed(&self.storage_key, sealed, &imported_ad(&rec.key_id, g.generation))
-                .map_err(|_| {
-                    Error::new(
-                        ErrorKind::Integrity,
-                        format!(
-                            "the imported seed of key {} generation {} does not open with this keystore",
-                            rec.key_id, g.generation
-                        ),
-                    )
-                }),
-        }
+        let ad = match (g.origin, &g.sealed_seed) {
+            (None, None) => return Ok(self.derive_seed(&rec.vm, &rec.key_id, g.generation)),
+            (None, Some(_)) => imported_ad(&rec.key_id, g.generation),
+            (Some(_), Some(_)) => generation_ad(&rec.key_id, g.generation),
+            (Some(_), None) => {
+                return Err(Error::corrupt(format!(
+                    "key {} generation {} lacks its sealed seed",
+                    rec.key_id, g.generation
+                )))
+            }
+        };
+        let sealed = g
+            .sealed_seed
+            .as_ref()
+            .ok_or_else(|| Error::corrupt("no sealed seed"))?;
+        open_sealed(&self.storage_key, sealed, &ad).map_err(|_| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "the sealed seed of key {} generation {} does not open with this keystore",
+                    rec.key_id, g.generation
+                ),
+            )
+        })
     }
 
     fn derive_seed(&self, vm: &str, key_id: &str, generation: u32) -> Secret32 {
-        hkdf32(
-            MASTER_SALT,
-            self.master.expose(),
-            &[
-                VM_KEY_INFO,
-                &lp(vm.as_bytes()),
-                &lp(key_id.as_bytes()),
-                &generation.to_le_bytes(),
-            ],
-        )
+        derive_vm_key_seed(&self.master, vm, key_id, generation)
+    }
+
+    /// A generation with a fresh random seed, sealed under the storage key.
+    fn random_generation(&self, key_id: &str, generation: u32, now: &str) -> GenerationRecord {
+        let seed = Secret32::random();
+        let pk = HybridSecretKey::from_seed(&seed).public_key().clone();
+        GenerationRecord {
+            generation,
+            created: now.to_owned(),
+            fingerprint: pk.fingerprint_hex(),
+            origin: Some(SeedOrigin::Random),
+            sealed_seed: Some(seal(
+                &self.storage_key,
+                &seed,
+                &generation_ad(key_id, generation),
+            )),
+        }
     }
 
     /// The key pair of one generation, checked against its recorded fingerprint.
@@ -482,60 +639,46 @@ impl UnlockedKeystore {
         Ok(sk)
     }
 
-    /// Creates a key for `vm` (generation 1) and returns its description.
+    /// Creates a key for `vm` (generation 1, a random seed) and returns its description.
     pub fn new_key(&self, vm: &str) -> Result<KeyInfo> {
         validate_vm_name(vm)?;
         let mut suffix = [0u8; 4];
         fill_random(&mut suffix);
         let key_id = format!("{vm}-{}", hex::encode(suffix));
-        if self.record_path(&key_id).exists() {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!("key {key_id} exists already"),
-            ));
-        }
-        let now = time::now_rfc3339();
-        let pk = HybridSecretKey::from_seed(&self.derive_seed(vm, &key_id, 1))
-            .public_key()
-            .clone();
-        let rec = KeyRecord {
-            format: KEY_FORMAT.into(),
-            version: VERSION,
-            key_id,
-            vm: vm.into(),
-            key_type: KEM_NAME.into(),
-            created: now.clone(),
-            last_rotated: None,
-            rotation_count: 0,
-            current_generation: 1,
-            generations: vec![GenerationRecord {
-                generation: 1,
-                created: now,
-                fingerprint: pk.fingerprint_hex(),
-                sealed_seed: None,
-            }],
-        };
-        self.store(&rec)?;
-        Ok(info(&rec))
+        self.transact(|m| {
+            if self.record_path(&key_id).exists() || m.keys.contains_key(&key_id) {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("key {key_id} exists already"),
+                ));
+            }
+            let now = time::now_rfc3339();
+            let rec = KeyRecord {
+                format: KEY_FORMAT.into(),
+                version: VERSION,
+                key_id: key_id.clone(),
+                vm: vm.into(),
+                key_type: KEM_NAME.into(),
+                created: now.clone(),
+                last_rotated: None,
+                rotation_count: 0,
+                current_generation: 1,
+                generations: vec![self.random_generation(&key_id, 1, &now)],
+            };
+            Ok((vec![Self::store_op(&rec)], info(&rec)))
+        })
     }
 
     /// Every key, sorted by key id. Unreadable records are reported as errors.
     pub fn list(&self) -> Result<Vec<KeyInfo>> {
-        let dir = self.dir.join(KEYS_DIR);
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
+        let _lock = manifest::lock(&self.dir, false)?;
+        let m = self.manifest()?;
         let mut out = Vec::new();
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?;
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if id.starts_with('.') {
-                continue; // a temporary file of an interrupted write
+        for (id, hashes) in &m.keys {
+            if hashes.contains(&None) && !self.record_path(id).exists() {
+                continue; // being created or deleted by an interrupted write
             }
-            out.push(info(&self.load(id)?));
+            out.push(info(&self.load_in(&m, id)?));
         }
         out.sort_by(|a, b| a.key_id.cmp(&b.key_id));
         Ok(out)
@@ -557,61 +700,116 @@ impl UnlockedKeystore {
             .with_generation(g.generation))
     }
 
-    /// Rotates `id`: a new generation becomes current; older ones stay usable for
-    /// unwrapping until [`UnlockedKeystore::remove_generation`].
+    /// Rotates `id`: a new generation (random seed) becomes current; older ones stay usable
+    /// for unwrapping until [`UnlockedKeystore::remove_generation_checked`].
     pub fn rotate(&self, id: &str) -> Result<KeyInfo> {
-        let mut rec = self.load(id)?;
-        let next = rec
-            .generations
+        validate_key_id(id)?;
+        self.transact(|m| {
+            let mut rec = self.load_in(m, id)?;
+            let next = rec
+                .generations
+                .iter()
+                .map(|g| g.generation)
+                .max()
+                .unwrap_or(0)
+                .checked_add(1)
+                .ok_or_else(|| Error::invalid(format!("key {id} cannot be rotated any more")))?;
+            let now = time::now_rfc3339();
+            rec.generations
+                .push(self.random_generation(&rec.key_id, next, &now));
+            rec.current_generation = next;
+            rec.rotation_count = rec.rotation_count.saturating_add(1);
+            rec.last_rotated = Some(now);
+            rec.version = VERSION;
+            Ok((vec![Self::store_op(&rec)], info(&rec)))
+        })
+    }
+
+    /// Refuses (InUse) when volumes are recorded as bound to `id`, unless `force`.
+    fn refuse_if_bound(m: &Manifest, id: &str, what: &str, force: bool) -> Result<()> {
+        if force {
+            return Ok(());
+        }
+        let bound: Vec<&str> = m
+            .volumes
             .iter()
-            .map(|g| g.generation)
-            .max()
-            .unwrap_or(0)
-            .checked_add(1)
-            .ok_or_else(|| Error::invalid(format!("key {id} cannot be rotated any more")))?;
-        let now = time::now_rfc3339();
-        let pk = HybridSecretKey::from_seed(&self.derive_seed(&rec.vm, &rec.key_id, next))
-            .public_key()
-            .clone();
-        rec.generations.push(GenerationRecord {
-            generation: next,
-            created: now.clone(),
-            fingerprint: pk.fingerprint_hex(),
-            sealed_seed: None,
-        });
-        rec.current_generation = next;
-        rec.rotation_count = rec.rotation_count.saturating_add(1);
-        rec.last_rotated = Some(now);
-        self.store(&rec)?;
-        Ok(info(&rec))
+            .filter(|(_, v)| v.key_id == id)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if bound.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::InUse,
+            format!(
+                "refusing to {what}: volume(s) {} are recorded as bound to key {id} (forget \
+                 them first, or force)",
+                bound.join(", ")
+            ),
+        ))
+    }
+
+    /// Forgets generation `generation` of `id` (not the current one), refusing while a
+    /// recorded volume is bound to the key.
+    pub fn remove_generation(&self, id: &str, generation: u32) -> Result<KeyInfo> {
+        self.remove_generation_checked(id, generation, false)
     }
 
     /// Forgets generation `generation` of `id` (not the current one): volumes wrapped only
-    /// for it no longer open with this keystore.
-    pub fn remove_generation(&self, id: &str, generation: u32) -> Result<KeyInfo> {
-        let mut rec = self.load(id)?;
-        if generation == rec.current_generation {
-            return Err(Error::invalid(format!(
-                "generation {generation} is the current generation of key {id}; rotate first"
-            )));
-        }
-        let before = rec.generations.len();
-        rec.generations.retain(|g| g.generation != generation);
-        if rec.generations.len() == before {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("key {id} has no generation {generation}"),
-            ));
-        }
-        self.store(&rec)?;
-        Ok(info(&rec))
+    /// for it no longer open with this keystore, and since version 2 seeds are random and
+    /// stored only in the record, it is a crypto-erase. Unless `force`, refuses with InUse
+    /// while ANY recorded volume is bound to the key: the keystore cannot know which
+    /// generation a volume's keyslot uses.
+    pub fn remove_generation_checked(
+        &self,
+        id: &str,
+        generation: u32,
+        force: bool,
+    ) -> Result<KeyInfo> {
+        validate_key_id(id)?;
+        self.transact(|m| {
+            let mut rec = self.load_in(m, id)?;
+            if generation == rec.current_generation {
+                return Err(Error::invalid(format!(
+                    "generation {generation} is the current generation of key {id}; rotate first"
+                )));
+            }
+            let before = rec.generations.len();
+            rec.generations.retain(|g| g.generation != generation);
+            if rec.generations.len() == before {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("key {id} has no generation {generation}"),
+                ));
+            }
+            Self::refuse_if_bound(m, id, &format!("remove generation {generation}"), force)?;
+            Ok((vec![Self::store_op(&rec)], info(&rec)))
+        })
     }
 
-    /// Deletes key `id` and every generation. Volumes wrapped only for it become unreadable
-    /// with this keystore (a new key for the same VM gets a different id and key pair).
+    /// Deletes key `id`, refusing while a recorded volume is bound to it.
     pub fn delete(&self, id: &str) -> Result<()> {
-        self.load(id)?;
-        files::remove(&self.record_path(id))
+        self.delete_checked(id, false)
+    }
+
+    /// Deletes key `id` and every generation (a crypto-erase of its version 2 generations).
+    /// Unless `force`, refuses with InUse while a recorded volume is bound to it. With
+    /// `force` it also removes a key whose record is damaged, edited or missing.
+    pub fn delete_checked(&self, id: &str, force: bool) -> Result<()> {
+        validate_key_id(id)?;
+        let skip = if force {
+            manifest::Skip::Key(id)
+        } else {
+            manifest::Skip::Nothing
+        };
+        self.transact_skipping(skip, |m| {
+            if !(force && m.keys.contains_key(id)) {
+                self.load_in(m, id)?;
+            }
+            Self::refuse_if_bound(m, id, &format!("delete key {id}"), force)?;
+            m.keys.remove(id);
+            Ok((vec![FileOp::RemoveKey(id.to_owned())], ()))
+        })
     }
 
     /// Re-seals the master seed under a new passphrase (or none) and KDF parameters; keys,
@@ -622,12 +820,19 @@ impl UnlockedKeystore {
         kdf: KdfParams,
     ) -> Result<Option<Duration>> {
         kdf.validate()?;
-        let path = self.dir.join(KEYSTORE_FILE);
-        let what = path.display().to_string();
-        let old: KeystoreFile = records::parse(&files::read_bounded(&path)?, &what)?;
-        let (file, took) = keystore_file(&self.master, passphrase, kdf, old.created)?;
-        files::write_atomic(&path, &records::to_json(&file))?;
-        Ok(took)
+        self.transact(|m| {
+            let old = read_keystore_file(&self.dir)?;
+            let (file, took) = keystore_file(&self.master, passphrase, kdf, old.created)?;
+            m.protection = file.protection;
+            m.protection_pending = None;
+            Ok((
+                vec![FileOp::WriteKeystore(
+                    records::to_json(&file),
+                    file.protection,
+                )],
+                took,
+            ))
+        })
     }
 
     /// The secret key able to open a recipient slot naming (`key_id`, `generation`,
@@ -683,6 +888,15 @@ fn current(rec: &KeyRecord) -> Result<&GenerationRecord> {
         .ok_or_else(|| Error::corrupt(format!("key {} lacks its current generation", rec.key_id)))
 }
 
+fn generation_ad(key_id: &str, generation: u32) -> Vec<u8> {
+    [
+        GENERATION_AD_LABEL,
+        &lp(key_id.as_bytes()),
+        &generation.to_le_bytes(),
+    ]
+    .concat()
+}
+
 fn imported_ad(key_id: &str, generation: u32) -> Vec<u8> {
     [
         IMPORTED_AD_LABEL,
@@ -712,7 +926,10 @@ fn info(rec: &KeyRecord) -> KeyInfo {
                 generation: g.generation,
                 created: g.created.clone(),
                 fingerprint: g.fingerprint.clone(),
-                imported: g.sealed_seed.is_some(),
+                imported: match g.origin {
+                    Some(o) => o == SeedOrigin::Imported,
+                    None => g.sealed_seed.is_some(),
+                },
             })
             .collect(),
     }

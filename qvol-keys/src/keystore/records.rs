@@ -11,8 +11,11 @@ use crate::kdf::KdfParams;
 pub const KEYSTORE_FORMAT: &str = "qvol-keystore";
 /// `format` of a key record.
 pub const KEY_FORMAT: &str = "qvol-key";
-/// Version of both.
-pub const VERSION: u32 = 1;
+/// Version of keystore.json and of key records written by this build.
+pub const VERSION: u32 = 2;
+/// The previous version: keystore.json v1 is only read by `Keystore::upgrade`; key records
+/// v1 stay readable (listed in the manifest after the upgrade).
+pub const VERSION_V1: u32 = 1;
 
 /// How the master seed is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,8 +27,8 @@ pub enum Protection {
     None,
 }
 
-/// keystore.json.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// keystore.json. `Debug` is redacted: a `--no-passphrase` file holds the plain seed.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeystoreFile {
     /// Always [`KEYSTORE_FORMAT`].
@@ -52,6 +55,16 @@ pub struct KeystoreFile {
     /// damaged plain seed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_check: Option<String>,
+}
+
+impl std::fmt::Debug for KeystoreFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeystoreFile")
+            .field("version", &self.version)
+            .field("protection", &self.protection)
+            .field("kdf", &self.kdf)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An XChaCha20-Poly1305 sealed value: nonce and ciphertext || tag, hex.
@@ -100,10 +113,25 @@ pub struct GenerationRecord {
     pub created: String,
     /// Public key fingerprint, hex.
     pub fingerprint: String,
-    /// Where the seed comes from: absent = derived from this keystore's master seed; present
-    /// = an imported seed sealed under the keystore's storage key.
+    /// Where the seed comes from (version 2 records): "random" or "imported", sealed in
+    /// `sealed_seed` with the version 2 associated data. Absent (version 1 records): the seed
+    /// is derived from the master seed when `sealed_seed` is absent, or imported and sealed
+    /// with the version 1 associated data when it is present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<SeedOrigin>,
+    /// The generation seed sealed under the keystore's storage key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_seed: Option<Sealed>,
+}
+
+/// Where a version 2 generation seed comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SeedOrigin {
+    /// 32 random bytes drawn by `new_key` or `rotate`.
+    Random,
+    /// Imported from an export file.
+    Imported,
 }
 
 /// Parses JSON of type `T`, naming `what` in the error.
