@@ -36,7 +36,7 @@ pub(crate) const BOUND_LOG_VERSION: u32 = 3;
 pub(crate) const LOG_OFFSET: u64 = 0x10000;
 /// Length of the write-ahead log of a version-1 image, and the shortest log of any version.
 pub(crate) const MIN_LOG_LEN: u64 = 4 << 20;
-/// The longest write-ahead log (format version 2).
+/// The longest write-ahead log (format versions 2 and 3).
 pub(crate) const MAX_LOG_LEN: u64 = 64 << 20;
 /// Length of one log record.
 pub(crate) const LOG_RECORD_LEN: usize = 128;

@@ -8,7 +8,7 @@
 //!
 //! The images of the current version were made once with
 //! `QVOL_WRITE_GOLDEN=1 cargo test -p qvol-core --test golden -- --ignored write_golden_images`
-//! and must never be regenerated (bump the version and add `golden-v3*` for a new format).
+//! and must never be regenerated (bump the version and add `golden-v4*` for a new format).
 
 mod common;
 
