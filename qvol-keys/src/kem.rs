@@ -151,9 +151,12 @@ impl HybridSecretKey {
         Update::update(&mut xof, KEYGEN_LABEL);
         Update::update(&mut xof, seed.expose());
         xof.finalize_xof().read(&mut expanded[..]);
-        let (d, z, sk) = split96(&expanded);
+        let (mut d, mut z, mut sk) = split96(&expanded);
         let (dk, ek) = MlKem1024::generate_deterministic(&d, &z);
         let sk_x = StaticSecret::from(sk);
+        d.as_mut_slice().zeroize();
+        z.as_mut_slice().zeroize();
+        sk.zeroize();
         let pk_x = XPublicKey::from(&sk_x);
         let mut bytes = Box::new([0u8; PUBLIC_KEY_LEN]);
         bytes[..MLKEM_EK_LEN].copy_from_slice(&ek.as_bytes());
