@@ -5,7 +5,9 @@
 #   --memory ...,shared=on     guest RAM the backend can map (required for vhost-user);
 #   --disk vhost_user=true,socket=...,num_queues=N,queue_size=256
 #                              (num_queues <= vhost-qvol's --num-queues).
-# Start the backend first: vhost-qvol --socket-path "$QVOL_SOCKET" --blk-file IMAGE --num-queues 2
+# Start the backend first:
+#   vhost-qvol --socket-path "$QVOL_SOCKET" --blk-file IMAGE --volume-id ID --num-queues 2
+# (ID: the volume id `qvol info IMAGE` prints; the daemon refuses any other image.)
 #
 # Tried: nothing beyond `sh -n` (integration/tests/guest_configs.rs). cloud-hypervisor runs
 # guests only with KVM, which does not work on the test machines, and it is not packaged for

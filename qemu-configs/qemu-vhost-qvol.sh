@@ -2,7 +2,8 @@
 # QEMU with one qvol disk, served by vhost-qvol over vhost-user-blk.
 #
 # Start the backend first (one per disk), e.g. from the systemd unit in this directory:
-#   vhost-qvol --socket-path /run/vhost-qvol/vm1.sock --blk-file /var/lib/qvol/vm1.qvol
+#   vhost-qvol --socket-path /run/vhost-qvol/vm1.sock --blk-file /var/lib/qvol/vm1.qvol \
+#       --volume-id "$(qvol info /var/lib/qvol/vm1.qvol --json | jq -r .volume_id)"
 # then run this script with the rest of your VM's options:
 #   QVOL_SOCKET=/run/vhost-qvol/vm1.sock ./qemu-vhost-qvol.sh -drive file=cdrom.iso,media=cdrom ...
 #

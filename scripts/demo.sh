@@ -32,8 +32,9 @@ echo "key for demo-vm: $key"
 "$bin/qvol" create "$demo/disk.qvol" --size 64M --key "$key"
 
 say "Starting vhost-qvol on $demo/disk.sock"
+volume_id=$("$bin/qvol" info "$demo/disk.qvol" --json | sed -n 's/.*"volume_id": "\([0-9a-f]*\)".*/\1/p')
 RUST_LOG=${RUST_LOG:-info} "$bin/vhost-qvol" --socket-path "$demo/disk.sock" \
-    --blk-file "$demo/disk.qvol" --keystore "$QVOL_KEYSTORE" --num-queues 1 \
+    --blk-file "$demo/disk.qvol" --volume-id "$volume_id" --keystore "$QVOL_KEYSTORE" --num-queues 1 \
     2>"$demo/vhost-qvol.log" &
 daemon=$!
 echo "$daemon" >"$demo/vhost-qvol.pid"

@@ -16,6 +16,6 @@ cargo build --workspace --bins --locked
 export QVOL_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/debug"
 echo "== cargo nextest run"
 cargo nextest run --workspace --locked --no-tests=pass
-# The cipher suites on aarch64, under qemu-user (DESIGN.md decision 3: ARMv8 crypto paths).
+# The cipher suites on aarch64, under qemu-user (the ARMv8 crypto paths of docs/SECURITY.md, "Decisions").
 echo "== scripts/cross-test.sh"
 ./scripts/cross-test.sh

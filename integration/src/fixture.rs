@@ -178,7 +178,21 @@ impl Fixture {
         image
     }
 
-    /// Starts `vhost-qvol` on `image` with a socket and a log named after `tag`.
+    /// The volume id of `image`, as `qvol info --json` prints it.
+    pub fn volume_id(&self, image: &Path) -> String {
+        let run = self
+            .qvol([OsStr::new("info"), image.as_os_str(), OsStr::new("--json")])
+            .success();
+        let doc: serde_json::Value =
+            serde_json::from_str(&run.stdout).expect("qvol info --json prints JSON");
+        doc["volume_id"]
+            .as_str()
+            .expect("qvol info --json has a volume_id")
+            .to_string()
+    }
+
+    /// Starts `vhost-qvol` on `image` with a socket and a log named after `tag`, bound to
+    /// the image's volume id (unless `extra` has `--volume-id` or `--any-volume`).
     pub fn start_daemon(&self, image: &Path, tag: &str, extra: &[&str]) -> Result<Daemon, String> {
         let socket = self.path(&format!("{tag}.sock"));
         let log = self.path(&format!("{tag}.log"));
@@ -186,8 +200,14 @@ impl Fixture {
         cmd.arg("--socket-path")
             .arg(&socket)
             .arg("--blk-file")
-            .arg(image)
-            .args(extra);
+            .arg(image);
+        if !extra
+            .iter()
+            .any(|a| *a == "--volume-id" || *a == "--any-volume")
+        {
+            cmd.arg("--volume-id").arg(self.volume_id(image));
+        }
+        cmd.args(extra);
         Daemon::start_command(cmd, &socket, &log)
     }
 }

@@ -1,4 +1,4 @@
-//! Kill -9 under load (DESIGN.md, durability contract): a client writes with many
+//! Kill -9 under load (docs/SECURITY.md, durability contract): a client writes with many
 //! requests in flight, the daemon is killed with SIGKILL, restarted, and then every write
 //! the client saw complete reads back, every other block reads as one of the versions
 //! written to it, and no block reads as an error.

@@ -1,4 +1,4 @@
-//! Freshness (DESIGN.md): the keystore records the generation the daemon committed, so an
+//! Freshness (docs/SECURITY.md): the keystore records every state the daemon commits, so an
 //! older copy of the whole image put back is refused, and `qvol info` says so.
 
 use std::ffi::OsStr;
@@ -46,13 +46,16 @@ fn an_older_copy_of_the_image_is_refused() {
 
     std::fs::write(&image, &old).unwrap();
     let socket = f.path("rolled.sock");
+    let id = f.volume_id(&image);
     let run = f.vhost_qvol([
         OsStr::new("--socket-path"),
         socket.as_os_str(),
         OsStr::new("--blk-file"),
         image.as_os_str(),
+        OsStr::new("--volume-id"),
+        OsStr::new(&id),
     ]);
-    run.one_sentence_error("vhost-qvol", "older copy");
+    run.one_sentence_error("vhost-qvol", "older");
     assert_eq!(
         std::fs::read(&image).unwrap(),
         old,

@@ -266,6 +266,7 @@ fn a_second_writer_is_refused_by_the_lock() {
         socket.as_os_str(),
         "--blk-file".as_ref(),
         image.as_os_str(),
+        "--any-volume".as_ref(),
     ]);
     assert_eq!(run.code, 1, "{run:#?}");
     assert!(

@@ -22,7 +22,7 @@ fn serve(f: &Fixture, image: &Path, socket: &Path, extra: &[&str]) -> Run {
 fn refused(f: &Fixture, image: &Path, needle: &str) -> String {
     let before = std::fs::read(image).ok();
     let socket = f.path("refused.sock");
-    let run = serve(f, image, &socket, &[]);
+    let run = serve(f, image, &socket, &["--any-volume"]);
     let line = run.one_sentence_error("vhost-qvol", needle);
     assert_eq!(std::fs::read(image).ok(), before, "the image changed");
     assert!(!socket.exists(), "a socket was left behind");
@@ -54,7 +54,7 @@ fn a_key_that_opens_no_keyslot() {
     let image = image_for(&owner);
     let stranger = Fixture::new();
     stranger.new_key("vm");
-    refused(&stranger, &image, "no keyslot");
+    refused(&stranger, &image, "qvol volume adopt");
 }
 
 #[test]
@@ -78,7 +78,7 @@ fn socket_in_a_missing_directory() {
     let image = image_for(&f);
     let before = std::fs::read(&image).unwrap();
     let socket = f.path("no-such-dir/x.sock");
-    let run = serve(&f, &image, &socket, &[]);
+    let run = serve(&f, &image, &socket, &["--any-volume"]);
     run.one_sentence_error("vhost-qvol", "does not exist");
     assert_eq!(std::fs::read(&image).unwrap(), before);
 }
@@ -92,6 +92,7 @@ fn fd_that_is_not_a_listening_socket() {
         OsStr::new("0"),
         OsStr::new("--blk-file"),
         image.as_os_str(),
+        OsStr::new("--any-volume"),
     ]);
     run.one_sentence_error("vhost-qvol", "not a listening Unix socket");
 }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::backend::{Serial, MAX_QUEUES};
+use crate::open::Binding;
 use crate::serve::SocketSource;
 
 /// Everything `start_backend` needs.
@@ -21,8 +22,12 @@ pub struct Config {
     pub keystore: Option<PathBuf>,
     /// The passphrase file, if any (already resolved).
     pub passphrase_file: Option<PathBuf>,
+    /// Whether the passphrase file was named rather than the systemd credential default.
+    pub passphrase_named: bool,
     /// The GET_ID serial; `None` derives one from the volume id.
     pub serial: Option<Serial>,
+    /// The volume (and key) this daemon may serve.
+    pub binding: Binding,
 }
 
 /// A command line that cannot work, said as one sentence.
@@ -53,6 +58,38 @@ pub enum ConfigError {
     /// Negative `--fd`.
     #[error("--fd must be a file descriptor number, not {0}")]
     BadFd(i32),
+    /// `--volume-id` is not 32 hex digits.
+    #[error("--volume-id must be the 32 hex digits `qvol info IMAGE` prints, not {0:?}")]
+    BadVolumeId(String),
+    /// A writable daemon without `--volume-id` or `--any-volume`.
+    #[error(
+        "say which volume this daemon serves with --volume-id ID (as `qvol info IMAGE` prints \
+         it), or pass --any-volume to serve whatever image is at the path"
+    )]
+    NoBinding,
+    /// Both `--volume-id` and `--any-volume`.
+    #[error("--volume-id and --any-volume cannot be used together")]
+    BothBindings,
+}
+
+/// Validates `--volume-id`, `--any-volume` and `--key`: a writable daemon must be bound to
+/// one volume unless `any_volume` says otherwise.
+pub fn check_binding(
+    volume_id: Option<&str>,
+    any_volume: bool,
+    key_id: Option<String>,
+    read_only: bool,
+) -> Result<Binding, ConfigError> {
+    let volume_id = match (volume_id, any_volume) {
+        (Some(_), true) => return Err(ConfigError::BothBindings),
+        (None, false) if !read_only => return Err(ConfigError::NoBinding),
+        (None, _) => None,
+        (Some(text), false) => Some(
+            crate::open::parse_volume_id(text)
+                .ok_or_else(|| ConfigError::BadVolumeId(text.to_string()))?,
+        ),
+    };
+    Ok(Binding { volume_id, key_id })
 }
 
 /// Validates the image path.
@@ -130,6 +167,34 @@ mod tests {
         let s = default_serial(&[0xab; 16]);
         assert_eq!(&s[..19], b"qvol-ababababababab");
         assert_eq!(s[19], 0);
+    }
+
+    #[test]
+    fn a_writable_daemon_needs_a_binding() {
+        let id = "00112233445566778899aabbccddeeff";
+        assert_eq!(
+            check_binding(None, false, None, false),
+            Err(ConfigError::NoBinding)
+        );
+        assert_eq!(
+            check_binding(None, false, None, true).unwrap().volume_id,
+            None
+        );
+        assert_eq!(
+            check_binding(None, true, None, false).unwrap().volume_id,
+            None
+        );
+        assert_eq!(
+            check_binding(Some(id), true, None, false),
+            Err(ConfigError::BothBindings)
+        );
+        assert_eq!(
+            check_binding(Some("0011"), false, None, false),
+            Err(ConfigError::BadVolumeId("0011".into()))
+        );
+        let b = check_binding(Some(id), false, Some("vm1-00000000".into()), false).unwrap();
+        assert_eq!(b.volume_id.unwrap()[15], 0xff);
+        assert_eq!(b.key_id.as_deref(), Some("vm1-00000000"));
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub trait Disk: Send + Sync {
     /// Fills `buf` from `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError>;
     /// Writes `data` at `offset`. Once this returns, the write survives a crash of this
-    /// process (the durability contract of DESIGN.md); a later [`Disk::flush`] makes it
+    /// process (the durability contract of docs/SECURITY.md); a later [`Disk::flush`] makes it
     /// survive power loss.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError>;
     /// Makes every completed write durable.

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod blk_config;
 pub mod config;
 pub mod disk;
+pub mod hardening;
 pub mod lock;
 pub mod open;
 pub mod paths;
@@ -18,12 +19,13 @@ pub mod request;
 pub mod serve;
 pub mod signals;
 pub mod size;
+pub mod text;
 pub mod volume_disk;
 
 use std::sync::Arc;
 
 use anyhow::Context;
-use log::{error, info};
+use log::{error, info, warn};
 
 use crate::backend::Device;
 use crate::config::Config;
@@ -31,11 +33,12 @@ use crate::disk::Disk;
 use crate::lock::ImageLock;
 use crate::open::KeySource;
 use crate::serve::SocketSource;
-use crate::volume_disk::RecordingVolume;
 
 /// Runs the daemon: opens the image, listens, serves frontends one after another until
 /// SIGTERM/SIGINT (then finishes what is in flight, commits and exits 0).
 pub fn start_backend(config: Config) -> anyhow::Result<()> {
+    // Before any secret is read: no core dump, no ptrace by other users of this uid.
+    hardening::forbid_core_dumps();
     // Before any thread starts, so that every thread inherits the blocked mask.
     signals::block_termination_signals().context("cannot block SIGTERM and SIGINT")?;
     // An inherited socket is checked before the image is opened; a socket path is bound
@@ -45,6 +48,13 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         SocketSource::Path(_) => None,
     };
     let (disk, volume_id, _lock) = open_disk(&config)?;
+    if config.binding.volume_id.is_none() && !config.read_only {
+        warn!(
+            "--any-volume: serving whatever recorded volume is at {}; an image copied over it \
+             would be served too",
+            config.blk_file.display()
+        );
+    }
     let serial = config
         .serial
         .unwrap_or_else(|| config::default_serial(&volume_id));
@@ -97,28 +107,25 @@ fn shut_down(device: &Device, socket: Option<std::path::PathBuf>, sig: i32) -> !
 }
 
 /// Opens the image named in `config` and returns it as a [`Disk`] with its volume id and
-/// the lock that must be held while it is served.
+/// the lock that must be held while it is served. The keystore is unlocked and dropped
+/// inside: from here on the daemon holds the volume key and its own volume's record key,
+/// never the keystore's master seed.
 fn open_disk(config: &Config) -> anyhow::Result<(Arc<dyn Disk>, [u8; 16], ImageLock)> {
     let keys = KeySource {
         keystore: config.keystore.clone(),
         passphrase_file: config.passphrase_file.clone(),
+        passphrase_named: config.passphrase_named,
     };
-    let opened = open::open_volume(&config.blk_file, &keys, config.read_only)?;
+    let opened = open::open_volume(&config.blk_file, &keys, &config.binding, config.read_only)?;
     info!(
-        "opened {} with keyslot {}",
+        "opened {} (volume {} of VM {}, key {}) with keyslot {}",
         config.blk_file.display(),
+        hex::encode(opened.header.volume_id),
+        opened.binding.vm,
+        opened.binding.key_id,
         opened.slot
     );
     let volume_id = opened.header.volume_id;
-    let disk: Arc<dyn Disk> = if config.read_only {
-        Arc::new(opened.volume)
-    } else {
-        Arc::new(RecordingVolume::new(
-            opened.volume,
-            opened.keystore,
-            volume_id,
-            config.blk_file.clone(),
-        ))
-    };
+    let disk: Arc<dyn Disk> = Arc::new(opened.volume);
     Ok((disk, volume_id, opened.lock))
 }

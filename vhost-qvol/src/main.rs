@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vhost_qvol::config::{
-    check_image, check_queues, check_socket_path, serial_bytes, Config, ConfigError,
+    check_binding, check_image, check_queues, check_socket_path, serial_bytes, Config, ConfigError,
 };
 use vhost_qvol::paths;
 use vhost_qvol::serve::SocketSource;
@@ -32,6 +32,16 @@ struct Args {
     /// The .qvol image to serve.
     #[arg(long, value_name = "IMAGE")]
     blk_file: Option<PathBuf>,
+    /// Serve only the volume with this id (as `qvol info IMAGE` prints it): any other
+    /// image at the path is refused before anything is written.
+    #[arg(long, value_name = "ID")]
+    volume_id: Option<String>,
+    /// Serve whatever recorded volume is at the path (no --volume-id; logs a warning).
+    #[arg(long)]
+    any_volume: bool,
+    /// Unwrap only with this keystore key (it must be the key the volume is recorded for).
+    #[arg(long, value_name = "KEY_ID")]
+    key: Option<String>,
     /// Serve the disk read-only.
     #[arg(long)]
     read_only: bool,
@@ -65,6 +75,12 @@ impl TryFrom<Args> for Config {
             (None, Some(fd)) => SocketSource::Fd(fd),
         };
         let blk_file = check_image(&args.blk_file.ok_or(ConfigError::NoImage)?)?;
+        let binding = check_binding(
+            args.volume_id.as_deref(),
+            args.any_volume,
+            args.key,
+            args.read_only,
+        )?;
         Ok(Config {
             socket,
             blk_file,
@@ -72,7 +88,9 @@ impl TryFrom<Args> for Config {
             num_queues: check_queues(args.num_queues)?,
             keystore: paths::keystore_dir(args.keystore.as_deref()),
             passphrase_file: paths::passphrase_file(args.passphrase_file.as_deref()),
+            passphrase_named: paths::passphrase_file_named(args.passphrase_file.as_deref()),
             serial: args.serial.as_deref().map(serial_bytes).transpose()?,
+            binding,
         })
     }
 }
@@ -116,7 +134,20 @@ mod tests {
             Err(ConfigError::BothSockets)
         );
         assert_eq!(parse(&["--blk-file", img]), Err(ConfigError::NoSocket));
-        let cfg = parse(&["--fd", "3", "--blk-file", img, "--num-queues", "4"]).unwrap();
+        assert_eq!(
+            parse(&["--fd", "3", "--blk-file", img]),
+            Err(ConfigError::NoBinding)
+        );
+        let cfg = parse(&[
+            "--fd",
+            "3",
+            "--blk-file",
+            img,
+            "--num-queues",
+            "4",
+            "--any-volume",
+        ])
+        .unwrap();
         assert_eq!(cfg.socket, SocketSource::Fd(3));
         assert_eq!(cfg.num_queues, 4);
     }
@@ -145,7 +176,8 @@ mod tests {
                 "--blk-file",
                 img,
                 "--num-queues",
-                "0"
+                "0",
+                "--any-volume"
             ]),
             Err(ConfigError::BadQueueCount(0))
         );

@@ -1,5 +1,5 @@
-//! Where the keystore and the passphrase come from when the command line does not say
-//! (DESIGN.md, "Command-line contract").
+//! Where the keystore and the passphrase come from when the command line does not say:
+//! the flag, then the environment, then the XDG or systemd default (README, "Commands").
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,12 @@ pub fn passphrase_file(flag: Option<&Path>) -> Option<PathBuf> {
         return Some(PathBuf::from(file));
     }
     non_empty_var("CREDENTIALS_DIRECTORY").map(|dir| Path::new(&dir).join("qvol-passphrase"))
+}
+
+/// Whether the passphrase file is named by `--passphrase-file` or `$QVOL_PASSPHRASE_FILE`
+/// (rather than being the systemd credential's default place, used only if it exists).
+pub fn passphrase_file_named(flag: Option<&Path>) -> bool {
+    flag.is_some() || non_empty_var("QVOL_PASSPHRASE_FILE").is_some()
 }
 
 fn non_empty_var(name: &str) -> Option<String> {

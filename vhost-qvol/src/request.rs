@@ -31,6 +31,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::blk_config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use crate::disk::{check_range, Disk, DiskError, DiskErrorKind, SECTOR_SIZE};
@@ -126,7 +127,8 @@ impl LogLimiter {
 #[derive(Debug)]
 pub struct QueueWorker {
     queue: usize,
-    bounce: Vec<u8>,
+    /// Plaintext of the request in flight; wiped after each use, on growth and on drop.
+    bounce: Zeroizing<Vec<u8>>,
     limiter: LogLimiter,
 }
 
@@ -174,7 +176,7 @@ impl QueueWorker {
     pub fn new(queue: usize) -> Self {
         Self {
             queue,
-            bounce: Vec::new(),
+            bounce: Zeroizing::new(Vec::new()),
             limiter: LogLimiter::default(),
         }
     }
@@ -325,11 +327,16 @@ impl QueueWorker {
             let n = (len - done).min(CHUNK_BYTES);
             let buf = self.bounce(n);
             let at = offset + done as u64;
-            disk.read_at(at, buf)
-                .map_err(|e| disk_failure("read", at, &e))?;
-            writer
-                .write_all(buf)
-                .map_err(|e| guest_error(Status::IoErr, format!("cannot copy to guest: {e}")))?;
+            let copied = disk
+                .read_at(at, buf)
+                .map_err(|e| disk_failure("read", at, &e))
+                .and_then(|()| {
+                    writer.write_all(buf).map_err(|e| {
+                        guest_error(Status::IoErr, format!("cannot copy to guest: {e}"))
+                    })
+                });
+            buf.zeroize();
+            copied?;
             done += n;
         }
         Ok(())
@@ -346,12 +353,16 @@ impl QueueWorker {
         while done < len {
             let n = (len - done).min(CHUNK_BYTES);
             let buf = self.bounce(n);
-            reader
-                .read_exact(buf)
-                .map_err(|e| guest_error(Status::IoErr, format!("cannot copy from guest: {e}")))?;
             let at = offset + done as u64;
-            disk.write_at(at, buf)
-                .map_err(|e| disk_failure("write", at, &e))?;
+            let written = reader
+                .read_exact(buf)
+                .map_err(|e| guest_error(Status::IoErr, format!("cannot copy from guest: {e}")))
+                .and_then(|()| {
+                    disk.write_at(at, buf)
+                        .map_err(|e| disk_failure("write", at, &e))
+                });
+            buf.zeroize();
+            written?;
             done += n;
         }
         Ok(())
@@ -359,7 +370,8 @@ impl QueueWorker {
 
     fn bounce(&mut self, n: usize) -> &mut [u8] {
         if self.bounce.len() < n {
-            self.bounce.resize(n, 0);
+            // A fresh buffer: growing in place could leave a copy in the freed one.
+            self.bounce = Zeroizing::new(vec![0; n]);
         }
         &mut self.bounce[..n]
     }

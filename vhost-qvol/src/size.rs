@@ -1,5 +1,5 @@
 //! Sizes on the command line: a number of bytes with an optional K, M, G or T suffix
-//! (powers of 1024, DESIGN.md "Command-line contract"), e.g. `64M`, `10G`, `4096`.
+//! (powers of 1024), e.g. `64M`, `10G`, `4096`.
 
 /// Parses `text` into bytes. Accepts an optional `B`, `iB` after the suffix (`10GiB`).
 pub fn parse_size(text: &str) -> Result<u64, String> {

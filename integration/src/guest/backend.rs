@@ -82,6 +82,8 @@ pub struct QvolVolume {
     pub image: PathBuf,
     /// The key the volume was created for.
     pub key_id: String,
+    /// The volume id (hex, as `qvol info` prints it): the daemon is bound to it.
+    pub volume_id: String,
 }
 
 impl QvolVolume {
@@ -130,11 +132,15 @@ impl QvolVolume {
             create.extend(["--cipher", cipher]);
         }
         cli(&create, "qvol create")?;
+        let volume_id = vhost_qvol::open::read_image_header(&image)
+            .map(|(_, header)| vhost_qvol::open::volume_id_hex(&header.volume_id))
+            .map_err(|e| GuestError::new(format!("{e:#}")))?;
         Ok(Self {
             qvol,
             keystore,
             image,
             key_id,
+            volume_id,
         })
     }
 
@@ -197,6 +203,8 @@ impl Backend {
                     .arg(&self.socket)
                     .arg("--blk-file")
                     .arg(&vol.image)
+                    .arg("--volume-id")
+                    .arg(&vol.volume_id)
                     .arg("--keystore")
                     .arg(&vol.keystore)
                     .arg("--num-queues")

@@ -11,7 +11,7 @@ use qvol_core::storage::FileStorage;
 use qvol_core::{CipherSuite, CreateOptions, Volume, VolumeKey};
 use qvol_keys::{keyslot, Secret32};
 use vhost_qvol::lock::ImageLock;
-use vhost_qvol::open::{record_generation, KeySource};
+use vhost_qvol::open::{state_of, KeySource};
 use vhost_qvol::size::{format_size, parse_size};
 use vhost_qvol::volume_disk::error_chain;
 
@@ -117,8 +117,17 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
             error_chain(&e)
         )
     })?;
-    // The keystore remembers the generation, so that an older copy put back is refused.
-    record_generation(&keystore, image, &volume_id, volume.info().generation)?;
+    // The keystore binds the volume to the key (and its VM) and remembers its state, so
+    // that another image at a daemon's path, or an older copy put back, is refused.
+    keystore
+        .register_volume(&volume_id, &args.key, &state_of(&volume.commit_point()))
+        .with_context(|| {
+            format!(
+                "cannot record the volume {} in keystore {}",
+                image.display(),
+                keystore.dir().display()
+            )
+        })?;
     volume.close().map_err(|e| {
         anyhow!(
             "cannot close the new volume {}: {}",

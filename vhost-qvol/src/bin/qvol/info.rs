@@ -1,5 +1,7 @@
 //! `qvol info IMAGE [--json]`: what the header says (no key needed) and, when the keystore
-//! can unlock the volume, its generation and space used.
+//! can unlock the volume, its generation, whether it is as fresh as the keystore's record,
+//! and space used. Header text is unauthenticated: the text output escapes control
+//! characters in it (a hostile image must not drive the terminal).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,8 +11,9 @@ use qvol_core::storage::FileStorage;
 use qvol_core::Volume;
 use qvol_keys::keyslot;
 use serde_json::{json, Value};
-use vhost_qvol::open::{read_image_header, unwrap_volume_key, KeySource};
+use vhost_qvol::open::{read_image_header, state_of, unwrap_volume_key, KeySource};
 use vhost_qvol::size::format_size;
+use vhost_qvol::text::escape_untrusted;
 use vhost_qvol::volume_disk::error_chain;
 
 use crate::create::hex;
@@ -31,7 +34,9 @@ pub struct InfoArgs {
 /// What only the volume key reveals.
 struct Unlocked {
     generation: u64,
-    recorded: Option<u64>,
+    /// The keystore's verdict: `None` if it has no record of the volume, else `Ok` when
+    /// the image is as fresh as the record, or why not.
+    freshness: Option<Result<(), String>>,
     allocated: u64,
     slot: usize,
 }
@@ -72,8 +77,11 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             doc["generation"] = json!(u.generation);
             doc["allocated_bytes"] = json!(u.allocated);
             doc["opened_with_keyslot"] = json!(u.slot);
-            doc["recorded_generation"] = json!(u.recorded);
-            doc["rolled_back"] = json!(u.recorded.is_some_and(|r| u.generation < r));
+            doc["recorded"] = json!(u.freshness.is_some());
+            doc["rolled_back"] = json!(matches!(u.freshness, Some(Err(_))));
+            if let Some(Err(why)) = &u.freshness {
+                doc["freshness_error"] = json!(why);
+            }
         }
         Err(reason) => doc["locked"] = json!(reason),
     }
@@ -82,7 +90,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("image:          {}", args.image.display());
-    println!("name:           {}", header.name);
+    println!("name:           {}", escape_untrusted(&header.name));
     println!(
         "format:         version {}, {} log (room for {} block writes between commits)",
         header.format_version,
@@ -101,12 +109,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     );
     match &unlocked {
         Ok(u) => {
-            let freshness = match u.recorded {
-                Some(r) if u.generation < r => {
-                    format!("ROLLED BACK: the keystore has seen generation {r}")
-                }
-                Some(r) => format!("keystore has seen {r}"),
-                None => "not recorded in this keystore".to_string(),
+            let freshness = match &u.freshness {
+                Some(Err(why)) => format!("ROLLED BACK: {why}"),
+                Some(Ok(())) => "as fresh as the keystore's record".to_string(),
+                None => "not recorded in this keystore: `qvol volume adopt` adopts it".to_string(),
             };
             println!("generation:     {} ({freshness})", u.generation);
             println!(
@@ -125,7 +131,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         println!(
             "  slot {}: {}",
             slot["index"],
-            slot["description"].as_str().unwrap_or_default()
+            escape_untrusted(slot["description"].as_str().unwrap_or_default())
         );
     }
     Ok(())
@@ -143,17 +149,26 @@ fn unlock(
             .join(": ")
     };
     let keystore = keys.unlock().map_err(chain)?;
-    let (slot, key) = unwrap_volume_key(&args.image, header, &keystore).map_err(chain)?;
+    // The key the keystore binds the volume to, if it knows the volume.
+    let guard = match keystore.volume_guard(&header.volume_id) {
+        Ok(guard) => Some(guard),
+        Err(e) if e.kind() == qvol_keys::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("the keystore's volume record: {}", error_chain(&e))),
+    };
+    let only_key = guard.as_ref().map(|g| g.binding().key_id.clone());
+    let (slot, key) =
+        unwrap_volume_key(&args.image, header, &keystore, only_key.as_deref()).map_err(chain)?;
+    drop(keystore);
     let storage = FileStorage::open(&args.image, false).map_err(|e| e.to_string())?;
+    // Read-only: replays the log in memory, writes nothing.
     let volume = Volume::open(Arc::new(storage), &key, true)
         .map_err(|e| chain(anyhow!("cannot open the volume: {}", error_chain(&e))))?;
     let info = volume.info();
-    let recorded = keystore
-        .volume_generation(&header.volume_id)
-        .map_err(|e| chain(anyhow!("cannot read the keystore's volume record: {e}")))?;
+    let state = state_of(&volume.commit_point());
+    let freshness = guard.map(|g| g.check(&state).map_err(|e| error_chain(&e)));
     Ok(Unlocked {
         generation: info.generation,
-        recorded,
+        freshness,
         allocated: info.allocated_bytes,
         slot,
     })

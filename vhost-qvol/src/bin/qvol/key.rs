@@ -48,6 +48,10 @@ pub enum KeyCommand {
         id: String,
         /// Generation number.
         generation: u32,
+        /// Remove it even though volumes recorded in this keystore are bound to the key
+        /// (those wrapped only for this generation stop opening).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
@@ -58,6 +62,9 @@ pub enum KeyCommand {
         /// Confirm: volumes wrapped only for this key will no longer open.
         #[arg(long)]
         yes: bool,
+        /// Delete it even though volumes recorded in this keystore are bound to it.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
@@ -116,16 +123,24 @@ pub fn run(command: KeyCommand) -> anyhow::Result<()> {
         KeyCommand::RemoveGeneration {
             id,
             generation,
+            force,
             keystore,
         } => {
-            keystore.unlock()?.remove_generation(&id, generation)?;
+            keystore
+                .unlock()?
+                .remove_generation_checked(&id, generation, force)?;
             println!("Removed generation {generation} of {id}");
         }
-        KeyCommand::Delete { id, yes, keystore } => {
+        KeyCommand::Delete {
+            id,
+            yes,
+            force,
+            keystore,
+        } => {
             if !yes {
                 bail!("deleting key {id} makes volumes wrapped only for it unreadable; confirm with --yes");
             }
-            keystore.unlock()?.delete(&id)?;
+            keystore.unlock()?.delete_checked(&id, force)?;
             println!("Deleted key {id}");
         }
         KeyCommand::Export {

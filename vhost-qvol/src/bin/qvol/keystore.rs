@@ -39,6 +39,8 @@ pub enum KeystoreCommand {
     Init(InitArgs),
     /// Change the keystore passphrase (or remove it); keys and volumes are unchanged.
     Passwd(PasswdArgs),
+    /// Convert a version-1 keystore in place to version 2 (MACed manifest); crash-safe.
+    Upgrade(KeystoreArgs),
 }
 
 /// `qvol keystore passwd`
@@ -84,7 +86,36 @@ pub fn run(command: KeystoreCommand) -> anyhow::Result<()> {
     match command {
         KeystoreCommand::Init(args) => init(args),
         KeystoreCommand::Passwd(args) => passwd(args),
+        KeystoreCommand::Upgrade(args) => upgrade(&args),
     }
+}
+
+fn upgrade(args: &KeystoreArgs) -> anyhow::Result<()> {
+    let source = args.source();
+    let dir = source.keystore_dir()?;
+    let keystore = Keystore::open(dir)?;
+    let was = keystore.version();
+    let pass = match (&source.passphrase_file, keystore.needs_passphrase()) {
+        (Some(file), true) => Some(read_passphrase(file)?),
+        (None, true) => {
+            return Err(anyhow!(
+                "the keystore {} is protected by a passphrase: pass --passphrase-file FILE or \
+                 set QVOL_PASSPHRASE_FILE",
+                dir.display()
+            ))
+        }
+        _ => None,
+    };
+    keystore.upgrade(pass.as_ref().map(SecretBytes::expose))?;
+    if was < 2 {
+        println!(
+            "Upgraded keystore {} from version {was} to version 2.",
+            dir.display()
+        );
+    } else {
+        println!("Keystore {} is already at version 2.", dir.display());
+    }
+    Ok(())
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {

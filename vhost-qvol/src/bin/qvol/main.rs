@@ -1,4 +1,4 @@
-//! `qvol`: the administration tool (DESIGN.md, "Command-line contract").
+//! `qvol`: the administration tool (the commands are listed in README.md).
 //!
 //! Each subcommand lives in its own module with a `run` function; this file only parses
 //! and reports. Exit status: 0 on success, 1 on a user-facing error (one sentence on
@@ -12,6 +12,7 @@ mod create;
 mod info;
 mod key;
 mod keystore;
+mod volume;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +43,11 @@ enum Command {
     Create(create::CreateArgs),
     /// Describe a volume: header, cipher, keyslots; generation and space used if unlockable.
     Info(info::InfoArgs),
+    /// The keystore's volume records (adopt an image from elsewhere, forget a deleted one).
+    Volume {
+        #[command(subcommand)]
+        command: volume::VolumeCommand,
+    },
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -54,6 +60,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Key { command } => key::run(command),
         Command::Create(args) => create::run(args),
         Command::Info(args) => info::run(args),
+        Command::Volume { command } => volume::run(command),
     }
 }
 
