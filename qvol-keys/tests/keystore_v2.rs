@@ -57,16 +57,37 @@ fn assert_integrity_naming(err: qvol_keys::Error, file: &Path) {
     );
 }
 
+/// The key record `rec` of `id` is damaged: unlock works and reports it, `show`, `list`,
+/// `public_key` and `rotate` fail naming the file, the other key `ok` keeps working.
+fn assert_key_refused(d: &Path, id: &str, rec: &Path, ok: &str) {
+    let u = reopen(d).unwrap();
+    assert!(
+        u.damaged_entries()
+            .iter()
+            .any(|e| e.contains(&rec.display().to_string())),
+        "{:?}",
+        u.damaged_entries()
+    );
+    assert_integrity_naming(u.show(id).unwrap_err(), rec);
+    assert_integrity_naming(u.list().unwrap_err(), rec);
+    assert_integrity_naming(u.public_key(id).unwrap_err(), rec);
+    assert_integrity_naming(u.rotate(id).unwrap_err(), rec);
+    assert_integrity_naming(u.export_key(id, b"export pass", WEAK).unwrap_err(), rec);
+    u.show(ok).unwrap();
+    u.public_key(ok).unwrap();
+}
+
 #[test]
 fn manifest_refuses_added_edited_and_removed_key_records() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let u = keystore(d);
     let k = u.new_key("web01").unwrap();
+    let other_key = u.new_key("db01").unwrap().key_id;
     let rec = key_file(d, &k.key_id);
     let good = std::fs::read(&rec).unwrap();
     drop(u);
-    reopen(d).unwrap();
+    assert!(reopen(d).unwrap().damaged_entries().is_empty());
 
     // Edited (one character of metadata).
     let text = String::from_utf8(good.clone()).unwrap();
@@ -75,12 +96,12 @@ fn manifest_refuses_added_edited_and_removed_key_records() {
         text.replace("\"rotation_count\": 0", "\"rotation_count\": 1"),
     )
     .unwrap();
-    assert_integrity_naming(reopen(d).unwrap_err(), &rec);
+    assert_key_refused(d, &k.key_id, &rec, &other_key);
     std::fs::write(&rec, &good).unwrap();
 
     // Removed.
     std::fs::remove_file(&rec).unwrap();
-    assert_integrity_naming(reopen(d).unwrap_err(), &rec);
+    assert_key_refused(d, &k.key_id, &rec, &other_key);
     std::fs::write(&rec, &good).unwrap();
 
     // Added: a record from another keystore, or a copy under another name.
@@ -89,7 +110,7 @@ fn manifest_refuses_added_edited_and_removed_key_records() {
     let f = other.new_key("web01").unwrap();
     let added = key_file(d, &f.key_id);
     std::fs::copy(key_file(other_dir.path(), &f.key_id), &added).unwrap();
-    assert_integrity_naming(reopen(d).unwrap_err(), &added);
+    assert_key_refused(d, &f.key_id, &added, &k.key_id);
     std::fs::remove_file(&added).unwrap();
 
     // A forged manifest line is caught by the MAC.
@@ -101,7 +122,8 @@ fn manifest_refuses_added_edited_and_removed_key_records() {
     assert!(err.to_string().contains("manifest.json"), "{err}");
     std::fs::write(&man, m).unwrap();
     let u = reopen(d).unwrap();
-    assert_eq!(u.list().unwrap().len(), 1);
+    assert_eq!(u.list().unwrap().len(), 2);
+    assert!(u.damaged_entries().is_empty());
 }
 
 #[test]
@@ -162,17 +184,17 @@ fn volume_records_unlisted_deleted_put_back_and_forked() {
     )
     .unwrap();
     assert_integrity_naming(fresh.check(&st(60, 2)).unwrap_err(), &rec);
-    assert_integrity_naming(reopen(d).unwrap_err(), &rec);
+    assert_integrity_naming(reopen(d).unwrap().volume_guard(&VOL).unwrap_err(), &rec);
     std::fs::write(&rec, &at6).unwrap();
 
-    // Deleted record: the guard and unlock refuse.
+    // Deleted record: the guard and a fresh volume_guard refuse.
     std::fs::remove_file(&rec).unwrap();
     assert_integrity_naming(fresh.check(&st(9, 3)).unwrap_err(), &rec);
     assert_integrity_naming(fresh.record(&st(10, 3)).unwrap_err(), &rec);
-    assert_integrity_naming(reopen(d).unwrap_err(), &rec);
+    assert_integrity_naming(reopen(d).unwrap().volume_guard(&VOL).unwrap_err(), &rec);
     std::fs::write(&rec, &at6).unwrap();
 
-    // An unlisted record (copied from another keystore, or made up) is refused at unlock.
+    // An unlisted record (copied from another keystore, or made up) is refused when used.
     let other_dir = tempfile::tempdir().unwrap();
     let other = keystore(other_dir.path());
     let ok = other.new_key("x").unwrap();
@@ -180,10 +202,19 @@ fn volume_records_unlisted_deleted_put_back_and_forked() {
     other.register_volume(&vol2, &ok.key_id, &st(1, 1)).unwrap();
     let stray = vol_file(d, &vol2);
     std::fs::copy(vol_file(other_dir.path(), &vol2), &stray).unwrap();
-    assert_integrity_naming(reopen(d).unwrap_err(), &stray);
-    let err = u.volume_guard(&vol2).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let err = reopen(d).unwrap().volume_guard(&vol2).unwrap_err();
     assert!(err.to_string().contains("qvol volume adopt IMAGE"), "{err}");
+    assert_integrity_naming(err, &stray);
+    // Registering it (or adopting it) does not legitimise the stray file.
+    assert_integrity_naming(
+        u.register_volume(&vol2, &k.key_id, &st(1, 1)).unwrap_err(),
+        &stray,
+    );
+    assert_integrity_naming(
+        u.adopt_volume(&vol2, &k.key_id, &st(1, 1)).unwrap_err(),
+        &stray,
+    );
+    reopen(d).unwrap().volume_guard(&VOL).unwrap();
     // forget_volume cleans it up.
     u.forget_volume(&vol2).unwrap();
     assert!(!stray.exists());
@@ -342,10 +373,12 @@ fn deleted_keys_are_crypto_erased() {
             .kind(),
         ErrorKind::NoMatchingSlot
     );
-    assert_integrity_naming(
-        Keystore::open(d).unwrap().unlock(None).unwrap_err(),
-        &key_file(d, &k.key_id),
-    );
+    let u = Keystore::open(d).unwrap().unlock(None).unwrap();
+    assert_integrity_naming(u.show(&k.key_id).unwrap_err(), &key_file(d, &k.key_id));
+    assert_integrity_naming(u.list().unwrap_err(), &key_file(d, &k.key_id));
+    u.delete_checked(&k.key_id, true).unwrap();
+    assert!(!key_file(d, &k.key_id).exists());
+    assert!(u.list().unwrap().is_empty());
 }
 
 #[test]
@@ -363,7 +396,12 @@ fn remove_generation_and_delete_refuse_bound_keys() {
         u.delete(&k.key_id).unwrap_err(),
     ] {
         assert_eq!(err.kind(), ErrorKind::InUse);
-        assert!(err.to_string().contains(&hex::encode(VOL)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&hex::encode(VOL)), "{err}");
+        assert!(
+            msg.ends_with("(forget them with `qvol volume forget ID`, or pass --force)"),
+            "{err}"
+        );
     }
     u.remove_generation_checked(&k.key_id, 1, true).unwrap();
     assert_eq!(u.show(&k.key_id).unwrap().generations.len(), 1);
@@ -523,4 +561,204 @@ fn v1_keystores_are_refused_then_upgraded() {
         assert_eq!(u.volume_guard(&vol).unwrap().binding(), &b);
         assert_eq!(u.volumes_of_key(&web.key_id).unwrap(), vec![b]);
     }
+}
+
+// Damage isolation: a damaged, missing or unlisted record refuses only the operations that
+// touch it; unlock, the other keys and the other volumes keep working, and the repair
+// operations (forget_volume, delete_checked with force) work on it.
+
+fn manifest_json(d: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(d.join("manifest.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_deleted_volume_record_refuses_only_that_volume_until_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = keystore(d);
+    let k = u.new_key("web01").unwrap();
+    let k2 = u.new_key("db01").unwrap();
+    let vol2 = [0x43; 16];
+    u.register_volume(&VOL, &k.key_id, &st(1, 1)).unwrap();
+    u.register_volume(&vol2, &k2.key_id, &st(1, 1)).unwrap();
+    let rec = vol_file(d, &VOL);
+    std::fs::remove_file(&rec).unwrap();
+
+    let u = reopen(d).unwrap();
+    let damaged = u.damaged_entries();
+    assert_eq!(damaged.len(), 1, "{damaged:?}");
+    assert!(
+        damaged[0].contains(&rec.display().to_string()),
+        "{damaged:?}"
+    );
+    assert_integrity_naming(u.volume_guard(&VOL).unwrap_err(), &rec);
+    assert_integrity_naming(u.raise_volume_floor(&VOL, &st(2, 2)).unwrap_err(), &rec);
+    let g2 = u.volume_guard(&vol2).unwrap();
+    g2.check(&st(1, 1)).unwrap();
+    g2.record(&st(2, 2)).unwrap();
+    u.raise_volume_floor(&vol2, &st(2, 2)).unwrap();
+    assert_eq!(u.list().unwrap().len(), 2);
+    u.show(&k.key_id).unwrap();
+
+    // An unrelated admin write neither fails nor legitimises the damaged entry.
+    let before = manifest_json(d)["volumes"][hex::encode(VOL)].clone();
+    u.new_key("app01").unwrap();
+    u.rotate(&k2.key_id).unwrap();
+    assert_eq!(manifest_json(d)["volumes"][hex::encode(VOL)], before);
+    assert!(!rec.exists());
+    assert_integrity_naming(reopen(d).unwrap().volume_guard(&VOL).unwrap_err(), &rec);
+    // The key stays bound to the damaged volume.
+    assert_eq!(
+        u.delete_checked(&k.key_id, false).unwrap_err().kind(),
+        ErrorKind::InUse
+    );
+
+    // forget_volume repairs it; the image can then be adopted again.
+    u.forget_volume(&VOL).unwrap();
+    assert!(u.damaged_entries().is_empty(), "{:?}", u.damaged_entries());
+    assert_eq!(
+        u.volume_guard(&VOL).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    u.adopt_volume(&VOL, &k.key_id, &st(3, 3)).unwrap();
+    let u = reopen(d).unwrap();
+    assert!(u.damaged_entries().is_empty());
+    u.volume_guard(&VOL).unwrap().check(&st(3, 3)).unwrap();
+    u.volume_guard(&vol2).unwrap().check(&st(2, 2)).unwrap();
+}
+
+#[test]
+fn a_put_back_volume_record_refuses_only_that_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = keystore(d);
+    let k = u.new_key("web01").unwrap();
+    let vol2 = [0x43; 16];
+    u.register_volume(&VOL, &k.key_id, &st(1, 1)).unwrap();
+    u.register_volume(&vol2, &k.key_id, &st(1, 1)).unwrap();
+    let rec = vol_file(d, &VOL);
+
+    // An older copy of a listed record: not damage (the floor catches the old image).
+    let g = u.volume_guard(&VOL).unwrap();
+    g.record(&st(2, 2)).unwrap();
+    let at2 = std::fs::read(&rec).unwrap();
+    g.record(&st(5, 5)).unwrap();
+    u.raise_volume_floor(&VOL, &st(5, 5)).unwrap();
+    std::fs::write(&rec, &at2).unwrap();
+    let u = reopen(d).unwrap();
+    assert!(u.damaged_entries().is_empty());
+    let g = u.volume_guard(&VOL).unwrap();
+    assert_eq!(g.check(&st(2, 2)).unwrap_err().kind(), ErrorKind::Rollback);
+    g.check(&st(5, 5)).unwrap();
+
+    // A record put back after `forget`: unlisted, refused, and only that volume.
+    let saved = std::fs::read(&rec).unwrap();
+    u.forget_volume(&VOL).unwrap();
+    std::fs::write(&rec, &saved).unwrap();
+    let u = reopen(d).unwrap();
+    assert_eq!(u.damaged_entries().len(), 1);
+    assert_integrity_naming(u.volume_guard(&VOL).unwrap_err(), &rec);
+    u.volume_guard(&vol2).unwrap().check(&st(1, 1)).unwrap();
+    assert_eq!(u.list().unwrap().len(), 1);
+    // Admin writes leave it unlisted.
+    u.new_key("db01").unwrap();
+    assert!(manifest_json(d)["volumes"].get(hex::encode(VOL)).is_none());
+    assert_integrity_naming(u.volume_guard(&VOL).unwrap_err(), &rec);
+    // A record edited by hand (fails its MAC): refused, only that volume.
+    u.forget_volume(&VOL).unwrap();
+    assert!(!rec.exists());
+    u.register_volume(&VOL, &k.key_id, &st(6, 6)).unwrap();
+    let text = std::fs::read_to_string(&rec).unwrap();
+    std::fs::write(&rec, text.replace("\"generation\": 6", "\"generation\": 7")).unwrap();
+    let u = reopen(d).unwrap();
+    assert_integrity_naming(u.volume_guard(&VOL).unwrap_err(), &rec);
+    u.volume_guard(&vol2).unwrap();
+    u.forget_volume(&VOL).unwrap();
+    assert!(!rec.exists());
+    assert!(reopen(d).unwrap().damaged_entries().is_empty());
+}
+
+#[test]
+fn a_put_back_deleted_key_refuses_only_that_key_until_deleted_with_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = keystore(d);
+    let gone = u.new_key("old01").unwrap().key_id;
+    let kept = u.new_key("web01").unwrap().key_id;
+    u.register_volume(&VOL, &kept, &st(1, 1)).unwrap();
+    let rec = key_file(d, &gone);
+    let saved = std::fs::read(&rec).unwrap();
+    u.delete(&gone).unwrap();
+    std::fs::write(&rec, &saved).unwrap();
+
+    let u = reopen(d).unwrap();
+    assert_eq!(u.damaged_entries().len(), 1);
+    assert_integrity_naming(u.show(&gone).unwrap_err(), &rec);
+    assert_integrity_naming(u.list().unwrap_err(), &rec);
+    assert_integrity_naming(
+        u.register_volume(&[0x44; 16], &gone, &st(1, 1))
+            .unwrap_err(),
+        &rec,
+    );
+    assert_integrity_naming(u.delete_checked(&gone, false).unwrap_err(), &rec);
+    assert_integrity_naming(
+        u.remove_generation_checked(&gone, 1, false).unwrap_err(),
+        &rec,
+    );
+    u.show(&kept).unwrap();
+    u.volume_guard(&VOL).unwrap().check(&st(1, 1)).unwrap();
+
+    // An unrelated admin write: the put-back key stays unlisted and refused.
+    u.new_key("db01").unwrap();
+    assert!(manifest_json(d)["keys"].get(&gone).is_none());
+    assert_integrity_naming(reopen(d).unwrap().show(&gone).unwrap_err(), &rec);
+
+    // delete_checked with force repairs it.
+    u.delete_checked(&gone, true).unwrap();
+    assert!(!rec.exists());
+    assert_eq!(u.show(&gone).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(u.list().unwrap().len(), 2);
+    assert!(reopen(d).unwrap().damaged_entries().is_empty());
+}
+
+#[test]
+fn an_edited_key_record_stays_refused_after_admin_writes_and_is_deleted_with_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = keystore(d);
+    let bad = u.new_key("web01").unwrap().key_id;
+    let ok = u.new_key("db01").unwrap().key_id;
+    u.register_volume(&VOL, &bad, &st(1, 1)).unwrap();
+    let vk = Secret32::random();
+    let slot = keyslot::wrap_for_recipient(&u.public_key(&bad).unwrap(), &bad, &VOL, &vk).unwrap();
+    let rec = key_file(d, &bad);
+    let text = std::fs::read_to_string(&rec).unwrap();
+    std::fs::write(&rec, text.replace("\"vm\": \"web01\"", "\"vm\": \"web02\"")).unwrap();
+    let line = manifest_json(d)["keys"][&bad].clone();
+
+    let u = reopen(d).unwrap();
+    // Every kind of admin write on other entries works and keeps the damaged line.
+    u.new_key("app01").unwrap();
+    u.rotate(&ok).unwrap();
+    u.register_volume(&[0x44; 16], &ok, &st(1, 1)).unwrap();
+    u.raise_volume_floor(&VOL, &st(2, 2)).unwrap();
+    u.change_passphrase(Some(PASS), WEAK).unwrap();
+    assert_eq!(manifest_json(d)["keys"][&bad], line);
+    let u = reopen(d).unwrap();
+    assert_integrity_naming(u.show(&bad).unwrap_err(), &rec);
+    assert_integrity_naming(u.rotate(&bad).unwrap_err(), &rec);
+    // The volume of the damaged key: its record is fine, so its guard works.
+    u.volume_guard(&VOL).unwrap().check(&st(2, 2)).unwrap();
+    // The damaged key opens no slot.
+    assert_eq!(
+        keyslot::unwrap_with_keystore(std::slice::from_ref(&slot), &u, &VOL)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NoMatchingSlot
+    );
+    assert_eq!(manifest_json(d)["keys"][&bad], line);
+    u.delete_checked(&bad, true).unwrap();
+    assert!(!rec.exists());
+    assert_eq!(u.list().unwrap().len(), 2);
+    assert!(reopen(d).unwrap().damaged_entries().is_empty());
 }

@@ -7,6 +7,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use zeroize::Zeroizing;
+
 use crate::error::{Error, Result};
 
 /// Largest keystore file we read (a key record with many generations is a few KiB).
@@ -66,21 +68,49 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("cannot sync directory {}", dir.display()), e))
 }
 
-/// Reads a keystore file of at most [`MAX_FILE_LEN`] bytes.
-pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
-    let file =
+/// Reads a keystore file of at most [`MAX_FILE_LEN`] bytes into a buffer that is zeroized
+/// on drop (keystore.json of a `--no-passphrase` keystore holds the master seed in hex).
+/// The buffer is sized from the file's length and read into directly, so no partial copy
+/// of the bytes is left behind in freed memory (as a growing `Vec` would).
+pub fn read_bounded(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    let mut file =
         File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-    let mut data = Vec::new();
-    file.take(MAX_FILE_LEN + 1)
-        .read_to_end(&mut data)
-        .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
-    if data.len() as u64 > MAX_FILE_LEN {
+    let hint = file
+        .metadata()
+        .map(|m| m.len().min(MAX_FILE_LEN))
+        .unwrap_or(0);
+    // One byte more than expected, so that a file that grew is noticed without a realloc.
+    let mut buf = Zeroizing::new(vec![0u8; usize::try_from(hint).unwrap_or(0) + 1]);
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            if len as u64 > MAX_FILE_LEN {
+                return Err(Error::corrupt(format!(
+                    "{} is too large to be a keystore file",
+                    path.display()
+                )));
+            }
+            // Grow by copying into a new zeroizing buffer; the old one is wiped on drop.
+            let mut bigger = Zeroizing::new(vec![0u8; (len * 2).max(4096)]);
+            bigger[..len].copy_from_slice(&buf[..len]);
+            buf = bigger;
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+        }
+    }
+    if len as u64 > MAX_FILE_LEN {
         return Err(Error::corrupt(format!(
             "{} is too large to be a keystore file",
             path.display()
         )));
     }
-    Ok(data)
+    // Shrinking in place (truncate) keeps the allocation: it is wiped whole on drop.
+    buf.truncate(len);
+    Ok(buf)
 }
 
 /// Removes a file and syncs its directory.
@@ -112,6 +142,23 @@ mod tests {
             fs::read_dir(dir.path()).unwrap().count(),
             1,
             "no temporary file left"
+        );
+    }
+
+    #[test]
+    fn bounded_reads_return_the_whole_file_and_refuse_huge_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0usize, 1, 4095, 4096, 70_000] {
+            let p = dir.path().join(format!("{len}.json"));
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            fs::write(&p, &data).unwrap();
+            assert_eq!(&read_bounded(&p).unwrap()[..], &data[..]);
+        }
+        let p = dir.path().join("huge.json");
+        fs::write(&p, vec![b'x'; MAX_FILE_LEN as usize + 1]).unwrap();
+        assert_eq!(
+            read_bounded(&p).unwrap_err().kind(),
+            crate::error::ErrorKind::Corrupt
         );
     }
 }

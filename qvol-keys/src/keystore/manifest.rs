@@ -24,6 +24,7 @@ use super::{files, time, volumes, UnlockedKeystore, KEYSTORE_FILE, KEYS_DIR, MAS
 use crate::error::{Error, ErrorKind, Result};
 use crate::kdf::{hkdf32, lp};
 use crate::secret::Secret32;
+use zeroize::Zeroizing;
 
 /// File name of the manifest.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -233,26 +234,37 @@ fn key_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(KEYS_DIR).join(format!("{id}.json"))
 }
 
-/// Names of the `*.json` files of `sub` that are not temporary files, without the suffix.
-fn list_json(dir: &Path, sub: &str) -> Result<Vec<String>> {
+/// What [`list_json`] returns: the names, and (name, error) of the odd files.
+type Listing = (Vec<String>, Vec<(String, Error)>);
+
+/// Names of the `*.json` files of `sub` that are not temporary files, without the suffix;
+/// and one error per file whose name is not UTF-8 (never written by qvol).
+fn list_json(dir: &Path, sub: &str) -> Result<Listing> {
     let d = dir.join(sub);
     let entries = match std::fs::read_dir(&d) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
         Err(e) => return Err(Error::io(format!("cannot list {}", d.display()), e)),
     };
     let mut out = Vec::new();
+    let mut odd = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(format!("cannot list {}", d.display()), e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!(
-                    "{} holds a file whose name is not UTF-8 (not written by qvol)",
-                    d.display()
+            odd.push((
+                name.to_string_lossy().into_owned(),
+                Error::new(
+                    ErrorKind::Integrity,
+                    format!(
+                        "{} holds the file {:?}, whose name is not UTF-8 (not written by qvol; \
+                         remove it)",
+                        d.display(),
+                        entry.path()
+                    ),
                 ),
             ));
+            continue;
         };
         if name.starts_with('.') {
             continue; // a temporary file of an interrupted write
@@ -262,7 +274,7 @@ fn list_json(dir: &Path, sub: &str) -> Result<Vec<String>> {
         }
     }
     out.sort();
-    Ok(out)
+    Ok((out, odd))
 }
 
 /// Checks that a key record's bytes are what the manifest lists for it.
@@ -293,26 +305,25 @@ pub fn check_key_bytes(dir: &Path, m: &Manifest, id: &str, data: &[u8]) -> Resul
     }
 }
 
-/// What a repairing transaction may find damaged: its own target.
-#[derive(Clone, Copy)]
-pub enum Skip<'a> {
-    /// Check everything.
-    Nothing,
-    /// Key record `id` (delete with force).
-    Key(&'a str),
-    /// The record of this volume id, hex (forget).
-    Volume(&'a str),
+/// Per-entry problems found by a scan of the directory: key id (or file name) -> the error
+/// of that key record, volume id hex (or file name) -> the error of that volume record. An
+/// operation on a damaged entry fails with its error; every other entry keeps working.
+#[derive(Debug, Default)]
+pub struct Damage {
+    /// Damaged key records.
+    pub keys: BTreeMap<String, Error>,
+    /// Damaged volume records.
+    pub volumes: BTreeMap<String, Error>,
 }
 
-/// Checks every key record and volume record of `dir` against `m`, and that keystore.json's
-/// protection mode is the one `m` records.
-pub fn check_files(
-    dir: &Path,
-    master: &Secret32,
-    m: &Manifest,
-    protection: Protection,
-    skip: Skip<'_>,
-) -> Result<()> {
+/// A copy of `e` (kind and message; the source is dropped).
+pub fn copy_error(e: &Error) -> Error {
+    Error::new(e.kind(), e.to_string())
+}
+
+/// Fails (Integrity) unless keystore.json's protection mode is the one `m` records. Fatal:
+/// another mode means keystore.json was replaced.
+pub fn check_protection(dir: &Path, m: &Manifest, protection: Protection) -> Result<()> {
     if protection != m.protection && Some(protection) != m.protection_pending {
         return Err(Error::new(
             ErrorKind::Integrity,
@@ -325,70 +336,76 @@ pub fn check_files(
             ),
         ));
     }
-    let on_disk = list_json(dir, KEYS_DIR)?;
-    for id in &on_disk {
-        if matches!(skip, Skip::Key(k) if k == id) {
-            continue;
-        }
-        let data = files::read_bounded(&key_path(dir, id))?;
-        check_key_bytes(dir, m, id, &data)?;
-    }
-    for (id, hashes) in &m.keys {
-        if !on_disk.contains(id)
-            && !hashes.contains(&None)
-            && !matches!(skip, Skip::Key(k) if k == id)
-        {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!(
-                    "{} is listed in the keystore manifest but missing (deleted)",
-                    key_path(dir, id).display()
-                ),
-            ));
-        }
-    }
-    let vols = list_json(dir, volumes::VOLUMES_DIR)?;
-    for name in &vols {
-        if matches!(skip, Skip::Volume(v) if v == name) {
-            continue;
-        }
-        let path = volumes::record_path_by_name(dir, name);
-        let Some(entry) = m.volumes.get(name) else {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!(
-                    "{} is not listed in the keystore manifest (added by someone else; adopt \
-                     the image with `qvol volume adopt IMAGE` after removing the file)",
-                    path.display()
-                ),
-            ));
-        };
-        let id = hex_array::<16>(name, "a volume id")?;
-        volumes::verify_record_file(dir, master, &id, entry)?;
-    }
-    for (name, entry) in &m.volumes {
-        if !vols.contains(name) && !entry.pending && !matches!(skip, Skip::Volume(v) if v == name) {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!(
-                    "{} is listed in the keystore manifest but missing (deleted)",
-                    volumes::record_path_by_name(dir, name).display()
-                ),
-            ));
-        }
-    }
     Ok(())
 }
 
-/// Resolves the intermediate entries an interrupted transaction left, against the files
-/// (which [`check_files`] has verified).
-fn normalize(dir: &Path, m: &mut Manifest, protection: Protection) -> Result<()> {
+/// The problem of key record `id` against `m`, if any: listed but missing, present but not
+/// listed, or bytes another than the hash the manifest lists (or unreadable).
+pub fn key_problem(dir: &Path, m: &Manifest, id: &str) -> Option<Error> {
+    let path = key_path(dir, id);
+    if !path.exists() {
+        return match m.key_hashes(id) {
+            Some(hashes) if !hashes.contains(&None) => Some(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "{} is listed in the keystore manifest but missing (deleted)",
+                    path.display()
+                ),
+            )),
+            _ => None,
+        };
+    }
+    match files::read_bounded(&path) {
+        Ok(data) => check_key_bytes(dir, m, id, &data).err(),
+        Err(e) => Some(e),
+    }
+}
+
+/// Every damaged key record of `dir` (on disk or listed in `m`).
+pub fn scan_keys(dir: &Path, m: &Manifest) -> Result<BTreeMap<String, Error>> {
+    let (on_disk, odd) = list_json(dir, KEYS_DIR)?;
+    let mut out: BTreeMap<String, Error> = odd.into_iter().collect();
+    for id in on_disk.iter().chain(m.keys.keys()) {
+        if out.contains_key(id) {
+            continue;
+        }
+        if let Some(e) = key_problem(dir, m, id) {
+            out.insert(id.clone(), e);
+        }
+    }
+    Ok(out)
+}
+
+/// Every damaged key and volume record of `dir` against `m`. Fails only when a directory
+/// cannot be listed.
+pub fn scan(dir: &Path, master: &Secret32, m: &Manifest) -> Result<Damage> {
+    let keys = scan_keys(dir, m)?;
+    let (on_disk, odd) = list_json(dir, volumes::VOLUMES_DIR)?;
+    let mut vols: BTreeMap<String, Error> = odd.into_iter().collect();
+    for name in on_disk.iter().chain(m.volumes.keys()) {
+        if vols.contains_key(name) {
+            continue;
+        }
+        if let Some(e) = volumes::record_problem(dir, master, m, name) {
+            vols.insert(name.clone(), e);
+        }
+    }
+    Ok(Damage {
+        keys,
+        volumes: vols,
+    })
+}
+
+/// Resolves the intermediate entries an interrupted transaction left, against the files.
+/// Damaged entries are left as they are: resolving one against its file would legitimise
+/// whatever someone else put there.
+fn normalize(dir: &Path, m: &mut Manifest, protection: Protection, damage: &Damage) -> Result<()> {
     m.protection = protection;
     m.protection_pending = None;
     let ids: Vec<String> = m
         .keys
         .iter()
-        .filter(|(_, h)| h.len() != 1 || h[0].is_none())
+        .filter(|(id, h)| (h.len() != 1 || h[0].is_none()) && !damage.keys.contains_key(*id))
         .map(|(id, _)| id.clone())
         .collect();
     for id in ids {
@@ -403,7 +420,7 @@ fn normalize(dir: &Path, m: &mut Manifest, protection: Protection) -> Result<()>
     let pending: Vec<String> = m
         .volumes
         .iter()
-        .filter(|(_, v)| v.pending)
+        .filter(|(id, v)| v.pending && !damage.volumes.contains_key(*id))
         .map(|(id, _)| id.clone())
         .collect();
     for name in pending {
@@ -418,6 +435,10 @@ fn normalize(dir: &Path, m: &mut Manifest, protection: Protection) -> Result<()>
     Ok(())
 }
 
+/// What a transaction's body returns: the key ids and volume names it removed, and the
+/// value of the caller's closure.
+type Applied<T> = (Vec<String>, Vec<String>, T);
+
 /// A file change of a transaction.
 pub enum FileOp {
     /// Write key record `id` with these bytes.
@@ -428,8 +449,8 @@ pub enum FileOp {
     WriteVolume([u8; 16], Vec<u8>),
     /// Remove the record of a volume.
     RemoveVolume([u8; 16]),
-    /// Replace keystore.json (new protection mode).
-    WriteKeystore(Vec<u8>, Protection),
+    /// Replace keystore.json (new protection mode); zeroized on drop (it may hold the seed).
+    WriteKeystore(Zeroizing<Vec<u8>>, Protection),
 }
 
 impl UnlockedKeystore {
@@ -438,26 +459,41 @@ impl UnlockedKeystore {
         read_verified(&self.dir, &self.manifest_key)
     }
 
-    /// Runs an admin write: under the exclusive lock, verifies the directory, lets `f`
-    /// change the manifest and name the file changes, then applies them crash-safely.
+    /// Runs an admin write: under the exclusive lock, verifies the manifest and the
+    /// protection mode (fatal), scans every record for damage (kept for
+    /// [`UnlockedKeystore::damaged_entries`]; not fatal: `f` refuses to touch a damaged
+    /// entry, and damaged entries keep their manifest lines), lets `f` change the manifest and
+    /// name the file changes, then applies them crash-safely.
     pub(super) fn transact<T>(
         &self,
-        f: impl FnOnce(&mut Manifest) -> Result<(Vec<FileOp>, T)>,
-    ) -> Result<T> {
-        self.transact_skipping(Skip::Nothing, f)
-    }
-
-    /// [`UnlockedKeystore::transact`] tolerating damage to the one file named by `skip`.
-    pub(super) fn transact_skipping<T>(
-        &self,
-        skip: Skip<'_>,
         f: impl FnOnce(&mut Manifest) -> Result<(Vec<FileOp>, T)>,
     ) -> Result<T> {
         let _lock = lock(&self.dir, true)?;
         let protection = super::read_keystore_file(&self.dir)?.protection;
         let mut m = self.manifest()?;
-        check_files(&self.dir, &self.master, &m, protection, skip)?;
-        normalize(&self.dir, &mut m, protection)?;
+        check_protection(&self.dir, &m, protection)?;
+        let mut damage = scan(&self.dir, &self.master, &m)?;
+        normalize(&self.dir, &mut m, protection, &damage)?;
+        let result = self.apply(m, f);
+        if let Ok((removed_keys, removed_volumes, _)) = &result {
+            for id in removed_keys {
+                damage.keys.remove(id);
+            }
+            for name in removed_volumes {
+                damage.volumes.remove(name);
+            }
+        }
+        self.set_damage(damage);
+        result.map(|(_, _, out)| out)
+    }
+
+    /// The body of [`UnlockedKeystore::transact`] once the manifest is verified and
+    /// normalized: returns the key ids and volume names it removed, and `f`'s value.
+    fn apply<T>(
+        &self,
+        mut m: Manifest,
+        f: impl FnOnce(&mut Manifest) -> Result<(Vec<FileOp>, T)>,
+    ) -> Result<Applied<T>> {
         let old = m.clone();
         let (ops, out) = f(&mut m)?;
         if ops.is_empty() {
@@ -468,8 +504,22 @@ impl UnlockedKeystore {
             {
                 write(&self.dir, &self.manifest_key, &mut m)?;
             }
-            return Ok(out);
+            return Ok((Vec::new(), Vec::new(), out));
         }
+        let removed_keys: Vec<String> = ops
+            .iter()
+            .filter_map(|op| match op {
+                FileOp::RemoveKey(id) => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        let removed_volumes: Vec<String> = ops
+            .iter()
+            .filter_map(|op| match op {
+                FileOp::RemoveVolume(id) => Some(hex::encode(id)),
+                _ => None,
+            })
+            .collect();
         // The intermediate manifest accepts both states of every file touched.
         let mut mid = m.clone();
         for op in &ops {
@@ -538,6 +588,54 @@ impl UnlockedKeystore {
             }
         }
         write(&self.dir, &self.manifest_key, &mut m)?;
-        Ok(out)
+        Ok((removed_keys, removed_volumes, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{KdfParams, Keystore};
+    use super::*;
+
+    /// An interrupted transaction left key `id` as "old hash or absent" and someone then
+    /// edited the file: the next admin write must not resolve the entry against the edited
+    /// file (which would legitimise it).
+    #[test]
+    fn an_interrupted_entry_with_a_damaged_file_is_not_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let u = Keystore::init(d, None, KdfParams::insecure_for_tests())
+            .unwrap()
+            .unlock(None)
+            .unwrap();
+        let id = u.new_key("web01").unwrap().key_id;
+        let path = key_path(d, &id);
+        {
+            let _lock = lock(d, true).unwrap();
+            let mut m = u.manifest().unwrap();
+            m.keys.get_mut(&id).unwrap().push(None);
+            write(d, &u.manifest_key, &mut m).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("\"rotation_count\": 0", "\"rotation_count\": 9"),
+        )
+        .unwrap();
+        let line = u.manifest().unwrap().keys[&id].clone();
+        assert_eq!(line.len(), 2);
+        u.new_key("db01").unwrap();
+        assert_eq!(u.manifest().unwrap().keys[&id], line);
+        let err = u.show(&id).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity);
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        // Put back as it was, the next write resolves it normally.
+        std::fs::write(&path, text).unwrap();
+        u.new_key("app01").unwrap();
+        assert_eq!(u.manifest().unwrap().keys[&id].len(), 1);
+        u.show(&id).unwrap();
     }
 }

@@ -24,6 +24,7 @@ mod volumes;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use subtle::ConstantTimeEq;
@@ -76,7 +77,8 @@ pub const MAX_VM_NAME_LEN: usize = 48;
 const SALT_LEN: usize = 16;
 
 /// A keystore directory, opened but locked. `Debug` never prints the seed of a
-/// `--no-passphrase` keystore.
+/// `--no-passphrase` keystore, and dropping it wipes the seed (hex) it read from
+/// keystore.json (`KeystoreFile` zeroizes its seed strings on drop).
 pub struct Keystore {
     dir: PathBuf,
     file: KeystoreFile,
@@ -95,12 +97,15 @@ impl fmt::Debug for Keystore {
     }
 }
 
-/// An unlocked keystore: holds the master seed in locked, zeroize-on-drop memory.
+/// An unlocked keystore: holds the master seed in locked, zeroize-on-drop memory, and the
+/// per-entry damage found by the last scan of the directory (at unlock, `list` or an admin
+/// write; docs/KEYS.md §4.5).
 pub struct UnlockedKeystore {
     dir: PathBuf,
     master: Secret32,
     storage_key: Secret32,
     manifest_key: Secret32,
+    damage: Mutex<manifest::Damage>,
 }
 
 impl fmt::Debug for UnlockedKeystore {
@@ -178,7 +183,7 @@ impl Keystore {
         // The manifest first: a keystore.json without a manifest is not a keystore yet.
         let mut m = Manifest::new(file.protection);
         manifest::write(dir, &manifest::mac_key(&master), &mut m)?;
-        files::write_atomic(&dir.join(KEYSTORE_FILE), &records::to_json(&file))?;
+        files::write_atomic(&dir.join(KEYSTORE_FILE), &records::to_json_secret(&file))?;
         Ok(Keystore {
             dir: dir.to_path_buf(),
             file,
@@ -246,9 +251,12 @@ impl Keystore {
     }
 
     /// Unlocks with `passphrase` (`None` for a keystore without one; a passphrase given to
-    /// an unprotected keystore is refused), then verifies the manifest and every key and
-    /// volume record against it. A version 1 keystore is refused (run `qvol keystore
-    /// upgrade`, [`Keystore::upgrade`]).
+    /// an unprotected keystore is refused), then verifies the manifest's MAC and that
+    /// keystore.json's protection mode is the one it records: these failures are fatal.
+    /// Every key and volume record is then checked against the manifest, but a damaged,
+    /// missing or unlisted record only fails the operations that touch it
+    /// ([`UnlockedKeystore::damaged_entries`] lists them; each is logged as a warning). A
+    /// version 1 keystore is refused (run `qvol keystore upgrade`, [`Keystore::upgrade`]).
     pub fn unlock(&self, passphrase: Option<&[u8]>) -> Result<UnlockedKeystore> {
         if self.file.version != VERSION {
             return Err(Error::new(
@@ -264,13 +272,12 @@ impl Keystore {
         let u = UnlockedKeystore::new(self.dir.clone(), master);
         let _lock = manifest::lock(&self.dir, false)?;
         let m = u.manifest()?;
-        manifest::check_files(
-            &self.dir,
-            &u.master,
-            &m,
-            self.file.protection,
-            manifest::Skip::Nothing,
-        )?;
+        manifest::check_protection(&self.dir, &m, self.file.protection)?;
+        let damage = manifest::scan(&self.dir, &u.master, &m)?;
+        for e in damage.keys.values().chain(damage.volumes.values()) {
+            log::warn!("keystore damage: {e}");
+        }
+        u.set_damage(damage);
         Ok(u)
     }
 }
@@ -293,9 +300,11 @@ fn unseal_master(dir: &Path, file: &KeystoreFile, passphrase: Option<&[u8]>) -> 
                 .seed
                 .as_deref()
                 .ok_or_else(|| Error::corrupt(format!("{what} lacks its seed")))?;
-            let mut bytes = hex_array::<32>(seed_hex, "the master seed")?;
-            let master = Secret32::from_bytes(bytes);
-            zeroize::Zeroize::zeroize(&mut bytes);
+            // Decoded straight into the locked, zeroizing buffer: no copy on the stack.
+            let mut master = Secret32::zero();
+            hex::decode_to_slice(seed_hex, master.expose_mut()).map_err(|_| {
+                Error::corrupt(format!("{what}: the master seed is not 32 bytes of hex"))
+            })?;
             let check = file.seed_check.as_deref().unwrap_or("");
             let expected = hex_array::<8>(check, "the seed check value")?;
             if !bool::from(seed_check(&master, file.version).ct_eq(&expected)) {
@@ -365,7 +374,8 @@ fn keystore_file(
             kdf: None,
             salt: None,
             sealed_seed: None,
-            seed: Some(hex::encode(master.expose())),
+            // Moved out of the zeroizing wrapper without a copy; KeystoreFile wipes it on drop.
+            seed: Some(std::mem::take(&mut *records::secret_hex(master.expose()))),
             seed_check: Some(hex::encode(seed_check(master, VERSION))),
         };
         return Ok((file, None));
@@ -506,7 +516,27 @@ impl UnlockedKeystore {
             master,
             storage_key,
             manifest_key,
+            damage: Mutex::new(manifest::Damage::default()),
         }
+    }
+
+    fn set_damage(&self, damage: manifest::Damage) {
+        *self.damage.lock().unwrap_or_else(|e| e.into_inner()) = damage;
+    }
+
+    /// The damaged entries found by the last check of the whole directory (at unlock, by
+    /// [`UnlockedKeystore::list`] for key records, and by every admin write): one sentence
+    /// per damaged key or volume record, naming its file. Empty when nothing is damaged.
+    /// Each one fails only the operations that touch it; repair with
+    /// [`UnlockedKeystore::forget_volume`] or [`UnlockedKeystore::delete_checked`] with
+    /// force, or by restoring the file from a backup.
+    pub fn damaged_entries(&self) -> Vec<String> {
+        let d = self.damage.lock().unwrap_or_else(|e| e.into_inner());
+        d.keys
+            .values()
+            .chain(d.volumes.values())
+            .map(ToString::to_string)
+            .collect()
     }
 
     /// The keystore directory.
@@ -526,19 +556,15 @@ impl UnlockedKeystore {
         self.load_in(&m, id)
     }
 
-    /// Loads key record `id`, checked against `m` (the caller holds the lock).
+    /// Loads key record `id`, checked against `m` (the caller holds the lock): a record
+    /// missing, not listed, or with another hash than the manifest lists fails (Integrity,
+    /// naming the file), whatever the state of the other records.
     fn load_in(&self, m: &Manifest, id: &str) -> Result<KeyRecord> {
         validate_key_id(id)?;
         let path = self.record_path(id);
         if !path.exists() {
-            if m.key_hashes(id).is_some_and(|h| !h.contains(&None)) {
-                return Err(Error::new(
-                    ErrorKind::Integrity,
-                    format!(
-                        "{} is listed in the keystore manifest but missing (deleted)",
-                        path.display()
-                    ),
-                ));
+            if let Some(e) = manifest::key_problem(&self.dir, m, id) {
+                return Err(e);
             }
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -647,10 +673,14 @@ impl UnlockedKeystore {
         let key_id = format!("{vm}-{}", hex::encode(suffix));
         self.transact(|m| {
             if self.record_path(&key_id).exists() || m.keys.contains_key(&key_id) {
-                return Err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("key {key_id} exists already"),
-                ));
+                return Err(
+                    manifest::key_problem(&self.dir, m, &key_id).unwrap_or_else(|| {
+                        Error::new(
+                            ErrorKind::AlreadyExists,
+                            format!("key {key_id} exists already"),
+                        )
+                    }),
+                );
             }
             let now = time::now_rfc3339();
             let rec = KeyRecord {
@@ -669,10 +699,27 @@ impl UnlockedKeystore {
         })
     }
 
-    /// Every key, sorted by key id. Unreadable records are reported as errors.
+    /// Every key, sorted by key id. Fails (naming the file) if any key record is damaged,
+    /// missing or not listed in the manifest, so that `qvol key list` shows the problem.
     pub fn list(&self) -> Result<Vec<KeyInfo>> {
         let _lock = manifest::lock(&self.dir, false)?;
         let m = self.manifest()?;
+        let damaged = manifest::scan_keys(&self.dir, &m)?;
+        let first = damaged.values().next().map(|e| {
+            let others = damaged.len() - 1;
+            if others == 0 {
+                manifest::copy_error(e)
+            } else {
+                Error::new(
+                    e.kind(),
+                    format!("{e} (and {others} other damaged key record(s))"),
+                )
+            }
+        });
+        self.damage.lock().unwrap_or_else(|e| e.into_inner()).keys = damaged;
+        if let Some(e) = first {
+            return Err(e);
+        }
         let mut out = Vec::new();
         for (id, hashes) in &m.keys {
             if hashes.contains(&None) && !self.record_path(id).exists() {
@@ -743,7 +790,7 @@ impl UnlockedKeystore {
             ErrorKind::InUse,
             format!(
                 "refusing to {what}: volume(s) {} are recorded as bound to key {id} (forget \
-                 them first, or force)",
+                 them with `qvol volume forget ID`, or pass --force)",
                 bound.join(", ")
             ),
         ))
@@ -794,16 +841,14 @@ impl UnlockedKeystore {
 
     /// Deletes key `id` and every generation (a crypto-erase of its version 2 generations).
     /// Unless `force`, refuses with InUse while a recorded volume is bound to it. With
-    /// `force` it also removes a key whose record is damaged, edited or missing.
+    /// `force` it is also the repair of a damaged key entry: it removes a record that is
+    /// edited, missing, or not listed in the manifest (e.g. a deleted key put back), and its
+    /// manifest entry.
     pub fn delete_checked(&self, id: &str, force: bool) -> Result<()> {
         validate_key_id(id)?;
-        let skip = if force {
-            manifest::Skip::Key(id)
-        } else {
-            manifest::Skip::Nothing
-        };
-        self.transact_skipping(skip, |m| {
-            if !(force && m.keys.contains_key(id)) {
+        self.transact(|m| {
+            // With force, a listed entry or a file is removed even when it does not load.
+            if !(force && (m.keys.contains_key(id) || self.record_path(id).exists())) {
                 self.load_in(m, id)?;
             }
             Self::refuse_if_bound(m, id, &format!("delete key {id}"), force)?;
@@ -821,13 +866,13 @@ impl UnlockedKeystore {
     ) -> Result<Option<Duration>> {
         kdf.validate()?;
         self.transact(|m| {
-            let old = read_keystore_file(&self.dir)?;
-            let (file, took) = keystore_file(&self.master, passphrase, kdf, old.created)?;
+            let created = read_keystore_file(&self.dir)?.created.clone();
+            let (file, took) = keystore_file(&self.master, passphrase, kdf, created)?;
             m.protection = file.protection;
             m.protection_pending = None;
             Ok((
                 vec![FileOp::WriteKeystore(
-                    records::to_json(&file),
+                    records::to_json_secret(&file),
                     file.protection,
                 )],
                 took,
@@ -932,5 +977,77 @@ fn info(rec: &KeyRecord) -> KeyInfo {
                 },
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed_hex_of(dir: &Path) -> String {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(KEYSTORE_FILE)).unwrap()).unwrap();
+        v["seed"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn debug_of_an_unprotected_keystore_shows_no_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = Keystore::init(dir.path(), None, KdfParams::insecure_for_tests()).unwrap();
+        let opened = Keystore::open(dir.path()).unwrap();
+        let seed = seed_hex_of(dir.path());
+        assert_eq!(opened.file.seed.as_deref(), Some(seed.as_str()));
+        for dbg in [
+            format!("{made:?}"),
+            format!("{opened:?}"),
+            format!("{:?}", opened.file),
+            format!("{:?}", opened.unlock(None).unwrap()),
+        ] {
+            assert!(!dbg.contains(&seed) && !dbg.contains(&seed[..16]), "{dbg}");
+            assert!(dbg.contains("REDACTED") || dbg.contains(".."), "{dbg}");
+        }
+    }
+
+    #[test]
+    fn keystore_file_wipes_its_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        Keystore::init(dir.path(), None, KdfParams::insecure_for_tests()).unwrap();
+        let mut file = read_keystore_file(dir.path()).unwrap();
+        assert!(file.seed.is_some() && file.seed_check.is_some());
+        file.wipe();
+        assert!(file.seed.is_none() && file.seed_check.is_none() && file.sealed_seed.is_none());
+        // The version, protection and KDF parameters stay (unlock reads them).
+        assert_eq!(file.protection, Protection::None);
+    }
+
+    #[test]
+    fn keystore_json_is_written_from_zeroizing_buffers() {
+        let master = Secret32::random();
+        assert_eq!(
+            *records::secret_hex(master.expose()),
+            hex::encode(master.expose())
+        );
+        let (file, _) = keystore_file(
+            &master,
+            None,
+            KdfParams::insecure_for_tests(),
+            "2026-01-01T00:00:00Z".into(),
+        )
+        .unwrap();
+        assert_eq!(
+            &records::to_json_secret(&file)[..],
+            &records::to_json(&file)[..]
+        );
+        assert_eq!(file.seed.as_deref(), Some(&*hex::encode(master.expose())));
+        // Changing the passphrase rewrites keystore.json and keeps the seed.
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::init(dir.path(), None, KdfParams::insecure_for_tests()).unwrap();
+        let seed = seed_hex_of(dir.path());
+        let u = ks.unlock(None).unwrap();
+        u.change_passphrase(Some(b"pw"), KdfParams::insecure_for_tests())
+            .unwrap();
+        u.change_passphrase(None, KdfParams::insecure_for_tests())
+            .unwrap();
+        assert_eq!(seed_hex_of(dir.path()), seed);
     }
 }

@@ -3,6 +3,7 @@
 //! metadata and generations).
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::kdf::KdfParams;
@@ -28,6 +29,10 @@ pub enum Protection {
 }
 
 /// keystore.json. `Debug` is redacted: a `--no-passphrase` file holds the plain seed.
+/// Dropping it wipes the seed, its check value and the sealed seed (see [`KeystoreFile::wipe`]).
+/// serde_json builds each of these strings once, straight from the input bytes (hex needs no
+/// unescaping), so together with the zeroizing buffer of `files::read_bounded` no copy of
+/// the plain seed outlives the value.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeystoreFile {
@@ -55,6 +60,32 @@ pub struct KeystoreFile {
     /// damaged plain seed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_check: Option<String>,
+}
+
+impl KeystoreFile {
+    /// Zeroizes the plain seed, its check value and the sealed seed, and drops them.
+    pub fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        if let Some(s) = self.seed.as_mut() {
+            s.zeroize();
+        }
+        if let Some(s) = self.seed_check.as_mut() {
+            s.zeroize();
+        }
+        if let Some(s) = self.sealed_seed.as_mut() {
+            s.nonce.zeroize();
+            s.ciphertext.zeroize();
+        }
+        self.seed = None;
+        self.seed_check = None;
+        self.sealed_seed = None;
+    }
+}
+
+impl Drop for KeystoreFile {
+    fn drop(&mut self) {
+        self.wipe();
+    }
 }
 
 impl std::fmt::Debug for KeystoreFile {
@@ -146,6 +177,32 @@ pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     let mut v = serde_json::to_vec_pretty(value).unwrap_or_default();
     v.push(b'\n');
     v
+}
+
+/// Serializes pretty JSON with a final newline into a buffer zeroized on drop, reserved up
+/// front so that it never reallocates (which would leave partial copies in freed memory):
+/// for keystore.json, which may hold the plain master seed.
+pub fn to_json_secret<T: Serialize>(value: &T) -> Zeroizing<Vec<u8>> {
+    const RESERVE: usize = 16 * 1024;
+    let mut v = Zeroizing::new(Vec::with_capacity(RESERVE));
+    if serde_json::to_writer_pretty(&mut *v, value).is_err() {
+        v.clear();
+    }
+    v.push(b'\n');
+    debug_assert!(v.capacity() == RESERVE, "keystore.json outgrew its buffer");
+    v
+}
+
+/// Lowercase hex of secret bytes, in a string zeroized on drop (built in place, without the
+/// reallocations of `hex::encode`).
+pub fn secret_hex(bytes: &[u8]) -> Zeroizing<String> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = Zeroizing::new(String::with_capacity(bytes.len() * 2));
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
 }
 
 /// Decodes hex of exactly `N` bytes.

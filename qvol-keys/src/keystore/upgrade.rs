@@ -111,7 +111,10 @@ impl Keystore {
                 file.created.clone(),
             )?,
         };
-        files::write_atomic(&dir.join(KEYSTORE_FILE), &records::to_json(&new_file))
+        files::write_atomic(
+            &dir.join(KEYSTORE_FILE),
+            &records::to_json_secret(&new_file),
+        )
     }
 }
 

@@ -238,6 +238,53 @@ pub(super) fn verify_record_file(
     Ok(())
 }
 
+/// The problem of the volume record named `name` (volume id hex) against `m`, if any: a file
+/// not listed in the manifest, a listed record missing (unless a transaction is creating or
+/// removing it), or one that fails its MAC, is not a record of this volume, or names another
+/// binding than the manifest. A record below the manifest floor is not a problem of the
+/// record: a daemon that crashed between raising the floor and writing its record leaves
+/// one, and `VolumeGuard::check` refuses any state below the floor anyway.
+pub(super) fn record_problem(
+    dir: &Path,
+    master: &Secret32,
+    m: &Manifest,
+    name: &str,
+) -> Option<Error> {
+    let path = record_path_by_name(dir, name);
+    let exists = path.exists();
+    let Some(entry) = m.volumes.get(name) else {
+        return exists.then(|| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "{} is not listed in the keystore manifest (added by someone else, or \
+                     put back after `qvol volume forget`; remove it with `qvol volume forget \
+                     {name}`, then adopt the image with `qvol volume adopt IMAGE`)",
+                    path.display()
+                ),
+            )
+        });
+    };
+    if !exists {
+        return (!entry.pending).then(|| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "{} is listed in the keystore manifest but missing (deleted; restore it \
+                     from a backup, or forget the volume with `qvol volume forget {name}` and \
+                     adopt its image again)",
+                    path.display()
+                ),
+            )
+        });
+    }
+    let id = match hex_array::<16>(name, "a volume id") {
+        Ok(id) => id,
+        Err(e) => return Some(Error::new(ErrorKind::Integrity, e.to_string())),
+    };
+    verify_record_file(dir, master, &id, entry).err()
+}
+
 fn is_unknown(root: &[u8; 32]) -> bool {
     root.iter().all(|&b| b == 0)
 }
@@ -406,6 +453,9 @@ impl UnlockedKeystore {
     ) -> Result<VolumeBinding> {
         let name = hex::encode(volume_id);
         self.transact(|m: &mut Manifest| {
+            if let Some(e) = record_problem(&self.dir, &self.master, m, &name) {
+                return Err(e);
+            }
             let rec = self.load_in(m, key_id)?;
             let binding = VolumeBinding {
                 volume_id: *volume_id,
@@ -473,13 +523,19 @@ impl UnlockedKeystore {
         self.bind(volume_id, key_id, state, true)
     }
 
-    /// The narrow handle a daemon keeps. NotFound when the volume has no record.
+    /// The narrow handle a daemon keeps. NotFound when the volume has no record; Integrity
+    /// (naming the file) when its record is damaged, missing or not listed in the manifest.
+    /// Damage of other records does not matter.
     pub fn volume_guard(&self, volume_id: &[u8; 16]) -> Result<VolumeGuard> {
         let _lock = manifest::lock(&self.dir, false)?;
         let m = self.manifest()?;
+        let name = hex::encode(volume_id);
+        if let Some(e) = record_problem(&self.dir, &self.master, &m, &name) {
+            return Err(e);
+        }
         let entry = m
             .volumes
-            .get(&hex::encode(volume_id))
+            .get(&name)
             .ok_or_else(|| not_recorded(volume_id))?;
         let key = volume_key(&self.master, volume_id);
         let binding = VolumeBinding {
@@ -503,6 +559,9 @@ impl UnlockedKeystore {
     pub fn raise_volume_floor(&self, volume_id: &[u8; 16], state: &VolumeState) -> Result<()> {
         let name = hex::encode(volume_id);
         self.transact(|m: &mut Manifest| {
+            if let Some(e) = record_problem(&self.dir, &self.master, m, &name) {
+                return Err(e);
+            }
             let e = m
                 .volumes
                 .get_mut(&name)
@@ -536,11 +595,13 @@ impl UnlockedKeystore {
         Ok(out)
     }
 
-    /// Forgets the record of `volume_id` (admin; e.g. after deleting an image). Nothing
-    /// happens if there is none. Also removes a damaged or unlisted record file of it.
+    /// Forgets the record of `volume_id` (admin; e.g. after deleting an image): removes its
+    /// manifest entry and its file. Nothing happens if there is neither. This is also the
+    /// repair of a damaged, missing or unlisted record of that volume (adopt the image again
+    /// afterwards).
     pub fn forget_volume(&self, volume_id: &[u8; 16]) -> Result<()> {
         let name = hex::encode(volume_id);
-        self.transact_skipping(manifest::Skip::Volume(&name), |m: &mut Manifest| {
+        self.transact(|m: &mut Manifest| {
             let listed = m.volumes.remove(&name).is_some();
             if !listed && !record_path(&self.dir, volume_id).exists() {
                 return Ok((Vec::new(), ()));
