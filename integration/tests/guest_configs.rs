@@ -154,6 +154,18 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         unit.contains("LoadCredential=qvol-passphrase:"),
         "the passphrase credential is gone"
     );
+    // Bound to one volume, and hardened (docs/SECURITY.md, break 1 and 5).
+    for needed in [
+        "--volume-id ${QVOL_VOLUME_ID}",
+        "EnvironmentFile=/etc/qvol/disks/%i.env",
+        "LimitCORE=0",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "User=",
+    ] {
+        assert!(unit.contains(needed), "the unit lacks {needed}");
+    }
     // verify checks that ExecStart's binary exists: point it at the one just built.
     let daemon = workspace_binary("vhost-qvol").unwrap_or_else(|e| panic!("{e:#}"));
     let dir = ScratchDir::new("systemd").expect("scratch dir");

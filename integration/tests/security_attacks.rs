@@ -61,6 +61,14 @@ fn qvol(f: &Fixture, args: &[&OsStr]) -> Run {
     f.qvol(args)
 }
 
+/// A key for VM "vm" and a 16 MiB volume `disk.qvol` for it: (key id, image, volume id).
+fn one_volume(f: &Fixture) -> (String, PathBuf, String) {
+    let key = f.new_key("vm");
+    let image = f.create_image("disk.qvol", "16M", &key, &[]);
+    let id = f.volume_id(&image);
+    (key, image, id)
+}
+
 fn record_path(f: &Fixture, volume_id: &str) -> PathBuf {
     f.keystore.join("volumes").join(format!("{volume_id}.json"))
 }
@@ -93,8 +101,7 @@ fn another_volume_copied_to_the_path_is_refused() {
 #[test]
 fn a_writable_daemon_needs_a_binding_and_any_volume_warns() {
     let f = Fixture::new();
-    let key = f.new_key("vm");
-    let image = f.create_image("disk.qvol", "16M", &key, &[]);
+    let (_, image, _) = one_volume(&f);
     let socket = f.path("unbound.sock");
     let run = f.vhost_qvol([
         OsStr::new("--socket-path"),
@@ -115,9 +122,7 @@ fn a_writable_daemon_needs_a_binding_and_any_volume_warns() {
 #[test]
 fn a_volume_without_a_record_is_refused_until_adopted() {
     let f = Fixture::new();
-    let key = f.new_key("vm");
-    let image = f.create_image("disk.qvol", "16M", &key, &[]);
-    let id = f.volume_id(&image);
+    let (key, image, id) = one_volume(&f);
     // A deleted volume: its record is gone.
     qvol(
         &f,
@@ -165,9 +170,7 @@ fn a_volume_without_a_record_is_refused_until_adopted() {
 #[test]
 fn an_old_copy_holding_log_records_is_refused_before_anything_is_written() {
     let f = Fixture::new();
-    let key = f.new_key("vm");
-    let image = f.create_image("disk.qvol", "16M", &key, &[]);
-    let id = f.volume_id(&image);
+    let (_, image, id) = one_volume(&f);
     let daemon = start(&f, &image, "a");
     let mut c = connect(&daemon);
     c.write(0, &pattern::make(65536, 0, 1)).unwrap();
@@ -197,9 +200,7 @@ fn an_old_copy_holding_log_records_is_refused_before_anything_is_written() {
 #[test]
 fn a_flushed_write_cannot_be_undone_by_zeroing_the_log() {
     let f = Fixture::new();
-    let key = f.new_key("vm");
-    let image = f.create_image("disk.qvol", "16M", &key, &[]);
-    let id = f.volume_id(&image);
+    let (_, image, id) = one_volume(&f);
     let daemon = start(&f, &image, "old");
     connect(&daemon)
         .write(0, &pattern::make(65536, 0, 1))
@@ -231,9 +232,7 @@ fn log_region(image: &Path) -> std::ops::Range<usize> {
 #[test]
 fn log_records_of_an_abandoned_history_do_not_replay() {
     let f = Fixture::new();
-    let key = f.new_key("vm");
-    let image = f.create_image("disk.qvol", "16M", &key, &[]);
-    let id = f.volume_id(&image);
+    let (_, image, id) = one_volume(&f);
     let backup = fs::read(&image).unwrap();
     // History H: a write, a commit at the next open, then a flushed write left in the log.
     let mut daemon = start(&f, &image, "h1");
@@ -317,8 +316,7 @@ fn memory_contains(pid: u32, needles: &[&[u8]]) -> Vec<bool> {
 #[test]
 fn a_serving_daemon_holds_no_master_seed_and_dumps_no_core() {
     let f = Fixture::new();
-    let key = f.new_key("vm");
-    let image = f.create_image("disk.qvol", "16M", &key, &[]);
+    let (_, image, _) = one_volume(&f);
     let file: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(f.keystore.join("keystore.json")).unwrap())
             .unwrap();
@@ -371,9 +369,7 @@ fn hex_decode(text: &str) -> Vec<u8> {
 #[test]
 fn an_older_or_deleted_volume_record_does_not_reenable_an_old_image() {
     let f = Fixture::new();
-    let key = f.new_key("vm");
-    let image = f.create_image("disk.qvol", "16M", &key, &[]);
-    let id = f.volume_id(&image);
+    let (_, image, id) = one_volume(&f);
     let record = record_path(&f, &id);
     let (old_image, old_record) = (fs::read(&image).unwrap(), fs::read(&record).unwrap());
     let daemon = start(&f, &image, "a");
@@ -388,6 +384,16 @@ fn an_older_or_deleted_volume_record_does_not_reenable_an_old_image() {
     refused(&f, &image, &id, &[], "older");
     fs::remove_file(&record).unwrap();
     refused(&f, &image, &id, &[], "missing");
+    // The operator sees it, and repairs it by forgetting and adopting the image again.
+    let check = qvol(&f, &[OsStr::new("keystore"), OsStr::new("check")]);
+    check.one_sentence_error("qvol", "damaged");
+    assert!(check.stdout.contains(&id), "{check:#?}");
+    qvol(
+        &f,
+        &[OsStr::new("volume"), OsStr::new("forget"), OsStr::new(&id)],
+    )
+    .success();
+    qvol(&f, &[OsStr::new("keystore"), OsStr::new("check")]).success();
 }
 
 #[test]
@@ -445,9 +451,7 @@ fn a_deleted_key_put_back_or_an_edited_key_record_is_refused() {
 #[test]
 fn a_replaced_keystore_file_is_refused() {
     let f = Fixture::with_passphrase("correct horse battery staple");
-    let key = f.new_key("vm");
-    let image = f.create_image("disk.qvol", "16M", &key, &[]);
-    let id = f.volume_id(&image);
+    let (_, image, id) = one_volume(&f);
     let ks = f.keystore.join("keystore.json");
     let genuine = fs::read(&ks).unwrap();
     // The attacker's own keystore, without a passphrase, over the real one.
@@ -471,9 +475,7 @@ fn a_replaced_keystore_file_is_refused() {
 #[test]
 fn removing_a_generation_a_volume_depends_on_needs_force() {
     let f = Fixture::new();
-    let key = f.new_key("vm");
-    let image = f.create_image("disk.qvol", "16M", &key, &[]);
-    let id = f.volume_id(&image);
+    let (key, image, id) = one_volume(&f);
     qvol(
         &f,
         &[OsStr::new("key"), OsStr::new("rotate"), OsStr::new(&key)],

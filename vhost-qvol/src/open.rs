@@ -219,6 +219,15 @@ pub fn open_volume(
         .volume_guard(&header.volume_id)
         .map_err(|e| anyhow!("refusing to open {}: {}", image.display(), error_chain(&e)))?;
     let bound = guard.binding().clone();
+    if bound.key_id.is_empty() {
+        bail!(
+            "the keystore's record of volume {} (of {}) names no key (it predates keystore \
+             version 2): run `qvol volume adopt {}` to bind it",
+            hex::encode(header.volume_id),
+            image.display(),
+            image.display()
+        );
+    }
     if let Some(key) = &binding.key_id {
         if *key != bound.key_id {
             bail!(

@@ -275,7 +275,7 @@ impl Keystore {
         manifest::check_protection(&self.dir, &m, self.file.protection)?;
         let damage = manifest::scan(&self.dir, &u.master, &m)?;
         for e in damage.keys.values().chain(damage.volumes.values()) {
-            log::warn!("keystore damage: {e}");
+            log::debug!("keystore damage: {e}");
         }
         u.set_damage(damage);
         Ok(u)

@@ -155,7 +155,10 @@ fn unlock(
         Err(e) if e.kind() == qvol_keys::ErrorKind::NotFound => None,
         Err(e) => return Err(format!("the keystore's volume record: {}", error_chain(&e))),
     };
-    let only_key = guard.as_ref().map(|g| g.binding().key_id.clone());
+    let only_key = guard
+        .as_ref()
+        .map(|g| g.binding().key_id.clone())
+        .filter(|k| !k.is_empty());
     let (slot, key) =
         unwrap_volume_key(&args.image, header, &keystore, only_key.as_deref()).map_err(chain)?;
     drop(keystore);

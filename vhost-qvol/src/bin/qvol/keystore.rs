@@ -41,6 +41,14 @@ pub enum KeystoreCommand {
     Passwd(PasswdArgs),
     /// Convert a version-1 keystore in place to version 2 (MACed manifest); crash-safe.
     Upgrade(KeystoreArgs),
+    /// Verify every key and volume record against the manifest; exit 1 if any is damaged.
+    Check {
+        /// Print JSON: `{"keystore": DIR, "damaged": [sentence, ...]}`.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
 }
 
 /// `qvol keystore passwd`
@@ -87,6 +95,38 @@ pub fn run(command: KeystoreCommand) -> anyhow::Result<()> {
         KeystoreCommand::Init(args) => init(args),
         KeystoreCommand::Passwd(args) => passwd(args),
         KeystoreCommand::Upgrade(args) => upgrade(&args),
+        KeystoreCommand::Check { json, keystore } => check(json, &keystore),
+    }
+}
+
+/// `qvol keystore check`: what unlocking found damaged (each entry fails only the
+/// operations that touch it; the repair is in the sentence).
+fn check(json: bool, args: &KeystoreArgs) -> anyhow::Result<()> {
+    let unlocked = args.unlock()?;
+    let damaged = unlocked.damaged_entries();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"keystore": unlocked.dir().display().to_string(), "damaged": damaged})
+        );
+    } else if damaged.is_empty() {
+        println!(
+            "Keystore {}: every record verifies.",
+            unlocked.dir().display()
+        );
+    } else {
+        for sentence in &damaged {
+            println!("damaged: {sentence}");
+        }
+    }
+    if damaged.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "{} damaged record(s) in keystore {}",
+            damaged.len(),
+            unlocked.dir().display()
+        ))
     }
 }
 
