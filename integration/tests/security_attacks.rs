@@ -99,7 +99,7 @@ fn another_volume_copied_to_the_path_is_refused() {
 }
 
 #[test]
-fn a_writable_daemon_needs_a_binding_and_any_volume_warns() {
+fn a_daemon_needs_a_binding_and_any_volume_warns() {
     let f = Fixture::new();
     let (_, image, _) = one_volume(&f);
     let socket = f.path("unbound.sock");
@@ -108,6 +108,15 @@ fn a_writable_daemon_needs_a_binding_and_any_volume_warns() {
         socket.as_os_str(),
         OsStr::new("--blk-file"),
         image.as_os_str(),
+    ]);
+    run.one_sentence_error("vhost-qvol", "--volume-id");
+    // Read-only too: another VM's disk served read-only is still its plaintext.
+    let run = f.vhost_qvol([
+        OsStr::new("--socket-path"),
+        socket.as_os_str(),
+        OsStr::new("--blk-file"),
+        image.as_os_str(),
+        OsStr::new("--read-only"),
     ]);
     run.one_sentence_error("vhost-qvol", "--volume-id");
     let daemon = f.start_daemon(&image, "any", &["--any-volume"]).unwrap();
@@ -352,6 +361,19 @@ fn a_serving_daemon_holds_no_master_seed_and_dumps_no_core() {
     assert!(
         core.split_whitespace().nth(4) == Some("0"),
         "core dumps are allowed: {core}"
+    );
+    // Sandboxed: keystore.json and the passphrase credential are out of its reach.
+    let status = fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])),
+        "no_new_privs is not set: {status}"
+    );
+    assert!(
+        daemon.log_text().contains("sandboxed (Landlock)"),
+        "{}",
+        daemon.log_text()
     );
     drop(c);
     stop(daemon);

@@ -45,6 +45,12 @@ impl Volume {
             .map_err(|e| Error::io("cannot sync the new map nodes during a commit", e))?;
         let mut sb = self.superblock();
         let generation = sb.generation + 1;
+        // Version 3: a random id makes every commit's MAC unique, even when two sessions
+        // commit the same content at the same generation (FORMAT.md §8).
+        let mut commit_id = [0u8; 16];
+        if self.header.binds_log() {
+            crate::datablock::fill_random(&mut commit_id)?;
+        }
         let next = Superblock {
             generation,
             log_epoch: generation,
@@ -57,6 +63,7 @@ impl Volume {
             allocated_blocks: a.used(),
             high_water: a.high_water(),
             header_hash: self.header_hash,
+            commit_id,
         };
         let offset = SUPERBLOCK_OFFSETS[(generation % 2) as usize];
         let encoded = next.encode(keys);

@@ -55,7 +55,7 @@ pub(crate) fn random_nonces(suite: CipherSuite, n: usize) -> Result<Vec<u8>> {
     Ok(nonces)
 }
 
-fn fill_random(buf: &mut [u8]) -> Result<()> {
+pub(crate) fn fill_random(buf: &mut [u8]) -> Result<()> {
     getrandom::getrandom(buf).map_err(|e| {
         Error::new(
             ErrorKind::Io,

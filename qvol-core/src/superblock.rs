@@ -8,6 +8,8 @@ use crate::subkeys::Subkeys;
 /// `"QVOLSUP1"`.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"QVOLSUP1";
 const OFF_MAC: usize = 480;
+/// Where the random commit id lives (16 bytes; FORMAT.md §8).
+const OFF_COMMIT_ID: usize = 200;
 /// Bytes of a superblock that carry meaning (one sector).
 pub(crate) const SUPERBLOCK_LEN: usize = 512;
 
@@ -36,6 +38,9 @@ pub struct Superblock {
     pub high_water: u64,
     /// `BLAKE3(header block || keyslot area)`.
     pub header_hash: [u8; 32],
+    /// Random bytes drawn for each commit (format version 3; zero in versions 1 and 2), so
+    /// that no two commits ever have the same MAC, even with the same content.
+    pub commit_id: [u8; 16],
 }
 
 impl Superblock {
@@ -57,6 +62,7 @@ impl Superblock {
         put_u64(&mut b, 152, self.allocated_blocks);
         put_u64(&mut b, 160, self.high_water);
         b[168..200].copy_from_slice(&self.header_hash);
+        b[OFF_COMMIT_ID..OFF_COMMIT_ID + 16].copy_from_slice(&self.commit_id);
         let mac = mac(keys, &b[..OFF_MAC]);
         b[OFF_MAC..].copy_from_slice(&mac);
         b
@@ -69,7 +75,7 @@ impl Superblock {
                 "no superblock here (wrong magic or too short)",
             ));
         }
-        if b[66..68] != [0, 0] || b[200..OFF_MAC].iter().any(|&x| x != 0) {
+        if b[66..68] != [0, 0] || b[OFF_COMMIT_ID + 16..OFF_MAC].iter().any(|&x| x != 0) {
             return Err(Error::corrupt(
                 "the superblock's reserved bytes are not zero",
             ));
@@ -95,6 +101,7 @@ impl Superblock {
             allocated_blocks: get_u64(b, 152),
             high_water: get_u64(b, 160),
             header_hash: get_array(b, 168),
+            commit_id: get_array(b, OFF_COMMIT_ID),
         };
         let ptr_ok = |p: &NodePtr| p.pbn == 0 || (MIN_DATA_START_BLOCK..MAX_PBN).contains(&p.pbn);
         if !ptr_ok(&sb.map_root) || !ptr_ok(&sb.space_root) || !ptr_ok(&sb.snapshots) {
@@ -182,6 +189,7 @@ mod tests {
             allocated_blocks: 77,
             high_water: 3000,
             header_hash: [3; 32],
+            commit_id: [9; 16],
         }
     }
 

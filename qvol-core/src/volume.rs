@@ -254,8 +254,11 @@ impl Volume {
         }
         let mut vol = Volume::assemble(storage, keys, header, keyslot_count, sb, point, read_only);
         vol.on_commit = HookSlot(opts.on_commit);
-        let replayed = vol.replay()?;
-        if replayed > 0 && !read_only {
+        vol.replay()?;
+        if !read_only {
+            // Always, even with an empty log: each writable session then extends its own
+            // superblock, so log records of two sessions that started from one commit
+            // (bound to the same superblock MAC) can never be mixed (FORMAT.md §9).
             let _gate = vol.exclusive();
             vol.commit_locked(true)?;
         }

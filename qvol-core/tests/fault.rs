@@ -200,8 +200,10 @@ fn a_failed_write_is_an_io_error_and_nothing_later_is_trusted() {
         fail: OpKinds::WRITE,
         tear_failed_writes: true,
     };
-    let (fault, vol) = open_on(&disk, writes_fail);
-    let vol = vol.expect("open (no write needed)");
+    // A writable open commits (it writes), so writes start failing only after it.
+    let (fault, vol) = open_on(&disk, FaultConfig::never());
+    let vol = vol.expect("open");
+    fault.set_config(writes_fail);
     common::assert_kind(
         vol.write_at(0, &common::pattern(1, 4096)),
         ErrorKind::Io,

@@ -319,3 +319,21 @@ fn records_of_a_forked_history_do_not_verify() {
         common::pattern(10, 4096)
     );
 }
+
+/// Two writable sessions started from the same commit (an old copy put back between them)
+/// commit at open, and their commit points differ even though neither wrote anything yet:
+/// the random commit id keeps their log records apart (FORMAT.md §8, §9).
+#[test]
+fn two_sessions_from_one_commit_never_share_a_commit_point() {
+    let mem = Arc::new(MemStorage::new());
+    common::create(mem.clone(), SIZE).close().unwrap();
+    let copy = mem.to_vec();
+    let first = common::open(mem.clone()).unwrap().commit_point();
+    let again = Arc::new(MemStorage::from_bytes(copy));
+    let second = common::open(again).unwrap().commit_point();
+    assert_eq!(first.generation, second.generation);
+    assert_ne!(
+        first.root_id, second.root_id,
+        "the same superblock MAC twice"
+    );
+}

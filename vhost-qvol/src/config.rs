@@ -61,7 +61,7 @@ pub enum ConfigError {
     /// `--volume-id` is not 32 hex digits.
     #[error("--volume-id must be the 32 hex digits `qvol info IMAGE` prints, not {0:?}")]
     BadVolumeId(String),
-    /// A writable daemon without `--volume-id` or `--any-volume`.
+    /// A daemon without `--volume-id` or `--any-volume`.
     #[error(
         "say which volume this daemon serves with --volume-id ID (as `qvol info IMAGE` prints \
          it), or pass --any-volume to serve whatever image is at the path"
@@ -72,18 +72,18 @@ pub enum ConfigError {
     BothBindings,
 }
 
-/// Validates `--volume-id`, `--any-volume` and `--key`: a writable daemon must be bound to
-/// one volume unless `any_volume` says otherwise.
+/// Validates `--volume-id`, `--any-volume` and `--key`: a daemon must be bound to one
+/// volume unless `any_volume` says otherwise (read-only too: serving another VM's image
+/// read-only still hands its plaintext to this guest).
 pub fn check_binding(
     volume_id: Option<&str>,
     any_volume: bool,
     key_id: Option<String>,
-    read_only: bool,
 ) -> Result<Binding, ConfigError> {
     let volume_id = match (volume_id, any_volume) {
         (Some(_), true) => return Err(ConfigError::BothBindings),
-        (None, false) if !read_only => return Err(ConfigError::NoBinding),
-        (None, _) => None,
+        (None, false) => return Err(ConfigError::NoBinding),
+        (None, true) => None,
         (Some(text), false) => Some(
             crate::open::parse_volume_id(text)
                 .ok_or_else(|| ConfigError::BadVolumeId(text.to_string()))?,
@@ -170,29 +170,22 @@ mod tests {
     }
 
     #[test]
-    fn a_writable_daemon_needs_a_binding() {
+    fn a_daemon_needs_a_binding() {
         let id = "00112233445566778899aabbccddeeff";
         assert_eq!(
-            check_binding(None, false, None, false),
+            check_binding(None, false, None),
             Err(ConfigError::NoBinding)
         );
+        assert_eq!(check_binding(None, true, None).unwrap().volume_id, None);
         assert_eq!(
-            check_binding(None, false, None, true).unwrap().volume_id,
-            None
-        );
-        assert_eq!(
-            check_binding(None, true, None, false).unwrap().volume_id,
-            None
-        );
-        assert_eq!(
-            check_binding(Some(id), true, None, false),
+            check_binding(Some(id), true, None),
             Err(ConfigError::BothBindings)
         );
         assert_eq!(
-            check_binding(Some("0011"), false, None, false),
+            check_binding(Some("0011"), false, None),
             Err(ConfigError::BadVolumeId("0011".into()))
         );
-        let b = check_binding(Some(id), false, Some("vm1-00000000".into()), false).unwrap();
+        let b = check_binding(Some(id), false, Some("vm1-00000000".into())).unwrap();
         assert_eq!(b.volume_id.unwrap()[15], 0xff);
         assert_eq!(b.key_id.as_deref(), Some("vm1-00000000"));
     }

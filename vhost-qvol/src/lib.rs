@@ -15,6 +15,7 @@ pub mod hardening;
 pub mod lock;
 pub mod open;
 pub mod paths;
+pub mod recorder;
 pub mod request;
 pub mod serve;
 pub mod signals;
@@ -47,8 +48,8 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         SocketSource::Fd(_) => Some(serve::listen(&config.socket)?),
         SocketSource::Path(_) => None,
     };
-    let (disk, volume_id, _lock) = open_disk(&config)?;
-    if config.binding.volume_id.is_none() && !config.read_only {
+    let (disk, volume_id, recorder, _lock) = open_disk(&config)?;
+    if config.binding.volume_id.is_none() {
         warn!(
             "--any-volume: serving whatever recorded volume is at {}; an image copied over it \
              would be served too",
@@ -68,6 +69,14 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         Some(listener) => listener,
         None => serve::listen(&config.socket)?,
     };
+    // Every file the daemon needs is open now: shut the rest of the filesystem away
+    // before any serving thread starts (they inherit the restriction).
+    confine(&config)?;
+    if let Some(recorder) = &recorder {
+        recorder
+            .start_thread()
+            .context("cannot start the keystore recording thread")?;
+    }
     info!(
         "serving {} ({} bytes{}) on {}",
         config.blk_file.display(),
@@ -83,14 +92,54 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         SocketSource::Fd(_) => None,
     };
     let on_signal_device = Arc::clone(&device);
-    signals::on_termination(move |sig| shut_down(&on_signal_device, socket_path, sig))
-        .context("cannot start the signal thread")?;
+    let on_signal_recorder = recorder.clone();
+    signals::on_termination(move |sig| {
+        shut_down(
+            &on_signal_device,
+            on_signal_recorder.as_deref(),
+            socket_path,
+            sig,
+        )
+    })
+    .context("cannot start the signal thread")?;
     serve::serve(&mut listener, &device)?;
     Ok(())
 }
 
+/// Applies the Landlock sandbox (`hardening::sandbox`) and says how it came out.
+fn confine(config: &Config) -> anyhow::Result<()> {
+    let paths = hardening::SandboxPaths {
+        keystore: config.keystore.clone(),
+        socket_dir: match &config.socket {
+            SocketSource::Path(p) => Some(match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            }),
+            SocketSource::Fd(_) => None,
+        },
+    };
+    match hardening::sandbox(&paths).context("cannot sandbox the daemon (Landlock)")? {
+        hardening::SandboxStatus::Full => info!(
+            "sandboxed (Landlock): only the keystore's volume records and lock stay reachable"
+        ),
+        hardening::SandboxStatus::Partial => {
+            warn!("sandboxed in part: this kernel's Landlock lacks some restrictions qvol asks for")
+        }
+        hardening::SandboxStatus::None => warn!(
+            "not sandboxed: this kernel has no Landlock, so a compromised daemon could read \
+             the keystore files its user can read"
+        ),
+    }
+    Ok(())
+}
+
 /// SIGTERM/SIGINT: let requests in flight finish, stop new ones, commit, exit.
-fn shut_down(device: &Device, socket: Option<std::path::PathBuf>, sig: i32) -> ! {
+fn shut_down(
+    device: &Device,
+    recorder: Option<&recorder::Recorder>,
+    socket: Option<std::path::PathBuf>,
+    sig: i32,
+) -> ! {
     info!("signal {sig}: finishing requests in flight and closing the image");
     let _quiet = device.quiesce();
     let code = match device.disk().commit() {
@@ -100,6 +149,10 @@ fn shut_down(device: &Device, socket: Option<std::path::PathBuf>, sig: i32) -> !
             1
         }
     };
+    // The keystore learns the last commit before the process goes.
+    if recorder.is_some_and(|r| !r.flush(std::time::Duration::from_secs(5))) {
+        error!("the keystore did not record the last commit within 5 s");
+    }
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
     }
@@ -110,7 +163,14 @@ fn shut_down(device: &Device, socket: Option<std::path::PathBuf>, sig: i32) -> !
 /// the lock that must be held while it is served. The keystore is unlocked and dropped
 /// inside: from here on the daemon holds the volume key and its own volume's record key,
 /// never the keystore's master seed.
-fn open_disk(config: &Config) -> anyhow::Result<(Arc<dyn Disk>, [u8; 16], ImageLock)> {
+type OpenedDisk = (
+    Arc<dyn Disk>,
+    [u8; 16],
+    Option<Arc<recorder::Recorder>>,
+    ImageLock,
+);
+
+fn open_disk(config: &Config) -> anyhow::Result<OpenedDisk> {
     let keys = KeySource {
         keystore: config.keystore.clone(),
         passphrase_file: config.passphrase_file.clone(),
@@ -127,5 +187,5 @@ fn open_disk(config: &Config) -> anyhow::Result<(Arc<dyn Disk>, [u8; 16], ImageL
     );
     let volume_id = opened.header.volume_id;
     let disk: Arc<dyn Disk> = Arc::new(opened.volume);
-    Ok((disk, volume_id, opened.lock))
+    Ok((disk, volume_id, opened.recorder, opened.lock))
 }

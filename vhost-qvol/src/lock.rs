@@ -39,10 +39,17 @@ pub enum LockError {
 /// A held lock; dropping it releases the lock.
 #[derive(Debug)]
 pub struct ImageLock {
-    _file: File,
+    file: File,
 }
 
 impl ImageLock {
+    /// The locked file, opened for reading (and writing, for a write lock). Serving through
+    /// a duplicate of this descriptor (same open file description, same lock) guarantees that
+    /// the file served is the file locked, whatever is renamed over the path meanwhile.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Takes the write lock (`write`) or a shared read lock on `path`, without waiting.
     pub fn acquire(path: &Path, write: bool) -> Result<Self, LockError> {
         let io_err = |source| LockError::Io {
@@ -65,7 +72,7 @@ impl ImageLock {
         // initialised flock that fcntl only reads for F_OFD_SETLK.
         let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
         if rc == 0 {
-            return Ok(Self { _file: file });
+            return Ok(Self { file });
         }
         let err = io::Error::last_os_error();
         match err.raw_os_error() {

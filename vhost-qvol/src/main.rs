@@ -36,7 +36,8 @@ struct Args {
     /// image at the path is refused before anything is written.
     #[arg(long, value_name = "ID")]
     volume_id: Option<String>,
-    /// Serve whatever recorded volume is at the path (no --volume-id; logs a warning).
+    /// Serve whatever recorded volume is at the path instead of one --volume-id (logs a
+    /// warning).
     #[arg(long)]
     any_volume: bool,
     /// Unwrap only with this keystore key (it must be the key the volume is recorded for).
@@ -75,12 +76,7 @@ impl TryFrom<Args> for Config {
             (None, Some(fd)) => SocketSource::Fd(fd),
         };
         let blk_file = check_image(&args.blk_file.ok_or(ConfigError::NoImage)?)?;
-        let binding = check_binding(
-            args.volume_id.as_deref(),
-            args.any_volume,
-            args.key,
-            args.read_only,
-        )?;
+        let binding = check_binding(args.volume_id.as_deref(), args.any_volume, args.key)?;
         Ok(Config {
             socket,
             blk_file,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
-use log::{error, warn};
+use log::warn;
 use qvol_core::storage::FileStorage;
 use qvol_core::{read_header, CommitPoint, HeaderInfo, OpenOptions, Volume, VolumeKey};
 use qvol_keys::{
@@ -20,6 +20,7 @@ use qvol_keys::{
 
 use crate::lock::ImageLock;
 use crate::paths;
+use crate::recorder::Recorder;
 use crate::volume_disk::error_chain;
 
 /// Where the keystore is and how to unlock it (already resolved, see [`paths`]).
@@ -102,14 +103,29 @@ pub fn read_passphrase(path: &Path) -> anyhow::Result<SecretBytes> {
 pub fn read_image_header(image: &Path) -> anyhow::Result<(FileStorage, HeaderInfo)> {
     let storage = FileStorage::open(image, false)
         .with_context(|| format!("cannot open the image {}", image.display()))?;
-    let header = read_header(&storage).map_err(|e| {
+    let header = header_of(&storage, image)?;
+    Ok((storage, header))
+}
+
+/// Decodes the header of an open image (`image` names it in messages).
+fn header_of(storage: &FileStorage, image: &Path) -> anyhow::Result<HeaderInfo> {
+    read_header(storage).map_err(|e| {
         anyhow!(
             "{} is not a usable qvol image: {}",
             image.display(),
             error_chain(&e)
         )
-    })?;
-    Ok((storage, header))
+    })
+}
+
+/// The locked file as storage: one open file description for the lock, the header and
+/// the volume.
+fn locked_storage(lock: &ImageLock, image: &Path) -> anyhow::Result<FileStorage> {
+    let file = lock
+        .file()
+        .try_clone()
+        .with_context(|| format!("cannot open the image {}", image.display()))?;
+    Ok(FileStorage::from_file(file, image))
 }
 
 /// Unwraps the volume key of `header` with a key of `keystore`; returns the slot index.
@@ -177,6 +193,8 @@ pub struct OpenedVolume {
     pub slot: usize,
     /// What the keystore binds this volume to.
     pub binding: VolumeBinding,
+    /// Records every commit of a writable volume in the keystore (`None` read-only).
+    pub recorder: Option<Arc<Recorder>>,
     /// The image lock; keep it as long as the volume is in use.
     pub lock: ImageLock,
 }
@@ -203,7 +221,8 @@ pub fn open_volume(
     read_only: bool,
 ) -> anyhow::Result<OpenedVolume> {
     let lock = ImageLock::acquire(image, !read_only)?;
-    let (_, header) = read_image_header(image)?;
+    let storage = locked_storage(&lock, image)?;
+    let header = header_of(&storage, image)?;
     if let Some(want) = binding.volume_id {
         if want != header.volume_id {
             bail!(
@@ -240,7 +259,8 @@ pub fn open_volume(
     }
     let (slot, key) = unwrap_volume_key(image, &header, &keystore, Some(&bound.key_id))?;
     let guard = Arc::new(guard);
-    let volume = open_checked(image, &key, Arc::clone(&guard), read_only)?;
+    let recorder = (!read_only).then(|| Recorder::new(Arc::clone(&guard), image.to_path_buf()));
+    let volume = open_checked(image, storage, &key, &guard, recorder.as_ref())?;
     if !read_only {
         let point = volume.commit_point();
         if let Err(e) = keystore.raise_volume_floor(&header.volume_id, &state_of(&point)) {
@@ -258,43 +278,29 @@ pub fn open_volume(
         header,
         slot,
         binding: bound,
+        recorder,
         lock,
     })
 }
 
 /// `Volume::open_with`, checking freshness before anything is written and recording every
-/// later commit with `guard`.
+/// later commit with `recorder` (writable opens).
 fn open_checked(
     image: &Path,
+    storage: FileStorage,
     key: &VolumeKey,
-    guard: Arc<VolumeGuard>,
-    read_only: bool,
+    guard: &Arc<VolumeGuard>,
+    recorder: Option<&Arc<Recorder>>,
 ) -> anyhow::Result<Volume> {
-    let storage = FileStorage::open(image, !read_only)
-        .with_context(|| format!("cannot open the image {}", image.display()))?;
-    let checker = Arc::clone(&guard);
-    let shown = image.display().to_string();
+    let checker = Arc::clone(guard);
     let opts = OpenOptions {
-        read_only,
+        read_only: recorder.is_none(),
         check: Some(Box::new(move |point: &CommitPoint| {
             checker
                 .check(&state_of(point))
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
         })),
-        on_commit: (!read_only).then(|| {
-            let hook: qvol_core::CommitHook = Arc::new(move |point: &CommitPoint| {
-                // The record may lag (a later open still accepts the newer image); it must
-                // never run ahead, and it cannot: the commit is durable by now.
-                if let Err(e) = guard.record(&state_of(point)) {
-                    error!(
-                        "cannot record generation {} of {shown} in the keystore: {}",
-                        point.generation,
-                        error_chain(&e)
-                    );
-                }
-            });
-            hook
-        }),
+        on_commit: recorder.map(Recorder::hook),
     };
     Volume::open_with(Arc::new(storage), key, opts).map_err(|e| {
         let what = if e.kind() == qvol_core::ErrorKind::Refused {

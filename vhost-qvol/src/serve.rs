@@ -64,13 +64,32 @@ pub fn listen(source: &SocketSource) -> Result<Listener, ServeError> {
     match source {
         SocketSource::Path(path) => {
             refuse_non_socket(path)?;
-            Listener::new(path, true).map_err(|source| ServeError::Bind {
-                path: path.clone(),
-                source,
-            })
+            listen_atomically(path)
         }
         SocketSource::Fd(fd) => listener_from_fd(*fd),
     }
+}
+
+/// Binds and listens under a temporary name in the same directory, then renames the
+/// socket into place: a client that sees the path can connect at once (binding in place
+/// leaves a moment between bind and listen where a connect is refused).
+fn listen_atomically(path: &Path) -> Result<Listener, ServeError> {
+    let bind_error = |source: io::Error| ServeError::Bind {
+        path: path.to_path_buf(),
+        source: VhostUserError::SocketError(source),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(bind_error)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(bind_error(e));
+    }
+    Ok(Listener::from(listener))
 }
 
 fn refuse_non_socket(path: &Path) -> Result<(), ServeError> {

@@ -37,6 +37,8 @@ struct Unlocked {
     /// The keystore's verdict: `None` if it has no record of the volume, else `Ok` when
     /// the image is as fresh as the record, or why not.
     freshness: Option<Result<(), String>>,
+    /// The key and VM the keystore binds the volume to.
+    binding: Option<qvol_keys::VolumeBinding>,
     allocated: u64,
     slot: usize,
 }
@@ -78,6 +80,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             doc["allocated_bytes"] = json!(u.allocated);
             doc["opened_with_keyslot"] = json!(u.slot);
             doc["recorded"] = json!(u.freshness.is_some());
+            if let Some(b) = &u.binding {
+                doc["recorded_key_id"] = json!(b.key_id);
+                doc["recorded_vm"] = json!(b.vm);
+            }
             doc["rolled_back"] = json!(matches!(u.freshness, Some(Err(_))));
             if let Some(Err(why)) = &u.freshness {
                 doc["freshness_error"] = json!(why);
@@ -115,6 +121,9 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
                 None => "not recorded in this keystore: `qvol volume adopt` adopts it".to_string(),
             };
             println!("generation:     {} ({freshness})", u.generation);
+            if let Some(b) = &u.binding {
+                println!("recorded for:   key {} of VM {}", b.key_id, b.vm);
+            }
             println!(
                 "space used:     {} ({} bytes)",
                 format_size(u.allocated),
@@ -168,10 +177,13 @@ fn unlock(
         .map_err(|e| chain(anyhow!("cannot open the volume: {}", error_chain(&e))))?;
     let info = volume.info();
     let state = state_of(&volume.commit_point());
-    let freshness = guard.map(|g| g.check(&state).map_err(|e| error_chain(&e)));
+    let freshness = guard
+        .as_ref()
+        .map(|g| g.check(&state).map_err(|e| error_chain(&e)));
     Ok(Unlocked {
         generation: info.generation,
         freshness,
+        binding: guard.map(|g| g.binding().clone()),
         allocated: info.allocated_bytes,
         slot,
     })
