@@ -85,31 +85,33 @@ fn dont_dump(_bytes: &[u8]) -> std::io::Result<()> {
     ))
 }
 
-/// `flock(2)` on an open file: exclusive or shared, blocking. Released when the file is
-/// closed.
+/// `flock(2)` with `LOCK_NB`: `Ok(true)` when the lock was taken, `Ok(false)` when another
+/// open file holds a conflicting lock.
 #[cfg(unix)]
-pub(crate) fn flock(file: &std::fs::File, exclusive: bool) -> std::io::Result<()> {
+pub(crate) fn try_flock(file: &std::fs::File, exclusive: bool) -> std::io::Result<bool> {
     use std::os::unix::io::AsRawFd;
     let op = if exclusive {
         libc::LOCK_EX
     } else {
         libc::LOCK_SH
-    };
+    } | libc::LOCK_NB;
     loop {
         // SAFETY: flock takes a file descriptor that `file` keeps open for the whole call and
         // touches no memory of ours.
         let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
         if rc == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
+        match err.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock => return Ok(false),
+            _ => return Err(err),
         }
     }
 }
 
 #[cfg(not(unix))]
-pub(crate) fn flock(_file: &std::fs::File, _exclusive: bool) -> std::io::Result<()> {
-    Ok(())
+pub(crate) fn try_flock(_file: &std::fs::File, _exclusive: bool) -> std::io::Result<bool> {
+    Ok(true)
 }

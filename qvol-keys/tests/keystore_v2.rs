@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{keystore, PASS, WEAK};
+use common::{keystore, snapshot, PASS, WEAK};
 use qvol_keys::kem::HybridSecretKey;
 use qvol_keys::{
     derive_vm_key_seed, keyslot, ErrorKind, KdfParams, Keystore, Secret32, VolumeState,
@@ -667,7 +667,15 @@ fn a_put_back_volume_record_refuses_only_that_volume() {
     // A record edited by hand (fails its MAC): refused, only that volume.
     u.forget_volume(&VOL).unwrap();
     assert!(!rec.exists());
-    u.register_volume(&VOL, &k.key_id, &st(6, 6)).unwrap();
+    // The id of a forgotten volume is not registered again (a random id never repeats);
+    // the image is adopted, at or above the state it was forgotten at.
+    assert_eq!(
+        u.register_volume(&VOL, &k.key_id, &st(6, 6))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Integrity
+    );
+    u.adopt_volume(&VOL, &k.key_id, &st(6, 6)).unwrap();
     let text = std::fs::read_to_string(&rec).unwrap();
     std::fs::write(&rec, text.replace("\"generation\": 6", "\"generation\": 7")).unwrap();
     let u = reopen(d).unwrap();
@@ -761,4 +769,266 @@ fn an_edited_key_record_stays_refused_after_admin_writes_and_is_deleted_with_for
     assert!(!rec.exists());
     assert_eq!(u.list().unwrap().len(), 2);
     assert!(reopen(d).unwrap().damaged_entries().is_empty());
+}
+
+// Repair keeps rollback protection; forget keeps a tombstone (security review, item 1).
+
+const ACCEPT: &str = "(pass --accept-rollback to adopt it anyway)";
+
+#[test]
+fn a_deleted_volume_record_is_repaired_without_losing_rollback_protection() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = keystore(d);
+    let k = u.new_key("web01").unwrap();
+    let vol2 = [0x43; 16];
+    let b = u.register_volume(&VOL, &k.key_id, &st(1, 1)).unwrap();
+    u.register_volume(&vol2, &k.key_id, &st(1, 1)).unwrap();
+    let g = u.volume_guard(&VOL).unwrap();
+    g.record(&st(3, 3)).unwrap();
+    g.record(&st(5, 5)).unwrap();
+    u.raise_volume_floor(&VOL, &st(5, 5)).unwrap();
+    let rec = vol_file(d, &VOL);
+
+    // Sound record: repair writes nothing.
+    let sound = std::fs::read(&rec).unwrap();
+    assert_eq!(u.repair_volume(&VOL).unwrap(), b);
+    assert_eq!(std::fs::read(&rec).unwrap(), sound);
+
+    // The attack: delete the record and put back an older image (generation 3).
+    std::fs::remove_file(&rec).unwrap();
+    let u = reopen(d).unwrap();
+    let err = u.volume_guard(&VOL).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("`qvol volume repair {}`", hex::encode(VOL))),
+        "{msg}"
+    );
+    assert!(!msg.contains("forget") && !msg.contains("adopt"), "{msg}");
+    assert_integrity_naming(err, &rec);
+    assert!(u.damaged_entries()[0].contains("qvol volume repair"));
+    // The advice: repair. The old image stays refused, the current one opens.
+    assert_eq!(u.repair_volume(&VOL).unwrap(), b);
+    assert!(u.damaged_entries().is_empty(), "{:?}", u.damaged_entries());
+    let u = reopen(d).unwrap();
+    assert!(u.damaged_entries().is_empty());
+    let g = u.volume_guard(&VOL).unwrap();
+    assert_eq!(g.binding(), &b);
+    assert_eq!(g.check(&st(3, 3)).unwrap_err().kind(), ErrorKind::Rollback);
+    assert_eq!(g.check(&st(5, 6)).unwrap_err().kind(), ErrorKind::Rollback);
+    g.check(&st(5, 5)).unwrap();
+    g.record(&st(6, 6)).unwrap();
+
+    // An edited record (fails its MAC): rebuilt at the manifest floor.
+    let text = std::fs::read_to_string(&rec).unwrap();
+    std::fs::write(&rec, text.replace("\"generation\": 6", "\"generation\": 2")).unwrap();
+    let u = reopen(d).unwrap();
+    let err = u.volume_guard(&VOL).unwrap_err();
+    assert!(err.to_string().contains("fails its MAC"), "{err}");
+    assert!(err.to_string().contains("qvol volume repair"), "{err}");
+    u.repair_volume(&VOL).unwrap();
+    let g = reopen(d).unwrap().volume_guard(&VOL).unwrap();
+    assert_eq!(g.check(&st(4, 4)).unwrap_err().kind(), ErrorKind::Rollback);
+    g.check(&st(6, 6)).unwrap();
+
+    // A FIFO planted as the record: refused without blocking, repaired.
+    std::fs::remove_file(&rec).unwrap();
+    common::make_fifo(&rec);
+    let u = reopen(d).unwrap();
+    let err = u.volume_guard(&VOL).unwrap_err();
+    assert!(err.to_string().contains("is a FIFO"), "{err}");
+    assert!(err.to_string().contains("qvol volume repair"), "{err}");
+    u.repair_volume(&VOL).unwrap();
+    reopen(d)
+        .unwrap()
+        .volume_guard(&VOL)
+        .unwrap()
+        .check(&st(5, 5))
+        .unwrap();
+
+    // Not listed: nothing to rebuild from.
+    let stray = [0x77; 16];
+    assert_eq!(
+        u.repair_volume(&stray).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    std::fs::copy(&rec, vol_file(d, &stray)).unwrap();
+    let err = u.repair_volume(&stray).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(err.to_string().contains("qvol volume forget"), "{err}");
+    u.forget_volume(&stray).unwrap();
+    // The other volume was never touched.
+    u.volume_guard(&vol2).unwrap().check(&st(1, 1)).unwrap();
+    assert!(reopen(d).unwrap().damaged_entries().is_empty());
+}
+
+#[test]
+fn a_forgotten_volume_keeps_a_tombstone_against_old_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = keystore(d);
+    let k = u.new_key("web01").unwrap();
+    u.register_volume(&VOL, &k.key_id, &st(1, 1)).unwrap();
+    let g = u.volume_guard(&VOL).unwrap();
+    g.record(&st(5, 5)).unwrap();
+    u.raise_volume_floor(&VOL, &st(5, 5)).unwrap();
+    g.record(&st(7, 7)).unwrap(); // the record is above the floor
+
+    // The old repair path: delete the record, forget, adopt an older image. Refused.
+    std::fs::remove_file(vol_file(d, &VOL)).unwrap();
+    let u = reopen(d).unwrap();
+    u.forget_volume(&VOL).unwrap();
+    let t = &manifest_json(d)["forgotten"][hex::encode(VOL)];
+    assert_eq!(t["floor_generation"], 5, "{t}");
+    assert!(t["forgotten"].is_string(), "{t}");
+    for old in [st(3, 3), st(5, 9)] {
+        let err = u.adopt_volume(&VOL, &k.key_id, &old).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rollback, "{err}");
+        assert!(err.to_string().ends_with(ACCEPT), "{err}");
+    }
+    // The same state as forgotten, or a later one, is adopted.
+    u.adopt_volume(&VOL, &k.key_id, &st(5, 5)).unwrap();
+    assert!(manifest_json(d).get("forgotten").is_none());
+    let g = u.volume_guard(&VOL).unwrap();
+    g.record(&st(7, 7)).unwrap();
+
+    // A forget of a sound record remembers the record's state (above the floor).
+    u.forget_volume(&VOL).unwrap();
+    assert_eq!(
+        manifest_json(d)["forgotten"][hex::encode(VOL)]["floor_generation"],
+        7
+    );
+    // Unrelated admin writes and a new unlock keep it; the MAC covers it.
+    u.new_key("db01").unwrap();
+    let u = reopen(d).unwrap();
+    let err = u.adopt_volume(&VOL, &k.key_id, &st(6, 6)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rollback);
+    assert!(err.to_string().ends_with(ACCEPT), "{err}");
+    let nf = u.volume_guard(&VOL).unwrap_err();
+    assert_eq!(nf.kind(), ErrorKind::NotFound);
+    assert!(nf.to_string().contains("forgotten"), "{nf}");
+    let man = d.join("manifest.json");
+    let text = std::fs::read_to_string(&man).unwrap();
+    std::fs::write(
+        &man,
+        text.replace("\"floor_generation\": 7", "\"floor_generation\": 1"),
+    )
+    .unwrap();
+    assert_integrity_naming(reopen(d).unwrap_err(), &man);
+    std::fs::write(&man, &text).unwrap();
+    // Registering the id of a forgotten volume: refused (a random id never repeats).
+    let err = u.register_volume(&VOL, &k.key_id, &st(9, 9)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+    assert!(err.to_string().contains("was forgotten"), "{err}");
+    #[allow(deprecated)]
+    let err = u.record_volume_generation(&VOL, 9).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+    // Forgetting again changes nothing of it.
+    u.forget_volume(&VOL).unwrap();
+    assert_eq!(
+        manifest_json(d)["forgotten"][hex::encode(VOL)]["floor_generation"],
+        7
+    );
+
+    // The operator accepts the rollback: adopted, the floor is the adopted state, the
+    // tombstone is gone.
+    let before = snapshot(d);
+    let b = u
+        .adopt_volume_accepting_rollback(&VOL, &k.key_id, &st(2, 2))
+        .unwrap();
+    assert_ne!(snapshot(d), before);
+    assert_eq!(b.key_id, k.key_id);
+    assert!(manifest_json(d).get("forgotten").is_none());
+    let u = reopen(d).unwrap();
+    let g = u.volume_guard(&VOL).unwrap();
+    g.check(&st(2, 2)).unwrap();
+    assert_eq!(g.check(&st(1, 1)).unwrap_err().kind(), ErrorKind::Rollback);
+    // A recorded volume is not adopted again, even accepting a rollback.
+    assert_eq!(
+        u.adopt_volume_accepting_rollback(&VOL, &k.key_id, &st(1, 1))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::AlreadyExists
+    );
+    assert!(reopen(d).unwrap().damaged_entries().is_empty());
+}
+
+#[test]
+fn adopting_an_upgraded_record_below_it_names_accept_rollback() {
+    let (tmp, _) = golden_v1("v1-keystore-nopass");
+    let d = tmp.path();
+    Keystore::open(d).unwrap().upgrade(None).unwrap();
+    let u = Keystore::open(d).unwrap().unlock(None).unwrap();
+    let key = u.list().unwrap()[0].key_id.clone();
+    let vol = [0x11; 16];
+    let err = u.adopt_volume(&vol, &key, &st(6, 1)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rollback);
+    assert!(err.to_string().ends_with(ACCEPT), "{err}");
+    u.adopt_volume_accepting_rollback(&vol, &key, &st(6, 1))
+        .unwrap();
+    let g = Keystore::open(d)
+        .unwrap()
+        .unlock(None)
+        .unwrap()
+        .volume_guard(&vol)
+        .unwrap();
+    assert_eq!(g.binding().key_id, key);
+    g.check(&st(6, 1)).unwrap();
+}
+
+// A refused upgrade changes nothing (security review, item 6).
+
+fn without_lock(
+    mut s: std::collections::BTreeMap<String, Vec<u8>>,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    s.remove(".lock");
+    s
+}
+
+#[test]
+fn a_refused_upgrade_leaves_every_file_unchanged() {
+    // A corrupted volume record sorting after a good one (which the old code rewrote first).
+    let (tmp, _) = golden_v1("v1-keystore-nopass");
+    let d = tmp.path();
+    let good = std::fs::read_to_string(vol_file(d, &[0x11; 16])).unwrap();
+    let bad = vol_file(d, &[0xff; 16]);
+    std::fs::write(&bad, good.replace(&"11".repeat(16), &"ff".repeat(16))).unwrap();
+    let before = without_lock(snapshot(d));
+    let err = Keystore::open(d).unwrap().upgrade(None).unwrap_err();
+    assert_integrity_naming(err, &bad);
+    assert_eq!(without_lock(snapshot(d)), before);
+    assert!(!d.join("manifest.json").exists());
+    // Removed, the upgrade goes through.
+    std::fs::remove_file(&bad).unwrap();
+    Keystore::open(d).unwrap().upgrade(None).unwrap();
+    Keystore::open(d).unwrap().unlock(None).unwrap();
+
+    // A key record whose fingerprint does not match its (derived) seed, with a passphrase.
+    let (tmp, _) = golden_v1("v1-keystore-pass");
+    let d = tmp.path();
+    let pass = &b"golden v1 passphrase"[..];
+    let keys: Vec<PathBuf> = std::fs::read_dir(d.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let rec = keys.iter().max().unwrap().clone();
+    let text = std::fs::read_to_string(&rec).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let fp = v["generations"][0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let forged = format!("{}{}", &fp[..63], if fp.ends_with('0') { '1' } else { '0' });
+    std::fs::write(&rec, text.replace(&fp, &forged)).unwrap();
+    let before = without_lock(snapshot(d));
+    let err = Keystore::open(d).unwrap().upgrade(Some(pass)).unwrap_err();
+    assert!(err.to_string().contains("nothing was changed"), "{err}");
+    assert!(
+        err.to_string().contains(&rec.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(without_lock(snapshot(d)), before);
+    assert_eq!(Keystore::open(d).unwrap().version(), 1);
+    std::fs::write(&rec, text).unwrap();
+    Keystore::open(d).unwrap().upgrade(Some(pass)).unwrap();
 }

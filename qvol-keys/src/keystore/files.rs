@@ -9,7 +9,8 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::secret::fill_random;
 
 /// Largest keystore file we read (a key record with many generations is a few KiB).
 pub const MAX_FILE_LEN: u64 = 1 << 20;
@@ -24,8 +25,14 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How many random temporary names [`write_atomic`] tries before giving up.
+const TMP_ATTEMPTS: usize = 8;
+
 /// Writes `data` to `path` atomically with mode 0600: no reader ever sees a partial file, and
-/// after a crash the file is either the old or the new one.
+/// after a crash the file is either the old or the new one. The temporary file
+/// `.<name>.tmp-<16 random hex digits>` is created with `O_EXCL | O_NOFOLLOW` (a file or
+/// link planted under that name is never written through, and a planted name only costs a
+/// retry under another random name).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path
         .parent()
@@ -33,32 +40,65 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::invalid(format!("{} has no file name", path.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = write_new_file(&tmp, data).and_then(|()| {
-        fs::rename(&tmp, path)
-            .map_err(|e| Error::io(format!("cannot rename into {}", path.display()), e))
-    });
-    if result.is_err() {
+    let mut attempt = 0;
+    let tmp = loop {
+        let mut suffix = [0u8; 8];
+        fill_random(&mut suffix);
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{}", hex::encode(suffix)));
+        let tmp = dir.join(tmp_name);
+        match write_new_file(&tmp, data) {
+            Ok(()) => break tmp,
+            Err(NewFileError::Exists(_)) if attempt + 1 < TMP_ATTEMPTS => attempt += 1,
+            Err(NewFileError::Exists(e)) => {
+                return Err(Error::io(
+                    format!(
+                        "cannot create a temporary file next to {}: {TMP_ATTEMPTS} random names \
+                         were all taken",
+                        path.display()
+                    ),
+                    e,
+                ))
+            }
+            Err(NewFileError::Other(e)) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+    };
+    if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
-        return result;
+        return Err(Error::io(
+            format!("cannot rename into {}", path.display()),
+            e,
+        ));
     }
     sync_dir(dir)
 }
 
-fn write_new_file(tmp: &Path, data: &[u8]) -> Result<()> {
+enum NewFileError {
+    /// The name is taken (nothing was created).
+    Exists(std::io::Error),
+    /// Anything else (the file may have been created).
+    Other(Error),
+}
+
+fn write_new_file(tmp: &Path, data: &[u8]) -> std::result::Result<(), NewFileError> {
     let mut opts = OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
-    opts.mode(0o600);
-    let mut file = opts
-        .open(tmp)
-        .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
+    opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    let mut file = opts.open(tmp).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            NewFileError::Exists(e)
+        } else {
+            NewFileError::Other(Error::io(format!("cannot create {}", tmp.display()), e))
+        }
+    })?;
     file.write_all(data)
         .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))
+        .map_err(|e| NewFileError::Other(Error::io(format!("cannot write {}", tmp.display()), e)))
 }
 
 /// fsyncs a directory so that a rename or unlink in it is durable.
@@ -72,13 +112,29 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// on drop (keystore.json of a `--no-passphrase` keystore holds the master seed in hex).
 /// The buffer is sized from the file's length and read into directly, so no partial copy
 /// of the bytes is left behind in freed memory (as a growing `Vec` would).
+///
+/// The file is opened with `O_NOFOLLOW | O_NONBLOCK` and must be a regular file (checked with
+/// fstat on the open descriptor): a symbolic link, FIFO, socket or device planted under a
+/// keystore name is refused (Integrity) instead of followed or blocking forever.
 pub fn read_bounded(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    let mut file =
-        File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-    let hint = file
+    let mut opts = OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    let mut file = opts.open(path).map_err(|e| {
+        #[cfg(unix)]
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return not_a_regular_file(path, "a symbolic link");
+        }
+        Error::io(format!("cannot open {}", path.display()), e)
+    })?;
+    let meta = file
         .metadata()
-        .map(|m| m.len().min(MAX_FILE_LEN))
-        .unwrap_or(0);
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+    if !meta.file_type().is_file() {
+        return Err(not_a_regular_file(path, file_type_name(&meta.file_type())));
+    }
+    let hint = meta.len().min(MAX_FILE_LEN);
     // One byte more than expected, so that a file that grew is noticed without a realloc.
     let mut buf = Zeroizing::new(vec![0u8; usize::try_from(hint).unwrap_or(0) + 1]);
     let mut len = 0;
@@ -111,6 +167,39 @@ pub fn read_bounded(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     // Shrinking in place (truncate) keeps the allocation: it is wiped whole on drop.
     buf.truncate(len);
     Ok(buf)
+}
+
+fn not_a_regular_file(path: &Path, what: &str) -> Error {
+    Error::new(
+        ErrorKind::Integrity,
+        format!(
+            "{} is {what}, not a regular file (not written by qvol; remove it)",
+            path.display()
+        ),
+    )
+}
+
+fn file_type_name(t: &fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_block_device() || t.is_char_device() {
+            return "a device";
+        }
+    }
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a special file"
+    }
 }
 
 /// Removes a file and syncs its directory.
@@ -160,5 +249,84 @@ mod tests {
             read_bounded(&p).unwrap_err().kind(),
             crate::error::ErrorKind::Corrupt
         );
+    }
+
+    #[test]
+    fn a_planted_temporary_name_does_not_block_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.json");
+        // The names of the old scheme (pid), as a file and as a link to a victim file.
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"victim").unwrap();
+        let pid_name = dir
+            .path()
+            .join(format!(".f.json.tmp-{}", std::process::id()));
+        fs::write(&pid_name, b"planted").unwrap();
+        write_atomic(&p, b"one").unwrap();
+        fs::remove_file(&pid_name).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&victim, &pid_name).unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read(&victim).unwrap(), b"victim");
+        // Temporary names are random: two writes never use the same one.
+        let names: std::collections::BTreeSet<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}"); // f.json, victim, the planted name
+    }
+
+    /// mkfifo(1): the crate has no unsafe outside mlock.rs and no extra dependency for this.
+    #[cfg(unix)]
+    fn make_fifo(path: &Path) {
+        let ok = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mkfifo {}", path.display());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn fifos_and_symlinks_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.json");
+        make_fifo(&fifo);
+        // Run in a thread so that a regression shows as a failure, not a hung test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_bounded(&f).map(|_| ()));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("read_bounded blocked on a FIFO")
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+        assert!(
+            err.to_string().contains("is a FIFO, not a regular file"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&fifo.display().to_string()),
+            "{err}"
+        );
+
+        let target = dir.path().join("target.json");
+        fs::write(&target, b"{}").unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = read_bounded(&link).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+        assert!(
+            err.to_string()
+                .contains("is a symbolic link, not a regular file"),
+            "{err}"
+        );
+        let err = read_bounded(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        assert_eq!(&read_bounded(&target).unwrap()[..], b"{}");
     }
 }

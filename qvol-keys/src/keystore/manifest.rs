@@ -14,6 +14,7 @@ use std::fs::{File, OpenOptions};
 #[cfg(unix)]
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,72 @@ pub struct VolumeEntry {
     /// Set while a transaction creates or removes the record: the file may be absent.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+    /// Set while a transaction rebinds the record (adopting a record upgraded from version
+    /// 1): the entry before it. The file holds either binding; the next transaction keeps
+    /// the entry whose binding the file carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PreviousEntry>,
+}
+
+/// The entry of a volume before a rebinding transaction (see [`VolumeEntry::previous`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousEntry {
+    /// The key the volume was bound to.
+    pub key_id: String,
+    /// The VM of that key.
+    pub vm: String,
+    /// The floor generation of that entry.
+    pub floor_generation: u64,
+    /// The floor root id of that entry, hex.
+    pub floor_root_id: String,
+}
+
+impl VolumeEntry {
+    /// The entry as `previous` of a transaction.
+    pub fn as_previous(&self) -> PreviousEntry {
+        PreviousEntry {
+            key_id: self.key_id.clone(),
+            vm: self.vm.clone(),
+            floor_generation: self.floor_generation,
+            floor_root_id: self.floor_root_id.clone(),
+        }
+    }
+
+    /// The entry without the marks of a transaction.
+    pub fn settled(&self) -> VolumeEntry {
+        VolumeEntry {
+            pending: false,
+            previous: None,
+            ..self.clone()
+        }
+    }
+
+    /// The previous entry as a settled entry, if any.
+    pub fn previous_entry(&self) -> Option<VolumeEntry> {
+        self.previous.as_ref().map(|p| VolumeEntry {
+            key_id: p.key_id.clone(),
+            vm: p.vm.clone(),
+            floor_generation: p.floor_generation,
+            floor_root_id: p.floor_root_id.clone(),
+            pending: false,
+            previous: None,
+        })
+    }
+}
+
+/// What the manifest keeps of a forgotten volume: the highest state the keystore knew, and
+/// when it was forgotten. Adopting the volume again below that state needs
+/// `--accept-rollback` (docs/KEYS.md §4.2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tombstone {
+    /// Generation of the highest state known when the volume was forgotten.
+    pub floor_generation: u64,
+    /// Root id of that state, hex (all zeros = unknown).
+    pub floor_root_id: String,
+    /// When the volume was forgotten (RFC 3339).
+    pub forgotten: String,
 }
 
 /// manifest.json.
@@ -78,6 +145,9 @@ pub struct Manifest {
     pub keys: BTreeMap<String, Vec<Option<String>>>,
     /// Volume id (hex) -> binding and floor.
     pub volumes: BTreeMap<String, VolumeEntry>,
+    /// Volume id (hex) -> tombstone of a forgotten volume.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub forgotten: BTreeMap<String, Tombstone>,
     /// HMAC-SHA-256 of the fields above (docs/KEYS.md §4), hex.
     pub mac: String,
 }
@@ -101,6 +171,7 @@ impl Manifest {
             protection_pending: None,
             keys: BTreeMap::new(),
             volumes: BTreeMap::new(),
+            forgotten: BTreeMap::new(),
             mac: String::new(),
         }
     }
@@ -135,7 +206,24 @@ impl Manifest {
             m.extend_from_slice(&lp(v.vm.as_bytes()));
             m.extend_from_slice(&v.floor_generation.to_le_bytes());
             m.extend_from_slice(&hex_array::<32>(&v.floor_root_id, "a root id")?);
-            m.push(u8::from(v.pending));
+            m.push(u8::from(v.pending) | (u8::from(v.previous.is_some()) << 1));
+            if let Some(p) = &v.previous {
+                m.extend_from_slice(&lp(p.key_id.as_bytes()));
+                m.extend_from_slice(&lp(p.vm.as_bytes()));
+                m.extend_from_slice(&p.floor_generation.to_le_bytes());
+                m.extend_from_slice(&hex_array::<32>(&p.floor_root_id, "a root id")?);
+            }
+        }
+        // Absent when empty, so that manifests written before tombstones keep their MAC; the
+        // encoding above is self-delimiting, so this stays unambiguous.
+        if !self.forgotten.is_empty() {
+            m.extend_from_slice(&(self.forgotten.len() as u32).to_le_bytes());
+            for (id, t) in &self.forgotten {
+                m.extend_from_slice(&hex_array::<16>(id, "a volume id")?);
+                m.extend_from_slice(&t.floor_generation.to_le_bytes());
+                m.extend_from_slice(&hex_array::<32>(&t.floor_root_id, "a root id")?);
+                m.extend_from_slice(&lp(t.forgotten.as_bytes()));
+            }
         }
         Ok(m)
     }
@@ -168,19 +256,58 @@ pub fn file_hash(data: &[u8]) -> String {
 /// The held lock on `DIR/.lock`; released on drop.
 pub struct DirLock(#[allow(dead_code)] File);
 
-/// Takes the keystore lock, exclusive (writers) or shared (readers).
+/// How long [`lock`] waits for another process's lock before failing.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Takes the keystore lock, exclusive (writers) or shared (readers), waiting at most
+/// [`LOCK_TIMEOUT`]: a process that holds the lock forever (a hung or compromised daemon)
+/// makes the others fail with one sentence instead of hanging (a daemon's commit hook
+/// included).
 pub fn lock(dir: &Path, exclusive: bool) -> Result<DirLock> {
+    lock_within(dir, exclusive, LOCK_TIMEOUT)
+}
+
+/// [`lock`] with another deadline: non-blocking `flock` retried with short sleeps.
+pub(super) fn lock_within(dir: &Path, exclusive: bool, deadline: Duration) -> Result<DirLock> {
     let path = dir.join(LOCK_FILE);
     let mut opts = OpenOptions::new();
     opts.read(true).write(true).create(true);
     #[cfg(unix)]
-    opts.mode(0o600);
+    opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
     let file = opts
         .open(&path)
         .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-    crate::mlock::flock(&file, exclusive)
-        .map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
-    Ok(DirLock(file))
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let taken = crate::mlock::try_flock(&file, exclusive)
+            .map_err(|e| Error::io(format!("cannot lock {}", path.display()), e))?;
+        if taken {
+            return Ok(DirLock(file));
+        }
+        let waited = start.elapsed();
+        if waited >= deadline {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "the keystore {} is locked by another process for more than {}",
+                    dir.display(),
+                    seconds(deadline)
+                ),
+            ));
+        }
+        std::thread::sleep(pause.min(deadline - waited));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// "10 s", "0.2 s".
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
 }
 
 /// Reads and verifies the manifest of `dir`.
@@ -399,7 +526,13 @@ pub fn scan(dir: &Path, master: &Secret32, m: &Manifest) -> Result<Damage> {
 /// Resolves the intermediate entries an interrupted transaction left, against the files.
 /// Damaged entries are left as they are: resolving one against its file would legitimise
 /// whatever someone else put there.
-fn normalize(dir: &Path, m: &mut Manifest, protection: Protection, damage: &Damage) -> Result<()> {
+fn normalize(
+    dir: &Path,
+    master: &Secret32,
+    m: &mut Manifest,
+    protection: Protection,
+    damage: &Damage,
+) -> Result<()> {
     m.protection = protection;
     m.protection_pending = None;
     let ids: Vec<String> = m
@@ -417,26 +550,37 @@ fn normalize(dir: &Path, m: &mut Manifest, protection: Protection, damage: &Dama
             m.keys.remove(&id);
         }
     }
-    let pending: Vec<String> = m
+    let unsettled: Vec<String> = m
         .volumes
         .iter()
-        .filter(|(id, v)| v.pending && !damage.volumes.contains_key(*id))
+        .filter(|(id, v)| (v.pending || v.previous.is_some()) && !damage.volumes.contains_key(*id))
         .map(|(id, _)| id.clone())
         .collect();
-    for name in pending {
-        if volumes::record_path_by_name(dir, &name).exists() {
-            if let Some(v) = m.volumes.get_mut(&name) {
-                v.pending = false;
+    for name in unsettled {
+        let Some(entry) = m.volumes.get(&name) else {
+            continue;
+        };
+        // The entry whose binding the file carries (absent: the record was being created or
+        // removed, and the transaction did not get that far, or did).
+        match volumes::resolve_entry(dir, master, &name, entry)? {
+            Some(e) => {
+                m.volumes.insert(name, e);
             }
-        } else {
-            m.volumes.remove(&name);
+            None => {
+                m.volumes.remove(&name);
+            }
         }
     }
+    // A tombstone next to a listed volume: an interrupted adopt that wrote the record (the
+    // adopt happened) or an interrupted forget that did not remove it (the forget did not).
+    // Either way the entry stands. Damaged entries keep their tombstone.
+    m.forgotten
+        .retain(|name, _| !m.volumes.contains_key(name) || damage.volumes.contains_key(name));
     Ok(())
 }
 
-/// What a transaction's body returns: the key ids and volume names it removed, and the
-/// value of the caller's closure.
+/// What a transaction's body returns: the key ids it removed, the volume names whose record
+/// it removed or rewrote, and the value of the caller's closure.
 type Applied<T> = (Vec<String>, Vec<String>, T);
 
 /// A file change of a transaction.
@@ -473,13 +617,13 @@ impl UnlockedKeystore {
         let mut m = self.manifest()?;
         check_protection(&self.dir, &m, protection)?;
         let mut damage = scan(&self.dir, &self.master, &m)?;
-        normalize(&self.dir, &mut m, protection, &damage)?;
+        normalize(&self.dir, &self.master, &mut m, protection, &damage)?;
         let result = self.apply(m, f);
-        if let Ok((removed_keys, removed_volumes, _)) = &result {
+        if let Ok((removed_keys, touched_volumes, _)) = &result {
             for id in removed_keys {
                 damage.keys.remove(id);
             }
-            for name in removed_volumes {
+            for name in touched_volumes {
                 damage.volumes.remove(name);
             }
         }
@@ -500,6 +644,7 @@ impl UnlockedKeystore {
             if m.keys != old.keys
                 || m.volumes != old.volumes
                 || m.protection != old.protection
+                || m.forgotten != old.forgotten
                 || old.counter == 0
             {
                 write(&self.dir, &self.manifest_key, &mut m)?;
@@ -513,10 +658,11 @@ impl UnlockedKeystore {
                 _ => None,
             })
             .collect();
-        let removed_volumes: Vec<String> = ops
+        let touched_volumes: Vec<String> = ops
             .iter()
             .filter_map(|op| match op {
-                FileOp::RemoveVolume(id) => Some(hex::encode(id)),
+                // Removed, or written whole: either way no longer damaged.
+                FileOp::RemoveVolume(id) | FileOp::WriteVolume(id, _) => Some(hex::encode(id)),
                 _ => None,
             })
             .collect();
@@ -537,20 +683,43 @@ impl UnlockedKeystore {
                     m.keys.remove(id);
                 }
                 FileOp::WriteVolume(id, _) | FileOp::RemoveVolume(id) => {
-                    m.volumes
-                        .entry(hex::encode(id))
-                        .and_modify(|e| e.pending = false);
                     let name = hex::encode(id);
-                    let entry = m
-                        .volumes
-                        .get(&name)
-                        .or_else(|| old.volumes.get(&name))
-                        .cloned();
-                    if let Some(mut e) = entry {
-                        // A new record, a removed one, or a rebinding: meanwhile the file
-                        // may be absent or hold either binding (checked by MAC only).
-                        e.pending = true;
-                        mid.volumes.insert(name, e);
+                    let new = m.volumes.get(&name).map(VolumeEntry::settled);
+                    let was = old.volumes.get(&name);
+                    let entry = match (new.clone(), was) {
+                        // Rewritten (rebound, or repaired): the file holds the old or the
+                        // new binding, never none; the entry of the binding it holds wins.
+                        (Some(mut n), Some(w)) => {
+                            n.previous = if n.key_id == w.key_id && n.vm == w.vm {
+                                w.previous.clone()
+                            } else {
+                                Some(w.as_previous())
+                            };
+                            Some(n)
+                        }
+                        // Created: the file may be absent.
+                        (Some(mut n), None) => {
+                            n.pending = true;
+                            Some(n)
+                        }
+                        // Removed: the file may be absent.
+                        (None, Some(w)) => {
+                            let mut w = w.clone();
+                            w.pending = true;
+                            Some(w)
+                        }
+                        (None, None) => None,
+                    };
+                    if let Some(n) = new {
+                        m.volumes.insert(name.clone(), n);
+                    }
+                    match entry {
+                        Some(e) => {
+                            mid.volumes.insert(name, e);
+                        }
+                        None => {
+                            mid.volumes.remove(&name);
+                        }
                     }
                 }
                 FileOp::WriteKeystore(_, p) => {
@@ -559,7 +728,20 @@ impl UnlockedKeystore {
                 }
             }
         }
+        // A tombstone goes in the intermediate manifest and leaves only with the final one:
+        // until the record is written, the adopt that removes it may not have happened.
+        for (name, t) in &old.forgotten {
+            mid.forgotten
+                .entry(name.clone())
+                .or_insert_with(|| t.clone());
+        }
         write(&self.dir, &self.manifest_key, &mut mid)?;
+        #[cfg(test)]
+        if test_hooks::crash_at(test_hooks::CrashPoint::AfterIntermediate) {
+            return Err(Error::invalid(
+                "simulated crash after the intermediate manifest",
+            ));
+        }
         for op in ops {
             match op {
                 FileOp::WriteKey(id, data) => {
@@ -587,8 +769,48 @@ impl UnlockedKeystore {
                 }
             }
         }
+        #[cfg(test)]
+        if test_hooks::crash_at(test_hooks::CrashPoint::BeforeFinal) {
+            return Err(Error::invalid("simulated crash before the final manifest"));
+        }
         write(&self.dir, &self.manifest_key, &mut m)?;
-        Ok((removed_keys, removed_volumes, out))
+        Ok((removed_keys, touched_volumes, out))
+    }
+}
+
+/// Simulated crashes inside a transaction (unit tests only).
+#[cfg(test)]
+pub(super) mod test_hooks {
+    use std::cell::Cell;
+
+    /// Where the next transaction of this thread stops, as if the process died there.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum CrashPoint {
+        /// After writing the intermediate manifest, before changing any file.
+        AfterIntermediate,
+        /// After changing the files, before writing the final manifest.
+        BeforeFinal,
+    }
+
+    thread_local! {
+        static CRASH: Cell<Option<CrashPoint>> = const { Cell::new(None) };
+    }
+
+    /// Makes the next transaction of this thread stop at `at`.
+    pub fn crash_next_transaction_at(at: CrashPoint) {
+        CRASH.with(|c| c.set(Some(at)));
+    }
+
+    /// Whether the transaction stops here (then the hook is cleared).
+    pub(crate) fn crash_at(here: CrashPoint) -> bool {
+        CRASH.with(|c| {
+            if c.get() == Some(here) {
+                c.set(None);
+                true
+            } else {
+                false
+            }
+        })
     }
 }
 
@@ -637,5 +859,46 @@ mod tests {
         u.new_key("app01").unwrap();
         assert_eq!(u.manifest().unwrap().keys[&id].len(), 1);
         u.show(&id).unwrap();
+    }
+
+    /// Security review item 3: a process holding the lock forever makes the others fail
+    /// after the deadline, with one sentence, instead of hanging.
+    #[test]
+    fn a_held_lock_times_out_with_one_sentence() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let short = Duration::from_millis(200);
+        let held = lock(d, true).unwrap();
+        for exclusive in [false, true] {
+            let start = Instant::now();
+            let err = match lock_within(d, exclusive, short) {
+                Err(e) => e,
+                Ok(_) => panic!("the lock was taken twice"),
+            };
+            let took = start.elapsed();
+            assert!(took >= short && took < Duration::from_secs(5), "{took:?}");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "the keystore {} is locked by another process for more than 0.2 s",
+                    d.display()
+                )
+            );
+        }
+        drop(held);
+        // Shared locks coexist; a shared lock keeps writers out.
+        let r1 = lock(d, false).unwrap();
+        let r2 = lock_within(d, false, short).unwrap();
+        assert!(lock_within(d, true, short).is_err());
+        drop((r1, r2));
+        // A lock released while waiting is taken.
+        let held = lock(d, true).unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        lock_within(d, true, Duration::from_secs(5)).unwrap();
+        t.join().unwrap();
+        assert_eq!(seconds(LOCK_TIMEOUT), "10 s");
     }
 }

@@ -528,7 +528,9 @@ impl UnlockedKeystore {
     /// [`UnlockedKeystore::list`] for key records, and by every admin write): one sentence
     /// per damaged key or volume record, naming its file. Empty when nothing is damaged.
     /// Each one fails only the operations that touch it; repair with
-    /// [`UnlockedKeystore::forget_volume`] or [`UnlockedKeystore::delete_checked`] with
+    /// [`UnlockedKeystore::repair_volume`] (a listed volume, keeping its floor),
+    /// [`UnlockedKeystore::forget_volume`] (keeping a tombstone) or
+    /// [`UnlockedKeystore::delete_checked`] with
     /// force, or by restoring the file from a backup.
     pub fn damaged_entries(&self) -> Vec<String> {
         let d = self.damage.lock().unwrap_or_else(|e| e.into_inner());
@@ -571,28 +573,9 @@ impl UnlockedKeystore {
                 format!("there is no key {id:?}"),
             ));
         }
-        let what = path.display().to_string();
         let data = files::read_bounded(&path)?;
         manifest::check_key_bytes(&self.dir, m, id, &data)?;
-        let rec: KeyRecord = records::parse(&data, &what)?;
-        if rec.format != KEY_FORMAT
-            || (rec.version != VERSION && rec.version != VERSION_V1)
-            || rec.key_id != id
-        {
-            return Err(Error::corrupt(format!(
-                "{what} is not a qvol key record for {id}"
-            )));
-        }
-        if !rec
-            .generations
-            .iter()
-            .any(|g| g.generation == rec.current_generation)
-        {
-            return Err(Error::corrupt(format!(
-                "{what} lacks its current generation"
-            )));
-        }
-        Ok(rec)
+        parse_key_record(&path, id, &data)
     }
 
     /// The file change that stores `rec`.
@@ -907,6 +890,31 @@ impl UnlockedKeystore {
             .filter(|g| g.fingerprint == want)
             .find_map(|g| self.key_pair(&rec, g).ok())
     }
+}
+
+/// Parses the key record `id` read from `path` (version 1 or 2) and checks its format, id
+/// and current generation.
+fn parse_key_record(path: &Path, id: &str, data: &[u8]) -> Result<KeyRecord> {
+    let what = path.display().to_string();
+    let rec: KeyRecord = records::parse(data, &what)?;
+    if rec.format != KEY_FORMAT
+        || (rec.version != VERSION && rec.version != VERSION_V1)
+        || rec.key_id != id
+    {
+        return Err(Error::corrupt(format!(
+            "{what} is not a qvol key record for {id}"
+        )));
+    }
+    if !rec
+        .generations
+        .iter()
+        .any(|g| g.generation == rec.current_generation)
+    {
+        return Err(Error::corrupt(format!(
+            "{what} lacks its current generation"
+        )));
+    }
+    Ok(rec)
 }
 
 /// The seed of one generation of a VM key (docs/KEYS.md, "Hierarchy"):

@@ -15,7 +15,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::manifest::{self, FileOp, Manifest, VolumeEntry};
+use super::manifest::{self, FileOp, Manifest, Tombstone, VolumeEntry};
 use super::records::{self, hex_array};
 use super::{files, time, UnlockedKeystore, MASTER_SALT};
 use crate::error::{Error, ErrorKind, Result};
@@ -213,8 +213,12 @@ pub(super) fn read_record_v2(
     read_record(dir, &volume_key(master, volume_id), volume_id)
 }
 
-/// Checks a listed record file at unlock: MAC, and binding equal to the manifest's (unless
-/// a transaction is changing it).
+fn binds(b: &VolumeBinding, e: &VolumeEntry) -> bool {
+    b.key_id == e.key_id && b.vm == e.vm
+}
+
+/// Checks a listed record file: MAC, and binding equal to the manifest's (or to the previous
+/// one while a transaction rebinds it).
 pub(super) fn verify_record_file(
     dir: &Path,
     master: &Secret32,
@@ -224,7 +228,7 @@ pub(super) fn verify_record_file(
     let Some((b, _)) = read_record(dir, &volume_key(master, volume_id), volume_id)? else {
         return Ok(());
     };
-    if !entry.pending && (b.key_id != entry.key_id || b.vm != entry.vm) {
+    if !binds(&b, entry) && !entry.previous_entry().is_some_and(|p| binds(&b, &p)) {
         return Err(Error::new(
             ErrorKind::Integrity,
             format!(
@@ -236,6 +240,46 @@ pub(super) fn verify_record_file(
         ));
     }
     Ok(())
+}
+
+/// The settled entry of a listed volume, resolved against its record file: the entry itself,
+/// or while a transaction rebinds it the entry (new or previous) whose binding the file
+/// carries. None when the file is absent and the entry is pending (a record being created or
+/// removed). Call only on an entry without [`record_problem`].
+pub(super) fn resolve_entry(
+    dir: &Path,
+    master: &Secret32,
+    name: &str,
+    entry: &VolumeEntry,
+) -> Result<Option<VolumeEntry>> {
+    if !entry.pending && entry.previous.is_none() {
+        return Ok(Some(entry.clone()));
+    }
+    let id = hex_array::<16>(name, "a volume id")
+        .map_err(|e| Error::new(ErrorKind::Integrity, e.to_string()))?;
+    let Some((b, _)) = read_record(dir, &volume_key(master, &id), &id)? else {
+        return Ok((!entry.pending).then(|| entry.settled()));
+    };
+    if binds(&b, entry) {
+        return Ok(Some(entry.settled()));
+    }
+    match entry.previous_entry() {
+        Some(p) if binds(&b, &p) => Ok(Some(p)),
+        _ => Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "{} binds the volume to key {:?} but the keystore manifest binds it to {:?}",
+                record_path(dir, &id).display(),
+                b.key_id,
+                entry.key_id
+            ),
+        )),
+    }
+}
+
+/// The advice appended to a damaged volume record's sentence.
+fn repair_hint(name: &str) -> String {
+    format!("rebuild it from the keystore manifest with `qvol volume repair {name}`")
 }
 
 /// The problem of the volume record named `name` (volume id hex) against `m`, if any: a file
@@ -270,10 +314,9 @@ pub(super) fn record_problem(
             Error::new(
                 ErrorKind::Integrity,
                 format!(
-                    "{} is listed in the keystore manifest but missing (deleted; restore it \
-                     from a backup, or forget the volume with `qvol volume forget {name}` and \
-                     adopt its image again)",
-                    path.display()
+                    "{} is listed in the keystore manifest but missing (deleted; {})",
+                    path.display(),
+                    repair_hint(name)
                 ),
             )
         });
@@ -282,7 +325,13 @@ pub(super) fn record_problem(
         Ok(id) => id,
         Err(e) => return Some(Error::new(ErrorKind::Integrity, e.to_string())),
     };
-    verify_record_file(dir, master, &id, entry).err()
+    verify_record_file(dir, master, &id, entry).err().map(|e| {
+        if e.kind() == ErrorKind::Integrity {
+            Error::new(e.kind(), format!("{e}; {}", repair_hint(name)))
+        } else {
+            e
+        }
+    })
 }
 
 fn is_unknown(root: &[u8; 32]) -> bool {
@@ -328,15 +377,99 @@ fn entry_state(entry: &VolumeEntry) -> Result<VolumeState> {
     })
 }
 
-fn not_recorded(volume_id: &[u8; 16]) -> Error {
+fn not_recorded(volume_id: &[u8; 16], m: &Manifest) -> Error {
+    let name = hex::encode(volume_id);
+    let forgotten = match m.forgotten.get(&name) {
+        Some(t) => format!(
+            " (it was forgotten on {} at generation {})",
+            t.forgotten, t.floor_generation
+        ),
+        None => String::new(),
+    };
     Error::new(
         ErrorKind::NotFound,
         format!(
-            "no volume record for {}; run `qvol volume adopt IMAGE` to adopt an image brought \
-             from another keystore",
-            hex::encode(volume_id)
+            "no volume record for {name}{forgotten}; run `qvol volume adopt IMAGE` to adopt an \
+             image brought from another keystore"
         ),
     )
+}
+
+fn tombstone_state(t: &Tombstone) -> Result<VolumeState> {
+    Ok(VolumeState {
+        generation: t.floor_generation,
+        root_id: hex_array::<32>(&t.floor_root_id, "a tombstone root id")
+            .map_err(|e| Error::new(ErrorKind::Integrity, e.to_string()))?,
+    })
+}
+
+/// The sentence every refused adopt ends with.
+const ACCEPT_ROLLBACK_HINT: &str = "(pass --accept-rollback to adopt it anyway)";
+
+/// Rollback unless `state` is at or above the state the volume was forgotten at.
+fn check_against_tombstone(volume_id: &[u8; 16], state: &VolumeState, t: &Tombstone) -> Result<()> {
+    let id = hex::encode(volume_id);
+    let known = tombstone_state(t)?;
+    if state.generation < known.generation {
+        return Err(Error::new(
+            ErrorKind::Rollback,
+            format!(
+                "volume {id} is at generation {} but this keystore saw it at generation {} \
+                 before it was forgotten on {}: the image is an older copy \
+                 {ACCEPT_ROLLBACK_HINT}",
+                state.generation, known.generation, t.forgotten
+            ),
+        ));
+    }
+    if state.generation == known.generation
+        && !is_unknown(&known.root_id)
+        && !is_unknown(&state.root_id)
+        && state.root_id != known.root_id
+    {
+        return Err(Error::new(
+            ErrorKind::Rollback,
+            format!(
+                "volume {id} is at generation {} with another root id than this keystore saw \
+                 before it was forgotten on {}: forked history (the image is a copy that \
+                 diverged) {ACCEPT_ROLLBACK_HINT}",
+                state.generation, t.forgotten
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Why a new volume (register) may not take the id of a forgotten one.
+fn forgotten_id(name: &str, t: &Tombstone) -> Error {
+    Error::new(
+        ErrorKind::Integrity,
+        format!(
+            "volume {name} was forgotten by this keystore on {} (at generation {}) and a new \
+             volume never has the id of an old one: the image is a copy of the forgotten \
+             volume or its id was forged (adopt an old image with `qvol volume adopt IMAGE`)",
+            t.forgotten, t.floor_generation
+        ),
+    )
+}
+
+/// The higher of two states (at equal generations, the one whose root id is known).
+fn higher(a: VolumeState, b: VolumeState) -> VolumeState {
+    if b.generation > a.generation || (b.generation == a.generation && is_unknown(&a.root_id)) {
+        b
+    } else {
+        a
+    }
+}
+
+/// How [`UnlockedKeystore::bind`] treats an existing entry or tombstone.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BindMode {
+    /// A new volume: refuses any recorded or forgotten id.
+    Register,
+    /// An image from elsewhere: binds an unbound entry, checks tombstones.
+    Adopt,
+    /// Adopt, accepting a state below the recorded or forgotten one.
+    AdoptAcceptingRollback,
 }
 
 /// The narrow handle a daemon keeps for one volume: the keystore directory, the binding, the
@@ -372,13 +505,15 @@ impl VolumeGuard {
     fn known_states(&self) -> Result<Vec<VolumeState>> {
         let id = &self.binding.volume_id;
         let path = record_path(&self.dir, id);
+        let name = hex::encode(id);
         let Some((b, s)) = read_record(&self.dir, &self.key, id)? else {
             return Err(Error::new(
                 ErrorKind::Integrity,
                 format!(
                     "{} is missing although the keystore lists the volume (deleted, or \
-                     forgotten meanwhile)",
-                    path.display()
+                     forgotten meanwhile; {})",
+                    path.display(),
+                    repair_hint(&name)
                 ),
             ));
         };
@@ -386,10 +521,11 @@ impl VolumeGuard {
             return Err(Error::new(
                 ErrorKind::Integrity,
                 format!(
-                    "{} binds the volume to key {:?}, not to {:?}",
+                    "{} binds the volume to key {:?}, not to {:?} ({})",
                     path.display(),
                     b.key_id,
-                    self.binding.key_id
+                    self.binding.key_id,
+                    repair_hint(&name)
                 ),
             ));
         }
@@ -449,9 +585,10 @@ impl UnlockedKeystore {
         volume_id: &[u8; 16],
         key_id: &str,
         state: &VolumeState,
-        adopt: bool,
+        mode: BindMode,
     ) -> Result<VolumeBinding> {
         let name = hex::encode(volume_id);
+        let accept = mode == BindMode::AdoptAcceptingRollback;
         self.transact(|m: &mut Manifest| {
             if let Some(e) = record_problem(&self.dir, &self.master, m, &name) {
                 return Err(e);
@@ -462,9 +599,8 @@ impl UnlockedKeystore {
                 key_id: rec.key_id.clone(),
                 vm: rec.vm.clone(),
             };
-            let floor = *state;
             if let Some(e) = m.volumes.get(&name) {
-                if !(adopt && e.key_id.is_empty()) {
+                if mode == BindMode::Register || !e.key_id.is_empty() {
                     return Err(Error::new(
                         ErrorKind::AlreadyExists,
                         format!(
@@ -474,23 +610,37 @@ impl UnlockedKeystore {
                     ));
                 }
                 // Binding a record upgraded from keystore version 1: never lower it.
-                let key = volume_key(&self.master, volume_id);
-                let mut known = vec![entry_state(e)?];
-                if let Some((_, s)) = read_record(&self.dir, &key, volume_id)? {
-                    known.push(s);
+                if !accept {
+                    let key = volume_key(&self.master, volume_id);
+                    let mut known = vec![entry_state(e)?];
+                    if let Some((_, s)) = read_record(&self.dir, &key, volume_id)? {
+                        known.push(s);
+                    }
+                    for k in &known {
+                        check_against(volume_id, state, k).map_err(|e| {
+                            Error::new(e.kind(), format!("{e} {ACCEPT_ROLLBACK_HINT}"))
+                        })?;
+                    }
                 }
-                for k in &known {
-                    check_against(volume_id, state, k)?;
+            }
+            if let Some(t) = m.forgotten.get(&name) {
+                match mode {
+                    BindMode::Register => return Err(forgotten_id(&name, t)),
+                    BindMode::Adopt => check_against_tombstone(volume_id, state, t)?,
+                    BindMode::AdoptAcceptingRollback => {}
                 }
+                // Only the final manifest drops it (the transaction keeps it meanwhile).
+                m.forgotten.remove(&name);
             }
             m.volumes.insert(
                 name.clone(),
                 VolumeEntry {
                     key_id: binding.key_id.clone(),
                     vm: binding.vm.clone(),
-                    floor_generation: floor.generation,
-                    floor_root_id: hex::encode(floor.root_id),
+                    floor_generation: state.generation,
+                    floor_root_id: hex::encode(state.root_id),
                     pending: false,
+                    previous: None,
                 },
             );
             let key = volume_key(&self.master, volume_id);
@@ -500,27 +650,103 @@ impl UnlockedKeystore {
     }
 
     /// Registers a new volume (`qvol create`): binding to `key_id` (which must exist) and
-    /// first state. AlreadyExists if the volume is recorded.
+    /// first state. AlreadyExists if the volume is recorded; Integrity if its id is the id of
+    /// a forgotten volume (a random id never repeats: the image is a copy of the old volume,
+    /// or a forged one).
     pub fn register_volume(
         &self,
         volume_id: &[u8; 16],
         key_id: &str,
         state: &VolumeState,
     ) -> Result<VolumeBinding> {
-        self.bind(volume_id, key_id, state, false)
+        self.bind(volume_id, key_id, state, BindMode::Register)
     }
 
     /// Adopts an image brought from elsewhere (after `qvol key import`; CLI `qvol volume
     /// adopt IMAGE`): like [`UnlockedKeystore::register_volume`], and it also binds a record
-    /// whose binding is unknown (upgraded from keystore version 1), refusing a state older
-    /// than the recorded one.
+    /// whose binding is unknown (upgraded from keystore version 1). Refuses (Rollback, the
+    /// sentence ending "(pass --accept-rollback to adopt it anyway)") a state older than the
+    /// one recorded for that record, or than the one the volume was at when it was forgotten
+    /// ([`UnlockedKeystore::forget_volume`] keeps it), or at the same generation with another
+    /// root id.
     pub fn adopt_volume(
         &self,
         volume_id: &[u8; 16],
         key_id: &str,
         state: &VolumeState,
     ) -> Result<VolumeBinding> {
-        self.bind(volume_id, key_id, state, true)
+        self.bind(volume_id, key_id, state, BindMode::Adopt)
+    }
+
+    /// [`UnlockedKeystore::adopt_volume`] that accepts a state below (or forking from) the
+    /// recorded or forgotten one (`qvol volume adopt --accept-rollback IMAGE`, after the
+    /// operator checked that the image is the one to keep): the volume's floor becomes
+    /// `state`, and the tombstone of a forgotten volume is dropped. A volume recorded with a
+    /// known binding is still refused (AlreadyExists; forget it first).
+    pub fn adopt_volume_accepting_rollback(
+        &self,
+        volume_id: &[u8; 16],
+        key_id: &str,
+        state: &VolumeState,
+    ) -> Result<VolumeBinding> {
+        self.bind(volume_id, key_id, state, BindMode::AdoptAcceptingRollback)
+    }
+
+    /// Rebuilds the record file of a volume that the manifest lists (`qvol volume repair ID`)
+    /// when it is missing, fails its MAC, is not a record of that volume, names another
+    /// binding, or is not a regular file: a new record with the manifest's binding and the
+    /// manifest floor (or the state of the damaged file, if it still verifies under K_vol
+    /// and is higher), MACed with K_vol. Unlike forget and adopt, this keeps the volume's
+    /// rollback protection. Nothing is written when the record is sound. NotFound when the
+    /// manifest does not list the volume (a stray record file: `qvol volume forget ID`).
+    pub fn repair_volume(&self, volume_id: &[u8; 16]) -> Result<VolumeBinding> {
+        let name = hex::encode(volume_id);
+        self.transact(|m: &mut Manifest| {
+            let Some(entry) = m.volumes.get(&name).cloned() else {
+                let stray = if record_path(&self.dir, volume_id).exists() {
+                    format!(
+                        "; remove the stray record file with `qvol volume forget {name}`, then \
+                         adopt the image with `qvol volume adopt IMAGE`"
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "volume {name} is not listed in the keystore manifest, so there is no \
+                         record to rebuild{stray}"
+                    ),
+                ));
+            };
+            let Some(problem) = record_problem(&self.dir, &self.master, m, &name) else {
+                let e = resolve_entry(&self.dir, &self.master, &name, &entry)?
+                    .ok_or_else(|| not_recorded(volume_id, m))?;
+                return Ok((
+                    Vec::new(),
+                    VolumeBinding {
+                        volume_id: *volume_id,
+                        key_id: e.key_id,
+                        vm: e.vm,
+                    },
+                ));
+            };
+            log::debug!("repairing volume record {name}: {problem}");
+            let entry = entry.settled();
+            let key = volume_key(&self.master, volume_id);
+            let mut state = entry_state(&entry)?;
+            if let Ok(Some((_, s))) = read_record(&self.dir, &key, volume_id) {
+                state = higher(state, s);
+            }
+            let binding = VolumeBinding {
+                volume_id: *volume_id,
+                key_id: entry.key_id.clone(),
+                vm: entry.vm.clone(),
+            };
+            let bytes = record_bytes(&key, &binding, &state);
+            m.volumes.insert(name.clone(), entry);
+            Ok((vec![FileOp::WriteVolume(*volume_id, bytes)], binding))
+        })
     }
 
     /// The narrow handle a daemon keeps. NotFound when the volume has no record; Integrity
@@ -536,7 +762,10 @@ impl UnlockedKeystore {
         let entry = m
             .volumes
             .get(&name)
-            .ok_or_else(|| not_recorded(volume_id))?;
+            .ok_or_else(|| not_recorded(volume_id, &m))?;
+        // After an interrupted transaction: the entry whose binding the file carries.
+        let entry = &resolve_entry(&self.dir, &self.master, &name, entry)?
+            .ok_or_else(|| not_recorded(volume_id, &m))?;
         let key = volume_key(&self.master, volume_id);
         let binding = VolumeBinding {
             volume_id: *volume_id,
@@ -562,10 +791,13 @@ impl UnlockedKeystore {
             if let Some(e) = record_problem(&self.dir, &self.master, m, &name) {
                 return Err(e);
             }
+            if !m.volumes.contains_key(&name) {
+                return Err(not_recorded(volume_id, m));
+            }
             let e = m
                 .volumes
                 .get_mut(&name)
-                .ok_or_else(|| not_recorded(volume_id))?;
+                .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no volume {name}")))?;
             let floor = entry_state(e)?;
             check_against(volume_id, state, &floor)?;
             if state.generation > floor.generation
@@ -596,15 +828,41 @@ impl UnlockedKeystore {
     }
 
     /// Forgets the record of `volume_id` (admin; e.g. after deleting an image): removes its
-    /// manifest entry and its file. Nothing happens if there is neither. This is also the
-    /// repair of a damaged, missing or unlisted record of that volume (adopt the image again
-    /// afterwards).
+    /// manifest entry and its file, whatever their state (damaged, missing, unlisted), and
+    /// keeps a tombstone in the manifest: the highest state known (the manifest floor, the
+    /// record if it verifies under K_vol, an earlier tombstone) and the time. Adopting the
+    /// volume again below that state is refused unless
+    /// [`UnlockedKeystore::adopt_volume_accepting_rollback`]; registering its id again is
+    /// refused. Nothing happens if there is neither entry nor file. To repair a damaged
+    /// record of a listed volume, use [`UnlockedKeystore::repair_volume`].
     pub fn forget_volume(&self, volume_id: &[u8; 16]) -> Result<()> {
         let name = hex::encode(volume_id);
         self.transact(|m: &mut Manifest| {
-            let listed = m.volumes.remove(&name).is_some();
-            if !listed && !record_path(&self.dir, volume_id).exists() {
+            let entry = m.volumes.remove(&name);
+            if entry.is_none() && !record_path(&self.dir, volume_id).exists() {
                 return Ok((Vec::new(), ()));
+            }
+            let mut known: Option<VolumeState> = None;
+            let mut note = |s: VolumeState| known = Some(known.map_or(s, |k| higher(k, s)));
+            if let Some(e) = &entry {
+                note(entry_state(e)?);
+            }
+            let key = volume_key(&self.master, volume_id);
+            if let Ok(Some((_, s))) = read_record(&self.dir, &key, volume_id) {
+                note(s);
+            }
+            if let Some(t) = m.forgotten.get(&name) {
+                note(tombstone_state(t)?);
+            }
+            if let Some(s) = known {
+                m.forgotten.insert(
+                    name.clone(),
+                    Tombstone {
+                        floor_generation: s.generation,
+                        floor_root_id: hex::encode(s.root_id),
+                        forgotten: time::now_rfc3339(),
+                    },
+                );
             }
             Ok((vec![FileOp::RemoveVolume(*volume_id)], ()))
         })
@@ -645,6 +903,9 @@ impl UnlockedKeystore {
                             format!("volume {name} was recorded meanwhile"),
                         ));
                     }
+                    if let Some(t) = m.forgotten.get(&name) {
+                        return Err(forgotten_id(&name, t));
+                    }
                     let binding = VolumeBinding {
                         volume_id: *volume_id,
                         key_id: String::new(),
@@ -658,6 +919,7 @@ impl UnlockedKeystore {
                             floor_generation: generation,
                             floor_root_id: hex::encode([0u8; 32]),
                             pending: false,
+                            previous: None,
                         },
                     );
                     let key = volume_key(&self.master, volume_id);
@@ -680,5 +942,228 @@ impl UnlockedKeystore {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::manifest::test_hooks::{crash_next_transaction_at, CrashPoint};
+    use super::super::{KdfParams, Keystore};
+    use super::*;
+
+    const VOL: [u8; 16] = [0x42; 16];
+
+    fn st(generation: u64, root: u8) -> VolumeState {
+        VolumeState {
+            generation,
+            root_id: [root; 32],
+        }
+    }
+
+    fn reopen(d: &Path) -> UnlockedKeystore {
+        Keystore::open(d).unwrap().unlock(None).unwrap()
+    }
+
+    fn entry(u: &UnlockedKeystore) -> Option<VolumeEntry> {
+        u.manifest()
+            .unwrap()
+            .volumes
+            .get(&hex::encode(VOL))
+            .cloned()
+    }
+
+    fn tombstone(u: &UnlockedKeystore) -> Option<Tombstone> {
+        u.manifest()
+            .unwrap()
+            .forgotten
+            .get(&hex::encode(VOL))
+            .cloned()
+    }
+
+    /// A keystore with a key and VOL recorded unbound at generation 7 (what the upgrade
+    /// makes of a version 1 record).
+    fn with_unbound_record(d: &Path) -> (UnlockedKeystore, String) {
+        let u = Keystore::init(d, None, KdfParams::insecure_for_tests())
+            .unwrap()
+            .unlock(None)
+            .unwrap();
+        let key = u.new_key("web01").unwrap().key_id;
+        #[allow(deprecated)]
+        u.record_volume_generation(&VOL, 7).unwrap();
+        assert_eq!(entry(&u).unwrap().key_id, "");
+        (u, key)
+    }
+
+    /// Security review item 2: a crash after the intermediate manifest of the adopt of an
+    /// unbound record, before the record is written, used to leave a permanent Integrity
+    /// error (the next transaction settled the new binding while the file kept "").
+    #[test]
+    fn an_adopt_of_an_unbound_record_interrupted_before_the_record_keeps_it_unbound() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (u, key) = with_unbound_record(d);
+        crash_next_transaction_at(CrashPoint::AfterIntermediate);
+        u.adopt_volume(&VOL, &key, &st(8, 8)).unwrap_err();
+        let mid = entry(&u).unwrap();
+        assert_eq!(mid.key_id, key);
+        assert_eq!(mid.previous.as_ref().unwrap().key_id, "");
+        // Meanwhile: no damage, and the guard follows the binding the file carries.
+        let fresh = reopen(d);
+        assert!(
+            fresh.damaged_entries().is_empty(),
+            "{:?}",
+            fresh.damaged_entries()
+        );
+        let g = fresh.volume_guard(&VOL).unwrap();
+        assert_eq!(g.binding().key_id, "");
+        g.check(&st(7, 7)).unwrap();
+        // The next transaction settles the entry the file carries: the unbound one.
+        fresh.new_key("db01").unwrap();
+        let e = entry(&fresh).unwrap();
+        assert_eq!((e.key_id.as_str(), e.floor_generation), ("", 7));
+        assert!(e.previous.is_none() && !e.pending);
+        let fresh = reopen(d);
+        assert!(
+            fresh.damaged_entries().is_empty(),
+            "{:?}",
+            fresh.damaged_entries()
+        );
+        // The adopt can be run again.
+        fresh.adopt_volume(&VOL, &key, &st(8, 8)).unwrap();
+        let g = reopen(d).volume_guard(&VOL).unwrap();
+        assert_eq!(g.binding().key_id, key);
+        g.check(&st(8, 8)).unwrap();
+    }
+
+    #[test]
+    fn an_adopt_of_an_unbound_record_interrupted_after_the_record_is_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (u, key) = with_unbound_record(d);
+        crash_next_transaction_at(CrashPoint::BeforeFinal);
+        u.adopt_volume(&VOL, &key, &st(8, 8)).unwrap_err();
+        let fresh = reopen(d);
+        assert!(
+            fresh.damaged_entries().is_empty(),
+            "{:?}",
+            fresh.damaged_entries()
+        );
+        assert_eq!(fresh.volume_guard(&VOL).unwrap().binding().key_id, key);
+        fresh.new_key("db01").unwrap();
+        let e = entry(&fresh).unwrap();
+        assert_eq!((e.key_id.as_str(), e.floor_generation), (key.as_str(), 8));
+        assert!(e.previous.is_none() && !e.pending);
+        let g = reopen(d).volume_guard(&VOL).unwrap();
+        assert_eq!(g.check(&st(7, 7)).unwrap_err().kind(), ErrorKind::Rollback);
+        g.check(&st(8, 8)).unwrap();
+    }
+
+    fn registered(d: &Path) -> (UnlockedKeystore, String) {
+        let u = Keystore::init(d, None, KdfParams::insecure_for_tests())
+            .unwrap()
+            .unlock(None)
+            .unwrap();
+        let key = u.new_key("web01").unwrap().key_id;
+        u.register_volume(&VOL, &key, &st(5, 5)).unwrap();
+        (u, key)
+    }
+
+    #[test]
+    fn an_interrupted_forget_keeps_either_the_entry_or_the_tombstone() {
+        // Before the record is removed: the forget did not happen.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (u, key) = registered(d);
+        crash_next_transaction_at(CrashPoint::AfterIntermediate);
+        u.forget_volume(&VOL).unwrap_err();
+        assert!(entry(&u).unwrap().pending && tombstone(&u).is_some());
+        let fresh = reopen(d);
+        assert!(fresh.damaged_entries().is_empty());
+        fresh.volume_guard(&VOL).unwrap().check(&st(5, 5)).unwrap();
+        fresh.new_key("db01").unwrap();
+        assert!(!entry(&fresh).unwrap().pending);
+        assert!(tombstone(&fresh).is_none());
+        assert!(reopen(d).damaged_entries().is_empty());
+
+        // After the record is removed: the forget happened, the tombstone stays.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (u, key2) = registered(d);
+        crash_next_transaction_at(CrashPoint::BeforeFinal);
+        u.forget_volume(&VOL).unwrap_err();
+        let fresh = reopen(d);
+        assert!(fresh.damaged_entries().is_empty());
+        assert_eq!(
+            fresh.volume_guard(&VOL).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        fresh.new_key("db01").unwrap();
+        assert!(entry(&fresh).is_none());
+        assert_eq!(tombstone(&fresh).unwrap().floor_generation, 5);
+        assert_eq!(
+            fresh
+                .adopt_volume(&VOL, &key2, &st(4, 4))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Rollback
+        );
+        let _ = key;
+    }
+
+    #[test]
+    fn an_interrupted_adopt_of_a_forgotten_volume_keeps_the_tombstone_until_done() {
+        // Before the record is written: the tombstone still refuses older images.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (u, key) = registered(d);
+        u.forget_volume(&VOL).unwrap();
+        crash_next_transaction_at(CrashPoint::AfterIntermediate);
+        u.adopt_volume(&VOL, &key, &st(6, 6)).unwrap_err();
+        assert!(
+            tombstone(&u).is_some(),
+            "the intermediate manifest keeps it"
+        );
+        let fresh = reopen(d);
+        assert!(fresh.damaged_entries().is_empty());
+        fresh.new_key("db01").unwrap();
+        assert!(entry(&fresh).is_none());
+        assert!(tombstone(&fresh).is_some());
+        assert_eq!(
+            fresh
+                .adopt_volume(&VOL, &key, &st(4, 4))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Rollback
+        );
+
+        // After the record is written: adopted, the tombstone goes.
+        crash_next_transaction_at(CrashPoint::BeforeFinal);
+        fresh.adopt_volume(&VOL, &key, &st(6, 6)).unwrap_err();
+        let fresh = reopen(d);
+        assert!(fresh.damaged_entries().is_empty());
+        fresh.new_key("app01").unwrap();
+        assert_eq!(entry(&fresh).unwrap().floor_generation, 6);
+        assert!(tombstone(&fresh).is_none());
+        fresh.volume_guard(&VOL).unwrap().check(&st(6, 6)).unwrap();
+    }
+
+    #[test]
+    fn an_interrupted_repair_leaves_the_entry_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (u, _) = registered(d);
+        let rec = record_path(d, &VOL);
+        std::fs::remove_file(&rec).unwrap();
+        crash_next_transaction_at(CrashPoint::AfterIntermediate);
+        u.repair_volume(&VOL).unwrap_err();
+        // Still listed (never settled away as "being created"), still damaged.
+        let fresh = reopen(d);
+        assert_eq!(fresh.damaged_entries().len(), 1);
+        fresh.new_key("db01").unwrap();
+        assert_eq!(entry(&fresh).unwrap().floor_generation, 5);
+        fresh.repair_volume(&VOL).unwrap();
+        let g = reopen(d).volume_guard(&VOL).unwrap();
+        assert_eq!(g.check(&st(4, 4)).unwrap_err().kind(), ErrorKind::Rollback);
+        g.check(&st(5, 5)).unwrap();
     }
 }
