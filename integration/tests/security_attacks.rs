@@ -265,11 +265,11 @@ fn log_records_of_an_abandoned_history_do_not_replay() {
         &[OsStr::new("volume"), OsStr::new("forget"), OsStr::new(&id)],
     )
     .success();
-    qvol(
-        &f,
-        &[OsStr::new("volume"), OsStr::new("adopt"), image.as_os_str()],
-    )
-    .success();
+    let adopt = [OsStr::new("volume"), OsStr::new("adopt"), image.as_os_str()];
+    qvol(&f, &adopt).one_sentence_error("qvol", "--accept-rollback");
+    let mut accepting = adopt.to_vec();
+    accepting.push(OsStr::new("--accept-rollback"));
+    qvol(&f, &accepting).success();
     let daemon = start(&f, &image, "h3");
     connect(&daemon)
         .write(0, &pattern::make(65536, 0, 3))
@@ -401,21 +401,26 @@ fn an_older_or_deleted_volume_record_does_not_reenable_an_old_image() {
     stop(daemon);
     // A later start raises the keystore's floor for the volume.
     stop(start(&f, &image, "b"));
+    let current_image = fs::read(&image).unwrap();
     fs::write(&image, &old_image).unwrap();
     fs::write(&record, &old_record).unwrap();
     refused(&f, &image, &id, &[], "older");
     fs::remove_file(&record).unwrap();
     refused(&f, &image, &id, &[], "missing");
-    // The operator sees it, and repairs it by forgetting and adopting the image again.
+    // The operator sees it and repairs the record from the manifest: the old image stays
+    // refused, the current one is served again.
     let check = qvol(&f, &[OsStr::new("keystore"), OsStr::new("check")]);
     check.one_sentence_error("qvol", "damaged");
-    assert!(check.stdout.contains(&id), "{check:#?}");
+    assert!(check.stdout.contains("qvol volume repair"), "{check:#?}");
     qvol(
         &f,
-        &[OsStr::new("volume"), OsStr::new("forget"), OsStr::new(&id)],
+        &[OsStr::new("volume"), OsStr::new("repair"), OsStr::new(&id)],
     )
     .success();
     qvol(&f, &[OsStr::new("keystore"), OsStr::new("check")]).success();
+    refused(&f, &image, &id, &[], "older");
+    fs::write(&image, &current_image).unwrap();
+    stop(start(&f, &image, "c"));
 }
 
 #[test]

@@ -1,8 +1,10 @@
-//! `qvol volume adopt|forget`: the keystore's volume records. A record binds a volume id to
-//! the key (and VM) that may open it and remembers the volume's last committed state; a
-//! daemon refuses a volume without one. `qvol create` writes it; `adopt` writes it for an
-//! image brought from another host (after `qvol key import`); `forget` drops it once the
-//! image is gone.
+//! `qvol volume adopt|repair|forget`: the keystore's volume records. A record binds a volume
+//! id to the key (and VM) that may open it and remembers the volume's last committed state;
+//! a daemon refuses a volume without one. `qvol create` writes it; `adopt` writes it for an
+//! image brought from another host (after `qvol key import`); `repair` rebuilds a deleted or
+//! damaged one from the keystore's manifest (without lowering it); `forget` drops it once the
+//! image is gone (keeping a tombstone: adopting an older copy later needs
+//! `--accept-rollback`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +30,18 @@ pub enum VolumeCommand {
         /// The key to bind it to [default: the first key of this keystore that opens it].
         #[arg(long, value_name = "KEY_ID")]
         key: Option<String>,
+        /// Adopt it even if it is older than the state this keystore last knew of the volume
+        /// (restoring an older backup on purpose).
+        #[arg(long)]
+        accept_rollback: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Rebuild a deleted or damaged volume record from the keystore's manifest (its binding
+    /// and the last state the manifest vouches for); an older image stays refused.
+    Repair {
+        /// The volume id.
+        volume_id: String,
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
@@ -47,15 +61,28 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::Adopt {
             image,
             key,
+            accept_rollback,
             keystore,
-        } => adopt(&image, key.as_deref(), &keystore),
+        } => adopt(&image, key.as_deref(), accept_rollback, &keystore),
+        VolumeCommand::Repair {
+            volume_id,
+            keystore,
+        } => {
+            let id = volume_id_arg(&volume_id)?;
+            let binding = keystore.unlock()?.repair_volume(&id)?;
+            println!(
+                "Repaired the record of volume {} (key {} of VM {}).",
+                hex::encode(id),
+                binding.key_id,
+                binding.vm
+            );
+            Ok(())
+        }
         VolumeCommand::Forget {
             volume_id,
             keystore,
         } => {
-            let id = parse_volume_id(&volume_id).ok_or_else(|| {
-                anyhow!("{volume_id:?} is not a volume id (32 hex digits, as `qvol info` prints)")
-            })?;
+            let id = volume_id_arg(&volume_id)?;
             keystore.unlock()?.forget_volume(&id)?;
             println!("Forgot volume {}.", hex::encode(id));
             Ok(())
@@ -63,7 +90,18 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
     }
 }
 
-fn adopt(image: &std::path::Path, key: Option<&str>, args: &KeystoreArgs) -> anyhow::Result<()> {
+fn volume_id_arg(text: &str) -> anyhow::Result<[u8; 16]> {
+    parse_volume_id(text).ok_or_else(|| {
+        anyhow!("{text:?} is not a volume id (32 hex digits, as `qvol info` prints)")
+    })
+}
+
+fn adopt(
+    image: &std::path::Path,
+    key: Option<&str>,
+    accept_rollback: bool,
+    args: &KeystoreArgs,
+) -> anyhow::Result<()> {
     let _lock = ImageLock::acquire(image, false)?;
     let (_, header) = read_image_header(image)?;
     let keystore = args.unlock()?;
@@ -83,7 +121,12 @@ fn adopt(image: &std::path::Path, key: Option<&str>, args: &KeystoreArgs) -> any
         )
     })?;
     let point = volume.commit_point();
-    let binding = keystore.adopt_volume(&header.volume_id, &key_id, &state_of(&point))?;
+    let state = state_of(&point);
+    let binding = if accept_rollback {
+        keystore.adopt_volume_accepting_rollback(&header.volume_id, &key_id, &state)?
+    } else {
+        keystore.adopt_volume(&header.volume_id, &key_id, &state)?
+    };
     println!(
         "Adopted volume {} ({}) for key {} of VM {} at generation {}.",
         hex::encode(header.volume_id),
