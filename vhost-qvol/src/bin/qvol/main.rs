@@ -68,6 +68,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Warnings (a failed mlock, a weak test KDF) reach stderr; RUST_LOG raises the level.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // It may unlock the keystore (the master seed in memory): no core dump, and no ptrace by
+    // other processes of the same user (a daemon whose guest broke in, say).
+    vhost_qvol::hardening::forbid_core_dumps();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
