@@ -371,7 +371,7 @@ fn a_serving_daemon_holds_no_master_seed_and_dumps_no_core() {
         "no_new_privs is not set: {status}"
     );
     assert!(
-        daemon.log_text().contains("sandboxed (Landlock)"),
+        daemon.log_text().contains("sandboxed (Landlock, seccomp)"),
         "{}",
         daemon.log_text()
     );

@@ -47,9 +47,6 @@ pub struct SandboxPaths {
     /// The keystore directory: only its lock file and its `volumes/` directory stay
     /// reachable (the daemon records its own volume's commits there).
     pub keystore: Option<PathBuf>,
-    /// The directory of the listening socket: files there may be removed (the socket, at
-    /// shutdown).
-    pub socket_dir: Option<PathBuf>,
 }
 
 /// How the sandbox came out.
@@ -64,15 +61,21 @@ pub enum SandboxStatus {
 }
 
 /// Restricts this thread and every thread it starts from now on (call it before the
-/// serving threads start) with Landlock: no file can be opened, created or removed except
-/// the keystore's lock file, the files of `keystore/volumes/` (the daemon's own volume
-/// record is there) and the socket in `socket_dir`; no TCP. Files opened before (the image,
-/// the listening socket, stderr) keep working. So a guest that takes over its backend
-/// cannot read the keystore's `keystore.json` or the passphrase credential, even though
-/// the process's user may.
+/// serving threads start):
+/// - Landlock: no file can be opened, created or removed except the keystore's lock file
+///   and the files of `keystore/volumes/` (the daemon's own volume record is there); no TCP;
+///   no signals to, and no ptrace of, processes outside the sandbox. Files opened before
+///   (the image, the listening socket, stderr) keep working.
+/// - seccomp: no new sockets, no `connect` (so no other daemon's socket either, whatever the
+///   Landlock ABI), no chmod/chown, no exec, no ptrace.
+///
+/// So a guest that takes over its backend cannot read the keystore's `keystore.json` or the
+/// passphrase credential, reach another VM's backend, or loosen a file's permissions, even
+/// though the process's user may. Directories are opened without following symbolic links:
+/// a `volumes` link planted in the keystore cannot widen the sandbox.
 pub fn sandbox(paths: &SandboxPaths) -> anyhow::Result<SandboxStatus> {
     use landlock::{
-        Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
+        Access, AccessFs, AccessNet, PathBeneath, Ruleset, RulesetAttr, RulesetCreatedAttr,
         RulesetStatus, Scope, ABI,
     };
     let abi = ABI::V6;
@@ -88,24 +91,88 @@ pub fn sandbox(paths: &SandboxPaths) -> anyhow::Result<SandboxStatus> {
         .scope(Scope::from_all(abi))?
         .create()?;
     if let Some(dir) = &paths.keystore {
-        let lock = dir.join(qvol_keys::LOCK_FILE);
-        let volumes = dir.join(qvol_keys::VOLUMES_DIR);
+        let lock = open_path(&dir.join(qvol_keys::LOCK_FILE), false)?;
+        let volumes = open_path(&dir.join(qvol_keys::VOLUMES_DIR), true)?;
         ruleset = ruleset
             .add_rule(PathBeneath::new(
-                PathFd::new(&lock)?,
+                lock,
                 AccessFs::ReadFile | AccessFs::WriteFile,
             ))?
-            .add_rule(PathBeneath::new(PathFd::new(&volumes)?, records))?;
-    }
-    if let Some(dir) = &paths.socket_dir {
-        ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new(dir)?, AccessFs::RemoveFile))?;
+            .add_rule(PathBeneath::new(volumes, records))?;
     }
     let status = ruleset.restrict_self()?;
+    deny_syscalls()?;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => SandboxStatus::Full,
         RulesetStatus::PartiallyEnforced => SandboxStatus::Partial,
         RulesetStatus::NotEnforced => SandboxStatus::None,
     })
+}
+
+/// `O_PATH | O_NOFOLLOW` (and `O_DIRECTORY` for a directory): the object itself, never
+/// what a symbolic link in its place points to.
+fn open_path(path: &std::path::Path, directory: bool) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    if directory {
+        flags |= libc::O_DIRECTORY;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open {} for the sandbox (it must be a {}, not a symbolic link): {e}",
+                path.display(),
+                if directory { "directory" } else { "file" }
+            )
+        })
+}
+
+/// The system calls a serving daemon never makes and an attacker inside it would want:
+/// they fail with `EPERM`.
+fn denied_syscalls() -> Vec<i64> {
+    let mut calls = vec![
+        libc::SYS_socket,
+        libc::SYS_connect,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_fchmod,
+        libc::SYS_fchmodat,
+        libc::SYS_fchown,
+        libc::SYS_fchownat,
+        libc::SYS_execve,
+        libc::SYS_execveat,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        // fchmodat2 (Linux 6.6), the same number on every architecture.
+        452,
+    ];
+    #[cfg(target_arch = "x86_64")]
+    calls.extend([libc::SYS_chmod, libc::SYS_chown, libc::SYS_lchown]);
+    calls
+}
+
+fn deny_syscalls() -> anyhow::Result<()> {
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("no seccomp filter for this architecture: {e:?}"))?;
+    let rules = denied_syscalls()
+        .into_iter()
+        .map(|call| (call, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )?;
+    let program: BpfProgram = filter.try_into()?;
+    seccompiler::apply_filter(&program)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -126,8 +193,9 @@ mod tests {
         std::fs::write(&secret_elsewhere, b"passphrase").unwrap();
         let paths = SandboxPaths {
             keystore: Some(ks.clone()),
-            socket_dir: None,
         };
+        let socket = dir.path().join("other-daemon.sock");
+        let _other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         let outcome = std::thread::spawn(move || {
             let status = sandbox(&paths).unwrap();
             let denied = |p: &std::path::Path| std::fs::read(p).is_err();
@@ -147,11 +215,28 @@ mod tests {
                     .open(ks.join(qvol_keys::LOCK_FILE))
                     .is_ok(),
                 std::fs::write(ks.join("keystore.json"), b"attacker").is_err(),
+                std::os::unix::net::UnixStream::connect(&socket).is_err(),
+                std::os::unix::fs::chown(ks.join("volumes/a.json"), Some(0), Some(0)).is_err()
+                    && std::fs::set_permissions(
+                        ks.join("volumes/a.json"),
+                        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+                    )
+                    .is_err(),
             )
         })
         .join()
         .unwrap();
-        let (status, ks_denied, cred_denied, record, rewrote, lock_ok, ks_write_denied) = outcome;
+        let (
+            status,
+            ks_denied,
+            cred_denied,
+            record,
+            rewrote,
+            lock_ok,
+            ks_write_denied,
+            connect_denied,
+            chmod_denied,
+        ) = outcome;
         // The machines this project runs on have Landlock (ABI 7); without it the daemon
         // logs that it is not sandboxed, and this test must say so rather than pass.
         assert_ne!(
@@ -172,6 +257,11 @@ mod tests {
         );
         assert!(rewrote, "the volume record cannot be replaced atomically");
         assert!(lock_ok, "the keystore lock cannot be opened");
+        assert!(
+            connect_denied,
+            "another daemon's socket is reachable from the sandbox"
+        );
+        assert!(chmod_denied, "chmod or chown works in the sandbox");
         assert_eq!(
             std::fs::read(dir.path().join("keystore/volumes/a.json")).unwrap(),
             b"new"

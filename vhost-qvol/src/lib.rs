@@ -110,17 +110,11 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
 fn confine(config: &Config) -> anyhow::Result<()> {
     let paths = hardening::SandboxPaths {
         keystore: config.keystore.clone(),
-        socket_dir: match &config.socket {
-            SocketSource::Path(p) => Some(match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => std::path::PathBuf::from("."),
-            }),
-            SocketSource::Fd(_) => None,
-        },
     };
     match hardening::sandbox(&paths).context("cannot sandbox the daemon (Landlock)")? {
         hardening::SandboxStatus::Full => info!(
-            "sandboxed (Landlock): only the keystore's volume records and lock stay reachable"
+            "sandboxed (Landlock, seccomp): only the keystore's volume records and lock stay \
+             reachable"
         ),
         hardening::SandboxStatus::Partial => {
             warn!("sandboxed in part: this kernel's Landlock lacks some restrictions qvol asks for")
@@ -149,10 +143,15 @@ fn shut_down(
             1
         }
     };
-    // The keystore learns the last commit before the process goes.
-    if recorder.is_some_and(|r| !r.flush(std::time::Duration::from_secs(5))) {
-        error!("the keystore did not record the last commit within 5 s");
+    // The keystore learns the last commit before the process goes (longer than the
+    // keystore lock's own 10 s limit; the systemd unit allows 20 s to stop).
+    let mut code = code;
+    if recorder.is_some_and(|r| !r.flush(std::time::Duration::from_secs(15))) {
+        error!("the keystore did not record the last commit; the next start accepts an image no older than the last recorded one");
+        code = 1;
     }
+    // The sandbox may refuse this (no remove right outside the keystore's records); the
+    // next start replaces a stale socket.
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
     }
