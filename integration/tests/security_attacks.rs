@@ -379,6 +379,50 @@ fn a_serving_daemon_holds_no_master_seed_and_dumps_no_core() {
     stop(daemon);
 }
 
+#[test]
+fn a_daemon_keeps_no_descriptor_its_parent_left_open() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let f = Fixture::new();
+    let (_, image, id) = one_volume(&f);
+    // A parent that leaks a descriptor (here: the keystore file itself) into the daemon.
+    let leaked = fs::File::open(f.keystore.join("keystore.json")).unwrap();
+    let raw = leaked.as_raw_fd();
+    let socket = f.path("fds.sock");
+    let mut cmd = f.command(&integration::bins::vhost_qvol());
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .arg("--blk-file")
+        .arg(&image)
+        .arg("--volume-id")
+        .arg(&id);
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 onto fd 9, which
+    // clears close-on-exec for the copy.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let daemon = Daemon::start_command(cmd, &socket, &f.path("fds.log")).unwrap();
+    let keystore_file = fs::canonicalize(f.keystore.join("keystore.json")).unwrap();
+    let open: Vec<PathBuf> = fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    assert!(
+        open.iter().any(|p| p == &fs::canonicalize(&image).unwrap()),
+        "the scan works: the image is open in the daemon ({open:?})"
+    );
+    assert!(
+        !open.contains(&keystore_file),
+        "the daemon kept the descriptor its parent leaked: {open:?}"
+    );
+    stop(daemon);
+}
+
 fn hex_decode(text: &str) -> Vec<u8> {
     (0..text.len())
         .step_by(2)

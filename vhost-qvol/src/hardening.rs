@@ -41,6 +41,28 @@ pub fn is_dumpable() -> bool {
     unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
 }
 
+/// Closes every file descriptor this process inherited except stdin, stdout, stderr and
+/// `keep` (the `--fd` socket): the sandbox restricts what can be opened, not what is open
+/// already, so nothing the parent left open may stay within reach.
+pub fn close_inherited_fds(keep: Option<i32>) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        warn!("cannot list /proc/self/fd; inherited descriptors stay open");
+        return;
+    };
+    // Collect first: the directory handle is itself a descriptor.
+    let fds: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd > 2 && Some(fd) != keep {
+            // SAFETY: closing a descriptor number this process owns (inherited, unused by
+            // any Rust object yet: nothing has been opened before this runs); EBADF for the
+            // one read_dir used, already closed, is harmless.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 /// What the daemon may still reach on the filesystem once it serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SandboxPaths {

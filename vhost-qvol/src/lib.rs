@@ -38,8 +38,13 @@ use crate::serve::SocketSource;
 /// Runs the daemon: opens the image, listens, serves frontends one after another until
 /// SIGTERM/SIGINT (then finishes what is in flight, commits and exits 0).
 pub fn start_backend(config: Config) -> anyhow::Result<()> {
-    // Before any secret is read: no core dump, no ptrace by other users of this uid.
+    // Before any secret is read: no core dump, no ptrace by other users of this uid, and
+    // nothing inherited from the parent left open but the standard streams and --fd.
     hardening::forbid_core_dumps();
+    hardening::close_inherited_fds(match config.socket {
+        SocketSource::Fd(fd) => Some(fd),
+        SocketSource::Path(_) => None,
+    });
     // Before any thread starts, so that every thread inherits the blocked mask.
     signals::block_termination_signals().context("cannot block SIGTERM and SIGINT")?;
     // An inherited socket is checked before the image is opened; a socket path is bound
