@@ -69,13 +69,19 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
             keystore,
         } => {
             let id = volume_id_arg(&volume_id)?;
-            let binding = keystore.unlock()?.repair_volume(&id)?;
-            println!(
-                "Repaired the record of volume {} (key {} of VM {}).",
-                hex::encode(id),
-                binding.key_id,
-                binding.vm
-            );
+            let unlocked = keystore.unlock()?;
+            let name = hex::encode(id);
+            let damaged = unlocked
+                .damaged_entries()
+                .iter()
+                .any(|sentence| sentence.contains(&name));
+            let binding = unlocked.repair_volume(&id)?;
+            let (key, vm) = (&binding.key_id, &binding.vm);
+            if damaged {
+                println!("Repaired the record of volume {name} (key {key} of VM {vm}).");
+            } else {
+                println!("The record of volume {name} (key {key} of VM {vm}) verifies; nothing to repair.");
+            }
             Ok(())
         }
         VolumeCommand::Forget {
