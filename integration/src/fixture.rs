@@ -212,6 +212,27 @@ impl Fixture {
     }
 }
 
+/// Copies the tree `from` to `to` as a keystore has it: directories 0700, files 0600 (git
+/// keeps no modes), without the keystore's lock file (`.lock`, made on use).
+pub fn copy_private_tree(from: &Path, to: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if from.is_dir() {
+        std::fs::create_dir_all(to).expect("create a directory");
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700))
+            .expect("set a directory's mode");
+        for entry in std::fs::read_dir(from).expect("list a directory") {
+            let entry = entry.expect("list a directory");
+            if entry.file_name() != ".lock" {
+                copy_private_tree(&entry.path(), &to.join(entry.file_name()));
+            }
+        }
+    } else {
+        std::fs::copy(from, to).expect("copy a file");
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600))
+            .expect("set a file's mode");
+    }
+}
+
 /// Runs `cmd` to completion with no input, as `Command::output` does, but panics with what
 /// it printed if it has not exited within [`COMMAND_TIMEOUT`] (and kills it).
 fn run_bounded(mut cmd: Command, program: &str) -> Run {

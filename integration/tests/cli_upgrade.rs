@@ -5,12 +5,11 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
 use integration::client::{describe, BlkioClient};
-use integration::fixture::Fixture;
+use integration::fixture::{copy_private_tree, Fixture};
 use integration::pattern;
 
 const KEY: &str = "vm1-8b683211";
@@ -22,26 +21,11 @@ fn data() -> &'static Path {
     ))
 }
 
-/// Copies `from` into `to` with the private modes a keystore has (git keeps no modes).
-fn copy_private(from: &Path, to: &Path) {
-    if from.is_dir() {
-        fs::create_dir_all(to).unwrap();
-        fs::set_permissions(to, fs::Permissions::from_mode(0o700)).unwrap();
-        for entry in fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            copy_private(&entry.path(), &to.join(entry.file_name()));
-        }
-    } else {
-        fs::copy(from, to).unwrap();
-        fs::set_permissions(to, fs::Permissions::from_mode(0o600)).unwrap();
-    }
-}
-
 #[test]
 fn a_version_1_keystore_upgrades_and_its_volume_is_adopted_and_served() {
     let f = Fixture::with_passphrase("golden v1 passphrase");
     fs::remove_dir_all(&f.keystore).unwrap();
-    copy_private(&data().join("keystore"), &f.keystore);
+    copy_private_tree(&data().join("keystore"), &f.keystore);
     let image = f.path("vm1.qvol");
     fs::copy(data().join("vm1.qvol"), &image).unwrap();
 

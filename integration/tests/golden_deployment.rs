@@ -6,17 +6,14 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
 use integration::client::{describe, BlkioClient};
-use integration::fixture::Fixture;
+use integration::fixture::{copy_private_tree, Fixture};
 use integration::pattern;
 
 const PASSPHRASE: &str = "golden v2 passphrase";
-/// The keystore's lock file (created on use; not part of the golden data).
-const LOCK_FILE: &str = ".lock";
 /// Where the known data lies: (offset, length, pattern seed).
 const DATA: [(u64, usize, u64); 2] = [(0, 256 << 10, 42), (8 << 20, 64 << 10, 43)];
 
@@ -25,24 +22,6 @@ fn data_dir() -> &'static Path {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/v2-deployment"
     ))
-}
-
-/// Copies a tree, giving directories 0700 and files 0600 (git keeps no modes); skips the
-/// keystore's lock file.
-fn copy_private(from: &Path, to: &Path) {
-    if from.is_dir() {
-        fs::create_dir_all(to).unwrap();
-        fs::set_permissions(to, fs::Permissions::from_mode(0o700)).unwrap();
-        for entry in fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_name() != LOCK_FILE {
-                copy_private(&entry.path(), &to.join(entry.file_name()));
-            }
-        }
-    } else {
-        fs::copy(from, to).unwrap();
-        fs::set_permissions(to, fs::Permissions::from_mode(0o600)).unwrap();
-    }
 }
 
 fn serve_and_check(f: &Fixture, image: &Path, write: bool) {
@@ -71,7 +50,7 @@ fn serve_and_check(f: &Fixture, image: &Path, write: bool) {
 fn the_golden_v2_deployment_opens_and_serves() {
     let f = Fixture::with_passphrase(PASSPHRASE);
     fs::remove_dir_all(&f.keystore).unwrap();
-    copy_private(&data_dir().join("keystore"), &f.keystore);
+    copy_private_tree(&data_dir().join("keystore"), &f.keystore);
     let image = f.path("vm1.qvol");
     fs::copy(data_dir().join("vm1.qvol"), &image).unwrap();
     f.qvol(["keystore", "check"]).success();
@@ -95,7 +74,7 @@ fn write_the_golden_v2_deployment() {
     let out = data_dir();
     let _ = fs::remove_dir_all(out);
     fs::create_dir_all(out).unwrap();
-    copy_private(&f.keystore, &out.join("keystore"));
+    copy_private_tree(&f.keystore, &out.join("keystore"));
     fs::copy(&image, out.join("vm1.qvol")).unwrap();
     fs::write(
         out.join("README.md"),
