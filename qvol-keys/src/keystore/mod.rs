@@ -292,7 +292,8 @@ fn unseal_master(dir: &Path, file: &KeystoreFile, passphrase: Option<&[u8]>) -> 
                 return Err(Error::new(
                     ErrorKind::WrongPassphrase,
                     format!(
-                        "the keystore is not protected by a passphrase but one was given;                          someone may have replaced {what}"
+                        "the keystore is not protected by a passphrase but one was given; \
+                         someone may have replaced {what}"
                     ),
                 ));
             }
