@@ -212,6 +212,14 @@ impl Fixture {
     }
 }
 
+/// The volume id of `image` as `qvol info` prints it and `vhost-qvol --volume-id` takes it,
+/// read from the image header (no key needed).
+pub fn volume_id_of(image: &Path) -> Result<String, String> {
+    vhost_qvol::open::read_image_header(image)
+        .map(|(_, header)| vhost_qvol::open::volume_id_hex(&header.volume_id))
+        .map_err(|e| format!("{e:#}"))
+}
+
 /// Copies the tree `from` to `to` as a keystore has it: directories 0700, files 0600 (git
 /// keeps no modes), without the keystore's lock file (`.lock`, made on use).
 pub fn copy_private_tree(from: &Path, to: &Path) {

@@ -5,7 +5,7 @@ mod common;
 
 use common::{keystore, snapshot, PASS, WEAK};
 use qvol_keys::keyslot;
-use qvol_keys::{ErrorKind, Keystore, Secret32};
+use qvol_keys::{ErrorKind, Keystore, Secret32, VolumeState};
 
 const VOL: [u8; 16] = [7; 16];
 
@@ -351,27 +351,31 @@ fn export_import_across_two_keystores() {
 }
 
 #[test]
-#[allow(deprecated)]
-fn volume_generation_register_detects_rollback() {
+fn volume_records_detect_rollback() {
     let dir = tempfile::tempdir().unwrap();
     let u = keystore(dir.path());
     let vol = [0x42; 16];
-    assert_eq!(u.volume_generation(&vol).unwrap(), None);
-    u.check_volume_generation(&vol, 1).unwrap();
-    u.record_volume_generation(&vol, 5).unwrap();
-    assert_eq!(u.volume_generation(&vol).unwrap(), Some(5));
-    u.check_volume_generation(&vol, 5).unwrap();
-    u.check_volume_generation(&vol, 9).unwrap();
-    let before = snapshot(dir.path());
-    let err = u.check_volume_generation(&vol, 4).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Rollback);
+    let st = |generation: u64| VolumeState {
+        generation,
+        root_id: [generation as u8; 32],
+    };
+    let key = u.new_key("web01").unwrap().key_id;
     assert_eq!(
-        u.record_volume_generation(&vol, 3).unwrap_err().kind(),
-        ErrorKind::Rollback
+        u.volume_guard(&vol).unwrap_err().kind(),
+        ErrorKind::NotFound
     );
+    u.register_volume(&vol, &key, &st(5)).unwrap();
+    let g = u.volume_guard(&vol).unwrap();
+    g.check(&st(5)).unwrap();
+    let before = snapshot(dir.path());
+    let err = g.check(&st(4)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rollback);
+    assert_eq!(g.record(&st(3)).unwrap_err().kind(), ErrorKind::Rollback);
     assert_eq!(snapshot(dir.path()), before);
-    u.record_volume_generation(&vol, 7).unwrap();
-    assert_eq!(u.volume_generation(&vol).unwrap(), Some(7));
+    g.record(&st(7)).unwrap();
+    g.check(&st(7)).unwrap();
+    // A newer image than the record is fine (the record may lag).
+    g.check(&st(9)).unwrap();
 
     // Lowering the number in the file is caught by its MAC.
     let path = dir
@@ -384,14 +388,12 @@ fn volume_generation_register_detects_rollback() {
         text.replace("\"generation\": 7", "\"generation\": 2"),
     )
     .unwrap();
-    assert_eq!(
-        u.volume_generation(&vol).unwrap_err().kind(),
-        ErrorKind::Integrity
-    );
+    assert_eq!(g.check(&st(7)).unwrap_err().kind(), ErrorKind::Integrity);
     // So is a record from another keystore.
     let other_dir = tempfile::tempdir().unwrap();
     let other = keystore(other_dir.path());
-    other.record_volume_generation(&vol, 1).unwrap();
+    let other_key = other.new_key("web01").unwrap().key_id;
+    other.register_volume(&vol, &other_key, &st(1)).unwrap();
     std::fs::copy(
         other_dir
             .path()
@@ -400,12 +402,12 @@ fn volume_generation_register_detects_rollback() {
         &path,
     )
     .unwrap();
-    assert_eq!(
-        u.volume_generation(&vol).unwrap_err().kind(),
-        ErrorKind::Integrity
-    );
+    assert_eq!(g.check(&st(7)).unwrap_err().kind(), ErrorKind::Integrity);
     u.forget_volume(&vol).unwrap();
-    assert_eq!(u.volume_generation(&vol).unwrap(), None);
+    assert_eq!(
+        u.volume_guard(&vol).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }
 
 #[test]

@@ -920,9 +920,6 @@ fn a_forgotten_volume_keeps_a_tombstone_against_old_images() {
     let err = u.register_volume(&VOL, &k.key_id, &st(9, 9)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
     assert!(err.to_string().contains("was forgotten"), "{err}");
-    #[allow(deprecated)]
-    let err = u.record_volume_generation(&VOL, 9).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
     // Forgetting again changes nothing of it.
     u.forget_volume(&VOL).unwrap();
     assert_eq!(

@@ -34,13 +34,6 @@ pub fn forbid_core_dumps() {
     }
 }
 
-/// Whether this process is marked undumpable (for tests and `--print-capabilities`-like
-/// diagnostics).
-pub fn is_dumpable() -> bool {
-    // SAFETY: PR_GET_DUMPABLE takes no pointer argument.
-    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
-}
-
 /// Closes every file descriptor this process inherited except stdin, stdout, stderr and
 /// `keep` (the `--fd` socket): the sandbox restricts what can be opened, not what is open
 /// already, so nothing the parent left open may stay within reach.

@@ -141,18 +141,18 @@ fn shut_down(
 ) -> ! {
     info!("signal {sig}: finishing requests in flight and closing the image");
     let _quiet = device.quiesce();
-    let code = match device.disk().commit() {
-        Ok(()) => 0,
-        Err(e) => {
-            error!("cannot commit the image: {e}");
-            1
-        }
-    };
+    let mut code = 0;
+    if let Err(e) = device.disk().commit() {
+        error!("cannot commit the image: {e}");
+        code = 1;
+    }
     // The keystore learns the last commit before the process goes (longer than the
     // keystore lock's own 10 s limit; the systemd unit allows 20 s to stop).
-    let mut code = code;
     if recorder.is_some_and(|r| !r.flush(std::time::Duration::from_secs(15))) {
-        error!("the keystore did not record the last commit; the next start accepts an image no older than the last recorded one");
+        error!(
+            "the keystore did not record the last commit; the next start accepts an image \
+             no older than the last recorded one"
+        );
         code = 1;
     }
     // The sandbox may refuse this (no remove right outside the keystore's records); the
@@ -163,10 +163,8 @@ fn shut_down(
     std::process::exit(code)
 }
 
-/// Opens the image named in `config` and returns it as a [`Disk`] with its volume id and
-/// the lock that must be held while it is served. The keystore is unlocked and dropped
-/// inside: from here on the daemon holds the volume key and its own volume's record key,
-/// never the keystore's master seed.
+/// What [`open_disk`] returns: the volume as a [`Disk`], its id, its commit recorder
+/// (writable only) and the lock that must be held while it is served.
 type OpenedDisk = (
     Arc<dyn Disk>,
     [u8; 16],
@@ -174,6 +172,9 @@ type OpenedDisk = (
     ImageLock,
 );
 
+/// Opens the image named in `config`. The keystore is unlocked and dropped inside: from
+/// here on the daemon holds the volume key and its own volume's record key, never the
+/// keystore's master seed.
 fn open_disk(config: &Config) -> anyhow::Result<OpenedDisk> {
     let keys = KeySource {
         keystore: config.keystore.clone(),

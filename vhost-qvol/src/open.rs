@@ -159,6 +159,29 @@ pub fn unwrap_volume_key(
     Ok((slot, VolumeKey::from_bytes(*secret.expose())))
 }
 
+/// Opens `image` read-only with the volume key a keyslot of `keystore` unwraps (of
+/// `only_key`, if given), without the keystore's volume record: for the commands that judge
+/// freshness themselves (`qvol info`) or make the record (`qvol volume adopt`). Writes
+/// nothing (the log is replayed in memory). Returns the keyslot that opened and the volume.
+pub fn open_unrecorded(
+    image: &Path,
+    header: &HeaderInfo,
+    keystore: &UnlockedKeystore,
+    only_key: Option<&str>,
+) -> anyhow::Result<(usize, Volume)> {
+    let (slot, key) = unwrap_volume_key(image, header, keystore, only_key)?;
+    let storage = FileStorage::open(image, false)
+        .with_context(|| format!("cannot open the image {}", image.display()))?;
+    let volume = Volume::open(Arc::new(storage), &key, true).map_err(|e| {
+        anyhow!(
+            "cannot open the volume {}: {}",
+            image.display(),
+            error_chain(&e)
+        )
+    })?;
+    Ok((slot, volume))
+}
+
 /// Which volume a caller may open (an image copied over another one at the same path is
 /// refused before anything is read with a key).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -296,17 +296,14 @@ pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, Stri
         BackendKind::Qvol(_) => {
             let (_, vhost) = tools.qvol.as_ref().map_err(Clone::clone)?;
             let mut c = Command::new(vhost);
-            let storage = qvol_core::storage::FileStorage::open(&p.image, false)
-                .map_err(|e| format!("cannot open {}: {e}", p.image.display()))?;
-            let header = qvol_core::read_header(&storage)
-                .map_err(|e| format!("cannot read the header of {}: {e}", p.image.display()))?;
+            let volume_id = integration::fixture::volume_id_of(&p.image)?;
             c.env("QVOL_KEYSTORE", &p.keystore)
                 .arg("--socket-path")
                 .arg(&socket)
                 .arg("--blk-file")
                 .arg(&p.image)
                 .arg("--volume-id")
-                .arg(hex_id(&header.volume_id))
+                .arg(volume_id)
                 .arg("--num-queues")
                 .arg(queues.to_string());
             c
@@ -357,9 +354,4 @@ pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, Stri
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// A volume id as `qvol info` prints it.
-fn hex_id(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -132,9 +132,7 @@ impl QvolVolume {
             create.extend(["--cipher", cipher]);
         }
         cli(&create, "qvol create")?;
-        let volume_id = vhost_qvol::open::read_image_header(&image)
-            .map(|(_, header)| vhost_qvol::open::volume_id_hex(&header.volume_id))
-            .map_err(|e| GuestError::new(format!("{e:#}")))?;
+        let volume_id = crate::fixture::volume_id_of(&image).map_err(GuestError::new)?;
         Ok(Self {
             qvol,
             keystore,

@@ -37,7 +37,7 @@ const RECORD_VERSION: u32 = 2;
 
 /// Identity of a committed volume state (mirrors `qvol_core::CommitPoint`; qvol-keys stays
 /// independent of qvol-core). A root id of all zeros means "unknown" (records upgraded from
-/// keystore version 1, or the deprecated generation-only API): it matches any root id.
+/// keystore version 1): it matches any root id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VolumeState {
     /// Commit generation.
@@ -868,26 +868,15 @@ impl UnlockedKeystore {
         })
     }
 
-    /// The highest generation recorded for `volume_id` (record or manifest floor), if any.
-    #[deprecated(note = "use volume_guard(volume_id) and VolumeGuard::check")]
-    pub fn volume_generation(&self, volume_id: &[u8; 16]) -> Result<Option<u64>> {
-        match self.volume_guard(volume_id) {
-            Ok(g) => Ok(Some(
-                g.known_states()?
-                    .iter()
-                    .map(|s| s.generation)
-                    .max()
-                    .unwrap_or(0),
-            )),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Records that `volume_id` reached `generation` (root id unknown); creates an unbound
-    /// record when there is none. Never lowers it (Rollback).
-    #[deprecated(note = "use register_volume / volume_guard and VolumeGuard::record")]
-    pub fn record_volume_generation(&self, volume_id: &[u8; 16], generation: u64) -> Result<()> {
+    /// Test fixture: records that `volume_id` reached `generation` (root id unknown),
+    /// creating an unbound record when there is none, as the upgrade of a keystore-v1
+    /// record does. Never lowers it (Rollback).
+    #[cfg(test)]
+    pub(crate) fn record_unbound_for_tests(
+        &self,
+        volume_id: &[u8; 16],
+        generation: u64,
+    ) -> Result<()> {
         let state = VolumeState {
             generation,
             root_id: [0; 32],
@@ -927,19 +916,6 @@ impl UnlockedKeystore {
                     Ok((vec![FileOp::WriteVolume(*volume_id, bytes)], ()))
                 })
             }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Fails with Rollback if `generation` is below the recorded one.
-    #[deprecated(note = "use volume_guard(volume_id) and VolumeGuard::check")]
-    pub fn check_volume_generation(&self, volume_id: &[u8; 16], generation: u64) -> Result<()> {
-        match self.volume_guard(volume_id) {
-            Ok(g) => g.check(&VolumeState {
-                generation,
-                root_id: [0; 32],
-            }),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -988,8 +964,7 @@ mod tests {
             .unlock(None)
             .unwrap();
         let key = u.new_key("web01").unwrap().key_id;
-        #[allow(deprecated)]
-        u.record_volume_generation(&VOL, 7).unwrap();
+        u.record_unbound_for_tests(&VOL, 7).unwrap();
         assert_eq!(entry(&u).unwrap().key_id, "");
         (u, key)
     }

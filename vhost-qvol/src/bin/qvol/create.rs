@@ -11,7 +11,7 @@ use qvol_core::storage::FileStorage;
 use qvol_core::{CipherSuite, CreateOptions, Volume, VolumeKey};
 use qvol_keys::{keyslot, Secret32};
 use vhost_qvol::lock::ImageLock;
-use vhost_qvol::open::{state_of, KeySource};
+use vhost_qvol::open::{state_of, volume_id_hex, KeySource};
 use vhost_qvol::size::{format_size, parse_size};
 use vhost_qvol::volume_disk::error_chain;
 
@@ -140,13 +140,8 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
         "Created {} ({name}): {}, {suite}, volume id {}, keyslot 0 for key {}.",
         image.display(),
         format_size(size),
-        hex(&volume_id),
+        volume_id_hex(&volume_id),
         args.key
     );
     Ok(())
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

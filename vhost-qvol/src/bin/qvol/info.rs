@@ -4,19 +4,14 @@
 //! characters in it (a hostile image must not drive the terminal).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::anyhow;
-use qvol_core::storage::FileStorage;
-use qvol_core::Volume;
 use qvol_keys::keyslot;
 use serde_json::{json, Value};
-use vhost_qvol::open::{read_image_header, state_of, unwrap_volume_key, KeySource};
+use vhost_qvol::open::{open_unrecorded, read_image_header, state_of, volume_id_hex, KeySource};
 use vhost_qvol::size::format_size;
 use vhost_qvol::text::escape_untrusted;
 use vhost_qvol::volume_disk::error_chain;
 
-use crate::create::hex;
 use crate::keystore::KeystoreArgs;
 
 /// `qvol info`
@@ -68,7 +63,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "name": header.name,
         "format_version": header.format_version,
         "log_bytes": header.log_len,
-        "volume_id": hex(&header.volume_id),
+        "volume_id": volume_id_hex(&header.volume_id),
         "size": header.size,
         "cipher": suite.name(),
         "implementation": suite.implementation(),
@@ -103,7 +98,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         format_size(header.log_len),
         header.log_len / 128
     );
-    println!("volume id:      {}", hex(&header.volume_id));
+    println!("volume id:      {}", volume_id_hex(&header.volume_id));
     println!(
         "size:           {} ({} bytes)",
         format_size(header.size),
@@ -168,13 +163,9 @@ fn unlock(
         .as_ref()
         .map(|g| g.binding().key_id.clone())
         .filter(|k| !k.is_empty());
-    let (slot, key) =
-        unwrap_volume_key(&args.image, header, &keystore, only_key.as_deref()).map_err(chain)?;
+    let (slot, volume) =
+        open_unrecorded(&args.image, header, &keystore, only_key.as_deref()).map_err(chain)?;
     drop(keystore);
-    let storage = FileStorage::open(&args.image, false).map_err(|e| e.to_string())?;
-    // Read-only: replays the log in memory, writes nothing.
-    let volume = Volume::open(Arc::new(storage), &key, true)
-        .map_err(|e| chain(anyhow!("cannot open the volume: {}", error_chain(&e))))?;
     let info = volume.info();
     let state = state_of(&volume.commit_point());
     let freshness = guard

@@ -7,15 +7,11 @@
 //! `--accept-rollback`).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{anyhow, Context};
-use qvol_core::storage::FileStorage;
-use qvol_core::Volume;
+use anyhow::anyhow;
 use qvol_keys::keyslot;
 use vhost_qvol::lock::ImageLock;
-use vhost_qvol::open::{parse_volume_id, read_image_header, state_of, unwrap_volume_key};
-use vhost_qvol::volume_disk::error_chain;
+use vhost_qvol::open::{open_unrecorded, parse_volume_id, read_image_header, state_of};
 
 use crate::keystore::KeystoreArgs;
 
@@ -111,21 +107,11 @@ fn adopt(
     let _lock = ImageLock::acquire(image, false)?;
     let (_, header) = read_image_header(image)?;
     let keystore = args.unlock()?;
-    let (slot, volume_key) = unwrap_volume_key(image, &header, &keystore, key)?;
+    let (slot, volume) = open_unrecorded(image, &header, &keystore, key)?;
     let key_id = keyslot::describe(&header.keyslots[slot])
         .ok()
         .and_then(|info| info.key_id)
         .ok_or_else(|| anyhow!("keyslot {slot} of {} names no key", image.display()))?;
-    let storage = FileStorage::open(image, false)
-        .with_context(|| format!("cannot open the image {}", image.display()))?;
-    // Read-only: the state is read, nothing is written to the image.
-    let volume = Volume::open(Arc::new(storage), &volume_key, true).map_err(|e| {
-        anyhow!(
-            "cannot open the volume {}: {}",
-            image.display(),
-            error_chain(&e)
-        )
-    })?;
     let point = volume.commit_point();
     let state = state_of(&point);
     let binding = if accept_rollback {
