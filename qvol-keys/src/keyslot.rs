@@ -559,20 +559,64 @@ pub fn wrap_with_recovery(
     let mut set_id = [0u8; recovery::SET_ID_LEN];
     fill_random(&mut set_id);
     let split = recovery::split(&recovery_key, threshold, shares, set_id)?;
-    let mut body = Vec::with_capacity(2 + recovery::SET_ID_LEN);
-    body.push(threshold);
-    body.push(shares);
-    body.extend_from_slice(&set_id);
-    let wrap_key = hkdf32(volume_id, recovery_key.expose(), &[RECOVERY_INFO]);
-    let slot = seal_slot(
-        SlotKind::Recovery,
-        &body,
-        &wrap_key,
+    let slot = recovery_slot(
+        threshold,
+        shares,
+        &set_id,
+        &recovery_key,
         &aead::random_nonce(),
         volume_id,
         vk,
     )?;
     Ok((slot, split))
+}
+
+/// Recovery slot with a fixed recovery key, share set id, nonce and Shamir randomness (the
+/// coefficients come from a stream of `shamir_seed`, see
+/// [`recovery::split_deterministic`]): for the golden-vector tests only. In real use every
+/// one of these must be fresh and random, which [`wrap_with_recovery`] ensures.
+#[allow(clippy::too_many_arguments)]
+pub fn wrap_with_recovery_deterministic(
+    threshold: u8,
+    shares: u8,
+    volume_id: &[u8; 16],
+    vk: &Secret32,
+    recovery_key: &Secret32,
+    set_id: [u8; recovery::SET_ID_LEN],
+    nonce: &[u8; NONCE_LEN],
+    shamir_seed: &[u8; 32],
+) -> Result<(Vec<u8>, Vec<RecoveryShare>)> {
+    let split =
+        recovery::split_deterministic(recovery_key, threshold, shares, set_id, shamir_seed)?;
+    let slot = recovery_slot(
+        threshold,
+        shares,
+        &set_id,
+        recovery_key,
+        nonce,
+        volume_id,
+        vk,
+    )?;
+    Ok((slot, split))
+}
+
+/// Recovery body (k, n, set id) and the volume key sealed under
+/// HKDF(volume id, recovery key, RECOVERY_INFO).
+fn recovery_slot(
+    threshold: u8,
+    shares: u8,
+    set_id: &[u8; recovery::SET_ID_LEN],
+    recovery_key: &Secret32,
+    nonce: &[u8; NONCE_LEN],
+    volume_id: &[u8; 16],
+    vk: &Secret32,
+) -> Result<Vec<u8>> {
+    let mut body = Vec::with_capacity(2 + recovery::SET_ID_LEN);
+    body.push(threshold);
+    body.push(shares);
+    body.extend_from_slice(set_id);
+    let wrap_key = hkdf32(volume_id, recovery_key.expose(), &[RECOVERY_INFO]);
+    seal_slot(SlotKind::Recovery, &body, &wrap_key, nonce, volume_id, vk)
 }
 
 /// Recovers the volume key from at least `threshold` shares of the set named by a

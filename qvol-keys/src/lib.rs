@@ -6,6 +6,8 @@
 //! - [`Keystore`] / [`UnlockedKeystore`]: master seed, per-VM keys, rotation, export/import,
 //!   the MACed manifest and volume records ([`VolumeGuard`]).
 //! - [`keyslot`]: wrapping a volume key for a recipient, a passphrase or recovery shares.
+//! - [`PublicKeyFile`]: a key's public half as a file, to wrap keyslots for another
+//!   keystore's key.
 #![deny(unsafe_code)]
 
 mod aead;
@@ -15,6 +17,7 @@ pub mod kem;
 pub mod keyslot;
 mod keystore;
 mod mlock;
+mod pubfile;
 pub mod recovery;
 mod secret;
 
@@ -27,5 +30,6 @@ pub use keystore::{
     VolumeBinding, VolumeGuard, VolumeState, EXPORT_FORMAT, KEYSTORE_FILE, KEYSTORE_VERSION,
     KEYS_DIR, LOCK_FILE, MANIFEST_FILE, VOLUMES_DIR,
 };
+pub use pubfile::{PublicKeyFile, MAX_PUBLIC_KEY_FILE_LEN, PUBLIC_KEY_FORMAT, PUBLIC_KEY_VERSION};
 pub use recovery::RecoveryShare;
 pub use secret::{Secret32, SecretBytes};

@@ -117,18 +117,36 @@ impl FromStr for RecoveryShare {
 
 /// Splits `key` into `n` shares, any `k` of which recover it (2 <= k <= n <= 255).
 pub fn split(key: &Secret32, k: u8, n: u8, set_id: [u8; SET_ID_LEN]) -> Result<Vec<RecoveryShare>> {
+    split_with_rng(key, k, n, set_id, rand_core::OsRng)
+}
+
+/// [`split`] with the polynomial coefficients drawn from the stream
+/// SHAKE256(`"qvol-share-v1 seeded test rng"` || `seed`): for the golden-vector tests only. Which bytes of the stream become which
+/// coefficient is up to vsss-rs, so the shares (not their validity) may change with it.
+pub fn split_deterministic(
+    key: &Secret32,
+    k: u8,
+    n: u8,
+    set_id: [u8; SET_ID_LEN],
+    seed: &[u8; 32],
+) -> Result<Vec<RecoveryShare>> {
+    split_with_rng(key, k, n, set_id, SeededRng::new(seed))
+}
+
+fn split_with_rng(
+    key: &Secret32,
+    k: u8,
+    n: u8,
+    set_id: [u8; SET_ID_LEN],
+    rng: impl rand_core::RngCore + rand_core::CryptoRng,
+) -> Result<Vec<RecoveryShare>> {
     if k < 2 || k > n {
         return Err(Error::invalid(format!(
             "a recovery split needs 2 <= k <= n <= 255 (got {k} of {n})"
         )));
     }
-    let raw = Gf256::split_array(
-        usize::from(k),
-        usize::from(n),
-        key.expose(),
-        rand_core::OsRng,
-    )
-    .map_err(|e| Error::invalid(format!("Shamir split failed: {e:?}")))?;
+    let raw = Gf256::split_array(usize::from(k), usize::from(n), key.expose(), rng)
+        .map_err(|e| Error::invalid(format!("Shamir split failed: {e:?}")))?;
     let mut out = Vec::with_capacity(raw.len());
     for (i, mut r) in raw.into_iter().enumerate() {
         // vsss-rs numbers shares 1..=n in order; each is x || y[32].
@@ -148,6 +166,48 @@ pub fn split(key: &Secret32, k: u8, n: u8, set_id: [u8; SET_ID_LEN]) -> Result<V
     }
     Ok(out)
 }
+
+/// Label of the [`SeededRng`] stream.
+const SEEDED_RNG_LABEL: &[u8] = b"qvol-share-v1 seeded test rng";
+
+/// A deterministic byte stream, SHAKE256(`SEEDED_RNG_LABEL` || seed), posing as a
+/// cryptographic RNG so that vsss-rs draws reproducible Shamir coefficients: for
+/// [`split_deterministic`] (golden vectors) only. Never use it with a secret seed.
+struct SeededRng(sha3::Shake256Reader);
+
+impl SeededRng {
+    /// The stream of `seed`.
+    fn new(seed: &[u8; 32]) -> Self {
+        use sha3::digest::{ExtendableOutput, Update};
+        let mut xof = sha3::Shake256::default();
+        xof.update(SEEDED_RNG_LABEL);
+        xof.update(seed);
+        SeededRng(xof.finalize_xof())
+    }
+}
+
+impl rand_core::RngCore for SeededRng {
+    fn next_u32(&mut self) -> u32 {
+        rand_core::impls::next_u32_via_fill(self)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        rand_core::impls::next_u64_via_fill(self)
+    }
+
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        use sha3::digest::XofReader;
+        self.0.read(dest);
+    }
+
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> std::result::Result<(), rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+// Deterministic by design; the marker only lets vsss-rs accept it (test vectors).
+impl rand_core::CryptoRng for SeededRng {}
 
 /// Recovers the key from shares of one set; refuses fewer than `threshold` distinct shares.
 pub fn combine(shares: &[&RecoveryShare], threshold: u8) -> Result<Secret32> {

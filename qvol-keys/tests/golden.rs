@@ -1,11 +1,14 @@
 //! Golden vectors of our own constructions (fixed inputs -> fixed bytes, checked in under
-//! tests/data/): the hybrid KEM, keyslot format version 1 and the VM key derivation path.
-//! An accidental change to any label, layout or derivation fails here; the stored slots must
-//! keep opening (old images stay readable). `QVOL_BLESS=1` rewrites the files.
+//! tests/data/): the hybrid KEM, keyslot format version 1 (recipient, passphrase and
+//! recovery slots), the VM key derivation path and the public key file. An accidental change
+//! to any label, layout or derivation fails here; the stored slots must keep opening (old
+//! images stay readable) and stored public key files must keep parsing. `QVOL_BLESS=1`
+//! rewrites the files.
 
 use qvol_keys::kem::{self, HybridSecretKey};
-use qvol_keys::keyslot;
-use qvol_keys::{derive_vm_key_seed, KdfParams, Secret32};
+use qvol_keys::recovery::{self, RecoveryShare};
+use qvol_keys::{derive_vm_key_seed, KdfParams, PublicKeyFile, Secret32};
+use qvol_keys::{keyslot, ErrorKind};
 use serde_json::{json, Value};
 
 const VOLUME_ID: [u8; 16] = *b"golden-volume-01";
@@ -21,7 +24,7 @@ fn path(name: &str) -> String {
 /// Compares `actual` with the checked-in file (or writes it under QVOL_BLESS=1).
 fn check_golden(name: &str, actual: &Value) -> Value {
     let p = path(name);
-    if std::env::var("QVOL_BLESS").as_deref() == Ok("1") {
+    if blessing() {
         std::fs::write(&p, serde_json::to_string_pretty(actual).unwrap() + "\n").unwrap();
     }
     let stored: Value = serde_json::from_slice(
@@ -36,6 +39,10 @@ fn check_golden(name: &str, actual: &Value) -> Value {
         actual.as_object().unwrap().len()
     );
     stored
+}
+
+fn blessing() -> bool {
+    std::env::var("QVOL_BLESS").as_deref() == Ok("1")
 }
 
 fn unhex(v: &Value) -> Vec<u8> {
@@ -134,4 +141,112 @@ fn keyslot_v1_and_derivation() {
             kem::KEM_NAME
         )
     );
+}
+
+#[test]
+fn recovery_keyslot_v1() {
+    let vk = Secret32::from_bytes(seq(0xa0));
+    let recovery_key = Secret32::from_bytes(seq(0x30));
+    let set_id = *b"golden01";
+    let nonce = [0x66; 24];
+    let shamir_seed = seq(0x70);
+    let (slot, shares) = keyslot::wrap_with_recovery_deterministic(
+        2,
+        3,
+        &VOLUME_ID,
+        &vk,
+        &recovery_key,
+        set_id,
+        &nonce,
+        &shamir_seed,
+    )
+    .unwrap();
+    let actual = json!({
+        "volume_id": hex::encode(VOLUME_ID),
+        "volume_key": hex::encode(vk.expose()),
+        "recovery_key": hex::encode(recovery_key.expose()),
+        "share_set_id": hex::encode(set_id),
+        "nonce": hex::encode(nonce),
+        "shamir_seed": hex::encode(shamir_seed),
+        "threshold": 2,
+        "shares_made": 3,
+        "recovery_slot": hex::encode(&slot),
+        "shares": shares.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    });
+    let stored = check_golden("keyslot-v1-recovery.golden.json", &actual);
+    // The stored shares parse, recombine to the recovery key, and open the stored slot in
+    // any pair; one alone is too few.
+    let stored_shares: Vec<RecoveryShare> = stored["shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(stored_shares.len(), 3);
+    let slots = vec![unhex(&stored["recovery_slot"])];
+    for pair in [[0, 1], [0, 2], [2, 1]] {
+        let two = [
+            stored_shares[pair[0]].clone(),
+            stored_shares[pair[1]].clone(),
+        ];
+        let key = recovery::combine(&[&two[0], &two[1]], 2).unwrap();
+        assert_eq!(key, recovery_key);
+        let (i, got) = keyslot::unwrap_with_recovery(&slots, &two, &VOLUME_ID).unwrap();
+        assert_eq!((i, &got), (0, &vk));
+    }
+    assert_eq!(
+        keyslot::unwrap_with_recovery(&slots, &stored_shares[..1], &VOLUME_ID)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::TooFewShares
+    );
+    assert_eq!(
+        keyslot::describe(&slots[0]).unwrap().to_string(),
+        "recovery (v1): 2 of 3 shares, set 676f6c64656e3031"
+    );
+}
+
+#[test]
+fn public_key_file_v1() {
+    let sk = HybridSecretKey::from_seed(&Secret32::from_bytes(seq(0x10)));
+    let file = PublicKeyFile {
+        key_id: "golden-vm-0011aabb".into(),
+        vm: "golden-vm".into(),
+        generation: 3,
+        public_key: sk.public_key().clone().with_generation(3),
+    };
+    let actual = file.to_json();
+    let p = path("public-key-v1.golden.json");
+    if blessing() {
+        std::fs::write(&p, &actual).unwrap();
+    }
+    let stored =
+        std::fs::read(&p).unwrap_or_else(|e| panic!("golden file {p} missing ({e}); bless it"));
+    assert_eq!(
+        String::from_utf8_lossy(&stored),
+        actual,
+        "the public key file format changed"
+    );
+    let parsed = PublicKeyFile::parse(&stored).unwrap();
+    assert_eq!(parsed.key_id, "golden-vm-0011aabb");
+    assert_eq!(parsed.vm, "golden-vm");
+    assert_eq!(parsed.generation, 3);
+    assert_eq!(&parsed.public_key, sk.public_key());
+    // The key is the recipient of the golden recipient slot.
+    assert_eq!(
+        parsed.public_key.fingerprint_hex(),
+        HybridSecretKey::from_seed(&Secret32::from_bytes(seq(0x10)))
+            .public_key()
+            .fingerprint_hex()
+    );
+    // A slot wrapped for the parsed file names its key and generation and opens with the
+    // secret key.
+    let vk = Secret32::from_bytes(seq(0xa0));
+    let slot =
+        keyslot::wrap_for_recipient(&parsed.public_key, &parsed.key_id, &VOLUME_ID, &vk).unwrap();
+    let info = keyslot::describe(&slot).unwrap();
+    assert_eq!(info.key_id.as_deref(), Some("golden-vm-0011aabb"));
+    assert_eq!(info.generation, Some(3));
+    let (_, got) = keyslot::unwrap_with_secret_key(&[slot], &sk, &VOLUME_ID).unwrap();
+    assert_eq!(got, vk);
 }

@@ -386,28 +386,227 @@ fn remove_generation_and_delete_refuse_bound_keys() {
     let dir = tempfile::tempdir().unwrap();
     let u = keystore(dir.path());
     let k = u.new_key("web01").unwrap();
-    u.rotate(&k.key_id).unwrap();
+    // Created at generation 1: its keyslot is wrapped for generation 1.
     u.register_volume(&VOL, &k.key_id, &st(1, 1)).unwrap();
-    for err in [
-        u.remove_generation_checked(&k.key_id, 1, false)
-            .unwrap_err(),
-        u.remove_generation(&k.key_id, 1).unwrap_err(),
-        u.delete_checked(&k.key_id, false).unwrap_err(),
-        u.delete(&k.key_id).unwrap_err(),
+    u.rotate(&k.key_id).unwrap();
+    let id = &k.key_id;
+    let rewrap = format!(
+        "(rewrap them with `qvol rekey IMAGE` (or `qvol key rotate {id} --rewrap IMAGE`), or \
+         pass --force)"
+    );
+    let forget = "(forget them with `qvol volume forget ID`, or pass --force)";
+    for (err, ending) in [
+        (
+            u.remove_generation_checked(id, 1, false).unwrap_err(),
+            &rewrap[..],
+        ),
+        (u.remove_generation(id, 1).unwrap_err(), &rewrap[..]),
+        (u.delete_checked(id, false).unwrap_err(), forget),
+        (u.delete(id).unwrap_err(), forget),
     ] {
         assert_eq!(err.kind(), ErrorKind::InUse);
         let msg = err.to_string();
         assert!(msg.contains(&hex::encode(VOL)), "{err}");
-        assert!(
-            msg.ends_with("(forget them with `qvol volume forget ID`, or pass --force)"),
-            "{err}"
-        );
+        assert!(!msg.contains("  "), "{err}");
+        assert!(msg.ends_with(ending), "{err}");
     }
-    u.remove_generation_checked(&k.key_id, 1, true).unwrap();
-    assert_eq!(u.show(&k.key_id).unwrap().generations.len(), 1);
-    u.delete_checked(&k.key_id, true).unwrap();
-    assert_eq!(u.show(&k.key_id).unwrap_err().kind(), ErrorKind::NotFound);
+    u.remove_generation_checked(id, 1, true).unwrap();
+    assert_eq!(u.show(id).unwrap().generations.len(), 1);
+    u.delete_checked(id, true).unwrap();
+    assert_eq!(u.show(id).unwrap_err().kind(), ErrorKind::NotFound);
     reopen(dir.path()).unwrap();
+}
+
+#[test]
+fn remove_generation_refuses_only_volumes_whose_slots_may_use_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = keystore(d);
+    let k = u.new_key("web01").unwrap();
+    let id = &k.key_id;
+    let (a, b) = (VOL, [0x43; 16]);
+    u.register_volume(&a, id, &st(1, 1)).unwrap();
+    assert_eq!(u.volume_wraps(&a).unwrap(), Some(vec![1]));
+    u.rotate(id).unwrap();
+    // An adopted image may hold slots of any generation: unknown.
+    u.adopt_volume(&b, id, &st(1, 1)).unwrap();
+    assert_eq!(u.volume_wraps(&b).unwrap(), None);
+    let before = snapshot(d);
+    let err = u.remove_generation_checked(id, 1, false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InUse);
+    assert!(
+        err.to_string().contains(&format!(
+            "volume(s) {}, {} (wrapped generations not recorded) are recorded as bound",
+            hex::encode(a),
+            hex::encode(b)
+        )),
+        "{err}"
+    );
+    assert_eq!(snapshot(d), before, "a refused removal wrote something");
+
+    // `qvol rekey` of a: its slots are now wrapped for generation 2 only.
+    u.record_volume_wraps(&a, &[2, 2]).unwrap();
+    assert_eq!(u.volume_wraps(&a).unwrap(), Some(vec![2]));
+    let err = u.remove_generation_checked(id, 1, false).unwrap_err();
+    assert!(!err.to_string().contains(&hex::encode(a)), "{err}");
+    assert!(err.to_string().contains(&hex::encode(b)), "{err}");
+    // b holds slots of both generations: still refused, now as wrapped for it.
+    u.record_volume_wraps(&b, &[2, 1]).unwrap();
+    assert_eq!(u.volume_wraps(&b).unwrap(), Some(vec![1, 2]));
+    let err = u.remove_generation_checked(id, 1, false).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("volume(s) {} are", hex::encode(b))),
+        "{err}"
+    );
+    // Rewrapped too (and a volume with no slot for this key at all is recorded as []).
+    u.record_volume_wraps(&b, &[]).unwrap();
+    let u = reopen(d).unwrap();
+    assert_eq!(u.volume_wraps(&a).unwrap(), Some(vec![2]));
+    assert_eq!(u.volume_wraps(&b).unwrap(), Some(vec![]));
+    u.remove_generation_checked(id, 1, false).unwrap();
+    assert_eq!(u.show(id).unwrap().generations.len(), 1);
+    // Deleting the key still needs the volumes gone.
+    assert_eq!(
+        u.delete_checked(id, false).unwrap_err().kind(),
+        ErrorKind::InUse
+    );
+
+    // Unknown volumes, too many generations.
+    let c = [0x44; 16];
+    assert_eq!(
+        u.record_volume_wraps(&c, &[1]).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(u.volume_wraps(&c).unwrap_err().kind(), ErrorKind::NotFound);
+    let many: Vec<u32> = (1..=257).collect();
+    assert_eq!(
+        u.record_volume_wraps(&a, &many).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    // Recording the same wraps again writes nothing.
+    let before = snapshot(d);
+    u.record_volume_wraps(&a, &[2]).unwrap();
+    assert_eq!(snapshot(d), before);
+
+    // Forgetting drops the wraps; adopting again starts from unknown.
+    u.forget_volume(&a).unwrap();
+    assert!(manifest_json(d)["wraps"].get(hex::encode(a)).is_none());
+    u.adopt_volume(&a, id, &st(1, 1)).unwrap();
+    assert_eq!(u.volume_wraps(&a).unwrap(), None);
+    let u = reopen(d).unwrap();
+    assert!(u.damaged_entries().is_empty(), "{:?}", u.damaged_entries());
+}
+
+#[test]
+fn manifest_wraps_are_covered_by_its_mac() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = keystore(d);
+    let k = u.new_key("web01").unwrap();
+    u.register_volume(&VOL, &k.key_id, &st(1, 1)).unwrap();
+    u.rotate(&k.key_id).unwrap();
+    u.record_volume_wraps(&VOL, &[2]).unwrap();
+    let good = manifest_json(d);
+    assert_eq!(good["wraps"][hex::encode(VOL)], serde_json::json!([2]));
+    let name = hex::encode(VOL);
+    let other = hex::encode([0x43u8; 16]);
+    type Edit<'a> = Box<dyn Fn(&mut serde_json::Value) + 'a>;
+    let edits: Vec<Edit<'_>> = vec![
+        // What an attacker wants: generation 1 looks unused.
+        Box::new(|m| m["wraps"][&name] = serde_json::json!([3])),
+        Box::new(|m| m["wraps"][&name] = serde_json::json!([])),
+        Box::new(|m| m["wraps"][&name] = serde_json::json!([2, 2])),
+        // Dropped wraps (more refusals, but still an edit).
+        Box::new(|m| {
+            m.as_object_mut().unwrap().remove("wraps");
+        }),
+        Box::new(|m| m["wraps"][&other] = serde_json::json!([1])),
+    ];
+    for edit in edits {
+        let mut m = good.clone();
+        edit(&mut m);
+        std::fs::write(
+            d.join("manifest.json"),
+            serde_json::to_vec_pretty(&m).unwrap(),
+        )
+        .unwrap();
+        let err = reopen(d).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+        assert!(err.to_string().contains("fails its MAC"), "{err}");
+    }
+    std::fs::write(
+        d.join("manifest.json"),
+        serde_json::to_vec_pretty(&good).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        reopen(d).unwrap().volume_wraps(&VOL).unwrap(),
+        Some(vec![2])
+    );
+}
+
+/// tests/data/v2-keystore-before-wraps was written by the code before volume wraps were
+/// recorded: its manifest (a tombstone, no wraps) keeps its MAC, and its volumes have
+/// unknown wraps until recorded.
+#[test]
+fn a_keystore_written_before_wraps_still_opens() {
+    let name = "v2-keystore-before-wraps";
+    let (tmp, expected) = golden_v1(name);
+    let d = tmp.path();
+    let pass = expected["passphrase"].as_str().unwrap().as_bytes();
+    let manifest_before = std::fs::read(d.join("manifest.json")).unwrap();
+    let u = Keystore::open(d).unwrap().unlock(Some(pass)).unwrap();
+    assert!(u.damaged_entries().is_empty(), "{:?}", u.damaged_entries());
+    assert_eq!(
+        std::fs::read(d.join("manifest.json")).unwrap(),
+        manifest_before
+    );
+    for (id, generations) in expected["keys"].as_object().unwrap() {
+        let info = u.show(id).unwrap();
+        for g in info.generations {
+            assert_eq!(
+                generations[g.generation.to_string()].as_str().unwrap(),
+                g.fingerprint
+            );
+        }
+    }
+    let vols: Vec<([u8; 16], String)> = expected["volumes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(v, k)| {
+            let mut id = [0u8; 16];
+            hex::decode_to_slice(v, &mut id).unwrap();
+            (id, k.as_str().unwrap().to_owned())
+        })
+        .collect();
+    for (vol, key) in &vols {
+        assert_eq!(u.volume_wraps(vol).unwrap(), None);
+        assert_eq!(&u.volume_guard(vol).unwrap().binding().key_id, key);
+    }
+    let forgotten = expected["forgotten"][0].as_str().unwrap();
+    let mut gone = [0u8; 16];
+    hex::decode_to_slice(forgotten, &mut gone).unwrap();
+    let web = &vols[0].1;
+    assert!(web.starts_with("web01-"));
+    assert_eq!(
+        u.register_volume(&gone, web, &st(1, 1)).unwrap_err().kind(),
+        ErrorKind::Integrity
+    );
+    // Unknown wraps refuse; recorded ones let generation 1 go.
+    assert_eq!(
+        u.remove_generation_checked(web, 1, false)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InUse
+    );
+    u.record_volume_wraps(&vols[0].0, &[2]).unwrap();
+    u.remove_generation_checked(web, 1, false).unwrap();
+    let u = Keystore::open(d).unwrap().unlock(Some(pass)).unwrap();
+    assert!(u.damaged_entries().is_empty(), "{:?}", u.damaged_entries());
+    assert_eq!(u.volume_wraps(&vols[0].0).unwrap(), Some(vec![2]));
+    assert_eq!(u.show(web).unwrap().generations.len(), 1);
 }
 
 #[test]
@@ -498,6 +697,7 @@ fn v1_keystores_are_refused_then_upgraded() {
         let err = ks.unlock(pass).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert!(err.to_string().contains("`qvol keystore upgrade`"), "{err}");
+        assert!(!err.to_string().contains("  "), "{err}");
         if pass.is_some() {
             assert_eq!(
                 ks.upgrade(Some(b"wrong")).unwrap_err().kind(),

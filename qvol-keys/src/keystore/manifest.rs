@@ -39,6 +39,10 @@ pub const MANIFEST_VERSION: u32 = 2;
 pub const MANIFEST_MAC_INFO: &[u8] = b"qvol-keystore-v2 manifest mac key";
 /// MAC input label of the manifest.
 pub const MANIFEST_MAC_LABEL: &[u8] = b"qvol-keystore-v2 manifest";
+/// Label opening the `wraps` part of the manifest MAC input (docs/KEYS.md §4.2).
+pub const MANIFEST_WRAPS_LABEL: &[u8] = b"qvol-keystore-v2 manifest wraps";
+/// Most generations recorded for one volume in `wraps` (an image holds far fewer keyslots).
+pub const MAX_WRAPS_PER_VOLUME: usize = 256;
 
 /// One volume binding and its floor, as the manifest lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +152,11 @@ pub struct Manifest {
     /// Volume id (hex) -> tombstone of a forgotten volume.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub forgotten: BTreeMap<String, Tombstone>,
+    /// Volume id (hex) -> the generations of the bound key that the volume's recipient
+    /// keyslots are wrapped for, as last recorded (ascending, no duplicates). Absent:
+    /// unknown, so every generation of the key may be in use.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub wraps: BTreeMap<String, Vec<u32>>,
     /// HMAC-SHA-256 of the fields above (docs/KEYS.md §4), hex.
     pub mac: String,
 }
@@ -172,6 +181,7 @@ impl Manifest {
             keys: BTreeMap::new(),
             volumes: BTreeMap::new(),
             forgotten: BTreeMap::new(),
+            wraps: BTreeMap::new(),
             mac: String::new(),
         }
     }
@@ -215,14 +225,28 @@ impl Manifest {
             }
         }
         // Absent when empty, so that manifests written before tombstones keep their MAC; the
-        // encoding above is self-delimiting, so this stays unambiguous.
-        if !self.forgotten.is_empty() {
+        // encoding above is self-delimiting, so this stays unambiguous. When wraps follow,
+        // the tombstone count is always there (even 0), so a reader always knows where the
+        // tombstones end and the wraps begin.
+        if !self.forgotten.is_empty() || !self.wraps.is_empty() {
             m.extend_from_slice(&(self.forgotten.len() as u32).to_le_bytes());
             for (id, t) in &self.forgotten {
                 m.extend_from_slice(&hex_array::<16>(id, "a volume id")?);
                 m.extend_from_slice(&t.floor_generation.to_le_bytes());
                 m.extend_from_slice(&hex_array::<32>(&t.floor_root_id, "a root id")?);
                 m.extend_from_slice(&lp(t.forgotten.as_bytes()));
+            }
+        }
+        // Absent when empty, so that manifests written before wraps keep their MAC.
+        if !self.wraps.is_empty() {
+            m.extend_from_slice(MANIFEST_WRAPS_LABEL);
+            m.extend_from_slice(&(self.wraps.len() as u32).to_le_bytes());
+            for (id, generations) in &self.wraps {
+                m.extend_from_slice(&hex_array::<16>(id, "a volume id")?);
+                m.extend_from_slice(&(generations.len() as u32).to_le_bytes());
+                for g in generations {
+                    m.extend_from_slice(&g.to_le_bytes());
+                }
             }
         }
         Ok(m)
@@ -576,7 +600,42 @@ fn normalize(
     // Either way the entry stands. Damaged entries keep their tombstone.
     m.forgotten
         .retain(|name, _| !m.volumes.contains_key(name) || damage.volumes.contains_key(name));
+    // Wraps of a volume no longer listed (a record whose creation did not get through).
+    retain_listed_wraps(m);
     Ok(())
+}
+
+/// Drops the `wraps` of volumes the manifest does not list.
+fn retain_listed_wraps(m: &mut Manifest) {
+    let volumes = &m.volumes;
+    m.wraps.retain(|name, _| volumes.contains_key(name));
+}
+
+/// The `wraps` of the intermediate manifest of a transaction from `old` to `new`, for the
+/// volumes `mid` lists. After a crash the volume settles as in `old` or as in `new` (an
+/// absent entry constrains nothing), so the intermediate wraps must refuse whatever either
+/// refuses: the union of the generations, or unknown when either is unknown.
+fn intermediate_wraps(
+    old: &Manifest,
+    new: &Manifest,
+    mid: &Manifest,
+) -> BTreeMap<String, Vec<u32>> {
+    let mut out = BTreeMap::new();
+    for name in mid.volumes.keys() {
+        let states: Vec<Option<&Vec<u32>>> = [old, new]
+            .into_iter()
+            .filter(|m| m.volumes.contains_key(name))
+            .map(|m| m.wraps.get(name))
+            .collect();
+        if states.is_empty() || states.contains(&None) {
+            continue;
+        }
+        let mut all: Vec<u32> = states.into_iter().flatten().flatten().copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        out.insert(name.clone(), all);
+    }
+    out
 }
 
 /// What a transaction's body returns: the key ids it removed, the volume names whose record
@@ -640,11 +699,13 @@ impl UnlockedKeystore {
     ) -> Result<Applied<T>> {
         let old = m.clone();
         let (ops, out) = f(&mut m)?;
+        retain_listed_wraps(&mut m);
         if ops.is_empty() {
             if m.keys != old.keys
                 || m.volumes != old.volumes
                 || m.protection != old.protection
                 || m.forgotten != old.forgotten
+                || m.wraps != old.wraps
                 || old.counter == 0
             {
                 write(&self.dir, &self.manifest_key, &mut m)?;
@@ -735,6 +796,7 @@ impl UnlockedKeystore {
                 .entry(name.clone())
                 .or_insert_with(|| t.clone());
         }
+        mid.wraps = intermediate_wraps(&old, &m, &mid);
         write(&self.dir, &self.manifest_key, &mut mid)?;
         #[cfg(test)]
         if test_hooks::crash_at(test_hooks::CrashPoint::AfterIntermediate) {
@@ -859,6 +921,72 @@ mod tests {
         u.new_key("app01").unwrap();
         assert_eq!(u.manifest().unwrap().keys[&id].len(), 1);
         u.show(&id).unwrap();
+    }
+
+    /// The wraps part follows the tombstone count, present (even 0) whenever wraps are:
+    /// a manifest without wraps keeps the MAC input it had before wraps existed.
+    #[test]
+    fn wraps_extend_the_mac_input_after_the_tombstones() {
+        let mut m = Manifest::new(Protection::None);
+        let vol = hex::encode([7u8; 16]);
+        m.volumes.insert(
+            vol.clone(),
+            VolumeEntry {
+                key_id: "web01-00000000".into(),
+                vm: "web01".into(),
+                floor_generation: 1,
+                floor_root_id: hex::encode([0u8; 32]),
+                pending: false,
+                previous: None,
+            },
+        );
+        let plain = m.mac_input().unwrap();
+        m.wraps.insert(vol, vec![1, 3]);
+        let with = m.mac_input().unwrap();
+        let mut expected = plain.clone();
+        expected.extend_from_slice(&0u32.to_le_bytes());
+        expected.extend_from_slice(MANIFEST_WRAPS_LABEL);
+        expected.extend_from_slice(&1u32.to_le_bytes());
+        expected.extend_from_slice(&[7u8; 16]);
+        expected.extend_from_slice(&2u32.to_le_bytes());
+        expected.extend_from_slice(&1u32.to_le_bytes());
+        expected.extend_from_slice(&3u32.to_le_bytes());
+        assert_eq!(with, expected);
+        // Wraps that name something other than a volume id do not MAC (Integrity on read).
+        m.wraps.insert("not hex".into(), vec![1]);
+        assert!(m.mac_input().is_err());
+    }
+
+    #[test]
+    fn intermediate_wraps_refuse_what_either_state_refuses() {
+        let entry = VolumeEntry {
+            key_id: "k".into(),
+            vm: "v".into(),
+            floor_generation: 1,
+            floor_root_id: hex::encode([0u8; 32]),
+            pending: false,
+            previous: None,
+        };
+        let (a, b, c) = ("a".to_string(), "b".to_string(), "c".to_string());
+        let mut old = Manifest::new(Protection::None);
+        let mut new = Manifest::new(Protection::None);
+        for n in [&a, &b] {
+            old.volumes.insert(n.clone(), entry.clone());
+        }
+        for n in [&a, &b, &c] {
+            new.volumes.insert(n.clone(), entry.clone());
+        }
+        old.wraps.insert(a.clone(), vec![1]);
+        new.wraps.insert(a.clone(), vec![2]);
+        new.wraps.insert(b.clone(), vec![2]); // b was unknown before
+        new.wraps.insert(c.clone(), vec![3]); // c is new
+        let mut mid = new.clone();
+        mid.volumes.insert("d".into(), entry);
+        let w = intermediate_wraps(&old, &new, &mid);
+        assert_eq!(w.get(&a), Some(&vec![1, 2]));
+        assert_eq!(w.get(&b), None);
+        assert_eq!(w.get(&c), Some(&vec![3]));
+        assert_eq!(w.get("d"), None);
     }
 
     /// Security review item 3: a process holding the lock forever makes the others fail

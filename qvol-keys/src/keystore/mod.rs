@@ -33,6 +33,7 @@ use crate::aead;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kdf::{hkdf32, lp, KdfParams};
 use crate::kem::{HybridSecretKey, RecipientPublicKey, KEM_NAME};
+use crate::pubfile::PublicKeyFile;
 use crate::secret::{fill_random, Secret32};
 use manifest::{FileOp, Manifest};
 use records::{
@@ -262,7 +263,8 @@ impl Keystore {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "{} is a version {} keystore, which this build no longer unlocks: run                      `qvol keystore upgrade` to upgrade it to version {VERSION}",
+                    "{} is a version {} keystore, which this build no longer unlocks: run \
+                     `qvol keystore upgrade` to upgrade it to version {VERSION}",
                     self.dir.display(),
                     self.file.version
                 ),
@@ -491,14 +493,19 @@ pub fn validate_vm_name(vm: &str) -> Result<()> {
     }
 }
 
-fn validate_key_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
+/// Whether `id` can name a key record: 1 to 64 of `[A-Za-z0-9._-]`, not starting with `.`
+/// or `-` (so it is also a safe file name).
+pub(crate) fn is_valid_key_id(id: &str) -> bool {
+    !id.is_empty()
         && id.len() <= crate::keyslot::MAX_KEY_ID_LEN
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && !id.starts_with(['.', '-']);
-    if ok {
+        && !id.starts_with(['.', '-'])
+}
+
+fn validate_key_id(id: &str) -> Result<()> {
+    if is_valid_key_id(id) {
         Ok(())
     } else {
         Err(Error::new(
@@ -731,6 +738,24 @@ impl UnlockedKeystore {
             .with_generation(g.generation))
     }
 
+    /// The public key file of `id`'s current generation (`qvol key export-public`): what
+    /// another keystore needs to wrap a recipient keyslot for this key.
+    pub fn export_public(&self, id: &str) -> Result<PublicKeyFile> {
+        let rec = self.load(id)?;
+        let g = current(&rec)?;
+        let public_key = self
+            .key_pair(&rec, g)?
+            .public_key()
+            .clone()
+            .with_generation(g.generation);
+        Ok(PublicKeyFile {
+            key_id: rec.key_id.clone(),
+            vm: rec.vm.clone(),
+            generation: g.generation,
+            public_key,
+        })
+    }
+
     /// Rotates `id`: a new generation (random seed) becomes current; older ones stay usable
     /// for unwrapping until [`UnlockedKeystore::remove_generation_checked`].
     pub fn rotate(&self, id: &str) -> Result<KeyInfo> {
@@ -780,8 +805,39 @@ impl UnlockedKeystore {
         ))
     }
 
+    /// Refuses (InUse) when volumes bound to `id` may have keyslots wrapped for generation
+    /// `generation`: their recorded wraps contain it, or are unknown. Unless `force`.
+    fn refuse_if_wrapped(m: &Manifest, id: &str, generation: u32, force: bool) -> Result<()> {
+        if force {
+            return Ok(());
+        }
+        let blocking: Vec<String> = m
+            .volumes
+            .iter()
+            .filter(|(_, v)| v.key_id == id)
+            .filter_map(|(name, _)| match m.wraps.get(name) {
+                None => Some(format!("{name} (wrapped generations not recorded)")),
+                Some(w) if w.contains(&generation) => Some(name.clone()),
+                Some(_) => None,
+            })
+            .collect();
+        if blocking.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::InUse,
+            format!(
+                "refusing to remove generation {generation} of key {id}: volume(s) {} are \
+                 recorded as bound to the key and may have keyslots wrapped for that \
+                 generation (rewrap them with `qvol rekey IMAGE` (or `qvol key rotate {id} \
+                 --rewrap IMAGE`), or pass --force)",
+                blocking.join(", ")
+            ),
+        ))
+    }
+
     /// Forgets generation `generation` of `id` (not the current one), refusing while a
-    /// recorded volume is bound to the key.
+    /// recorded volume bound to the key may have keyslots wrapped for it.
     pub fn remove_generation(&self, id: &str, generation: u32) -> Result<KeyInfo> {
         self.remove_generation_checked(id, generation, false)
     }
@@ -789,8 +845,9 @@ impl UnlockedKeystore {
     /// Forgets generation `generation` of `id` (not the current one): volumes wrapped only
     /// for it no longer open with this keystore, and since version 2 seeds are random and
     /// stored only in the record, it is a crypto-erase. Unless `force`, refuses with InUse
-    /// while ANY recorded volume is bound to the key: the keystore cannot know which
-    /// generation a volume's keyslot uses.
+    /// while a recorded volume bound to the key has keyslots wrapped for that generation,
+    /// or the generations its keyslots are wrapped for are unknown
+    /// ([`UnlockedKeystore::volume_wraps`]); the sentence names those volumes.
     pub fn remove_generation_checked(
         &self,
         id: &str,
@@ -813,7 +870,7 @@ impl UnlockedKeystore {
                     format!("key {id} has no generation {generation}"),
                 ));
             }
-            Self::refuse_if_bound(m, id, &format!("remove generation {generation}"), force)?;
+            Self::refuse_if_wrapped(m, id, generation, force)?;
             Ok((vec![Self::store_op(&rec)], info(&rec)))
         })
     }

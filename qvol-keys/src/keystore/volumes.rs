@@ -643,6 +643,13 @@ impl UnlockedKeystore {
                     previous: None,
                 },
             );
+            // `qvol create` wraps the new volume for the key's current generation; an
+            // adopted image may hold slots of any generation: unknown until recorded.
+            if mode == BindMode::Register {
+                m.wraps.insert(name.clone(), vec![rec.current_generation]);
+            } else {
+                m.wraps.remove(&name);
+            }
             let key = volume_key(&self.master, volume_id);
             let bytes = record_bytes(&key, &binding, state);
             Ok((vec![FileOp::WriteVolume(*volume_id, bytes)], binding))
@@ -650,7 +657,8 @@ impl UnlockedKeystore {
     }
 
     /// Registers a new volume (`qvol create`): binding to `key_id` (which must exist) and
-    /// first state. AlreadyExists if the volume is recorded; Integrity if its id is the id of
+    /// first state; records that its keyslots are wrapped for the key's current generation
+    /// (see [`UnlockedKeystore::volume_wraps`]). AlreadyExists if the volume is recorded; Integrity if its id is the id of
     /// a forgotten volume (a random id never repeats: the image is a copy of the old volume,
     /// or a forged one).
     pub fn register_volume(
@@ -668,7 +676,8 @@ impl UnlockedKeystore {
     /// sentence ending "(pass --accept-rollback to adopt it anyway)") a state older than the
     /// one recorded for that record, or than the one the volume was at when it was forgotten
     /// ([`UnlockedKeystore::forget_volume`] keeps it), or at the same generation with another
-    /// root id.
+    /// root id. The generations its keyslots are wrapped for become unknown (record them
+    /// with [`UnlockedKeystore::record_volume_wraps`]).
     pub fn adopt_volume(
         &self,
         volume_id: &[u8; 16],
@@ -699,6 +708,9 @@ impl UnlockedKeystore {
     /// and is higher), MACed with K_vol. Unlike forget and adopt, this keeps the volume's
     /// rollback protection. Nothing is written when the record is sound. NotFound when the
     /// manifest does not list the volume (a stray record file: `qvol volume forget ID`).
+    /// The generations the manifest records for the volume's keyslots
+    /// ([`UnlockedKeystore::volume_wraps`]) stay as they are: the record file holds none,
+    /// and repairing it changes no keyslot.
     pub fn repair_volume(&self, volume_id: &[u8; 16]) -> Result<VolumeBinding> {
         let name = hex::encode(volume_id);
         self.transact(|m: &mut Manifest| {
@@ -827,6 +839,51 @@ impl UnlockedKeystore {
         Ok(out)
     }
 
+    /// Records which generations of its bound key the recipient keyslots of `volume_id` are
+    /// wrapped for (sorted and deduplicated here; empty when no slot is wrapped for that
+    /// key), after `qvol rekey`, `qvol key rotate --rewrap`, `qvol keyslot add` or an adopt.
+    /// [`UnlockedKeystore::remove_generation_checked`] then no longer refuses to remove the
+    /// other generations for this volume. A change of the manifest only, in a transaction.
+    /// NotFound if the volume is not recorded; the error of its record if that is damaged
+    /// (repair it first); InvalidInput for more than 256 generations.
+    pub fn record_volume_wraps(&self, volume_id: &[u8; 16], generations: &[u32]) -> Result<()> {
+        let mut wraps = generations.to_vec();
+        wraps.sort_unstable();
+        wraps.dedup();
+        if wraps.len() > manifest::MAX_WRAPS_PER_VOLUME {
+            return Err(Error::invalid(format!(
+                "a volume's keyslots cannot be wrapped for {} generations (at most {})",
+                wraps.len(),
+                manifest::MAX_WRAPS_PER_VOLUME
+            )));
+        }
+        let name = hex::encode(volume_id);
+        self.transact(|m: &mut Manifest| {
+            if let Some(e) = record_problem(&self.dir, &self.master, m, &name) {
+                return Err(e);
+            }
+            if !m.volumes.contains_key(&name) {
+                return Err(not_recorded(volume_id, m));
+            }
+            m.wraps.insert(name.clone(), wraps);
+            Ok((Vec::new(), ()))
+        })
+    }
+
+    /// The generations of its bound key that the recipient keyslots of `volume_id` are
+    /// wrapped for, as last recorded ([`UnlockedKeystore::record_volume_wraps`], or
+    /// `register_volume`); None when unknown (adopted, upgraded, or recorded before the
+    /// keystore kept them). NotFound if the volume is not recorded.
+    pub fn volume_wraps(&self, volume_id: &[u8; 16]) -> Result<Option<Vec<u32>>> {
+        let _lock = manifest::lock(&self.dir, false)?;
+        let m = self.manifest()?;
+        let name = hex::encode(volume_id);
+        if !m.volumes.contains_key(&name) {
+            return Err(not_recorded(volume_id, &m));
+        }
+        Ok(m.wraps.get(&name).cloned())
+    }
+
     /// Forgets the record of `volume_id` (admin; e.g. after deleting an image): removes its
     /// manifest entry and its file, whatever their state (damaged, missing, unlisted), and
     /// keeps a tombstone in the manifest: the highest state known (the manifest floor, the
@@ -854,6 +911,7 @@ impl UnlockedKeystore {
             if let Some(t) = m.forgotten.get(&name) {
                 note(tombstone_state(t)?);
             }
+            m.wraps.remove(&name);
             if let Some(s) = known {
                 m.forgotten.insert(
                     name.clone(),
@@ -1120,6 +1178,63 @@ mod tests {
         assert_eq!(entry(&fresh).unwrap().floor_generation, 6);
         assert!(tombstone(&fresh).is_none());
         fresh.volume_guard(&VOL).unwrap().check(&st(6, 6)).unwrap();
+    }
+
+    fn wraps(u: &UnlockedKeystore) -> Option<Vec<u32>> {
+        u.manifest().unwrap().wraps.get(&hex::encode(VOL)).cloned()
+    }
+
+    /// After a crash the volume settles as before or after the transaction; the wraps that
+    /// remain must refuse a generation removal whenever either state would.
+    #[test]
+    fn interrupted_transactions_never_leave_wraps_more_permissive() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let u = Keystore::init(d, None, KdfParams::insecure_for_tests())
+            .unwrap()
+            .unlock(None)
+            .unwrap();
+        let key = u.new_key("web01").unwrap().key_id;
+        // A register that did not write its record: entry and wraps go together.
+        crash_next_transaction_at(CrashPoint::AfterIntermediate);
+        u.register_volume(&VOL, &key, &st(5, 5)).unwrap_err();
+        assert!(entry(&u).unwrap().pending);
+        assert_eq!(wraps(&u), Some(vec![1]));
+        let fresh = reopen(d);
+        fresh.new_key("db01").unwrap();
+        assert!(entry(&fresh).is_none());
+        assert!(fresh.manifest().unwrap().wraps.is_empty());
+        // One that did: the volume and its wraps stay.
+        crash_next_transaction_at(CrashPoint::BeforeFinal);
+        fresh.register_volume(&VOL, &key, &st(5, 5)).unwrap_err();
+        let fresh = reopen(d);
+        fresh.new_key("app01").unwrap();
+        assert!(!entry(&fresh).unwrap().pending);
+        assert_eq!(wraps(&fresh), Some(vec![1]));
+        // A forget that did not remove the record keeps the wraps with the entry.
+        fresh.rotate(&key).unwrap();
+        fresh.record_volume_wraps(&VOL, &[2]).unwrap();
+        crash_next_transaction_at(CrashPoint::AfterIntermediate);
+        fresh.forget_volume(&VOL).unwrap_err();
+        assert_eq!(wraps(&fresh), Some(vec![2]));
+        let fresh = reopen(d);
+        fresh.new_key("srv01").unwrap();
+        assert!(entry(&fresh).is_some());
+        assert_eq!(wraps(&fresh), Some(vec![2]));
+        assert!(fresh.damaged_entries().is_empty());
+
+        // An adopt rebinding a record: unknown from the intermediate manifest on.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (u, key) = with_unbound_record(d);
+        u.record_volume_wraps(&VOL, &[1]).unwrap();
+        crash_next_transaction_at(CrashPoint::AfterIntermediate);
+        u.adopt_volume(&VOL, &key, &st(8, 8)).unwrap_err();
+        assert_eq!(wraps(&u), None);
+        let fresh = reopen(d);
+        fresh.new_key("db01").unwrap();
+        assert_eq!(entry(&fresh).unwrap().key_id, "");
+        assert_eq!(wraps(&fresh), None);
     }
 
     #[test]
