@@ -99,6 +99,8 @@ fn build(profile_dir: &Path) {
         "-p",
         "vhost-qvol",
         "--bins",
+        "--features",
+        "failpoints",
         "--target-dir",
     ])
     .arg(target_dir)

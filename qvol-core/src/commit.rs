@@ -51,6 +51,12 @@ impl Volume {
         if self.header.binds_log() {
             crate::datablock::fill_random(&mut commit_id)?;
         }
+        let slots = self.slot_area();
+        if slots.staged_keyslots != 0 && a.high_water() > slots.staged_keyslots {
+            return Err(Error::corrupt(
+                "internal: a commit allocated over the staged keyslot area",
+            ));
+        }
         let next = Superblock {
             generation,
             log_epoch: generation,
@@ -62,9 +68,12 @@ impl Volume {
             snapshots: Default::default(),
             allocated_blocks: a.used(),
             high_water: a.high_water(),
-            header_hash: self.header_hash,
+            header_hash: slots.header_hash,
             commit_id,
+            staged_keyslots: slots.staged_keyslots,
+            staged_hash: slots.staged_hash,
         };
+        drop(slots);
         let offset = SUPERBLOCK_OFFSETS[(generation % 2) as usize];
         let encoded = next.encode(keys);
         let point = CommitPoint {

@@ -5,6 +5,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::layout::*;
 use crate::storage::Storage;
 use crate::suite::CipherSuite;
+use crate::superblock::{Superblock, SUPERBLOCK_LEN};
 
 /// `\x89QVOL\r\n\x1a`.
 pub const HEADER_MAGIC: [u8; 8] = [0x89, b'Q', b'V', b'O', b'L', b'\r', b'\n', 0x1a];
@@ -49,7 +50,8 @@ pub struct HeaderInfo {
     pub size: u64,
     /// The volume's name.
     pub name: String,
-    /// The non-empty keyslot blobs, in slot order (opaque, written by qvol-keys).
+    /// The 8 keyslots in slot order (opaque blobs written by qvol-keys); an empty blob is a
+    /// free slot.
     pub keyslots: Vec<Vec<u8>>,
 }
 
@@ -192,8 +194,9 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
     })
 }
 
-/// Encodes the keyslot area (8 slots x 4096 bytes) from at most 8 blobs.
-pub(crate) fn encode_keyslots(slots: &[Vec<u8>]) -> Result<Vec<u8>> {
+/// Encodes the keyslot area (8 slots x 4096 bytes) from at most 8 blobs: blob `i` goes to
+/// slot `i`, an empty blob leaves its slot free.
+pub fn encode_keyslots(slots: &[Vec<u8>]) -> Result<Vec<u8>> {
     if slots.len() > MAX_KEYSLOTS {
         return Err(Error::new(
             ErrorKind::InvalidInput,
@@ -205,11 +208,11 @@ pub(crate) fn encode_keyslots(slots: &[Vec<u8>]) -> Result<Vec<u8>> {
     }
     let mut area = vec![0u8; MAX_KEYSLOTS * KEYSLOT_SIZE];
     for (i, blob) in slots.iter().enumerate() {
-        if blob.is_empty() || blob.len() > MAX_KEYSLOT_LEN {
+        if blob.len() > MAX_KEYSLOT_LEN {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(
-                    "keyslot {i} is {} bytes long; it must hold 1 to {MAX_KEYSLOT_LEN}",
+                    "keyslot {i} is {} bytes long; a slot holds at most {MAX_KEYSLOT_LEN}",
                     blob.len()
                 ),
             ));
@@ -221,12 +224,12 @@ pub(crate) fn encode_keyslots(slots: &[Vec<u8>]) -> Result<Vec<u8>> {
     Ok(area)
 }
 
-/// Decodes the keyslot area into its non-empty blobs, in slot order.
+/// Decodes the keyslot area into its 8 slots, in slot order: an empty blob is a free slot.
 pub fn decode_keyslots(area: &[u8]) -> Result<Vec<Vec<u8>>> {
     if area.len() < MAX_KEYSLOTS * KEYSLOT_SIZE {
         return Err(Error::corrupt("the keyslot area is truncated"));
     }
-    let mut slots = Vec::new();
+    let mut slots = Vec::with_capacity(MAX_KEYSLOTS);
     for i in 0..MAX_KEYSLOTS {
         let at = i * KEYSLOT_SIZE;
         let len = get_u32(area, at) as usize;
@@ -235,9 +238,7 @@ pub fn decode_keyslots(area: &[u8]) -> Result<Vec<Vec<u8>>> {
                 "keyslot {i} claims {len} bytes, more than a slot holds"
             )));
         }
-        if len > 0 {
-            slots.push(area[at + 4..at + 4 + len].to_vec());
-        }
+        slots.push(area[at + 4..at + 4 + len].to_vec());
     }
     Ok(slots)
 }
@@ -268,9 +269,15 @@ pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<(Header, Vec<u8>
 }
 
 /// Reads the header and keyslots without any key: for `qvol info` and to find one's keyslot.
+///
+/// While a keyslot change is in flight (FORMAT.md §3.1) the keyslot area may be torn; the
+/// slots then come from the staged copy that the newest superblock names. Nothing here is
+/// verified (that needs the key): a wrong guess only changes which slots are tried, and
+/// [`crate::Volume::open`] checks the area it accepts against the MAC'd superblock.
 pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
     let (header, area) = read_header_area(storage)?;
-    let keyslots = decode_keyslots(&area[BS..])?;
+    let slot_area = unverified_keyslot_area(storage, &area).unwrap_or_else(|| area[BS..].to_vec());
+    let keyslots = decode_keyslots(&slot_area)?;
     Ok(HeaderInfo {
         format_version: header.version,
         log_len: header.log_len,
@@ -280,6 +287,51 @@ pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
         name: header.name,
         keyslots,
     })
+}
+
+/// The staged keyslot area, if the newest (unverified) superblock names one, the area on
+/// disk matches neither of its hashes, and the staged copy matches its hash.
+fn unverified_keyslot_area(storage: &dyn Storage, area: &[u8]) -> Option<Vec<u8>> {
+    let sb = SUPERBLOCK_OFFSETS
+        .iter()
+        .filter_map(|&off| {
+            let mut b = [0u8; SUPERBLOCK_LEN];
+            storage.read_exact_at(&mut b, off).ok()?;
+            Superblock::decode(&b).ok()
+        })
+        .max_by_key(|sb| sb.generation)?;
+    if sb.staged_keyslots == 0 {
+        return None;
+    }
+    let on_disk = blake3::hash(area);
+    if on_disk == blake3::Hash::from(sb.header_hash)
+        || on_disk == blake3::Hash::from(sb.staged_hash)
+    {
+        return None;
+    }
+    read_staged_keyslots(storage, &area[..BS], &sb).ok()
+}
+
+/// Reads the keyslot area staged at `sb.staged_keyslots` and checks it against
+/// `sb.staged_hash` (with `header_block`): `Integrity` if it does not match.
+pub(crate) fn read_staged_keyslots(
+    storage: &dyn Storage,
+    header_block: &[u8],
+    sb: &Superblock,
+) -> Result<Vec<u8>> {
+    let mut staged = vec![0u8; MAX_KEYSLOTS * KEYSLOT_SIZE];
+    storage
+        .read_exact_at(&mut staged, sb.staged_keyslots * BLOCK_SIZE)
+        .map_err(|e| Error::io("cannot read the staged keyslot area", e))?;
+    let mut h = blake3::Hasher::new();
+    h.update(header_block);
+    h.update(&staged);
+    if h.finalize() != blake3::Hash::from(sb.staged_hash) {
+        return Err(Error::integrity(
+            "the staged keyslot area does not match the superblock",
+        ));
+    }
+    Ok(staged)
 }
 
 #[cfg(test)]
@@ -366,9 +418,11 @@ mod tests {
 
     #[test]
     fn keyslots_round_trip() {
-        let slots = vec![vec![1u8; 10], vec![2u8; MAX_KEYSLOT_LEN]];
+        let slots = vec![vec![1u8; 10], vec![], vec![2u8; MAX_KEYSLOT_LEN]];
         let area = encode_keyslots(&slots).unwrap();
-        assert_eq!(decode_keyslots(&area).unwrap(), slots);
+        let mut all = slots.clone();
+        all.resize(MAX_KEYSLOTS, Vec::new());
+        assert_eq!(decode_keyslots(&area).unwrap(), all);
         assert!(encode_keyslots(&[vec![0u8; MAX_KEYSLOT_LEN + 1]]).is_err());
         assert!(encode_keyslots(&vec![vec![1u8]; 9]).is_err());
         let mut bad = area.clone();

@@ -10,10 +10,12 @@ mod alloc;
 mod commit;
 mod datablock;
 pub mod error;
+pub mod failpoint;
 mod fasthash;
 pub mod header;
 mod info;
 mod key;
+mod keyslots;
 mod layout;
 mod map;
 pub mod node;
@@ -29,7 +31,7 @@ mod volume;
 pub mod wal;
 
 pub use error::{Error, ErrorKind, Result};
-pub use header::{decode_header, read_header, HeaderInfo};
+pub use header::{decode_header, decode_keyslots, read_header, HeaderInfo};
 pub use info::{CreateOptions, VolumeInfo};
 pub use key::VolumeKey;
 pub use layout::{
@@ -44,5 +46,7 @@ pub use wal::LogRecord;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod keyslot_crash_tests;
 #[cfg(test)]
 mod volume_tests;

@@ -10,6 +10,12 @@ pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"QVOLSUP1";
 const OFF_MAC: usize = 480;
 /// Where the random commit id lives (16 bytes; FORMAT.md §8).
 const OFF_COMMIT_ID: usize = 200;
+/// Where the staged keyslot area's first block lives (8 bytes; FORMAT.md §3.1).
+const OFF_STAGED: usize = 216;
+/// Where the staged keyslot area's header hash lives (32 bytes).
+const OFF_STAGED_HASH: usize = 224;
+/// The first reserved byte.
+const OFF_RESERVED: usize = 256;
 /// Bytes of a superblock that carry meaning (one sector).
 pub(crate) const SUPERBLOCK_LEN: usize = 512;
 
@@ -41,6 +47,12 @@ pub struct Superblock {
     /// Random bytes drawn for each commit (format version 3; zero in versions 1 and 2), so
     /// that no two commits ever have the same MAC, even with the same content.
     pub commit_id: [u8; 16],
+    /// First block of a staged keyslot area (8 blocks past the high-water mark), or 0: set
+    /// only between the two commits of a keyslot change (FORMAT.md §3.1).
+    pub staged_keyslots: u64,
+    /// `BLAKE3(header block || staged keyslot area)`: the header hash once the change is
+    /// complete (zero when nothing is staged).
+    pub staged_hash: [u8; 32],
 }
 
 impl Superblock {
@@ -63,6 +75,8 @@ impl Superblock {
         put_u64(&mut b, 160, self.high_water);
         b[168..200].copy_from_slice(&self.header_hash);
         b[OFF_COMMIT_ID..OFF_COMMIT_ID + 16].copy_from_slice(&self.commit_id);
+        put_u64(&mut b, OFF_STAGED, self.staged_keyslots);
+        b[OFF_STAGED_HASH..OFF_STAGED_HASH + 32].copy_from_slice(&self.staged_hash);
         let mac = mac(keys, &b[..OFF_MAC]);
         b[OFF_MAC..].copy_from_slice(&mac);
         b
@@ -75,7 +89,7 @@ impl Superblock {
                 "no superblock here (wrong magic or too short)",
             ));
         }
-        if b[66..68] != [0, 0] || b[OFF_COMMIT_ID + 16..OFF_MAC].iter().any(|&x| x != 0) {
+        if b[66..68] != [0, 0] || b[OFF_RESERVED..OFF_MAC].iter().any(|&x| x != 0) {
             return Err(Error::corrupt(
                 "the superblock's reserved bytes are not zero",
             ));
@@ -102,7 +116,19 @@ impl Superblock {
             high_water: get_u64(b, 160),
             header_hash: get_array(b, 168),
             commit_id: get_array(b, OFF_COMMIT_ID),
+            staged_keyslots: get_u64(b, OFF_STAGED),
+            staged_hash: get_array(b, OFF_STAGED_HASH),
         };
+        let staged_ok = if sb.staged_keyslots == 0 {
+            sb.staged_hash == [0; 32]
+        } else {
+            (MIN_DATA_START_BLOCK..MAX_PBN - KEYSLOT_BLOCKS).contains(&sb.staged_keyslots)
+        };
+        if !staged_ok {
+            return Err(Error::corrupt(
+                "the superblock's staged keyslot area is invalid",
+            ));
+        }
         let ptr_ok = |p: &NodePtr| p.pbn == 0 || (MIN_DATA_START_BLOCK..MAX_PBN).contains(&p.pbn);
         if !ptr_ok(&sb.map_root) || !ptr_ok(&sb.space_root) || !ptr_ok(&sb.snapshots) {
             return Err(Error::corrupt(
@@ -190,6 +216,8 @@ mod tests {
             high_water: 3000,
             header_hash: [3; 32],
             commit_id: [9; 16],
+            staged_keyslots: 5000,
+            staged_hash: [4; 32],
         }
     }
 

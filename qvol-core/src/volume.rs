@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use crate::alloc::{space_capacity, AllocState, Allocator};
 use crate::error::{Error, ErrorKind, Result};
-use crate::header::{decode_keyslots, encode_keyslots, read_header_area, Header};
+use crate::header::{encode_keyslots, read_header_area, Header};
 use crate::info::{CreateOptions, VolumeInfo};
 use crate::key::VolumeKey;
+use crate::keyslots::SlotArea;
 use crate::layout::*;
 use crate::map::BlockMap;
 use crate::storage::Storage;
@@ -49,6 +50,11 @@ pub struct OpenOptions {
     /// It runs while the commit holds the volume's exclusive gate: it must not call back into
     /// the volume, and should be quick.
     pub on_commit: Option<CommitHook>,
+    /// Accept a keyslot area that matches no superblock (damaged, or replaced behind the
+    /// volume's back) instead of failing with `Integrity`. Only for a caller about to
+    /// replace the whole area with [`Volume::set_keyslots`] from a backup it trusts (the
+    /// key has been verified against the header's key check): `qvol header restore`.
+    pub accept_any_keyslot_area: bool,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -57,6 +63,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("read_only", &self.read_only)
             .field("check", &self.check.as_ref().map(|_| "<fn>"))
             .field("on_commit", &self.on_commit.as_ref().map(|_| "<fn>"))
+            .field("accept_any_keyslot_area", &self.accept_any_keyslot_area)
             .finish()
     }
 }
@@ -84,8 +91,8 @@ pub struct Volume {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) keys: Subkeys,
     pub(crate) header: Header,
-    pub(crate) keyslot_count: usize,
-    pub(crate) header_hash: [u8; 32],
+    /// The authenticated keyslot area and the header hash the next commit carries.
+    pub(crate) slots: Mutex<SlotArea>,
     pub(crate) read_only: bool,
     /// Operations hold it shared; a commit holds it exclusively (no reader sees a block
     /// reused under it).
@@ -155,23 +162,20 @@ impl Volume {
         storage
             .set_len(header.regions().data_offset())
             .map_err(|e| io("size the image", e))?;
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&header_block);
-        hasher.update(&slots);
+        let area = SlotArea::new(&header_block, slots);
         let blocks = size / BLOCK_SIZE;
         let capacity = space_capacity(header.regions(), blocks);
         let sb = Superblock {
             map_height: tree_height(blocks, FANOUT),
             space_height: AllocState::height_for(capacity),
-            header_hash: *hasher.finalize().as_bytes(),
+            header_hash: area.header_hash,
             ..Superblock::default()
         };
         let point = CommitPoint {
             generation: 0,
             root_id: [0; 32],
         };
-        let mut vol =
-            Volume::assemble(storage, keys, header, opts.keyslots.len(), sb, point, false);
+        let mut vol = Volume::assemble(storage, keys, header, area, sb, point, false);
         vol.on_commit = HookSlot(on_commit);
         {
             let mut a = vol.alloc.lock();
@@ -212,7 +216,6 @@ impl Volume {
     ) -> Result<Volume> {
         let read_only = opts.read_only;
         let (header, area) = read_header_area(&*storage)?;
-        let keyslot_count = decode_keyslots(&area[BS..])?.len();
         let keys = Subkeys::derive(key, header.suite, header.volume_id);
         if blake3::Hash::from(keys.key_check()) != blake3::Hash::from(header.key_check) {
             return Err(Error::new(
@@ -220,13 +223,13 @@ impl Volume {
                 format!("the key does not open volume {}", hex_id(&header.volume_id)),
             ));
         }
-        let header_hash = *blake3::hash(&area).as_bytes();
         let (sb, root_id) = pick_superblock(&*storage, &keys)?;
-        if blake3::Hash::from(sb.header_hash) != blake3::Hash::from(header_hash) {
-            return Err(Error::integrity(
-                "the header or the keyslot area was changed after the last commit",
-            ));
-        }
+        let slot_area = match SlotArea::choose(&*storage, &area, &sb) {
+            Err(e) if opts.accept_any_keyslot_area && e.kind() == ErrorKind::Integrity => {
+                SlotArea::as_found(&area, &sb)
+            }
+            other => other?,
+        };
         let blocks = header.size / BLOCK_SIZE;
         if sb.map_height != tree_height(blocks, FANOUT)
             || sb.space_height != AllocState::height_for(space_capacity(header.regions(), blocks))
@@ -252,8 +255,13 @@ impl Volume {
                 )
             })?;
         }
-        let mut vol = Volume::assemble(storage, keys, header, keyslot_count, sb, point, read_only);
+        let mut vol = Volume::assemble(storage, keys, header, slot_area, sb, point, read_only);
         vol.on_commit = HookSlot(opts.on_commit);
+        if !read_only {
+            // Finishes (or undoes) a keyslot change a crash interrupted, before anything
+            // else can be allocated over its staged copy (FORMAT.md §3.1).
+            vol.settle_keyslots()?;
+        }
         vol.replay()?;
         if !read_only {
             // Always, even with an empty log: each writable session then extends its own
@@ -269,7 +277,7 @@ impl Volume {
         storage: Arc<dyn Storage>,
         keys: Subkeys,
         header: Header,
-        keyslot_count: usize,
+        slots: SlotArea,
         sb: Superblock,
         point: CommitPoint,
         read_only: bool,
@@ -291,8 +299,7 @@ impl Volume {
             wal: Wal::new(regions.log_slots(), sb.log_epoch, 0, anchor),
             keys,
             header,
-            keyslot_count,
-            header_hash: sb.header_hash,
+            slots: Mutex::new(slots),
             read_only,
             gate: RwLock::new(()),
             sb: Mutex::new(sb),
@@ -331,7 +338,7 @@ impl Volume {
             implementation: self.header.suite.implementation(),
             generation,
             allocated_bytes: self.alloc.lock().used() * BLOCK_SIZE,
-            keyslot_count: self.keyslot_count,
+            keyslot_count: self.keyslots().iter().filter(|s| !s.is_empty()).count(),
             read_only: self.read_only,
             log_records: self.wal.next(),
         }

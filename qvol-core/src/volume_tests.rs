@@ -104,7 +104,9 @@ fn wrong_key_and_foreign_files_are_told_apart() {
         ErrorKind::Corrupt
     );
     let info = crate::read_header(&*st).unwrap();
-    assert_eq!(info.keyslots, vec![vec![1, 2, 3]]);
+    assert_eq!(info.keyslots[0], vec![1, 2, 3]);
+    assert!(info.keyslots[1..].iter().all(Vec::is_empty));
+    assert_eq!(info.keyslots.len(), crate::MAX_KEYSLOTS);
     assert_eq!(info.size, 1 << 20);
 }
 

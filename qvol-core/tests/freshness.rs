@@ -70,7 +70,7 @@ fn a_refused_open_writes_nothing_even_with_log_records() {
                     *s.lock().unwrap() = Some(*p);
                     Err(Box::new(Stale(p.generation)) as _)
                 })),
-                on_commit: None,
+                ..OpenOptions::default()
             },
         );
         let err = r.expect_err("the check refused");
@@ -99,6 +99,7 @@ fn a_refused_open_writes_nothing_even_with_log_records() {
                 Ok(())
             })),
             on_commit: Some(hook),
+            ..OpenOptions::default()
         },
     )
     .expect("open");

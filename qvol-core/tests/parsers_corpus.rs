@@ -118,7 +118,12 @@ fn keyslot_area_parser() {
     let image = real_image();
     let valid = &image[layout::KEYSLOTS];
     let slots = decode_keyslots(valid).expect("the real keyslot area decodes");
-    assert_eq!(slots, vec![b"an opaque keyslot blob".to_vec()]);
+    assert_eq!(slots[0], b"an opaque keyslot blob".to_vec());
+    assert_eq!(slots.len(), qvol_core::MAX_KEYSLOTS);
+    assert!(
+        slots[1..].iter().all(Vec::is_empty),
+        "the other slots are free"
+    );
     for input in corpus(valid, 2) {
         let _ = decode_keyslots(&input);
     }

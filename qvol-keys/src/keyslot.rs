@@ -408,7 +408,7 @@ pub fn unwrap_with_keystore(
             ErrorKind::NoMatchingSlot,
             format!(
                 "none of the {} keyslots is wrapped for a key in this keystore",
-                slots.len()
+                slots.iter().filter(|s| !s.is_empty()).count()
             ),
         )
     }))

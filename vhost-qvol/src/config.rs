@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::{Serial, MAX_QUEUES};
 use crate::open::Binding;
 use crate::serve::SocketSource;
+use crate::unlock::Unlock;
 
 /// Everything `start_backend` needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +29,8 @@ pub struct Config {
     pub serial: Option<Serial>,
     /// The volume (and key) this daemon may serve.
     pub binding: Binding,
+    /// Which keyslot kind unlocks the volume.
+    pub unlock: Unlock,
 }
 
 /// A command line that cannot work, said as one sentence.
@@ -70,6 +73,25 @@ pub enum ConfigError {
     /// Both `--volume-id` and `--any-volume`.
     #[error("--volume-id and --any-volume cannot be used together")]
     BothBindings,
+    /// Both `--unlock-passphrase-file` and `--recovery-share`.
+    #[error("--unlock-passphrase-file and --recovery-share cannot be used together")]
+    BothUnlocks,
+    /// `--key` with a passphrase or recovery unlock.
+    #[error("--key chooses a keystore key to unlock with; it cannot be combined with --unlock-passphrase-file or --recovery-share")]
+    KeyWithOtherUnlock,
+}
+
+/// Validates `--unlock-passphrase-file`, `--recovery-share` and their use with `--key`.
+pub fn check_unlock(
+    passphrase: Option<PathBuf>,
+    shares: Vec<PathBuf>,
+    key: Option<&str>,
+) -> Result<Unlock, ConfigError> {
+    let unlock = Unlock::from_flags(passphrase, shares).map_err(|_| ConfigError::BothUnlocks)?;
+    if key.is_some() && !unlock.is_keystore() {
+        return Err(ConfigError::KeyWithOtherUnlock);
+    }
+    Ok(unlock)
 }
 
 /// Validates `--volume-id`, `--any-volume` and `--key`: a daemon must be bound to one

@@ -21,6 +21,7 @@ pub mod serve;
 pub mod signals;
 pub mod size;
 pub mod text;
+pub mod unlock;
 pub mod volume_disk;
 
 use std::sync::Arc;
@@ -181,14 +182,20 @@ fn open_disk(config: &Config) -> anyhow::Result<OpenedDisk> {
         passphrase_file: config.passphrase_file.clone(),
         passphrase_named: config.passphrase_named,
     };
-    let opened = open::open_volume(&config.blk_file, &keys, &config.binding, config.read_only)?;
+    let opened = open::open_volume(&open::OpenRequest {
+        read_only: config.read_only,
+        ..open::OpenRequest::new(&config.blk_file, &keys, &config.unlock, &config.binding)
+    })?;
+    let (vm, key_id) = opened
+        .binding
+        .as_ref()
+        .map_or(("?", "?"), |b| (b.vm.as_str(), b.key_id.as_str()));
     info!(
-        "opened {} (volume {} of VM {}, key {}) with keyslot {}",
+        "opened {} (volume {} of VM {vm}, key {key_id}) with keyslot {} ({})",
         config.blk_file.display(),
         hex::encode(opened.header.volume_id),
-        opened.binding.vm,
-        opened.binding.key_id,
-        opened.slot
+        opened.slot,
+        config.unlock
     );
     let volume_id = opened.header.volume_id;
     let disk: Arc<dyn Disk> = Arc::new(opened.volume);

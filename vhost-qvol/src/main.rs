@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vhost_qvol::config::{
-    check_binding, check_image, check_queues, check_socket_path, serial_bytes, Config, ConfigError,
+    check_binding, check_image, check_queues, check_socket_path, check_unlock, serial_bytes,
+    Config, ConfigError,
 };
 use vhost_qvol::paths;
 use vhost_qvol::serve::SocketSource;
@@ -43,6 +44,13 @@ struct Args {
     /// Unwrap only with this keystore key (it must be the key the volume is recorded for).
     #[arg(long, value_name = "KEY_ID")]
     key: Option<String>,
+    /// Unlock through a passphrase keyslot, the passphrase read from FILE (instead of a
+    /// keystore key; the keystore still vouches for the volume's freshness).
+    #[arg(long, value_name = "FILE")]
+    unlock_passphrase_file: Option<PathBuf>,
+    /// Unlock through a recovery keyslot: one share file per flag, as many as it needs.
+    #[arg(long, value_name = "FILE")]
+    recovery_share: Vec<PathBuf>,
     /// Serve the disk read-only.
     #[arg(long)]
     read_only: bool,
@@ -76,6 +84,11 @@ impl TryFrom<Args> for Config {
             (None, Some(fd)) => SocketSource::Fd(fd),
         };
         let blk_file = check_image(&args.blk_file.ok_or(ConfigError::NoImage)?)?;
+        let unlock = check_unlock(
+            args.unlock_passphrase_file,
+            args.recovery_share,
+            args.key.as_deref(),
+        )?;
         let binding = check_binding(args.volume_id.as_deref(), args.any_volume, args.key)?;
         Ok(Config {
             socket,
@@ -87,6 +100,7 @@ impl TryFrom<Args> for Config {
             passphrase_named: paths::passphrase_file_named(args.passphrase_file.as_deref()),
             serial: args.serial.as_deref().map(serial_bytes).transpose()?,
             binding,
+            unlock,
         })
     }
 }

@@ -15,12 +15,14 @@ use log::warn;
 use qvol_core::storage::FileStorage;
 use qvol_core::{read_header, CommitPoint, HeaderInfo, OpenOptions, Volume, VolumeKey};
 use qvol_keys::{
-    keyslot, Keystore, SecretBytes, UnlockedKeystore, VolumeBinding, VolumeGuard, VolumeState,
+    ErrorKind as KeysErrorKind, Keystore, SecretBytes, UnlockedKeystore, VolumeBinding,
+    VolumeGuard, VolumeState, KEYSTORE_FILE,
 };
 
 use crate::lock::ImageLock;
 use crate::paths;
 use crate::recorder::Recorder;
+use crate::unlock::Unlock;
 use crate::volume_disk::error_chain;
 
 /// Where the keystore is and how to unlock it (already resolved, see [`paths`]).
@@ -59,6 +61,13 @@ impl KeySource {
             Some(file) if self.passphrase_named || file.exists() => read_passphrase(file).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// Whether a keystore exists at the configured directory.
+    pub fn keystore_exists(&self) -> bool {
+        self.keystore
+            .as_deref()
+            .is_some_and(|d| d.join(KEYSTORE_FILE).exists())
     }
 
     /// Opens and unlocks the keystore. A passphrase configured for a keystore that has
@@ -128,48 +137,18 @@ fn locked_storage(lock: &ImageLock, image: &Path) -> anyhow::Result<FileStorage>
     Ok(FileStorage::from_file(file, image))
 }
 
-/// Unwraps the volume key of `header` with a key of `keystore`; returns the slot index.
-/// With `only_key`, recipient slots of any other key are not tried.
-pub fn unwrap_volume_key(
-    image: &Path,
-    header: &HeaderInfo,
-    keystore: &UnlockedKeystore,
-    only_key: Option<&str>,
-) -> anyhow::Result<(usize, VolumeKey)> {
-    // Slots of other keys become empty blobs, so that indices stay the image's.
-    let slots: Vec<Vec<u8>> = header
-        .keyslots
-        .iter()
-        .map(|blob| match (only_key, keyslot::describe(blob)) {
-            (None, _) => blob.clone(),
-            (Some(want), Ok(info)) if info.key_id.as_deref() == Some(want) => blob.clone(),
-            _ => Vec::new(),
-        })
-        .collect();
-    let (slot, secret) = keyslot::unwrap_with_keystore(&slots, keystore, &header.volume_id)
-        .map_err(|e| {
-            let which = only_key.map_or(String::new(), |k| format!(" for key {k}"));
-            anyhow!(
-                "no keyslot{which} of {} opens with the keys in keystore {}: {}",
-                image.display(),
-                keystore.dir().display(),
-                error_chain(&e)
-            )
-        })?;
-    Ok((slot, VolumeKey::from_bytes(*secret.expose())))
-}
-
-/// Opens `image` read-only with the volume key a keyslot of `keystore` unwraps (of
+/// Opens `image` read-only with the volume key `unlock` unwraps (for the keystore: a slot of
 /// `only_key`, if given), without the keystore's volume record: for the commands that judge
 /// freshness themselves (`qvol info`) or make the record (`qvol volume adopt`). Writes
 /// nothing (the log is replayed in memory). Returns the keyslot that opened and the volume.
 pub fn open_unrecorded(
     image: &Path,
     header: &HeaderInfo,
-    keystore: &UnlockedKeystore,
+    keystore: Option<&UnlockedKeystore>,
+    unlock: &Unlock,
     only_key: Option<&str>,
 ) -> anyhow::Result<(usize, Volume)> {
-    let (slot, key) = unwrap_volume_key(image, header, keystore, only_key)?;
+    let (slot, key) = unlock.unwrap(image, header, keystore, only_key)?;
     let storage = FileStorage::open(image, false)
         .with_context(|| format!("cannot open the image {}", image.display()))?;
     let volume = Volume::open(Arc::new(storage), &key, true).map_err(|e| {
@@ -179,7 +158,25 @@ pub fn open_unrecorded(
             error_chain(&e)
         )
     })?;
+    check_unlocked_slot(image, header, &volume, slot)?;
     Ok((slot, volume))
+}
+
+/// The slot that unwrapped must be one the verified keyslot area holds: the keyless header
+/// read may have offered a slot from a copy that the superblock does not vouch for.
+fn check_unlocked_slot(
+    image: &Path,
+    header: &HeaderInfo,
+    volume: &Volume,
+    slot: usize,
+) -> anyhow::Result<()> {
+    if volume.keyslots().get(slot) != header.keyslots.get(slot) {
+        bail!(
+            "keyslot {slot} of {} unlocked the volume but is not in its committed keyslot              area; refusing it",
+            image.display()
+        );
+    }
+    Ok(())
 }
 
 /// Which volume a caller may open (an image copied over another one at the same path is
@@ -214,12 +211,15 @@ pub struct OpenedVolume {
     pub header: HeaderInfo,
     /// Which keyslot opened it.
     pub slot: usize,
-    /// What the keystore binds this volume to.
-    pub binding: VolumeBinding,
-    /// Records every commit of a writable volume in the keystore (`None` read-only).
+    /// What the keystore binds this volume to (`None`: opened without a record, see
+    /// [`OpenRequest::allow_unrecorded`]).
+    pub binding: Option<VolumeBinding>,
+    /// Records every commit of a writable, recorded volume in the keystore.
     pub recorder: Option<Arc<Recorder>>,
     /// The image lock; keep it as long as the volume is in use.
     pub lock: ImageLock,
+    /// The volume key, if [`OpenRequest::keep_key`] asked for it.
+    pub key: Option<VolumeKey>,
 }
 
 /// The keystore's view of a commit point.
@@ -230,23 +230,73 @@ pub fn state_of(point: &CommitPoint) -> VolumeState {
     }
 }
 
-/// Locks, checks the binding, unlocks and opens `image` (read-only if `read_only`).
+/// What [`open_volume`] opens, and how.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenRequest<'a> {
+    /// The image.
+    pub image: &'a Path,
+    /// The keystore (for the volume record, and the keys with [`Unlock::Keystore`]).
+    pub keys: &'a KeySource,
+    /// Which keyslot kind unlocks.
+    pub unlock: &'a Unlock,
+    /// The volume (and key) the caller is bound to.
+    pub binding: &'a Binding,
+    /// Open read-only (a shared lock; nothing written).
+    pub read_only: bool,
+    /// With a passphrase or recovery unlock, open a volume the keystore has no record of (or
+    /// with no keystore at all): its freshness is then not checked ([`OpenedVolume::binding`]
+    /// is `None`; the caller says so). For commands run after the keystore was lost; the
+    /// daemon never sets it.
+    pub allow_unrecorded: bool,
+    /// The keystore, already unlocked by the caller (else [`OpenRequest::keys`] unlocks it).
+    pub keystore: Option<&'a UnlockedKeystore>,
+    /// Return the volume key in [`OpenedVolume::key`] (to wrap it for a new keyslot).
+    pub keep_key: bool,
+    /// `qvol header restore`: unwrap with these slots (a backup's) before the image's own,
+    /// and accept an image whose keyslot area its superblock does not vouch for.
+    pub restore_slots: Option<&'a [Vec<u8>]>,
+    /// The slot and volume key an earlier open of the same image unwrapped: not unwrapped
+    /// again (a passphrase slot costs a second of argon2id).
+    pub unwrapped: Option<(usize, &'a VolumeKey)>,
+}
+
+impl<'a> OpenRequest<'a> {
+    /// A request for `image` with the defaults of a daemon: the keystore unlocks, a record
+    /// is required, no key kept.
+    pub fn new(
+        image: &'a Path,
+        keys: &'a KeySource,
+        unlock: &'a Unlock,
+        binding: &'a Binding,
+    ) -> Self {
+        OpenRequest {
+            image,
+            keys,
+            unlock,
+            binding,
+            read_only: false,
+            allow_unrecorded: false,
+            keystore: None,
+            keep_key: false,
+            restore_slots: None,
+            unwrapped: None,
+        }
+    }
+}
+
+/// Locks, checks the binding, unlocks and opens the image of `req`.
 ///
 /// Before anything is written the committed state is compared with the keystore's record
 /// for the volume: an older generation, or the same generation with another root (a fork
 /// of history), is refused. A writable open records every commit from then on (through
 /// the volume's own [`VolumeGuard`]) and raises the keystore's floor for the volume. The
 /// unlocked keystore is dropped before this returns.
-pub fn open_volume(
-    image: &Path,
-    keys: &KeySource,
-    binding: &Binding,
-    read_only: bool,
-) -> anyhow::Result<OpenedVolume> {
-    let lock = ImageLock::acquire(image, !read_only)?;
+pub fn open_volume(req: &OpenRequest<'_>) -> anyhow::Result<OpenedVolume> {
+    let image = req.image;
+    let lock = ImageLock::acquire(image, !req.read_only)?;
     let storage = locked_storage(&lock, image)?;
     let header = header_of(&storage, image)?;
-    if let Some(want) = binding.volume_id {
+    if let Some(want) = req.binding.volume_id {
         if want != header.volume_id {
             bail!(
                 "{} holds volume {}, not volume {} (--volume-id); refusing to open it",
@@ -256,11 +306,89 @@ pub fn open_volume(
             );
         }
     }
-    let keystore = keys.unlock()?;
-    let guard = keystore
-        .volume_guard(&header.volume_id)
-        .map_err(|e| anyhow!("refusing to open {}: {}", image.display(), error_chain(&e)))?;
-    let bound = guard.binding().clone();
+    let unrecorded_ok = req.allow_unrecorded && !req.unlock.is_keystore();
+    let own;
+    let keystore = match req.keystore {
+        Some(ks) => Some(ks),
+        None if unrecorded_ok && !req.keys.keystore_exists() => None,
+        None => {
+            own = req.keys.unlock()?;
+            Some(&own)
+        }
+    };
+    let guard = match keystore {
+        None => None,
+        Some(ks) => match ks.volume_guard(&header.volume_id) {
+            Ok(guard) => Some(guard),
+            Err(e) if unrecorded_ok && e.kind() == KeysErrorKind::NotFound => None,
+            Err(e) => bail!("refusing to open {}: {}", image.display(), error_chain(&e)),
+        },
+    };
+    let bound = guard.as_ref().map(|g| g.binding().clone());
+    if let Some(b) = &bound {
+        check_bound_key(image, &header, b, req)?;
+    }
+    let only_key = bound.as_ref().map(|b| b.key_id.as_str());
+    let (slot, key) = match req.unwrapped {
+        Some((slot, key)) => (slot, key.clone()),
+        None => unwrap_for(req, &header, keystore, only_key)?,
+    };
+    let guard = guard.map(Arc::new);
+    let recorder = match (&guard, req.read_only) {
+        (Some(g), false) => Some(Recorder::new(Arc::clone(g), image.to_path_buf())),
+        _ => None,
+    };
+    let volume = open_checked(req, storage, &key, guard.as_ref(), recorder.as_ref())?;
+    if req.restore_slots.is_none() {
+        check_unlocked_slot(image, &header, &volume, slot)?;
+    }
+    if let (Some(ks), Some(_), false) = (keystore, &guard, req.read_only) {
+        let point = volume.commit_point();
+        if let Err(e) = ks.raise_volume_floor(&header.volume_id, &state_of(&point)) {
+            warn!(
+                "cannot raise the keystore's floor for {} to generation {}: {}",
+                image.display(),
+                point.generation,
+                error_chain(&e)
+            );
+        }
+    }
+    Ok(OpenedVolume {
+        volume,
+        header,
+        slot,
+        binding: bound,
+        recorder,
+        lock,
+        key: req.keep_key.then_some(key),
+    })
+}
+
+/// Unwraps with the request's unlock: a restore tries the backup's slots first (the slot
+/// number returned is then the backup's), then the image's.
+fn unwrap_for(
+    req: &OpenRequest<'_>,
+    header: &HeaderInfo,
+    keystore: Option<&UnlockedKeystore>,
+    only_key: Option<&str>,
+) -> anyhow::Result<(usize, VolumeKey)> {
+    if let Some(slots) = req.restore_slots {
+        let mut backup = header.clone();
+        backup.keyslots = slots.to_vec();
+        if let Ok(found) = req.unlock.unwrap(req.image, &backup, keystore, only_key) {
+            return Ok(found);
+        }
+    }
+    req.unlock.unwrap(req.image, header, keystore, only_key)
+}
+
+/// The record must name a key, and the one `--key` asks for.
+fn check_bound_key(
+    image: &Path,
+    header: &HeaderInfo,
+    bound: &VolumeBinding,
+    req: &OpenRequest<'_>,
+) -> anyhow::Result<()> {
     if bound.key_id.is_empty() {
         bail!(
             "the keystore's record of volume {} (of {}) names no key (it predates keystore \
@@ -270,7 +398,7 @@ pub fn open_volume(
             image.display()
         );
     }
-    if let Some(key) = &binding.key_id {
+    if let Some(key) = &req.binding.key_id {
         if *key != bound.key_id {
             bail!(
                 "volume {} of {} is recorded for key {}, not {key} (--key); refusing to open it",
@@ -280,50 +408,32 @@ pub fn open_volume(
             );
         }
     }
-    let (slot, key) = unwrap_volume_key(image, &header, &keystore, Some(&bound.key_id))?;
-    let guard = Arc::new(guard);
-    let recorder = (!read_only).then(|| Recorder::new(Arc::clone(&guard), image.to_path_buf()));
-    let volume = open_checked(image, storage, &key, &guard, recorder.as_ref())?;
-    if !read_only {
-        let point = volume.commit_point();
-        if let Err(e) = keystore.raise_volume_floor(&header.volume_id, &state_of(&point)) {
-            warn!(
-                "cannot raise the keystore's floor for {} to generation {}: {}",
-                image.display(),
-                point.generation,
-                error_chain(&e)
-            );
-        }
-    }
-    drop(keystore);
-    Ok(OpenedVolume {
-        volume,
-        header,
-        slot,
-        binding: bound,
-        recorder,
-        lock,
-    })
+    Ok(())
 }
 
 /// `Volume::open_with`, checking freshness before anything is written and recording every
 /// later commit with `recorder` (writable opens).
 fn open_checked(
-    image: &Path,
+    req: &OpenRequest<'_>,
     storage: FileStorage,
     key: &VolumeKey,
-    guard: &Arc<VolumeGuard>,
+    guard: Option<&Arc<VolumeGuard>>,
     recorder: Option<&Arc<Recorder>>,
 ) -> anyhow::Result<Volume> {
-    let checker = Arc::clone(guard);
-    let opts = OpenOptions {
-        read_only: recorder.is_none(),
-        check: Some(Box::new(move |point: &CommitPoint| {
+    let image = req.image;
+    let check = guard.map(|g| {
+        let checker = Arc::clone(g);
+        Box::new(move |point: &CommitPoint| {
             checker
                 .check(&state_of(point))
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-        })),
+        }) as qvol_core::CommitCheck
+    });
+    let opts = OpenOptions {
+        read_only: req.read_only,
+        check,
         on_commit: recorder.map(Recorder::hook),
+        accept_any_keyslot_area: req.restore_slots.is_some(),
     };
     Volume::open_with(Arc::new(storage), key, opts).map_err(|e| {
         let what = if e.kind() == qvol_core::ErrorKind::Refused {

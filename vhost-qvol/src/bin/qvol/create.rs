@@ -128,6 +128,10 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
                 keystore.dir().display()
             )
         })?;
+    // The generation the slot was wrapped for (the key may have rotated meanwhile).
+    keystore
+        .record_volume_wraps(&volume_id, &[public.generation()])
+        .with_context(|| format!("cannot record volume {} in the keystore", image.display()))?;
     volume.close().map_err(|e| {
         anyhow!(
             "cannot close the new volume {}: {}",

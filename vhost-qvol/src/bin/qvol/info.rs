@@ -12,6 +12,7 @@ use vhost_qvol::size::format_size;
 use vhost_qvol::text::escape_untrusted;
 use vhost_qvol::volume_disk::error_chain;
 
+use crate::access::UnlockArgs;
 use crate::keystore::KeystoreArgs;
 
 /// `qvol info`
@@ -22,6 +23,8 @@ pub struct InfoArgs {
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub unlock: UnlockArgs,
     #[command(flatten)]
     pub keys: KeystoreArgs,
 }
@@ -50,6 +53,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         .keyslots
         .iter()
         .enumerate()
+        .filter(|(_, blob)| !blob.is_empty())
         .map(|(i, blob)| match keyslot::describe(blob) {
             Ok(info) => json!({"index": i, "kind": info.kind, "key_id": info.key_id,
                 "generation": info.generation, "kem": info.kem,
@@ -130,7 +134,11 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             println!("space used:     unknown (needs the volume key)");
         }
     }
-    println!("keyslots:       {}", header.keyslots.len());
+    println!(
+        "keyslots:       {} of {}",
+        doc["keyslots"].as_array().map_or(0, Vec::len),
+        header.keyslots.len()
+    );
     for slot in doc["keyslots"].as_array().into_iter().flatten() {
         println!(
             "  slot {}: {}",
@@ -152,19 +160,34 @@ fn unlock(
             .collect::<Vec<_>>()
             .join(": ")
     };
-    let keystore = keys.unlock().map_err(chain)?;
+    let how = args.unlock.unlock().map_err(chain)?;
+    let keystore = if how.is_keystore() || keys.keystore_exists() {
+        Some(keys.unlock().map_err(chain)?)
+    } else {
+        None
+    };
     // The key the keystore binds the volume to, if it knows the volume.
-    let guard = match keystore.volume_guard(&header.volume_id) {
-        Ok(guard) => Some(guard),
-        Err(e) if e.kind() == qvol_keys::ErrorKind::NotFound => None,
-        Err(e) => return Err(format!("the keystore's volume record: {}", error_chain(&e))),
+    let guard = match keystore
+        .as_ref()
+        .map(|ks| ks.volume_guard(&header.volume_id))
+    {
+        None => None,
+        Some(Ok(guard)) => Some(guard),
+        Some(Err(e)) if e.kind() == qvol_keys::ErrorKind::NotFound => None,
+        Some(Err(e)) => return Err(format!("the keystore's volume record: {}", error_chain(&e))),
     };
     let only_key = guard
         .as_ref()
         .map(|g| g.binding().key_id.clone())
-        .filter(|k| !k.is_empty());
-    let (slot, volume) =
-        open_unrecorded(&args.image, header, &keystore, only_key.as_deref()).map_err(chain)?;
+        .filter(|k| !k.is_empty() && how.is_keystore());
+    let (slot, volume) = open_unrecorded(
+        &args.image,
+        header,
+        keystore.as_ref(),
+        &how,
+        only_key.as_deref(),
+    )
+    .map_err(chain)?;
     drop(keystore);
     let info = volume.info();
     let state = state_of(&volume.commit_point());

@@ -1,10 +1,11 @@
-//! `qvol key new|list|show|rotate|remove-generation|delete|export|import`.
+//! `qvol key new|list|show|rotate|remove-generation|delete|export|import|export-public`.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use qvol_keys::{KdfParams, KeyInfo};
 
+use crate::access::UnlockArgs;
 use crate::keystore::{read_passphrase, KeystoreArgs};
 
 /// `qvol key ...`
@@ -35,10 +36,26 @@ pub enum KeyCommand {
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
-    /// Start a new generation of a key; older generations still open existing volumes.
+    /// Start a new generation of a key; older generations still open existing volumes
+    /// until they are rewrapped (`--rewrap`, or `qvol rekey IMAGE` later).
     Rotate {
         /// Key id.
         id: String,
+        /// Rewrap the keyslots of these images for the new generation (each must not be
+        /// served).
+        #[arg(long, value_name = "IMAGE", num_args = 1..)]
+        rewrap: Vec<PathBuf>,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Write the current public key of a key to a file, for someone else's
+    /// `qvol keyslot add IMAGE --recipient FILE`.
+    ExportPublic {
+        /// Key id.
+        id: String,
+        /// Output file (must not exist).
+        #[arg(long, short, value_name = "PUBKEY_FILE")]
+        output: PathBuf,
         #[command(flatten)]
         keystore: KeystoreArgs,
     },
@@ -116,9 +133,39 @@ pub fn run(command: KeyCommand) -> anyhow::Result<()> {
                 print_info(&info);
             }
         }
-        KeyCommand::Rotate { id, keystore } => {
+        KeyCommand::Rotate {
+            id,
+            rewrap,
+            keystore,
+        } => {
             let info = keystore.unlock()?.rotate(&id)?;
             println!("{} is now at generation {}", info.key_id, info.generation);
+            for image in &rewrap {
+                let done = crate::rekey::rekey_image(image, &keystore, &UnlockArgs::default())
+                    .with_context(|| {
+                        format!(
+                            "key {id} was rotated, but {} was not rewrapped (run `qvol rekey {}`)",
+                            image.display(),
+                            image.display()
+                        )
+                    })?;
+                crate::rekey::report(image, &done, false);
+            }
+        }
+        KeyCommand::ExportPublic {
+            id,
+            output,
+            keystore,
+        } => {
+            let file = keystore.unlock()?.export_public(&id)?;
+            write_new(&output, file.to_json().as_bytes(), 0o644)?;
+            println!(
+                "Wrote the public key of {} (generation {}, fingerprint {}) to {}.",
+                file.key_id,
+                file.generation,
+                file.public_key.fingerprint_hex(),
+                output.display()
+            );
         }
         KeyCommand::RemoveGeneration {
             id,
@@ -170,12 +217,17 @@ pub fn run(command: KeyCommand) -> anyhow::Result<()> {
 }
 
 fn write_new_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    write_new(path, data, 0o600)
+}
+
+/// Writes a new file (never over an existing one) with `mode`, synced.
+fn write_new(path: &std::path::Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
     let written = file.write_all(data).and_then(|()| file.sync_all());

@@ -8,10 +8,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod access;
 mod create;
+mod header;
 mod info;
 mod key;
+mod keyslot;
 mod keystore;
+mod rekey;
 mod volume;
 
 #[derive(Debug, Parser)]
@@ -43,6 +47,18 @@ enum Command {
     Create(create::CreateArgs),
     /// Describe a volume: header, cipher, keyslots; generation and space used if unlockable.
     Info(info::InfoArgs),
+    /// List, add and remove the keyslots of a volume (the ways it opens).
+    Keyslot {
+        #[command(subcommand)]
+        command: keyslot::KeyslotCommand,
+    },
+    /// Rewrap a volume's keyslots for the current generation of this keystore's keys.
+    Rekey(rekey::RekeyArgs),
+    /// Back up or restore a volume's header and keyslots.
+    Header {
+        #[command(subcommand)]
+        command: header::HeaderCommand,
+    },
     /// The keystore's volume records (adopt an image from elsewhere, forget a deleted one).
     Volume {
         #[command(subcommand)]
@@ -61,6 +77,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Create(args) => create::run(args),
         Command::Info(args) => info::run(args),
         Command::Volume { command } => volume::run(command),
+        Command::Keyslot { command } => keyslot::run(command),
+        Command::Rekey(args) => rekey::run(args),
+        Command::Header { command } => header::run(command),
     }
 }
 

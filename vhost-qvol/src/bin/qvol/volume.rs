@@ -12,6 +12,7 @@ use anyhow::anyhow;
 use qvol_keys::keyslot;
 use vhost_qvol::lock::ImageLock;
 use vhost_qvol::open::{open_unrecorded, parse_volume_id, read_image_header, state_of};
+use vhost_qvol::unlock::Unlock;
 
 use crate::keystore::KeystoreArgs;
 
@@ -107,7 +108,7 @@ fn adopt(
     let _lock = ImageLock::acquire(image, false)?;
     let (_, header) = read_image_header(image)?;
     let keystore = args.unlock()?;
-    let (slot, volume) = open_unrecorded(image, &header, &keystore, key)?;
+    let (slot, volume) = open_unrecorded(image, &header, Some(&keystore), &Unlock::Keystore, key)?;
     let key_id = keyslot::describe(&header.keyslots[slot])
         .ok()
         .and_then(|info| info.key_id)

@@ -1,0 +1,235 @@
+//! Crash safety of keyslot changes (FORMAT.md §3.1): a change (add, remove, replace,
+//! replace all) is cut after every possible number of storage operations, by a process
+//! crash (every completed write kept) and by power losses (any unsynced subset kept, torn
+//! at sector granularity). The image must then open, read-only and writable, with exactly
+//! the old slots or exactly the new ones, and its data must read back unchanged.
+
+use std::sync::Arc;
+
+use crate::layout::*;
+use crate::storage::{CrashStorage, FaultConfig, FaultStorage, OpKinds, Storage};
+use crate::{read_header, CipherSuite, CreateOptions, ErrorKind, Volume, VolumeKey};
+
+fn key() -> VolumeKey {
+    VolumeKey::from_bytes([0x24; 32])
+}
+
+fn slots(spec: &[(usize, u8, usize)]) -> Vec<Vec<u8>> {
+    let mut out = vec![Vec::new(); MAX_KEYSLOTS];
+    for &(i, byte, len) in spec {
+        out[i] = vec![byte; len];
+    }
+    out
+}
+
+/// A volume with `old` slots and some data, on a crash storage; returns its bytes.
+fn base_image(old: &[Vec<u8>]) -> Vec<u8> {
+    let st = Arc::new(CrashStorage::new());
+    let opts = CreateOptions {
+        size: 8 << 20,
+        suite: CipherSuite::XChaCha20Poly1305,
+        name: "slots".into(),
+        volume_id: [0x33; 16],
+        keyslots: old.to_vec(),
+    };
+    let vol = Volume::create(st.clone(), opts, &key()).unwrap();
+    vol.write_at(8192, &data()).unwrap();
+    vol.close().unwrap();
+    st.durable_image()
+}
+
+fn data() -> Vec<u8> {
+    (0..3 * BS).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+/// Opens `bytes` read-only then writable; asserts the slots are `old` or `new` (the same
+/// both times, and after the writable open settled them) and the data reads back.
+fn check(bytes: Vec<u8>, old: &[Vec<u8>], new: &[Vec<u8>], what: &str) -> bool {
+    let st = Arc::new(CrashStorage::from_bytes(bytes));
+    let ro = Volume::open(st.clone(), &key(), true)
+        .unwrap_or_else(|e| panic!("{what}: read-only open failed: {e}"));
+    let seen = ro.keyslots();
+    assert!(
+        seen == old || seen == new,
+        "{what}: slots are neither the old nor the new set"
+    );
+    let keyless = read_header(&*st).unwrap().keyslots;
+    assert_eq!(keyless, seen, "{what}: the keyless header read disagrees");
+    drop(ro);
+    let rw = Volume::open(st.clone(), &key(), false)
+        .unwrap_or_else(|e| panic!("{what}: writable open failed: {e}"));
+    let settled = rw.keyslots();
+    assert!(
+        settled == old || settled == new,
+        "{what}: settled slots are neither set"
+    );
+    let mut buf = vec![0u8; 3 * BS];
+    rw.read_at(8192, &mut buf).unwrap();
+    assert_eq!(buf, data(), "{what}: data changed");
+    rw.close().unwrap();
+    // Settled: a plain reopen sees the same set, and the area is committed (no stage).
+    let again = Volume::open(st.clone(), &key(), true).unwrap();
+    assert_eq!(
+        again.keyslots(),
+        settled,
+        "{what}: the settled set did not stick"
+    );
+    assert_eq!(
+        again.superblock().staged_keyslots,
+        0,
+        "{what}: still staged"
+    );
+    settled == new
+}
+
+fn crash_everywhere(old: Vec<Vec<u8>>, new: Vec<Vec<u8>>, label: &str) {
+    let base = base_image(&old);
+    let mut completed = false;
+    let mut n = 0u64;
+    while !completed {
+        let crash = Arc::new(CrashStorage::from_bytes(base.clone()));
+        let fault = Arc::new(FaultStorage::new(crash.clone(), FaultConfig::never()));
+        let vol = Volume::open(fault.clone() as Arc<dyn Storage>, &key(), false).unwrap();
+        fault.set_config(FaultConfig {
+            fail_after: n,
+            count: OpKinds::MUTATIONS,
+            fail: OpKinds::ALL,
+            tear_failed_writes: true,
+        });
+        completed = vol.set_keyslots(&new).is_ok();
+        drop(vol);
+        let what = format!("{label}, cut after {n} operations");
+        let mut saw_new = check(crash.process_crash().live_image(), &old, &new, &what);
+        for seed in 0..6 {
+            saw_new |= check(
+                crash.crash_image_for(seed),
+                &old,
+                &new,
+                &format!("{what}, power loss {seed}"),
+            );
+        }
+        if completed {
+            assert!(
+                saw_new,
+                "{label}: a completed change must keep the new slots"
+            );
+        }
+        n += 1;
+        assert!(n < 200, "{label}: the change never completed");
+    }
+}
+
+impl CrashStorage {
+    fn crash_image_for(&self, seed: u64) -> Vec<u8> {
+        self.crash(seed).durable_image()
+    }
+}
+
+#[test]
+fn adding_a_slot_survives_any_crash() {
+    crash_everywhere(
+        slots(&[(0, 1, 1700)]),
+        slots(&[(0, 1, 1700), (1, 2, 1700)]),
+        "add",
+    );
+}
+
+#[test]
+fn removing_a_slot_survives_any_crash() {
+    crash_everywhere(
+        slots(&[(0, 1, 1700), (3, 2, 90)]),
+        slots(&[(3, 2, 90)]),
+        "remove",
+    );
+}
+
+#[test]
+fn replacing_every_slot_survives_any_crash() {
+    crash_everywhere(
+        slots(&[(0, 1, 1700), (1, 2, 900), (7, 3, 4000)]),
+        slots(&[(0, 4, 1800), (1, 5, 90), (2, 6, 3000)]),
+        "replace",
+    );
+}
+
+#[test]
+fn a_tampered_area_or_stage_is_refused() {
+    let old = slots(&[(0, 1, 100)]);
+    let base = base_image(&old);
+    // The area edited behind the volume's back: refused.
+    let mut edited = base.clone();
+    edited[KEYSLOT_OFFSET as usize + 10] ^= 1;
+    let st = Arc::new(CrashStorage::from_bytes(edited));
+    assert_eq!(
+        Volume::open(st, &key(), true).unwrap_err().kind(),
+        ErrorKind::Integrity
+    );
+    // A change cut right after its staging commit (before the area is rewritten), then
+    // both the area and the staged copy edited: nothing vouches for either.
+    let new = slots(&[(0, 1, 100), (1, 9, 100)]);
+    let mut n = 0;
+    let (image, stage_at) = loop {
+        let c = Arc::new(CrashStorage::from_bytes(base.clone()));
+        let f = Arc::new(FaultStorage::new(c.clone(), FaultConfig::never()));
+        let v = Volume::open(f.clone() as Arc<dyn Storage>, &key(), false).unwrap();
+        f.set_config(FaultConfig {
+            fail_after: n,
+            count: OpKinds::MUTATIONS,
+            fail: OpKinds::ALL,
+            tear_failed_writes: false,
+        });
+        let _ = v.set_keyslots(&new);
+        drop(v);
+        let img = c.process_crash().live_image();
+        let staged = SUPERBLOCK_OFFSETS
+            .iter()
+            .map(|&o| crate::Superblock::decode(&img[o as usize..o as usize + 512]).unwrap())
+            .max_by_key(|sb| sb.generation)
+            .unwrap()
+            .staged_keyslots;
+        if staged != 0 {
+            break (img, staged);
+        }
+        n += 1;
+        assert!(n < 100, "the change never staged");
+    };
+    // As cut, it opens (with the old or the new set).
+    check(image.clone(), &old, &new, "cut after staging");
+    let mut bad = image;
+    bad[KEYSLOT_OFFSET as usize + 5] ^= 0xff;
+    bad[(stage_at * BLOCK_SIZE) as usize + 5] ^= 0xff;
+    let st = Arc::new(CrashStorage::from_bytes(bad));
+    assert_eq!(
+        Volume::open(st, &key(), true).unwrap_err().kind(),
+        ErrorKind::Integrity
+    );
+}
+
+#[test]
+fn keyslot_changes_need_a_writable_volume_and_fit_the_area() {
+    let old = slots(&[(0, 1, 100)]);
+    let st = Arc::new(CrashStorage::from_bytes(base_image(&old)));
+    let ro = Volume::open(st.clone(), &key(), true).unwrap();
+    assert_eq!(
+        ro.set_keyslots(&old).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    drop(ro);
+    let rw = Volume::open(st.clone(), &key(), false).unwrap();
+    assert_eq!(
+        rw.set_keyslots(&vec![vec![1u8]; 9]).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        rw.set_keyslots(&[vec![0u8; MAX_KEYSLOT_LEN + 1]])
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(rw.keyslots(), old, "a refused change changed nothing");
+    let len_before = st.len().unwrap();
+    rw.set_keyslots(&slots(&[(5, 7, 10)])).unwrap();
+    assert_eq!(rw.keyslots(), slots(&[(5, 7, 10)]));
+    assert_eq!(st.len().unwrap(), len_before, "the staged copy was removed");
+    rw.close().unwrap();
+}

@@ -1,0 +1,240 @@
+//! Changing the keyslot area so that a crash at any point leaves the old set of slots or
+//! the new one (docs/FORMAT.md §3.1): the new area is staged past the high-water mark, a
+//! commit names it, the area is rewritten in place, and a second commit makes it the
+//! committed one. Opening picks whichever of the two the bytes on disk and the MAC'd
+//! superblock agree on.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::failpoint;
+use crate::header::{decode_keyslots, encode_keyslots, read_staged_keyslots};
+use crate::layout::*;
+use crate::storage::Storage;
+use crate::superblock::Superblock;
+use crate::volume::Volume;
+
+/// The keyslot area a volume accepted, and what its next commit says about it.
+#[derive(Clone, Debug)]
+pub(crate) struct SlotArea {
+    /// The header block as read (the hashes cover its exact bytes).
+    header_block: Vec<u8>,
+    /// The accepted keyslot area (32 KiB).
+    area: Vec<u8>,
+    /// `BLAKE3(header block || area)`.
+    area_hash: [u8; 32],
+    /// The header hash the next commit writes (superblock offset 168).
+    pub(crate) header_hash: [u8; 32],
+    /// The staged area the next commit names (superblock offsets 216 and 224; 0 = none).
+    pub(crate) staged_keyslots: u64,
+    /// Its hash.
+    pub(crate) staged_hash: [u8; 32],
+}
+
+fn hash_area(header_block: &[u8], area: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(header_block);
+    h.update(area);
+    *h.finalize().as_bytes()
+}
+
+/// Constant-time equality of two hashes.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    blake3::Hash::from(*a) == blake3::Hash::from(*b)
+}
+
+impl SlotArea {
+    /// The area of a new volume: committed as is, nothing staged.
+    pub(crate) fn new(header_block: &[u8], area: Vec<u8>) -> SlotArea {
+        let area_hash = hash_area(header_block, &area);
+        SlotArea {
+            header_block: header_block.to_vec(),
+            area,
+            area_hash,
+            header_hash: area_hash,
+            staged_keyslots: 0,
+            staged_hash: [0; 32],
+        }
+    }
+
+    /// The keyslot area that `sb` (MAC-verified) vouches for, given the header block and
+    /// keyslot area read from disk (`header_area`): the area on disk if it matches the
+    /// committed hash or the staged one; else, while a change is staged, the staged copy if
+    /// it matches (the in-place rewrite was torn). Anything else is `Integrity`.
+    pub(crate) fn choose(
+        storage: &dyn Storage,
+        header_area: &[u8],
+        sb: &Superblock,
+    ) -> Result<SlotArea> {
+        let header_block = &header_area[..BS];
+        let on_disk = hash_area(header_block, &header_area[BS..]);
+        let mut chosen = SlotArea {
+            header_block: header_block.to_vec(),
+            area: header_area[BS..].to_vec(),
+            area_hash: on_disk,
+            header_hash: sb.header_hash,
+            staged_keyslots: sb.staged_keyslots,
+            staged_hash: sb.staged_hash,
+        };
+        if same(&on_disk, &sb.header_hash)
+            || (sb.staged_keyslots != 0 && same(&on_disk, &sb.staged_hash))
+        {
+            return Ok(chosen);
+        }
+        if sb.staged_keyslots == 0 {
+            return Err(Error::integrity(
+                "the header or the keyslot area was changed after the last commit",
+            ));
+        }
+        chosen.area = read_staged_keyslots(storage, header_block, sb).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Integrity,
+                "the keyslot area matches neither the committed nor the staged one",
+                Box::new(e),
+            )
+        })?;
+        chosen.area_hash = sb.staged_hash;
+        Ok(chosen)
+    }
+
+    /// The area on disk as it is, whatever the superblock says (see
+    /// `OpenOptions::accept_any_keyslot_area`).
+    pub(crate) fn as_found(header_area: &[u8], sb: &Superblock) -> SlotArea {
+        let header_block = &header_area[..BS];
+        SlotArea {
+            header_block: header_block.to_vec(),
+            area: header_area[BS..].to_vec(),
+            area_hash: hash_area(header_block, &header_area[BS..]),
+            header_hash: sb.header_hash,
+            staged_keyslots: sb.staged_keyslots,
+            staged_hash: sb.staged_hash,
+        }
+    }
+
+    /// The 8 slots (empty = free).
+    fn slots(&self) -> Result<Vec<Vec<u8>>> {
+        decode_keyslots(&self.area)
+    }
+}
+
+impl Volume {
+    pub(crate) fn slot_area(&self) -> std::sync::MutexGuard<'_, SlotArea> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The 8 keyslots of the committed (MAC-verified) keyslot area, in slot order; an empty
+    /// blob is a free slot.
+    pub fn keyslots(&self) -> Vec<Vec<u8>> {
+        // The area was decoded once at open or written by `set_keyslots`: it decodes.
+        self.slot_area().slots().unwrap_or_default()
+    }
+
+    /// Replaces the keyslot area with `slots` (blob `i` to slot `i`, empty = free, at most
+    /// 8), crash-safely: after a crash at any point the volume opens with either the old
+    /// slots or the new ones (FORMAT.md §3.1). Commits three times; the commit hook sees
+    /// each. Writable volumes only.
+    pub fn set_keyslots(&self, slots: &[Vec<u8>]) -> Result<()> {
+        self.check_usable()?;
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the volume is open read-only; its keyslots cannot change",
+            ));
+        }
+        let new_area = encode_keyslots(slots)?;
+        let _gate = self.exclusive();
+        // Nothing pending, so that the next commit allocates nothing past the mark.
+        self.commit_locked(true)?;
+        let header_block = self.slot_area().header_block.clone();
+        let new_hash = hash_area(&header_block, &new_area);
+        let stage_at = self.alloc.lock().high_water();
+        let st: &dyn Storage = &*self.storage;
+        let io = |what: &str, e| self.fail(Error::io(format!("cannot {what}"), e));
+        st.write_all_at(&new_area, stage_at * BLOCK_SIZE)
+            .map_err(|e| io("write the staged keyslot area", e))?;
+        failpoint::hit("keyslots:stage-written");
+        st.sync_data()
+            .map_err(|e| io("sync the staged keyslot area", e))?;
+        {
+            let mut s = self.slot_area();
+            s.staged_keyslots = stage_at;
+            s.staged_hash = new_hash;
+        }
+        self.commit_locked(true)?;
+        failpoint::hit("keyslots:staged");
+        self.write_area(&new_area)?;
+        {
+            let mut s = self.slot_area();
+            s.area = new_area;
+            s.area_hash = new_hash;
+            s.header_hash = new_hash;
+            s.staged_keyslots = 0;
+            s.staged_hash = [0; 32];
+        }
+        self.commit_locked(true)?;
+        failpoint::hit("keyslots:committed");
+        self.drop_stage(stage_at);
+        Ok(())
+    }
+
+    /// Writes `area` over the keyslot area in place and syncs it.
+    fn write_area(&self, area: &[u8]) -> Result<()> {
+        let st: &dyn Storage = &*self.storage;
+        st.write_all_at(area, KEYSLOT_OFFSET)
+            .map_err(|e| self.fail(Error::io("cannot write the keyslot area", e)))?;
+        failpoint::hit("keyslots:area-written");
+        st.sync_data()
+            .map_err(|e| self.fail(Error::io("cannot sync the keyslot area", e)))?;
+        failpoint::hit("keyslots:area-synced");
+        Ok(())
+    }
+
+    /// Removes the staged copy at `stage_at` once no superblock names it: truncated when it
+    /// ends the file, else punched (best effort; later allocations overwrite it anyway).
+    fn drop_stage(&self, stage_at: u64) {
+        let st: &dyn Storage = &*self.storage;
+        let end = (stage_at + KEYSLOT_BLOCKS) * BLOCK_SIZE;
+        let result = match st.len() {
+            Ok(len) if len == end => st.set_len(stage_at * BLOCK_SIZE),
+            _ => st.punch_hole(stage_at * BLOCK_SIZE, KEYSLOT_BLOCKS * BLOCK_SIZE),
+        };
+        if let Err(e) = result {
+            log::debug!("the staged keyslot copy stays in the file: {e}");
+        }
+    }
+
+    /// At a writable open, before replay: completes a keyslot change that a crash
+    /// interrupted (or, when its staged copy is gone, keeps the committed area). The open's
+    /// own commit then writes a superblock that names no staged area.
+    pub(crate) fn settle_keyslots(&self) -> Result<()> {
+        let (staged_hash, forward) = {
+            let s = self.slot_area();
+            if s.staged_keyslots == 0 {
+                return Ok(());
+            }
+            let forward = if same(&s.area_hash, &s.staged_hash) {
+                Some(s.area.clone())
+            } else {
+                let sb = Superblock {
+                    staged_keyslots: s.staged_keyslots,
+                    staged_hash: s.staged_hash,
+                    ..Superblock::default()
+                };
+                read_staged_keyslots(&*self.storage, &s.header_block, &sb).ok()
+            };
+            (s.staged_hash, forward)
+        };
+        if let Some(area) = &forward {
+            self.write_area(area)?;
+        }
+        let mut s = self.slot_area();
+        if let Some(area) = forward {
+            s.area = area;
+            s.area_hash = staged_hash;
+            s.header_hash = staged_hash;
+        }
+        s.staged_keyslots = 0;
+        s.staged_hash = [0; 32];
+        drop(s);
+        log::info!("settled a keyslot change that was interrupted");
+        Ok(())
+    }
+}

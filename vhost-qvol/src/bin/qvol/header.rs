@@ -1,0 +1,213 @@
+//! `qvol header backup|restore`: a copy of the header block and the keyslot area (36,864
+//! bytes, the image's own bytes; docs/KEYS.md §5.2), and putting its keyslots back.
+//! Restoring an older backup brings back the slots it had, removed ones included.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use qvol_core::header::{decode_header, decode_keyslots, encode_keyslots};
+use qvol_core::storage::{FileStorage, Storage};
+use qvol_core::{BLOCK_SIZE, KEYSLOT_SIZE, MAX_KEYSLOTS};
+use serde_json::json;
+use vhost_qvol::open::{open_volume, read_image_header, volume_id_hex, Binding, OpenRequest};
+use vhost_qvol::volume_disk::error_chain;
+
+use crate::access::{Change, UnlockArgs};
+use crate::keystore::KeystoreArgs;
+
+/// Bytes of a header backup: the header block and the keyslot area.
+const BACKUP_LEN: usize = BLOCK_SIZE as usize + MAX_KEYSLOTS * KEYSLOT_SIZE;
+
+/// `qvol header ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum HeaderCommand {
+    /// Copy the header and keyslot area to FILE (0600; must not exist). No key needed.
+    Backup {
+        /// The image.
+        image: PathBuf,
+        /// The backup file.
+        file: PathBuf,
+    },
+    /// Put the keyslots of a backup of this volume back (unlocking through a slot of the
+    /// backup or of the image): slots removed since the backup work again.
+    Restore {
+        /// The image.
+        image: PathBuf,
+        /// The backup file.
+        file: PathBuf,
+        /// Print one JSON line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        unlock: UnlockArgs,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+}
+
+/// Runs `qvol header ...`.
+pub fn run(command: HeaderCommand) -> anyhow::Result<()> {
+    match command {
+        HeaderCommand::Backup { image, file } => backup(&image, &file),
+        HeaderCommand::Restore {
+            image,
+            file,
+            json,
+            unlock,
+            keystore,
+        } => restore(&image, &file, json, &unlock, &keystore),
+    }
+}
+
+fn backup(image: &Path, file: &Path) -> anyhow::Result<()> {
+    // The keyslots as a keyless reader sees them (the staged copy while a change is torn).
+    let (storage, header) = read_image_header(image)?;
+    let mut bytes = vec![0u8; BLOCK_SIZE as usize];
+    storage
+        .read_exact_at(&mut bytes, 0)
+        .with_context(|| format!("cannot read the header of {}", image.display()))?;
+    bytes.extend_from_slice(&encode_keyslots(&header.keyslots)?);
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("cannot create {} (it must not exist)", file.display()))?;
+    if let Err(e) = out.write_all(&bytes).and_then(|()| out.sync_all()) {
+        let _ = fs::remove_file(file);
+        return Err(e).with_context(|| format!("cannot write {}", file.display()));
+    }
+    let used = header.keyslots.iter().filter(|s| !s.is_empty()).count();
+    println!(
+        "Backed up the header and {used} keyslot(s) of {} (volume {}) to {}.",
+        image.display(),
+        volume_id_hex(&header.volume_id),
+        file.display()
+    );
+    Ok(())
+}
+
+/// Reads and checks a backup file: its length, its header block, and that it is a backup
+/// of `image`'s volume and volume key. Returns its keyslots.
+fn read_backup(image: &Path, file: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut bytes = Vec::with_capacity(BACKUP_LEN);
+    fs::File::open(file)
+        .and_then(|f| f.take(BACKUP_LEN as u64 + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read the header backup {}", file.display()))?;
+    if bytes.len() != BACKUP_LEN {
+        let len = if bytes.len() > BACKUP_LEN {
+            format!("more than {BACKUP_LEN}")
+        } else {
+            bytes.len().to_string()
+        };
+        bail!(
+            "{} is {len} bytes long; a qvol header backup is exactly {BACKUP_LEN} bytes \
+             (truncated, or not a backup)",
+            file.display()
+        );
+    }
+    let saved = decode_header(&bytes[..BLOCK_SIZE as usize]).map_err(|e| {
+        anyhow!(
+            "{} is not a qvol header backup: {}",
+            file.display(),
+            error_chain(&e)
+        )
+    })?;
+    let storage = FileStorage::open(image, false)
+        .with_context(|| format!("cannot open the image {}", image.display()))?;
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    storage
+        .read_exact_at(&mut block, 0)
+        .with_context(|| format!("cannot read the header of {}", image.display()))?;
+    let current = decode_header(&block).map_err(|e| {
+        anyhow!(
+            "the header block of {} is unreadable ({}); `header restore` puts back keyslots, \
+             not the header block",
+            image.display(),
+            error_chain(&e)
+        )
+    })?;
+    if saved.volume_id != current.volume_id {
+        bail!(
+            "{} is a header backup of volume {}, not of volume {} ({}); refusing it",
+            file.display(),
+            volume_id_hex(&saved.volume_id),
+            volume_id_hex(&current.volume_id),
+            image.display()
+        );
+    }
+    if saved.key_check != current.key_check {
+        bail!(
+            "{} was made for another volume key of volume {} (re-encrypted since?); its \
+             keyslots cannot open the image",
+            file.display(),
+            volume_id_hex(&current.volume_id)
+        );
+    }
+    decode_keyslots(&bytes[BLOCK_SIZE as usize..]).map_err(|e| {
+        anyhow!(
+            "the keyslot area of {} is damaged: {}",
+            file.display(),
+            error_chain(&e)
+        )
+    })
+}
+
+fn restore(
+    image: &Path,
+    file: &Path,
+    json: bool,
+    unlock: &UnlockArgs,
+    keys: &KeystoreArgs,
+) -> anyhow::Result<()> {
+    let saved = read_backup(image, file)?;
+    let how = unlock.unlock()?;
+    let source = keys.source();
+    let keystore = if how.is_keystore() || source.keystore_exists() {
+        Some(source.unlock()?)
+    } else {
+        None
+    };
+    let binding = Binding::default();
+    let opened = open_volume(&OpenRequest {
+        allow_unrecorded: true,
+        keystore: keystore.as_ref(),
+        restore_slots: Some(&saved),
+        ..OpenRequest::new(image, &source, &how, &binding)
+    })?;
+    let before = opened.volume.keyslots();
+    let back: Vec<usize> = (0..MAX_KEYSLOTS)
+        .filter(|&i| !saved[i].is_empty() && saved[i] != before.get(i).cloned().unwrap_or_default())
+        .collect();
+    let gone: Vec<usize> = (0..MAX_KEYSLOTS)
+        .filter(|&i| saved[i].is_empty() && before.get(i).is_some_and(|b| !b.is_empty()))
+        .collect();
+    let change = Change {
+        image: image.to_path_buf(),
+        opened,
+        keystore,
+        unlock: how,
+    };
+    change.commit_slots(&saved, None)?;
+    if json {
+        println!(
+            "{}",
+            json!({"image": image.display().to_string(), "backup": file.display().to_string(),
+                   "restored_slots": back, "dropped_slots": gone})
+        );
+    } else {
+        println!(
+            "Restored the keyslots of {} from {}: slot(s) {:?} are as in the backup again \
+             (slots removed since the backup open the volume again), slot(s) {:?} added since \
+             are gone.",
+            image.display(),
+            file.display(),
+            back,
+            gone
+        );
+    }
+    Ok(())
+}
