@@ -233,3 +233,31 @@ fn keyslot_changes_need_a_writable_volume_and_fit_the_area() {
     assert_eq!(st.len().unwrap(), len_before, "the staged copy was removed");
     rw.close().unwrap();
 }
+
+#[test]
+fn a_damaged_area_opens_only_for_a_restore_that_replaces_it() {
+    let old = slots(&[(0, 1, 100), (2, 3, 50)]);
+    let mut bytes = base_image(&old);
+    bytes[KEYSLOT_OFFSET as usize + 2 * KEYSLOT_SIZE + 9] ^= 0x40;
+    let st = Arc::new(CrashStorage::from_bytes(bytes));
+    assert_eq!(
+        Volume::open(st.clone(), &key(), false).unwrap_err().kind(),
+        ErrorKind::Integrity
+    );
+    let vol = Volume::open_with(
+        st.clone(),
+        &key(),
+        crate::OpenOptions {
+            accept_any_keyslot_area: true,
+            ..crate::OpenOptions::default()
+        },
+    )
+    .expect("a restore may open it");
+    vol.set_keyslots(&old).unwrap();
+    vol.close().unwrap();
+    let again = Volume::open(st, &key(), true).expect("restored: opens normally");
+    assert_eq!(again.keyslots(), old);
+    let mut buf = vec![0u8; 3 * BS];
+    again.read_at(8192, &mut buf).unwrap();
+    assert_eq!(buf, data());
+}

@@ -128,6 +128,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vhost_qvol::unlock::Unlock;
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         let args = Args::try_parse_from(std::iter::once("vhost-qvol").chain(args.iter().copied()))
@@ -190,6 +191,37 @@ mod tests {
                 "--any-volume"
             ]),
             Err(ConfigError::BadQueueCount(0))
+        );
+    }
+
+    #[test]
+    fn unlock_flags_choose_one_kind_of_keyslot() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        let img = img.path().to_str().unwrap();
+        let base = ["--fd", "3", "--blk-file", img, "--any-volume"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args)
+        };
+        assert_eq!(with(&[]).unwrap().unlock, Unlock::Keystore);
+        assert_eq!(
+            with(&["--unlock-passphrase-file", "p"]).unwrap().unlock,
+            Unlock::Passphrase("p".into())
+        );
+        assert_eq!(
+            with(&["--recovery-share", "a", "--recovery-share", "b"])
+                .unwrap()
+                .unlock,
+            Unlock::Recovery(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(
+            with(&["--unlock-passphrase-file", "p", "--recovery-share", "a"]),
+            Err(ConfigError::BothUnlocks)
+        );
+        assert_eq!(
+            with(&["--unlock-passphrase-file", "p", "--key", "k"]),
+            Err(ConfigError::KeyWithOtherUnlock)
         );
     }
 }

@@ -191,3 +191,66 @@ fn read_share(file: &Path) -> anyhow::Result<RecoveryShare> {
 pub fn wrap_secret(key: &VolumeKey) -> Secret32 {
     Secret32::from_bytes(*key.expose())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share_text() -> (String, String) {
+        let key = Secret32::from_bytes([7; 32]);
+        let shares = qvol_keys::recovery::split(&key, 2, 3, [1; 8]).unwrap();
+        (shares[0].to_string(), shares[1].to_string())
+    }
+
+    #[test]
+    fn share_files_hold_one_share_line_and_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = share_text();
+        let fa = dir.path().join("a");
+        let fb = dir.path().join("b");
+        std::fs::write(&fa, format!("# share 1\n\n{a}\n")).unwrap();
+        std::fs::write(&fb, format!("{b}")).unwrap();
+        let got = read_shares(&[fa.clone(), fb.clone()]).unwrap();
+        assert_eq!(got.len(), 2);
+        // The same share twice is one share, said so.
+        let err = read_shares(&[fa.clone(), fa.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a second time"), "{err}");
+        // Two share lines, none, a typo (checksum), an oversized file.
+        let two = dir.path().join("two");
+        std::fs::write(&two, format!("{a}\n{b}\n")).unwrap();
+        assert!(read_shares(&[two])
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one"));
+        let none = dir.path().join("none");
+        std::fs::write(&none, "# nothing\n").unwrap();
+        assert!(read_shares(&[none]).is_err());
+        let typo = dir.path().join("typo");
+        let mut bad = a.clone().into_bytes();
+        let last = bad.len() - 6;
+        bad[last] = if bad[last] == b'0' { b'1' } else { b'0' };
+        std::fs::write(&typo, bad).unwrap();
+        let err = format!("{:#}", read_shares(&[typo]).unwrap_err());
+        assert!(err.contains("checksum"), "{err}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'#'; 5000]).unwrap();
+        assert!(read_shares(&[big])
+            .unwrap_err()
+            .to_string()
+            .contains("too long"));
+    }
+
+    #[test]
+    fn one_kind_of_unlock_at_a_time() {
+        assert_eq!(Unlock::from_flags(None, vec![]).unwrap(), Unlock::Keystore);
+        assert!(Unlock::from_flags(Some("p".into()), vec!["s".into()]).is_err());
+        assert_eq!(
+            Unlock::from_flags(Some("p".into()), vec![])
+                .unwrap()
+                .to_string(),
+            "the passphrase in p"
+        );
+    }
+}

@@ -185,6 +185,7 @@ fn restore(
     let gone: Vec<usize> = (0..MAX_KEYSLOTS)
         .filter(|&i| saved[i].is_empty() && before.get(i).is_some_and(|b| !b.is_empty()))
         .collect();
+    let stale = stale_generations(&saved, keystore.as_ref());
     let change = Change {
         image: image.to_path_buf(),
         opened,
@@ -192,6 +193,13 @@ fn restore(
         unlock: how,
     };
     change.commit_slots(&saved, None)?;
+    for (slot, key, generation) in &stale {
+        eprintln!(
+            "qvol: note: keyslot {slot} is wrapped for generation {generation} of key {key}, \
+             which this keystore no longer holds; `qvol rekey {}` rewraps it",
+            image.display()
+        );
+    }
     if json {
         println!(
             "{}",
@@ -210,4 +218,26 @@ fn restore(
         );
     }
     Ok(())
+}
+
+/// The recipient slots of `slots` that name a key of `keystore` at a generation it no longer
+/// holds (removed after the backup was taken): (slot, key id, generation).
+fn stale_generations(
+    slots: &[Vec<u8>],
+    keystore: Option<&qvol_keys::UnlockedKeystore>,
+) -> Vec<(usize, String, u32)> {
+    let Some(ks) = keystore else {
+        return Vec::new();
+    };
+    slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, blob)| {
+            let info = qvol_keys::keyslot::describe(blob).ok()?;
+            let (key, generation) = (info.key_id?, info.generation?);
+            let held = ks.show(&key).ok()?;
+            (!held.generations.iter().any(|g| g.generation == generation))
+                .then_some((i, key, generation))
+        })
+        .collect()
 }
