@@ -209,7 +209,7 @@ mod tests {
         let fa = dir.path().join("a");
         let fb = dir.path().join("b");
         std::fs::write(&fa, format!("# share 1\n\n{a}\n")).unwrap();
-        std::fs::write(&fb, format!("{b}")).unwrap();
+        std::fs::write(&fb, &b).unwrap();
         let got = read_shares(&[fa.clone(), fb.clone()]).unwrap();
         assert_eq!(got.len(), 2);
         // The same share twice is one share, said so.
