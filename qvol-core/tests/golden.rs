@@ -292,3 +292,31 @@ fn write_golden_images() {
         std::fs::write(&p, image).expect("write the golden image");
     }
 }
+
+/// Keyslot changes (FORMAT.md §3.1) work on every version's images, keep their version and
+/// their data.
+#[test]
+fn golden_images_of_every_version_take_keyslot_changes() {
+    for version in [1, 2, 3] {
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(
+            version,
+            CipherSuite::XChaCha20Poly1305,
+        )));
+        let vol = Volume::open(storage.clone(), &golden_key(), false).expect("open");
+        let mut slots = vol.keyslots();
+        slots[0].clear();
+        slots[5] = b"a new slot".to_vec();
+        vol.set_keyslots(&slots).expect("change the keyslots");
+        vol.close().expect("close");
+        let vol = Volume::open(storage.clone(), &golden_key(), true).expect("reopen");
+        assert_eq!(vol.keyslots(), slots, "version {version}");
+        assert_eq!(
+            vol.info().format_version,
+            version,
+            "an image keeps its version"
+        );
+        expected(version)
+            .check_current(&vol)
+            .unwrap_or_else(|m| panic!("version {version}: {m}"));
+    }
+}
