@@ -10,6 +10,7 @@ mod alloc;
 mod commit;
 mod datablock;
 pub mod error;
+mod extents;
 pub mod failpoint;
 mod fasthash;
 pub mod header;
@@ -31,6 +32,7 @@ mod volume;
 pub mod wal;
 
 pub use error::{Error, ErrorKind, Result};
+pub use extents::Extent;
 pub use header::{decode_header, decode_keyslots, read_header, HeaderInfo};
 pub use info::{CreateOptions, VolumeInfo};
 pub use key::VolumeKey;

@@ -83,6 +83,21 @@ pub trait Disk: Send + Sync {
     fn commit(&self) -> Result<(), DiskError> {
         self.flush()
     }
+    /// The allocation of `len` bytes at `offset` (any byte alignment) as runs of alternating
+    /// kind covering the range, at most `max_extents` of them (then a shorter cover): what
+    /// NBD block status and hole-skipping copies ask. Defaults to all allocated.
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<qvol_core::Extent>, DiskError> {
+        let _ = (offset, max_extents);
+        Ok(vec![qvol_core::Extent {
+            len,
+            allocated: true,
+        }])
+    }
 }
 
 /// Checks that `offset..offset+len` is sector aligned and inside a disk of `size` bytes.

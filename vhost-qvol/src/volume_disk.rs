@@ -56,4 +56,13 @@ impl Disk for Volume {
     fn commit(&self) -> Result<(), DiskError> {
         Volume::commit(self).map_err(|e| convert(&e))
     }
+
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<qvol_core::Extent>, DiskError> {
+        Volume::allocation(self, offset, len, max_extents).map_err(|e| convert(&e))
+    }
 }
