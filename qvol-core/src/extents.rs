@@ -37,7 +37,7 @@ impl Volume {
         let _gate = self.shared();
         let end = offset + len;
         let mut out: Vec<Extent> = Vec::new();
-        let mut push = |out: &mut Vec<Extent>, len: u64, allocated: bool| match out.last_mut() {
+        let push = |out: &mut Vec<Extent>, len: u64, allocated: bool| match out.last_mut() {
             Some(last) if last.allocated == allocated => last.len += len,
             _ => out.push(Extent { len, allocated }),
         };
