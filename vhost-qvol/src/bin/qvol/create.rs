@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use qvol_core::storage::FileStorage;
-use qvol_core::{CipherSuite, CreateOptions, Volume, VolumeKey};
-use qvol_keys::{keyslot, Secret32};
+use qvol_core::{CipherSuite, CommitPoint, CreateOptions, Volume, VolumeKey};
+use qvol_keys::{keyslot, Secret32, UnlockedKeystore};
 use vhost_qvol::lock::ImageLock;
-use vhost_qvol::open::{state_of, volume_id_hex, KeySource};
+use vhost_qvol::open::{state_of, volume_id_hex};
 use vhost_qvol::size::{format_size, parse_size};
 use vhost_qvol::volume_disk::error_chain;
 
@@ -61,12 +61,6 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|e| anyhow!("unknown cipher suite {}: {e}", args.cipher))?;
     let image = &args.image;
-    if fs::symlink_metadata(image).is_ok() {
-        bail!(
-            "{} already exists; refusing to overwrite it",
-            image.display()
-        );
-    }
     let name = match args.name {
         Some(name) => name,
         None => image
@@ -75,71 +69,10 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
     };
 
-    let keys = KeySource::from_flags(
-        args.keys.keystore.as_deref(),
-        args.keys.passphrase_file.as_deref(),
-    );
-    let keystore = keys.unlock()?;
-    let public = keystore.public_key(&args.key).with_context(|| {
-        format!(
-            "cannot use key {} of keystore {}",
-            args.key,
-            keystore.dir().display()
-        )
-    })?;
-    let mut volume_id = [0u8; 16];
-    getrandom::getrandom(&mut volume_id)
-        .map_err(|e| anyhow!("the operating system's random number generator failed: {e}"))?;
-    let volume_key = VolumeKey::generate();
-    let slot = keyslot::wrap_for_recipient(
-        &public,
-        &args.key,
-        &volume_id,
-        &Secret32::from_bytes(*volume_key.expose()),
-    )
-    .context("cannot wrap the volume key")?;
-
-    let storage = FileStorage::create_new(image)
-        .with_context(|| format!("cannot create {}", image.display()))?;
-    let mut cleanup = RemoveOnFailure(Some(image));
-    let _lock = ImageLock::acquire(image, true)?;
-    let opts = CreateOptions {
-        size,
-        suite,
-        name: name.clone(),
-        volume_id,
-        keyslots: vec![slot],
-    };
-    let volume = Volume::create(Arc::new(storage), opts, &volume_key).map_err(|e| {
-        anyhow!(
-            "cannot create the volume {}: {}",
-            image.display(),
-            error_chain(&e)
-        )
-    })?;
-    // The keystore binds the volume to the key (and its VM) and remembers its state, so
-    // that another image at a daemon's path, or an older copy put back, is refused.
-    keystore
-        .register_volume(&volume_id, &args.key, &state_of(&volume.commit_point()))
-        .with_context(|| {
-            format!(
-                "cannot record the volume {} in keystore {}",
-                image.display(),
-                keystore.dir().display()
-            )
-        })?;
-    // The generation the slot was wrapped for (the key may have rotated meanwhile).
-    keystore
-        .record_volume_wraps(&volume_id, &[public.generation()])
-        .with_context(|| format!("cannot record volume {} in the keystore", image.display()))?;
-    volume.close().map_err(|e| {
-        anyhow!(
-            "cannot close the new volume {}: {}",
-            image.display(),
-            error_chain(&e)
-        )
-    })?;
-    cleanup.0 = None;
+    let keystore = args.keys.unlock()?;
+    let new = NewVolume::make(image, size, suite, &name, &args.key, &keystore)?;
+    let volume_id = new.volume_id;
+    new.finish(&keystore)?;
     println!(
         "Created {} ({name}): {}, {suite}, volume id {}, keyslot 0 for key {}.",
         image.display(),
@@ -148,4 +81,114 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
         args.key
     );
     Ok(())
+}
+
+/// A volume being made: the image is removed again unless [`NewVolume::finish`] runs.
+pub struct NewVolume<'a> {
+    /// The open volume (writable).
+    pub volume: Arc<Volume>,
+    /// Its random id.
+    pub volume_id: [u8; 16],
+    key_id: String,
+    generation: u32,
+    image: &'a Path,
+    cleanup: RemoveOnFailure<'a>,
+    _lock: ImageLock,
+}
+
+impl<'a> NewVolume<'a> {
+    /// Creates `image` (which must not exist) with a random volume key and volume id and
+    /// one keyslot for the current generation of `key_id`. Not yet recorded in the keystore.
+    pub fn make(
+        image: &'a Path,
+        size: u64,
+        suite: CipherSuite,
+        name: &str,
+        key_id: &str,
+        keystore: &UnlockedKeystore,
+    ) -> anyhow::Result<Self> {
+        if fs::symlink_metadata(image).is_ok() {
+            bail!(
+                "{} already exists; refusing to overwrite it",
+                image.display()
+            );
+        }
+        let public = keystore.public_key(key_id).with_context(|| {
+            format!(
+                "cannot use key {key_id} of keystore {}",
+                keystore.dir().display()
+            )
+        })?;
+        let mut volume_id = [0u8; 16];
+        getrandom::getrandom(&mut volume_id)
+            .map_err(|e| anyhow!("the operating system's random number generator failed: {e}"))?;
+        let volume_key = VolumeKey::generate();
+        let slot = keyslot::wrap_for_recipient(
+            &public,
+            key_id,
+            &volume_id,
+            &Secret32::from_bytes(*volume_key.expose()),
+        )
+        .context("cannot wrap the volume key")?;
+        let storage = FileStorage::create_new(image)
+            .with_context(|| format!("cannot create {}", image.display()))?;
+        let cleanup = RemoveOnFailure(Some(image));
+        let lock = ImageLock::acquire(image, true)?;
+        let opts = CreateOptions {
+            size,
+            suite,
+            name: name.to_string(),
+            volume_id,
+            keyslots: vec![slot],
+        };
+        let volume = Volume::create(Arc::new(storage), opts, &volume_key).map_err(|e| {
+            anyhow!(
+                "cannot create the volume {}: {}",
+                image.display(),
+                error_chain(&e)
+            )
+        })?;
+        Ok(NewVolume {
+            volume: Arc::new(volume),
+            volume_id,
+            key_id: key_id.to_string(),
+            generation: public.generation(),
+            image,
+            cleanup,
+            _lock: lock,
+        })
+    }
+
+    /// Commits the volume (durable on return), then records it in the keystore (bound to
+    /// its key and VM, at that state), so that vhost-qvol serves it; the image stays. Every
+    /// other holder of the volume must be done with it.
+    pub fn finish(mut self, keystore: &UnlockedKeystore) -> anyhow::Result<CommitPoint> {
+        let image = self.image;
+        let closing = |e: qvol_core::Error| {
+            anyhow!(
+                "cannot close the new volume {}: {}",
+                image.display(),
+                error_chain(&e)
+            )
+        };
+        self.volume.commit().map_err(closing)?;
+        let point = self.volume.commit_point();
+        // The keystore binds the volume to the key (and its VM) and remembers its state, so
+        // that another image at a daemon's path, or an older copy put back, is refused.
+        keystore
+            .register_volume(&self.volume_id, &self.key_id, &state_of(&point))
+            .with_context(|| {
+                format!(
+                    "cannot record the volume {} in keystore {}",
+                    image.display(),
+                    keystore.dir().display()
+                )
+            })?;
+        // The generation the slot was wrapped for (the key may have rotated meanwhile).
+        keystore
+            .record_volume_wraps(&self.volume_id, &[self.generation])
+            .with_context(|| format!("cannot record volume {} in the keystore", image.display()))?;
+        self.cleanup.0 = None;
+        Ok(point)
+    }
 }
