@@ -270,8 +270,8 @@ pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<(Header, Vec<u8>
 
 /// Reads the header and keyslots without any key: for `qvol info` and to find one's keyslot.
 ///
-/// While a keyslot change is in flight (FORMAT.md §3.1) the keyslot area may be torn; the
-/// slots then come from the staged copy that the newest superblock names. Nothing here is
+/// While a keyslot change is in flight (FORMAT.md §3.1) the slots come from the staged copy
+/// that the newest superblock names (the area itself may be old or torn). Nothing here is
 /// verified (that needs the key): a wrong guess only changes which slots are tried, and
 /// [`crate::Volume::open`] checks the area it accepts against the MAC'd superblock.
 pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
@@ -289,8 +289,8 @@ pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
     })
 }
 
-/// The staged keyslot area, if the newest (unverified) superblock names one, the area on
-/// disk matches neither of its hashes, and the staged copy matches its hash.
+/// The staged keyslot area, if the newest (unverified) superblock names one and the staged
+/// copy matches its hash: then it is the area that counts (FORMAT.md §3.1).
 fn unverified_keyslot_area(storage: &dyn Storage, area: &[u8]) -> Option<Vec<u8>> {
     let sb = SUPERBLOCK_OFFSETS
         .iter()
@@ -301,12 +301,6 @@ fn unverified_keyslot_area(storage: &dyn Storage, area: &[u8]) -> Option<Vec<u8>
         })
         .max_by_key(|sb| sb.generation)?;
     if sb.staged_keyslots == 0 {
-        return None;
-    }
-    let on_disk = blake3::hash(area);
-    if on_disk == blake3::Hash::from(sb.header_hash)
-        || on_disk == blake3::Hash::from(sb.staged_hash)
-    {
         return None;
     }
     read_staged_keyslots(storage, &area[..BS], &sb).ok()

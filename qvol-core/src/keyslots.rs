@@ -56,9 +56,11 @@ impl SlotArea {
     }
 
     /// The keyslot area that `sb` (MAC-verified) vouches for, given the header block and
-    /// keyslot area read from disk (`header_area`): the area on disk if it matches the
-    /// committed hash or the staged one; else, while a change is staged, the staged copy if
-    /// it matches (the in-place rewrite was torn). Anything else is `Integrity`.
+    /// keyslot area read from disk (`header_area`). While a change is staged, the new area
+    /// counts as soon as the superblock names it (FORMAT.md §3.1): the staged copy when it
+    /// matches its hash, else the area on disk when it matches either hash (the staged copy
+    /// was lost: it is the old one, or step 4 had completed). With nothing staged, the
+    /// area on disk must match the committed hash. Anything else is `Integrity`.
     pub(crate) fn choose(
         storage: &dyn Storage,
         header_area: &[u8],
@@ -74,25 +76,26 @@ impl SlotArea {
             staged_keyslots: sb.staged_keyslots,
             staged_hash: sb.staged_hash,
         };
-        if same(&on_disk, &sb.header_hash)
-            || (sb.staged_keyslots != 0 && same(&on_disk, &sb.staged_hash))
-        {
-            return Ok(chosen);
-        }
-        if sb.staged_keyslots == 0 {
+        if sb.staged_keyslots != 0 {
+            if let Ok(staged) = read_staged_keyslots(storage, header_block, sb) {
+                chosen.area = staged;
+                chosen.area_hash = sb.staged_hash;
+                return Ok(chosen);
+            }
+            if same(&on_disk, &sb.header_hash) || same(&on_disk, &sb.staged_hash) {
+                return Ok(chosen);
+            }
             return Err(Error::integrity(
-                "the header or the keyslot area was changed after the last commit",
+                "the keyslot area matches neither the committed nor the staged one, and the \
+                 staged copy is gone",
             ));
         }
-        chosen.area = read_staged_keyslots(storage, header_block, sb).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Integrity,
-                "the keyslot area matches neither the committed nor the staged one",
-                Box::new(e),
-            )
-        })?;
-        chosen.area_hash = sb.staged_hash;
-        Ok(chosen)
+        if same(&on_disk, &sb.header_hash) {
+            return Ok(chosen);
+        }
+        Err(Error::integrity(
+            "the header or the keyslot area was changed after the last commit",
+        ))
     }
 
     /// The area on disk as it is, whatever the superblock says (see

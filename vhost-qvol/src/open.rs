@@ -172,7 +172,8 @@ fn check_unlocked_slot(
 ) -> anyhow::Result<()> {
     if volume.keyslots().get(slot) != header.keyslots.get(slot) {
         bail!(
-            "keyslot {slot} of {} unlocked the volume but is not in its committed keyslot              area; refusing it",
+            "keyslot {slot} of {} unlocked the volume but is not in its committed keyslot \
+             area; refusing it",
             image.display()
         );
     }

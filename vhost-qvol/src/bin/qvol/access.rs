@@ -136,7 +136,7 @@ pub fn open_for_change(
 }
 
 /// A lock held by someone else becomes the sentence of a command that changes keyslots.
-fn busy_sentence(image: &Path, e: anyhow::Error) -> anyhow::Error {
+pub fn busy_sentence(image: &Path, e: anyhow::Error) -> anyhow::Error {
     if matches!(e.downcast_ref::<LockError>(), Some(LockError::Busy { .. })) {
         anyhow!(
             "{} is in use by a vhost-qvol (or another qvol): its keyslots cannot change while \

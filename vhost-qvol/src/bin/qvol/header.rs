@@ -15,7 +15,7 @@ use serde_json::json;
 use vhost_qvol::open::{open_volume, read_image_header, volume_id_hex, Binding, OpenRequest};
 use vhost_qvol::volume_disk::error_chain;
 
-use crate::access::{Change, UnlockArgs};
+use crate::access::{busy_sentence, Change, UnlockArgs};
 use crate::keystore::KeystoreArgs;
 
 /// Bytes of a header backup: the header block and the keyslot area.
@@ -177,7 +177,8 @@ fn restore(
         keystore: keystore.as_ref(),
         restore_slots: Some(&saved),
         ..OpenRequest::new(image, &source, &how, &binding)
-    })?;
+    })
+    .map_err(|e| busy_sentence(image, e))?;
     let before = opened.volume.keyslots();
     let back: Vec<usize> = (0..MAX_KEYSLOTS)
         .filter(|&i| !saved[i].is_empty() && saved[i] != before.get(i).cloned().unwrap_or_default())
