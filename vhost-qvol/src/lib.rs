@@ -13,6 +13,7 @@ pub mod config;
 pub mod disk;
 pub mod hardening;
 pub mod lock;
+pub mod nbd;
 pub mod open;
 pub mod paths;
 pub mod recorder;
