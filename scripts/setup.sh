@@ -5,7 +5,8 @@
 #     qemu-utils again: installing qemu-system-x86 removes a preinstalled qemu-utils 10.x
 #     backport, so the matching 7.2 one is reinstalled afterwards;
 #   - busybox-static and cpio (the guest's initramfs), e2fsprogs (mkfs.ext4/e2fsck used inside
-#     the guest through the 9p-shared host root), fio, libxml2-utils (xmllint);
+#     the guest through the 9p-shared host root), fio, libxml2-utils (xmllint), libnbd-bin
+#     (nbdinfo and nbdcopy, the NBD clients of integration/tests/nbd_clients.rs);
 #   - a Debian guest kernel, fetched with `apt-get download` and unpacked with `dpkg -x` into
 #     .cache/guest/ (only vmlinuz and the modules the guest loads are kept).
 # Safe with no stdin and CI=true. Re-running it does nothing when everything is present.
@@ -60,6 +61,7 @@ command -v cpio >/dev/null || missing+=(cpio)
 command -v mkfs.ext4 >/dev/null && command -v e2fsck >/dev/null || missing+=(e2fsprogs)
 command -v fio >/dev/null || missing+=(fio)
 command -v xmllint >/dev/null || missing+=(libxml2-utils)
+command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || missing+=(libnbd-bin)
 command -v virt-xml-validate >/dev/null || missing+=(libvirt-clients)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v xz >/dev/null || missing+=(xz-utils)

@@ -15,6 +15,7 @@ mod info;
 mod key;
 mod keyslot;
 mod keystore;
+mod nbd;
 mod rekey;
 mod volume;
 
@@ -64,6 +65,9 @@ enum Command {
         #[command(subcommand)]
         command: volume::VolumeCommand,
     },
+    /// Serve a volume's decrypted disk over NBD on a Unix socket, for qemu-img, qemu-io and
+    /// nbdinfo, until Ctrl-C.
+    Nbd(nbd::NbdArgs),
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
@@ -80,6 +84,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Keyslot { command } => keyslot::run(command),
         Command::Rekey(args) => rekey::run(args),
         Command::Header { command } => header::run(command),
+        Command::Nbd(args) => nbd::run(args),
     }
 }
 
