@@ -19,6 +19,21 @@ pub fn keystore_dir(flag: Option<&Path>) -> Option<PathBuf> {
     non_empty_var("HOME").map(|home| Path::new(&home).join(".local/share/qvol/keystore"))
 }
 
+/// The VMs directory of `qvol vm`: `--vms-dir`, then `$QVOL_VMS`, then
+/// `$XDG_DATA_HOME/qvol/vms`, then `~/.local/share/qvol/vms`.
+pub fn vms_dir(flag: Option<&Path>) -> Option<PathBuf> {
+    if let Some(dir) = flag {
+        return Some(dir.to_path_buf());
+    }
+    if let Some(dir) = non_empty_var("QVOL_VMS") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(data) = non_empty_var("XDG_DATA_HOME") {
+        return Some(Path::new(&data).join("qvol/vms"));
+    }
+    non_empty_var("HOME").map(|home| Path::new(&home).join(".local/share/qvol/vms"))
+}
+
 /// The passphrase file: `--passphrase-file`, then `$QVOL_PASSPHRASE_FILE`, then
 /// `$CREDENTIALS_DIRECTORY/qvol-passphrase` (systemd credentials). `None` when none is set.
 pub fn passphrase_file(flag: Option<&Path>) -> Option<PathBuf> {

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod access;
+mod convert;
 mod create;
 mod header;
 mod info;
@@ -16,7 +17,9 @@ mod key;
 mod keyslot;
 mod keystore;
 mod nbd;
+mod qemu_img;
 mod rekey;
+mod vm;
 mod volume;
 
 #[derive(Debug, Parser)]
@@ -60,6 +63,12 @@ enum Command {
         #[command(subcommand)]
         command: header::HeaderCommand,
     },
+    /// Copy any image qemu-img reads into a new encrypted volume (holes stay holes; verified).
+    Import(convert::ImportArgs),
+    /// Copy a volume to any format qemu-img writes (holes stay holes; verified).
+    Export(convert::ExportArgs),
+    /// VMs whose disks are qvol volumes: new, start, stop, info, list, migrate.
+    Vm(vm::VmArgs),
     /// The keystore's volume records (adopt an image from elsewhere, forget a deleted one).
     Volume {
         #[command(subcommand)]
@@ -84,6 +93,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Keyslot { command } => keyslot::run(command),
         Command::Rekey(args) => rekey::run(args),
         Command::Header { command } => header::run(command),
+        Command::Import(args) => convert::import(args),
+        Command::Export(args) => convert::export(args),
+        Command::Vm(args) => vm::run(args),
         Command::Nbd(args) => nbd::run(args),
     }
 }

@@ -1,0 +1,231 @@
+//! `qvol vm migrate NAME`: a VM's plain disks (qcow2, raw, ...) become encrypted qvol disks.
+//! Order, so that an interruption at any step leaves the original disks and config.yaml as
+//! they were: back up each disk (`<disk>.backup`), import it into `<stem>.qvol.partial`
+//! (verified byte for byte), rename it to `<stem>.qvol`, and only then rewrite config.yaml
+//! (atomically) to use the new disks. A later run removes `.partial` leftovers.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context};
+use qvol_core::CipherSuite;
+use vhost_qvol::open::volume_id_hex;
+use vhost_qvol::size::format_size;
+
+use super::config::{self, DiskConfig};
+use super::process::live_pid;
+use super::Vm;
+use crate::convert::import_image;
+use crate::keystore::KeystoreArgs;
+use crate::qemu_img::Source;
+
+/// `qvol vm migrate`
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The VM (stopped).
+    pub name: String,
+    /// Do not keep a copy of the original disk (`<disk>.backup`).
+    #[arg(long)]
+    pub no_backup: bool,
+    /// Cipher suite of the new disks [default: the config's algorithm].
+    #[arg(long, value_name = "SUITE", value_parser = ["xchacha20-poly1305", "aegis-256"])]
+    pub cipher: Option<String>,
+    #[command(flatten)]
+    pub keystore: KeystoreArgs,
+}
+
+/// `<dir>/<stem>.qvol` for a plain disk.
+fn target_of(disk: &DiskConfig) -> PathBuf {
+    let stem = disk
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| disk.id.clone());
+    disk.path.with_file_name(format!("{stem}.qvol"))
+}
+
+fn partial_of(target: &Path) -> PathBuf {
+    let mut name = target.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// Runs `qvol vm migrate`.
+pub fn run(vm: &Vm, args: &MigrateArgs) -> anyhow::Result<()> {
+    let cfg = &vm.config;
+    let name = &cfg.name;
+    let run = vm.run_dir();
+    if vm.qemu_pid().is_some()
+        || cfg
+            .disks
+            .iter()
+            .any(|d| live_pid(&run.disk_pid(&d.id)).is_some())
+    {
+        bail!("VM {name} is running; stop it first (`qvol vm stop {name}`)");
+    }
+    let plain: Vec<&DiskConfig> = cfg.disks.iter().filter(|d| !d.is_qvol()).collect();
+    if plain.is_empty() {
+        bail!("every disk of VM {name} is already a qvol disk; nothing to migrate");
+    }
+    for disk in &plain {
+        if !disk.path.is_file() {
+            bail!(
+                "disk {} of VM {name} ({}) does not exist",
+                disk.id,
+                disk.path.display()
+            );
+        }
+        let target = target_of(disk);
+        if target.exists() {
+            bail!(
+                "{} already exists; move it away (it is not in config.yaml) and run migrate again",
+                target.display()
+            );
+        }
+        let _ = fs::remove_file(partial_of(&target)); // left by an interrupted migrate
+        let backup = backup_of(&disk.path);
+        if !args.no_backup && backup.exists() {
+            bail!(
+                "{} already exists (from an earlier migrate?); move it away or pass --no-backup",
+                backup.display()
+            );
+        }
+    }
+    let suite: CipherSuite = match &args.cipher {
+        Some(c) => c
+            .parse()
+            .map_err(|e| anyhow!("unknown cipher suite {c}: {e}"))?,
+        None => cfg.suite,
+    };
+    let ks = args.keystore.unlock()?;
+    let (key_id, new_key) = match &cfg.key_id {
+        Some(k) => (k.clone(), false),
+        None => (ks.new_key(name)?.key_id, true),
+    };
+    let result = migrate_disks(vm, &plain, &key_id, suite, &ks, !args.no_backup);
+    match result {
+        Ok(text) => {
+            vm.write_config(&text)?;
+            println!(
+                "Migrated VM {name}: {} disk(s) now encrypted with {suite}, key {key_id}; config.yaml updated.",
+                plain.len()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            if new_key {
+                let _ = ks.delete_checked(&key_id, true);
+            }
+            Err(e.context(format!(
+                "VM {name} was not migrated; its disks and config.yaml are unchanged"
+            )))
+        }
+    }
+}
+
+fn backup_of(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".backup");
+    PathBuf::from(name)
+}
+
+/// Backs up, imports and renames each disk; returns the new config.yaml text. On failure,
+/// removes what it made (the new disks; the backups stay, they are copies).
+fn migrate_disks(
+    vm: &Vm,
+    plain: &[&DiskConfig],
+    key_id: &str,
+    suite: CipherSuite,
+    ks: &qvol_keys::UnlockedKeystore,
+    backup: bool,
+) -> anyhow::Result<String> {
+    let mut made: Vec<PathBuf> = Vec::new();
+    let outcome = (|| -> anyhow::Result<String> {
+        let mut text = config::set_scalars(
+            &vm.text,
+            &["storage", "encryption"],
+            &[
+                ("enabled", "true"),
+                ("key_id", key_id),
+                ("algorithm", suite.name()),
+            ],
+        )?;
+        for disk in plain {
+            if backup {
+                copy_sparse(&disk.path, &backup_of(&disk.path))?;
+                qvol_core::failpoint::hit("qvol:migrate-backed-up");
+            }
+            let target = target_of(disk);
+            let partial = partial_of(&target);
+            let source = Source {
+                path: disk.path.clone(),
+                format: None,
+                secret_file: None,
+            };
+            made.push(partial.clone());
+            let done = import_image(
+                &source,
+                &partial,
+                key_id,
+                suite,
+                &format!("{}-{}", vm.config.name, disk.id),
+                ks,
+                true,
+            )?;
+            fs::rename(&partial, &target).with_context(|| {
+                format!(
+                    "cannot rename {} to {}",
+                    partial.display(),
+                    target.display()
+                )
+            })?;
+            made.push(target.clone());
+            qvol_core::failpoint::hit("qvol:migrate-converted");
+            println!(
+                "{} -> {}: {} ({} allocated), volume {}, verified identical.",
+                disk.path.display(),
+                target.display(),
+                format_size(done.size),
+                format_size(done.allocated),
+                volume_id_hex(&done.volume_id)
+            );
+            let file_name = target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let relative = if target.parent() == Some(vm.dir.as_path()) {
+                file_name
+            } else {
+                target.display().to_string()
+            };
+            text = config::set_scalars(
+                &text,
+                &["hardware", "disk", &disk.id],
+                &[("path", &relative)],
+            )?;
+        }
+        Ok(text)
+    })();
+    if outcome.is_err() {
+        for path in &made {
+            let _ = fs::remove_file(path);
+        }
+    }
+    outcome
+}
+
+/// `cp --sparse=always --reflink=auto`: a copy that keeps holes (and shares blocks where the
+/// file system can).
+fn copy_sparse(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let status = Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto", "--no-clobber"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .context("cannot run cp")?;
+    if !status.success() || !to.exists() {
+        bail!("cannot back up {} to {}", from.display(), to.display());
+    }
+    Ok(())
+}
