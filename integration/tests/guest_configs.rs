@@ -241,3 +241,56 @@ fn cloud_hypervisor_and_crosvm_scripts_parse() {
         );
     }
 }
+
+/// `qvol vm systemd NAME` writes a unit that systemd-analyze accepts, with start and stop
+/// through `qvol vm`, the credential only for a keystore that has a passphrase, and the
+/// install target only for `autostart: true`.
+#[test]
+fn qvol_vm_systemd_units_pass_systemd_analyze_verify() {
+    let analyze = tool("systemd-analyze");
+    let f = integration::fixture::Fixture::new();
+    let vms = f.path("vms");
+    let vms_arg = vms.to_string_lossy().into_owned();
+    f.qvol(["vm", "new", "web01", "--vms-dir", &vms_arg])
+        .success();
+    let config_path = vms.join("web01/config.yaml");
+    let text = fs::read_to_string(&config_path).expect("config.yaml");
+    for autostart in [false, true] {
+        fs::write(
+            &config_path,
+            text.replace("autostart: false", &format!("autostart: {autostart}")),
+        )
+        .expect("edit config.yaml");
+        let out = f
+            .qvol(["vm", "systemd", "web01", "--vms-dir", &vms_arg])
+            .success();
+        let unit = out.stdout.clone();
+        assert!(unit.contains("ExecStart=") && unit.contains(" vm start web01 --wait --vms-dir "));
+        assert!(unit.contains(" vm stop web01 --timeout 60 --vms-dir "));
+        assert_eq!(
+            unit.contains("WantedBy=multi-user.target"),
+            autostart,
+            "wanted at boot exactly when autostart is true"
+        );
+        // The fixture's keystore has no passphrase: loading one would be refused.
+        assert!(!unit.contains("\nLoadCredential="), "{unit}");
+        let dir = ScratchDir::new("vm-systemd").expect("scratch dir");
+        let file = dir.path().join("qvol-vm-web01.service");
+        fs::write(&file, &unit).expect("write the unit");
+        let verify = Command::new(&analyze)
+            .arg("verify")
+            .arg(&file)
+            .env("SYSTEMD_LOG_COLOR", "0")
+            .output()
+            .expect("run systemd-analyze verify");
+        let stderr = String::from_utf8_lossy(&verify.stderr);
+        assert!(
+            verify.status.success(),
+            "systemd-analyze verify failed: {stderr}"
+        );
+        assert!(
+            stderr.trim().is_empty(),
+            "systemd-analyze verify warned: {stderr}"
+        );
+    }
+}

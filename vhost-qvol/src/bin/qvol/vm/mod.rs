@@ -1,4 +1,4 @@
-//! `qvol vm new|start|stop|info|list|migrate`: VMs whose disks are qvol volumes. Each VM is a
+//! `qvol vm new|start|stop|info|list|migrate|systemd`: VMs whose disks are qvol volumes. Each VM is a
 //! directory `<vms dir>/<name>/` with its `config.yaml` (see [`config`]), its disks, and a
 //! `run/` directory (sockets, pid files, logs) while it runs. A thin layer: it builds
 //! command lines ([`qemu`]) and supervises processes ([`process`]).
@@ -8,6 +8,7 @@ pub mod config;
 mod migrate;
 mod process;
 mod qemu;
+mod systemd;
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -111,6 +112,16 @@ pub enum VmCommand {
     },
     /// Turn a VM's qcow2 disk into an encrypted qvol disk (backed up first, verified).
     Migrate(migrate::MigrateArgs),
+    /// Print (or --install) the systemd unit that starts the VM at boot (autostart: true).
+    Systemd {
+        /// The VM.
+        name: String,
+        /// Write it to /etc/systemd/system instead of printing it.
+        #[arg(long)]
+        install: bool,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
 }
 
 /// Runs `qvol vm ...`.
@@ -152,6 +163,11 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         } => info(&Vm::load(&vms, &name)?, json, &keystore),
         VmCommand::List { json } => list(&vms, json),
         VmCommand::Migrate(args) => migrate::run(&Vm::load(&vms, &args.name)?, &args),
+        VmCommand::Systemd {
+            name,
+            install,
+            keystore,
+        } => systemd::run(&Vm::load(&vms, &name)?, &vms, install, &keystore),
     }
 }
 
