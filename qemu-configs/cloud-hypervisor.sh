@@ -6,7 +6,7 @@
 #   --disk vhost_user=true,socket=...,num_queues=N,queue_size=256
 #                              (num_queues <= vhost-qvol's --num-queues).
 # Start the backend first:
-#   vhost-qvol --socket-path "$QVOL_SOCKET" --blk-file IMAGE --volume-id ID --num-queues 2
+#   vhost-qvol --socket-path "$QVOL_SOCKET" --blk-file IMAGE --volume-id ID --num-queues 2 --control-socket CTL
 # (ID: the volume id `qvol info IMAGE` prints; the daemon refuses any other image.)
 #
 # Tried: nothing beyond `sh -n` (integration/tests/guest_configs.rs). cloud-hypervisor runs

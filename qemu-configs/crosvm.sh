@@ -4,7 +4,7 @@
 # crosvm is a vhost-user frontend with --vhost-user block,socket=PATH (crosvm's book,
 # devices/vhost_user.md); its guest memory is always memfd-backed and shareable, so no
 # extra memory option is needed. Older crosvm releases spell it --vhost-user-blk PATH.
-# Start the backend first: vhost-qvol --socket-path "$QVOL_SOCKET" --blk-file IMAGE --volume-id ID
+# Start the backend first: vhost-qvol --socket-path "$QVOL_SOCKET" --blk-file IMAGE --volume-id ID --control-socket CTL
 # (ID: the volume id `qvol info IMAGE` prints; the daemon refuses any other image.)
 #
 # Tried: nothing beyond `sh -n` (integration/tests/guest_configs.rs). crosvm runs guests

@@ -3,7 +3,8 @@
 #
 # Start the backend first (one per disk), e.g. from the systemd unit in this directory:
 #   vhost-qvol --socket-path /run/vhost-qvol/vm1.sock --blk-file /var/lib/qvol/vm1.qvol \
-#       --volume-id "$(qvol info /var/lib/qvol/vm1.qvol --json | jq -r .volume_id)"
+#       --volume-id "$(qvol info /var/lib/qvol/vm1.qvol --json | jq -r .volume_id)" \
+#       --control-socket /run/vhost-qvol/vm1.ctl
 # then run this script with the rest of your VM's options:
 #   QVOL_SOCKET=/run/vhost-qvol/vm1.sock ./qemu-vhost-qvol.sh -drive file=cdrom.iso,media=cdrom ...
 #

@@ -7,8 +7,11 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::failpoint;
 use crate::header::{decode_keyslots, encode_keyslots, read_staged_keyslots};
+use crate::key::VolumeKey;
 use crate::layout::*;
 use crate::storage::Storage;
+use crate::subkeys::Subkeys;
+use crate::suite::CipherSuite;
 use crate::superblock::Superblock;
 use crate::volume::Volume;
 
@@ -118,7 +121,56 @@ impl SlotArea {
     }
 }
 
+/// Label of [`keyslot_change_proof`].
+const CHANGE_PROOF_LABEL: &[u8] = b"qvol-keyslot-change-v1";
+
+fn change_proof(keys: &Subkeys, area: &[u8]) -> [u8; 32] {
+    let mut h = keys.meta_mac();
+    h.update(CHANGE_PROOF_LABEL);
+    h.update(keys.volume_id());
+    h.update(area);
+    *h.finalize().as_bytes()
+}
+
+/// A MAC of a proposed keyslot area (`slots` as [`Volume::set_keyslots`] takes them) under
+/// the volume's metadata key: what a process serving the volume asks of whoever wants to
+/// change its keyslots through it, as proof that they hold the volume key.
+pub fn keyslot_change_proof(
+    key: &VolumeKey,
+    suite: CipherSuite,
+    volume_id: [u8; 16],
+    slots: &[Vec<u8>],
+) -> Result<[u8; 32]> {
+    let area = encode_keyslots(slots)?;
+    Ok(change_proof(&Subkeys::derive(key, suite, volume_id), &area))
+}
+
 impl Volume {
+    /// `BLAKE3(header block || keyslot area)` of the slots [`Volume::keyslots`] returns: a
+    /// caller changing them names it, so that two changes cannot overwrite each other.
+    pub fn keyslots_hash(&self) -> [u8; 32] {
+        self.slot_area().area_hash
+    }
+
+    /// [`Volume::set_keyslots`] for a caller that is not trusted with the volume: `proof`
+    /// must be [`keyslot_change_proof`] of `slots`, and the slots must still hash to
+    /// `expected` ([`Volume::keyslots_hash`]). `Refused` otherwise, with nothing written.
+    pub fn set_keyslots_checked(
+        &self,
+        slots: &[Vec<u8>],
+        expected: &[u8; 32],
+        proof: &[u8; 32],
+    ) -> Result<()> {
+        let area = encode_keyslots(slots)?;
+        if !same(&change_proof(&self.keys, &area), proof) {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                "the keyslot change is not signed with this volume's key",
+            ));
+        }
+        self.replace_keyslots(slots, Some(expected))
+    }
+
     pub(crate) fn slot_area(&self) -> std::sync::MutexGuard<'_, SlotArea> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -135,6 +187,12 @@ impl Volume {
     /// slots or the new ones (FORMAT.md §3.1). Commits three times; the commit hook sees
     /// each. Writable volumes only.
     pub fn set_keyslots(&self, slots: &[Vec<u8>]) -> Result<()> {
+        self.replace_keyslots(slots, None)
+    }
+
+    /// [`Volume::set_keyslots`]; with `expected`, refused unless the current area still
+    /// hashes to it (checked under the exclusive gate, so no other change slips between).
+    fn replace_keyslots(&self, slots: &[Vec<u8>], expected: Option<&[u8; 32]>) -> Result<()> {
         self.check_usable()?;
         if self.read_only {
             return Err(Error::new(
@@ -144,6 +202,12 @@ impl Volume {
         }
         let new_area = encode_keyslots(slots)?;
         let _gate = self.exclusive();
+        if expected.is_some_and(|e| !same(&self.keyslots_hash(), e)) {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                "the keyslots changed since they were read; read them again",
+            ));
+        }
         // Nothing pending, so that the next commit allocates nothing past the mark.
         self.commit_locked(true)?;
         let header_block = self.slot_area().header_block.clone();

@@ -31,6 +31,8 @@ pub struct Config {
     pub binding: Binding,
     /// Which keyslot kind unlocks the volume.
     pub unlock: Unlock,
+    /// Where the control socket listens (docs/CONTROL.md), if anywhere.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// A command line that cannot work, said as one sentence.

@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod blk_config;
 pub mod config;
+pub mod control;
 pub mod disk;
 pub mod hardening;
 pub mod lock;
@@ -21,6 +22,8 @@ pub mod request;
 pub mod serve;
 pub mod signals;
 pub mod size;
+pub mod socket_file;
+pub mod stats;
 pub mod text;
 pub mod unlock;
 pub mod volume_disk;
@@ -55,7 +58,21 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         SocketSource::Fd(_) => Some(serve::listen(&config.socket)?),
         SocketSource::Path(_) => None,
     };
-    let (disk, volume_id, recorder, _lock) = open_disk(&config)?;
+    let (volume, volume_id, recorder, _lock) = open_disk(&config)?;
+    let stats = Arc::new(stats::Stats::default());
+    let disk: Arc<dyn Disk> = Arc::new(stats::CountingDisk::new(
+        Arc::clone(&volume) as Arc<dyn Disk>,
+        Arc::clone(&stats),
+    ));
+    // Bound before the sandbox (no bind after it), served after (its threads inherit it).
+    let control_listener = config
+        .control_socket
+        .as_deref()
+        .map(|path| {
+            control::bind(path)
+                .with_context(|| format!("cannot listen on the control socket {}", path.display()))
+        })
+        .transpose()?;
     if config.binding.volume_id.is_none() {
         warn!(
             "--any-volume: serving whatever recorded volume is at {}; an image copied over it \
@@ -83,6 +100,18 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         recorder
             .start_thread()
             .context("cannot start the keystore recording thread")?;
+    }
+    if let Some(listener) = control_listener {
+        let opened_generation = volume.info().generation;
+        control::spawn(
+            listener,
+            Arc::new(control::Control {
+                volume,
+                stats,
+                opened_generation,
+            }),
+        )
+        .context("cannot start the control socket's thread")?;
     }
     info!(
         "serving {} ({} bytes{}) on {}",
@@ -168,7 +197,7 @@ fn shut_down(
 /// What [`open_disk`] returns: the volume as a [`Disk`], its id, its commit recorder
 /// (writable only) and the lock that must be held while it is served.
 type OpenedDisk = (
-    Arc<dyn Disk>,
+    Arc<qvol_core::Volume>,
     [u8; 16],
     Option<Arc<recorder::Recorder>>,
     ImageLock,
@@ -199,6 +228,10 @@ fn open_disk(config: &Config) -> anyhow::Result<OpenedDisk> {
         config.unlock
     );
     let volume_id = opened.header.volume_id;
-    let disk: Arc<dyn Disk> = Arc::new(opened.volume);
-    Ok((disk, volume_id, opened.recorder, opened.lock))
+    Ok((
+        Arc::new(opened.volume),
+        volume_id,
+        opened.recorder,
+        opened.lock,
+    ))
 }

@@ -51,6 +51,10 @@ struct Args {
     /// Unlock through a recovery keyslot: one share file per flag, as many as it needs.
     #[arg(long, value_name = "FILE")]
     recovery_share: Vec<PathBuf>,
+    /// Listen for `qvol` commands on this Unix socket (mode 0600; docs/CONTROL.md): stats,
+    /// keyslot changes of the served image.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
     /// Serve the disk read-only.
     #[arg(long)]
     read_only: bool,
@@ -101,6 +105,7 @@ impl TryFrom<Args> for Config {
             serial: args.serial.as_deref().map(serial_bytes).transpose()?,
             binding,
             unlock,
+            control_socket: args.control_socket,
         })
     }
 }

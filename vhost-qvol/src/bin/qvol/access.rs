@@ -1,14 +1,20 @@
-//! What the commands that change a volume share: the unlock flags (keystore, passphrase slot,
-//! recovery shares), opening an image for a change (one call: lock, header, unlock,
-//! freshness, open), closing it, and telling the keystore which generations of its key the
-//! volume's keyslots are wrapped for.
+//! What the commands that change a volume's keyslots share: the unlock flags (keystore,
+//! passphrase slot, recovery shares), getting the current slots and the volume key (one
+//! call: lock, header, unlock, freshness, open — or, when a daemon serves the image, its
+//! control socket), writing the new slots, and telling the keystore which generations of
+//! its key the volume's slots are wrapped for.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
-use qvol_keys::{keyslot, UnlockedKeystore};
+use qvol_core::{CipherSuite, VolumeKey};
+use qvol_keys::{keyslot, UnlockedKeystore, VolumeBinding};
+use serde_json::json;
+use vhost_qvol::control::{connect_to_server, ControlClient};
 use vhost_qvol::lock::LockError;
-use vhost_qvol::open::{open_volume, state_of, Binding, OpenRequest, OpenedVolume};
+use vhost_qvol::open::{
+    open_volume, read_image_header, state_of, Binding, KeySource, OpenRequest, OpenedVolume,
+};
 use vhost_qvol::unlock::Unlock;
 use vhost_qvol::volume_disk::error_chain;
 
@@ -36,27 +42,137 @@ impl UnlockArgs {
     }
 }
 
-/// An image opened for a change, with the keystore when there is one.
+/// Where the change goes.
+enum Target {
+    /// This process opened the image (writable).
+    Local(Box<OpenedVolume>),
+    /// A daemon serves it: through its control socket.
+    Served {
+        client: ControlClient,
+        /// The slots' hash as the daemon reported it (the change names it).
+        hash: [u8; 32],
+        suite: CipherSuite,
+    },
+}
+
+/// A volume ready for a keyslot change.
 pub struct Change {
     /// The image.
     pub image: PathBuf,
-    /// The open volume (writable), its lock and what opened it.
-    pub opened: OpenedVolume,
+    /// Its 8 keyslots as the volume vouches for them (empty = free).
+    pub slots: Vec<Vec<u8>>,
+    /// The slot that unlocked.
+    pub unlocked_slot: usize,
+    /// The volume key.
+    key: VolumeKey,
+    /// The volume id.
+    pub volume_id: [u8; 16],
+    /// What the keystore binds the volume to (`None`: not recorded there).
+    pub binding: Option<VolumeBinding>,
     /// The unlocked keystore (`None`: no keystore, with a passphrase or share unlock).
     pub keystore: Option<UnlockedKeystore>,
     /// How it was unlocked.
     pub unlock: Unlock,
+    target: Target,
 }
 
-/// Opens `image` writable for a change and keeps its volume key. With the keystore unlock
-/// (or `need_keystore`) the keystore must unlock; with a passphrase or shares it is used
-/// when it exists, and a volume it has no record of opens with a warning (the keystore was
-/// lost: see "Disaster recovery" in README.md).
+impl Change {
+    /// A change of a volume this process opened writable (with its key kept).
+    pub fn local(
+        image: &Path,
+        opened: OpenedVolume,
+        keystore: Option<UnlockedKeystore>,
+        unlock: Unlock,
+    ) -> anyhow::Result<Change> {
+        let key = opened
+            .key
+            .clone()
+            .ok_or_else(|| anyhow!("internal: the volume was opened without keeping its key"))?;
+        Ok(Change {
+            image: image.to_path_buf(),
+            slots: opened.volume.keyslots(),
+            unlocked_slot: opened.slot,
+            key,
+            volume_id: opened.header.volume_id,
+            binding: opened.binding.clone(),
+            keystore,
+            unlock,
+            target: Target::Local(Box::new(opened)),
+        })
+    }
+
+    /// The volume key.
+    pub fn key(&self) -> &VolumeKey {
+        &self.key
+    }
+
+    /// Replaces the keyslots (crash-safe, locally or by the serving daemon), then updates
+    /// the keystore: the generations its bound key is wrapped for, or (`adopt_for`) a record
+    /// binding the volume to that key when the keystore has none.
+    pub fn commit_slots(self, slots: &[Vec<u8>], adopt_for: Option<&str>) -> anyhow::Result<()> {
+        let image = &self.image;
+        let id = self.volume_id;
+        let point = match self.target {
+            Target::Local(opened) => {
+                opened.volume.set_keyslots(slots).map_err(|e| {
+                    anyhow!(
+                        "cannot change the keyslots of {}: {}",
+                        image.display(),
+                        error_chain(&e)
+                    )
+                })?;
+                qvol_core::failpoint::hit("qvol:slots-written");
+                let point = opened.volume.commit_point();
+                opened.volume.close().map_err(|e| {
+                    anyhow!("cannot close {}: {}", image.display(), error_chain(&e))
+                })?;
+                Some(point)
+            }
+            Target::Served {
+                mut client,
+                hash,
+                suite,
+            } => {
+                let proof = qvol_core::keyslot_change_proof(&self.key, suite, id, slots)
+                    .map_err(|e| anyhow!("{}", error_chain(&e)))?;
+                client
+                    .execute(
+                        "keyslots-set",
+                        json!({"keyslots": slots.iter().map(hex::encode).collect::<Vec<_>>(),
+                               "expected": hex::encode(hash), "proof": hex::encode(proof)}),
+                    )
+                    .with_context(|| {
+                        format!("cannot change the keyslots of {}", image.display())
+                    })?;
+                None
+            }
+        };
+        let Some(ks) = &self.keystore else {
+            return Ok(());
+        };
+        let binding = match (&self.binding, adopt_for, point) {
+            (Some(b), _, _) => b.clone(),
+            (None, Some(key), Some(point)) => ks
+                .adopt_volume(&id, key, &state_of(&point))
+                .with_context(|| {
+                    format!("cannot record volume {} in the keystore", hex::encode(id))
+                })?,
+            _ => return Ok(()),
+        };
+        record_wraps(ks, &id, &binding.key_id, slots)
+    }
+}
+
+/// Gets `image` ready for a keyslot change and keeps its volume key. With the keystore
+/// unlock (or `need_keystore`) the keystore must unlock; with a passphrase or shares it is
+/// used when it exists, and a volume it has no record of goes on with a warning (the
+/// keystore was lost: see "Disaster recovery" in README.md). An image a daemon serves is
+/// changed through the daemon's control socket.
 ///
-/// `check` judges the request first on a read-only open, so that a refused request leaves
+/// `check` judges the request first on a read-only view, so that a refused request leaves
 /// the image byte for byte as it was (a writable open commits); it runs again once the
 /// image is open for writing, in case it changed in between. When it returns `false`
-/// (nothing to change) the image is not opened for writing and this returns `None`.
+/// (nothing to change) this returns `None`.
 pub fn open_for_change(
     image: &Path,
     keys: &KeystoreArgs,
@@ -78,43 +194,30 @@ pub fn open_for_change(
         keep_key: true,
         keystore: keystore.as_ref(),
         ..OpenRequest::new(image, &source, &unlock, &binding)
-    })
-    .map_err(|e| busy_sentence(image, e))?;
-    if look.binding.is_none() {
-        log::warn!(
-            "volume {} ({}) is not recorded in {}: whether it is its latest version (not rolled \
-             back) cannot be checked",
-            hex::encode(look.header.volume_id),
-            image.display(),
-            source
-                .keystore
-                .as_deref()
-                .filter(|_| keystore.is_some())
-                .map_or("any keystore".to_string(), |d| format!(
-                    "keystore {}",
-                    d.display()
-                ))
-        );
-    }
-    let mut change = Change {
-        image: image.to_path_buf(),
-        opened: look,
-        keystore,
-        unlock,
+    });
+    let look = match look {
+        Ok(look) => look,
+        Err(e) if is_busy(&e) => {
+            let change = through_daemon(image, keystore, unlock)?;
+            return Ok(check(&change)?.then_some(change));
+        }
+        Err(e) => return Err(e),
     };
+    warn_if_unrecorded(image, &look, &source, keystore.is_some());
+    let change = Change::local(image, look, keystore, unlock)?;
     if !check(&change)? {
         return Ok(None);
     }
-    let slot = change.opened.slot;
-    let key = change.key().clone();
-    // Release the shared lock and take the write lock.
+    let slot = change.unlocked_slot;
     let Change {
-        opened,
+        key,
         keystore,
         unlock,
+        target,
         ..
     } = change;
-    drop(opened);
+    // Release the shared lock and take the write lock.
+    drop(target);
     let opened = open_volume(&OpenRequest {
         allow_unrecorded: true,
         keep_key: true,
@@ -123,21 +226,110 @@ pub fn open_for_change(
         ..OpenRequest::new(image, &source, &unlock, &binding)
     })
     .map_err(|e| busy_sentence(image, e))?;
-    change = Change {
+    let change = Change::local(image, opened, keystore, unlock)?;
+    Ok(check(&change)?.then_some(change))
+}
+
+fn warn_if_unrecorded(image: &Path, look: &OpenedVolume, source: &KeySource, has_keystore: bool) {
+    if look.binding.is_some() {
+        return;
+    }
+    log::warn!(
+        "volume {} ({}) is not recorded in {}: whether it is its latest version (not rolled \
+         back) cannot be checked",
+        hex::encode(look.header.volume_id),
+        image.display(),
+        source.keystore.as_deref().filter(|_| has_keystore).map_or(
+            "any keystore".to_string(),
+            |d| format!("keystore {}", d.display())
+        )
+    );
+}
+
+/// The change of a served image: its slots from the daemon (what its verified volume holds),
+/// the key unwrapped here; the daemon checks that the change is made with that key.
+fn through_daemon(
+    image: &Path,
+    keystore: Option<UnlockedKeystore>,
+    unlock: Unlock,
+) -> anyhow::Result<Change> {
+    let mut client = connect_to_server(image).map_err(|e| {
+        e.context(format!(
+            "{} is in use by a vhost-qvol (or another qvol), and its keyslots can change only \
+             through a serving daemon's control socket",
+            image.display()
+        ))
+    })?;
+    let (_, header) = read_image_header(image)?;
+    let served = client.greeting["volume_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if served != hex::encode(header.volume_id) {
+        anyhow::bail!(
+            "the daemon serving {} serves volume {served}, not the image's {}",
+            image.display(),
+            hex::encode(header.volume_id)
+        );
+    }
+    let reply = client.execute("keyslots", serde_json::Value::Null)?;
+    let slots: Vec<Vec<u8>> = reply["keyslots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().and_then(|s| hex::decode(s).ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(reply["hash"].as_str().unwrap_or_default(), &mut hash)
+        .map_err(|_| anyhow!("the daemon's keyslots reply has no valid hash"))?;
+    if slots.len() != qvol_core::MAX_KEYSLOTS {
+        anyhow::bail!("the daemon's keyslots reply does not list 8 slots");
+    }
+    let binding = match &keystore {
+        Some(ks) => match ks.volume_guard(&header.volume_id) {
+            Ok(g) => Some(g.binding().clone()),
+            Err(e) if e.kind() == qvol_keys::ErrorKind::NotFound && !unlock.is_keystore() => None,
+            Err(e) => anyhow::bail!(
+                "refusing to change {}: {}",
+                image.display(),
+                error_chain(&e)
+            ),
+        },
+        None => None,
+    };
+    let mut served_header = header.clone();
+    served_header.keyslots = slots.clone();
+    let only_key = binding
+        .as_ref()
+        .map(|b| b.key_id.as_str())
+        .filter(|_| unlock.is_keystore());
+    let (slot, key) = unlock.unwrap(image, &served_header, keystore.as_ref(), only_key)?;
+    Ok(Change {
         image: image.to_path_buf(),
-        opened,
+        slots,
+        unlocked_slot: slot,
+        key,
+        volume_id: header.volume_id,
+        binding,
         keystore,
         unlock,
-    };
-    if !check(&change)? {
-        return Ok(None);
-    }
-    Ok(Some(change))
+        target: Target::Served {
+            client,
+            hash,
+            suite: header.suite,
+        },
+    })
+}
+
+fn is_busy(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<LockError>(), Some(LockError::Busy { .. }))
 }
 
 /// A lock held by someone else becomes the sentence of a command that changes keyslots.
 pub fn busy_sentence(image: &Path, e: anyhow::Error) -> anyhow::Error {
-    if matches!(e.downcast_ref::<LockError>(), Some(LockError::Busy { .. })) {
+    if is_busy(&e) {
         anyhow!(
             "{} is in use by a vhost-qvol (or another qvol): its keyslots cannot change while \
              it is served; stop the daemon that serves it and run this again",
@@ -145,56 +337,6 @@ pub fn busy_sentence(image: &Path, e: anyhow::Error) -> anyhow::Error {
         )
     } else {
         e
-    }
-}
-
-impl Change {
-    /// The volume id.
-    pub fn volume_id(&self) -> [u8; 16] {
-        self.opened.header.volume_id
-    }
-
-    /// The volume key (kept by [`open_for_change`]).
-    pub fn key(&self) -> &qvol_core::VolumeKey {
-        match &self.opened.key {
-            Some(key) => key,
-            None => unreachable!("open_for_change keeps the key"),
-        }
-    }
-
-    /// Replaces the keyslots (crash-safe), closes the volume, and updates the keystore:
-    /// the generations its bound key is wrapped for, or (`adopt_for`) a record binding the
-    /// volume to that key when the keystore has none.
-    pub fn commit_slots(self, slots: &[Vec<u8>], adopt_for: Option<&str>) -> anyhow::Result<()> {
-        let image = &self.image;
-        let id = self.volume_id();
-        self.opened.volume.set_keyslots(slots).map_err(|e| {
-            anyhow!(
-                "cannot change the keyslots of {}: {}",
-                image.display(),
-                error_chain(&e)
-            )
-        })?;
-        qvol_core::failpoint::hit("qvol:slots-written");
-        let point = self.opened.volume.commit_point();
-        self.opened
-            .volume
-            .close()
-            .map_err(|e| anyhow!("cannot close {}: {}", image.display(), error_chain(&e)))?;
-        let Some(ks) = &self.keystore else {
-            return Ok(());
-        };
-        let binding = match (&self.opened.binding, adopt_for) {
-            (Some(b), _) => b.clone(),
-            (None, Some(key)) => {
-                ks.adopt_volume(&id, key, &state_of(&point))
-                    .with_context(|| {
-                        format!("cannot record volume {} in the keystore", hex::encode(id))
-                    })?
-            }
-            (None, None) => return Ok(()),
-        };
-        record_wraps(ks, &id, &binding.key_id, slots)
     }
 }
 

@@ -174,6 +174,7 @@ fn restore(
     let binding = Binding::default();
     let opened = open_volume(&OpenRequest {
         allow_unrecorded: true,
+        keep_key: true,
         keystore: keystore.as_ref(),
         restore_slots: Some(&saved),
         ..OpenRequest::new(image, &source, &how, &binding)
@@ -187,12 +188,7 @@ fn restore(
         .filter(|&i| saved[i].is_empty() && before.get(i).is_some_and(|b| !b.is_empty()))
         .collect();
     let stale = stale_generations(&saved, keystore.as_ref());
-    let change = Change {
-        image: image.to_path_buf(),
-        opened,
-        keystore,
-        unlock: how,
-    };
+    let change = Change::local(image, opened, keystore, how)?;
     change.commit_slots(&saved, None)?;
     for (slot, key, generation) in &stale {
         eprintln!(

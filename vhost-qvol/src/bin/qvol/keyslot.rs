@@ -199,7 +199,7 @@ fn add(args: AddArgs) -> anyhow::Result<()> {
         &args.unlock,
         need_keystore,
         |c| {
-            index = free_slot(&c.opened.volume.keyslots(), args.slot, &args.image)?;
+            index = free_slot(&c.slots.clone(), args.slot, &args.image)?;
             match (&new, &c.keystore) {
                 (NewSlot::Key(key), Some(ks)) => {
                     ks.public_key(key).with_context(|| {
@@ -213,8 +213,8 @@ fn add(args: AddArgs) -> anyhow::Result<()> {
         },
     )?
     .ok_or_else(|| anyhow!("internal: nothing to add"))?;
-    let mut slots = change.opened.volume.keyslots();
-    let id = change.volume_id();
+    let mut slots = change.slots.clone();
+    let id = change.volume_id;
     let vk = wrap_secret(change.key());
     let mut share_files = Vec::new();
     let mut adopt_for = None;
@@ -343,7 +343,7 @@ fn write_shares(
             .create(dir)
             .with_context(|| format!("cannot create the shares directory {}", dir.display()))?;
     }
-    let id = volume_id_hex(&change.volume_id());
+    let id = volume_id_hex(&change.volume_id);
     let stem: String = image
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -432,7 +432,7 @@ fn remove(
 ) -> anyhow::Result<()> {
     check_range(slot)?;
     let change = open_for_change(image, keystore, unlock, false, |c| {
-        let slots = c.opened.volume.keyslots();
+        let slots = c.slots.clone();
         if slots[slot].is_empty() {
             bail!("keyslot {slot} of {} is empty", image.display());
         }
@@ -443,7 +443,7 @@ fn remove(
                 image.display()
             );
         }
-        if slot == c.opened.slot && !force {
+        if slot == c.unlocked_slot && !force {
             bail!(
                 "keyslot {slot} is the one this command was unlocked with ({}); removing it may \
                  lock you out: unlock through another slot, or pass --force",
@@ -453,7 +453,7 @@ fn remove(
         Ok(true)
     })?
     .ok_or_else(|| anyhow!("internal: nothing to remove"))?;
-    let mut slots = change.opened.volume.keyslots();
+    let mut slots = change.slots.clone();
     let removed = slot_json(slot, &slots[slot]);
     slots[slot].clear();
     change.commit_slots(&slots, None)?;

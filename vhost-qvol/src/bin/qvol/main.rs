@@ -19,6 +19,7 @@ mod keystore;
 mod nbd;
 mod qemu_img;
 mod rekey;
+mod stats;
 mod vm;
 mod volume;
 
@@ -67,6 +68,8 @@ enum Command {
     Import(convert::ImportArgs),
     /// Copy a volume to any format qemu-img writes (holes stay holes; verified).
     Export(convert::ExportArgs),
+    /// Request statistics and state of a served image, from its daemon's control socket.
+    Stats(stats::StatsArgs),
     /// VMs whose disks are qvol volumes: new, start, stop, info, list, migrate.
     Vm(vm::VmArgs),
     /// The keystore's volume records (adopt an image from elsewhere, forget a deleted one).
@@ -96,6 +99,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Import(args) => convert::import(args),
         Command::Export(args) => convert::export(args),
         Command::Vm(args) => vm::run(args),
+        Command::Stats(args) => stats::run(args),
         Command::Nbd(args) => nbd::run(args),
     }
 }

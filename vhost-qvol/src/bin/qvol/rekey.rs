@@ -114,12 +114,12 @@ pub fn rekey_image(
     let mut todo = Vec::new();
     let change = open_for_change(image, keys, unlock, true, |c| {
         let ks = c.keystore.as_ref().ok_or_else(|| anyhow!("no keystore"))?;
-        let slots = c.opened.volume.keyslots();
+        let slots = c.slots.clone();
         todo = plan(&slots, ks);
         if todo.is_empty() {
             // Nothing to rewrap; the keystore still learns which generations are in use.
-            if let Some(b) = &c.opened.binding {
-                record_wraps(ks, &c.volume_id(), &b.key_id, &slots)?;
+            if let Some(b) = &c.binding {
+                record_wraps(ks, &c.volume_id, &b.key_id, &slots)?;
             }
             return Ok(false);
         }
@@ -132,9 +132,9 @@ pub fn rekey_image(
         .keystore
         .as_ref()
         .ok_or_else(|| anyhow!("no keystore"))?;
-    let id = change.volume_id();
+    let id = change.volume_id;
     let vk = wrap_secret(change.key());
-    let mut slots = change.opened.volume.keyslots();
+    let mut slots = change.slots.clone();
     for r in &todo {
         let pk = ks
             .public_key(&r.key_id)

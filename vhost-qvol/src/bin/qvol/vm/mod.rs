@@ -399,7 +399,9 @@ fn start(vm: &Vm, wait: bool, console: bool, keys: &KeystoreArgs) -> anyhow::Res
             .arg("--volume-id")
             .arg(volume_id_hex(&header.volume_id))
             .arg("--num-queues")
-            .arg(cfg.cores.to_string());
+            .arg(cfg.cores.to_string())
+            .arg("--control-socket")
+            .arg(run.disk_control(&disk.id));
         if let Some(ks) = &source.keystore {
             cmd.arg("--keystore").arg(ks);
         }
@@ -499,6 +501,7 @@ fn stop(vm: &Vm, force: bool, timeout: Duration) -> anyhow::Result<()> {
         }
         let _ = fs::remove_file(run.disk_pid(id));
         let _ = fs::remove_file(run.disk_socket(id));
+        let _ = fs::remove_file(run.disk_control(id));
     }
     let _ = fs::remove_file(run.qemu_pid());
     let _ = fs::remove_file(run.qmp());

@@ -15,6 +15,10 @@ impl RunDir {
     pub fn disk_socket(&self, id: &str) -> PathBuf {
         self.0.join(format!("{id}.sock"))
     }
+    /// The control socket of the backend of disk `id` (docs/CONTROL.md).
+    pub fn disk_control(&self, id: &str) -> PathBuf {
+        self.0.join(format!("{id}.ctl"))
+    }
     /// The pid file of the backend of disk `id`.
     pub fn disk_pid(&self, id: &str) -> PathBuf {
         self.0.join(format!("{id}.pid"))

@@ -1,0 +1,275 @@
+//! The daemon's control socket (docs/CONTROL.md), end to end: the greeting and every
+//! command, counters that follow a libblkio client's requests, `qvol stats`, keyslot changes
+//! of a served image through the daemon (and only with the volume key), and clients that
+//! send garbage, hold connections or vanish mid-request while the guest keeps being served.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use integration::client::{describe, BlkioClient};
+use integration::daemon::Daemon;
+use integration::fixture::Fixture;
+use integration::pattern;
+use serde_json::{json, Value};
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 paths")
+}
+
+/// A raw client: the greeting, then one line per request.
+struct Raw {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    greeting: Value,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> Raw {
+        let stream = UnixStream::connect(path).expect("connect to the control socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut raw = Raw {
+            reader: BufReader::new(stream),
+            writer,
+            greeting: Value::Null,
+        };
+        raw.greeting = raw.line();
+        raw
+    }
+
+    fn line(&mut self) -> Value {
+        let mut l = String::new();
+        self.reader.read_line(&mut l).expect("a response line");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"))
+    }
+
+    fn send(&mut self, text: &str) -> Value {
+        self.writer.write_all(text.as_bytes()).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        self.line()
+    }
+}
+
+fn serve(f: &Fixture, image: &Path) -> (Daemon, PathBuf) {
+    let ctl = f.path("ctl.sock");
+    let daemon = f
+        .start_daemon(image, "served", &["--control-socket", s(&ctl)])
+        .unwrap_or_else(|e| panic!("vhost-qvol did not start: {e}"));
+    (daemon, ctl)
+}
+
+fn client(daemon: &Daemon) -> BlkioClient {
+    BlkioClient::connect(daemon.socket(), 1, false, 1 << 20)
+        .unwrap_or_else(|e| panic!("connect: {}", describe(&e)))
+}
+
+fn stop(mut daemon: Daemon) {
+    let status = daemon
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+        .expect("vhost-qvol exits within 10 s of SIGTERM");
+    assert!(status.success(), "vhost-qvol exited with {status}");
+}
+
+#[test]
+fn every_command_answers_and_the_counters_follow_the_guest() {
+    let f = Fixture::new();
+    let key = f.new_key("vm");
+    let image = f.create_image("disk.qvol", "16M", &key, &[]);
+    let (daemon, ctl) = serve(&f, &image);
+    let mode = std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket is private");
+    let mut raw = Raw::connect(&ctl);
+    assert_eq!(raw.greeting["qvol"]["version"], 1);
+    assert_eq!(
+        raw.greeting["qvol"]["volume_id"].as_str(),
+        Some(f.volume_id(&image).as_str())
+    );
+    let cmds = raw.send(r#"{"execute":"query-commands"}"#);
+    assert!(cmds["return"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("keyslots-set")));
+    let before = raw.send(r#"{"execute":"query-status","id":"a"}"#);
+    assert_eq!(before["id"], "a");
+    let generation = before["return"]["generation"].as_u64().unwrap();
+    {
+        let mut c = client(&daemon);
+        c.write(0, &pattern::make(65536, 0, 7)).unwrap();
+        c.write(1 << 20, &pattern::make(4096, 1 << 20, 8)).unwrap();
+        assert_eq!(c.read(0, 65536).unwrap(), pattern::make(65536, 0, 7));
+        c.flush().unwrap();
+    }
+    let stats = raw.send(r#"{"execute":"stats"}"#)["return"].clone();
+    assert_eq!(stats["requests"]["write"]["count"], 2, "{stats}");
+    assert_eq!(stats["requests"]["write"]["bytes"], 65536 + 4096, "{stats}");
+    assert!(
+        stats["requests"]["read"]["count"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    assert!(
+        stats["requests"]["flush"]["count"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    assert_eq!(stats["errors"], 0);
+    let p50 = stats["requests"]["write"]["latency_us"]["p50"]
+        .as_u64()
+        .unwrap();
+    assert!(p50 > 0 && p50.is_power_of_two(), "{stats}");
+    assert!(
+        stats["volume"]["allocated_bytes"].as_u64() > Some(65536),
+        "{stats}"
+    );
+    let committed = raw.send(r#"{"execute":"commit","id":7}"#);
+    assert_eq!(committed["id"], 7);
+    assert!(committed["return"]["generation"].as_u64() > Some(generation));
+    let slots = raw.send(r#"{"execute":"keyslots"}"#)["return"].clone();
+    assert_eq!(slots["keyslots"].as_array().unwrap().len(), 8);
+    assert_eq!(slots["hash"].as_str().unwrap().len(), 64);
+    // qvol stats finds the daemon from the image.
+    let out = f.qvol(["stats", s(&image), "--json"]).success();
+    let doc: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(doc["requests"]["write"]["count"], 2, "{doc}");
+    let text = f.qvol(["stats", s(&image)]).success().stdout;
+    assert!(
+        text.contains("write") && text.contains("commits since the daemon started"),
+        "{text}"
+    );
+    stop(daemon);
+}
+
+#[test]
+fn garbage_and_vanishing_clients_leave_the_guest_served() {
+    let f = Fixture::new();
+    let key = f.new_key("vm");
+    let image = f.create_image("disk.qvol", "16M", &key, &[]);
+    let (daemon, ctl) = serve(&f, &image);
+    let mut raw = Raw::connect(&ctl);
+    let e = raw.send("this is not json");
+    assert_eq!(e["error"]["class"], "GenericError", "{e}");
+    let e = raw.send(r#"{"no":"execute"}"#);
+    assert_eq!(e["error"]["class"], "GenericError", "{e}");
+    let e = raw.send(r#"{"execute":"format-the-disk","id":3}"#);
+    assert_eq!(e["error"]["class"], "CommandNotFound", "{e}");
+    assert_eq!(e["id"], 3);
+    let e = raw.send(r#"{"execute":"keyslots-set","arguments":{"keyslots":"x"}}"#);
+    assert_eq!(e["error"]["class"], "GenericError", "{e}");
+    // The same connection still works after errors.
+    assert!(raw.send(r#"{"execute":"query-status"}"#)["return"].is_object());
+    // A second client at the same time, a client that leaves mid-request, and one that
+    // sends more than the line limit.
+    let mut second = Raw::connect(&ctl);
+    assert!(second.send(r#"{"execute":"stats"}"#)["return"].is_object());
+    {
+        let mut half = UnixStream::connect(&ctl).unwrap();
+        half.write_all(br#"{"execute":"sta"#).unwrap();
+    }
+    {
+        let mut big = UnixStream::connect(&ctl).unwrap();
+        big.set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = big.write_all(&vec![b'x'; 2 << 20]);
+    }
+    let mut c = client(&daemon);
+    c.write(4096, &pattern::make(4096, 4096, 1)).unwrap();
+    assert_eq!(c.read(4096, 4096).unwrap(), pattern::make(4096, 4096, 1));
+    drop(c);
+    assert!(raw.send(r#"{"execute":"query-status"}"#)["return"].is_object());
+    stop(daemon);
+}
+
+#[test]
+fn keyslots_of_a_served_image_change_through_the_daemon_and_only_with_the_key() {
+    let f = Fixture::new();
+    let key = f.new_key("vm");
+    let image = f.create_image("disk.qvol", "16M", &key, &[]);
+    let (daemon, ctl) = serve(&f, &image);
+    let pass = f.path("pass");
+    std::fs::write(&pass, "served passphrase\n").unwrap();
+    let out = f
+        .qvol([
+            "keyslot",
+            "add",
+            s(&image),
+            "--slot-passphrase-file",
+            s(&pass),
+            "--json",
+        ])
+        .success();
+    let added: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(added["slot"], 1, "{added}");
+    // A forged change (a proof not made with the volume key) is refused, nothing changes.
+    let mut raw = Raw::connect(&ctl);
+    let now = raw.send(r#"{"execute":"keyslots"}"#)["return"].clone();
+    let refused = raw.send(
+        &json!({"execute": "keyslots-set", "arguments": {
+            "keyslots": ["", "", "", "", "", "", "", ""],
+            "expected": now["hash"], "proof": "00".repeat(32)}})
+        .to_string(),
+    );
+    assert_eq!(refused["error"]["class"], "Refused", "{refused}");
+    // A stale hash is refused too (a proof alone is not enough to overwrite a newer change).
+    let stale = raw.send(
+        &json!({"execute": "keyslots-set", "arguments": {
+            "keyslots": now["keyslots"], "expected": "11".repeat(32), "proof": "22".repeat(32)}})
+        .to_string(),
+    );
+    assert_eq!(stale["error"]["class"], "Refused", "{stale}");
+    assert_eq!(
+        raw.send(r#"{"execute":"keyslots"}"#)["return"]["hash"],
+        now["hash"]
+    );
+    // Removing the keystore's slot through the daemon, unlocked by the new passphrase.
+    f.qvol([
+        "keyslot",
+        "remove",
+        s(&image),
+        "0",
+        "--unlock-passphrase-file",
+        s(&pass),
+    ])
+    .success();
+    stop(daemon);
+    // After the daemon: the passphrase opens the volume, the keystore's key no longer does.
+    let info = f
+        .qvol([
+            "info",
+            s(&image),
+            "--json",
+            "--unlock-passphrase-file",
+            s(&pass),
+        ])
+        .success();
+    let doc: Value = serde_json::from_str(&info.stdout).unwrap();
+    assert_eq!(doc["opened_with_keyslot"], 1, "{doc}");
+    let locked: Value =
+        serde_json::from_str(&f.qvol(["info", s(&image), "--json"]).success().stdout).unwrap();
+    assert!(locked["locked"].is_string(), "{locked}");
+}
+
+#[test]
+fn a_served_image_without_a_control_socket_is_refused_in_one_sentence() {
+    let f = Fixture::new();
+    let key = f.new_key("vm");
+    let image = f.create_image("disk.qvol", "16M", &key, &[]);
+    let daemon = f.start_daemon(&image, "plain", &[]).unwrap();
+    let pass = f.path("pass");
+    std::fs::write(&pass, "p\n").unwrap();
+    let line = f
+        .qvol([
+            "keyslot",
+            "add",
+            s(&image),
+            "--slot-passphrase-file",
+            s(&pass),
+        ])
+        .one_sentence_error("qvol", "no control socket");
+    assert!(line.contains("--control-socket"), "{line}");
+    f.qvol(["stats", s(&image)])
+        .one_sentence_error("qvol", "no control socket");
+    stop(daemon);
+}

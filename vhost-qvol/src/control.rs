@@ -1,0 +1,405 @@
+//! The daemon's control socket (docs/CONTROL.md): a small versioned JSON-lines protocol in
+//! QMP's spirit. The server greets, then answers one request object per line with one
+//! response object per line. It runs on threads of its own, never on a queue thread; each
+//! command maps onto one `Volume` or `Stats` call. Also the client side, and how `qvol`
+//! finds the control socket of the daemon serving an image.
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use log::{debug, warn};
+use qvol_core::Volume;
+use serde_json::{json, Value};
+
+use crate::stats::Stats;
+use crate::volume_disk::error_chain;
+
+/// The protocol version in the greeting.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The longest request line accepted.
+const MAX_LINE: u64 = 1 << 20;
+/// Clients served at once; more wait in the listen queue.
+const MAX_CLIENTS: usize = 8;
+/// A client silent for this long is disconnected.
+const IDLE: Duration = Duration::from_secs(300);
+/// The commands, in the order `query-commands` lists them.
+pub const COMMANDS: [&str; 6] = [
+    "query-commands",
+    "query-status",
+    "stats",
+    "commit",
+    "keyslots",
+    "keyslots-set",
+];
+
+/// What the control socket acts on.
+#[derive(Debug)]
+pub struct Control {
+    /// The served volume.
+    pub volume: Arc<Volume>,
+    /// The request counters.
+    pub stats: Arc<Stats>,
+    /// The generation the daemon opened the volume at.
+    pub opened_generation: u64,
+}
+
+/// Binds the control socket at `path` (mode 0600; see [`crate::socket_file`]).
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    crate::socket_file::bind_private(path)
+}
+
+/// Serves clients of `listener` on threads of their own, for the life of the process.
+pub fn spawn(listener: UnixListener, control: Arc<Control>) -> io::Result<()> {
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("qvol-control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("control socket: accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                if active.load(Ordering::Acquire) >= MAX_CLIENTS {
+                    let _ = reply_error(&stream, &Value::Null, "Busy", "too many control clients");
+                    continue;
+                }
+                active.fetch_add(1, Ordering::AcqRel);
+                let control = Arc::clone(&control);
+                let done = Arc::clone(&active);
+                let spawned = std::thread::Builder::new()
+                    .name("qvol-control-client".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_client(stream, &control) {
+                            debug!("control client ended: {e}");
+                        }
+                        done.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn reply_error(mut stream: &UnixStream, id: &Value, class: &str, desc: &str) -> io::Result<()> {
+    let mut r = json!({"error": {"class": class, "desc": desc}});
+    if !id.is_null() {
+        r["id"] = id.clone();
+    }
+    writeln!(stream, "{r}")
+}
+
+fn serve_client(stream: UnixStream, control: &Control) -> io::Result<()> {
+    stream.set_read_timeout(Some(IDLE))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut out = stream.try_clone()?;
+    let info = control.volume.info();
+    writeln!(
+        out,
+        "{}",
+        json!({"qvol": {"version": PROTOCOL_VERSION, "volume_id": hex::encode(info.volume_id),
+                        "commands": COMMANDS}})
+    )?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        let n = (&mut reader)
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() as u64 > MAX_LINE {
+            reply_error(
+                &out,
+                &Value::Null,
+                "GenericError",
+                "request longer than 1 MiB",
+            )?;
+            return Ok(());
+        }
+        let response = match serde_json::from_slice::<Value>(&line) {
+            Ok(request) => respond(control, &request),
+            Err(e) => json!({"error": {"class": "GenericError",
+                                        "desc": format!("the request is not JSON: {e}")}}),
+        };
+        writeln!(out, "{response}")?;
+    }
+}
+
+/// The response to one request.
+fn respond(control: &Control, request: &Value) -> Value {
+    let id = request.get("id").cloned().unwrap_or(Value::Null);
+    let result = match (
+        request.get("execute").and_then(Value::as_str),
+        request.get("arguments"),
+    ) {
+        (None, _) => Err((
+            "GenericError",
+            "a request is {\"execute\": COMMAND}".to_string(),
+        )),
+        (Some(cmd), args) => execute(control, cmd, args.unwrap_or(&Value::Null)),
+    };
+    let mut r = match result {
+        Ok(ret) => json!({ "return": ret }),
+        Err((class, desc)) => json!({"error": {"class": class, "desc": desc}}),
+    };
+    if !id.is_null() {
+        r["id"] = id;
+    }
+    r
+}
+
+type Outcome = Result<Value, (&'static str, String)>;
+
+fn execute(control: &Control, cmd: &str, args: &Value) -> Outcome {
+    let vol = &control.volume;
+    let failed = |e: qvol_core::Error| {
+        let class = if e.kind() == qvol_core::ErrorKind::Refused {
+            "Refused"
+        } else {
+            "GenericError"
+        };
+        (class, error_chain(&e))
+    };
+    match cmd {
+        "query-commands" => Ok(json!(COMMANDS)),
+        "query-status" => Ok(status(control)),
+        "stats" => {
+            let mut s = control.stats.json();
+            s["volume"] = status(control);
+            s["volume"]["commits"] = json!(vol
+                .info()
+                .generation
+                .saturating_sub(control.opened_generation));
+            Ok(s)
+        }
+        "commit" => {
+            vol.commit().map_err(failed)?;
+            Ok(json!({"generation": vol.info().generation}))
+        }
+        "keyslots" => Ok(json!({
+            "keyslots": vol.keyslots().iter().map(hex::encode).collect::<Vec<_>>(),
+            "hash": hex::encode(vol.keyslots_hash()),
+        })),
+        "keyslots-set" => {
+            let (slots, expected, proof) = keyslot_args(args).map_err(|e| ("GenericError", e))?;
+            vol.set_keyslots_checked(&slots, &expected, &proof)
+                .map_err(failed)?;
+            Ok(json!({"hash": hex::encode(vol.keyslots_hash()),
+                      "generation": vol.info().generation}))
+        }
+        other => Err((
+            "CommandNotFound",
+            format!("unknown command {other:?} (query-commands lists them)"),
+        )),
+    }
+}
+
+fn status(control: &Control) -> Value {
+    let info = control.volume.info();
+    json!({
+        "volume_id": hex::encode(info.volume_id),
+        "format_version": info.format_version,
+        "size": info.size,
+        "cipher": info.suite.name(),
+        "read_only": info.read_only,
+        "generation": info.generation,
+        "allocated_bytes": info.allocated_bytes,
+        "log_records": info.log_records,
+        "keyslots": info.keyslot_count,
+    })
+}
+
+type KeyslotArgs = (Vec<Vec<u8>>, [u8; 32], [u8; 32]);
+
+fn keyslot_args(args: &Value) -> Result<KeyslotArgs, String> {
+    let hex32 = |name: &str| -> Result<[u8; 32], String> {
+        let text = args
+            .get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("keyslots-set needs \"{name}\" (64 hex digits)"))?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out)
+            .map_err(|_| format!("\"{name}\" is not 64 hex digits"))?;
+        Ok(out)
+    };
+    let slots = args
+        .get("keyslots")
+        .and_then(Value::as_array)
+        .ok_or("keyslots-set needs \"keyslots\": a list of hex strings")?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .and_then(|s| hex::decode(s).ok())
+                .ok_or_else(|| "every keyslot is a hex string (\"\" for a free slot)".to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((slots, hex32("expected")?, hex32("proof")?))
+}
+
+/// A connection to a daemon's control socket.
+#[derive(Debug)]
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// The greeting's `qvol` object.
+    pub greeting: Value,
+}
+
+impl ControlClient {
+    /// Connects and reads the greeting.
+    pub fn connect(path: &Path) -> anyhow::Result<ControlClient> {
+        let stream = UnixStream::connect(path)
+            .with_context(|| format!("cannot connect to the control socket {}", path.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let writer = stream.try_clone()?;
+        let mut client = ControlClient {
+            reader: BufReader::new(stream),
+            writer,
+            greeting: Value::Null,
+        };
+        let hello = client.read()?;
+        let greeting = hello
+            .get("qvol")
+            .cloned()
+            .ok_or_else(|| anyhow!("{} is not a qvol control socket", path.display()))?;
+        if greeting.get("version").and_then(Value::as_u64) != Some(u64::from(PROTOCOL_VERSION)) {
+            bail!(
+                "the daemon on {} speaks control protocol {}, this qvol speaks {PROTOCOL_VERSION}",
+                path.display(),
+                greeting.get("version").unwrap_or(&Value::Null)
+            );
+        }
+        client.greeting = greeting;
+        Ok(client)
+    }
+
+    fn read(&mut self) -> anyhow::Result<Value> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("the daemon closed the control connection");
+        }
+        serde_json::from_str(&line).context("the daemon sent something that is not JSON")
+    }
+
+    /// Runs `command` with `arguments`; its `return` value, or its error as one sentence.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
+        let mut request = json!({ "execute": command });
+        if !arguments.is_null() {
+            request["arguments"] = arguments;
+        }
+        writeln!(self.writer, "{request}")?;
+        let reply = self.read()?;
+        if let Some(ret) = reply.get("return") {
+            return Ok(ret.clone());
+        }
+        let desc = reply["error"]["desc"].as_str().unwrap_or("no reason given");
+        bail!("the daemon refused {command}: {desc}")
+    }
+}
+
+/// The process holding `image` open, and the control socket on its command line (if any):
+/// how `qvol` reaches the daemon serving an image it cannot lock. A process whose open files
+/// can be listed (`/proc/PID/fd`: this user's dumpable processes, or all as root) is found by
+/// the image's inode; a daemon (not dumpable: its fds are root's to list) by the image named
+/// in its `--blk-file`.
+pub fn find_server(image: &Path) -> anyhow::Result<Option<(u32, Option<PathBuf>)>> {
+    let meta = fs::metadata(image).with_context(|| format!("cannot stat {}", image.display()))?;
+    let same = |m: &fs::Metadata| m.dev() == meta.dev() && m.ino() == meta.ino();
+    let me = std::process::id();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Ok(None);
+    };
+    let mut by_name = None;
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let dir = entry.path();
+        let args = command_line(&dir);
+        let cwd = fs::read_link(dir.join("cwd")).ok();
+        let resolve = |arg: &str| {
+            let p = PathBuf::from(arg);
+            match (&cwd, p.is_relative()) {
+                (Some(cwd), true) => Some(cwd.join(p)),
+                (None, true) => None,
+                (_, false) => Some(p),
+            }
+        };
+        let socket = flag_value(&args, "--control-socket").and_then(|s| resolve(&s));
+        let holds = fs::read_dir(dir.join("fd"))
+            .map(|fds| {
+                fds.flatten()
+                    .any(|fd| fs::metadata(fd.path()).is_ok_and(|m| same(&m)))
+            })
+            .unwrap_or(false);
+        if holds {
+            return Ok(Some((pid, socket)));
+        }
+        let names_it = flag_value(&args, "--blk-file")
+            .and_then(|f| resolve(&f))
+            .and_then(|f| fs::metadata(f).ok())
+            .is_some_and(|m| same(&m));
+        if names_it && by_name.is_none() {
+            by_name = Some((pid, socket));
+        }
+    }
+    Ok(by_name)
+}
+
+fn command_line(proc_dir: &Path) -> Vec<String> {
+    fs::read(proc_dir.join("cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The value of `--flag VALUE` or `--flag=VALUE` in `args`.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let prefix = format!("{flag}=");
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix(&prefix).map(str::to_string))
+        })
+}
+
+/// Connects to the control socket of the daemon serving `image`, or says in one sentence
+/// why that is not possible.
+pub fn connect_to_server(image: &Path) -> anyhow::Result<ControlClient> {
+    match find_server(image)? {
+        Some((_, Some(socket))) => ControlClient::connect(&socket),
+        Some((pid, None)) => bail!(
+            "{} is in use by process {pid}, which has no control socket (start vhost-qvol with \
+             --control-socket PATH to manage a served image)",
+            image.display()
+        ),
+        None => bail!(
+            "{} is locked by a process this user cannot see (another user's vhost-qvol?)",
+            image.display()
+        ),
+    }
+}
