@@ -12,3 +12,4 @@ pub mod fixture;
 pub mod guest;
 pub mod inproc;
 pub mod pattern;
+pub mod rootfs;

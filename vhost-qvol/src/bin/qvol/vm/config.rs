@@ -148,6 +148,13 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// The line of `key` in `map`, if it is there.
+    fn key_line(map: &MarkedMappingNode, key: &str) -> Option<usize> {
+        map.iter()
+            .find(|(k, _)| k.as_str() == key)
+            .map(|(k, _)| Self::line_of(k))
+    }
+
     fn map<'n>(
         &self,
         parent: &'n MarkedMappingNode,
@@ -156,6 +163,8 @@ impl Ctx<'_> {
     ) -> anyhow::Result<Option<&'n MarkedMappingNode>> {
         match parent.get_node(key) {
             None => Ok(None),
+            // `key:` with nothing after it (YAML null) holds no keys.
+            Some(Node::Scalar(s)) if matches!(s.as_str(), "" | "~" | "null") => Ok(None),
             Some(Node::Mapping(m)) => Ok(Some(m)),
             Some(other) => Err(self.at(
                 other.span().start().map_or(0, |m| m.line()),
@@ -308,13 +317,15 @@ pub fn parse(text: &str, file: &str, vm_dir: &Path) -> anyhow::Result<VmConfig> 
             "hardware.cpu.cores must be a number of cores from 1 to 64"
         ));
     }
-    let memory = ctx
-        .map(hw, "memory", "hardware.memory")?
-        .ok_or_else(|| anyhow!("{file}: hardware.memory.size is missing"))?;
+    // A missing size points at `memory:`, or at `hardware:` when that is missing too.
+    let memory_line = Ctx::key_line(hw, "memory")
+        .or_else(|| Ctx::key_line(root, "hardware"))
+        .unwrap_or(0);
+    let memory = ctx.map(hw, "memory", "hardware.memory")?.unwrap_or(&empty);
     ctx.only(memory, "hardware.memory", &["size"])?;
     let memory_mib = ctx
         .number(memory, "size", "hardware.memory.size", "a number of MiB")?
-        .ok_or_else(|| anyhow!("{file}: hardware.memory.size is missing"))?;
+        .ok_or_else(|| ctx.at(memory_line, "hardware.memory.size is missing"))?;
     if !(16..=1 << 20).contains(&memory_mib) {
         let line = ctx.scalar(memory, "size", "")?.map_or(0, Ctx::line_of);
         bail!(ctx.at(
@@ -708,6 +719,13 @@ mod tests {
             )
         );
         assert!(bad("  cores: 2", "  coers: 2").contains("unknown key hardware.cpu.coers"));
+        assert_eq!(
+            bad("    size: 512       # MiB\n", ""),
+            format!(
+                "config.yaml:{}: hardware.memory.size is missing",
+                line_of("memory:")
+            )
+        );
         assert!(bad("type: q35", "type: sparc").contains("machine.type \"sparc\""));
         assert!(bad("name: web01", "name: a/b")
             .starts_with(&format!("config.yaml:{}:", line_of("name: web01"))));
