@@ -512,7 +512,10 @@ fn a_migrate_killed_at_any_step_changes_nothing_and_can_be_run_again() {
         let disk_before = fs::read(&disk).unwrap();
 
         let mut cmd = w.command(&["migrate", &name]);
-        cmd.env("QVOL_FAILPOINT", point);
+        // The killed import's NBD socket directory stays in TMPDIR: keep it in the fixture.
+        let tmp = w.f.path("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        cmd.env("QVOL_FAILPOINT", point).env("TMPDIR", &tmp);
         let run = bounded(cmd, Duration::from_secs(60));
         assert_eq!(
             run.code,
