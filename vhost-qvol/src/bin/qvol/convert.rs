@@ -182,17 +182,46 @@ pub fn import_image(
     })
 }
 
+/// Compares the recorded volume `image` (opened read-only with `keystore`) with `source`
+/// byte for byte; returns what the keystore binds the volume to.
+pub fn compare_volume(
+    image: &Path,
+    source: &Source,
+    keystore: &qvol_keys::UnlockedKeystore,
+) -> anyhow::Result<qvol_keys::VolumeBinding> {
+    let keys = vhost_qvol::open::KeySource {
+        keystore: Some(keystore.dir().to_path_buf()),
+        ..Default::default()
+    };
+    let binding = Binding::default();
+    let unlock = vhost_qvol::unlock::Unlock::Keystore;
+    let opened = open_volume(&OpenRequest {
+        read_only: true,
+        keystore: Some(keystore),
+        ..OpenRequest::new(image, &keys, &unlock, &binding)
+    })?;
+    let bound = opened
+        .binding
+        .clone()
+        .ok_or_else(|| anyhow!("{} is not recorded in the keystore", image.display()))?;
+    let volume: Arc<dyn Disk> = Arc::new(opened.volume);
+    let bridge = Bridge::start(volume, true)?;
+    qemu_img::compare(source, &bridge.socket)?;
+    bridge.stop()?;
+    Ok(bound)
+}
+
 /// Runs `qvol import`.
 pub fn import(args: ImportArgs) -> anyhow::Result<()> {
     let suite: CipherSuite = args
         .cipher
         .parse()
         .map_err(|e| anyhow!("unknown cipher suite {}: {e}", args.cipher))?;
-    let source = Source {
-        path: args.source.clone(),
-        format: args.format.clone(),
-        secret_file: args.source_passphrase_file.clone(),
-    };
+    let source = Source::new(
+        args.source.clone(),
+        args.format.clone(),
+        args.source_passphrase_file.as_deref(),
+    )?;
     let name = args.name.clone().unwrap_or_else(|| {
         args.dest
             .file_stem()
@@ -271,11 +300,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
     let bridge = Bridge::start(volume, true)?;
     let mut cleanup = RemoveOnFailure(Some(&args.dest));
     qemu_img::convert_out(&bridge.uri()?, &args.dest, &args.format)?;
-    let written = Source {
-        path: args.dest.clone(),
-        format: Some(args.format.clone()),
-        secret_file: None,
-    };
+    let written = Source::new(args.dest.clone(), Some(args.format.clone()), None)?;
     if !args.no_verify {
         qemu_img::compare(&written, &bridge.socket)?;
     }

@@ -15,8 +15,63 @@ pub struct Source {
     pub path: PathBuf,
     /// The format (`qcow2`, `raw`, `vmdk`, `luks`, ...), or probed when `None`.
     pub format: Option<String>,
-    /// For `luks`: the file holding its passphrase.
-    pub secret_file: Option<PathBuf>,
+    /// For `luks`: its passphrase, as qemu reads it.
+    pub secret: Option<std::sync::Arc<QemuSecret>>,
+}
+
+impl Source {
+    /// A source file; `passphrase_file` for a LUKS one (one trailing newline ignored, as
+    /// for every qvol passphrase file).
+    pub fn new(
+        path: PathBuf,
+        format: Option<String>,
+        passphrase_file: Option<&Path>,
+    ) -> anyhow::Result<Source> {
+        let secret = passphrase_file
+            .map(QemuSecret::from_passphrase_file)
+            .transpose()?
+            .map(std::sync::Arc::new);
+        Ok(Source {
+            path,
+            format,
+            secret,
+        })
+    }
+}
+
+/// A passphrase file as qemu reads it (every byte counts): qvol's reading of `file` (one
+/// trailing newline dropped) in a private temporary file, removed on drop.
+pub struct QemuSecret {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for QemuSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QemuSecret([REDACTED])")
+    }
+}
+
+impl QemuSecret {
+    /// Copies the passphrase of `file`.
+    pub fn from_passphrase_file(file: &Path) -> anyhow::Result<QemuSecret> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let pass = vhost_qvol::open::read_passphrase(file)?;
+        let dir = tempfile::Builder::new()
+            .prefix("qvol-secret-")
+            .tempdir()
+            .context("cannot make a private directory for the LUKS passphrase")?;
+        let path = dir.path().join("pass");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(pass.expose()))
+            .context("cannot write the LUKS passphrase for qemu-img")?;
+        Ok(QemuSecret { _dir: dir, path })
+    }
 }
 
 impl Source {
@@ -28,11 +83,12 @@ impl Source {
                 self.path.display()
             )
         })?;
-        match (self.format.as_deref(), &self.secret_file) {
+        match (self.format.as_deref(), &self.secret) {
             (Some("luks"), Some(secret)) => {
                 let secret = secret
+                    .path
                     .to_str()
-                    .ok_or_else(|| anyhow!("the secret file path is not UTF-8"))?;
+                    .ok_or_else(|| anyhow!("the temporary directory's path is not UTF-8"))?;
                 Ok(vec![
                     "--object".into(),
                     format!("secret,id=qvolsec0,file={}", escape_opt(secret)),

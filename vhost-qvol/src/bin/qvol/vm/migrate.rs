@@ -2,7 +2,9 @@
 //! Order, so that an interruption at any step leaves the original disks and config.yaml as
 //! they were: back up each disk (`<disk>.backup`), import it into `<stem>.qvol.partial`
 //! (verified byte for byte), rename it to `<stem>.qvol`, and only then rewrite config.yaml
-//! (atomically) to use the new disks. A later run removes `.partial` leftovers.
+//! (atomically) to use the new disks. A later run picks up where an interrupted one stopped:
+//! it removes a `.partial` leftover, keeps a backup identical to the disk, uses the VM's key
+//! made before, and a finished `<stem>.qvol` recorded for this VM and identical to the disk.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,9 +16,9 @@ use vhost_qvol::open::volume_id_hex;
 use vhost_qvol::size::format_size;
 
 use super::config::{self, DiskConfig};
-use super::process::live_pid;
+use super::process::{live_pid, BACKEND};
 use super::Vm;
-use crate::convert::import_image;
+use crate::convert::{compare_volume, import_image};
 use crate::keystore::KeystoreArgs;
 use crate::qemu_img::Source;
 
@@ -60,7 +62,7 @@ pub fn run(vm: &Vm, args: &MigrateArgs) -> anyhow::Result<()> {
         || cfg
             .disks
             .iter()
-            .any(|d| live_pid(&run.disk_pid(&d.id)).is_some())
+            .any(|d| live_pid(&run.disk_pid(&d.id), BACKEND).is_some())
     {
         bail!("VM {name} is running; stop it first (`qvol vm stop {name}`)");
     }
@@ -76,19 +78,13 @@ pub fn run(vm: &Vm, args: &MigrateArgs) -> anyhow::Result<()> {
                 disk.path.display()
             );
         }
-        let target = target_of(disk);
-        if target.exists() {
-            bail!(
-                "{} already exists; move it away (it is not in config.yaml) and run migrate again",
-                target.display()
-            );
-        }
-        let _ = fs::remove_file(partial_of(&target)); // left by an interrupted migrate
+        let _ = fs::remove_file(partial_of(&target_of(disk))); // left by an interrupted migrate
         let backup = backup_of(&disk.path);
-        if !args.no_backup && backup.exists() {
+        if !args.no_backup && backup.exists() && !same_bytes(&backup, &disk.path)? {
             bail!(
-                "{} already exists (from an earlier migrate?); move it away or pass --no-backup",
-                backup.display()
+                "{} already exists and differs from {}; move it away or pass --no-backup",
+                backup.display(),
+                disk.path.display()
             );
         }
     }
@@ -99,10 +95,21 @@ pub fn run(vm: &Vm, args: &MigrateArgs) -> anyhow::Result<()> {
         None => cfg.suite,
     };
     let ks = args.keystore.unlock()?;
-    let (key_id, new_key) = match &cfg.key_id {
-        Some(k) => (k.clone(), false),
+    // A key of this VM made by an earlier, interrupted migrate is used again.
+    let existing = cfg.key_id.clone().or_else(|| {
+        ks.list()
+            .ok()?
+            .into_iter()
+            .find(|k| k.vm == *name)
+            .map(|k| k.key_id)
+    });
+    let (key_id, new_key) = match existing {
+        Some(k) => (k, false),
         None => (ks.new_key(name)?.key_id, true),
     };
+    for disk in &plain {
+        check_target(disk, name, &ks)?;
+    }
     let result = migrate_disks(vm, &plain, &key_id, suite, &ks, !args.no_backup);
     match result {
         Ok(text) => {
@@ -122,6 +129,42 @@ pub fn run(vm: &Vm, args: &MigrateArgs) -> anyhow::Result<()> {
             )))
         }
     }
+}
+
+/// A target that already exists must be the finished disk of an interrupted migrate of this
+/// VM: recorded in the keystore for a key of the VM, and identical to the source.
+fn check_target(
+    disk: &DiskConfig,
+    vm: &str,
+    ks: &qvol_keys::UnlockedKeystore,
+) -> anyhow::Result<()> {
+    let target = target_of(disk);
+    if !target.exists() {
+        return Ok(());
+    }
+    let not_ours = |why: String| {
+        anyhow!(
+            "{} already exists and is not in config.yaml ({why}); move it away and run migrate again",
+            target.display()
+        )
+    };
+    let source = Source::new(disk.path.clone(), None, None)?;
+    let bound = compare_volume(&target, &source, ks).map_err(|e| not_ours(format!("{e:#}")))?;
+    if bound.vm != vm {
+        return Err(not_ours(format!("it belongs to VM {}", bound.vm)));
+    }
+    Ok(())
+}
+
+/// Whether two files hold the same bytes.
+fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    let status = Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .context("cannot run cmp")?;
+    Ok(status.success())
 }
 
 fn backup_of(path: &Path) -> PathBuf {
@@ -158,11 +201,7 @@ fn migrate_disks(
             }
             let target = target_of(disk);
             let partial = partial_of(&target);
-            let source = Source {
-                path: disk.path.clone(),
-                format: None,
-                secret_file: None,
-            };
+            let source = Source::new(disk.path.clone(), None, None)?;
             made.push(partial.clone());
             let done = import_image(
                 &source,

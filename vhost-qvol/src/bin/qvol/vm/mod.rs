@@ -215,7 +215,7 @@ impl Vm {
 
     /// QEMU's pid, if it runs.
     pub fn qemu_pid(&self) -> Option<i32> {
-        live_pid(&self.run_dir().qemu_pid())
+        live_pid(&self.run_dir().qemu_pid(), process::QEMU)
     }
 
     /// Replaces config.yaml with `text` (validated first), atomically.
@@ -436,6 +436,7 @@ fn start(vm: &Vm, wait: bool, console: bool, keys: &KeystoreArgs) -> anyhow::Res
             .status()
             .with_context(|| format!("cannot start {}", qemu.display()))?;
         drop(started);
+        clear_run_files(&vm);
         println!("VM {name} stopped ({status}).");
         return Ok(());
     }
@@ -458,6 +459,7 @@ fn start(vm: &Vm, wait: bool, console: bool, keys: &KeystoreArgs) -> anyhow::Res
     let status = child.wait().context("cannot wait for QEMU")?;
     // The backends commit and exit (Started's drop).
     drop(started);
+    clear_run_files(&vm);
     println!("VM {name} stopped ({status}).");
     Ok(())
 }
@@ -469,7 +471,7 @@ fn stop(vm: &Vm, force: bool, timeout: Duration) -> anyhow::Result<()> {
         .config
         .disks
         .iter()
-        .filter_map(|d| live_pid(&run.disk_pid(&d.id)).map(|p| (d.id.clone(), p)))
+        .filter_map(|d| live_pid(&run.disk_pid(&d.id), process::BACKEND).map(|p| (d.id.clone(), p)))
         .collect();
     let qemu = vm.qemu_pid();
     if qemu.is_none() && backends.is_empty() {
@@ -499,14 +501,22 @@ fn stop(vm: &Vm, force: bool, timeout: Duration) -> anyhow::Result<()> {
             process::signal(*pid, libc::SIGKILL);
             eprintln!("qvol: warning: the backend of disk {id} did not exit within 20 s; killed");
         }
-        let _ = fs::remove_file(run.disk_pid(id));
-        let _ = fs::remove_file(run.disk_socket(id));
-        let _ = fs::remove_file(run.disk_control(id));
+    }
+    clear_run_files(vm);
+    println!("Stopped VM {name} ({how}).");
+    Ok(())
+}
+
+/// Removes the pid files and sockets of a VM that no longer runs (logs stay).
+fn clear_run_files(vm: &Vm) {
+    let run = vm.run_dir();
+    for d in &vm.config.disks {
+        let _ = fs::remove_file(run.disk_pid(&d.id));
+        let _ = fs::remove_file(run.disk_socket(&d.id));
+        let _ = fs::remove_file(run.disk_control(&d.id));
     }
     let _ = fs::remove_file(run.qemu_pid());
     let _ = fs::remove_file(run.qmp());
-    println!("Stopped VM {name} ({how}).");
-    Ok(())
 }
 
 /// The JSON description of a VM (what `info` prints, and `list` in short).
@@ -524,7 +534,7 @@ fn describe(vm: &Vm, keys: Option<&KeystoreArgs>) -> Value {
         .map(|d| {
             let mut v = json!({"id": d.id, "path": d.path.display().to_string(), "size": d.size,
                 "exists": d.path.exists(), "encrypted": d.is_qvol(),
-                "backend_pid": live_pid(&run.disk_pid(&d.id))});
+                "backend_pid": live_pid(&run.disk_pid(&d.id), process::BACKEND)});
             if d.is_qvol() {
                 v["encryption"] = json!("ENABLED (PQC)");
                 v["algorithm"] = json!(cfg.suite.name());
