@@ -288,3 +288,23 @@ impl Default for Fixture {
         Self::new()
     }
 }
+
+/// Every file and directory of a tree, with each file's bytes (the keystore's lock file
+/// aside: it is made on use and holds nothing): to assert that a refused command left a
+/// directory exactly as it was.
+pub fn file_tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.insert(path.clone(), b"<dir>".to_vec());
+                todo.push(path);
+            } else if entry.file_name() != ".lock" {
+                out.insert(path.clone(), std::fs::read(&path).unwrap_or_default());
+            }
+        }
+    }
+    out
+}

@@ -5,7 +5,6 @@
 //! leaves no volume record. A missing `qemu-img` or `qemu-io` fails the test and names
 //! `scripts/setup.sh`; nothing here is skipped.
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Seek};
@@ -16,7 +15,7 @@ use std::process::{Command, Stdio};
 
 use integration::bins;
 use integration::daemon::wait_within;
-use integration::fixture::{Fixture, Run, COMMAND_TIMEOUT};
+use integration::fixture::{file_tree, Fixture, Run, COMMAND_TIMEOUT};
 use integration::guest::{find_in_path, SETUP_HINT};
 use serde_json::Value;
 
@@ -105,23 +104,6 @@ fn qvol_env(f: &Fixture, env: &[(&str, &str)], args: &[&str]) -> Run {
 
 fn qvol(f: &Fixture, args: &[&str]) -> Run {
     qvol_env(f, &[], args)
-}
-
-/// Every file of a directory tree and its bytes (the keystore's lock file aside).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if entry.file_name() != ".lock" {
-                out.insert(path.clone(), fs::read(&path).unwrap_or_default());
-            }
-        }
-    }
-    out
 }
 
 /// Bytes the file takes on the host.
@@ -375,7 +357,7 @@ fn a_luks_image_imports_with_its_passphrase() {
 
     // Without the passphrase, or with a wrong one: refused, nothing made.
     let image = f.path("luks.qvol");
-    let before = snapshot(&f.keystore);
+    let before = file_tree(&f.keystore);
     let run = qvol(
         &f,
         &[
@@ -408,7 +390,7 @@ fn a_luks_image_imports_with_its_passphrase() {
     run.one_sentence_error("qvol", "Invalid password");
     assert!(!image.exists(), "a refused import left {}", image.display());
     assert!(
-        snapshot(&f.keystore) == before,
+        file_tree(&f.keystore) == before,
         "a refused import changed the keystore"
     );
 
@@ -595,7 +577,7 @@ fn bad_input_is_refused_in_one_sentence_and_leaves_nothing() {
         ),
     ];
     for (what, args, needle, target) in cases {
-        let keystore = snapshot(&f.keystore);
+        let keystore = file_tree(&f.keystore);
         let target_before = fs::read(target).ok();
         let volume_before = fs::read(&volume).unwrap();
         let run = qvol(&f, &args);
@@ -607,7 +589,7 @@ fn bad_input_is_refused_in_one_sentence_and_leaves_nothing() {
             target.display()
         );
         assert!(
-            snapshot(&f.keystore) == keystore,
+            file_tree(&f.keystore) == keystore,
             "{what}: the keystore changed ({line})"
         );
         assert_eq!(
@@ -630,7 +612,7 @@ fn an_import_killed_before_it_is_recorded_leaves_no_volume_record() {
     let src = f.path("src.qcow2");
     qemu_img(["create", "-q", "-f", "qcow2", s(&src), "16M"]);
     qemu_io(["-f", "qcow2", "-c", "write -P 0x3c 4M 1M", s(&src)]);
-    let before = snapshot(&f.keystore);
+    let before = file_tree(&f.keystore);
     let image = f.path("killed.qvol");
     let run = qvol_env(
         &f,
@@ -647,7 +629,7 @@ fn an_import_killed_before_it_is_recorded_leaves_no_volume_record() {
         "{run:#?}"
     );
     assert!(
-        snapshot(&f.keystore) == before,
+        file_tree(&f.keystore) == before,
         "the killed import changed the keystore"
     );
     let check = qvol(&f, &["keystore", "check"]).success();

@@ -4,7 +4,6 @@
 //! the old set or the new one, and bad input is refused in one sentence with the image and
 //! the keystore byte for byte as they were.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -14,7 +13,7 @@ use std::time::Duration;
 
 use integration::client::{describe, BlkioClient};
 use integration::daemon::{wait_within, Daemon};
-use integration::fixture::{volume_id_of, Fixture, Run, COMMAND_TIMEOUT};
+use integration::fixture::{file_tree, volume_id_of, Fixture, Run, COMMAND_TIMEOUT};
 use integration::pattern;
 use serde_json::Value;
 
@@ -284,29 +283,11 @@ fn volume(f: &Fixture) -> (String, PathBuf) {
 
 // Refusals.
 
-/// Every file of a directory tree and its bytes (the keystore's lock file aside: it is made
-/// on use and holds nothing).
-fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if entry.file_name() != ".lock" {
-                out.insert(path.clone(), fs::read(&path).unwrap_or_default());
-            }
-        }
-    }
-    out
-}
-
 /// `qvol ARGS` is refused: exit 1, one sentence naming `needle`, and `image` and the
 /// keystore are byte for byte as they were.
 fn refused(f: &Fixture, image: &Path, args: &[&str], needle: &str) -> String {
     let image_before = fs::read(image).unwrap();
-    let keystore_before = tree(&f.keystore);
+    let keystore_before = file_tree(&f.keystore);
     let line = f.qvol(args).one_sentence_error("qvol", needle);
     assert!(
         fs::read(image).unwrap() == image_before,
@@ -314,7 +295,7 @@ fn refused(f: &Fixture, image: &Path, args: &[&str], needle: &str) -> String {
         args.join(" ")
     );
     assert!(
-        tree(&f.keystore) == keystore_before,
+        file_tree(&f.keystore) == keystore_before,
         "the refused `qvol {}` changed the keystore",
         args.join(" ")
     );

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use integration::client::{describe, BlkioClient};
 use integration::daemon::Daemon;
-use integration::fixture::{Fixture, Run};
+use integration::fixture::{file_tree, Fixture, Run};
 use integration::pattern;
 
 fn start(f: &Fixture, image: &Path, tag: &str) -> Daemon {
@@ -38,7 +38,7 @@ fn stop(mut daemon: Daemon) {
 /// naming `needle` that leaves the image as it was and creates no socket.
 fn refused(f: &Fixture, image: &Path, volume_id: &str, extra: &[&str], needle: &str) -> String {
     let before = fs::read(image).expect("read the image");
-    let keystore_before = snapshot(&f.keystore);
+    let keystore_before = file_tree(&f.keystore);
     let socket = f.path("refused.sock");
     let mut args: Vec<&OsStr> = vec![
         OsStr::new("--socket-path"),
@@ -56,28 +56,10 @@ fn refused(f: &Fixture, image: &Path, volume_id: &str, extra: &[&str], needle: &
     );
     assert!(!socket.exists(), "a socket was left behind");
     assert!(
-        snapshot(&f.keystore) == keystore_before,
+        file_tree(&f.keystore) == keystore_before,
         "the refusal changed the keystore"
     );
     line
-}
-
-/// Every file of a directory tree and its bytes (the keystore's lock file aside: it is
-/// created on use and holds nothing).
-fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if entry.file_name() != ".lock" {
-                out.insert(path.clone(), fs::read(&path).unwrap_or_default());
-            }
-        }
-    }
-    out
 }
 
 fn qvol(f: &Fixture, args: &[&OsStr]) -> Run {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use integration::bins;
 use integration::daemon::wait_within;
-use integration::fixture::{Fixture, Run};
+use integration::fixture::{file_tree, Fixture, Run};
 use integration::rootfs::{file_contains, unique_marker, RootKit, INITRD_ERROR, MARK_WRITTEN};
 use serde_json::Value;
 
@@ -141,7 +141,7 @@ impl World {
 
     /// The files of VM `name`'s directory and their bytes.
     fn tree(&self, name: &str) -> BTreeMap<PathBuf, Vec<u8>> {
-        snapshot(&self.dir(name))
+        file_tree(&self.dir(name))
     }
 }
 
@@ -220,24 +220,6 @@ fn alive(pid: i32) -> bool {
             .is_some_and(|state| state != "Z"),
         Err(_) => false,
     }
-}
-
-/// Every file of a directory tree and its bytes (keystore lock files aside).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                out.insert(path.clone(), b"<dir>".to_vec());
-                todo.push(path);
-            } else if entry.file_name() != ".lock" {
-                out.insert(path.clone(), fs::read(&path).unwrap_or_default());
-            }
-        }
-    }
-    out
 }
 
 /// The line (1-based) of `text` that contains `needle`.
@@ -621,7 +603,7 @@ fn bad_configs_names_and_disks_are_refused_in_one_sentence() {
             ),
         ),
     ];
-    let keystore = snapshot(&w.f.keystore);
+    let keystore = file_tree(&w.f.keystore);
     for (what, text, needle) in &cases {
         fs::write(&config, text).unwrap();
         let before = w.tree("cfg");
@@ -631,7 +613,7 @@ fn bad_configs_names_and_disks_are_refused_in_one_sentence() {
         w.vm(&["migrate", "cfg"]).one_sentence_error("qvol", needle);
         assert!(w.tree("cfg") == before, "{what}: the VM directory changed");
         assert!(
-            snapshot(&w.f.keystore) == keystore,
+            file_tree(&w.f.keystore) == keystore,
             "{what}: the keystore changed"
         );
     }
@@ -656,12 +638,12 @@ fn bad_configs_names_and_disks_are_refused_in_one_sentence() {
         "a refused migrate changed the VM"
     );
     assert!(
-        snapshot(&w.f.keystore) == keystore,
+        file_tree(&w.f.keystore) == keystore,
         "a refused migrate changed the keystore"
     );
 
     // Names that are not one path component of printable characters.
-    let vms = snapshot(&w.vms);
+    let vms = file_tree(&w.vms);
     for name in [
         "a/b",
         "../cfg",
@@ -684,7 +666,7 @@ fn bad_configs_names_and_disks_are_refused_in_one_sentence() {
         }
     }
     assert!(
-        snapshot(&w.vms) == vms,
+        file_tree(&w.vms) == vms,
         "a refused name changed the VMs directory"
     );
 }
