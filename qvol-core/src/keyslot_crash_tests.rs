@@ -261,3 +261,44 @@ fn a_damaged_area_opens_only_for_a_restore_that_replaces_it() {
     again.read_at(8192, &mut buf).unwrap();
     assert_eq!(buf, data());
 }
+
+#[test]
+fn a_checked_change_needs_the_key_and_the_current_state() {
+    let old = slots(&[(0, 1, 100)]);
+    let st = Arc::new(CrashStorage::from_bytes(base_image(&old)));
+    let vol = Volume::open(st, &key(), false).unwrap();
+    let new = slots(&[(0, 1, 100), (1, 2, 50)]);
+    let now = vol.keyslots_hash();
+    let suite = CipherSuite::XChaCha20Poly1305;
+    let proof = crate::keyslot_change_proof(&key(), suite, [0x33; 16], &now, &new).unwrap();
+    let other_key = VolumeKey::from_bytes([0x25; 32]);
+    let forged = crate::keyslot_change_proof(&other_key, suite, [0x33; 16], &now, &new).unwrap();
+    for (expected, proof, what) in [
+        (now, forged, "a proof made with another key"),
+        ([7; 32], proof, "a stale expected hash"),
+    ] {
+        assert_eq!(
+            vol.set_keyslots_checked(&new, &expected, &proof)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Refused,
+            "{what}"
+        );
+        assert_eq!(vol.keyslots(), old, "{what} changed nothing");
+    }
+    vol.set_keyslots_checked(&new, &now, &proof).unwrap();
+    assert_eq!(vol.keyslots(), new);
+    // Replaying the same request on the new state is refused (bound to the old hash).
+    assert_eq!(
+        vol.set_keyslots_checked(&new, &now, &proof)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Refused
+    );
+    // Even if the area comes back to the old state, the old proof needs the old hash,
+    // which it names: it applies only to that exact state again.
+    let back = vol.keyslots_hash();
+    let undo = crate::keyslot_change_proof(&key(), suite, [0x33; 16], &back, &old).unwrap();
+    vol.set_keyslots_checked(&old, &back, &undo).unwrap();
+    assert_eq!(vol.keyslots(), old);
+}

@@ -124,25 +124,33 @@ impl SlotArea {
 /// Label of [`keyslot_change_proof`].
 const CHANGE_PROOF_LABEL: &[u8] = b"qvol-keyslot-change-v1";
 
-fn change_proof(keys: &Subkeys, area: &[u8]) -> [u8; 32] {
+fn change_proof(keys: &Subkeys, expected: &[u8; 32], area: &[u8]) -> [u8; 32] {
     let mut h = keys.meta_mac();
     h.update(CHANGE_PROOF_LABEL);
     h.update(keys.volume_id());
+    h.update(expected);
     h.update(area);
     *h.finalize().as_bytes()
 }
 
-/// A MAC of a proposed keyslot area (`slots` as [`Volume::set_keyslots`] takes them) under
-/// the volume's metadata key: what a process serving the volume asks of whoever wants to
-/// change its keyslots through it, as proof that they hold the volume key.
+/// A MAC, under the volume's metadata key, of a proposed keyslot area (`slots` as
+/// [`Volume::set_keyslots`] takes them) and of the hash of the area it replaces
+/// (`expected`, [`Volume::keyslots_hash`]): what a process serving the volume asks of
+/// whoever wants to change its keyslots through it, as proof that they hold the volume key.
+/// Bound to the area it replaces, a proof cannot be replayed onto any other state.
 pub fn keyslot_change_proof(
     key: &VolumeKey,
     suite: CipherSuite,
     volume_id: [u8; 16],
+    expected: &[u8; 32],
     slots: &[Vec<u8>],
 ) -> Result<[u8; 32]> {
     let area = encode_keyslots(slots)?;
-    Ok(change_proof(&Subkeys::derive(key, suite, volume_id), &area))
+    Ok(change_proof(
+        &Subkeys::derive(key, suite, volume_id),
+        expected,
+        &area,
+    ))
 }
 
 impl Volume {
@@ -162,7 +170,7 @@ impl Volume {
         proof: &[u8; 32],
     ) -> Result<()> {
         let area = encode_keyslots(slots)?;
-        if !same(&change_proof(&self.keys, &area), proof) {
+        if !same(&change_proof(&self.keys, expected, &area), proof) {
             return Err(Error::new(
                 ErrorKind::Refused,
                 "the keyslot change is not signed with this volume's key",

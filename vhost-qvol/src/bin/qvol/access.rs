@@ -133,7 +133,7 @@ impl Change {
                 hash,
                 suite,
             } => {
-                let proof = qvol_core::keyslot_change_proof(&self.key, suite, id, slots)
+                let proof = qvol_core::keyslot_change_proof(&self.key, suite, id, &hash, slots)
                     .map_err(|e| anyhow!("{}", error_chain(&e)))?;
                 client
                     .execute(
