@@ -1,7 +1,8 @@
 //! An existing deployment (keystore version 1, a format-version-2 image, made by the
 //! binaries before keystore version 2: `tests/data/v1-deployment/`) under today's binaries:
 //! the keystore is refused with the command that upgrades it, upgrades in place, keeps its
-//! keys, and the image is adopted, served and stays version 2.
+//! keys, and the image is adopted, served and stays version 2 until `qvol upgrade` makes it
+//! version 3.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -82,4 +83,33 @@ fn a_version_1_keystore_upgrades_and_its_volume_is_adopted_and_served() {
     let doc: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
     assert_eq!(doc["format_version"], 2, "{doc}");
     assert_eq!(doc["rolled_back"], false, "{doc}");
+
+    // `qvol upgrade` converts the image to format 3 in place: refused while served, then
+    // done, the data still there, the record still fresh; a second run has nothing to do.
+    let daemon = f.start_daemon(&image, "served-v2", &[]).unwrap();
+    f.qvol([OsStr::new("upgrade"), image.as_os_str()])
+        .one_sentence_error("qvol", "in use");
+    drop(daemon);
+    let out = f.qvol([OsStr::new("upgrade"), image.as_os_str()]).success();
+    assert!(out.stdout.contains("from format version 2 to 3"), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_str(
+        &f.qvol([OsStr::new("info"), image.as_os_str(), OsStr::new("--json")])
+            .success()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(doc["format_version"], 3, "{doc}");
+    assert_eq!(doc["rolled_back"], false, "{doc}");
+    let mut daemon = f.start_daemon(&image, "served-v3", &[]).unwrap();
+    {
+        let mut c = BlkioClient::connect(daemon.socket(), 1, false, 1 << 20)
+            .unwrap_or_else(|e| panic!("connect: {}", describe(&e)));
+        assert_eq!(c.read(4096, 65536).unwrap(), pattern::make(65536, 4096, 5));
+    }
+    let status = daemon
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+        .expect("vhost-qvol exits on SIGTERM");
+    assert!(status.success());
+    let again = f.qvol([OsStr::new("upgrade"), image.as_os_str()]).success();
+    assert!(again.stdout.contains("nothing to do"), "{again:?}");
 }

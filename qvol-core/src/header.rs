@@ -270,14 +270,20 @@ pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<(Header, Vec<u8>
 
 /// Reads the header and keyslots without any key: for `qvol info` and to find one's keyslot.
 ///
-/// While a keyslot change is in flight (FORMAT.md §3.1) the slots come from the staged copy
-/// that the newest superblock names (the area itself may be old or torn). Nothing here is
-/// verified (that needs the key): a wrong guess only changes which slots are tried, and
-/// [`crate::Volume::open`] checks the area it accepts against the MAC'd superblock.
+/// While a change of the keyslots or the header is in flight (FORMAT.md §3.1) they come from
+/// the staged copy that the newest superblock names (what is in place may be old or torn).
+/// Nothing here is verified (that needs the key): a wrong guess only changes which slots are
+/// tried, and [`crate::Volume::open`] checks what it accepts against the MAC'd superblock.
 pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
-    let (header, area) = read_header_area(storage)?;
-    let slot_area = unverified_keyslot_area(storage, &area).unwrap_or_else(|| area[BS..].to_vec());
-    let keyslots = decode_keyslots(&slot_area)?;
+    let (on_disk, area) = read_header_area(storage)?;
+    let (header, area) = match unverified_staged_area(storage) {
+        Some(staged) => match decode_header(&staged[..BS]) {
+            Ok(h) if h.volume_id == on_disk.volume_id => (h, staged),
+            _ => (on_disk, area),
+        },
+        None => (on_disk, area),
+    };
+    let keyslots = decode_keyslots(&area[BS..])?;
     Ok(HeaderInfo {
         format_version: header.version,
         log_len: header.log_len,
@@ -289,9 +295,9 @@ pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
     })
 }
 
-/// The staged keyslot area, if the newest (unverified) superblock names one and the staged
-/// copy matches its hash: then it is the area that counts (FORMAT.md §3.1).
-fn unverified_keyslot_area(storage: &dyn Storage, area: &[u8]) -> Option<Vec<u8>> {
+/// The staged header area, if the newest (unverified) superblock names one and the staged
+/// copy matches its hash: then it is what counts (FORMAT.md §3.1).
+fn unverified_staged_area(storage: &dyn Storage) -> Option<Vec<u8>> {
     let sb = SUPERBLOCK_OFFSETS
         .iter()
         .filter_map(|&off| {
@@ -303,26 +309,19 @@ fn unverified_keyslot_area(storage: &dyn Storage, area: &[u8]) -> Option<Vec<u8>
     if sb.staged_keyslots == 0 {
         return None;
     }
-    read_staged_keyslots(storage, &area[..BS], &sb).ok()
+    read_staged(storage, &sb).ok()
 }
 
-/// Reads the keyslot area staged at `sb.staged_keyslots` and checks it against
-/// `sb.staged_hash` (with `header_block`): `Integrity` if it does not match.
-pub(crate) fn read_staged_keyslots(
-    storage: &dyn Storage,
-    header_block: &[u8],
-    sb: &Superblock,
-) -> Result<Vec<u8>> {
-    let mut staged = vec![0u8; MAX_KEYSLOTS * KEYSLOT_SIZE];
+/// Reads the header area (header block and keyslot area) staged at `sb.staged_keyslots` and
+/// checks it against `sb.staged_hash`: `Integrity` if it does not match.
+pub(crate) fn read_staged(storage: &dyn Storage, sb: &Superblock) -> Result<Vec<u8>> {
+    let mut staged = vec![0u8; HEADER_AREA_LEN];
     storage
         .read_exact_at(&mut staged, sb.staged_keyslots * BLOCK_SIZE)
-        .map_err(|e| Error::io("cannot read the staged keyslot area", e))?;
-    let mut h = blake3::Hasher::new();
-    h.update(header_block);
-    h.update(&staged);
-    if h.finalize() != blake3::Hash::from(sb.staged_hash) {
+        .map_err(|e| Error::io("cannot read the staged header area", e))?;
+    if blake3::hash(&staged) != blake3::Hash::from(sb.staged_hash) {
         return Err(Error::integrity(
-            "the staged keyslot area does not match the superblock",
+            "the staged header area does not match the superblock",
         ));
     }
     Ok(staged)

@@ -1,12 +1,12 @@
-//! Changing the keyslot area so that a crash at any point leaves the old set of slots or
-//! the new one (docs/FORMAT.md §3.1): the new area is staged past the high-water mark, a
-//! commit names it, the area is rewritten in place, and a second commit makes it the
-//! committed one. Opening picks whichever of the two the bytes on disk and the MAC'd
-//! superblock agree on.
+//! Changing the header area (the header block and the keyslot area) so that a crash at any
+//! point leaves the old one or the new one (docs/FORMAT.md §3.1): the new area is staged
+//! past the high-water mark, a commit names it, the area is rewritten in place, and a second
+//! commit makes it the committed one. Opening picks whichever of the two the bytes on disk
+//! and the MAC'd superblock agree on. Keyslot changes and format upgrades both go this way.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::failpoint;
-use crate::header::{decode_keyslots, encode_keyslots, read_staged_keyslots};
+use crate::header::{decode_header, decode_keyslots, encode_keyslots, read_staged, Header};
 use crate::key::VolumeKey;
 use crate::layout::*;
 use crate::storage::Storage;
@@ -15,14 +15,13 @@ use crate::suite::CipherSuite;
 use crate::superblock::Superblock;
 use crate::volume::Volume;
 
-/// The keyslot area a volume accepted, and what its next commit says about it.
+/// The header area a volume accepted, and what its next commit says about it.
 #[derive(Clone, Debug)]
 pub(crate) struct SlotArea {
-    /// The header block as read (the hashes cover its exact bytes).
-    header_block: Vec<u8>,
-    /// The accepted keyslot area (32 KiB).
+    /// The accepted header area: the header block (its exact bytes) and the keyslot area
+    /// (36 KiB in all).
     area: Vec<u8>,
-    /// `BLAKE3(header block || area)`.
+    /// `BLAKE3(area)`.
     area_hash: [u8; 32],
     /// The header hash the next commit writes (superblock offset 168).
     pub(crate) header_hash: [u8; 32],
@@ -32,11 +31,16 @@ pub(crate) struct SlotArea {
     pub(crate) staged_hash: [u8; 32],
 }
 
-fn hash_area(header_block: &[u8], area: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(header_block);
-    h.update(area);
-    *h.finalize().as_bytes()
+fn hash_area(area: &[u8]) -> [u8; 32] {
+    *blake3::hash(area).as_bytes()
+}
+
+/// A header area from a header block and a keyslot area.
+fn join(header_block: &[u8], slots: &[u8]) -> Vec<u8> {
+    let mut area = Vec::with_capacity(header_block.len() + slots.len());
+    area.extend_from_slice(header_block);
+    area.extend_from_slice(slots);
+    area
 }
 
 /// Constant-time equality of two hashes.
@@ -46,10 +50,10 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl SlotArea {
     /// The area of a new volume: committed as is, nothing staged.
-    pub(crate) fn new(header_block: &[u8], area: Vec<u8>) -> SlotArea {
-        let area_hash = hash_area(header_block, &area);
+    pub(crate) fn new(header_block: &[u8], slots: Vec<u8>) -> SlotArea {
+        let area = join(header_block, &slots);
+        let area_hash = hash_area(&area);
         SlotArea {
-            header_block: header_block.to_vec(),
             area,
             area_hash,
             header_hash: area_hash,
@@ -58,29 +62,29 @@ impl SlotArea {
         }
     }
 
-    /// The keyslot area that `sb` (MAC-verified) vouches for, given the header block and
-    /// keyslot area read from disk (`header_area`). While a change is staged, the new area
-    /// counts as soon as the superblock names it (FORMAT.md §3.1): the staged copy when it
-    /// matches its hash, else the area on disk when it matches either hash (the staged copy
-    /// was lost: it is the old one, or step 4 had completed). With nothing staged, the
-    /// area on disk must match the committed hash. Anything else is `Integrity`.
+    /// The header area that `sb` (MAC-verified) vouches for, given the one read from disk.
+    /// While a change is staged, the new area counts as soon as the superblock names it
+    /// (FORMAT.md §3.1): the staged copy when it matches its hash, else the area on disk when
+    /// it matches either hash (the staged copy was lost: it is the old one, or step 4 had
+    /// completed). With nothing staged, the area on disk must match the committed hash.
+    /// Anything else is `Integrity`. A staged header must keep the volume id, suite, key
+    /// check, size and log of the one on disk (only its version may change: an upgrade).
     pub(crate) fn choose(
         storage: &dyn Storage,
         header_area: &[u8],
         sb: &Superblock,
     ) -> Result<SlotArea> {
-        let header_block = &header_area[..BS];
-        let on_disk = hash_area(header_block, &header_area[BS..]);
+        let on_disk = hash_area(header_area);
         let mut chosen = SlotArea {
-            header_block: header_block.to_vec(),
-            area: header_area[BS..].to_vec(),
+            area: header_area.to_vec(),
             area_hash: on_disk,
             header_hash: sb.header_hash,
             staged_keyslots: sb.staged_keyslots,
             staged_hash: sb.staged_hash,
         };
         if sb.staged_keyslots != 0 {
-            if let Ok(staged) = read_staged_keyslots(storage, header_block, sb) {
+            if let Ok(staged) = read_staged(storage, sb) {
+                compatible(&header_area[..BS], &staged[..BS])?;
                 chosen.area = staged;
                 chosen.area_hash = sb.staged_hash;
                 return Ok(chosen);
@@ -89,7 +93,7 @@ impl SlotArea {
                 return Ok(chosen);
             }
             return Err(Error::integrity(
-                "the keyslot area matches neither the committed nor the staged one, and the \
+                "the header area matches neither the committed nor the staged one, and the \
                  staged copy is gone",
             ));
         }
@@ -104,21 +108,41 @@ impl SlotArea {
     /// The area on disk as it is, whatever the superblock says (see
     /// `OpenOptions::accept_any_keyslot_area`).
     pub(crate) fn as_found(header_area: &[u8], sb: &Superblock) -> SlotArea {
-        let header_block = &header_area[..BS];
         SlotArea {
-            header_block: header_block.to_vec(),
-            area: header_area[BS..].to_vec(),
-            area_hash: hash_area(header_block, &header_area[BS..]),
+            area: header_area.to_vec(),
+            area_hash: hash_area(header_area),
             header_hash: sb.header_hash,
             staged_keyslots: sb.staged_keyslots,
             staged_hash: sb.staged_hash,
         }
     }
 
+    /// The accepted header.
+    pub(crate) fn header(&self) -> Result<Header> {
+        decode_header(&self.area[..BS])
+    }
+
     /// The 8 slots (empty = free).
     fn slots(&self) -> Result<Vec<Vec<u8>>> {
-        decode_keyslots(&self.area)
+        decode_keyslots(&self.area[BS..])
     }
+}
+
+/// A staged header may differ from the one in place only in its version (an upgrade).
+fn compatible(in_place: &[u8], staged: &[u8]) -> Result<()> {
+    let (a, b) = (decode_header(in_place)?, decode_header(staged)?);
+    let same_volume = a.volume_id == b.volume_id
+        && a.suite == b.suite
+        && a.key_check == b.key_check
+        && a.size == b.size
+        && a.log_len == b.log_len
+        && b.version >= a.version;
+    if !same_volume {
+        return Err(Error::integrity(
+            "the staged header describes another volume than the one in place",
+        ));
+    }
+    Ok(())
 }
 
 /// Label of [`keyslot_change_proof`].
@@ -201,14 +225,49 @@ impl Volume {
     /// [`Volume::set_keyslots`]; with `expected`, refused unless the current area still
     /// hashes to it (checked under the exclusive gate, so no other change slips between).
     fn replace_keyslots(&self, slots: &[Vec<u8>], expected: Option<&[u8; 32]>) -> Result<()> {
+        let new_slots = encode_keyslots(slots)?;
+        self.replace_area(None, &new_slots, expected)
+    }
+
+    /// Converts an image of an older format version to the current one, in place and
+    /// crash-safely (the header's version is the only byte that changes, through the same
+    /// staged change as keyslots). The volume keeps its old semantics until it is reopened.
+    /// `Unsupported` if it is already current.
+    pub fn upgrade_format(&self) -> Result<()> {
+        if self.header.version >= FORMAT_VERSION {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("the image already has format version {FORMAT_VERSION}"),
+            ));
+        }
+        let header = Header {
+            version: FORMAT_VERSION,
+            ..self.header.clone()
+        };
+        let slots = self.slot_area().area[BS..].to_vec();
+        self.replace_area(Some(&header), &slots, None)
+    }
+
+    /// Replaces the header area (the header block, if `header`, and the keyslot area) through
+    /// the staged change of FORMAT.md §3.1.
+    fn replace_area(
+        &self,
+        header: Option<&Header>,
+        new_slots: &[u8],
+        expected: Option<&[u8; 32]>,
+    ) -> Result<()> {
         self.check_usable()?;
         if self.read_only {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                "the volume is open read-only; its keyslots cannot change",
+                "the volume is open read-only; its header and keyslots cannot change",
             ));
         }
-        let new_area = encode_keyslots(slots)?;
+        let header_block = match header {
+            Some(h) => h.encode()?.to_vec(),
+            None => self.slot_area().area[..BS].to_vec(),
+        };
+        let new_area = join(&header_block, new_slots);
         let _gate = self.exclusive();
         if expected.is_some_and(|e| !same(&self.keyslots_hash(), e)) {
             return Err(Error::new(
@@ -218,16 +277,15 @@ impl Volume {
         }
         // Nothing pending, so that the next commit allocates nothing past the mark.
         self.commit_locked(true)?;
-        let header_block = self.slot_area().header_block.clone();
-        let new_hash = hash_area(&header_block, &new_area);
+        let new_hash = hash_area(&new_area);
         let stage_at = self.alloc.lock().high_water();
         let st: &dyn Storage = &*self.storage;
         let io = |what: &str, e| self.fail(Error::io(format!("cannot {what}"), e));
         st.write_all_at(&new_area, stage_at * BLOCK_SIZE)
-            .map_err(|e| io("write the staged keyslot area", e))?;
+            .map_err(|e| io("write the staged header area", e))?;
         failpoint::hit("keyslots:stage-written");
         st.sync_data()
-            .map_err(|e| io("sync the staged keyslot area", e))?;
+            .map_err(|e| io("sync the staged header area", e))?;
         {
             let mut s = self.slot_area();
             s.staged_keyslots = stage_at;
@@ -250,14 +308,15 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes `area` over the keyslot area in place and syncs it.
+    /// Writes `area` (header block and keyslot area) over the header area in place and
+    /// syncs it.
     fn write_area(&self, area: &[u8]) -> Result<()> {
         let st: &dyn Storage = &*self.storage;
-        st.write_all_at(area, KEYSLOT_OFFSET)
-            .map_err(|e| self.fail(Error::io("cannot write the keyslot area", e)))?;
+        st.write_all_at(area, 0)
+            .map_err(|e| self.fail(Error::io("cannot write the header area", e)))?;
         failpoint::hit("keyslots:area-written");
         st.sync_data()
-            .map_err(|e| self.fail(Error::io("cannot sync the keyslot area", e)))?;
+            .map_err(|e| self.fail(Error::io("cannot sync the header area", e)))?;
         failpoint::hit("keyslots:area-synced");
         Ok(())
     }
@@ -266,10 +325,10 @@ impl Volume {
     /// ends the file, else punched (best effort; later allocations overwrite it anyway).
     fn drop_stage(&self, stage_at: u64) {
         let st: &dyn Storage = &*self.storage;
-        let end = (stage_at + KEYSLOT_BLOCKS) * BLOCK_SIZE;
+        let end = (stage_at + HEADER_AREA_BLOCKS) * BLOCK_SIZE;
         let result = match st.len() {
             Ok(len) if len == end => st.set_len(stage_at * BLOCK_SIZE),
-            _ => st.punch_hole(stage_at * BLOCK_SIZE, KEYSLOT_BLOCKS * BLOCK_SIZE),
+            _ => st.punch_hole(stage_at * BLOCK_SIZE, HEADER_AREA_BLOCKS * BLOCK_SIZE),
         };
         if let Err(e) = result {
             log::debug!("the staged keyslot copy stays in the file: {e}");
@@ -293,7 +352,7 @@ impl Volume {
                     staged_hash: s.staged_hash,
                     ..Superblock::default()
                 };
-                read_staged_keyslots(&*self.storage, &s.header_block, &sb).ok()
+                read_staged(&*self.storage, &sb).ok()
             };
             (s.staged_hash, forward)
         };

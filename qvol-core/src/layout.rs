@@ -13,8 +13,9 @@ pub const OLDEST_FORMAT_VERSION: u32 = 1;
 pub const MAX_KEYSLOTS: usize = 8;
 /// Bytes reserved per keyslot (a 4-byte length, then the blob).
 pub const KEYSLOT_SIZE: usize = 4096;
-/// Blocks of the keyslot area.
-pub(crate) const KEYSLOT_BLOCKS: u64 = (MAX_KEYSLOTS * KEYSLOT_SIZE) as u64 / BLOCK_SIZE;
+/// Blocks of the header area (the header block and the keyslot area): what a change of
+/// either stages (FORMAT.md §3.1).
+pub(crate) const HEADER_AREA_BLOCKS: u64 = 1 + (MAX_KEYSLOTS * KEYSLOT_SIZE) as u64 / BLOCK_SIZE;
 /// The longest keyslot blob.
 pub const MAX_KEYSLOT_LEN: usize = KEYSLOT_SIZE - 4;
 /// The longest volume name in bytes (UTF-8).

@@ -47,11 +47,12 @@ pub struct Superblock {
     /// Random bytes drawn for each commit (format version 3; zero in versions 1 and 2), so
     /// that no two commits ever have the same MAC, even with the same content.
     pub commit_id: [u8; 16],
-    /// First block of a staged keyslot area (8 blocks past the high-water mark), or 0: set
-    /// only between the two commits of a keyslot change (FORMAT.md §3.1).
+    /// First block of a staged header area (header block and keyslot area, 9 blocks past the
+    /// high-water mark), or 0: set only between the two commits of a change of the keyslots
+    /// or the header (FORMAT.md §3.1).
     pub staged_keyslots: u64,
-    /// `BLAKE3(header block || staged keyslot area)`: the header hash once the change is
-    /// complete (zero when nothing is staged).
+    /// `BLAKE3(staged header block || staged keyslot area)`: the header hash once the change
+    /// is complete (zero when nothing is staged).
     pub staged_hash: [u8; 32],
 }
 
@@ -122,7 +123,7 @@ impl Superblock {
         let staged_ok = if sb.staged_keyslots == 0 {
             sb.staged_hash == [0; 32]
         } else {
-            (MIN_DATA_START_BLOCK..MAX_PBN - KEYSLOT_BLOCKS).contains(&sb.staged_keyslots)
+            (MIN_DATA_START_BLOCK..MAX_PBN - HEADER_AREA_BLOCKS).contains(&sb.staged_keyslots)
         };
         if !staged_ok {
             return Err(Error::corrupt(

@@ -255,6 +255,8 @@ impl Volume {
                 )
             })?;
         }
+        // A staged header (an interrupted upgrade) is the header that counts.
+        let header = slot_area.header()?;
         let mut vol = Volume::assemble(storage, keys, header, slot_area, sb, point, read_only);
         vol.on_commit = HookSlot(opts.on_commit);
         if !read_only {

@@ -20,6 +20,7 @@ mod nbd;
 mod qemu_img;
 mod rekey;
 mod stats;
+mod upgrade;
 mod vm;
 mod volume;
 
@@ -68,6 +69,8 @@ enum Command {
     Import(convert::ImportArgs),
     /// Copy a volume to any format qemu-img writes (holes stay holes; verified).
     Export(convert::ExportArgs),
+    /// Convert a format-1 or format-2 image to format 3 in place (crash-safe).
+    Upgrade(upgrade::UpgradeArgs),
     /// Request statistics and state of a served image, from its daemon's control socket.
     Stats(stats::StatsArgs),
     /// VMs whose disks are qvol volumes: new, start, stop, info, list, migrate.
@@ -100,6 +103,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Export(args) => convert::export(args),
         Command::Vm(args) => vm::run(args),
         Command::Stats(args) => stats::run(args),
+        Command::Upgrade(args) => upgrade::run(args),
         Command::Nbd(args) => nbd::run(args),
     }
 }
