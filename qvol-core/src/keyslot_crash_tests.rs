@@ -263,22 +263,25 @@ fn a_damaged_area_opens_only_for_a_restore_that_replaces_it() {
 }
 
 #[test]
-fn a_checked_change_needs_the_key_and_the_current_state() {
+fn a_checked_change_needs_the_key_the_nonce_and_the_current_state() {
     let old = slots(&[(0, 1, 100)]);
     let st = Arc::new(CrashStorage::from_bytes(base_image(&old)));
     let vol = Volume::open(st, &key(), false).unwrap();
     let new = slots(&[(0, 1, 100), (1, 2, 50)]);
     let now = vol.keyslots_hash();
     let suite = CipherSuite::XChaCha20Poly1305;
-    let proof = crate::keyslot_change_proof(&key(), suite, [0x33; 16], &now, &new).unwrap();
+    let nonce = [9u8; 16];
+    let proof = crate::keyslot_change_proof(&key(), suite, [0x33; 16], &nonce, &now, &new).unwrap();
     let other_key = VolumeKey::from_bytes([0x25; 32]);
-    let forged = crate::keyslot_change_proof(&other_key, suite, [0x33; 16], &now, &new).unwrap();
-    for (expected, proof, what) in [
-        (now, forged, "a proof made with another key"),
-        ([7; 32], proof, "a stale expected hash"),
+    let forged =
+        crate::keyslot_change_proof(&other_key, suite, [0x33; 16], &nonce, &now, &new).unwrap();
+    for (n, expected, proof, what) in [
+        (nonce, now, forged, "a proof made with another key"),
+        (nonce, [7; 32], proof, "a stale expected hash"),
+        ([8; 16], now, proof, "another nonce"),
     ] {
         assert_eq!(
-            vol.set_keyslots_checked(&new, &expected, &proof)
+            vol.set_keyslots_checked(&new, &n, &expected, &proof)
                 .unwrap_err()
                 .kind(),
             ErrorKind::Refused,
@@ -286,19 +289,26 @@ fn a_checked_change_needs_the_key_and_the_current_state() {
         );
         assert_eq!(vol.keyslots(), old, "{what} changed nothing");
     }
-    vol.set_keyslots_checked(&new, &now, &proof).unwrap();
+    vol.set_keyslots_checked(&new, &nonce, &now, &proof)
+        .unwrap();
     assert_eq!(vol.keyslots(), new);
-    // Replaying the same request on the new state is refused (bound to the old hash).
+    // The same request again, on the new state: refused (it names the old hash).
     assert_eq!(
-        vol.set_keyslots_checked(&new, &now, &proof)
+        vol.set_keyslots_checked(&new, &nonce, &now, &proof)
             .unwrap_err()
             .kind(),
         ErrorKind::Refused
     );
-    // Even if the area comes back to the old state, the old proof needs the old hash,
-    // which it names: it applies only to that exact state again.
-    let back = vol.keyslots_hash();
-    let undo = crate::keyslot_change_proof(&key(), suite, [0x33; 16], &back, &old).unwrap();
-    vol.set_keyslots_checked(&old, &back, &undo).unwrap();
-    assert_eq!(vol.keyslots(), old);
+    let (listed, hash) = vol.keyslots_with_hash();
+    assert_eq!(listed, vol.keyslots());
+    assert_eq!(hash, vol.keyslots_hash());
+    let challenge = [5u8; 32];
+    assert_eq!(
+        vol.prove_key(&challenge),
+        crate::key_holder_proof(&key(), suite, [0x33; 16], &challenge)
+    );
+    assert_ne!(
+        vol.prove_key(&challenge),
+        crate::key_holder_proof(&other_key, suite, [0x33; 16], &challenge)
+    );
 }

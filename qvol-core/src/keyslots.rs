@@ -148,33 +148,60 @@ fn compatible(in_place: &[u8], staged: &[u8]) -> Result<()> {
 /// Label of [`keyslot_change_proof`].
 const CHANGE_PROOF_LABEL: &[u8] = b"qvol-keyslot-change-v1";
 
-fn change_proof(keys: &Subkeys, expected: &[u8; 32], area: &[u8]) -> [u8; 32] {
+fn change_proof(keys: &Subkeys, nonce: &[u8; 16], expected: &[u8; 32], area: &[u8]) -> [u8; 32] {
     let mut h = keys.meta_mac();
     h.update(CHANGE_PROOF_LABEL);
     h.update(keys.volume_id());
+    h.update(nonce);
     h.update(expected);
     h.update(area);
     *h.finalize().as_bytes()
 }
 
 /// A MAC, under the volume's metadata key, of a proposed keyslot area (`slots` as
-/// [`Volume::set_keyslots`] takes them) and of the hash of the area it replaces
-/// (`expected`, [`Volume::keyslots_hash`]): what a process serving the volume asks of
-/// whoever wants to change its keyslots through it, as proof that they hold the volume key.
-/// Bound to the area it replaces, a proof cannot be replayed onto any other state.
+/// [`Volume::set_keyslots`] takes them), of the hash of the area it replaces (`expected`,
+/// [`Volume::keyslots_hash`]) and of a one-time `nonce` the serving process chose: what a
+/// process serving the volume asks of whoever wants to change its keyslots through it, as
+/// proof that they hold the volume key. The serving process uses each nonce once, so a
+/// recorded request cannot be replayed, even onto a state that came back.
 pub fn keyslot_change_proof(
     key: &VolumeKey,
     suite: CipherSuite,
     volume_id: [u8; 16],
+    nonce: &[u8; 16],
     expected: &[u8; 32],
     slots: &[Vec<u8>],
 ) -> Result<[u8; 32]> {
     let area = encode_keyslots(slots)?;
     Ok(change_proof(
         &Subkeys::derive(key, suite, volume_id),
+        nonce,
         expected,
         &area,
     ))
+}
+
+/// Label of [`key_holder_proof`].
+const HOLDER_PROOF_LABEL: &[u8] = b"qvol-key-holder-v1";
+
+fn holder_proof(keys: &Subkeys, challenge: &[u8; 32]) -> [u8; 32] {
+    let mut h = keys.meta_mac();
+    h.update(HOLDER_PROOF_LABEL);
+    h.update(keys.volume_id());
+    h.update(challenge);
+    *h.finalize().as_bytes()
+}
+
+/// A MAC of a client's random `challenge` under the volume's metadata key: a process serving
+/// the volume answers it ([`Volume::prove_key`]) so that a client holding the key knows it
+/// talks to a holder of the key, before it sends anything.
+pub fn key_holder_proof(
+    key: &VolumeKey,
+    suite: CipherSuite,
+    volume_id: [u8; 16],
+    challenge: &[u8; 32],
+) -> [u8; 32] {
+    holder_proof(&Subkeys::derive(key, suite, volume_id), challenge)
 }
 
 impl Volume {
@@ -184,17 +211,30 @@ impl Volume {
         self.slot_area().area_hash
     }
 
+    /// [`Volume::keyslots`] and [`Volume::keyslots_hash`] of one and the same state.
+    pub fn keyslots_with_hash(&self) -> (Vec<Vec<u8>>, [u8; 32]) {
+        let s = self.slot_area();
+        (s.slots().unwrap_or_default(), s.area_hash)
+    }
+
+    /// The answer to [`key_holder_proof`]'s `challenge`.
+    pub fn prove_key(&self, challenge: &[u8; 32]) -> [u8; 32] {
+        holder_proof(&self.keys, challenge)
+    }
+
     /// [`Volume::set_keyslots`] for a caller that is not trusted with the volume: `proof`
-    /// must be [`keyslot_change_proof`] of `slots`, and the slots must still hash to
-    /// `expected` ([`Volume::keyslots_hash`]). `Refused` otherwise, with nothing written.
+    /// must be [`keyslot_change_proof`] of `nonce` (which the caller of this method issued
+    /// and now retires), `expected` and `slots`, and the slots must still hash to `expected`
+    /// ([`Volume::keyslots_hash`]). `Refused` otherwise, with nothing written.
     pub fn set_keyslots_checked(
         &self,
         slots: &[Vec<u8>],
+        nonce: &[u8; 16],
         expected: &[u8; 32],
         proof: &[u8; 32],
     ) -> Result<()> {
         let area = encode_keyslots(slots)?;
-        if !same(&change_proof(&self.keys, expected, &area), proof) {
+        if !same(&change_proof(&self.keys, nonce, expected, &area), proof) {
             return Err(Error::new(
                 ErrorKind::Refused,
                 "the keyslot change is not signed with this volume's key",

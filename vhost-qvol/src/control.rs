@@ -30,14 +30,18 @@ const MAX_CLIENTS: usize = 8;
 /// A client silent for this long is disconnected.
 const IDLE: Duration = Duration::from_secs(300);
 /// The commands, in the order `query-commands` lists them.
-pub const COMMANDS: [&str; 6] = [
+pub const COMMANDS: [&str; 7] = [
     "query-commands",
     "query-status",
     "stats",
     "commit",
+    "prove-key",
     "keyslots",
     "keyslots-set",
 ];
+/// Commits asked for through the socket are at most this frequent (each takes the volume's
+/// exclusive gate and two syncs: a client must not be able to stall the guest with them).
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the control socket acts on.
 #[derive(Debug)]
@@ -48,6 +52,37 @@ pub struct Control {
     pub stats: Arc<Stats>,
     /// The generation the daemon opened the volume at.
     pub opened_generation: u64,
+    /// When a client last asked for a commit.
+    pub last_commit: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Control {
+    /// What the control socket of a daemon serving `volume` acts on.
+    pub fn new(volume: Arc<Volume>, stats: Arc<Stats>) -> Control {
+        let opened_generation = volume.info().generation;
+        Control {
+            volume,
+            stats,
+            opened_generation,
+            last_commit: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+/// Decrements the client count when a client's thread ends, however it ends.
+struct Seat(Arc<AtomicUsize>);
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What one connection remembers between requests.
+#[derive(Default)]
+struct Session {
+    /// The nonce of the last `keyslots` reply, retired by the next `keyslots-set`.
+    nonce: Option<[u8; 16]>,
 }
 
 /// Binds the control socket at `path` (mode 0600; see [`crate::socket_file`]).
@@ -75,18 +110,18 @@ pub fn spawn(listener: UnixListener, control: Arc<Control>) -> io::Result<()> {
                     continue;
                 }
                 active.fetch_add(1, Ordering::AcqRel);
+                let seat = Seat(Arc::clone(&active));
                 let control = Arc::clone(&control);
-                let done = Arc::clone(&active);
                 let spawned = std::thread::Builder::new()
                     .name("qvol-control-client".into())
                     .spawn(move || {
+                        let _seat = seat;
                         if let Err(e) = serve_client(stream, &control) {
                             debug!("control client ended: {e}");
                         }
-                        done.fetch_sub(1, Ordering::AcqRel);
                     });
-                if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::AcqRel);
+                if let Err(e) = spawned {
+                    warn!("control socket: cannot start a client thread: {e}");
                 }
             }
         })?;
@@ -113,6 +148,7 @@ fn serve_client(stream: UnixStream, control: &Control) -> io::Result<()> {
                         "commands": COMMANDS}})
     )?;
     let mut reader = BufReader::new(stream);
+    let mut session = Session::default();
     loop {
         let mut line = Vec::new();
         let n = (&mut reader)
@@ -131,7 +167,7 @@ fn serve_client(stream: UnixStream, control: &Control) -> io::Result<()> {
             return Ok(());
         }
         let response = match serde_json::from_slice::<Value>(&line) {
-            Ok(request) => respond(control, &request),
+            Ok(request) => respond(control, &mut session, &request),
             Err(e) => json!({"error": {"class": "GenericError",
                                         "desc": format!("the request is not JSON: {e}")}}),
         };
@@ -140,7 +176,7 @@ fn serve_client(stream: UnixStream, control: &Control) -> io::Result<()> {
 }
 
 /// The response to one request.
-fn respond(control: &Control, request: &Value) -> Value {
+fn respond(control: &Control, session: &mut Session, request: &Value) -> Value {
     let id = request.get("id").cloned().unwrap_or(Value::Null);
     let result = match (
         request.get("execute").and_then(Value::as_str),
@@ -150,7 +186,7 @@ fn respond(control: &Control, request: &Value) -> Value {
             "GenericError",
             "a request is {\"execute\": COMMAND}".to_string(),
         )),
-        (Some(cmd), args) => execute(control, cmd, args.unwrap_or(&Value::Null)),
+        (Some(cmd), args) => execute(control, session, cmd, args.unwrap_or(&Value::Null)),
     };
     let mut r = match result {
         Ok(ret) => json!({ "return": ret }),
@@ -164,7 +200,7 @@ fn respond(control: &Control, request: &Value) -> Value {
 
 type Outcome = Result<Value, (&'static str, String)>;
 
-fn execute(control: &Control, cmd: &str, args: &Value) -> Outcome {
+fn execute(control: &Control, session: &mut Session, cmd: &str, args: &Value) -> Outcome {
     let vol = &control.volume;
     let failed = |e: qvol_core::Error| {
         let class = if e.kind() == qvol_core::ErrorKind::Refused {
@@ -187,16 +223,42 @@ fn execute(control: &Control, cmd: &str, args: &Value) -> Outcome {
             Ok(s)
         }
         "commit" => {
+            {
+                let mut last = control
+                    .last_commit
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if last.is_some_and(|t| t.elapsed() < COMMIT_INTERVAL) {
+                    return Err(("Busy", "one commit per second at most; try again".into()));
+                }
+                *last = Some(std::time::Instant::now());
+            }
             vol.commit().map_err(failed)?;
             Ok(json!({"generation": vol.info().generation}))
         }
-        "keyslots" => Ok(json!({
-            "keyslots": vol.keyslots().iter().map(hex::encode).collect::<Vec<_>>(),
-            "hash": hex::encode(vol.keyslots_hash()),
-        })),
+        "prove-key" => {
+            let challenge = hex_arg::<32>(args, "challenge").map_err(|e| ("GenericError", e))?;
+            Ok(json!({"proof": hex::encode(vol.prove_key(&challenge))}))
+        }
+        "keyslots" => {
+            let mut nonce = [0u8; 16];
+            getrandom::getrandom(&mut nonce)
+                .map_err(|e| ("GenericError", format!("no random nonce: {e}")))?;
+            session.nonce = Some(nonce);
+            let (slots, hash) = vol.keyslots_with_hash();
+            Ok(json!({
+                "keyslots": slots.iter().map(hex::encode).collect::<Vec<_>>(),
+                "hash": hex::encode(hash),
+                "nonce": hex::encode(nonce),
+            }))
+        }
         "keyslots-set" => {
             let (slots, expected, proof) = keyslot_args(args).map_err(|e| ("GenericError", e))?;
-            vol.set_keyslots_checked(&slots, &expected, &proof)
+            let nonce = session.nonce.take().ok_or((
+                "Refused",
+                "ask for \"keyslots\" first: each change needs the nonce of that reply".to_string(),
+            ))?;
+            vol.set_keyslots_checked(&slots, &nonce, &expected, &proof)
                 .map_err(failed)?;
             Ok(json!({"hash": hex::encode(vol.keyslots_hash()),
                       "generation": vol.info().generation}))
@@ -225,17 +287,20 @@ fn status(control: &Control) -> Value {
 
 type KeyslotArgs = (Vec<Vec<u8>>, [u8; 32], [u8; 32]);
 
+/// Argument `name` of `args`: N bytes as 2N hex digits.
+fn hex_arg<const N: usize>(args: &Value, name: &str) -> Result<[u8; N], String> {
+    let text = args
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("\"{name}\" is needed ({} hex digits)", 2 * N))?;
+    let mut out = [0u8; N];
+    hex::decode_to_slice(text, &mut out)
+        .map_err(|_| format!("\"{name}\" is not {} hex digits", 2 * N))?;
+    Ok(out)
+}
+
 fn keyslot_args(args: &Value) -> Result<KeyslotArgs, String> {
-    let hex32 = |name: &str| -> Result<[u8; 32], String> {
-        let text = args
-            .get(name)
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("keyslots-set needs \"{name}\" (64 hex digits)"))?;
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(text, &mut out)
-            .map_err(|_| format!("\"{name}\" is not 64 hex digits"))?;
-        Ok(out)
-    };
+    let hex32 = |name: &str| hex_arg::<32>(args, name);
     let slots = args
         .get("keyslots")
         .and_then(Value::as_array)
@@ -288,11 +353,17 @@ impl ControlClient {
     }
 
     fn read(&mut self) -> anyhow::Result<Value> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
+        let mut line = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
             bail!("the daemon closed the control connection");
         }
-        serde_json::from_str(&line).context("the daemon sent something that is not JSON")
+        if line.len() as u64 > MAX_LINE {
+            bail!("the daemon sent a line longer than 1 MiB");
+        }
+        serde_json::from_slice(&line).context("the daemon sent something that is not JSON")
     }
 
     /// Runs `command` with `arguments`; its `return` value, or its error as one sentence.
@@ -307,7 +378,10 @@ impl ControlClient {
             return Ok(ret.clone());
         }
         let desc = reply["error"]["desc"].as_str().unwrap_or("no reason given");
-        bail!("the daemon refused {command}: {desc}")
+        bail!(
+            "the daemon refused {command}: {}",
+            crate::text::escape_untrusted(desc)
+        )
     }
 }
 
@@ -316,8 +390,12 @@ impl ControlClient {
 /// can be listed (`/proc/PID/fd`: this user's dumpable processes, or all as root) is found by
 /// the image's inode; a daemon (not dumpable: its fds are root's to list) by the image named
 /// in its `--blk-file`.
+///
+/// Only processes of root or of the image's owner count: another user's process naming the
+/// image cannot pose as its daemon.
 pub fn find_server(image: &Path) -> anyhow::Result<Option<(u32, Option<PathBuf>)>> {
     let meta = fs::metadata(image).with_context(|| format!("cannot stat {}", image.display()))?;
+    let trusted_uid = |uid: u32| uid == 0 || uid == meta.uid();
     let same = |m: &fs::Metadata| m.dev() == meta.dev() && m.ino() == meta.ino();
     let me = std::process::id();
     let Ok(procs) = fs::read_dir("/proc") else {
@@ -336,6 +414,9 @@ pub fn find_server(image: &Path) -> anyhow::Result<Option<(u32, Option<PathBuf>)
             continue;
         }
         let dir = entry.path();
+        if !process_uid(&dir).is_some_and(trusted_uid) {
+            continue;
+        }
         let args = command_line(&dir);
         let cwd = fs::read_link(dir.join("cwd")).ok();
         let resolve = |arg: &str| {
@@ -367,6 +448,42 @@ pub fn find_server(image: &Path) -> anyhow::Result<Option<(u32, Option<PathBuf>)
     Ok(by_name)
 }
 
+/// The real uid of the process whose `/proc` directory is `proc_dir`.
+fn process_uid(proc_dir: &Path) -> Option<u32> {
+    let status = fs::read_to_string(proc_dir.join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|uid| uid.parse().ok())
+}
+
+/// The pid and uid of the process at the other end of a Unix socket (`SO_PEERCRED`).
+fn peer_credentials(stream: &UnixStream) -> io::Result<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given, and the descriptor
+    // belongs to `stream`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((u32::try_from(cred.pid).unwrap_or(0), cred.uid))
+}
+
 fn command_line(proc_dir: &Path) -> Vec<String> {
     fs::read(proc_dir.join("cmdline"))
         .unwrap_or_default()
@@ -388,10 +505,37 @@ fn flag_value(args: &[String], flag: &str) -> Option<String> {
 }
 
 /// Connects to the control socket of the daemon serving `image`, or says in one sentence
-/// why that is not possible.
+/// why that is not possible. The process at the other end must be the one found serving
+/// the image (`SO_PEERCRED`), and the socket file must belong to its user.
 pub fn connect_to_server(image: &Path) -> anyhow::Result<ControlClient> {
     match find_server(image)? {
-        Some((_, Some(socket))) => ControlClient::connect(&socket),
+        Some((pid, Some(socket))) => {
+            let uid = process_uid(&Path::new("/proc").join(pid.to_string()))
+                .ok_or_else(|| anyhow!("process {pid} serving {} went away", image.display()))?;
+            let owner = fs::metadata(&socket)
+                .with_context(|| format!("cannot stat the control socket {}", socket.display()))?
+                .uid();
+            if owner != uid {
+                bail!(
+                    "the control socket {} belongs to user {owner}, not to the user {uid} of the \
+                     daemon (process {pid}) serving {}; refusing it",
+                    socket.display(),
+                    image.display()
+                );
+            }
+            let client = ControlClient::connect(&socket)?;
+            let (peer_pid, peer_uid) = peer_credentials(&client.writer)
+                .context("cannot tell who listens on the control socket")?;
+            if peer_pid != pid || peer_uid != uid {
+                bail!(
+                    "the control socket {} is served by process {peer_pid}, not by process {pid} \
+                     which serves {}; refusing it",
+                    socket.display(),
+                    image.display()
+                );
+            }
+            Ok(client)
+        }
         Some((pid, None)) => bail!(
             "{} is in use by process {pid}, which has no control socket (start vhost-qvol with \
              --control-socket PATH to manage a served image)",

@@ -102,16 +102,8 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
             .context("cannot start the keystore recording thread")?;
     }
     if let Some(listener) = control_listener {
-        let opened_generation = volume.info().generation;
-        control::spawn(
-            listener,
-            Arc::new(control::Control {
-                volume,
-                stats,
-                opened_generation,
-            }),
-        )
-        .context("cannot start the control socket's thread")?;
+        control::spawn(listener, Arc::new(control::Control::new(volume, stats)))
+            .context("cannot start the control socket's thread")?;
     }
     info!(
         "serving {} ({} bytes{}) on {}",

@@ -51,6 +51,8 @@ enum Target {
         client: ControlClient,
         /// The slots' hash as the daemon reported it (the change names it).
         hash: [u8; 32],
+        /// The one-time nonce of that reply (the change's proof covers it).
+        nonce: [u8; 16],
         suite: CipherSuite,
     },
 }
@@ -131,10 +133,12 @@ impl Change {
             Target::Served {
                 mut client,
                 hash,
+                nonce,
                 suite,
             } => {
-                let proof = qvol_core::keyslot_change_proof(&self.key, suite, id, &hash, slots)
-                    .map_err(|e| anyhow!("{}", error_chain(&e)))?;
+                let proof =
+                    qvol_core::keyslot_change_proof(&self.key, suite, id, &nonce, &hash, slots)
+                        .map_err(|e| anyhow!("{}", error_chain(&e)))?;
                 client
                     .execute(
                         "keyslots-set",
@@ -144,6 +148,18 @@ impl Change {
                     .with_context(|| {
                         format!("cannot change the keyslots of {}", image.display())
                     })?;
+                // The daemon wrote the area in place and synced it: the image must show it
+                // (a daemon that only says so changed nothing).
+                let (_, now) = read_image_header(image)?;
+                let mut want = slots.to_vec();
+                want.resize(qvol_core::MAX_KEYSLOTS, Vec::new());
+                if now.keyslots != want {
+                    anyhow::bail!(
+                        "the daemon serving {} reported the keyslot change done, but the image \
+                         does not show it; nothing was recorded",
+                        image.display()
+                    );
+                }
                 None
             }
         };
@@ -284,6 +300,9 @@ fn through_daemon(
     let mut hash = [0u8; 32];
     hex::decode_to_slice(reply["hash"].as_str().unwrap_or_default(), &mut hash)
         .map_err(|_| anyhow!("the daemon's keyslots reply has no valid hash"))?;
+    let mut nonce = [0u8; 16];
+    hex::decode_to_slice(reply["nonce"].as_str().unwrap_or_default(), &mut nonce)
+        .map_err(|_| anyhow!("the daemon's keyslots reply has no valid nonce"))?;
     if slots.len() != qvol_core::MAX_KEYSLOTS {
         anyhow::bail!("the daemon's keyslots reply does not list 8 slots");
     }
@@ -306,6 +325,22 @@ fn through_daemon(
         .map(|b| b.key_id.as_str())
         .filter(|_| unlock.is_keystore());
     let (slot, key) = unlock.unwrap(image, &served_header, keystore.as_ref(), only_key)?;
+    // The daemon must hold this volume's key before it is told anything made with it.
+    let mut challenge = [0u8; 32];
+    getrandom::getrandom(&mut challenge)
+        .map_err(|e| anyhow!("the operating system's random number generator failed: {e}"))?;
+    let answer = client.execute("prove-key", json!({"challenge": hex::encode(challenge)}))?;
+    let expected = qvol_core::key_holder_proof(&key, header.suite, header.volume_id, &challenge);
+    let proven = answer["proof"]
+        .as_str()
+        .and_then(|p| hex::decode(p).ok())
+        .is_some_and(|p| subtle_eq(&p, &expected));
+    if !proven {
+        anyhow::bail!(
+            "the process serving {} does not hold the volume's key; refusing to talk to it",
+            image.display()
+        );
+    }
     Ok(Change {
         image: image.to_path_buf(),
         slots,
@@ -318,9 +353,15 @@ fn through_daemon(
         target: Target::Served {
             client,
             hash,
+            nonce,
             suite: header.suite,
         },
     })
+}
+
+/// Constant-time comparison of a received MAC with the expected one.
+fn subtle_eq(got: &[u8], want: &[u8; 32]) -> bool {
+    got.len() == 32 && got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 fn is_busy(e: &anyhow::Error) -> bool {
