@@ -253,8 +253,8 @@ pub struct OpenRequest<'a> {
     pub keystore: Option<&'a UnlockedKeystore>,
     /// Return the volume key in [`OpenedVolume::key`] (to wrap it for a new keyslot).
     pub keep_key: bool,
-    /// `qvol header restore`: unwrap with these slots (a backup's) before the image's own,
-    /// and accept an image whose keyslot area its superblock does not vouch for.
+    /// `qvol header restore`: unwrap only with these slots (a backup's), and accept an image
+    /// whose keyslot area its superblock does not vouch for.
     pub restore_slots: Option<&'a [Vec<u8>]>,
     /// The slot and volume key an earlier open of the same image unwrapped: not unwrapped
     /// again (a passphrase slot costs a second of argon2id).
@@ -365,8 +365,8 @@ pub fn open_volume(req: &OpenRequest<'_>) -> anyhow::Result<OpenedVolume> {
     })
 }
 
-/// Unwraps with the request's unlock: a restore tries the backup's slots first (the slot
-/// number returned is then the backup's), then the image's.
+/// Unwraps with the request's unlock; a restore only through the backup's slots (the slot
+/// number returned is then the backup's): what it puts back must open the volume.
 fn unwrap_for(
     req: &OpenRequest<'_>,
     header: &HeaderInfo,
@@ -376,9 +376,10 @@ fn unwrap_for(
     if let Some(slots) = req.restore_slots {
         let mut backup = header.clone();
         backup.keyslots = slots.to_vec();
-        if let Ok(found) = req.unlock.unwrap(req.image, &backup, keystore, only_key) {
-            return Ok(found);
-        }
+        return req
+            .unlock
+            .unwrap(req.image, &backup, keystore, only_key)
+            .context("none of the backup's keyslots opens with this unlock, so restoring them could lock everyone out");
     }
     req.unlock.unwrap(req.image, header, keystore, only_key)
 }

@@ -79,10 +79,13 @@ fn listen_private(path: &Path) -> io::Result<UnixListener> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let mut salt = [0u8; 8];
+    getrandom::getrandom(&mut salt).map_err(|e| bind_error(path, io::Error::other(e)))?;
     let dir = parent.join(format!(
-        ".qvol-sock.{}.{}",
+        ".qvol-sock.{}.{}.{}",
         std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        hex::encode(salt)
     ));
     fs::DirBuilder::new()
         .mode(0o700)

@@ -4,6 +4,7 @@
 //! holes and zero ranges stay unallocated both ways, and the copy is compared byte for byte
 //! at the end (`--no-verify` skips it).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -267,17 +268,6 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes a half-written export unless disarmed.
-struct RemoveOnFailure<'a>(Option<&'a Path>);
-
-impl Drop for RemoveOnFailure<'_> {
-    fn drop(&mut self) {
-        if let Some(p) = self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// Runs `qvol export`.
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
     if std::fs::symlink_metadata(&args.dest).is_ok() {
@@ -298,14 +288,28 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
     let id = opened.header.volume_id;
     let volume: Arc<dyn Disk> = Arc::new(opened.volume);
     let bridge = Bridge::start(volume, true)?;
-    let mut cleanup = RemoveOnFailure(Some(&args.dest));
-    qemu_img::convert_out(&bridge.uri()?, &args.dest, &args.format)?;
-    let written = Source::new(args.dest.clone(), Some(args.format.clone()), None)?;
+    // The plaintext is written 0600 in a private directory beside DEST, then linked to DEST
+    // (which fails rather than replace anything that appeared there meanwhile).
+    let parent = args
+        .dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let private = tempfile::Builder::new()
+        .prefix(".qvol-export-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot write in {}", parent.display()))?;
+    let staging = private.path().join("export");
+    qemu_img::convert_out(&bridge.uri()?, &staging, &args.format)?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private", staging.display()))?;
+    let written = Source::new(staging.clone(), Some(args.format.clone()), None)?;
     if !args.no_verify {
         qemu_img::compare(&written, &bridge.socket)?;
     }
     bridge.stop()?;
-    cleanup.0 = None;
+    std::fs::hard_link(&staging, &args.dest)
+        .with_context(|| format!("cannot create {} (it must not exist)", args.dest.display()))?;
     let on_disk = qemu_img::info(&written).map(|i| i.actual_size).unwrap_or(0);
     if args.json {
         println!(

@@ -139,6 +139,18 @@ fn read_backup(image: &Path, file: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
             image.display()
         );
     }
+    let same_volume = saved.suite == current.suite
+        && saved.size == current.size
+        && saved.log_len == current.log_len
+        && saved.name == current.name;
+    if !same_volume {
+        bail!(
+            "the header block of {} differs from the one in {} (size, cipher, log or name); \
+             `header restore` puts back keyslots only, over an intact header",
+            image.display(),
+            file.display()
+        );
+    }
     if saved.key_check != current.key_check {
         bail!(
             "{} was made for another volume key of volume {} (re-encrypted since?); its \

@@ -58,10 +58,22 @@ impl QemuSecret {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let pass = vhost_qvol::open::read_passphrase(file)?;
-        let dir = tempfile::Builder::new()
-            .prefix("qvol-secret-")
-            .tempdir()
-            .context("cannot make a private directory for the LUKS passphrase")?;
+        // In memory when the system has a tmpfs for it: the passphrase never reaches a disk.
+        let builder = {
+            let mut b = tempfile::Builder::new();
+            b.prefix("qvol-secret-");
+            b
+        };
+        let dir = match std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain([PathBuf::from("/dev/shm")])
+            .find(|d| d.is_dir())
+        {
+            Some(d) => builder.tempdir_in(d),
+            None => builder.tempdir(),
+        }
+        .context("cannot make a private directory for the LUKS passphrase")?;
         let path = dir.path().join("pass");
         std::fs::OpenOptions::new()
             .write(true)

@@ -68,7 +68,10 @@ fn probe(cfg: &VmConfig, qemu: &Path, scratch: &Path) -> Result<(), String> {
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"])
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide", image.display()))
+        .arg(format!(
+            "file={},format=raw,if=ide",
+            image.display().to_string().replace(',', ",,")
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -64,6 +64,17 @@ impl DiskConfig {
     pub fn is_qvol(&self) -> bool {
         self.path.extension().is_some_and(|e| e == "qvol")
     }
+
+    /// The format QEMU runs a plain disk with (by its extension: `.raw` and `.img` are raw,
+    /// anything else qcow2). Every tool that reads the disk is told this format, never left
+    /// to guess it: a raw disk's first sector is the guest's to write, and a guessed qcow2
+    /// header there could name any host file as its backing file.
+    pub fn qemu_format(&self) -> &'static str {
+        match self.path.extension().and_then(|e| e.to_str()) {
+            Some("raw" | "img") => "raw",
+            _ => "qcow2",
+        }
+    }
 }
 
 /// `boot`: direct kernel boot (firmware boot when absent).
@@ -302,6 +313,13 @@ pub fn parse(text: &str, file: &str, vm_dir: &Path) -> anyhow::Result<VmConfig> 
     let cpu_model = ctx
         .text(cpu, "model", "hardware.cpu.model")?
         .unwrap_or_else(|| "max".into());
+    if !plain_name(&cpu_model) {
+        let line = ctx.scalar(cpu, "model", "")?.map_or(0, Ctx::line_of);
+        bail!(ctx.at(
+            line,
+            "hardware.cpu.model must be a QEMU CPU model name (letters, digits, '.', '_', '-')"
+        ));
+    }
     let cores = ctx
         .number(
             cpu,
@@ -516,7 +534,16 @@ fn parse_disks(
 
 /// The machine types qvol starts VMs with (both have PCI for virtio devices).
 fn known_machine(t: &str) -> bool {
-    matches!(t, "q35" | "pc") || t.starts_with("pc-q35-") || t.starts_with("pc-i440fx-")
+    (matches!(t, "q35" | "pc") || t.starts_with("pc-q35-") || t.starts_with("pc-i440fx-"))
+        && plain_name(t)
+}
+
+/// A name QEMU takes as one option value: letters, digits, '.', '_', '-' (no ',' or '=').
+fn plain_name(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 64
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn valid_mac(mac: &str) -> bool {
@@ -608,13 +635,18 @@ pub fn set_scalars(text: &str, parent: &[&str], pairs: &[(&str, &str)]) -> anyho
                 let line = own_line(node).ok_or_else(|| {
                     anyhow!("{dotted}.{key} must be on a line of its own for qvol to update it")
                 })?;
-                let comment = lines[line]
-                    .find(" #")
-                    .map(|i| lines[line][i..].to_string())
-                    .unwrap_or_default();
-                lines[line] = format!("{indent}{key}: {value}{comment}");
+                // A comment is kept only when the old value is a plain word: anything else
+                // (quotes, spaces, '#' inside a value) is rewritten without it.
+                let rest = lines[line].trim_start()[key.len() + 1..].trim_start();
+                let comment = match rest.split_once(" #") {
+                    Some((old, c)) if !old.trim_end().contains(['"', '\'', ' ']) => {
+                        format!(" #{c}")
+                    }
+                    _ => String::new(),
+                };
+                lines[line] = format!("{indent}{key}: {}{comment}", yaml_value(value));
             }
-            None => inserts.push(format!("{indent}{key}: {value}")),
+            None => inserts.push(format!("{indent}{key}: {}", yaml_value(value))),
         }
     }
     for (i, line) in inserts.into_iter().enumerate() {
@@ -623,6 +655,21 @@ pub fn set_scalars(text: &str, parent: &[&str], pairs: &[(&str, &str)]) -> anyho
     let mut out = lines.join("\n");
     if text.ends_with('\n') {
         out.push('\n');
+    }
+    // The edit must say exactly what was meant, and nothing else may have moved.
+    let check = marked_yaml::parse_yaml(0, out.as_str())
+        .map_err(|e| anyhow!("internal: the edited config.yaml does not parse: {e}"))?;
+    let mut map = check.as_mapping();
+    for key in parent {
+        map = map.and_then(|m| m.get_mapping(key));
+    }
+    for &(key, value) in pairs {
+        let got = map
+            .and_then(|m| m.get_scalar(key))
+            .map(|v| v.as_str().to_string());
+        if got.as_deref() != Some(value) {
+            bail!("internal: the edited config.yaml does not hold {dotted}.{key} as intended");
+        }
     }
     Ok(out)
 }
@@ -658,6 +705,20 @@ pub fn new_config_text(
          autostart: false\n",
         mac = default_mac(name),
     )
+}
+
+/// A value as YAML: as it is when it is a plain word (`disk.qvol`, `web01-1a2b`, `true`),
+/// double-quoted otherwise (a space, '#', ':', quotes...).
+fn yaml_value(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._/+-".contains(&b))
+        && !s.starts_with(['-', '.']);
+    if plain {
+        s.to_string()
+    } else {
+        yaml_str(s)
+    }
 }
 
 /// A YAML double-quoted string.
@@ -759,5 +820,50 @@ mod tests {
         assert_eq!(again.lines().count(), out.lines().count());
         let c = parse(&again, "config.yaml", Path::new("/v")).unwrap();
         assert_eq!(c.key_id.as_deref(), Some("web01-ffff0000"));
+    }
+
+    #[test]
+    fn edits_quote_what_needs_it_and_say_exactly_what_was_meant() {
+        let text = sample().replace(
+            "      path: disk.qvol",
+            "      path: \"disk #1.qcow2\"  # the old one",
+        );
+        let out = set_scalars(
+            &text,
+            &["hardware", "disk", "primary"],
+            &[("path", "disk #1.qvol")],
+        )
+        .unwrap();
+        let c = parse(&out, "config.yaml", Path::new("/v")).unwrap();
+        assert_eq!(c.disks[0].path, Path::new("/v/disk #1.qvol"));
+        assert!(out.contains("path: \"disk #1.qvol\""), "{out}");
+        let plain = set_scalars(
+            &sample(),
+            &["storage", "encryption"],
+            &[("enabled", "false")],
+        )
+        .unwrap();
+        assert!(plain.contains("    enabled: false\n"), "{plain}");
+        assert!(
+            !parse(&plain, "config.yaml", Path::new("/v"))
+                .unwrap()
+                .encrypted
+        );
+        assert!(set_scalars(&sample(), &["nope"], &[("x", "y")]).is_err());
+    }
+
+    #[test]
+    fn machine_and_cpu_names_cannot_carry_qemu_options() {
+        let bad = |from: &str, to: &str| {
+            parse(
+                &sample().replacen(from, to, 1),
+                "config.yaml",
+                Path::new("/v"),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(bad("type: q35", "type: pc-q35-7.2,smm=off").contains("machine.type"));
+        assert!(bad("model: max", "model: max,+vmx").contains("hardware.cpu.model"));
     }
 }

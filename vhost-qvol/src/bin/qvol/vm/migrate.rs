@@ -16,7 +16,7 @@ use vhost_qvol::open::volume_id_hex;
 use vhost_qvol::size::format_size;
 
 use super::config::{self, DiskConfig};
-use super::process::{live_pid, BACKEND};
+use super::process::live_pid;
 use super::Vm;
 use crate::convert::{compare_volume, import_image};
 use crate::keystore::KeystoreArgs;
@@ -62,7 +62,7 @@ pub fn run(vm: &Vm, args: &MigrateArgs) -> anyhow::Result<()> {
         || cfg
             .disks
             .iter()
-            .any(|d| live_pid(&run.disk_pid(&d.id), BACKEND).is_some())
+            .any(|d| live_pid(&run.disk_pid(&d.id), &d.path.display().to_string()).is_some())
     {
         bail!("VM {name} is running; stop it first (`qvol vm stop {name}`)");
     }
@@ -118,6 +118,20 @@ pub fn run(vm: &Vm, args: &MigrateArgs) -> anyhow::Result<()> {
                 "Migrated VM {name}: {} disk(s) now encrypted with {suite}, key {key_id}; config.yaml updated.",
                 plain.len()
             );
+            let left: Vec<String> = plain
+                .iter()
+                .flat_map(|d| {
+                    let backup = backup_of(&d.path);
+                    std::iter::once(d.path.display().to_string())
+                        .chain(backup.exists().then(|| backup.display().to_string()))
+                })
+                .collect();
+            eprintln!(
+                "qvol: note: the old disk and its backup still hold the data in plaintext: {}; \
+                 remove them (securely, on storage that overwrites in place) once VM {name} \
+                 runs from its encrypted disk",
+                left.join(", ")
+            );
             Ok(())
         }
         Err(e) => {
@@ -148,7 +162,7 @@ fn check_target(
             target.display()
         )
     };
-    let source = Source::new(disk.path.clone(), None, None)?;
+    let source = Source::new(disk.path.clone(), Some(disk.qemu_format().into()), None)?;
     let bound = compare_volume(&target, &source, ks).map_err(|e| not_ours(format!("{e:#}")))?;
     if bound.vm != vm {
         return Err(not_ours(format!("it belongs to VM {}", bound.vm)));
@@ -201,7 +215,7 @@ fn migrate_disks(
             }
             let target = target_of(disk);
             let partial = partial_of(&target);
-            let source = Source::new(disk.path.clone(), None, None)?;
+            let source = Source::new(disk.path.clone(), Some(disk.qemu_format().into()), None)?;
             made.push(partial.clone());
             let done = import_image(
                 &source,

@@ -215,7 +215,10 @@ impl Vm {
 
     /// QEMU's pid, if it runs.
     pub fn qemu_pid(&self) -> Option<i32> {
-        live_pid(&self.run_dir().qemu_pid(), process::QEMU)
+        live_pid(
+            &self.run_dir().qemu_pid(),
+            &qemu::name_arg(&self.config.name),
+        )
     }
 
     /// Replaces config.yaml with `text` (validated first), atomically.
@@ -422,6 +425,15 @@ fn start(vm: &Vm, wait: bool, console: bool, keys: &KeystoreArgs) -> anyhow::Res
     let _ = fs::remove_file(run.qemu_pid());
     let mut cmd = Command::new(&qemu);
     cmd.args(qemu_args(cfg, accel, &run, console));
+    // QEMU runs the guest: it gets no way to the keystore or its passphrase (only the disk
+    // backends need them).
+    for secret in [
+        "CREDENTIALS_DIRECTORY",
+        "QVOL_PASSPHRASE_FILE",
+        "QVOL_KEYSTORE",
+    ] {
+        cmd.env_remove(secret);
+    }
     fs::write(
         run.accel_file(),
         if accel == Accel::Kvm {
@@ -471,7 +483,9 @@ fn stop(vm: &Vm, force: bool, timeout: Duration) -> anyhow::Result<()> {
         .config
         .disks
         .iter()
-        .filter_map(|d| live_pid(&run.disk_pid(&d.id), process::BACKEND).map(|p| (d.id.clone(), p)))
+        .filter_map(|d| {
+            live_pid(&run.disk_pid(&d.id), &d.path.display().to_string()).map(|p| (d.id.clone(), p))
+        })
         .collect();
     let qemu = vm.qemu_pid();
     if qemu.is_none() && backends.is_empty() {
@@ -534,7 +548,7 @@ fn describe(vm: &Vm, keys: Option<&KeystoreArgs>) -> Value {
         .map(|d| {
             let mut v = json!({"id": d.id, "path": d.path.display().to_string(), "size": d.size,
                 "exists": d.path.exists(), "encrypted": d.is_qvol(),
-                "backend_pid": live_pid(&run.disk_pid(&d.id), process::BACKEND)});
+                "backend_pid": live_pid(&run.disk_pid(&d.id), &d.path.display().to_string())});
             if d.is_qvol() {
                 v["encryption"] = json!("ENABLED (PQC)");
                 v["algorithm"] = json!(cfg.suite.name());

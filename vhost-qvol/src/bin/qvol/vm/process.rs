@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -13,21 +12,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
-/// A pid read from a pid file, if that process is alive and runs a program whose name
-/// contains `program` (a stale pid file whose number was reused names another program).
-pub fn live_pid(pid_file: &Path, program: &str) -> Option<i32> {
+/// A pid read from a pid file, if that process is alive and has `arg` among its command-line
+/// arguments (its disk or its VM name: a stale pid file whose number was reused names
+/// another process, even another VM's QEMU or backend).
+pub fn live_pid(pid_file: &Path, arg: &str) -> Option<i32> {
     let text = fs::read_to_string(pid_file).ok()?;
     let pid: i32 = text.trim().parse().ok().filter(|p| *p > 0)?;
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-    let name = Path::new(std::ffi::OsStr::from_bytes(argv0)).file_name()?;
-    (name.to_string_lossy().contains(program) && alive(pid)).then_some(pid)
+    let ours = cmdline.split(|&b| b == 0).any(|a| a == arg.as_bytes());
+    (ours && alive(pid)).then_some(pid)
 }
-
-/// The backend's program name, as [`live_pid`] checks it.
-pub const BACKEND: &str = "vhost-qvol";
-/// QEMU's, as [`live_pid`] checks it.
-pub const QEMU: &str = "qemu";
 
 /// Whether process `pid` exists (and is not a zombie of ours).
 pub fn alive(pid: i32) -> bool {

@@ -49,6 +49,11 @@ impl RunDir {
     }
 }
 
+/// The `-name` value of VM `name`'s QEMU (how a pid file's process is recognised as it).
+pub fn name_arg(name: &str) -> String {
+    format!("{name},process=qemu-{name}")
+}
+
 /// QEMU's option syntax: a comma in a value is doubled.
 fn opt(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
@@ -66,7 +71,7 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, run: &RunDir, console: bool) -> V
         Accel::Tcg if cfg.cpu_model == "host" => ("tcg", "max".to_string()),
         Accel::Tcg => ("tcg", cfg.cpu_model.clone()),
     };
-    push(&["-name", &format!("{},process=qemu-{}", cfg.name, cfg.name)]);
+    push(&["-name", &name_arg(&cfg.name)]);
     push(&[
         "-machine",
         &format!("{},accel={accel_name},memory-backend=mem", cfg.machine),
@@ -78,6 +83,11 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, run: &RunDir, console: bool) -> V
         &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
     ]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // QEMU runs the guest: deny it the system calls a guest that broke out would want.
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
     for (i, disk) in cfg.disks.iter().enumerate() {
         let boot = if i == 0 { ",bootindex=1" } else { "" };
         if disk.is_qvol() {
@@ -95,10 +105,7 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, run: &RunDir, console: bool) -> V
                 ),
             ]);
         } else {
-            let format = match disk.path.extension().and_then(|e| e.to_str()) {
-                Some("raw" | "img") => "raw",
-                _ => "qcow2",
-            };
+            let format = disk.qemu_format();
             push(&[
                 "-blockdev",
                 &format!(
@@ -136,7 +143,8 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, run: &RunDir, console: bool) -> V
     if console {
         push(&["-serial", "mon:stdio"]);
     } else {
-        push(&["-serial", &format!("file:{}", opt(&run.serial_log()))]);
+        // `file:` takes the rest of the value as the path (no option escaping).
+        push(&["-serial", &format!("file:{}", run.serial_log().display())]);
     }
     push(&["-pidfile", &run.qemu_pid().display().to_string()]);
     a.into_iter().map(OsString::from).collect()
@@ -188,6 +196,8 @@ mod tests {
             "-no-user-config",
             "-display",
             "none",
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-chardev",
             "socket,id=chr-primary,path=/vms/web01/run/primary.sock,reconnect=1",
             "-device",
