@@ -71,6 +71,10 @@ impl NbdServe {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The socket appears before the line that announces it is printed.
+        while !serve.printed().contains("Serving") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         serve
     }
 
