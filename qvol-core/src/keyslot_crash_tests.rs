@@ -312,3 +312,29 @@ fn a_checked_change_needs_the_key_the_nonce_and_the_current_state() {
         crate::key_holder_proof(&other_key, suite, [0x33; 16], &challenge)
     );
 }
+
+#[test]
+fn an_unlocking_slot_outside_the_verified_area_refuses_the_open_before_any_write() {
+    let old = slots(&[(0, 1, 100)]);
+    let bytes = base_image(&old);
+    let st = Arc::new(CrashStorage::from_bytes(bytes.clone()));
+    let open = |slot: (usize, Vec<u8>)| {
+        Volume::open_with(
+            st.clone(),
+            &key(),
+            crate::OpenOptions {
+                unlocked_slot: Some(slot),
+                ..crate::OpenOptions::default()
+            },
+        )
+    };
+    let err = open((1, vec![1; 100])).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Refused);
+    let err = open((0, vec![2; 100])).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Refused);
+    assert!(
+        st.live_image() == bytes,
+        "a refused open wrote to the image"
+    );
+    open((0, vec![1; 100])).expect("the slot the area holds opens it");
+}

@@ -122,6 +122,11 @@ impl SlotArea {
         decode_header(&self.area[..BS])
     }
 
+    /// Slot `index` (empty = free), if the area decodes.
+    pub(crate) fn slot(&self, index: usize) -> Option<Vec<u8>> {
+        self.slots().ok()?.get(index).cloned()
+    }
+
     /// The 8 slots (empty = free).
     fn slots(&self) -> Result<Vec<Vec<u8>>> {
         decode_keyslots(&self.area[BS..])

@@ -55,6 +55,11 @@ pub struct OpenOptions {
     /// replace the whole area with [`Volume::set_keyslots`] from a backup it trusts (the
     /// key has been verified against the header's key check): `qvol header restore`.
     pub accept_any_keyslot_area: bool,
+    /// The keyslot (number and blob) the caller unwrapped the key from, read without the key:
+    /// the open is refused (`Refused`), before anything is written, unless the keyslot area
+    /// it accepts holds that blob there (a keyless read may be shown slots that no verified
+    /// superblock vouches for).
+    pub unlocked_slot: Option<(usize, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -64,6 +69,10 @@ impl std::fmt::Debug for OpenOptions {
             .field("check", &self.check.as_ref().map(|_| "<fn>"))
             .field("on_commit", &self.on_commit.as_ref().map(|_| "<fn>"))
             .field("accept_any_keyslot_area", &self.accept_any_keyslot_area)
+            .field(
+                "unlocked_slot",
+                &self.unlocked_slot.as_ref().map(|(i, _)| i),
+            )
             .finish()
     }
 }
@@ -230,6 +239,18 @@ impl Volume {
             }
             other => other?,
         };
+        if let Some((index, blob)) = &opts.unlocked_slot {
+            if slot_area.slot(*index).as_deref() != Some(blob.as_slice()) {
+                return Err(Error::new(
+                    ErrorKind::Refused,
+                    format!(
+                        "keyslot {index} unlocked volume {} but is not in its committed keyslot \
+                         area",
+                        hex_id(&header.volume_id)
+                    ),
+                ));
+            }
+        }
         let blocks = header.size / BLOCK_SIZE;
         if sb.map_height != tree_height(blocks, FANOUT)
             || sb.space_height != AllocState::height_for(space_capacity(header.regions(), blocks))

@@ -339,10 +339,21 @@ pub fn open_volume(req: &OpenRequest<'_>) -> anyhow::Result<OpenedVolume> {
         (Some(g), false) => Some(Recorder::new(Arc::clone(g), image.to_path_buf())),
         _ => None,
     };
-    let volume = open_checked(req, storage, &key, guard.as_ref(), recorder.as_ref())?;
-    if req.restore_slots.is_none() {
-        check_unlocked_slot(image, &header, &volume, slot)?;
-    }
+    // Checked inside the open, before anything is written (the restore's slot is the
+    // backup's, not the image's).
+    let unlocked = if req.restore_slots.is_none() {
+        header.keyslots.get(slot).map(|blob| (slot, blob.clone()))
+    } else {
+        None
+    };
+    let volume = open_checked(
+        req,
+        storage,
+        &key,
+        guard.as_ref(),
+        recorder.as_ref(),
+        unlocked,
+    )?;
     if let (Some(ks), Some(_), false) = (keystore, &guard, req.read_only) {
         let point = volume.commit_point();
         if let Err(e) = ks.raise_volume_floor(&header.volume_id, &state_of(&point)) {
@@ -421,6 +432,7 @@ fn open_checked(
     key: &VolumeKey,
     guard: Option<&Arc<VolumeGuard>>,
     recorder: Option<&Arc<Recorder>>,
+    unlocked_slot: Option<(usize, Vec<u8>)>,
 ) -> anyhow::Result<Volume> {
     let image = req.image;
     let check = guard.map(|g| {
@@ -436,6 +448,7 @@ fn open_checked(
         check,
         on_commit: recorder.map(Recorder::hook),
         accept_any_keyslot_area: req.restore_slots.is_some(),
+        unlocked_slot,
     };
     Volume::open_with(Arc::new(storage), key, opts).map_err(|e| {
         let what = if e.kind() == qvol_core::ErrorKind::Refused {
