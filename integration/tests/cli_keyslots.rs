@@ -83,10 +83,19 @@ fn reads_back(f: &Fixture, image: &Path, tag: &str, extra: &[&str]) {
         let got = c
             .read(DATA_AT, DATA_LEN)
             .unwrap_or_else(|e| panic!("{tag}: read failed: {e:?}"));
-        assert!(
-            got == pattern::make(DATA_LEN, DATA_AT, DATA_SEED),
-            "{tag}: the data read back is not what was written"
-        );
+        let want = pattern::make(DATA_LEN, DATA_AT, DATA_SEED);
+        if got != want {
+            let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+            let zeros = got.iter().filter(|&&b| b == 0).count();
+            let log = daemon.log_text();
+            panic!(
+                "{tag}: the data read back is not what was written: first difference at byte \
+                 {first} of {DATA_LEN}, {zeros} zero bytes read; got {:02x?}, want {:02x?}; \
+                 daemon log:\n{log}",
+                &got[first..(first + 16).min(DATA_LEN)],
+                &want[first..(first + 16).min(DATA_LEN)]
+            );
+        }
     }
     stop(daemon);
 }
