@@ -102,6 +102,20 @@ impl Daemon {
         Some(status)
     }
 
+    /// A libblkio client on one queue with a 1 MiB buffer (panics if it cannot connect).
+    pub fn client(&self) -> crate::client::BlkioClient {
+        crate::client::BlkioClient::connect(&self.socket, 1, false, 1 << 20)
+            .unwrap_or_else(|e| panic!("connect: {}", crate::client::describe(&e)))
+    }
+
+    /// SIGTERM, and asserts a clean exit (status 0) within 10 s.
+    pub fn stop(mut self) {
+        let status = self
+            .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+            .expect("vhost-qvol exits within 10 s of SIGTERM");
+        assert!(status.success(), "vhost-qvol exited with {status}");
+    }
+
     /// SIGKILL and reap.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

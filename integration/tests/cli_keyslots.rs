@@ -9,9 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
-use integration::client::{describe, BlkioClient};
 use integration::daemon::{wait_within, Daemon};
 use integration::fixture::{file_tree, volume_id_of, Fixture, Run, COMMAND_TIMEOUT};
 use integration::pattern;
@@ -51,35 +49,23 @@ fn start(f: &Fixture, image: &Path, tag: &str, extra: &[&str]) -> Daemon {
         .unwrap_or_else(|e| panic!("vhost-qvol ({tag}) did not start: {e}"))
 }
 
-fn connect(daemon: &Daemon) -> BlkioClient {
-    BlkioClient::connect(daemon.socket(), 1, false, 1 << 20)
-        .unwrap_or_else(|e| panic!("connect: {}", describe(&e)))
-}
-
-fn stop(mut daemon: Daemon) {
-    let status = daemon
-        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
-        .expect("vhost-qvol exits within 10 s of SIGTERM");
-    assert!(status.success(), "vhost-qvol exited with {status}");
-}
-
 /// Writes the known data through a daemon that unlocks with the keystore.
 fn write_data(f: &Fixture, image: &Path) {
     let daemon = start(f, image, "write", &[]);
     {
-        let mut c = connect(&daemon);
+        let mut c = daemon.client();
         c.write(DATA_AT, &pattern::make(DATA_LEN, DATA_AT, DATA_SEED))
             .unwrap();
         c.flush().unwrap();
     }
-    stop(daemon);
+    daemon.stop();
 }
 
 /// Serves `image` with the unlock flags `extra` and reads the known data back.
 fn reads_back(f: &Fixture, image: &Path, tag: &str, extra: &[&str]) {
     let daemon = start(f, image, tag, extra);
     {
-        let mut c = connect(&daemon);
+        let mut c = daemon.client();
         let got = c
             .read(DATA_AT, DATA_LEN)
             .unwrap_or_else(|e| panic!("{tag}: read failed: {e:?}"));
@@ -97,7 +83,7 @@ fn reads_back(f: &Fixture, image: &Path, tag: &str, extra: &[&str]) {
             );
         }
     }
-    stop(daemon);
+    daemon.stop();
 }
 
 /// `vhost-qvol` with the unlock flags `extra` refuses `image`: exit 1, one sentence naming
@@ -991,7 +977,7 @@ fn keyslots_do_not_change_while_a_daemon_serves_the_image() {
         &["header", "restore", s(&image), s(&backup)],
         "in use",
     );
-    stop(daemon);
+    daemon.stop();
     assert_eq!(keyslots(&f, &image).len(), 2);
     f.qvol(["keyslot", "remove", s(&image), "1"]).success();
     f.qvol(["rekey", s(&image)]).success();

@@ -9,7 +9,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use integration::client::{describe, BlkioClient};
 use integration::daemon::Daemon;
 use integration::fixture::Fixture;
 use integration::pattern;
@@ -63,18 +62,6 @@ fn serve(f: &Fixture, image: &Path) -> (Daemon, PathBuf) {
     (daemon, ctl)
 }
 
-fn client(daemon: &Daemon) -> BlkioClient {
-    BlkioClient::connect(daemon.socket(), 1, false, 1 << 20)
-        .unwrap_or_else(|e| panic!("connect: {}", describe(&e)))
-}
-
-fn stop(mut daemon: Daemon) {
-    let status = daemon
-        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
-        .expect("vhost-qvol exits within 10 s of SIGTERM");
-    assert!(status.success(), "vhost-qvol exited with {status}");
-}
-
 #[test]
 fn every_command_answers_and_the_counters_follow_the_guest() {
     let f = Fixture::new();
@@ -98,7 +85,7 @@ fn every_command_answers_and_the_counters_follow_the_guest() {
     assert_eq!(before["id"], "a");
     let generation = before["return"]["generation"].as_u64().unwrap();
     {
-        let mut c = client(&daemon);
+        let mut c = daemon.client();
         c.write(0, &pattern::make(65536, 0, 7)).unwrap();
         c.write(1 << 20, &pattern::make(4096, 1 << 20, 8)).unwrap();
         assert_eq!(c.read(0, 65536).unwrap(), pattern::make(65536, 0, 7));
@@ -139,7 +126,7 @@ fn every_command_answers_and_the_counters_follow_the_guest() {
         text.contains("write") && text.contains("commits since the daemon started"),
         "{text}"
     );
-    stop(daemon);
+    daemon.stop();
 }
 
 #[test]
@@ -174,12 +161,12 @@ fn garbage_and_vanishing_clients_leave_the_guest_served() {
             .unwrap();
         let _ = big.write_all(&vec![b'x'; 2 << 20]);
     }
-    let mut c = client(&daemon);
+    let mut c = daemon.client();
     c.write(4096, &pattern::make(4096, 4096, 1)).unwrap();
     assert_eq!(c.read(4096, 4096).unwrap(), pattern::make(4096, 4096, 1));
     drop(c);
     assert!(raw.send(r#"{"execute":"query-status"}"#)["return"].is_object());
-    stop(daemon);
+    daemon.stop();
 }
 
 #[test]
@@ -233,7 +220,7 @@ fn keyslots_of_a_served_image_change_through_the_daemon_and_only_with_the_key() 
         s(&pass),
     ])
     .success();
-    stop(daemon);
+    daemon.stop();
     // After the daemon: the passphrase opens the volume, the keystore's key no longer does.
     let info = f
         .qvol([
@@ -271,5 +258,5 @@ fn a_served_image_without_a_control_socket_is_refused_in_one_sentence() {
     assert!(line.contains("--control-socket"), "{line}");
     f.qvol(["stats", s(&image)])
         .one_sentence_error("qvol", "no control socket");
-    stop(daemon);
+    daemon.stop();
 }

@@ -10,9 +10,7 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use integration::client::{describe, BlkioClient};
 use integration::daemon::Daemon;
 use integration::fixture::{file_tree, Fixture, Run};
 use integration::pattern;
@@ -20,18 +18,6 @@ use integration::pattern;
 fn start(f: &Fixture, image: &Path, tag: &str) -> Daemon {
     f.start_daemon(image, tag, &[])
         .unwrap_or_else(|e| panic!("vhost-qvol ({tag}) did not start: {e}"))
-}
-
-fn connect(daemon: &Daemon) -> BlkioClient {
-    BlkioClient::connect(daemon.socket(), 1, false, 1 << 20)
-        .unwrap_or_else(|e| panic!("connect: {}", describe(&e)))
-}
-
-fn stop(mut daemon: Daemon) {
-    let status = daemon
-        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
-        .expect("vhost-qvol exits within 10 s of SIGTERM");
-    assert!(status.success(), "vhost-qvol exited with {status}");
 }
 
 /// Runs the daemon on `image` bound to `volume_id` (plus `extra`) and expects a refusal
@@ -100,7 +86,7 @@ fn another_volume_copied_to_the_path_is_refused() {
     let id0 = f.volume_id(&d0);
     refused(&f, &d0, &id0, &["--key", &k2], "recorded for key");
     let daemon = start(&f, &d0, "d0");
-    stop(daemon);
+    daemon.stop();
 }
 
 #[test]
@@ -130,7 +116,7 @@ fn a_daemon_needs_a_binding_and_any_volume_warns() {
         "no warning: {}",
         daemon.log_text()
     );
-    stop(daemon);
+    daemon.stop();
 }
 
 #[test]
@@ -176,7 +162,7 @@ fn a_volume_without_a_record_is_refused_until_adopted() {
         .qvol([OsStr::new("volume"), OsStr::new("adopt"), image.as_os_str()])
         .success();
     assert!(adopted.stdout.contains(&key), "{adopted:#?}");
-    stop(start(&other, &image, "adopted"));
+    start(&other, &image, "adopted").stop();
 }
 
 // Break 2: the freshness check ran after the open had already committed.
@@ -186,13 +172,13 @@ fn an_old_copy_holding_log_records_is_refused_before_anything_is_written() {
     let f = Fixture::new();
     let (_, image, id) = one_volume(&f);
     let daemon = start(&f, &image, "a");
-    let mut c = connect(&daemon);
+    let mut c = daemon.client();
     c.write(0, &pattern::make(65536, 0, 1)).unwrap();
     // Taken while the log holds the write's records, before any commit.
     let old = fs::read(&image).unwrap();
     c.write(0, &pattern::make(65536, 0, 2)).unwrap();
     drop(c);
-    stop(daemon);
+    daemon.stop();
     fs::write(&image, &old).unwrap();
     refused(&f, &image, &id, &[], "older");
     // `qvol info` says so too, and writes nothing either.
@@ -216,13 +202,14 @@ fn a_flushed_write_cannot_be_undone_by_zeroing_the_log() {
     let f = Fixture::new();
     let (_, image, id) = one_volume(&f);
     let daemon = start(&f, &image, "old");
-    connect(&daemon)
+    daemon
+        .client()
         .write(0, &pattern::make(65536, 0, 1))
         .unwrap();
-    stop(daemon);
+    daemon.stop();
     let mut daemon = start(&f, &image, "new");
     {
-        let mut c = connect(&daemon);
+        let mut c = daemon.client();
         c.write(0, &pattern::make(65536, 0, 2)).unwrap();
         c.flush().unwrap();
     }
@@ -250,13 +237,14 @@ fn log_records_of_an_abandoned_history_do_not_replay() {
     let backup = fs::read(&image).unwrap();
     // History H: a write, a commit at the next open, then a flushed write left in the log.
     let mut daemon = start(&f, &image, "h1");
-    connect(&daemon)
+    daemon
+        .client()
         .write(0, &pattern::make(65536, 0, 1))
         .unwrap();
     daemon.kill9();
     let mut daemon = start(&f, &image, "h2");
     {
-        let mut c = connect(&daemon);
+        let mut c = daemon.client();
         c.write(1 << 20, &pattern::make(65536, 1 << 20, 2)).unwrap();
         c.flush().unwrap();
     }
@@ -276,24 +264,25 @@ fn log_records_of_an_abandoned_history_do_not_replay() {
     accepting.push(OsStr::new("--accept-rollback"));
     qvol(&f, &accepting).success();
     let daemon = start(&f, &image, "h3");
-    connect(&daemon)
+    daemon
+        .client()
         .write(0, &pattern::make(65536, 0, 3))
         .unwrap();
-    stop(daemon);
+    daemon.stop();
     // The attacker splices H's log into H'.
     let mut bytes = fs::read(&image).unwrap();
     let region = log_region(&image);
     bytes[region].copy_from_slice(&abandoned_log);
     fs::write(&image, &bytes).unwrap();
     let daemon = start(&f, &image, "spliced");
-    let mut c = connect(&daemon);
+    let mut c = daemon.client();
     assert!(
         c.read(1 << 20, 65536).unwrap() == vec![0u8; 65536],
         "a write of the abandoned history was replayed"
     );
     assert!(c.read(0, 65536).unwrap() == pattern::make(65536, 0, 3));
     drop(c);
-    stop(daemon);
+    daemon.stop();
 }
 
 // Break 5: every daemon held the keystore's master seed.
@@ -339,7 +328,7 @@ fn a_serving_daemon_holds_no_master_seed_and_dumps_no_core() {
         .expect("an unprotected keystore shows its seed");
     let seed = hex_decode(seed_hex);
     let daemon = start(&f, &image, "mem");
-    let mut c = connect(&daemon);
+    let mut c = daemon.client();
     c.write(0, &pattern::make(4096, 0, 7)).unwrap();
     let image_path = image.to_string_lossy().into_owned();
     let found = memory_contains(
@@ -381,7 +370,7 @@ fn a_serving_daemon_holds_no_master_seed_and_dumps_no_core() {
         daemon.log_text()
     );
     drop(c);
-    stop(daemon);
+    daemon.stop();
 }
 
 #[test]
@@ -425,7 +414,7 @@ fn a_daemon_keeps_no_descriptor_its_parent_left_open() {
         !open.contains(&keystore_file),
         "the daemon kept the descriptor its parent leaked: {open:?}"
     );
-    stop(daemon);
+    daemon.stop();
 }
 
 fn hex_decode(text: &str) -> Vec<u8> {
@@ -444,12 +433,13 @@ fn an_older_or_deleted_volume_record_does_not_reenable_an_old_image() {
     let record = record_path(&f, &id);
     let (old_image, old_record) = (fs::read(&image).unwrap(), fs::read(&record).unwrap());
     let daemon = start(&f, &image, "a");
-    connect(&daemon)
+    daemon
+        .client()
         .write(0, &pattern::make(65536, 0, 1))
         .unwrap();
-    stop(daemon);
+    daemon.stop();
     // A later start raises the keystore's floor for the volume.
-    stop(start(&f, &image, "b"));
+    start(&f, &image, "b").stop();
     let current_image = fs::read(&image).unwrap();
     fs::write(&image, &old_image).unwrap();
     fs::write(&record, &old_record).unwrap();
@@ -469,7 +459,7 @@ fn an_older_or_deleted_volume_record_does_not_reenable_an_old_image() {
     qvol(&f, &[OsStr::new("keystore"), OsStr::new("check")]).success();
     refused(&f, &image, &id, &[], "older");
     fs::write(&image, &current_image).unwrap();
-    stop(start(&f, &image, "c"));
+    start(&f, &image, "c").stop();
 }
 
 #[test]
@@ -566,7 +556,7 @@ fn removing_a_generation_a_volume_depends_on_needs_force() {
     let line = qvol(&f, &remove).one_sentence_error("qvol", &id);
     assert!(line.contains("--force"), "{line}");
     // The volume still opens: nothing was removed.
-    stop(start(&f, &image, "still"));
+    start(&f, &image, "still").stop();
     let mut forced = remove.to_vec();
     forced.push(OsStr::new("--force"));
     qvol(&f, &forced).success();

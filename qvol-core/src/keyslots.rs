@@ -197,6 +197,18 @@ fn holder_proof(keys: &Subkeys, challenge: &[u8; 32]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// Whether `proof` is [`key_holder_proof`] of `challenge` (compared in constant time).
+pub fn key_holder_proof_matches(
+    key: &VolumeKey,
+    suite: CipherSuite,
+    volume_id: [u8; 16],
+    challenge: &[u8; 32],
+    proof: &[u8],
+) -> bool {
+    <[u8; 32]>::try_from(proof)
+        .is_ok_and(|p| same(&key_holder_proof(key, suite, volume_id, challenge), &p))
+}
+
 /// A MAC of a client's random `challenge` under the volume's metadata key: a process serving
 /// the volume answers it ([`Volume::prove_key`]) so that a client holding the key knows it
 /// talks to a holder of the key, before it sends anything.
@@ -389,16 +401,9 @@ impl Volume {
             if s.staged_keyslots == 0 {
                 return Ok(());
             }
-            let forward = if same(&s.area_hash, &s.staged_hash) {
-                Some(s.area.clone())
-            } else {
-                let sb = Superblock {
-                    staged_keyslots: s.staged_keyslots,
-                    staged_hash: s.staged_hash,
-                    ..Superblock::default()
-                };
-                read_staged(&*self.storage, &sb).ok()
-            };
+            // `choose` took the staged copy whenever it verified: the area it accepted is the
+            // new one exactly then, else the old one stays.
+            let forward = same(&s.area_hash, &s.staged_hash).then(|| s.area.clone());
             (s.staged_hash, forward)
         };
         if let Some(area) = &forward {

@@ -36,7 +36,7 @@ pub use extents::Extent;
 pub use header::{decode_header, decode_keyslots, read_header, HeaderInfo};
 pub use info::{CreateOptions, VolumeInfo};
 pub use key::VolumeKey;
-pub use keyslots::{key_holder_proof, keyslot_change_proof};
+pub use keyslots::{key_holder_proof, key_holder_proof_matches, keyslot_change_proof};
 pub use layout::{
     BLOCK_SIZE, FORMAT_VERSION, KEYSLOT_SIZE, MAX_KEYSLOTS, MAX_KEYSLOT_LEN, MAX_NAME_LEN,
     MAX_VOLUME_SIZE, SECTOR_SIZE,

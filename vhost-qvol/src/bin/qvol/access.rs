@@ -330,11 +330,18 @@ fn through_daemon(
     getrandom::getrandom(&mut challenge)
         .map_err(|e| anyhow!("the operating system's random number generator failed: {e}"))?;
     let answer = client.execute("prove-key", json!({"challenge": hex::encode(challenge)}))?;
-    let expected = qvol_core::key_holder_proof(&key, header.suite, header.volume_id, &challenge);
     let proven = answer["proof"]
         .as_str()
         .and_then(|p| hex::decode(p).ok())
-        .is_some_and(|p| subtle_eq(&p, &expected));
+        .is_some_and(|p| {
+            qvol_core::key_holder_proof_matches(
+                &key,
+                header.suite,
+                header.volume_id,
+                &challenge,
+                &p,
+            )
+        });
     if !proven {
         anyhow::bail!(
             "the process serving {} does not hold the volume's key; refusing to talk to it",
@@ -357,11 +364,6 @@ fn through_daemon(
             suite: header.suite,
         },
     })
-}
-
-/// Constant-time comparison of a received MAC with the expected one.
-fn subtle_eq(got: &[u8], want: &[u8; 32]) -> bool {
-    got.len() == 32 && got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 fn is_busy(e: &anyhow::Error) -> bool {

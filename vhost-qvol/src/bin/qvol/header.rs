@@ -3,8 +3,7 @@
 //! Restoring an older backup brings back the slots it had, removed ones included.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
@@ -70,16 +69,7 @@ fn backup(image: &Path, file: &Path) -> anyhow::Result<()> {
         .read_exact_at(&mut bytes, 0)
         .with_context(|| format!("cannot read the header of {}", image.display()))?;
     bytes.extend_from_slice(&encode_keyslots(&header.keyslots)?);
-    let mut out = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(file)
-        .with_context(|| format!("cannot create {} (it must not exist)", file.display()))?;
-    if let Err(e) = out.write_all(&bytes).and_then(|()| out.sync_all()) {
-        let _ = fs::remove_file(file);
-        return Err(e).with_context(|| format!("cannot write {}", file.display()));
-    }
+    crate::files::write_new(file, &bytes, 0o600)?;
     let used = header.keyslots.iter().filter(|s| !s.is_empty()).count();
     println!(
         "Backed up the header and {used} keyslot(s) of {} (volume {}) to {}.",

@@ -158,7 +158,7 @@ pub fn run(command: KeyCommand) -> anyhow::Result<()> {
             keystore,
         } => {
             let file = keystore.unlock()?.export_public(&id)?;
-            write_new(&output, file.to_json().as_bytes(), 0o644)?;
+            crate::files::write_new(&output, file.to_json().as_bytes(), 0o644)?;
             println!(
                 "Wrote the public key of {} (generation {}, fingerprint {}) to {}.",
                 file.key_id,
@@ -199,7 +199,7 @@ pub fn run(command: KeyCommand) -> anyhow::Result<()> {
             let pass = read_passphrase(&export_passphrase_file)?;
             let ks = keystore.unlock()?;
             let data = ks.export_key(&id, pass.expose(), KdfParams::from_env())?;
-            write_new_private(&output, &data)?;
+            crate::files::write_new(&output, &data, 0o600)?;
         }
         KeyCommand::Import {
             file,
@@ -212,28 +212,6 @@ pub fn run(command: KeyCommand) -> anyhow::Result<()> {
             let info = keystore.unlock()?.import_key(&data, pass.expose())?;
             println!("{}", info.key_id);
         }
-    }
-    Ok(())
-}
-
-fn write_new_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
-    write_new(path, data, 0o600)
-}
-
-/// Writes a new file (never over an existing one) with `mode`, synced.
-fn write_new(path: &std::path::Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    let written = file.write_all(data).and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(path);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
     }
     Ok(())
 }

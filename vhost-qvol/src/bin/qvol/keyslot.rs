@@ -3,8 +3,7 @@
 //! §3.1) and leaves the image as it was when it fails.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
@@ -385,7 +384,7 @@ fn write_shares(
             share.threshold(),
             hex::encode(share.set_id()),
         ));
-        if let Err(e) = write_private(file, text.as_bytes()) {
+        if let Err(e) = crate::files::write_new(file, text.as_bytes(), 0o600) {
             for done in &files[..i] {
                 let _ = fs::remove_file(done);
             }
@@ -396,20 +395,6 @@ fn write_shares(
         let _ = d.sync_all();
     }
     Ok(files)
-}
-
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    if let Err(e) = file.write_all(data).and_then(|()| file.sync_all()) {
-        let _ = fs::remove_file(path);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
-    Ok(())
 }
 
 fn check_range(slot: usize) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod access;
 mod convert;
 mod create;
+mod files;
 mod header;
 mod info;
 mod key;
