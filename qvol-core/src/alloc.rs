@@ -338,7 +338,8 @@ impl AllocState {
                     &mut self.tree,
                     TreeCache::new(TreeKind::Space, 1, NodePtr::default()),
                 );
-                let r = tree.relocate_path(st, keys, index, &mut |old| self.realloc(st, keys, old));
+                let r =
+                    tree.relocate_path(st, keys, index, &mut |old| self.realloc(st, keys, old.pbn));
                 self.tree = tree;
                 r?;
                 let old = self.leaves.get(&index).map_or(0, |l| l.pbn);
@@ -359,11 +360,12 @@ impl AllocState {
                 NodePtr {
                     pbn,
                     mac: node_mac(keys, TreeKind::Space, 0, index, &leaf.bits[..]),
+                    ..NodePtr::default()
                 },
             ));
             out.push(pbn, &leaf.bits[..])?;
         }
-        for (pbn, page) in self.tree.seal(keys, &ptrs)? {
+        for (pbn, page) in self.tree.seal(keys, &ptrs, 0)? {
             out.push(pbn, &page[..])?;
         }
         Ok(self.tree.root())

@@ -36,9 +36,17 @@ impl Volume {
         }
         let mut a = self.alloc.lock();
         let mut out = PageWriter::new(st);
-        let (map_root, moved) =
-            self.map
-                .prepare_commit(st, keys, &mut |old| a.realloc(st, keys, old), &mut out)?;
+        // Blocks the live map stopped using that a snapshot may hold (FORMAT.md §7.1).
+        self.settle_kills(&mut a)?;
+        let birth = self.snaps.epoch();
+        let (map_root, moved) = self.map.prepare_commit(
+            st,
+            keys,
+            &mut |old| self.realloc_map_node(&mut a, old),
+            birth,
+            &mut out,
+        )?;
+        let (snapshots, snap_epoch) = self.commit_table(&mut a, &mut out)?;
         let space_root = a.prepare_commit(st, keys, &mut out)?;
         out.flush()?;
         st.sync_data()
@@ -65,7 +73,8 @@ impl Volume {
             space_height: a.height(),
             key_epoch: 0,
             space_root,
-            snapshots: Default::default(),
+            snapshots,
+            snap_epoch,
             allocated_blocks: a.used(),
             high_water: a.high_water(),
             header_hash: slots.header_hash,
@@ -91,7 +100,8 @@ impl Volume {
         *sb = next;
         drop(sb);
         *self.point.lock().unwrap_or_else(|p| p.into_inner()) = point;
-        self.map.finish_commit(&moved);
+        self.map.finish_commit(&moved, birth);
+        self.after_commit();
         self.map.trim(MAX_CACHED_LEAVES);
         let punch = a.finish_commit();
         drop(a);

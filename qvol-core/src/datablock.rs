@@ -85,6 +85,7 @@ pub(crate) fn seal_block(
         key_epoch: 0,
         nonce: padded,
         tag,
+        birth: 0,
     })
 }
 

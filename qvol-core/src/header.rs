@@ -17,7 +17,7 @@ pub(crate) const HEADER_AREA_LEN: usize = BS + MAX_KEYSLOTS * KEYSLOT_SIZE;
 /// The decoded header of an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// The format version (1, 2 or 3).
+    /// The format version (1 to 4).
     pub version: u32,
     /// Length of the write-ahead log in bytes (4 MiB in version 1).
     pub log_len: u64,
@@ -31,13 +31,15 @@ pub struct Header {
     pub name: String,
     /// `BLAKE3-keyed(K_check, ...)`: tells a wrong key from a tampered image.
     pub key_check: [u8; 32],
+    /// Feature flags (offset 104): [`FEATURE_PORTABLE_NODES`] in version 4.
+    pub features: u32,
 }
 
 /// What `qvol info` and key unwrapping need, read without any key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HeaderInfo {
-    /// The format version (1, 2 or 3).
+    /// The format version (1 to 4).
     pub format_version: u32,
     /// Length of the write-ahead log in bytes: writes between two commits take a 128-byte
     /// record per block, so a log of `n` bytes holds `n / 128` block writes.
@@ -69,6 +71,16 @@ impl Header {
         self.version >= BOUND_LOG_VERSION
     }
 
+    /// Whether the image has snapshots (a snapshot table, births; format version 4).
+    pub(crate) fn has_snapshots(&self) -> bool {
+        self.version >= SNAPSHOT_VERSION
+    }
+
+    /// Whether node MACs are portable (FORMAT.md §6.2).
+    pub(crate) fn portable_nodes(&self) -> bool {
+        self.features & FEATURE_PORTABLE_NODES != 0
+    }
+
     /// Encodes the header block, checksum included.
     pub(crate) fn encode(&self) -> Result<[u8; BS]> {
         let name = self.name.as_bytes();
@@ -97,6 +109,7 @@ impl Header {
         put_u64(&mut b, 80, LOG_OFFSET);
         put_u64(&mut b, 88, self.log_len);
         put_u64(&mut b, 96, self.regions().data_offset());
+        put_u32(&mut b, 104, self.features);
         b[112..144].copy_from_slice(&self.key_check);
         put_u16(&mut b, 144, name.len() as u16);
         b[OFF_NAME..OFF_NAME + name.len()].copy_from_slice(name);
@@ -155,7 +168,12 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         )));
     }
     let flags = get_u32(b, 104);
-    if flags != 0 {
+    let known = if version >= SNAPSHOT_VERSION {
+        FEATURE_PORTABLE_NODES
+    } else {
+        0
+    };
+    if flags & !known != 0 {
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!("the image uses feature flags {flags:#x} this build does not know"),
@@ -191,6 +209,7 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         size,
         name,
         key_check: get_array(b, 112),
+        features: flags,
     })
 }
 
@@ -340,6 +359,7 @@ mod tests {
             size: 1 << 30,
             name: "vm-disk é".into(),
             key_check: [9; 32],
+            features: FEATURE_PORTABLE_NODES,
         }
     }
 
@@ -363,6 +383,7 @@ mod tests {
     fn version_1_has_a_4_mib_log_version_2_a_power_of_two() {
         let mut v1 = sample();
         v1.version = 1;
+        v1.features = 0;
         v1.log_len = MIN_LOG_LEN;
         assert_eq!(decode_header(&v1.encode().unwrap()).unwrap(), v1);
         v1.log_len = 16 << 20;
@@ -381,11 +402,25 @@ mod tests {
         }
         let mut v3 = sample();
         v3.version = 3;
-        assert_eq!(decode_header(&v3.encode().unwrap()).unwrap(), v3);
-        let mut v4 = sample();
-        v4.version = 4;
+        // The portable-node flag is a version-4 flag.
         assert_eq!(
-            decode_header(&v4.encode().unwrap()).unwrap_err().kind(),
+            decode_header(&v3.encode().unwrap()).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+        v3.features = 0;
+        assert_eq!(decode_header(&v3.encode().unwrap()).unwrap(), v3);
+        let mut v5 = sample();
+        v5.version = 5;
+        assert_eq!(
+            decode_header(&v5.encode().unwrap()).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+        let mut unknown = sample();
+        unknown.features = 2;
+        assert_eq!(
+            decode_header(&unknown.encode().unwrap())
+                .unwrap_err()
+                .kind(),
             ErrorKind::Unsupported
         );
     }

@@ -141,6 +141,7 @@ fn compatible(in_place: &[u8], staged: &[u8]) -> Result<()> {
         && a.key_check == b.key_check
         && a.size == b.size
         && a.log_len == b.log_len
+        && a.features == b.features
         && b.version >= a.version;
     if !same_volume {
         return Err(Error::integrity(

@@ -6,7 +6,7 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// Requests must be aligned to this many bytes.
 pub const SECTOR_SIZE: u64 = 512;
 /// The format version this crate writes. It reads this one and every earlier one.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format version this crate reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Number of keyslots in the keyslot area.
@@ -35,6 +35,11 @@ pub(crate) const SUPERBLOCK_OFFSETS: [u64; 2] = [0x9000, 0xA000];
 pub(crate) const MARK_OFFSETS: [u64; 2] = [0xB000, 0xC000];
 /// The first format version with durable marks and log records bound to their superblock.
 pub(crate) const BOUND_LOG_VERSION: u32 = 3;
+/// The first format version with snapshots (a snapshot table, births in tree entries).
+pub(crate) const SNAPSHOT_VERSION: u32 = 4;
+/// Header feature flag (format version 4): node MACs leave out block numbers and births, so
+/// trees can be sent and received (FORMAT.md §6.2). Set on images created as version 4.
+pub(crate) const FEATURE_PORTABLE_NODES: u32 = 1;
 /// Byte offset of the write-ahead log.
 pub(crate) const LOG_OFFSET: u64 = 0x10000;
 /// Length of the write-ahead log of a version-1 image, and the shortest log of any version.

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 mod alloc;
+mod check;
 mod commit;
 mod datablock;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod node;
 mod replay;
 mod rw;
 mod secret;
+mod snapshot;
 pub mod storage;
 mod subkeys;
 pub mod suite;
@@ -31,6 +33,7 @@ mod tree;
 mod volume;
 pub mod wal;
 
+pub use check::{CheckReport, Damage};
 pub use error::{Error, ErrorKind, Result};
 pub use extents::Extent;
 pub use header::{decode_header, decode_keyslots, read_header, HeaderInfo};
@@ -42,6 +45,10 @@ pub use layout::{
     MAX_VOLUME_SIZE, SECTOR_SIZE,
 };
 pub use node::decode_map_node;
+pub use snapshot::{
+    validate_name as validate_snapshot_name, Snapshot, SnapshotUsage, MAX_SNAPSHOTS,
+    MAX_SNAPSHOT_NAME,
+};
 pub use suite::CipherSuite;
 pub use superblock::Superblock;
 pub use volume::{CommitCheck, CommitHook, CommitPoint, OpenOptions, Volume};

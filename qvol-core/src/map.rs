@@ -7,10 +7,10 @@ use std::sync::{Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::fasthash::U64Map;
 use crate::layout::*;
-use crate::node::{node_mac, LeafEntry, NodePtr, TreeKind};
+use crate::node::{node_mac, node_pmac, LeafEntry, NodePtr, TreeKind};
 use crate::storage::Storage;
 use crate::subkeys::Subkeys;
-use crate::tree::{read_node, zero_page, Page, PageWriter, TreeCache};
+use crate::tree::{read_node, zero_page, OldNode, Page, PageWriter, Realloc, TreeCache};
 
 const SHARDS: usize = 64;
 
@@ -19,6 +19,8 @@ const SHARDS: usize = 64;
 pub(crate) struct Leaf {
     page: Page,
     pbn: u64,
+    /// The snapshot epoch its on-disk copy was written in.
+    birth: u32,
     dirty: bool,
 }
 
@@ -49,6 +51,17 @@ pub(crate) struct BlockMap {
 type Shard = U64Map<Leaf>;
 
 impl BlockMap {
+    /// Forgets every cached node and makes `root` the map's root (a revert to a snapshot,
+    /// with the gate held exclusively and nothing dirty).
+    pub(crate) fn reset(&self, height: u8, root: NodePtr) {
+        for shard in &self.shards {
+            shard.write().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        *self.interior.lock().unwrap_or_else(|p| p.into_inner()) =
+            TreeCache::new(TreeKind::Map, height, root);
+        self.dirty_leaves.store(0, Ordering::Relaxed);
+    }
+
     /// The map whose root is `root` (height from the superblock).
     pub(crate) fn new(height: u8, root: NodePtr) -> Self {
         BlockMap {
@@ -74,6 +87,7 @@ impl BlockMap {
             return Ok(Leaf {
                 page: zero_page(),
                 pbn: 0,
+                birth: 0,
                 dirty: false,
             });
         }
@@ -84,6 +98,7 @@ impl BlockMap {
         Ok(Leaf {
             page,
             pbn: ptr.pbn,
+            birth: ptr.birth,
             dirty: false,
         })
     }
@@ -162,14 +177,15 @@ impl BlockMap {
     }
 
     /// Commit, step 1 (the caller holds the commit gate exclusively): gives every dirty leaf
-    /// and its ancestors a new block, MACs them bottom-up and hands them to `out`. Returns
-    /// the new root and the leaves' new blocks. `realloc` frees an old block (0 = none) and
-    /// returns a new one.
+    /// and its ancestors a new block, MACs them bottom-up (born in snapshot epoch `birth`)
+    /// and hands them to `out`. Returns the new root and the leaves' new blocks. `realloc`
+    /// disposes of an old copy and returns a new block.
     pub(crate) fn prepare_commit(
         &self,
         st: &dyn Storage,
         keys: &Subkeys,
-        realloc: &mut dyn FnMut(u64) -> Result<u64>,
+        realloc: &mut Realloc<'_>,
+        birth: u32,
         out: &mut PageWriter<'_>,
     ) -> Result<(NodePtr, Vec<(u64, u64)>)> {
         let mut dirty: Vec<u64> = Vec::new();
@@ -182,43 +198,60 @@ impl BlockMap {
         let mut plan = Vec::with_capacity(dirty.len());
         for index in dirty {
             t.relocate_path(st, keys, index, realloc)?;
-            let old = self.leaf_pbn(index)?;
-            plan.push((index, realloc(old)?));
+            let (pbn, old_birth) = self.leaf_pbn(index)?;
+            let new = realloc(OldNode {
+                pbn,
+                birth: old_birth,
+                level: 0,
+                index,
+            })?;
+            plan.push((index, new));
         }
         let macs = self.leaf_macs(keys, &plan)?;
         let mut ptrs = Vec::with_capacity(plan.len());
-        for (&(index, pbn), mac) in plan.iter().zip(macs) {
+        for (&(index, pbn), (mac, pmac)) in plan.iter().zip(macs) {
             let shard = self.shard(index).read().unwrap_or_else(|p| p.into_inner());
             let leaf = shard
                 .get(&index)
                 .ok_or_else(|| Error::corrupt("internal: a dirty map leaf left the cache"))?;
             out.push(pbn, &leaf.page[..])?;
-            ptrs.push((index, NodePtr { pbn, mac }));
+            ptrs.push((
+                index,
+                NodePtr {
+                    pbn,
+                    mac,
+                    birth,
+                    pmac,
+                },
+            ));
         }
         let moved = plan;
-        for (pbn, page) in t.seal(keys, &ptrs)? {
+        for (pbn, page) in t.seal(keys, &ptrs, birth)? {
             out.push(pbn, &page[..])?;
         }
         Ok((t.root(), moved))
     }
 
-    fn leaf_pbn(&self, index: u64) -> Result<u64> {
+    fn leaf_pbn(&self, index: u64) -> Result<(u64, u32)> {
         let shard = self.shard(index).read().unwrap_or_else(|p| p.into_inner());
         shard
             .get(&index)
-            .map(|l| l.pbn)
+            .map(|l| (l.pbn, l.birth))
             .ok_or_else(|| Error::corrupt("internal: a dirty map leaf left the cache"))
     }
 
-    /// The MACs of the leaves in `plan`, computed on several threads when there are many
-    /// (a commit after 10,000 random writes MACs about as many leaves).
-    fn leaf_macs(&self, keys: &Subkeys, plan: &[(u64, u64)]) -> Result<Vec<[u8; 32]>> {
-        let mac_of = |index: u64| -> Result<[u8; 32]> {
+    /// The MACs and portable MACs of the leaves in `plan`, computed on several threads when
+    /// there are many (a commit after 10,000 random writes MACs about as many leaves).
+    fn leaf_macs(&self, keys: &Subkeys, plan: &[(u64, u64)]) -> Result<Vec<([u8; 32], [u8; 16])>> {
+        let mac_of = |index: u64| -> Result<([u8; 32], [u8; 16])> {
             let shard = self.shard(index).read().unwrap_or_else(|p| p.into_inner());
             let leaf = shard
                 .get(&index)
                 .ok_or_else(|| Error::corrupt("internal: a dirty map leaf left the cache"))?;
-            Ok(node_mac(keys, TreeKind::Map, 0, index, &leaf.page[..]))
+            Ok((
+                node_mac(keys, TreeKind::Map, 0, index, &leaf.page[..]),
+                node_pmac(keys, TreeKind::Map, 0, index, &leaf.page[..]),
+            ))
         };
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         if workers < 2 || plan.len() < 1024 {
@@ -266,12 +299,14 @@ impl BlockMap {
         }
     }
 
-    /// Commit, last step: the leaves now live at their new blocks and are clean.
-    pub(crate) fn finish_commit(&self, moved: &[(u64, u64)]) {
+    /// Commit, last step: the leaves now live at their new blocks (born in snapshot epoch
+    /// `birth`) and are clean.
+    pub(crate) fn finish_commit(&self, moved: &[(u64, u64)], birth: u32) {
         for &(index, pbn) in moved {
             let mut shard = self.shard(index).write().unwrap_or_else(|p| p.into_inner());
             if let Some(l) = shard.get_mut(&index) {
                 l.pbn = pbn;
+                l.birth = birth;
                 l.dirty = false;
             }
         }

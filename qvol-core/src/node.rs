@@ -13,15 +13,22 @@ pub enum TreeKind {
     Map = 1,
     /// The space tree: allocation bitmap of physical blocks.
     Space = 2,
+    /// The snapshot table's blocks (format version 4).
+    Snapshots = 3,
 }
 
-/// A pointer to a tree node: where it is and the MAC it must have. `pbn == 0`: no node.
+/// A pointer to a tree node: where it is, the MAC it must have and its birth (the snapshot
+/// epoch of the commit that wrote it, FORMAT.md §6.1). `pbn == 0`: no node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodePtr {
     /// Physical block of the node (0 = absent subtree).
     pub pbn: u64,
     /// The node's MAC.
     pub mac: [u8; 32],
+    /// The snapshot epoch it was written in (0 before format version 4).
+    pub birth: u32,
+    /// Its portable MAC (FORMAT.md §6.2; zero without portable MACs).
+    pub pmac: [u8; 16],
 }
 
 /// A leaf entry of the block map: where a logical block's ciphertext is and how to open it.
@@ -35,6 +42,8 @@ pub struct LeafEntry {
     pub nonce: [u8; 32],
     /// The AEAD tag.
     pub tag: Tag,
+    /// The snapshot epoch the block was written in (FORMAT.md §6.1; 0 before version 4).
+    pub birth: u32,
 }
 
 impl LeafEntry {
@@ -47,9 +56,9 @@ impl LeafEntry {
             key_epoch: get_u32(e, 8),
             nonce: get_array(e, 16),
             tag: get_array(e, 48),
+            birth: get_u32(e, 12),
         };
-        let flags = get_u32(e, 12);
-        if flags != 0 || (entry.pbn == 0 && e.iter().any(|&b| b != 0)) {
+        if entry.pbn == 0 && e.iter().any(|&b| b != 0) {
             return Err(Error::corrupt(format!(
                 "map leaf entry {i} has invalid flags or fields"
             )));
@@ -72,7 +81,7 @@ impl LeafEntry {
         }
         put_u64(e, 0, self.pbn);
         put_u32(e, 8, self.key_epoch);
-        put_u32(e, 12, 0);
+        put_u32(e, 12, self.birth);
         e[16..48].copy_from_slice(&self.nonce);
         e[48..64].copy_from_slice(&self.tag);
     }
@@ -85,9 +94,11 @@ pub fn decode_interior_entry(node: &[u8], i: usize) -> Result<NodePtr> {
     let ptr = NodePtr {
         pbn: get_u64(e, 0),
         mac: get_array(e, 32),
+        birth: get_u32(e, 8),
+        pmac: get_array(e, 16),
     };
-    let reserved_ok = e[8..32].iter().all(|&b| b == 0);
-    let empty_ok = ptr.pbn != 0 || ptr.mac == [0; 32];
+    let reserved_ok = e[12..16].iter().all(|&b| b == 0);
+    let empty_ok = ptr.pbn != 0 || e.iter().all(|&b| b == 0);
     if !reserved_ok
         || !empty_ok
         || (ptr.pbn != 0 && !(MIN_DATA_START_BLOCK..MAX_PBN).contains(&ptr.pbn))
@@ -104,6 +115,8 @@ pub(crate) fn encode_interior_entry(node: &mut [u8], i: usize, ptr: &NodePtr) {
     e.fill(0);
     if ptr.pbn != 0 {
         put_u64(e, 0, ptr.pbn);
+        put_u32(e, 8, ptr.birth);
+        e[16..32].copy_from_slice(&ptr.pmac);
         e[32..64].copy_from_slice(&ptr.mac);
     }
 }
@@ -146,8 +159,49 @@ pub(crate) fn node_mac(
     index: u64,
     node: &[u8],
 ) -> [u8; 32] {
+    keyed_node_hash(keys, b"qvol-node-v1", tree, level, index, node)
+}
+
+/// The portable MAC of a node (FORMAT.md §6.2, images created as version 4): the MAC of its
+/// content without what depends on where it and its children are (each entry's pbn and
+/// birth, an interior entry's reserved bytes and the child's MAC, keeping the child's
+/// portable MAC), truncated to 16 bytes. A copy of the tree laid out elsewhere has the same
+/// portable MACs; zero for an image without portable MACs.
+pub(crate) fn node_pmac(
+    keys: &Subkeys,
+    tree: TreeKind,
+    level: u8,
+    index: u64,
+    node: &[u8],
+) -> [u8; 16] {
+    if !keys.portable_nodes() || node.len() != BS {
+        return [0; 16];
+    }
+    let mut view = Box::new([0u8; BS]);
+    view.copy_from_slice(node);
+    for e in view.chunks_exact_mut(ENTRY_LEN) {
+        if level == 0 {
+            e[..8].fill(0);
+            e[12..16].fill(0);
+        } else {
+            e[..16].fill(0);
+            e[32..].fill(0);
+        }
+    }
+    let full = keyed_node_hash(keys, b"qvol-node-p4", tree, level, index, &view[..]);
+    get_array(&full, 0)
+}
+
+fn keyed_node_hash(
+    keys: &Subkeys,
+    label: &[u8; 12],
+    tree: TreeKind,
+    level: u8,
+    index: u64,
+    node: &[u8],
+) -> [u8; 32] {
     let mut prefix = [0u8; 12 + 8 + 8 + 16];
-    prefix[..12].copy_from_slice(b"qvol-node-v1");
+    prefix[..12].copy_from_slice(label);
     prefix[12] = tree as u8;
     prefix[13] = level;
     put_u64(&mut prefix, 20, index);
@@ -185,13 +239,17 @@ mod tests {
             key_epoch: 0,
             nonce: [3; 32],
             tag: [4; 16],
+            birth: 9,
         };
         e.encode(&mut node, 63);
         assert_eq!(LeafEntry::decode(&node, 63).unwrap(), e);
         assert_eq!(LeafEntry::decode(&node, 0).unwrap(), LeafEntry::default());
         assert_eq!(decode_map_node(&node, 0).unwrap().len(), 64);
         node[12] = 1;
-        assert!(LeafEntry::decode(&node, 0).is_err());
+        assert!(
+            LeafEntry::decode(&node, 0).is_err(),
+            "an empty entry is all zero"
+        );
     }
 
     #[test]
@@ -200,11 +258,16 @@ mod tests {
         let p = NodePtr {
             pbn: 2000,
             mac: [8; 32],
+            birth: 3,
+            pmac: [6; 16],
         };
         encode_interior_entry(&mut node, 1, &p);
         assert_eq!(decode_interior_entry(&node, 1).unwrap(), p);
         node[ENTRY_LEN * 2 + 40] = 1;
         assert!(decode_map_node(&node, 1).is_err());
+        node[ENTRY_LEN * 2 + 40] = 0;
+        node[ENTRY_LEN + 13] = 1;
+        assert!(decode_map_node(&node, 1).is_err(), "reserved bytes");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::datablock::open_block;
 use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::node::LeafEntry;
+use crate::snapshot::Kill;
 use crate::volume::Volume;
 use crate::wal::{read_log, read_mark, scan, LogOp};
 
@@ -16,7 +17,10 @@ impl Volume {
     pub(crate) fn replay(&self) -> Result<usize> {
         let st = &*self.storage;
         let keys = &self.keys;
-        let epoch = self.superblock().log_epoch;
+        let (epoch, birth) = {
+            let sb = self.superblock();
+            (sb.log_epoch, sb.snap_epoch)
+        };
         let regions = self.header.regions();
         let anchor = self.header.binds_log().then(|| self.commit_point().root_id);
         let mark = match &anchor {
@@ -27,7 +31,8 @@ impl Volume {
         let scanned = scan(&log, epoch, keys, anchor.as_ref(), mark)?;
         for rec in &scanned.records {
             match rec.op {
-                LogOp::Map { lbn, entry } => {
+                LogOp::Map { lbn, mut entry } => {
+                    entry.birth = birth;
                     if lbn >= self.blocks
                         || entry.pbn >= space_capacity(self.header.regions(), self.blocks)
                     {
@@ -42,9 +47,8 @@ impl Volume {
                     let old = self.map.with_leaf(st, keys, lbn / FANOUT, |leaf| {
                         Ok(leaf.set((lbn % FANOUT) as usize, &entry))
                     })?;
-                    let mut a = self.alloc.lock();
-                    a.claim(st, keys, entry.pbn)?;
-                    a.free(st, keys, old.pbn, false)?;
+                    self.alloc.lock().claim(st, keys, entry.pbn)?;
+                    self.kill_blocks(&[Kill::of(&old, lbn, false)])?;
                 }
                 LogOp::Unmap { lbn, count } => {
                     if lbn.checked_add(count).is_none_or(|end| end > self.blocks) {
@@ -56,15 +60,13 @@ impl Volume {
                     let olds = self.map.with_leaf(st, keys, lbn / FANOUT, |leaf| {
                         Ok((0..count)
                             .map(|k| {
-                                leaf.set(((lbn + k) % FANOUT) as usize, &LeafEntry::default())
-                                    .pbn
+                                let old =
+                                    leaf.set(((lbn + k) % FANOUT) as usize, &LeafEntry::default());
+                                Kill::of(&old, lbn + k, true)
                             })
                             .collect::<Vec<_>>())
                     })?;
-                    let mut a = self.alloc.lock();
-                    for pbn in olds {
-                        a.free(st, keys, pbn, true)?;
-                    }
+                    self.kill_blocks(&olds)?;
                 }
             }
         }

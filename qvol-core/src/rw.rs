@@ -10,6 +10,7 @@ use crate::datablock::{open_block, random_nonces, seal_block};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::*;
 use crate::node::LeafEntry;
+use crate::snapshot::Kill;
 use crate::volume::Volume;
 use crate::wal::{LogOp, Wal};
 
@@ -278,8 +279,10 @@ impl Volume {
             }
             Ok(())
         })?;
+        let birth = self.snaps.epoch();
         for (e, &pbn) in entries.iter_mut().zip(&pbns) {
             e.pbn = pbn;
+            e.birth = birth;
         }
         let mut freed = Vec::with_capacity(n);
         let mut i = 0;
@@ -292,7 +295,7 @@ impl Volume {
                     let mut ops = Vec::with_capacity(count);
                     for (k, e) in group.iter().enumerate() {
                         let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
-                        freed.push(old.pbn);
+                        freed.push(Kill::of(&old, l + k as u64, false));
                         ops.push(LogOp::Map {
                             lbn: l + k as u64,
                             entry: *e,
@@ -302,7 +305,7 @@ impl Volume {
                 })?;
             i += count;
         }
-        self.free_blocks(&freed, false)
+        self.kill(&freed)
     }
 
     /// Writes `buf` (one block per entry of `pbns`) in runs of contiguous blocks.
@@ -326,13 +329,9 @@ impl Volume {
         Ok(())
     }
 
-    fn free_blocks(&self, pbns: &[u64], punch: bool) -> Result<()> {
-        let mut a = self.alloc.lock();
-        for &pbn in pbns {
-            a.free(&*self.storage, &self.keys, pbn, punch)
-                .map_err(|e| self.fail(e))?;
-        }
-        Ok(())
+    /// The live map stopped using these blocks (FORMAT.md §7.1).
+    fn kill(&self, kills: &[Kill]) -> Result<()> {
+        self.kill_blocks(kills).map_err(|e| self.fail(e))
     }
 
     /// Read-modify-write of part of block `lbn`: `data` at byte `at` (None: zeros). Retries
@@ -376,6 +375,7 @@ impl Volume {
             let nonce = random_nonces(suite, 1)?;
             let mut entry = seal_block(&self.keys, suite, lbn, &nonce, &mut block)?;
             entry.pbn = self.alloc.lock().alloc(st, &self.keys, 1)?[0];
+            entry.birth = self.snaps.epoch();
             st.write_all_at(&block, entry.pbn * BLOCK_SIZE)
                 .map_err(|e| {
                     self.fail(Error::io(
@@ -393,7 +393,7 @@ impl Volume {
                 Ok(true)
             })?;
             if done {
-                return self.free_blocks(&[cur.pbn], false);
+                return self.kill(&[Kill::of(&cur, lbn, false)]);
             }
             self.alloc
                 .lock()
@@ -466,7 +466,7 @@ impl Volume {
                     let old = lf.get(i);
                     if old.pbn != 0 {
                         lf.set(i, &LeafEntry::default());
-                        freed.push(old.pbn);
+                        freed.push(Kill::of(&old, l + k, true));
                         changed = true;
                     }
                 }
@@ -477,6 +477,6 @@ impl Volume {
             })?;
             l += n;
         }
-        self.free_blocks(&freed, true)
+        self.kill(&freed)
     }
 }

@@ -27,6 +27,8 @@ struct Keys {
 pub(crate) struct Subkeys {
     keys: Secret<Keys>,
     volume_id: [u8; 16],
+    /// Node MACs leave out where things are (FORMAT.md §6.2): images created as version 4.
+    portable_nodes: bool,
 }
 
 /// `BLAKE3-derive_key(context, material)` written straight into `out` (no copy left on the
@@ -51,7 +53,22 @@ impl Subkeys {
         derive_into(CONTEXT_META, vk, &mut keys.meta);
         derive_into(CONTEXT_LOG, vk, &mut keys.log);
         derive_into(CONTEXT_CHECK, vk, &mut keys.check);
-        Subkeys { keys, volume_id }
+        Subkeys {
+            keys,
+            volume_id,
+            portable_nodes: false,
+        }
+    }
+
+    /// These subkeys, for an image whose node MACs are portable (FORMAT.md §6.2).
+    pub(crate) fn with_portable_nodes(mut self, portable: bool) -> Self {
+        self.portable_nodes = portable;
+        self
+    }
+
+    /// Whether node MACs leave out block numbers and births.
+    pub(crate) fn portable_nodes(&self) -> bool {
+        self.portable_nodes
     }
 
     /// The key-check value written in the header.

@@ -14,8 +14,14 @@ const OFF_COMMIT_ID: usize = 200;
 const OFF_STAGED: usize = 216;
 /// Where the staged keyslot area's header hash lives (32 bytes).
 const OFF_STAGED_HASH: usize = 224;
+/// Where the snapshot epoch lives (4 bytes, format version 4; FORMAT.md §8).
+const OFF_SNAP_EPOCH: usize = 256;
+/// Where the map root's birth lives (4 bytes, format version 4).
+const OFF_ROOT_BIRTH: usize = 260;
+/// Where the map root's portable MAC lives (16 bytes, format version 4).
+const OFF_ROOT_PMAC: usize = 264;
 /// The first reserved byte.
-const OFF_RESERVED: usize = 256;
+const OFF_RESERVED: usize = 280;
 /// Bytes of a superblock that carry meaning (one sector).
 pub(crate) const SUPERBLOCK_LEN: usize = 512;
 
@@ -36,8 +42,11 @@ pub struct Superblock {
     pub key_epoch: u32,
     /// Root of the space tree.
     pub space_root: NodePtr,
-    /// Snapshot table (reserved: pbn 0).
+    /// First block of the snapshot table (pbn 0: no snapshot; format version 4).
     pub snapshots: NodePtr,
+    /// The snapshot epoch: the birth of every block written under this superblock; one more
+    /// than the epoch of the newest snapshot ever taken (format version 4; FORMAT.md §6.1).
+    pub snap_epoch: u32,
     /// Allocated data blocks.
     pub allocated_blocks: u64,
     /// File length in blocks when committed.
@@ -78,6 +87,9 @@ impl Superblock {
         b[OFF_COMMIT_ID..OFF_COMMIT_ID + 16].copy_from_slice(&self.commit_id);
         put_u64(&mut b, OFF_STAGED, self.staged_keyslots);
         b[OFF_STAGED_HASH..OFF_STAGED_HASH + 32].copy_from_slice(&self.staged_hash);
+        put_u32(&mut b, OFF_SNAP_EPOCH, self.snap_epoch);
+        put_u32(&mut b, OFF_ROOT_BIRTH, self.map_root.birth);
+        b[OFF_ROOT_PMAC..OFF_ROOT_PMAC + 16].copy_from_slice(&self.map_root.pmac);
         let mac = mac(keys, &b[..OFF_MAC]);
         b[OFF_MAC..].copy_from_slice(&mac);
         b
@@ -101,6 +113,8 @@ impl Superblock {
             map_root: NodePtr {
                 pbn: get_u64(b, 24),
                 mac: get_array(b, 32),
+                birth: get_u32(b, OFF_ROOT_BIRTH),
+                pmac: get_array(b, OFF_ROOT_PMAC),
             },
             map_height: b[64],
             space_height: b[65],
@@ -108,11 +122,14 @@ impl Superblock {
             space_root: NodePtr {
                 pbn: get_u64(b, 72),
                 mac: get_array(b, 80),
+                ..NodePtr::default()
             },
             snapshots: NodePtr {
                 pbn: get_u64(b, 112),
                 mac: get_array(b, 120),
+                ..NodePtr::default()
             },
+            snap_epoch: get_u32(b, OFF_SNAP_EPOCH),
             allocated_blocks: get_u64(b, 152),
             high_water: get_u64(b, 160),
             header_hash: get_array(b, 168),
@@ -204,6 +221,8 @@ mod tests {
             map_root: NodePtr {
                 pbn: 1500,
                 mac: [1; 32],
+                birth: 6,
+                pmac: [8; 16],
             },
             map_height: 3,
             space_height: 2,
@@ -211,8 +230,14 @@ mod tests {
             space_root: NodePtr {
                 pbn: 1600,
                 mac: [2; 32],
+                ..NodePtr::default()
             },
-            snapshots: NodePtr::default(),
+            snapshots: NodePtr {
+                pbn: 1700,
+                mac: [5; 32],
+                ..NodePtr::default()
+            },
+            snap_epoch: 7,
             allocated_blocks: 77,
             high_water: 3000,
             header_hash: [3; 32],

@@ -7,7 +7,8 @@ use std::collections::{BTreeSet, HashMap};
 use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::node::{
-    decode_interior_entry, encode_interior_entry, node_mac, verify_node, NodePtr, TreeKind,
+    decode_interior_entry, encode_interior_entry, node_mac, node_pmac, verify_node, NodePtr,
+    TreeKind,
 };
 use crate::storage::Storage;
 use crate::subkeys::Subkeys;
@@ -79,7 +80,25 @@ impl<'a> PageWriter<'a> {
 struct Interior {
     page: Page,
     pbn: u64,
+    birth: u32,
 }
+
+/// The on-disk copy of a node that a commit replaces: the caller decides whether to free it
+/// (a snapshot may still hold it, FORMAT.md §7.1).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OldNode {
+    /// Where it is (0: the node is new).
+    pub(crate) pbn: u64,
+    /// The snapshot epoch it was written in.
+    pub(crate) birth: u32,
+    /// Its level (0 = leaf).
+    pub(crate) level: u8,
+    /// Its index within the level.
+    pub(crate) index: u64,
+}
+
+/// Frees (or keeps) the old copy of a node and returns the block of the new one.
+pub(crate) type Realloc<'a> = dyn FnMut(OldNode) -> Result<u64> + 'a;
 
 /// The cached interior nodes of one tree.
 #[derive(Debug)]
@@ -152,8 +171,14 @@ impl TreeCache {
         } else {
             self.load(st, keys, level, index, &ptr)?
         };
-        self.nodes
-            .insert((level, index), Interior { page, pbn: ptr.pbn });
+        self.nodes.insert(
+            (level, index),
+            Interior {
+                page,
+                pbn: ptr.pbn,
+                birth: ptr.birth,
+            },
+        );
         Ok(())
     }
 
@@ -163,6 +188,26 @@ impl TreeCache {
             .get(&(level, index))
             .ok_or_else(|| Error::corrupt("internal: a tree node is missing from the cache"))?;
         decode_interior_entry(&node.page[..], i)
+    }
+
+    /// The pointer to node (`level`, `index`) (the root at the top level), loading the path
+    /// to it.
+    pub(crate) fn node_ptr(
+        &mut self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        level: u8,
+        index: u64,
+    ) -> Result<NodePtr> {
+        if level >= self.height {
+            return Ok(if level == self.height && index == 0 {
+                self.root
+            } else {
+                NodePtr::default()
+            });
+        }
+        self.ensure(st, keys, level + 1, index / FANOUT)?;
+        self.entry(level + 1, index / FANOUT, (index % FANOUT) as usize)
     }
 
     /// The pointer to leaf `leaf` (level 0), loading the path to it.
@@ -200,13 +245,13 @@ impl TreeCache {
     }
 
     /// Gives every not-yet-moved ancestor of `leaf` a new block for this commit. `realloc`
-    /// frees the old block (if any) and returns a new one. Returns whether anything moved.
+    /// disposes of the old copy and returns a new block. Returns whether anything moved.
     pub(crate) fn relocate_path(
         &mut self,
         st: &dyn Storage,
         keys: &Subkeys,
         leaf: u64,
-        realloc: &mut dyn FnMut(u64) -> Result<u64>,
+        realloc: &mut Realloc<'_>,
     ) -> Result<bool> {
         let mut moved_any = false;
         let mut index = leaf;
@@ -216,8 +261,16 @@ impl TreeCache {
                 break;
             }
             self.ensure(st, keys, level, index)?;
-            let old = self.nodes.get(&(level, index)).map_or(0, |n| n.pbn);
-            let new = realloc(old)?;
+            let (pbn, birth) = self
+                .nodes
+                .get(&(level, index))
+                .map_or((0, 0), |n| (n.pbn, n.birth));
+            let new = realloc(OldNode {
+                pbn,
+                birth,
+                level,
+                index,
+            })?;
             if let Some(node) = self.nodes.get_mut(&(level, index)) {
                 node.pbn = new;
             }
@@ -228,11 +281,13 @@ impl TreeCache {
     }
 
     /// Stores the new pointers of the moved leaves, then MACs every moved interior node
-    /// bottom-up. Returns the pages to write; the root pointer is updated.
+    /// bottom-up, born in snapshot epoch `birth`. Returns the pages to write; the root
+    /// pointer is updated.
     pub(crate) fn seal(
         &mut self,
         keys: &Subkeys,
         leaves: &[(u64, NodePtr)],
+        birth: u32,
     ) -> Result<Vec<(u64, Page)>> {
         for (leaf, ptr) in leaves {
             self.set_entry(1, leaf / FANOUT, (leaf % FANOUT) as usize, ptr)?;
@@ -244,13 +299,21 @@ impl TreeCache {
             let (pbn, page) = {
                 let node = self
                     .nodes
-                    .get(&(level, index))
+                    .get_mut(&(level, index))
                     .ok_or_else(|| Error::corrupt("internal: a moved tree node is not cached"))?;
+                node.birth = birth;
                 (node.pbn, node.page.clone())
+            };
+            let pmac = if self.kind == TreeKind::Map {
+                node_pmac(keys, self.kind, level, index, &page[..])
+            } else {
+                [0; 16]
             };
             let ptr = NodePtr {
                 pbn,
                 mac: node_mac(keys, self.kind, level, index, &page[..]),
+                birth,
+                pmac,
             };
             if level == self.height {
                 self.root = ptr;
@@ -318,7 +381,7 @@ mod tests {
         let st = MemStorage::new();
         let mut t = TreeCache::new(TreeKind::Map, 2, NodePtr::default());
         let mut next = MIN_DATA_START_BLOCK;
-        let mut realloc = |_old: u64| {
+        let mut realloc = |_old: OldNode| {
             next += 1;
             Ok(next)
         };
@@ -328,8 +391,9 @@ mod tests {
         let leaf_ptr = NodePtr {
             pbn: 9999,
             mac: [7; 32],
+            ..NodePtr::default()
         };
-        let pages = t.seal(&keys, &[(leaf, leaf_ptr)]).unwrap();
+        let pages = t.seal(&keys, &[(leaf, leaf_ptr)], 0).unwrap();
         assert_eq!(pages.len(), 2);
         for (pbn, page) in &pages {
             st.write_all_at(&page[..], pbn * BLOCK_SIZE).unwrap();

@@ -12,6 +12,7 @@ use crate::key::VolumeKey;
 use crate::keyslots::SlotArea;
 use crate::layout::*;
 use crate::map::BlockMap;
+use crate::snapshot::{load_table, Snapshots};
 use crate::storage::Storage;
 use crate::subkeys::Subkeys;
 use crate::superblock::{Superblock, SUPERBLOCK_LEN};
@@ -60,6 +61,9 @@ pub struct OpenOptions {
     /// it accepts holds that blob there (a keyless read may be shown slots that no verified
     /// superblock vouches for).
     pub unlocked_slot: Option<(usize, Vec<u8>)>,
+    /// Open this snapshot instead of the live disk: reads see its content (only with
+    /// `read_only`; the log is not replayed).
+    pub snapshot: Option<String>,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -73,6 +77,7 @@ impl std::fmt::Debug for OpenOptions {
                 "unlocked_slot",
                 &self.unlocked_slot.as_ref().map(|(i, _)| i),
             )
+            .field("snapshot", &self.snapshot)
             .finish()
     }
 }
@@ -108,6 +113,7 @@ pub struct Volume {
     pub(crate) gate: RwLock<()>,
     pub(crate) map: BlockMap,
     pub(crate) alloc: Allocator,
+    pub(crate) snaps: Snapshots,
     pub(crate) wal: Wal,
     pub(crate) sb: Mutex<Superblock>,
     /// The commit point of `sb` (the last durable commit).
@@ -146,8 +152,9 @@ impl Volume {
                 ),
             ));
         }
-        let keys = Subkeys::derive(key, opts.suite, opts.volume_id);
+        let keys = Subkeys::derive(key, opts.suite, opts.volume_id).with_portable_nodes(true);
         let header = Header {
+            features: FEATURE_PORTABLE_NODES,
             version: FORMAT_VERSION,
             log_len: Regions::for_size(size).log_len,
             volume_id: opts.volume_id,
@@ -225,7 +232,8 @@ impl Volume {
     ) -> Result<Volume> {
         let read_only = opts.read_only;
         let (header, area) = read_header_area(&*storage)?;
-        let keys = Subkeys::derive(key, header.suite, header.volume_id);
+        let keys = Subkeys::derive(key, header.suite, header.volume_id)
+            .with_portable_nodes(header.portable_nodes());
         if blake3::Hash::from(keys.key_check()) != blake3::Hash::from(header.key_check) {
             return Err(Error::new(
                 ErrorKind::WrongKey,
@@ -278,8 +286,32 @@ impl Volume {
         }
         // A staged header (an interrupted upgrade) is the header that counts.
         let header = slot_area.header()?;
+        if opts.snapshot.is_some() && !read_only {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "a snapshot can only be opened read-only",
+            ));
+        }
+        let (list, table_blocks) = load_table(&*storage, &keys, &sb.snapshots, sb.snap_epoch)?;
+        let view = match &opts.snapshot {
+            None => None,
+            Some(name) => Some(list.iter().find(|s| &s.name == name).cloned().ok_or_else(
+                || {
+                    Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("the volume has no snapshot named {name:?}"),
+                    )
+                },
+            )?),
+        };
+        let snaps = Snapshots::new(sb.snap_epoch, sb.snapshots, list, table_blocks);
         let mut vol = Volume::assemble(storage, keys, header, slot_area, sb, point, read_only);
+        vol.snaps = snaps;
         vol.on_commit = HookSlot(opts.on_commit);
+        if let Some(s) = view {
+            vol.map.reset(s.map_height, s.root);
+            return Ok(vol);
+        }
         if !read_only {
             // Finishes (or undoes) a keyslot change a crash interrupted, before anything
             // else can be allocated over its staged copy (FORMAT.md §3.1).
@@ -320,6 +352,7 @@ impl Volume {
                 sb.high_water,
             ),
             wal: Wal::new(regions.log_slots(), sb.log_epoch, 0, anchor),
+            snaps: Snapshots::default(),
             keys,
             header,
             slots: Mutex::new(slots),

@@ -94,6 +94,8 @@ impl LogRecord {
                     key_epoch: get_u32(b, 4),
                     nonce: get_array(b, 48),
                     tag: get_array(b, 80),
+                    // Set by replay: the snapshot epoch of the superblock the record extends.
+                    birth: 0,
                 };
                 if !(MIN_DATA_START_BLOCK..MAX_PBN).contains(&entry.pbn) {
                     return Err(Error::corrupt(
@@ -502,6 +504,7 @@ mod tests {
                 key_epoch: 0,
                 nonce: [1; 32],
                 tag: [2; 16],
+                birth: 0,
             },
         }
     }

@@ -321,14 +321,14 @@ fn golden_images_of_every_version_take_keyslot_changes() {
     }
 }
 
-/// `Volume::upgrade_format` turns a version-1 or version-2 image into a version-3 one in
+/// `Volume::upgrade_format` turns a version-1, 2 or 3 image into a current one in
 /// place; cut after any number of storage operations (kill -9: every write kept; power
 /// loss: any unsynced subset, torn at 512 bytes), the image opens with its old version or
 /// the new one, its data intact, and a writable open settles on that same version.
 #[test]
 fn golden_images_upgrade_crash_safely() {
     use qvol_core::storage::{CrashStorage, FaultConfig, FaultStorage, OpKinds};
-    for version in [1, 2] {
+    for version in [1, 2, 3] {
         let bytes = load(version, CipherSuite::XChaCha20Poly1305);
         let mut n = 0u64;
         loop {
@@ -353,7 +353,10 @@ fn golden_images_upgrade_crash_safely() {
                 let ro = Volume::open(st.clone(), &golden_key(), true)
                     .unwrap_or_else(|e| panic!("{what}: open: {e}"));
                 let seen = ro.info().format_version;
-                assert!(seen == version || seen == 3, "{what}: version {seen}");
+                assert!(
+                    seen == version || seen == FORMAT_VERSION,
+                    "{what}: version {seen}"
+                );
                 assert_eq!(
                     header.format_version, seen,
                     "{what}: the keyless read agrees"
@@ -371,7 +374,10 @@ fn golden_images_upgrade_crash_safely() {
                     .check_current(&again)
                     .unwrap_or_else(|m| panic!("{what}: {m}"));
                 if done && i == 0 {
-                    assert_eq!(seen, 3, "{what}: a finished upgrade is version 3");
+                    assert_eq!(
+                        seen, FORMAT_VERSION,
+                        "{what}: a finished upgrade is current"
+                    );
                 }
             }
             if done {
@@ -386,7 +392,7 @@ fn golden_images_upgrade_crash_safely() {
 #[test]
 fn a_current_image_refuses_an_upgrade() {
     let st: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(
-        3,
+        FORMAT_VERSION,
         CipherSuite::XChaCha20Poly1305,
     )));
     let vol = Volume::open(st, &golden_key(), false).unwrap();
