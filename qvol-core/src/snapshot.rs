@@ -481,14 +481,14 @@ impl Volume {
                 Position::Node(level, index) => tree.node_ptr(st, keys, level, index)?.pbn,
                 Position::Data(lbn) => {
                     let leaf = lbn / FANOUT;
-                    if !leaves.contains_key(&leaf) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = leaves.entry(leaf) {
                         let ptr = tree.leaf_ptr(st, keys, leaf)?;
                         let page = if ptr.pbn == 0 {
                             crate::tree::zero_page()
                         } else {
                             read_node(st, keys, TreeKind::Map, 0, leaf, &ptr)?
                         };
-                        leaves.insert(leaf, page);
+                        slot.insert(page);
                     }
                     LeafEntry::decode(&leaves[&leaf][..], (lbn % FANOUT) as usize)?.pbn
                 }
