@@ -24,6 +24,7 @@ pub mod node;
 mod replay;
 mod rw;
 mod secret;
+pub mod send;
 mod snapshot;
 pub mod storage;
 mod subkeys;
@@ -45,6 +46,7 @@ pub use layout::{
     MAX_VOLUME_SIZE, SECTOR_SIZE,
 };
 pub use node::decode_map_node;
+pub use send::{read_stream_head, send_snapshot, SendSummary, StreamHead};
 pub use snapshot::{
     validate_name as validate_snapshot_name, Snapshot, SnapshotUsage, MAX_SNAPSHOTS,
     MAX_SNAPSHOT_NAME,

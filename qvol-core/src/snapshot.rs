@@ -26,9 +26,9 @@ const TABLE_MAGIC: [u8; 8] = *b"QVOLSNP4";
 /// Entries per table block.
 const PER_BLOCK: usize = 10;
 /// Bytes of one entry.
-const ENTRY_BYTES: usize = 400;
+const ENTRY_BYTES: usize = crate::send::ENTRY_LEN;
 /// Where the entries start in a table block.
-const ENTRIES_AT: usize = 64;
+pub(crate) const ENTRIES_AT: usize = 64;
 /// The most snapshots of one volume.
 pub const MAX_SNAPSHOTS: usize = 1000;
 /// The longest snapshot name in bytes.
@@ -265,6 +265,36 @@ impl Volume {
             .map_err(|e| self.fail(e))?;
         self.map.reset(target.map_height, target.root);
         self.commit_locked(true)
+    }
+
+    /// `receive`, last step (gate held exclusively): `snap` (its nodes written, its root
+    /// local) becomes a snapshot and the live disk's content; what only the live disk held
+    /// is freed, and everything is committed at once.
+    pub(crate) fn install_received(&self, mut snap: Snapshot) -> Result<Snapshot> {
+        let epoch = self.snaps.epoch();
+        let next = epoch.checked_add(1).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NoSpace,
+                "the volume has used up its 2^32 snapshot epochs",
+            )
+        })?;
+        snap.epoch = epoch;
+        {
+            let mut inner = self.snaps.lock();
+            inner.list.push(snap.clone());
+            inner.dirty = true;
+            self.snaps.epoch.store(next, Ordering::Release);
+            self.snaps.refresh(&inner);
+        }
+        let live = Snapshot {
+            root: self.committed_live_root(),
+            ..snap.clone()
+        };
+        let others = other_roots(&self.snapshots(), None, NodePtr::default());
+        self.free_exclusive(&live, &others)?;
+        self.map.reset(snap.map_height, snap.root);
+        self.commit_locked(true)?;
+        Ok(snap)
     }
 
     /// Appends a snapshot of the committed live map (gate held exclusively, nothing dirty).
@@ -580,7 +610,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 
 /// Offsets within a table entry (FORMAT.md §8.1).
 const E_PMAC: usize = 88;
-const E_MAC: usize = 104;
+pub(crate) const E_MAC: usize = 104;
 const E_NAME: usize = 136;
 
 /// The MAC of a snapshot entry over what is the same on every copy of the volume (not its
@@ -645,37 +675,9 @@ pub(crate) fn decode_table_block(b: &[u8]) -> Result<(Vec<Snapshot>, NodePtr)> {
     }
     let mut list = Vec::with_capacity(count);
     for k in 0..count {
-        let e = &b[ENTRIES_AT + k * ENTRY_BYTES..ENTRIES_AT + (k + 1) * ENTRY_BYTES];
-        let name_len = usize::from(e[37]);
-        let name = std::str::from_utf8(&e[E_NAME..E_NAME + name_len])
-            .map_err(|_| bad("has a name that is not UTF-8"))?
-            .to_owned();
-        validate_name(&name).map_err(|_| bad("has an invalid name"))?;
-        let root = NodePtr {
-            pbn: get_u64(e, 40),
-            mac: get_array(e, 56),
-            birth: get_u32(e, 48),
-            pmac: get_array(e, E_PMAC),
-        };
-        if root.pbn != 0 && !(MIN_DATA_START_BLOCK..MAX_PBN).contains(&root.pbn) {
-            return Err(bad("points outside the data region"));
-        }
-        let reserved = e[38..40]
-            .iter()
-            .chain(&e[52..56])
-            .chain(&e[E_NAME + name_len..]);
-        if reserved.into_iter().any(|&x| x != 0) || e[36] == 0 || e[36] > 8 {
-            return Err(bad("has an invalid entry"));
-        }
-        list.push(Snapshot {
-            name,
-            guid: get_array(e, 0),
-            created: get_u64(e, 16),
-            generation: get_u64(e, 24),
-            epoch: get_u32(e, 32),
-            map_height: e[36],
-            root,
-        });
+        list.push(decode_table_entry(
+            &b[ENTRIES_AT + k * ENTRY_BYTES..ENTRIES_AT + (k + 1) * ENTRY_BYTES],
+        )?);
     }
     if b[ENTRIES_AT + count * ENTRY_BYTES..]
         .iter()
@@ -684,6 +686,44 @@ pub(crate) fn decode_table_block(b: &[u8]) -> Result<(Vec<Snapshot>, NodePtr)> {
         return Err(bad("has bytes after its last entry"));
     }
     Ok((list, next))
+}
+
+/// Decodes one snapshot entry (FORMAT.md §8.1; [`ENTRY_BYTES`] bytes).
+pub(crate) fn decode_table_entry(e: &[u8]) -> Result<Snapshot> {
+    let bad = |why: &str| Error::corrupt(format!("a snapshot entry {why}"));
+    if e.len() != ENTRY_BYTES {
+        return Err(bad("has the wrong length"));
+    }
+    let name_len = usize::from(e[37]);
+    let name = std::str::from_utf8(&e[E_NAME..E_NAME + name_len])
+        .map_err(|_| bad("has a name that is not UTF-8"))?
+        .to_owned();
+    validate_name(&name).map_err(|_| bad("has an invalid name"))?;
+    let root = NodePtr {
+        pbn: get_u64(e, 40),
+        mac: get_array(e, 56),
+        birth: get_u32(e, 48),
+        pmac: get_array(e, E_PMAC),
+    };
+    if root.pbn != 0 && !(MIN_DATA_START_BLOCK..MAX_PBN).contains(&root.pbn) {
+        return Err(bad("points outside the data region"));
+    }
+    let reserved = e[38..40]
+        .iter()
+        .chain(&e[52..56])
+        .chain(&e[E_NAME + name_len..]);
+    if reserved.into_iter().any(|&x| x != 0) || e[36] == 0 || e[36] > 8 {
+        return Err(bad("has invalid fields"));
+    }
+    Ok(Snapshot {
+        name,
+        guid: get_array(e, 0),
+        created: get_u64(e, 16),
+        generation: get_u64(e, 24),
+        epoch: get_u32(e, 32),
+        map_height: e[36],
+        root,
+    })
 }
 
 /// Reads and verifies the snapshot table starting at `first` (FORMAT.md §8.1): the entries

@@ -1,0 +1,202 @@
+//! Raw send and receive (FORMAT.md §15): a full stream and two incrementals rebuild every
+//! snapshot on another image; a stream with a flipped byte, a dropped record, the wrong base
+//! or another volume's key is refused, and a refused receive leaves nothing reachable.
+
+mod common;
+
+use std::sync::Arc;
+
+use qvol_core::storage::{MemStorage, Storage};
+use qvol_core::{read_stream_head, send_snapshot, ErrorKind, OpenOptions, Volume};
+
+const SIZE: u64 = 16 << 20;
+
+fn block(tag: u64) -> Vec<u8> {
+    common::pattern(tag, 4096)
+}
+
+fn send(st: &Arc<MemStorage>, name: &str, from: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    send_snapshot(&**st, name, from, &mut out, &mut |_| {}).expect("send");
+    out
+}
+
+/// Receives `stream` into the image on `st` (created from the stream if empty).
+fn receive(st: &Arc<MemStorage>, stream: &[u8]) -> qvol_core::Result<()> {
+    let mut r: &[u8] = stream;
+    let (head, hash) = read_stream_head(&mut r)?;
+    let vol = if st.to_vec().is_empty() {
+        Volume::create(
+            st.clone() as Arc<dyn Storage>,
+            head.create_options()?,
+            &common::key(1),
+        )?
+    } else {
+        common::open(st.clone() as Arc<dyn Storage>)?
+    };
+    vol.receive(&head, hash, &mut r, false, &mut |_| {})?;
+    vol.close()
+}
+
+fn snapshot_reads(st: &Arc<MemStorage>, name: &str, blocks: &[(u64, u64)]) {
+    let vol = Volume::open_with(
+        st.clone() as Arc<dyn Storage>,
+        &common::key(1),
+        OpenOptions {
+            read_only: true,
+            snapshot: Some(name.into()),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    for &(lbn, tag) in blocks {
+        let want = if tag == 0 { vec![0; 4096] } else { block(tag) };
+        assert!(
+            common::read_block(&vol, lbn).unwrap() == want,
+            "{name}: block {lbn}"
+        );
+    }
+}
+
+/// The sending side: three snapshots with overwrites, discards and untouched data between.
+fn source() -> Arc<MemStorage> {
+    let st = Arc::new(MemStorage::new());
+    let vol = common::create(st.clone() as Arc<dyn Storage>, SIZE);
+    for lbn in 0..500 {
+        vol.write_at(lbn * 4096, &block(lbn + 1)).unwrap();
+    }
+    vol.create_snapshot("mon").unwrap();
+    for lbn in 100..150 {
+        vol.write_at(lbn * 4096, &block(10_000 + lbn)).unwrap();
+    }
+    vol.discard(300 * 4096, 20 * 4096).unwrap();
+    vol.create_snapshot("tue").unwrap();
+    vol.write_at(3000 * 4096, &block(77)).unwrap();
+    vol.create_snapshot("wed").unwrap();
+    vol.write_at(0, &block(99)).unwrap();
+    vol.close().unwrap();
+    st
+}
+
+#[test]
+fn full_and_incremental_streams_rebuild_every_snapshot() {
+    let src = source();
+    let full = send(&src, "mon", None);
+    let inc1 = send(&src, "tue", Some("mon"));
+    let inc2 = send(&src, "wed", Some("tue"));
+    assert!(
+        inc1.len() < full.len() / 4,
+        "an incremental stream carries only what changed ({} vs {})",
+        inc1.len(),
+        full.len()
+    );
+    let dst = Arc::new(MemStorage::new());
+    receive(&dst, &full).unwrap();
+    receive(&dst, &inc1).unwrap();
+    receive(&dst, &inc2).unwrap();
+    snapshot_reads(&dst, "mon", &[(0, 1), (120, 121), (310, 311), (3000, 0)]);
+    snapshot_reads(&dst, "tue", &[(0, 1), (120, 10_120), (310, 0), (3000, 0)]);
+    snapshot_reads(&dst, "wed", &[(0, 1), (120, 10_120), (310, 0), (3000, 77)]);
+    let vol = common::open(dst.clone() as Arc<dyn Storage>).unwrap();
+    assert_eq!(common::read_block(&vol, 3000).unwrap(), block(77));
+    let report = vol.check(&mut |_, _| {}).unwrap();
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(vol.snapshots().len(), 3);
+    // Receiving the same stream twice is refused.
+    drop(vol);
+    assert_eq!(
+        receive(&dst, &inc2).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+}
+
+#[test]
+fn damaged_reordered_and_foreign_streams_are_refused() {
+    let src = source();
+    let full = send(&src, "mon", None);
+    let inc1 = send(&src, "tue", Some("mon"));
+    let inc2 = send(&src, "wed", Some("tue"));
+
+    // Out of order: an incremental before its base.
+    let dst = Arc::new(MemStorage::new());
+    receive(&dst, &full).unwrap();
+    let before = dst.to_vec();
+    assert_eq!(receive(&dst, &inc2).unwrap_err().kind(), ErrorKind::Refused);
+    let vol = common::open(dst.clone() as Arc<dyn Storage>).unwrap();
+    assert_eq!(vol.snapshots().len(), 1, "a refused stream adds nothing");
+    assert!(vol.check(&mut |_, _| {}).unwrap().is_clean());
+    drop(vol);
+
+    // A flipped byte anywhere in the records, the head or the checksum.
+    let head_len = 32 + 36_864 + 400;
+    for at in [
+        head_len + 5,
+        head_len + 4000,
+        inc1.len() / 2,
+        inc1.len() - 40,
+        inc1.len() - 1,
+        40,
+        head_len - 300,
+    ] {
+        let mut bad = inc1.clone();
+        bad[at] ^= 0x20;
+        let dst2 = Arc::new(MemStorage::from_bytes(before.clone()));
+        let err = receive(&dst2, &bad).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                ErrorKind::Integrity
+                    | ErrorKind::Corrupt
+                    | ErrorKind::Refused
+                    | ErrorKind::Unsupported
+            ),
+            "flip at {at}: {err}"
+        );
+        let vol = common::open(dst2.clone() as Arc<dyn Storage>).unwrap();
+        assert_eq!(vol.snapshots().len(), 1, "flip at {at}: nothing received");
+        assert!(
+            vol.check(&mut |_, _| {}).unwrap().is_clean(),
+            "flip at {at}"
+        );
+    }
+
+    // A dropped data record (4105 bytes) and a truncated stream.
+    let rec = 9 + 4096;
+    let mut dropped = inc1.clone();
+    dropped.drain(inc1.len() - 49 - rec..inc1.len() - 49);
+    let dst3 = Arc::new(MemStorage::from_bytes(before.clone()));
+    assert!(receive(&dst3, &dropped).is_err());
+    let dst4 = Arc::new(MemStorage::from_bytes(before.clone()));
+    assert!(receive(&dst4, &inc1[..inc1.len() - 10]).is_err());
+
+    // Another volume's image refuses the stream; another key cannot open it.
+    let other = Arc::new(MemStorage::new());
+    let mut opts = common::options(SIZE, qvol_core::CipherSuite::XChaCha20Poly1305);
+    opts.volume_id = [0x55; 16];
+    let vol = Volume::create(other.clone() as Arc<dyn Storage>, opts, &common::key(1)).unwrap();
+    vol.close().unwrap();
+    assert_eq!(
+        receive(&other, &full).unwrap_err().kind(),
+        ErrorKind::Refused
+    );
+    let mut r: &[u8] = &full;
+    let (head, _) = read_stream_head(&mut r).unwrap();
+    let wrong = Arc::new(MemStorage::new());
+    let err = Volume::create(
+        wrong as Arc<dyn Storage>,
+        head.create_options().unwrap(),
+        &common::key(2),
+    )
+    .and_then(|v| {
+        let mut r: &[u8] = &full;
+        let (head, hash) = read_stream_head(&mut r)?;
+        v.receive(&head, hash, &mut r, false, &mut |_| {})
+            .map(|_| ())
+    })
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+
+    // Garbage is not a stream.
+    assert!(read_stream_head(&mut &b"hello"[..]).is_err());
+    assert!(read_stream_head(&mut &vec![0u8; 50_000][..]).is_err());
+}
