@@ -33,6 +33,8 @@ pub struct Config {
     pub unlock: Unlock,
     /// Where the control socket listens (docs/CONTROL.md), if anywhere.
     pub control_socket: Option<PathBuf>,
+    /// Serve this snapshot of the volume instead of its live disk (read-only).
+    pub snapshot: Option<String>,
 }
 
 /// A command line that cannot work, said as one sentence.
@@ -54,6 +56,9 @@ pub enum ConfigError {
     /// The socket's directory does not exist.
     #[error("the directory of the socket path {} does not exist", .0.display())]
     SocketDirMissing(PathBuf),
+    /// `--snapshot` without `--read-only`.
+    #[error("a snapshot is served read-only: add --read-only to --snapshot")]
+    SnapshotNeedsReadOnly,
     /// Bad `--num-queues`.
     #[error("--num-queues must be between 1 and {MAX_QUEUES}, not {0}")]
     BadQueueCount(u32),

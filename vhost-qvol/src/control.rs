@@ -18,6 +18,7 @@ use log::{debug, warn};
 use qvol_core::Volume;
 use serde_json::{json, Value};
 
+use crate::describe;
 use crate::stats::Stats;
 use crate::volume_disk::error_chain;
 
@@ -30,7 +31,7 @@ const MAX_CLIENTS: usize = 8;
 /// A client silent for this long is disconnected.
 const IDLE: Duration = Duration::from_secs(300);
 /// The commands, in the order `query-commands` lists them.
-pub const COMMANDS: [&str; 7] = [
+pub const COMMANDS: [&str; 11] = [
     "query-commands",
     "query-status",
     "stats",
@@ -38,6 +39,10 @@ pub const COMMANDS: [&str; 7] = [
     "prove-key",
     "keyslots",
     "keyslots-set",
+    "snapshot-create",
+    "snapshot-list",
+    "snapshot-delete",
+    "check",
 ];
 /// Commits asked for through the socket are at most this frequent (each takes the volume's
 /// exclusive gate and two syncs: a client must not be able to stall the guest with them).
@@ -263,6 +268,24 @@ fn execute(control: &Control, session: &mut Session, cmd: &str, args: &Value) ->
             Ok(json!({"hash": hex::encode(vol.keyslots_hash()),
                       "generation": vol.info().generation}))
         }
+        "snapshot-create" => {
+            let name = name_arg(args).map_err(|e| ("GenericError", e))?;
+            let snap = vol.create_snapshot(name).map_err(failed)?;
+            Ok(describe::snapshot_json(&snap))
+        }
+        "snapshot-list" => {
+            let usage = vol.snapshot_usage().map_err(failed)?;
+            Ok(json!({"snapshots": usage.iter().map(describe::usage_json).collect::<Vec<_>>()}))
+        }
+        "snapshot-delete" => {
+            let name = name_arg(args).map_err(|e| ("GenericError", e))?;
+            let freed = vol.delete_snapshot(name).map_err(failed)?;
+            Ok(json!({"freed_bytes": freed}))
+        }
+        "check" => {
+            let report = vol.check(&mut |_, _| {}).map_err(failed)?;
+            Ok(describe::check_json(&report))
+        }
         other => Err((
             "CommandNotFound",
             format!("unknown command {other:?} (query-commands lists them)"),
@@ -283,6 +306,13 @@ fn status(control: &Control) -> Value {
         "log_records": info.log_records,
         "keyslots": info.keyslot_count,
     })
+}
+
+/// The `name` argument of a snapshot command.
+fn name_arg(args: &Value) -> Result<&str, String> {
+    args.get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "\"name\" is needed: the snapshot's name".to_string())
 }
 
 type KeyslotArgs = (Vec<Vec<u8>>, [u8; 32], [u8; 32]);
@@ -364,6 +394,13 @@ impl ControlClient {
             bail!("the daemon sent a line longer than 1 MiB");
         }
         serde_json::from_slice(&line).context("the daemon sent something that is not JSON")
+    }
+
+    /// Waits at most `timeout` for each reply (`None`: as long as it takes; a check of a
+    /// large disk can take long).
+    pub fn set_reply_timeout(&self, timeout: Option<Duration>) -> anyhow::Result<()> {
+        self.reader.get_ref().set_read_timeout(timeout)?;
+        Ok(())
     }
 
     /// Runs `command` with `arguments`; its `return` value, or its error as one sentence.

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod blk_config;
 pub mod config;
 pub mod control;
+pub mod describe;
 pub mod disk;
 pub mod hardening;
 pub mod lock;
@@ -109,7 +110,11 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         "serving {} ({} bytes{}) on {}",
         config.blk_file.display(),
         device.disk().size(),
-        if config.read_only { ", read-only" } else { "" },
+        match (&config.snapshot, config.read_only) {
+            (Some(name), _) => format!(", snapshot {}, read-only", text::escape_untrusted(name)),
+            (None, true) => ", read-only".to_string(),
+            (None, false) => String::new(),
+        },
         match &config.socket {
             SocketSource::Path(p) => p.display().to_string(),
             SocketSource::Fd(fd) => format!("fd {fd}"),
@@ -206,6 +211,7 @@ fn open_disk(config: &Config) -> anyhow::Result<OpenedDisk> {
     };
     let opened = open::open_volume(&open::OpenRequest {
         read_only: config.read_only,
+        snapshot: config.snapshot.as_deref(),
         ..open::OpenRequest::new(&config.blk_file, &keys, &config.unlock, &config.binding)
     })?;
     let (vm, key_id) = opened

@@ -58,6 +58,10 @@ struct Args {
     /// Serve the disk read-only.
     #[arg(long)]
     read_only: bool,
+    /// Serve this snapshot of the volume instead of its live disk (needs --read-only;
+    /// `qvol snapshot list IMAGE` names them).
+    #[arg(long, value_name = "NAME")]
+    snapshot: Option<String>,
     /// Number of request queues (one worker thread each).
     #[arg(long, value_name = "N", default_value_t = 1)]
     num_queues: u32,
@@ -94,6 +98,9 @@ impl TryFrom<Args> for Config {
             args.key.as_deref(),
         )?;
         let binding = check_binding(args.volume_id.as_deref(), args.any_volume, args.key)?;
+        if args.snapshot.is_some() && !args.read_only {
+            return Err(ConfigError::SnapshotNeedsReadOnly);
+        }
         Ok(Config {
             socket,
             blk_file,
@@ -106,6 +113,7 @@ impl TryFrom<Args> for Config {
             binding,
             unlock,
             control_socket: args.control_socket,
+            snapshot: args.snapshot,
         })
     }
 }

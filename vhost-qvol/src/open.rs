@@ -259,6 +259,8 @@ pub struct OpenRequest<'a> {
     /// The slot and volume key an earlier open of the same image unwrapped: not unwrapped
     /// again (a passphrase slot costs a second of argon2id).
     pub unwrapped: Option<(usize, &'a VolumeKey)>,
+    /// Open this snapshot instead of the live disk (only with [`OpenRequest::read_only`]).
+    pub snapshot: Option<&'a str>,
 }
 
 impl<'a> OpenRequest<'a> {
@@ -281,6 +283,7 @@ impl<'a> OpenRequest<'a> {
             keep_key: false,
             restore_slots: None,
             unwrapped: None,
+            snapshot: None,
         }
     }
 }
@@ -449,6 +452,7 @@ fn open_checked(
         on_commit: recorder.map(Recorder::hook),
         accept_any_keyslot_area: req.restore_slots.is_some(),
         unlocked_slot,
+        snapshot: req.snapshot.map(str::to_owned),
     };
     Volume::open_with(Arc::new(storage), key, opts).map_err(|e| {
         let what = if e.kind() == qvol_core::ErrorKind::Refused {

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
-use qvol_core::{CipherSuite, VolumeKey};
+use qvol_core::{CipherSuite, HeaderInfo, VolumeKey};
 use qvol_keys::{keyslot, UnlockedKeystore, VolumeBinding};
 use serde_json::json;
 use vhost_qvol::control::{connect_to_server, ControlClient};
@@ -15,6 +15,7 @@ use vhost_qvol::lock::LockError;
 use vhost_qvol::open::{
     open_volume, read_image_header, state_of, Binding, KeySource, OpenRequest, OpenedVolume,
 };
+use vhost_qvol::text::escape_untrusted;
 use vhost_qvol::unlock::Unlock;
 use vhost_qvol::volume_disk::error_chain;
 
@@ -271,23 +272,13 @@ fn through_daemon(
 ) -> anyhow::Result<Change> {
     let mut client = connect_to_server(image).map_err(|e| {
         e.context(format!(
-            "{} is in use by a vhost-qvol (or another qvol), and its keyslots can change only \
-             through a serving daemon's control socket",
+            "{} is in use by a vhost-qvol (or another qvol), and can change only through a \
+             serving daemon's control socket",
             image.display()
         ))
     })?;
     let (_, header) = read_image_header(image)?;
-    let served = client.greeting["volume_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    if served != hex::encode(header.volume_id) {
-        anyhow::bail!(
-            "the daemon serving {} serves volume {served}, not the image's {}",
-            image.display(),
-            hex::encode(header.volume_id)
-        );
-    }
+    check_served_volume(&client, image, &header)?;
     let reply = client.execute("keyslots", serde_json::Value::Null)?;
     let slots: Vec<Vec<u8>> = reply["keyslots"]
         .as_array()
@@ -325,29 +316,7 @@ fn through_daemon(
         .map(|b| b.key_id.as_str())
         .filter(|_| unlock.is_keystore());
     let (slot, key) = unlock.unwrap(image, &served_header, keystore.as_ref(), only_key)?;
-    // The daemon must hold this volume's key before it is told anything made with it.
-    let mut challenge = [0u8; 32];
-    getrandom::getrandom(&mut challenge)
-        .map_err(|e| anyhow!("the operating system's random number generator failed: {e}"))?;
-    let answer = client.execute("prove-key", json!({"challenge": hex::encode(challenge)}))?;
-    let proven = answer["proof"]
-        .as_str()
-        .and_then(|p| hex::decode(p).ok())
-        .is_some_and(|p| {
-            qvol_core::key_holder_proof_matches(
-                &key,
-                header.suite,
-                header.volume_id,
-                &challenge,
-                &p,
-            )
-        });
-    if !proven {
-        anyhow::bail!(
-            "the process serving {} does not hold the volume's key; refusing to talk to it",
-            image.display()
-        );
-    }
+    prove_key_holder(&mut client, image, &header, &key)?;
     Ok(Change {
         image: image.to_path_buf(),
         slots,
@@ -366,7 +335,125 @@ fn through_daemon(
     })
 }
 
-fn is_busy(e: &anyhow::Error) -> bool {
+/// The daemon must serve the image's volume.
+fn check_served_volume(
+    client: &ControlClient,
+    image: &Path,
+    header: &HeaderInfo,
+) -> anyhow::Result<()> {
+    let served = client.greeting["volume_id"].as_str().unwrap_or_default();
+    if served != hex::encode(header.volume_id) {
+        anyhow::bail!(
+            "the daemon serving {} serves volume {}, not the image's {}",
+            image.display(),
+            escape_untrusted(served),
+            hex::encode(header.volume_id)
+        );
+    }
+    Ok(())
+}
+
+/// The daemon must hold this volume's key before it is told anything made with it (or
+/// trusted with anything it answers).
+fn prove_key_holder(
+    client: &mut ControlClient,
+    image: &Path,
+    header: &HeaderInfo,
+    key: &VolumeKey,
+) -> anyhow::Result<()> {
+    let mut challenge = [0u8; 32];
+    getrandom::getrandom(&mut challenge)
+        .map_err(|e| anyhow!("the operating system's random number generator failed: {e}"))?;
+    let answer = client.execute("prove-key", json!({"challenge": hex::encode(challenge)}))?;
+    let proven = answer["proof"]
+        .as_str()
+        .and_then(|p| hex::decode(p).ok())
+        .is_some_and(|p| {
+            qvol_core::key_holder_proof_matches(key, header.suite, header.volume_id, &challenge, &p)
+        });
+    if !proven {
+        anyhow::bail!(
+            "the process serving {} does not hold the volume's key; refusing to talk to it",
+            image.display()
+        );
+    }
+    Ok(())
+}
+
+/// An image opened to act on: by this process, or through the daemon serving it.
+pub enum Handle {
+    /// This process opened the image.
+    Local(Box<OpenedVolume>),
+    /// A daemon serves it: its control socket, the daemon proven to hold the volume key.
+    Served(ControlClient),
+}
+
+impl Change {
+    /// The volume, when this process opened it.
+    pub fn volume(&self) -> Option<&qvol_core::Volume> {
+        match &self.target {
+            Target::Local(opened) => Some(&opened.volume),
+            Target::Served { .. } => None,
+        }
+    }
+
+    /// What the change is made through.
+    pub fn into_handle(self) -> Handle {
+        match self.target {
+            Target::Local(opened) => Handle::Local(opened),
+            Target::Served { client, .. } => Handle::Served(client),
+        }
+    }
+}
+
+/// Opens `image` read-only (freshness checked against the keystore's record when it has
+/// one), or, when a daemon serves it, connects to that daemon's control socket once it has
+/// shown it holds the volume key (unwrapped here with the same unlock).
+pub fn open_to_read(
+    image: &Path,
+    keys: &KeystoreArgs,
+    unlock: &UnlockArgs,
+) -> anyhow::Result<Handle> {
+    let unlock = unlock.unlock()?;
+    let source = keys.source();
+    let keystore = if unlock.is_keystore() || source.keystore_exists() {
+        Some(source.unlock()?)
+    } else {
+        None
+    };
+    let binding = Binding::default();
+    let opened = open_volume(&OpenRequest {
+        read_only: true,
+        allow_unrecorded: true,
+        keystore: keystore.as_ref(),
+        ..OpenRequest::new(image, &source, &unlock, &binding)
+    });
+    match opened {
+        Ok(opened) => {
+            warn_if_unrecorded(image, &opened, &source, keystore.is_some());
+            Ok(Handle::Local(Box::new(opened)))
+        }
+        Err(e) if is_busy(&e) => {
+            let mut client = connect_to_server(image)?;
+            let (_, header) = read_image_header(image)?;
+            check_served_volume(&client, image, &header)?;
+            let only_key = match (&keystore, unlock.is_keystore()) {
+                (Some(ks), true) => ks
+                    .volume_guard(&header.volume_id)
+                    .ok()
+                    .map(|g| g.binding().key_id.clone()),
+                _ => None,
+            };
+            let (_, key) = unlock.unwrap(image, &header, keystore.as_ref(), only_key.as_deref())?;
+            prove_key_holder(&mut client, image, &header, &key)?;
+            Ok(Handle::Served(client))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `e` says that someone else holds the image's lock.
+pub fn is_busy(e: &anyhow::Error) -> bool {
     matches!(e.downcast_ref::<LockError>(), Some(LockError::Busy { .. }))
 }
 

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod access;
+mod check;
 mod convert;
 mod create;
 mod files;
@@ -18,8 +19,10 @@ mod key;
 mod keyslot;
 mod keystore;
 mod nbd;
+mod progress;
 mod qemu_img;
 mod rekey;
+mod snapshot;
 mod stats;
 mod upgrade;
 mod vm;
@@ -72,6 +75,14 @@ enum Command {
     Export(convert::ExportArgs),
     /// Convert a format-1 or format-2 image to format 3 in place (crash-safe).
     Upgrade(upgrade::UpgradeArgs),
+    /// Take, list, revert to and delete snapshots of a volume (format version 4).
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
+    /// Verify every block of the disk and its snapshots and the space accounting (exit 1
+    /// when damaged); optionally salvage the readable blocks to a raw file.
+    Check(check::CheckArgs),
     /// Request statistics and state of a served image, from its daemon's control socket.
     Stats(stats::StatsArgs),
     /// VMs whose disks are qvol volumes: new, start, stop, info, list, migrate.
@@ -104,6 +115,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Export(args) => convert::export(args),
         Command::Vm(args) => vm::run(args),
         Command::Stats(args) => stats::run(args),
+        Command::Snapshot { command } => snapshot::run(command),
+        Command::Check(args) => check::run(args),
         Command::Upgrade(args) => upgrade::run(args),
         Command::Nbd(args) => nbd::run(args),
     }
