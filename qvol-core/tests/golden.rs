@@ -1,23 +1,28 @@
-//! Golden images of every format version (`tests/data/golden-v{1,2,3}*.qvol`), checked into
-//! the repository: every later version of qvol-core must still open them and read back their
-//! known content. The images hold a committed tree and, after it, flushed log records that
-//! only a replay applies, so both paths are pinned. The version-2 and version-3 images are of
-//! a 256 MiB volume, whose log (8 MiB) is longer than version 1's; the version-3 images also
-//! hold the durable mark of their flush (FORMAT.md §9), so zeroing their log tail is detected,
-//! while the older versions keep their old semantics (the tail is dropped unnoticed).
+//! Golden images of every format version (`tests/data/golden-v{1,2,3,4}*.qvol`), checked
+//! into the repository: every later version of qvol-core must still open them and read back
+//! their known content. The images hold a committed tree and, after it, flushed log records
+//! that only a replay applies, so both paths are pinned. The version-2 and later images are
+//! of a 256 MiB volume, whose log (8 MiB) is longer than version 1's; the version-3 and later
+//! images also hold the durable mark of their flush (FORMAT.md §9), so zeroing their log tail
+//! is detected, while the older versions keep their old semantics (the tail is dropped
+//! unnoticed). The version-4 images also pin the snapshot table (FORMAT.md §8.1): their
+//! committed session takes two snapshots between its writes, which must read back as they
+//! were taken (read-only snapshot views), and `Volume::check` must find the images clean.
 //!
-//! The images of the current version were made once with
+//! The images of each version were made once with
 //! `QVOL_WRITE_GOLDEN=1 cargo test -p qvol-core --test golden -- --ignored write_golden_images`
-//! and must never be regenerated (bump the version and add `golden-v4*` for a new format).
+//! (it writes only the current version's files, and refuses to overwrite them) and must
+//! never be regenerated (bump the version and add `golden-v5*` for a new format).
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::BlockHistory;
 use qvol_core::storage::{MemStorage, Storage};
-use qvol_core::{CipherSuite, CreateOptions, Volume, VolumeKey, FORMAT_VERSION};
+use qvol_core::{CipherSuite, CreateOptions, OpenOptions, Volume, VolumeKey, FORMAT_VERSION};
 
 /// The volume size of the golden image of format `version`.
 fn size(version: u32) -> u64 {
@@ -27,7 +32,7 @@ fn size(version: u32) -> u64 {
     }
 }
 
-/// Its name: `golden-v1`, `golden-v2`, `golden-v3`.
+/// Its name: `golden-v1`, `golden-v2`, ...
 fn name(version: u32) -> String {
     format!("golden-v{version}")
 }
@@ -57,6 +62,8 @@ enum Step {
     Write(u64, usize, u64),
     Discard(u64, u64),
     Zeroes(u64, u64),
+    /// `create_snapshot` (version 4 on).
+    Snapshot(&'static str),
 }
 
 const COMMITTED: &[Step] = &[
@@ -69,6 +76,27 @@ const COMMITTED: &[Step] = &[
     Step::Zeroes(1024, 512),
 ];
 
+/// What the first session of version 4 and later does next: snapshots between writes that
+/// overwrite, discard and extend what the snapshots hold (data blocks and map leaves shared
+/// and not).
+const SNAPSHOTTED: &[Step] = &[
+    Step::Snapshot("first"),
+    Step::Write(0, 4096, 10),              // block 0, held by "first"
+    Step::Write(100 * 4096, 2 * 4096, 11), // 100 (held) and 101 (discarded before)
+    Step::Discard(64 * 4096, 4096),        // held by "first", in its second leaf
+    Step::Write(1000 * 4096, 4096, 12),    // a leaf "first" does not have
+    Step::Snapshot("second: ünïcode, spaces"),
+    Step::Write(1000 * 4096 + 512, 512, 13),
+    Step::Zeroes(100 * 4096, 4096),
+    Step::Write(5000 * 4096, 4096, 14),
+];
+
+/// The steps of the first session of `version`.
+fn committed(version: u32) -> Vec<&'static Step> {
+    let extra = if version >= 4 { SNAPSHOTTED } else { &[] };
+    COMMITTED.iter().chain(extra).collect()
+}
+
 /// What the second session does: flushed, never committed (lives in the log only).
 const LOGGED: &[Step] = &[
     Step::Write(8 * 4096, 4096, 6),
@@ -76,7 +104,24 @@ const LOGGED: &[Step] = &[
     Step::Discard(255 * 4096, 4096),
 ];
 
-fn apply(steps: &[Step], model: &mut BlockHistory, vol: Option<&Volume>) {
+/// The content of a snapshot: its blocks that are not zeros.
+type SnapContent = BTreeMap<u64, Vec<u8>>;
+
+/// The blocks of `model` that are not zeros now.
+fn sparse(model: &BlockHistory) -> SnapContent {
+    (0..model.len())
+        .filter(|&lbn| model.current(lbn).iter().any(|&b| b != 0))
+        .map(|lbn| (lbn as u64, model.current(lbn).to_vec()))
+        .collect()
+}
+
+/// Applies `steps` to `model` (and `vol`); returns the snapshots taken, with their content.
+fn apply<'a>(
+    steps: impl IntoIterator<Item = &'a Step>,
+    model: &mut BlockHistory,
+    vol: Option<&Volume>,
+) -> Vec<(String, SnapContent)> {
+    let mut snaps = Vec::new();
     for step in steps {
         match *step {
             Step::Write(off, len, tag) => {
@@ -98,15 +143,28 @@ fn apply(steps: &[Step], model: &mut BlockHistory, vol: Option<&Volume>) {
                     v.write_zeroes(off, len, false).expect("write_zeroes");
                 }
             }
+            Step::Snapshot(name) => {
+                if let Some(v) = vol {
+                    v.create_snapshot(name).expect("create_snapshot");
+                }
+                snaps.push((name.to_string(), sparse(model)));
+            }
         }
     }
+    snaps
 }
 
 fn expected(version: u32) -> BlockHistory {
     let mut model = BlockHistory::new(size(version));
-    apply(COMMITTED, &mut model, None);
+    apply(committed(version), &mut model, None);
     apply(LOGGED, &mut model, None);
     model
+}
+
+/// The snapshots of the golden image of `version`, oldest first, with their content.
+fn expected_snapshots(version: u32) -> Vec<(String, SnapContent)> {
+    let mut model = BlockHistory::new(size(version));
+    apply(committed(version), &mut model, None)
 }
 
 fn path(version: u32, suite: CipherSuite) -> PathBuf {
@@ -150,7 +208,8 @@ fn check(version: u32, suite: CipherSuite, read_only: bool) {
     let mut all = keyslots();
     all.resize(qvol_core::MAX_KEYSLOTS, Vec::new());
     assert_eq!(info.keyslots, all);
-    let vol = Volume::open(storage, &golden_key(), read_only).expect("open the golden image");
+    let vol =
+        Volume::open(storage.clone(), &golden_key(), read_only).expect("open the golden image");
     assert_eq!(vol.size(), size(version));
     assert_eq!(
         vol.info().format_version,
@@ -160,12 +219,61 @@ fn check(version: u32, suite: CipherSuite, read_only: bool) {
     expected(version).check_current(&vol).unwrap_or_else(|m| {
         panic!("version {version} {suite} golden image, read_only {read_only}: {m}")
     });
+    let names: Vec<String> = vol.snapshots().into_iter().map(|s| s.name).collect();
+    let snaps = expected_snapshots(version);
+    let want: Vec<&String> = snaps.iter().map(|(n, _)| n).collect();
+    assert!(
+        want.iter().copied().eq(names.iter()),
+        "version {version} {suite}: snapshots {names:?}"
+    );
+    if version >= 4 {
+        let report = vol.check(&mut |_, _| {}).expect("check the golden image");
+        assert!(
+            report.is_clean() && report.snapshots == snaps.len(),
+            "version {version} {suite}, read_only {read_only}: {report:#?}"
+        );
+        for (name, content) in &snaps {
+            check_snapshot(&storage, version, name, content);
+        }
+    }
     if !read_only {
         // The replayed state commits and stays.
         vol.write_at(3 * 4096, &common::pattern(99, 4096))
             .expect("write");
         vol.close().expect("close");
     }
+}
+
+/// Snapshot `name` of the image on `storage` reads as `content` (zeros elsewhere).
+fn check_snapshot(storage: &Arc<dyn Storage>, version: u32, name: &str, content: &SnapContent) {
+    let view = Volume::open_with(
+        storage.clone(),
+        &golden_key(),
+        OpenOptions {
+            read_only: true,
+            snapshot: Some(name.to_string()),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("version {version}: open snapshot {name:?}: {e:?}"));
+    let zeros = vec![0u8; 4096];
+    let mut buf = vec![0u8; 1 << 20];
+    for (chunk, off) in (0..size(version)).step_by(buf.len()).enumerate() {
+        view.read_at(off, &mut buf)
+            .unwrap_or_else(|e| panic!("version {version}: read snapshot {name:?}: {e:?}"));
+        for (i, got) in buf.chunks(4096).enumerate() {
+            let lbn = (chunk * 256 + i) as u64;
+            let want = content.get(&lbn).unwrap_or(&zeros);
+            assert!(
+                got == &want[..],
+                "version {version}: snapshot {name:?} block {lbn}"
+            );
+        }
+    }
+    assert!(
+        view.write_at(0, &zeros).is_err(),
+        "a snapshot view is read-only"
+    );
 }
 
 #[test]
@@ -204,12 +312,67 @@ fn golden_v3_aegis_256_image_reads_back() {
     check(3, CipherSuite::Aegis256, false);
 }
 
+#[test]
+fn golden_v4_xchacha20_poly1305_image_reads_back() {
+    check(4, CipherSuite::XChaCha20Poly1305, true);
+    check(4, CipherSuite::XChaCha20Poly1305, false);
+}
+
+#[test]
+fn golden_v4_aegis_256_image_reads_back() {
+    check(4, CipherSuite::Aegis256, true);
+    check(4, CipherSuite::Aegis256, false);
+}
+
+/// The snapshots of the version-4 images keep working: a revert to the first brings its
+/// content back (keeping the current state as a third snapshot), deleting snapshots frees
+/// exactly what only they held, and `check` stays clean throughout.
+#[test]
+fn golden_v4_snapshots_revert_and_delete_cleanly() {
+    for suite in CipherSuite::ALL {
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(4, suite)));
+        let snaps = expected_snapshots(4);
+        let vol = Volume::open(storage.clone(), &golden_key(), false).expect("open");
+        let clean = |vol: &Volume, what: &str| {
+            let report = vol.check(&mut |_, _| {}).expect("check");
+            assert!(report.is_clean(), "{suite} {what}: {report:#?}");
+        };
+        vol.revert_to_snapshot(&snaps[0].0, Some("before revert"))
+            .expect("revert");
+        clean(&vol, "after the revert");
+        let zeros = vec![0u8; 4096];
+        for lbn in (0..size(4) / 4096)
+            .step_by(7)
+            .chain([0, 100, 101, 255, 1000, 5000])
+        {
+            let want = snaps[0].1.get(&lbn).unwrap_or(&zeros);
+            assert!(
+                &common::read_block(&vol, lbn).expect("read") == want,
+                "{suite}: reverted block {lbn}"
+            );
+        }
+        for (name, _) in &snaps {
+            vol.delete_snapshot(name).expect("delete");
+            clean(&vol, &format!("after deleting {name:?}"));
+        }
+        vol.close().expect("close");
+        // The kept state: the live disk as the image opened (its log replayed).
+        check_snapshot(&storage, 4, "before revert", &sparse(&expected(4)));
+        let vol = Volume::open(storage, &golden_key(), false).expect("reopen");
+        vol.delete_snapshot("before revert")
+            .expect("delete the last one");
+        clean(&vol, "without snapshots");
+        assert!(vol.snapshots().is_empty());
+    }
+}
+
 /// The golden images are what kill -9 after a flush leaves. Zeroing their log region (the
-/// attack of FORMAT.md §12) is refused from version 3 on, thanks to the durable mark of
-/// blocks 11 and 12; versions 1 and 2 open at their last commit, as they always did.
+/// attack of FORMAT.md §12) is refused from version 3 on (version 4 too), thanks to the
+/// durable mark of blocks 11 and 12; versions 1 and 2 open at their last commit, as they
+/// always did.
 #[test]
 fn zeroing_the_golden_log_tail_is_detected_from_version_3() {
-    for version in [1, 2, 3] {
+    for version in [1, 2, 3, 4] {
         for suite in CipherSuite::ALL {
             let mut bytes = load(version, suite);
             let log_len = u64::from_le_bytes(bytes[88..96].try_into().expect("8 bytes")) as usize;
@@ -234,7 +397,7 @@ fn zeroing_the_golden_log_tail_is_detected_from_version_3() {
             } else {
                 let vol = r.unwrap_or_else(|e| panic!("version {version} {suite}: {e:?}"));
                 let mut model = BlockHistory::new(size(version));
-                apply(COMMITTED, &mut model, None);
+                apply(committed(version), &mut model, None);
                 model
                     .check_current(&vol)
                     .unwrap_or_else(|m| panic!("version {version} {suite}: {m}"));
@@ -281,7 +444,7 @@ fn write_golden_images() {
         };
         let mut model = BlockHistory::new(size(version));
         let vol = Volume::create(mem.clone(), opts, &golden_key()).expect("create");
-        apply(COMMITTED, &mut model, Some(&vol));
+        apply(committed(version), &mut model, Some(&vol));
         vol.close().expect("close");
         let vol = Volume::open(mem.clone(), &golden_key(), false).expect("open");
         apply(LOGGED, &mut model, Some(&vol));
@@ -297,7 +460,7 @@ fn write_golden_images() {
 /// their data.
 #[test]
 fn golden_images_of_every_version_take_keyslot_changes() {
-    for version in [1, 2, 3] {
+    for version in [1, 2, 3, 4] {
         let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(
             version,
             CipherSuite::XChaCha20Poly1305,

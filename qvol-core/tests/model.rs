@@ -9,7 +9,15 @@
 //! - A crash in the middle of an operation (a commit, a flush) is injected by making the
 //!   storage fail after k operations (nothing reaches it afterwards), then losing power.
 //! - A process crash (kill -9) keeps every completed write: every block must read as its
-//!   latest version.
+//!   latest version. It too can be injected in the middle of an operation (the storage
+//!   fails after k operations, then the process dies): the operation's own writes may or
+//!   may not have landed.
+//! - Snapshot create / delete / revert (with and without keeping the current state) commit:
+//!   one that returned survives any later crash; one a crash interrupts happened whole or
+//!   not at all (the snapshot list and the live disk agree on which). After every crash and
+//!   reopen, every snapshot the model holds reads back exactly (a read-only snapshot view),
+//!   the live disk reads as allowed, and `Volume::check` is clean: nothing damaged, no
+//!   block leaked.
 //!
 //! The default run does `QVOL_MODEL_CASES` cases (256 unless set); the long run is
 //! `QVOL_MODEL_CASES=10000 cargo test --release -p qvol-core --test model`.
@@ -22,7 +30,7 @@ use common::{BlockHistory, SECTOR};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError};
 use qvol_core::storage::{CrashPolicy, CrashStorage, FaultConfig, FaultStorage};
-use qvol_core::Volume;
+use qvol_core::{ErrorKind, OpenOptions, Volume};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -51,10 +59,29 @@ enum Op {
     },
     /// kill -9 now.
     ProcessCrash,
-    /// Power loss after `after` more storage operations, whatever the volume is doing.
+    /// The storage fails after `after` more storage operations, whatever the volume is
+    /// doing; then power is lost (survivors drawn from `seed`), or the process dies (`kill`).
     CrashAfterOps {
         after: u16,
         seed: u64,
+        kill: bool,
+    },
+    /// `create_snapshot("s{name}")` (a taken name is refused).
+    CreateSnapshot {
+        name: u8,
+        cut: Option<Cut>,
+    },
+    /// `delete_snapshot` of the model's snapshot `pick % (n + 1)` (`n`: an unknown name).
+    DeleteSnapshot {
+        pick: u8,
+        cut: Option<Cut>,
+    },
+    /// `revert_to_snapshot` of the snapshot `pick % (n + 1)`, keeping the current state as
+    /// `"s{keep}"` if given.
+    Revert {
+        pick: u8,
+        keep: Option<u8>,
+        cut: Option<Cut>,
     },
     /// close() then open().
     Reopen,
@@ -88,10 +115,71 @@ fn op(total: u64) -> impl Strategy<Value = Op> {
             .prop_map(|((sector, sectors), unmap)| Op::WriteZeroes { sector, sectors, unmap }),
         2 => any::<u64>().prop_map(|seed| Op::PowerLoss { seed }),
         1 => Just(Op::ProcessCrash),
-        2 => (0u16..400, any::<u64>()).prop_map(|(after, seed)| Op::CrashAfterOps { after, seed }),
+        2 => (0u16..400, any::<u64>(), prop::bool::weighted(0.3))
+            .prop_map(|(after, seed, kill)| Op::CrashAfterOps { after, seed, kill }),
         1 => Just(Op::Reopen),
         1 => Just(Op::Commit),
+        2 => (0u8..5, cut()).prop_map(|(name, cut)| Op::CreateSnapshot { name, cut }),
+        1 => (any::<u8>(), cut()).prop_map(|(pick, cut)| Op::DeleteSnapshot { pick, cut }),
+        2 => (any::<u8>(), prop::option::of(0u8..5), cut())
+            .prop_map(|(pick, keep, cut)| Op::Revert { pick, keep, cut }),
     ]
+}
+
+/// A crash injected into a snapshot operation: the storage fails after `after` more
+/// operations (most land inside the operation's commits), then power is lost or the
+/// process dies.
+#[derive(Clone, Copy, Debug)]
+struct Cut {
+    after: u16,
+    seed: u64,
+    kill: bool,
+}
+
+/// A cut for one snapshot operation in three.
+fn cut() -> impl Strategy<Value = Option<Cut>> {
+    prop::option::weighted(
+        0.35,
+        (0u16..30, any::<u64>(), any::<bool>()).prop_map(|(after, seed, kill)| Cut {
+            after,
+            seed,
+            kill,
+        }),
+    )
+}
+
+/// A whole disk's content.
+type Image = Arc<Vec<u8>>;
+
+/// The snapshots, oldest first, with their content.
+type Snaps = Vec<(String, Image)>;
+
+/// How a crash happens.
+#[derive(Clone, Copy, Debug)]
+enum Crash {
+    /// Power loss, survivors drawn from the seed.
+    Power(u64),
+    /// kill -9.
+    Kill,
+}
+
+/// What the live disk must read as after a crash, for one outcome of an interrupted
+/// snapshot operation.
+#[derive(Clone, Debug)]
+enum Live {
+    /// As the block history allows (the operation did not happen).
+    History,
+    /// Everything written before the operation, durable (it happened: it committed).
+    Durable,
+    /// Exactly this (a revert happened).
+    Exact(Image),
+}
+
+/// One state a crash may leave: the snapshot list and the live disk.
+#[derive(Clone, Debug)]
+struct Outcome {
+    snaps: Snaps,
+    live: Live,
 }
 
 /// The state under test: the volume, the storage stack under it, and the reference.
@@ -100,8 +188,15 @@ struct Harness {
     fault: Arc<FaultStorage<Arc<CrashStorage>>>,
     vol: Option<Volume>,
     model: BlockHistory,
-    /// A pending power loss injected by `CrashAfterOps`, with its seed.
-    armed: Option<u64>,
+    /// A pending crash injected by `CrashAfterOps`.
+    armed: Option<Crash>,
+    /// The snapshots that exist, with their content.
+    snaps: Snaps,
+    /// The other outcome of the snapshot operation in progress, if a crash interrupts it
+    /// (the model holds the outcome where it did not happen until it returns).
+    interrupted: Option<Outcome>,
+    /// `model.version_counts()` when the operation in progress began.
+    mark: Vec<usize>,
     log: Vec<String>,
 }
 
@@ -125,6 +220,9 @@ impl Harness {
             vol: Some(vol),
             model: BlockHistory::new(size),
             armed: None,
+            snaps: Vec::new(),
+            interrupted: None,
+            mark: Vec::new(),
             log: Vec::new(),
         }
     }
@@ -155,26 +253,197 @@ impl Harness {
     }
 
     fn power_loss(&mut self, seed: u64) -> Result<(), TestCaseError> {
-        let image = self.disk.crash(seed);
+        self.crash(Crash::Power(seed))
+    }
+
+    /// Crashes `how`, reopens, and checks everything against the model: the snapshot list
+    /// is one the contract allows (with an interrupted snapshot operation, the state before
+    /// it or after it, whole), every snapshot reads back exactly, the live disk reads as the
+    /// same outcome allows, and `check` is clean.
+    fn crash(&mut self, how: Crash) -> Result<(), TestCaseError> {
+        let image = match how {
+            Crash::Power(seed) => self.disk.crash(seed),
+            Crash::Kill => self.disk.process_crash(),
+        };
         self.reopen_on(image)?;
-        let vol = self.vol.take();
-        let result = self
-            .model
-            .check_after_crash(vol.as_ref().expect("just opened"));
-        self.vol = vol;
-        result.map_err(|m| self.fail(m))
+        let mut outcomes = vec![Outcome {
+            snaps: self.snaps.clone(),
+            live: Live::History,
+        }];
+        outcomes.extend(self.interrupted.take());
+        let names: Vec<String> = self.vol().snapshots().into_iter().map(|s| s.name).collect();
+        let mut why = Vec::new();
+        let mut chosen = None;
+        for o in outcomes {
+            let want: Vec<&String> = o.snaps.iter().map(|(n, _)| n).collect();
+            if want.iter().copied().ne(names.iter()) {
+                why.push(format!("snapshots {want:?}"));
+                continue;
+            }
+            let mut model = self.model.clone();
+            let r = match (&o.live, how) {
+                (Live::History, Crash::Power(_)) => model.check_after_crash(self.vol()),
+                (Live::History, Crash::Kill) => model.check_after_kill(self.vol(), &self.mark),
+                (Live::Durable, _) => {
+                    model.make_durable();
+                    model.check_current(self.vol())
+                }
+                (Live::Exact(image), _) => {
+                    model.reset_to(image);
+                    model.check_current(self.vol())
+                }
+            };
+            match r {
+                Ok(()) => {
+                    chosen = Some((o, model));
+                    break;
+                }
+                Err(m) => why.push(format!("snapshots {want:?}, live {:?}: {m}", o.live)),
+            }
+        }
+        let Some((o, model)) = chosen else {
+            return Err(self.fail(format!(
+                "after {how:?} the volume has snapshots {names:?} and matches no allowed \
+                 outcome:\n  {}",
+                why.join("\n  ")
+            )));
+        };
+        self.model = model;
+        self.snaps = o.snaps;
+        self.verify_snapshots()?;
+        self.verify_clean(&format!("after {how:?}"))
+    }
+
+    /// Every snapshot of the model reads back exactly through a read-only snapshot view.
+    fn verify_snapshots(&self) -> Result<(), TestCaseError> {
+        for (name, content) in &self.snaps {
+            let view = Volume::open_with(
+                self.disk.clone(),
+                &common::key(1),
+                OpenOptions {
+                    read_only: true,
+                    snapshot: Some(name.clone()),
+                    ..OpenOptions::default()
+                },
+            )
+            .map_err(|e| self.fail(format!("snapshot {name} does not open: {e:?}")))?;
+            let mut buf = vec![0u8; 64 << 10];
+            for (i, want) in content.chunks(buf.len()).enumerate() {
+                let got = &mut buf[..want.len()];
+                view.read_at((i * (64 << 10)) as u64, got)
+                    .map_err(|e| self.fail(format!("snapshot {name} fails to read: {e:?}")))?;
+                if got != want {
+                    let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+                    return Err(self.fail(format!(
+                        "snapshot {name} reads wrong data at byte {}",
+                        i * (64 << 10) + at
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `check` finds nothing damaged and no space leaked.
+    fn verify_clean(&self, what: &str) -> Result<(), TestCaseError> {
+        let report = self
+            .vol()
+            .check(&mut |_, _| {})
+            .map_err(|e| self.fail(format!("check fails {what}: {e:?}")))?;
+        if report.is_clean() {
+            Ok(())
+        } else {
+            Err(self.fail(format!("check is not clean {what}: {report:#?}")))
+        }
     }
 
     /// An operation returned an error: legitimate only if an injected fault caused it, and
-    /// then the machine is dead: lose power.
+    /// then the machine is dead: crash as armed.
     fn on_error(&mut self, what: &str, e: qvol_core::Error) -> Result<(), TestCaseError> {
         match self.armed {
-            Some(seed) if self.fault.failures() > 0 => {
+            Some(how) if self.fault.failures() > 0 => {
                 self.log
-                    .push(format!("  -> {what} failed ({:?}); power loss", e.kind()));
-                self.power_loss(seed)
+                    .push(format!("  -> {what} failed ({:?}); {how:?}", e.kind()));
+                self.crash(how)
             }
             _ => Err(self.fail(format!("{what} failed without any injected fault: {e:?}"))),
+        }
+    }
+
+    /// Arms an injected crash (unless one is armed already).
+    fn arm(&mut self, cut: Cut) {
+        if self.armed.is_none() {
+            self.fault
+                .set_config(FaultConfig::after(u64::from(cut.after)));
+            self.armed = Some(if cut.kill {
+                Crash::Kill
+            } else {
+                Crash::Power(cut.seed)
+            });
+        }
+    }
+
+    /// The name of the model's snapshot `pick % (n + 1)`, or an unknown one.
+    fn pick(&self, pick: u8) -> (Option<usize>, String) {
+        let i = usize::from(pick) % (self.snaps.len() + 1);
+        match self.snaps.get(i) {
+            Some((name, _)) => (Some(i), name.clone()),
+            None => (None, "unknown".to_string()),
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.snaps.iter().any(|(n, _)| n == name)
+    }
+
+    /// Runs a snapshot operation: `refused` says it must fail with `InvalidInput` and change
+    /// nothing; otherwise `done` is the outcome if it happens (the model is the outcome if
+    /// it does not).
+    fn snapshot_op(
+        &mut self,
+        what: &str,
+        refused: bool,
+        done: Outcome,
+        call: impl FnOnce(&Volume) -> qvol_core::Result<()>,
+    ) -> Result<(), TestCaseError> {
+        let before = self.fault.failures();
+        let r = call(self.vol());
+        if refused {
+            return match r {
+                Err(e) if e.kind() == ErrorKind::InvalidInput => Ok(()),
+                Err(e) => self.on_error(what, e),
+                Ok(()) => Err(self.fail(format!("{what} should have been refused"))),
+            };
+        }
+        match r {
+            Ok(()) => {
+                match done.live {
+                    Live::History => {}
+                    Live::Durable => self.model.make_durable(),
+                    Live::Exact(image) => self.model.reset_to(&image),
+                }
+                self.snaps = done.snaps;
+                self.mark = self.model.version_counts();
+                match self.armed {
+                    // Only what follows the commit's sync may fail unnoticed (punching the
+                    // freed blocks, best effort): the operation is done, and the storage
+                    // is dead from now on.
+                    Some(how) if self.fault.failures() > before => {
+                        self.log
+                            .push(format!("  -> {what} Ok after a storage failure; {how:?}"));
+                        self.crash(how)
+                    }
+                    Some(_) => Ok(()),
+                    // The operation committed: the accounting is exact right away.
+                    None => self.verify_clean(&format!("after {what}")),
+                }
+            }
+            Err(e) => {
+                self.interrupted = Some(done);
+                let r = self.on_error(what, e);
+                self.interrupted = None;
+                r
+            }
         }
     }
 
@@ -183,6 +452,7 @@ impl Harness {
         if self.log.len() > 40 {
             self.log.remove(0);
         }
+        self.mark = self.model.version_counts();
         match *op {
             Op::Write {
                 sector,
@@ -237,18 +507,60 @@ impl Harness {
                 Err(e) => return self.on_error("commit", e),
             },
             Op::PowerLoss { seed } => self.power_loss(seed)?,
-            Op::ProcessCrash => {
-                let image = self.disk.process_crash();
-                self.reopen_on(image)?;
-                self.model
-                    .check_current(self.vol())
-                    .map_err(|m| self.fail(m))?;
-            }
-            Op::CrashAfterOps { after, seed } => {
-                if self.armed.is_none() {
-                    self.fault.set_config(FaultConfig::after(u64::from(after)));
-                    self.armed = Some(seed);
+            Op::ProcessCrash => self.crash(Crash::Kill)?,
+            Op::CrashAfterOps { after, seed, kill } => self.arm(Cut { after, seed, kill }),
+            Op::CreateSnapshot { name, cut } => {
+                if let Some(c) = cut {
+                    self.arm(c);
                 }
+                let name = format!("s{name}");
+                let mut snaps = self.snaps.clone();
+                snaps.push((name.clone(), Arc::new(self.model.image())));
+                let done = Outcome {
+                    snaps,
+                    live: Live::Durable,
+                };
+                let refused = self.has(&name);
+                self.snapshot_op("create_snapshot", refused, done, |v| {
+                    v.create_snapshot(&name).map(|_| ())
+                })?;
+            }
+            Op::DeleteSnapshot { pick, cut } => {
+                if let Some(c) = cut {
+                    self.arm(c);
+                }
+                let (i, name) = self.pick(pick);
+                let mut snaps = self.snaps.clone();
+                if let Some(i) = i {
+                    snaps.remove(i);
+                }
+                let done = Outcome {
+                    snaps,
+                    live: Live::Durable,
+                };
+                self.snapshot_op("delete_snapshot", i.is_none(), done, |v| {
+                    v.delete_snapshot(&name).map(|_| ())
+                })?;
+            }
+            Op::Revert { pick, keep, cut } => {
+                if let Some(c) = cut {
+                    self.arm(c);
+                }
+                let (i, name) = self.pick(pick);
+                let keep = keep.map(|k| format!("s{k}"));
+                let refused = i.is_none() || keep.as_deref().is_some_and(|k| self.has(k));
+                let mut snaps = self.snaps.clone();
+                if let Some(k) = &keep {
+                    snaps.push((k.clone(), Arc::new(self.model.image())));
+                }
+                let target = i.map_or_else(Image::default, |i| self.snaps[i].1.clone());
+                let done = Outcome {
+                    snaps,
+                    live: Live::Exact(target),
+                };
+                self.snapshot_op("revert_to_snapshot", refused, done, |v| {
+                    v.revert_to_snapshot(&name, keep.as_deref())
+                })?;
             }
             Op::Reopen => {
                 let vol = self.vol.take().expect("open");
@@ -256,7 +568,7 @@ impl Harness {
                     // close commits: with an armed fault it may fail like anything else.
                     self.vol = None;
                     return match self.armed {
-                        Some(seed) if self.fault.failures() > 0 => self.power_loss(seed),
+                        Some(how) if self.fault.failures() > 0 => self.crash(how),
                         _ => Err(self.fail(format!("close failed: {e:?}"))),
                     };
                 }
@@ -265,11 +577,8 @@ impl Harness {
                     return Err(self.fail("close returned Ok after a storage failure".into()));
                 }
                 self.model.make_durable();
-                let image = self.disk.process_crash();
-                self.reopen_on(image)?;
-                self.model
-                    .check_current(self.vol())
-                    .map_err(|m| self.fail(m))?;
+                self.mark = self.model.version_counts();
+                self.crash(Crash::Kill)?;
             }
         }
         Ok(())
@@ -301,8 +610,13 @@ proptest! {
         // And the recovered state is stable: a clean close and reopen keeps it.
         let vol = h.vol.take().expect("open");
         vol.close().map_err(|e| TestCaseError::fail(format!("close after recovery: {e:?}")))?;
-        let image = h.disk.process_crash();
-        h.reopen_on(image)?;
+        h.mark = h.model.version_counts();
+        h.crash(Crash::Kill)?;
+        // Deleting every snapshot leaves exactly the live disk's blocks in use.
+        for (name, _) in std::mem::take(&mut h.snaps) {
+            h.vol().delete_snapshot(&name).map_err(|e| h.fail(format!("delete {name}: {e:?}")))?;
+        }
+        h.verify_clean("after deleting every snapshot")?;
         h.model.check_current(h.vol()).map_err(|m| h.fail(m))?;
     }
 }

@@ -183,6 +183,50 @@ impl BlockHistory {
         Ok(())
     }
 
+    /// How many versions each block has now (a mark to pass to [`Self::check_from`]).
+    pub fn version_counts(&self) -> Vec<usize> {
+        self.blocks.iter().map(Vec::len).collect()
+    }
+
+    /// After a kill -9 in the middle of an operation: every block of `vol` must read as the
+    /// version it had at `mark` (from [`Self::version_counts`], taken when the operation
+    /// began) or as a later one. The versions after the one read are dropped (they never
+    /// landed); the older ones stay (what was not synced may still be lost).
+    pub fn check_after_kill(&mut self, vol: &Volume, mark: &[usize]) -> Result<(), String> {
+        assert_eq!(mark.len(), self.len(), "a mark of this history");
+        for (lbn, &count) in mark.iter().enumerate() {
+            let got = read_block(vol, lbn as u64)
+                .map_err(|e| format!("block {lbn} fails to read after a kill: {e:?}"))?;
+            let first = count.max(1) - 1;
+            match self.blocks[lbn][first..].iter().rposition(|v| *v == got) {
+                Some(i) => self.blocks[lbn].truncate(first + i + 1),
+                None => {
+                    return Err(format!(
+                        "block {lbn} reads as none of its versions {first}.. after a kill \
+                         (it is version {:?} of {})",
+                        self.version_of(lbn, &got),
+                        self.versions(lbn)
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole disk as it reads now.
+    pub fn image(&self) -> Vec<u8> {
+        (0..self.len())
+            .flat_map(|lbn| self.current(lbn).to_vec())
+            .collect()
+    }
+
+    /// The disk becomes `image` (a whole disk), durable.
+    pub fn reset_to(&mut self, image: &[u8]) {
+        for (lbn, versions) in self.blocks.iter_mut().enumerate() {
+            *versions = vec![image[lbn * BS..(lbn + 1) * BS].to_vec()];
+        }
+    }
+
     /// Every block of `vol` must read as its current version.
     pub fn check_current(&self, vol: &Volume) -> Result<(), String> {
         for lbn in 0..self.len() {
