@@ -49,6 +49,21 @@ impl StreamHead {
         get_array(&self.header_area, 16)
     }
 
+    /// The sender's header and keyslots, as [`crate::read_header`] reads an image's: to
+    /// find the keyslot that unwraps the volume key before any image exists.
+    pub fn header_info(&self) -> Result<crate::HeaderInfo> {
+        let header = decode_header(&self.header_area[..BS])?;
+        Ok(crate::HeaderInfo {
+            format_version: header.version,
+            log_len: header.log_len,
+            volume_id: header.volume_id,
+            suite: header.suite,
+            size: header.size,
+            name: header.name,
+            keyslots: decode_keyslots(&self.header_area[BS..])?,
+        })
+    }
+
     /// What a new image receiving the stream is created with.
     pub fn create_options(&self) -> Result<crate::CreateOptions> {
         let header = decode_header(&self.header_area[..BS])?;

@@ -21,7 +21,9 @@ mod keystore;
 mod nbd;
 mod progress;
 mod qemu_img;
+mod recv;
 mod rekey;
+mod send;
 mod snapshot;
 mod stats;
 mod upgrade;
@@ -83,6 +85,11 @@ enum Command {
     /// Verify every block of the disk and its snapshots and the space accounting (exit 1
     /// when damaged); optionally salvage the readable blocks to a raw file.
     Check(check::CheckArgs),
+    /// Write a snapshot as a stream (all of it, or what changed since an older one); needs
+    /// no key.
+    Send(send::SendArgs),
+    /// Receive a stream: a full one creates the image, an incremental one adds to it.
+    Recv(recv::RecvArgs),
     /// Request statistics and state of a served image, from its daemon's control socket.
     Stats(stats::StatsArgs),
     /// VMs whose disks are qvol volumes: new, start, stop, info, list, migrate.
@@ -117,6 +124,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Stats(args) => stats::run(args),
         Command::Snapshot { command } => snapshot::run(command),
         Command::Check(args) => check::run(args),
+        Command::Send(args) => send::run(args),
+        Command::Recv(args) => recv::run(args),
         Command::Upgrade(args) => upgrade::run(args),
         Command::Nbd(args) => nbd::run(args),
     }
