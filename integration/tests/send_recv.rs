@@ -290,8 +290,21 @@ fn snapshots_go_to_another_host_and_serve_there() {
     assert_eq!(snapshot_names(&b, &dst), ["s1"]);
     reads_as(&b, &dst, 1, "recv1");
 
-    // The first incremental from a file, the second on stdin.
-    let run = b.qvol(["recv", s(&dst), "-i", s(&inc2)]).success();
+    // The disk changed since s1: refused, unless --force discards the change. The first
+    // incremental from a file, the second on stdin.
+    let daemon = b.start_daemon(&dst, "change", &[]).unwrap();
+    {
+        let mut c = daemon.client();
+        c.write(0, &pattern::make(8192, 0, 7)).unwrap();
+        c.flush().unwrap();
+    }
+    daemon.stop();
+    b.qvol(["recv", s(&dst), "-i", s(&inc2)])
+        .one_sentence_error("qvol", "changed since the stream's base");
+    assert_eq!(snapshot_names(&b, &dst), ["s1"]);
+    let run = b
+        .qvol(["recv", s(&dst), "-i", s(&inc2), "--force"])
+        .success();
     assert!(run.stdout.contains("incremental from"), "{run:#?}");
     reads_as(&b, &dst, 2, "recv2");
     let run = qvol_io(&b, &["recv", s(&dst)], Some(&inc3), None);
@@ -439,4 +452,57 @@ fn send_refuses_unknown_snapshots_and_existing_files() {
         .success();
     assert!(fs::metadata(&sent).unwrap().len() > HEAD_LEN as u64);
     daemon.stop();
+}
+
+#[test]
+fn a_passphrase_slot_in_the_stream_receives_without_the_key() {
+    let a = Fixture::new();
+    let key = a.new_key("vm");
+    let image = source(&a, &key, "src.qvol");
+    let pass = a.path("slot-pass");
+    fs::write(&pass, "a slot passphrase\n").unwrap();
+    a.qvol([
+        "keyslot",
+        "add",
+        s(&image),
+        "--slot-passphrase-file",
+        s(&pass),
+    ])
+    .success();
+    let full = a.path("s1.stream");
+    a.qvol(["send", s(&image), "--snapshot", "s1", "-o", s(&full)])
+        .success();
+
+    // A host whose keystore lacks the key: refused, unless the passphrase unlocks.
+    let b = Fixture::new();
+    let dst = b.path("dst.qvol");
+    b.qvol(["recv", s(&dst), "-i", s(&full)])
+        .one_sentence_error("qvol", "no keyslot of the stream opens");
+    assert!(!dst.exists() && !b.path("dst.qvol.partial").exists());
+    let run = b
+        .qvol([
+            "recv",
+            s(&dst),
+            "-i",
+            s(&full),
+            "--unlock-passphrase-file",
+            s(&pass),
+        ])
+        .success();
+    assert!(run.stdout.contains("not recorded"), "{run:#?}");
+    assert!(run.stderr.contains("qvol keyslot add"), "{run:#?}");
+
+    // A keyslot for a key of this keystore records it; its daemon serves it.
+    let key_b = b.new_key("vm-b");
+    b.qvol([
+        "keyslot",
+        "add",
+        s(&dst),
+        "--key",
+        &key_b,
+        "--unlock-passphrase-file",
+        s(&pass),
+    ])
+    .success();
+    reads_as(&b, &dst, 1, "passphrase-received");
 }

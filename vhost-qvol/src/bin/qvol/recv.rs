@@ -211,8 +211,11 @@ fn into_new(
         None => {
             log::warn!(
                 "volume {} ({}) is recorded in no keystore (no recipient slot of the stream is \
-                 for a key of this one): its freshness cannot be checked",
+                 for a key of this one), so no daemon serves it yet: `qvol keyslot add {} --key \
+                 KEY_ID` with the same unlock flags adds a slot for a key of this keystore and \
+                 records it",
                 volume_id_hex(&id),
+                image.display(),
                 image.display()
             );
             format!("new volume {}, not recorded", volume_id_hex(&id))
