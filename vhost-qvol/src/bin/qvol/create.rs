@@ -40,7 +40,7 @@ pub struct CreateArgs {
 }
 
 /// Removes the half-made image unless disarmed: a failed create leaves no file behind.
-struct RemoveOnFailure<'a>(Option<&'a Path>);
+pub struct RemoveOnFailure<'a>(pub Option<&'a Path>);
 
 impl Drop for RemoveOnFailure<'_> {
     fn drop(&mut self) {

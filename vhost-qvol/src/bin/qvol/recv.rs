@@ -20,6 +20,7 @@ use vhost_qvol::open::{read_image_header, state_of, volume_id_hex};
 use vhost_qvol::volume_disk::error_chain;
 
 use crate::access::{open_for_change, record_wraps, Handle, UnlockArgs};
+use crate::create::RemoveOnFailure;
 use crate::keystore::KeystoreArgs;
 use crate::send::{partial_path, Meter};
 
@@ -98,17 +99,6 @@ fn open_stream(input: Option<&Path>) -> anyhow::Result<(Box<dyn Read>, String)> 
             )
         }
     })
-}
-
-/// Removes the half-made image unless disarmed.
-struct RemoveOnFailure<'a>(Option<&'a Path>);
-
-impl Drop for RemoveOnFailure<'_> {
-    fn drop(&mut self) {
-        if let Some(path) = self.0 {
-            let _ = fs::remove_file(path);
-        }
-    }
 }
 
 /// Creates `args.image` from a full stream: built as `IMAGE.partial`, recorded in the
