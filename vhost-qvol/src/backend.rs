@@ -20,7 +20,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -146,18 +146,33 @@ impl BlkBackend {
         let Some(worker) = self.device.workers.get(queue) else {
             return Err(format!("no worker for queue {queue}"));
         };
-        let mem = self.mem.memory();
         let settings = DeviceSettings {
             read_only: self.device.read_only,
             writeback: self.device.writeback.load(Ordering::Relaxed),
             serial: &self.device.serial,
         };
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
+            // Guest memory as it is now, for each request: the frontend may add regions while
+            // the queue runs (libblkio maps its I/O buffers after starting the device), and it
+            // makes a request that uses one available only after the region was added. A
+            // view loaded before the pop can predate the region (this loop may have started
+            // before it, e.g. on a spurious kick): such a chain reads as invalid and is
+            // dropped with no status written, which a driver whose status byte was 0 takes for
+            // success. So the view must be at least as new as the request: if the memory
+            // changed around the pop, the chain is popped again with the new view.
+            let mem = self.mem.memory();
+            let chain = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                let Some(chain) = queue.pop_descriptor_chain(mem.clone()) else {
+                    break;
+                };
+                if !std::ptr::eq(&*mem, &*self.mem.memory()) {
+                    queue.go_to_previous_position();
+                    continue;
+                }
+                chain
+            };
             let head = chain.head_index();
             // Held from the disk operation until the guest is told: see Device::quiesce.
             let mut worker = lock(worker);
@@ -323,6 +338,11 @@ impl VhostUserBackend for BlkBackend {
 mod tests {
     use super::*;
     use crate::disk::MemDisk;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MmapRegion};
 
     fn backend(read_only: bool, queues: u16) -> BlkBackend {
         let disk = Arc::new(MemDisk::new(1 << 20, read_only));
@@ -359,6 +379,131 @@ mod tests {
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         ));
         assert!(b.max_queue_size() >= 256);
+    }
+
+    /// A disk that runs `hook` once, at the start of its first write: the frontend acting
+    /// while a queue worker is inside its loop.
+    struct HookDisk {
+        inner: MemDisk,
+        hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl Disk for HookDisk {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+            self.inner.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+            if let Some(hook) = self.hook.lock().unwrap().take() {
+                hook();
+            }
+            self.inner.write_at(offset, data)
+        }
+        fn flush(&self) -> Result<(), DiskError> {
+            self.inner.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+            self.inner.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+    }
+
+    /// The three descriptors of a one-buffer write request at table index `at`.
+    fn write_chain(hdr: u64, data: u64, status: u64, at: u16) -> [RawDescriptor; 3] {
+        let next = VRING_DESC_F_NEXT as u16;
+        [
+            Descriptor::new(hdr, 16, next, at + 1).into(),
+            Descriptor::new(data, 4096, next, at + 2).into(),
+            Descriptor::new(status, 1, VRING_DESC_F_WRITE as u16, 0).into(),
+        ]
+    }
+
+    fn write_header(mem: &GuestMemoryMmap, at: u64, sector: u64) {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(at)).unwrap();
+    }
+
+    /// libblkio adds its I/O buffers as a memory region after the device started; a request
+    /// using that region, made available while the queue's worker is already in its loop
+    /// (which began with the older memory table), must be served, not dropped as an
+    /// invalid chain with no status written (which libblkio, its status byte 0, took for a
+    /// successful write: the data was silently lost).
+    #[test]
+    fn a_request_in_a_region_added_while_the_queue_runs_is_served() {
+        const HDR1: u64 = 0x1_0000;
+        const DATA1: u64 = 0x2_0000;
+        const STATUS1: u64 = 0x3_0000;
+        const HDR2: u64 = 0x1_1000;
+        const STATUS2: u64 = 0x3_1000;
+        const LATE: u64 = 0x10_0000;
+        let first = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(first.clone());
+        let mock = MockSplitQueue::new(&first, 16);
+        write_header(&first, HDR1, 0);
+        first
+            .write_slice(&[0x11; 4096], GuestAddress(DATA1))
+            .unwrap();
+        first.write_slice(&[0xee], GuestAddress(STATUS1)).unwrap();
+        mock.add_desc_chains(&write_chain(HDR1, DATA1, STATUS1, 0), 0)
+            .unwrap();
+        let (desc, avail) = (mock.desc_table_addr().0, mock.avail_addr().0);
+        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(desc, avail, mock.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+
+        // While request 1 is served: the frontend adds a region (as the vhost-user handler
+        // does on ADD_MEM_REG, before its acknowledgement), then makes request 2 available.
+        let frontend = atomic.clone();
+        let hook = move || {
+            let late = GuestRegionMmap::new(MmapRegion::new(0x1_0000).unwrap(), GuestAddress(LATE))
+                .unwrap();
+            let mem = frontend.memory().insert_region(Arc::new(late)).unwrap();
+            frontend.lock().unwrap().replace(mem);
+            let mem = frontend.memory();
+            write_header(&mem, HDR2, 8);
+            mem.write_slice(&[0x5a; 4096], GuestAddress(LATE)).unwrap();
+            mem.write_slice(&[0xee], GuestAddress(STATUS2)).unwrap();
+            for (i, d) in write_chain(HDR2, LATE, STATUS2, 3).into_iter().enumerate() {
+                mem.write_obj(d, GuestAddress(desc + 16 * (3 + i as u64)))
+                    .unwrap();
+            }
+            mem.write_obj(3u16.to_le(), GuestAddress(avail + 4 + 2))
+                .unwrap();
+            mem.write_obj(2u16.to_le(), GuestAddress(avail + 2))
+                .unwrap();
+        };
+        let disk = Arc::new(HookDisk {
+            inner: MemDisk::new(1 << 20, false),
+            hook: Mutex::new(Some(Box::new(hook))),
+        });
+        let device = Arc::new(Device::new(disk.clone(), false, [0; 20], 1));
+        let backend = BlkBackend::new(device, atomic.clone());
+        backend.process_queue(0, &vring).unwrap();
+
+        let mem = atomic.memory();
+        let status = |at| mem.read_obj::<u8>(GuestAddress(at)).unwrap();
+        assert_eq!(status(STATUS1), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            status(STATUS2),
+            VIRTIO_BLK_S_OK as u8,
+            "request 2 was not completed with a status"
+        );
+        let data = disk.inner.contents();
+        assert!(data[..4096].iter().all(|&b| b == 0x11));
+        assert!(
+            data[4096..8192].iter().all(|&b| b == 0x5a),
+            "request 2's data did not reach the disk"
+        );
     }
 
     #[test]
