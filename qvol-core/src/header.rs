@@ -31,7 +31,7 @@ pub struct Header {
     pub name: String,
     /// `BLAKE3-keyed(K_check, ...)`: tells a wrong key from a tampered image.
     pub key_check: [u8; 32],
-    /// Feature flags (offset 104): [`FEATURE_PORTABLE_NODES`] in version 4.
+    /// Feature flags (offset 104): bit 0 = portable node MACs (format version 4).
     pub features: u32,
 }
 
