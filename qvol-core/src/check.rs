@@ -63,6 +63,9 @@ struct Walk<'a> {
     st: &'a dyn Storage,
     vol: &'a Volume,
     used: HashMap<u64, Place>,
+    /// The damage found under each block (a node's whole subtree), so that every tree
+    /// sharing it is named.
+    damaged: HashMap<u64, Vec<(Option<u64>, u64, String)>>,
     report: CheckReport,
     progress: &'a mut dyn FnMut(u64, u64),
     done: u64,
@@ -89,10 +92,16 @@ impl Walk<'_> {
         });
     }
 
-    /// Records `pbn` at `place`; false if it was seen there already (a shared subtree).
+    /// Records `pbn` at `place`; false if it was seen there already (a shared subtree,
+    /// whose damage, if any, is then listed for this tree too).
     fn claim(&mut self, tree: &str, pbn: u64, place: Place) -> bool {
         match self.used.get(&pbn) {
-            Some(p) if *p == place => false,
+            Some(p) if *p == place => {
+                for (first, blocks, what) in self.damaged.get(&pbn).cloned().unwrap_or_default() {
+                    self.damage(tree, first, blocks, what);
+                }
+                false
+            }
             Some(p) => {
                 let what = format!("block {pbn} is used twice ({p:?} and {place:?})");
                 self.damage(tree, None, 0, what);
@@ -123,11 +132,14 @@ impl Walk<'_> {
             Ok(p) => p,
             Err(e) => {
                 let blocks = span.min(self.vol.blocks.saturating_sub(first));
+                self.damaged
+                    .insert(ptr.pbn, vec![(Some(first), blocks, e.to_string())]);
                 self.damage(tree, Some(first), blocks, e.to_string());
                 return;
             }
         };
         self.report.nodes += 1;
+        let before = self.report.damage.len();
         for i in 0..FANOUT as usize {
             let lbn = first + i as u64 * span / FANOUT;
             if level == 0 {
@@ -144,6 +156,14 @@ impl Walk<'_> {
                     Err(e) => self.damage(tree, Some(lbn), span / FANOUT, e.to_string()),
                 }
             }
+        }
+        if self.report.damage.len() > before {
+            let below = self.report.damage[before..]
+                .iter()
+                .filter(|d| d.tree == tree)
+                .map(|d| (d.first_lbn, d.blocks, d.what.clone()))
+                .collect();
+            self.damaged.insert(ptr.pbn, below);
         }
     }
 
@@ -167,6 +187,8 @@ impl Walk<'_> {
         self.tick(1);
         if !ok {
             let what = format!("data block {} fails its tag: changed or replaced", e.pbn);
+            self.damaged
+                .insert(e.pbn, vec![(Some(lbn), 1, what.clone())]);
             self.damage(tree, Some(lbn), 1, what);
         }
     }
@@ -218,6 +240,7 @@ impl Volume {
             st,
             vol: self,
             used: HashMap::new(),
+            damaged: HashMap::new(),
             report: CheckReport::default(),
             progress,
             done: 0,

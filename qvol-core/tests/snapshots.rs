@@ -245,3 +245,35 @@ fn random_snapshot_histories_keep_content_and_exact_accounting() {
         );
     }
 }
+
+/// Damage in a node the live disk and a snapshot share is listed for both.
+#[test]
+fn check_names_every_tree_that_shares_a_damaged_node() {
+    let st = Arc::new(MemStorage::new());
+    let vol = common::create(st.clone() as Arc<dyn Storage>, SIZE);
+    for lbn in 0..10 {
+        vol.write_at(lbn * 4096, &block(lbn)).unwrap();
+    }
+    vol.create_snapshot("a").unwrap();
+    vol.close().unwrap();
+    let mut image = st.to_vec();
+    let layout = common::layout::Layout::read(&image);
+    let leaf = layout
+        .map_nodes
+        .iter()
+        .find(|n| n.level == 0)
+        .expect("a map leaf");
+    image[leaf.pbn as usize * 4096 + 100] ^= 1;
+    let st = Arc::new(MemStorage::from_bytes(image));
+    let vol = Volume::open(st as Arc<dyn Storage>, &common::key(1), true).unwrap();
+    let report = vol.check(&mut |_, _| {}).unwrap();
+    let trees: Vec<&str> = report.damage.iter().map(|d| d.tree.as_str()).collect();
+    assert!(
+        trees.contains(&"live") && trees.contains(&"snapshot a"),
+        "{report:#?}"
+    );
+    assert!(report
+        .damage
+        .iter()
+        .all(|d| d.first_lbn == Some(0) && d.blocks == 64));
+}
