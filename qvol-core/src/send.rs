@@ -131,7 +131,7 @@ fn keyless_table(st: &dyn Storage, sb: &Superblock) -> Result<Vec<(Snapshot, Vec
     let mut blocks = 0;
     while ptr.pbn != 0 {
         blocks += 1;
-        if blocks > crate::snapshot::MAX_SNAPSHOTS {
+        if blocks > crate::snapshot::MAX_SNAPSHOTS / crate::snapshot::PER_BLOCK {
             return Err(Error::corrupt("the snapshot table loops"));
         }
         let page = read_raw(st, ptr.pbn)?;
@@ -192,6 +192,17 @@ pub fn send_snapshot(
             })
     };
     let (snap, entry) = find(name)?;
+    // The image is not verified: its map must at least fit the disk it claims, so that a
+    // crafted one cannot make the walk (and the stream) endless.
+    let blocks = header.size / BLOCK_SIZE;
+    if snap.map_height != tree_height(blocks, FANOUT) {
+        return Err(Error::corrupt(format!(
+            "snapshot {name:?} has a map of height {}, not the {} of a disk of {} bytes",
+            snap.map_height,
+            tree_height(blocks, FANOUT),
+            header.size
+        )));
+    }
     let base = match from {
         Some(f) => {
             let (b, _) = find(f)?;
@@ -200,6 +211,11 @@ pub fn send_snapshot(
                     ErrorKind::InvalidInput,
                     format!("snapshot {f:?} is not older than {name:?}"),
                 ));
+            }
+            if b.map_height != snap.map_height {
+                return Err(Error::corrupt(format!(
+                    "snapshots {f:?} and {name:?} have maps of different heights"
+                )));
             }
             Some(b)
         }
@@ -227,6 +243,7 @@ pub fn send_snapshot(
     let mut sum = SendSummary::default();
     let mut sender = Sender {
         st,
+        blocks,
         w: &mut w,
         sum: &mut sum,
         progress,
@@ -248,6 +265,8 @@ pub fn send_snapshot(
 
 struct Sender<'a, W> {
     st: &'a dyn Storage,
+    /// Logical blocks of the disk: no node or data record lies beyond them.
+    blocks: u64,
     w: &'a mut Hashing<W>,
     sum: &'a mut SendSummary,
     progress: &'a mut dyn FnMut(u64),
@@ -259,6 +278,14 @@ impl<W: Write> Sender<'_, W> {
     fn node(&mut self, level: u8, index: u64, ptr: NodePtr, base: Option<NodePtr>) -> Result<()> {
         if ptr.pbn == 0 || base.is_some_and(|b| b.pbn != 0 && b.pmac == ptr.pmac) {
             return Ok(());
+        }
+        let first = FANOUT
+            .checked_pow(u32::from(level) + 1)
+            .and_then(|span| index.checked_mul(span));
+        if first.is_none_or(|first| first >= self.blocks) {
+            return Err(Error::corrupt(format!(
+                "map node {index} at level {level} lies beyond the end of the disk"
+            )));
         }
         let page = read_raw(self.st, ptr.pbn)?;
         decode_map_node(&page[..], level)?;
@@ -283,10 +310,16 @@ impl<W: Write> Sender<'_, W> {
                 if e.pbn == 0 || same {
                     continue;
                 }
+                let lbn = index * FANOUT + i as u64;
+                if lbn >= self.blocks {
+                    return Err(Error::corrupt(format!(
+                        "logical block {lbn} lies beyond the end of the disk"
+                    )));
+                }
                 let data = read_raw(self.st, e.pbn)?;
                 let mut head = [0u8; 9];
                 head[0] = REC_DATA;
-                put_u64(&mut head, 1, index * FANOUT + i as u64);
+                put_u64(&mut head, 1, lbn);
                 self.w.put(&head)?;
                 self.w.put(&data[..])?;
                 self.sum.data_blocks += 1;

@@ -24,7 +24,7 @@ use crate::volume::Volume;
 /// `"QVOLSNP4"`: the magic of a snapshot table block.
 const TABLE_MAGIC: [u8; 8] = *b"QVOLSNP4";
 /// Entries per table block.
-const PER_BLOCK: usize = 10;
+pub(crate) const PER_BLOCK: usize = 10;
 /// Bytes of one entry.
 const ENTRY_BYTES: usize = crate::send::ENTRY_LEN;
 /// Where the entries start in a table block.

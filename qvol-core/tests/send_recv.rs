@@ -200,3 +200,69 @@ fn damaged_reordered_and_foreign_streams_are_refused() {
     assert!(read_stream_head(&mut &b"hello"[..]).is_err());
     assert!(read_stream_head(&mut &vec![0u8; 50_000][..]).is_err());
 }
+
+/// A writer that fails once `limit` bytes went through it.
+struct Capped {
+    written: usize,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.written += buf.len();
+        if self.written > self.limit {
+            return Err(std::io::Error::other("the stream is longer than the disk"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Points every entry of the map node at `pbn` to `pbn` itself, and gives the first
+/// snapshot's entry map height `height` (keyless edits: `send` does not verify MACs).
+fn looping_image(height: u8) -> Arc<MemStorage> {
+    let st = Arc::new(MemStorage::new());
+    let vol = common::create(st.clone() as Arc<dyn Storage>, SIZE);
+    vol.write_at(0, &block(1)).unwrap();
+    vol.create_snapshot("s").unwrap();
+    vol.close().unwrap();
+    let mut img = st.to_vec();
+    let sb = [9usize, 10]
+        .iter()
+        .filter_map(|&b| qvol_core::Superblock::decode(&img[b * 4096..b * 4096 + 512]).ok())
+        .max_by_key(|sb| sb.generation)
+        .unwrap();
+    let table = sb.snapshots.pbn as usize * 4096;
+    let root = u64::from_le_bytes(img[table + 64 + 40..][..8].try_into().unwrap());
+    img[table + 64 + 36] = height;
+    let node = root as usize * 4096;
+    img[node..node + 4096].fill(0);
+    for e in 0..64 {
+        img[node + e * 64..][..8].copy_from_slice(&root.to_le_bytes());
+    }
+    Arc::new(MemStorage::from_bytes(img))
+}
+
+#[test]
+fn a_hostile_image_cannot_make_send_walk_forever() {
+    // A snapshot whose map claims height 8 over a node that points to itself: a walk of
+    // 64^9 entries. The stream of a 16 MiB disk is never much more than 16 MiB.
+    for height in [8u8, 1] {
+        let st = looping_image(height);
+        let mut out = Capped {
+            written: 0,
+            limit: 2 * SIZE as usize,
+        };
+        let result = send_snapshot(&*st, "s", None, &mut out, &mut |_| {});
+        if let Err(e) = &result {
+            assert_ne!(
+                e.kind(),
+                ErrorKind::Io,
+                "height {height}: send walked past the disk's size: {e}"
+            );
+        }
+        assert!(out.written <= 2 * SIZE as usize, "height {height}");
+    }
+}
