@@ -305,6 +305,12 @@ fn status(control: &Control) -> Value {
         "allocated_bytes": info.allocated_bytes,
         "log_records": info.log_records,
         "keyslots": info.keyslot_count,
+        "snapshots": control
+            .volume
+            .snapshots()
+            .iter()
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>(),
     })
 }
 

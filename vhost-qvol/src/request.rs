@@ -197,12 +197,12 @@ impl QueueWorker {
     {
         let head = chain.head_index();
         let reader = chain.clone().reader(mem);
-        let writer = chain.writer(mem);
+        let writer = chain.clone().writer(mem);
         let (mut reader, mut writer) = match (reader, writer) {
             (Ok(r), Ok(w)) => (r, w),
             (Err(e), _) | (_, Err(e)) => {
                 self.log_failure(head, &guest_error(Status::IoErr, format!("bad chain: {e}")));
-                return 0;
+                return fail_unreadable_chain(mem, chain);
             }
         };
         let writable = writer.available_bytes();
@@ -486,6 +486,29 @@ fn read_segments(reader: &mut Reader<'_>, discard: bool) -> Result<Vec<Segment>,
     Ok(segments)
 }
 
+/// A chain that cannot be read as a request still gets an I/O error status where it can: in
+/// the last byte of its last device-writable descriptor, if that byte is in guest memory. A
+/// driver whose status byte happened to be 0 (`VIRTIO_BLK_S_OK`) would otherwise take the
+/// unanswered request for a success. Returns the used length (1 if written, else 0).
+fn fail_unreadable_chain<M>(mem: &GuestMemoryMmap, chain: DescriptorChain<M>) -> u32
+where
+    M: Deref<Target = GuestMemoryMmap> + Clone,
+{
+    use vm_memory::{Bytes, GuestAddress};
+    let last = chain
+        .take(usize::from(u16::MAX))
+        .filter(|d| d.is_write_only() && d.len() > 0)
+        .last();
+    let Some(d) = last else { return 0 };
+    let Some(at) = d.addr().0.checked_add(u64::from(d.len()) - 1) else {
+        return 0;
+    };
+    match mem.write_obj(Status::IoErr.byte(), GuestAddress(at)) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,8 +701,13 @@ mod tests {
             Descriptor::new(0x1_0000_0000, 4096, w, 0).into(),
             Descriptor::new(STATUS, 1, w, 0).into(),
         ];
+        // The chain cannot be read, but its status byte still says so: left as it was, a 0
+        // there would read as success.
+        s.mem.write_slice(&[0], GuestAddress(STATUS)).unwrap();
         let chain = queue.build_desc_chain(&descs).unwrap();
-        assert_eq!(s.worker.process(&s.disk, settings, &s.mem, chain), 0);
+        assert_eq!(s.worker.process(&s.disk, settings, &s.mem, chain), 1);
+        s.mem.read_slice(&mut status, GuestAddress(STATUS)).unwrap();
+        assert_eq!(status[0], IOERR);
     }
 }
 

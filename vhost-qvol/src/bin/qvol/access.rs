@@ -461,8 +461,8 @@ pub fn is_busy(e: &anyhow::Error) -> bool {
 pub fn busy_sentence(image: &Path, e: anyhow::Error) -> anyhow::Error {
     if is_busy(&e) {
         anyhow!(
-            "{} is in use by a vhost-qvol (or another qvol): its keyslots cannot change while \
-             it is served; stop the daemon that serves it and run this again",
+            "{} is in use by a vhost-qvol that takes no changes through a control socket (or \
+             by another qvol): stop it and run this again",
             image.display()
         )
     } else {

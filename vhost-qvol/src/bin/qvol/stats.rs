@@ -43,6 +43,19 @@ pub fn run(args: StatsArgs) -> anyhow::Result<()> {
         format_size(v["allocated_bytes"].as_u64().unwrap_or(0)),
         format_size(v["size"].as_u64().unwrap_or(0))
     );
+    let snapshots: Vec<&str> = v["snapshots"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    println!(
+        "snapshots:    {}{}",
+        snapshots.len(),
+        if snapshots.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", snapshots.join(", "))
+        }
+    );
     println!("uptime:       {} s, {} errors", s["uptime_s"], s["errors"]);
     println!(
         "{:<13} {:>10} {:>12} {:>7} {:>9} {:>9} {:>9}",
