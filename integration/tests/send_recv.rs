@@ -299,8 +299,13 @@ fn snapshots_go_to_another_host_and_serve_there() {
         c.flush().unwrap();
     }
     daemon.stop();
+    let before = fs::read(&dst).unwrap();
     b.qvol(["recv", s(&dst), "-i", s(&inc2)])
         .one_sentence_error("qvol", "changed since the stream's base");
+    assert!(
+        fs::read(&dst).unwrap() == before,
+        "a receive refused for a changed disk wrote"
+    );
     assert_eq!(snapshot_names(&b, &dst), ["s1"]);
     let run = b
         .qvol(["recv", s(&dst), "-i", s(&inc2), "--force"])
@@ -379,7 +384,13 @@ fn damaged_reordered_and_foreign_streams_are_refused() {
         .enumerate()
     {
         let bad = with_byte_flipped(&a, &inc2, at, &format!("flip-inc{i}.stream"));
+        let before = fs::read(&dst).unwrap();
         unchanged(b.qvol(["recv", s(&dst), "-i", s(&bad)]), "");
+        if at < HEAD_LEN {
+            // A damaged head (a forged entry) is refused before the image is opened for
+            // writing.
+            assert!(fs::read(&dst).unwrap() == before, "flip at {at}: a refused receive wrote");
+        }
     }
     let dropped = with_record_dropped(&a, &inc2, "dropped-inc.stream");
     unchanged(b.qvol(["recv", s(&dst), "-i", s(&dropped)]), "stream");

@@ -408,20 +408,13 @@ pub fn read_stream_head(r: &mut dyn Read) -> Result<(StreamHead, blake3::Hasher)
 }
 
 impl Volume {
-    /// Receives the stream whose head is `head` (read by [`read_stream_head`], with the hash
-    /// state it returned) from `r`: builds the snapshot it carries, sharing what its base
-    /// holds, checks every node and data block against the MACs, and makes the live disk its
-    /// content. The live disk must not have changed since the base snapshot (or since the
-    /// volume was created, for a full stream), unless `force` discards those changes. On
-    /// any error nothing of the stream becomes reachable and the volume must be reopened.
-    pub fn receive(
-        &self,
-        head: &StreamHead,
-        hash: blake3::Hasher,
-        r: &mut dyn Read,
-        force: bool,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<Snapshot> {
+    /// Refuses a stream this volume cannot take, judging its head only: not a volume
+    /// created as version 4, another volume, an entry that fails its MAC, a snapshot the
+    /// volume has, a base it lacks, a disk changed since the base (or not empty, for a full
+    /// stream) without `force`, another map height. Also on a read-only open, so that a
+    /// caller can refuse before opening for writing (a writable open commits). Returns the
+    /// base snapshot.
+    pub fn check_stream(&self, head: &StreamHead, force: bool) -> Result<Option<Snapshot>> {
         self.check_usable()?;
         if !self.header.portable_nodes() {
             return Err(Error::new(
@@ -435,16 +428,14 @@ impl Volume {
                 "the stream is of another volume",
             ));
         }
-        let mut snap = head.snapshot.clone();
-        if blake3::Hash::from(entry_mac(&self.keys, &snap))
+        let snap = &head.snapshot;
+        if blake3::Hash::from(entry_mac(&self.keys, snap))
             != blake3::Hash::from(get_array::<32>(&head.entry, crate::snapshot::E_MAC))
         {
             return Err(Error::integrity(
                 "the stream's snapshot entry fails its MAC: the stream was changed or is not of this volume",
             ));
         }
-        let _gate = self.exclusive();
-        self.commit_locked(false)?;
         let list = self.snaps.lock().list.clone();
         if list
             .iter()
@@ -471,10 +462,12 @@ impl Volume {
                 )?),
             };
         let live = self.superblock().map_root;
-        let unchanged = match &base {
-            Some(b) => live.pmac == b.root.pmac && (live.pbn == 0) == (b.root.pbn == 0),
-            None => live.pbn == 0,
-        };
+        // Uncommitted changes (log records a read-only open replayed) are changes too.
+        let unchanged = !self.map.is_dirty()
+            && match &base {
+                Some(b) => live.pmac == b.root.pmac && (live.pbn == 0) == (b.root.pbn == 0),
+                None => live.pbn == 0,
+            };
         if !unchanged && !force {
             return Err(Error::new(
                 ErrorKind::Refused,
@@ -482,13 +475,44 @@ impl Volume {
                  or force the receive to discard those changes",
             ));
         }
-        let height = self.superblock().map_height;
-        if snap.map_height != height {
+        if snap.map_height != self.superblock().map_height {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 "the stream's map height differs from this volume's",
             ));
         }
+        if list.len() >= crate::snapshot::MAX_SNAPSHOTS {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "a volume has at most {} snapshots; delete one first",
+                    crate::snapshot::MAX_SNAPSHOTS
+                ),
+            ));
+        }
+        Ok(base)
+    }
+
+    /// Receives the stream whose head is `head` (read by [`read_stream_head`], with the hash
+    /// state it returned) from `r`: builds the snapshot it carries, sharing what its base
+    /// holds, checks every node and data block against the MACs, and makes the live disk its
+    /// content. The live disk must not have changed since the base snapshot (or since the
+    /// volume was created, for a full stream), unless `force` discards those changes. On
+    /// any error nothing of the stream becomes reachable and the volume must be reopened.
+    pub fn receive(
+        &self,
+        head: &StreamHead,
+        hash: blake3::Hasher,
+        r: &mut dyn Read,
+        force: bool,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Snapshot> {
+        self.check_usable()?;
+        let _gate = self.exclusive();
+        self.commit_locked(false)?;
+        let base = self.check_stream(head, force)?;
+        let mut snap = head.snapshot.clone();
+        let height = self.superblock().map_height;
         let mut rx = Receiver {
             vol: self,
             r: Hashed { inner: r, hash },

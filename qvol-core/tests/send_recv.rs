@@ -266,3 +266,47 @@ fn a_hostile_image_cannot_make_send_walk_forever() {
         assert!(out.written <= 2 * SIZE as usize, "height {height}");
     }
 }
+
+#[test]
+fn a_receive_into_a_full_table_is_refused_and_the_image_still_opens() {
+    let src = source();
+    let full = send(&src, "mon", None);
+    let inc1 = send(&src, "tue", Some("mon"));
+    let dst = Arc::new(MemStorage::new());
+    receive(&dst, &full).unwrap();
+    let vol = common::open(dst.clone() as Arc<dyn Storage>).unwrap();
+    for i in 1..qvol_core::MAX_SNAPSHOTS {
+        vol.create_snapshot(&format!("n{i}")).unwrap();
+    }
+    vol.revert_to_snapshot("mon", None).unwrap();
+    vol.close().unwrap();
+    let before = dst.to_vec();
+    let mut r: &[u8] = &inc1;
+    let (head, hash) = read_stream_head(&mut r).unwrap();
+    let vol = common::open(dst.clone() as Arc<dyn Storage>).unwrap();
+    let err = vol
+        .receive(&head, hash, &mut r, false, &mut |_| {})
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+    drop(vol);
+    let vol = common::open(dst.clone() as Arc<dyn Storage>).expect("the image still opens");
+    assert_eq!(vol.snapshots().len(), qvol_core::MAX_SNAPSHOTS);
+    // Judged read-only first, a refused stream changes nothing.
+    drop(vol);
+    let st = Arc::new(MemStorage::from_bytes(before.clone()));
+    let ro = Volume::open_with(
+        st.clone() as Arc<dyn Storage>,
+        &common::key(1),
+        OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        ro.check_stream(&head, false).unwrap_err().kind(),
+        ErrorKind::NoSpace
+    );
+    drop(ro);
+    assert!(st.to_vec() == before);
+}

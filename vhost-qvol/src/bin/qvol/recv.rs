@@ -274,7 +274,7 @@ fn into_existing(
     let mut base_name = None;
     let change = open_for_change(image, &args.keys, &args.unlock, false, |change| {
         if let Some(vol) = change.volume() {
-            base_name = judge(vol, head, image)?;
+            base_name = judge(vol, head, image, args.force)?;
         }
         Ok(true)
     })?
@@ -305,8 +305,15 @@ fn into_existing(
 }
 
 /// Refuses, on a read-only view, a stream the volume cannot take: one of a snapshot it has,
-/// or an incremental one whose base it lacks. Returns the base's name.
-fn judge(vol: &Volume, head: &StreamHead, image: &Path) -> anyhow::Result<Option<String>> {
+/// an incremental one whose base it lacks, and whatever else `Volume::check_stream` judges
+/// from the head (a forged entry, a disk changed since the base without `force`), so that a
+/// refused receive leaves the image as it was. Returns the base's name.
+fn judge(
+    vol: &Volume,
+    head: &StreamHead,
+    image: &Path,
+    force: bool,
+) -> anyhow::Result<Option<String>> {
     let snaps = vol.snapshots();
     let name = &head.snapshot.name;
     if snaps
@@ -318,17 +325,25 @@ fn judge(vol: &Volume, head: &StreamHead, image: &Path) -> anyhow::Result<Option
             image.display()
         );
     }
-    match head.base {
-        None => Ok(None),
+    let base = match head.base {
+        None => None,
         Some(guid) => match snaps.iter().find(|s| s.guid == guid) {
-            Some(base) => Ok(Some(base.name.clone())),
+            Some(base) => Some(base.name.clone()),
             None => bail!(
                 "the stream is incremental from a snapshot {} does not have (receive the \
                  streams in order); nothing was changed",
                 image.display()
             ),
         },
-    }
+    };
+    vol.check_stream(head, force).map_err(|e| {
+        anyhow!(
+            "cannot receive into {}: {}; nothing was changed",
+            image.display(),
+            error_chain(&e)
+        )
+    })?;
+    Ok(base)
 }
 
 fn served(image: &Path) -> String {
