@@ -389,7 +389,10 @@ fn damaged_reordered_and_foreign_streams_are_refused() {
         if at < HEAD_LEN {
             // A damaged head (a forged entry) is refused before the image is opened for
             // writing.
-            assert!(fs::read(&dst).unwrap() == before, "flip at {at}: a refused receive wrote");
+            assert!(
+                fs::read(&dst).unwrap() == before,
+                "flip at {at}: a refused receive wrote"
+            );
         }
     }
     let dropped = with_record_dropped(&a, &inc2, "dropped-inc.stream");
