@@ -101,7 +101,7 @@ fn create(t: &Target, name: &str, json: bool) -> anyhow::Result<()> {
                 image.display()
             );
         }
-        Ok(())
+        full(vol, image)
     })?;
     let made = match handle {
         Handle::Served(mut client) => client.execute("snapshot-create", json!({"name": name}))?,
@@ -186,6 +186,9 @@ fn revert(t: &Target, name: &str, keep: Option<&str>) -> anyhow::Result<()> {
                 "{} already has a snapshot named {keep:?} (--keep-current); nothing was changed",
                 image.display()
             );
+        }
+        if keep.is_some() {
+            full(vol, image)?;
         }
         Ok(())
     })?;
@@ -283,6 +286,19 @@ fn check_version(image: &Path) -> anyhow::Result<()> {
             image.display(),
             header.format_version,
             image.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a new snapshot of a volume that has the most it can.
+fn full(vol: &qvol_core::Volume, image: &Path) -> anyhow::Result<()> {
+    if vol.snapshots().len() >= qvol_core::MAX_SNAPSHOTS {
+        bail!(
+            "{} has {} snapshots, the most a volume can have: delete one first; nothing was \
+             changed",
+            image.display(),
+            qvol_core::MAX_SNAPSHOTS
         );
     }
     Ok(())
