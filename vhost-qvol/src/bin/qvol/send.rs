@@ -78,8 +78,8 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
 }
 
 /// Writes `path` through `write`: into `path.partial` (mode 0600, which must not exist),
-/// synced, then renamed; removed again when anything fails, so that a failed send leaves
-/// no `path`.
+/// synced, then linked to `path` (never over a file that appeared meanwhile) and unlinked;
+/// removed again when anything fails, so that a failed send leaves no `path`.
 fn to_file<T>(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> anyhow::Result<T>,
@@ -110,15 +110,14 @@ fn to_file<T>(
             .map_err(|e| anyhow!("cannot write {}: {}", partial.display(), e.error()))?;
         file.sync_all()
             .with_context(|| format!("cannot sync {}", partial.display()))?;
-        if fs::symlink_metadata(path).is_ok() {
-            bail!(
-                "{} appeared meanwhile; refusing to overwrite it",
+        // A link, unlike a rename, never replaces a file that appeared meanwhile.
+        fs::hard_link(&partial, path).with_context(|| {
+            format!(
+                "cannot name the stream {} (it must not exist)",
                 path.display()
-            );
-        }
-        fs::rename(&partial, path).with_context(|| {
-            format!("cannot rename {} to {}", partial.display(), path.display())
+            )
         })?;
+        let _ = fs::remove_file(&partial);
         Ok(value)
     })();
     if result.is_err() {
@@ -218,5 +217,15 @@ mod tests {
         to_file(&path, |out| Ok(out.write_all(b"whole")?)).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"whole");
         assert!(to_file(&path, |_| Ok(())).is_err(), "no overwrite");
+        // A file that appears while the stream is written is kept, and so is nothing else.
+        let late = dir.path().join("late.stream");
+        let err = to_file(&late, |out| {
+            fs::write(&late, b"someone else's")?;
+            Ok(out.write_all(b"stream")?)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("must not exist"), "{err:#}");
+        assert_eq!(fs::read(&late).unwrap(), b"someone else's");
+        assert!(!partial_path(&late).exists());
     }
 }
