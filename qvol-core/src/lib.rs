@@ -48,8 +48,8 @@ pub use layout::{
 pub use node::decode_map_node;
 pub use send::{read_stream_head, send_snapshot, SendSummary, StreamHead};
 pub use snapshot::{
-    validate_name as validate_snapshot_name, Snapshot, SnapshotUsage, MAX_SNAPSHOTS,
-    MAX_SNAPSHOT_NAME,
+    decode_snapshot_table_block, validate_name as validate_snapshot_name, Snapshot, SnapshotUsage,
+    MAX_SNAPSHOTS, MAX_SNAPSHOT_NAME,
 };
 pub use suite::CipherSuite;
 pub use superblock::Superblock;

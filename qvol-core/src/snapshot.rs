@@ -688,6 +688,13 @@ pub(crate) fn decode_table_block(b: &[u8]) -> Result<(Vec<Snapshot>, NodePtr)> {
     Ok((list, next))
 }
 
+/// Checks the structure of a snapshot table block (FORMAT.md §8.1) without any key: its
+/// entries and the pbn of the next block (0 = last). For fuzzing and corpus tests; an
+/// image's table is read only through its MACs.
+pub fn decode_snapshot_table_block(b: &[u8]) -> Result<(Vec<Snapshot>, u64)> {
+    decode_table_block(b).map(|(list, next)| (list, next.pbn))
+}
+
 /// Decodes one snapshot entry (FORMAT.md §8.1; [`ENTRY_BYTES`] bytes).
 pub(crate) fn decode_table_entry(e: &[u8]) -> Result<Snapshot> {
     let bad = |why: &str| Error::corrupt(format!("a snapshot entry {why}"));

@@ -186,3 +186,96 @@ fn open_survives_garbage_images() {
         assert!(qvol_core::read_header(&*storage).is_err());
     }
 }
+
+/// A real image with two snapshots, and the full stream of the second.
+fn image_with_snapshots() -> (Vec<u8>, Vec<u8>) {
+    let mem = Arc::new(MemStorage::new());
+    let vol = common::create(mem.clone(), 1 << 20);
+    vol.write_at(0, &common::pattern(1, 8192)).expect("write");
+    vol.create_snapshot("first").expect("snapshot");
+    vol.write_at(4096 * 70, &common::pattern(2, 4096))
+        .expect("write");
+    vol.create_snapshot("sëcond").expect("snapshot");
+    vol.close().expect("close");
+    let mut stream = Vec::new();
+    qvol_core::send_snapshot(&*mem, "sëcond", None, &mut stream, &mut |_| {}).expect("send");
+    (mem.to_vec(), stream)
+}
+
+/// Every bit of `valid[range]` flipped in turn, then each byte set to 0 and 0xff.
+fn flips(valid: &[u8], range: std::ops::Range<usize>) -> impl Iterator<Item = Vec<u8>> + '_ {
+    range.flat_map(move |i| {
+        (0..10).map(move |k| {
+            let mut m = valid.to_vec();
+            match k {
+                8 => m[i] = 0,
+                9 => m[i] = 0xff,
+                bit => m[i] ^= 1 << bit,
+            }
+            m
+        })
+    })
+}
+
+#[test]
+fn snapshot_table_block_parser() {
+    let (image, _) = image_with_snapshots();
+    let l = Layout::read(&image);
+    let sb = Superblock::decode(&image[l.newest_superblock..][..layout::BLOCK]).unwrap();
+    assert_ne!(sb.snapshots.pbn, 0, "the image has a snapshot table");
+    let valid = &image[sb.snapshots.pbn as usize * layout::BLOCK..][..layout::BLOCK];
+    let (list, next) = qvol_core::decode_snapshot_table_block(valid).expect("the real table");
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[1].name, "sëcond");
+    assert_eq!(next, 0);
+    for input in corpus(valid, 20)
+        .into_iter()
+        .chain(flips(valid, 0..64 + 2 * 400))
+    {
+        let _ = qvol_core::decode_snapshot_table_block(&input);
+    }
+    // A name length past the name's bytes, a height out of range, a count past the block.
+    for (at, v) in [
+        (64 + 37, 255u8),
+        (64 + 36, 0),
+        (64 + 36, 9),
+        (8, 11),
+        (8, 0),
+    ] {
+        let mut m = valid.to_vec();
+        m[at] = v;
+        assert!(
+            qvol_core::decode_snapshot_table_block(&m).is_err(),
+            "byte {at} = {v}"
+        );
+    }
+}
+
+#[test]
+fn send_stream_head_parser() {
+    let (_, stream) = image_with_snapshots();
+    const HEAD: usize = 32 + 36_864 + 400;
+    let valid = &stream[..HEAD];
+    let (head, _) = qvol_core::read_stream_head(&mut &stream[..]).expect("the real head");
+    assert_eq!(head.snapshot.name, "sëcond");
+    assert!(head.base.is_none());
+    let parse = |input: &[u8]| {
+        if let Ok((head, _)) = qvol_core::read_stream_head(&mut &input[..]) {
+            let _ = head.header_info();
+            let _ = head.create_options();
+        }
+    };
+    for input in corpus(valid, 21)
+        .into_iter()
+        .chain(flips(valid, 0..32 + 512))
+        .chain(flips(valid, HEAD - 400..HEAD))
+    {
+        parse(&input);
+    }
+    for cut in [0, 1, 31, 32, 33, 4096, HEAD - 401, HEAD - 1] {
+        assert!(
+            qvol_core::read_stream_head(&mut &valid[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+}
