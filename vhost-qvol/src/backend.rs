@@ -48,6 +48,9 @@ pub struct Device {
     serial: Serial,
     writeback: AtomicBool,
     workers: Vec<Mutex<QueueWorker>>,
+    /// The backend request channel of the connected frontend (protocol feature
+    /// BACKEND_REQ), to tell it the config space changed.
+    frontend: Mutex<Option<vhost::vhost_user::Backend>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -72,6 +75,22 @@ impl Device {
             workers: (0..usize::from(n))
                 .map(|q| Mutex::new(QueueWorker::new(q)))
                 .collect(),
+            frontend: Mutex::new(None),
+        }
+    }
+
+    /// Tells the connected frontend that the config space changed (the disk was resized):
+    /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, after which QEMU re-reads the config and
+    /// raises the guest's config interrupt. `Ok(false)` when no frontend gave a channel.
+    pub fn config_changed(&self) -> Result<bool, String> {
+        use vhost::vhost_user::VhostUserFrontendReqHandler;
+        let frontend = self.frontend.lock().unwrap_or_else(PoisonError::into_inner);
+        match frontend.as_ref() {
+            None => Ok(false),
+            Some(backend) => backend
+                .handle_config_change()
+                .map(|_| true)
+                .map_err(|e| format!("the frontend did not take the config change: {e}")),
         }
     }
 
@@ -258,6 +277,16 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        debug!("the frontend opened the backend request channel");
+        *self
+            .device
+            .frontend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(backend);
     }
 
     fn set_event_idx(&self, enabled: bool) {
