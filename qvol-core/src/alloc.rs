@@ -393,6 +393,25 @@ impl AllocState {
     pub(crate) fn height(&self) -> u8 {
         self.tree.height()
     }
+
+    /// How many physical blocks the space tree may hand out.
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The space tree's root as last committed (nothing dirty: right after a commit).
+    pub(crate) fn root(&self) -> NodePtr {
+        self.tree.root()
+    }
+
+    /// The volume grew (or shrank): the tree now has `height` and root `root` (written by
+    /// the caller), and the allocator may hand out blocks below `capacity`.
+    pub(crate) fn resize(&mut self, height: u8, root: NodePtr, capacity: u64) {
+        if height != self.tree.height() {
+            self.tree = TreeCache::new(TreeKind::Space, height, root);
+        }
+        self.capacity = capacity;
+    }
 }
 
 #[cfg(test)]

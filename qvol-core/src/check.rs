@@ -131,7 +131,7 @@ impl Walk<'_> {
         let page = match read_node(self.st, keys, TreeKind::Map, level, index, &ptr) {
             Ok(p) => p,
             Err(e) => {
-                let blocks = span.min(self.vol.blocks.saturating_sub(first));
+                let blocks = span.min(self.vol.blocks().saturating_sub(first));
                 self.damaged
                     .insert(ptr.pbn, vec![(Some(first), blocks, e.to_string())]);
                 self.damage(tree, Some(first), blocks, e.to_string());
@@ -325,7 +325,7 @@ impl Volume {
     /// the log replayed over it).
     fn check_live_data(&self, w: &mut Walk<'_>) {
         let st = &*self.storage;
-        let leaves = self.blocks.div_ceil(FANOUT);
+        let leaves = self.blocks().div_ceil(FANOUT);
         let mut leaf = 0;
         let mut entries = [LeafEntry::default(); FANOUT as usize];
         while leaf < leaves {
@@ -342,7 +342,7 @@ impl Volume {
                 }
             }
             let first = leaf * FANOUT;
-            let n = FANOUT.min(self.blocks - first) as usize;
+            let n = FANOUT.min(self.blocks() - first) as usize;
             if self
                 .map
                 .lookup(st, &self.keys, first, &mut entries[..n])

@@ -69,7 +69,7 @@ impl Volume {
             generation,
             log_epoch: generation,
             map_root,
-            map_height: sb.map_height,
+            map_height: self.map.height(),
             space_height: a.height(),
             key_epoch: 0,
             space_root,

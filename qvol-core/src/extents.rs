@@ -21,15 +21,12 @@ impl Volume {
     /// alternating kind that cover the range exactly. Stops early, with a shorter cover,
     /// after `max_extents` runs.
     pub fn allocation(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>> {
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.header.size)
-        {
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
                 format!(
                     "{len} bytes at offset {offset} go past the end of the {}-byte volume",
-                    self.header.size
+                    self.size()
                 ),
             ));
         }

@@ -133,13 +133,13 @@ impl SlotArea {
     }
 }
 
-/// A staged header may differ from the one in place only in its version (an upgrade).
+/// A staged header may differ from the one in place only in its version (an upgrade, never
+/// down) and its size (a resize, FORMAT.md §16).
 fn compatible(in_place: &[u8], staged: &[u8]) -> Result<()> {
     let (a, b) = (decode_header(in_place)?, decode_header(staged)?);
     let same_volume = a.volume_id == b.volume_id
         && a.suite == b.suite
         && a.key_check == b.key_check
-        && a.size == b.size
         && a.log_len == b.log_len
         && a.features == b.features
         && b.version >= a.version;
@@ -298,12 +298,25 @@ impl Volume {
                 format!("the image already has format version {FORMAT_VERSION}"),
             ));
         }
+        // The header as it is now (a resize in this session changed its size).
         let header = Header {
             version: FORMAT_VERSION,
-            ..self.header.clone()
+            ..self.slot_area().header()?
         };
         let slots = self.slot_area().area[BS..].to_vec();
         self.replace_area(Some(&header), &slots, None)
+    }
+
+    /// Replaces the header block with `header` through the staged change of FORMAT.md §3.1,
+    /// after running `prepare` with the gate held exclusively right after a commit (its
+    /// changes are committed before the header is staged).
+    pub(crate) fn replace_header(
+        &self,
+        header: &Header,
+        prepare: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let slots = self.slot_area().area[BS..].to_vec();
+        self.replace_area_with(Some(header), &slots, None, Some(prepare))
     }
 
     /// Replaces the header area (the header block, if `header`, and the keyslot area) through
@@ -313,6 +326,16 @@ impl Volume {
         header: Option<&Header>,
         new_slots: &[u8],
         expected: Option<&[u8; 32]>,
+    ) -> Result<()> {
+        self.replace_area_with(header, new_slots, expected, None)
+    }
+
+    fn replace_area_with(
+        &self,
+        header: Option<&Header>,
+        new_slots: &[u8],
+        expected: Option<&[u8; 32]>,
+        prepare: Option<&mut dyn FnMut() -> Result<()>>,
     ) -> Result<()> {
         self.check_usable()?;
         if self.read_only {
@@ -332,6 +355,10 @@ impl Volume {
                 ErrorKind::Refused,
                 "the keyslots changed since they were read; read them again",
             ));
+        }
+        if let Some(prepare) = prepare {
+            self.commit_locked(true)?;
+            prepare().map_err(|e| self.fail(e))?;
         }
         // Nothing pending, so that the next commit allocates nothing past the mark.
         self.commit_locked(true)?;

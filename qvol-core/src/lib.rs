@@ -22,6 +22,7 @@ mod layout;
 mod map;
 pub mod node;
 mod replay;
+mod resize;
 mod rw;
 mod secret;
 pub mod send;
@@ -46,6 +47,7 @@ pub use layout::{
     MAX_VOLUME_SIZE, SECTOR_SIZE,
 };
 pub use node::decode_map_node;
+pub use resize::ResizePlan;
 pub use send::{read_stream_head, send_snapshot, SendSummary, StreamHead};
 pub use snapshot::{
     decode_snapshot_table_block, validate_name as validate_snapshot_name, Snapshot, SnapshotUsage,

@@ -62,6 +62,14 @@ impl BlockMap {
         self.dirty_leaves.store(0, Ordering::Relaxed);
     }
 
+    /// The map's height.
+    pub(crate) fn height(&self) -> u8 {
+        self.interior
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .height()
+    }
+
     /// The map whose root is `root` (height from the superblock).
     pub(crate) fn new(height: u8, root: NodePtr) -> Self {
         BlockMap {

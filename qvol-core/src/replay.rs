@@ -33,8 +33,8 @@ impl Volume {
             match rec.op {
                 LogOp::Map { lbn, mut entry } => {
                     entry.birth = birth;
-                    if lbn >= self.blocks
-                        || entry.pbn >= space_capacity(self.header.regions(), self.blocks)
+                    if lbn >= self.blocks()
+                        || entry.pbn >= space_capacity(self.header.regions(), self.blocks())
                     {
                         return Err(Error::integrity(format!(
                             "log record {} maps logical block {lbn} to physical block {}, out of range",
@@ -51,7 +51,7 @@ impl Volume {
                     self.kill_blocks(&[Kill::of(&old, lbn, false)])?;
                 }
                 LogOp::Unmap { lbn, count } => {
-                    if lbn.checked_add(count).is_none_or(|end| end > self.blocks) {
+                    if lbn.checked_add(count).is_none_or(|end| end > self.blocks()) {
                         return Err(Error::integrity(format!(
                             "log record {} unmaps blocks past the end",
                             rec.seq

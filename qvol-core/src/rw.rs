@@ -47,15 +47,12 @@ impl Volume {
                 format!("a request of {len} bytes at offset {offset} is not aligned to 512 bytes"),
             ));
         }
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.header.size)
-        {
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
                 format!(
                     "a request of {len} bytes at offset {offset} goes past the end of the {}-byte volume",
-                    self.header.size
+                    self.size()
                 ),
             ));
         }

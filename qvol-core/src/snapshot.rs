@@ -175,10 +175,10 @@ impl Volume {
             self.commit_locked(false)?;
         }
         let list = self.snapshots();
-        let live = self.committed_live_root();
+        let live = self.committed_live();
         let mut out = Vec::with_capacity(list.len());
         for (i, s) in list.iter().enumerate() {
-            let others = other_roots(&list, Some(i), live);
+            let others = other_roots(&list, Some(i), Some(live));
             let mut blocks = 0u64;
             self.walk_exclusive(s, &others, &mut |_, _| {
                 blocks += 1;
@@ -223,7 +223,7 @@ impl Volume {
             self.snaps.refresh(&inner);
             gone
         };
-        let others = other_roots(&self.snapshots(), None, self.committed_live_root());
+        let others = other_roots(&self.snapshots(), None, Some(self.committed_live()));
         let freed = self
             .free_exclusive(&gone, &others)
             .map_err(|e| self.fail(e))?;
@@ -257,13 +257,18 @@ impl Volume {
             created: 0,
             generation: 0,
             epoch: self.snaps.epoch(),
-            map_height: target.map_height,
-            root: self.committed_live_root(),
+            map_height: self.committed_live().1,
+            root: self.committed_live().0,
         };
-        let others = other_roots(&self.snapshots(), None, NodePtr::default());
+        let others = other_roots(&self.snapshots(), None, None);
         self.free_exclusive(&live, &others)
             .map_err(|e| self.fail(e))?;
-        self.map.reset(target.map_height, target.root);
+        // A snapshot taken before the disk grew has a shorter map: the live map keeps its
+        // height, with the snapshot's root below new nodes (FORMAT.md §16).
+        let root = self
+            .wrap_map_root(target.root, target.map_height, live.map_height)
+            .map_err(|e| self.fail(e))?;
+        self.map.reset(live.map_height, root);
         self.commit_locked(true)
     }
 
@@ -287,14 +292,57 @@ impl Volume {
             self.snaps.refresh(&inner);
         }
         let live = Snapshot {
-            root: self.committed_live_root(),
+            root: self.committed_live().0,
+            map_height: self.committed_live().1,
             ..snap.clone()
         };
-        let others = other_roots(&self.snapshots(), None, NodePtr::default());
+        let others = other_roots(&self.snapshots(), None, None);
         self.free_exclusive(&live, &others)?;
         self.map.reset(snap.map_height, snap.root);
         self.commit_locked(true)?;
         Ok(snap)
+    }
+
+    /// `root`, a map of height `from`, below new interior nodes up to height `to` (each with
+    /// the one below as its first entry), written now and committed by the next commit.
+    pub(crate) fn wrap_map_root(&self, root: NodePtr, from: u8, to: u8) -> Result<NodePtr> {
+        let mut a = self.alloc.lock();
+        self.wrap_root(&mut a, TreeKind::Map, root, from, to)
+    }
+
+    /// [`Volume::wrap_map_root`] for either tree, with the allocator locked.
+    pub(crate) fn wrap_root(
+        &self,
+        a: &mut AllocState,
+        kind: TreeKind,
+        root: NodePtr,
+        from: u8,
+        to: u8,
+    ) -> Result<NodePtr> {
+        let st = &*self.storage;
+        let mut ptr = root;
+        if ptr.pbn == 0 {
+            return Ok(ptr);
+        }
+        for level in from + 1..=to {
+            let mut page = crate::tree::zero_page();
+            crate::node::encode_interior_entry(&mut page[..], 0, &ptr);
+            let pbn = a.alloc(st, &self.keys, 1)?[0];
+            st.write_all_at(&page[..], pbn * BLOCK_SIZE)
+                .map_err(|e| Error::io("cannot write a new tree root", e))?;
+            let map = kind == TreeKind::Map;
+            ptr = NodePtr {
+                pbn,
+                mac: node_mac(&self.keys, kind, level, 0, &page[..]),
+                birth: if map { self.snaps.epoch() } else { 0 },
+                pmac: if map {
+                    crate::node::node_pmac(&self.keys, kind, level, 0, &page[..])
+                } else {
+                    [0; 16]
+                },
+            };
+        }
+        Ok(ptr)
     }
 
     /// Appends a snapshot of the committed live map (gate held exclusively, nothing dirty).
@@ -371,13 +419,14 @@ impl Volume {
             })
     }
 
-    /// The live map's root as last committed.
-    fn committed_live_root(&self) -> NodePtr {
-        self.superblock().map_root
+    /// The live map's root and height as last committed.
+    fn committed_live(&self) -> (NodePtr, u8) {
+        let sb = self.superblock();
+        (sb.map_root, sb.map_height)
     }
 
     /// Frees every block of `gone`'s map that no tree of `others` holds at the same place.
-    fn free_exclusive(&self, gone: &Snapshot, others: &[NodePtr]) -> Result<u64> {
+    fn free_exclusive(&self, gone: &Snapshot, others: &[(NodePtr, u8)]) -> Result<u64> {
         let mut found = Vec::new();
         self.walk_exclusive(gone, others, &mut |pbn, _| {
             found.push(pbn);
@@ -390,26 +439,43 @@ impl Volume {
         Ok(found.len() as u64)
     }
 
-    /// Calls `f(pbn, is_data)` for every block of `tree` that no root of `others` holds at
-    /// the same position; subtrees another root shares are skipped whole.
+    /// Calls `f(pbn, is_data)` for every block of `tree` that no root of `others` (with
+    /// their heights) holds at the same position; subtrees another root shares are skipped
+    /// whole. Maps of different heights (a disk grown between them) are compared position
+    /// by position: a taller map is followed down its first entries to the shorter map's
+    /// root level.
     pub(crate) fn walk_exclusive(
         &self,
         tree: &Snapshot,
-        others: &[NodePtr],
+        others: &[(NodePtr, u8)],
         f: &mut dyn FnMut(u64, bool) -> Result<()>,
     ) -> Result<()> {
-        self.walk_node(tree.map_height, 0, tree.root, others.to_vec(), f)
+        let top = tree.map_height;
+        let mut aligned = Vec::with_capacity(others.len());
+        for &(root, height) in others {
+            let mut ptr = root;
+            let mut level = height;
+            while level > top && ptr.pbn != 0 {
+                let page = read_node(&*self.storage, &self.keys, TreeKind::Map, level, 0, &ptr)?;
+                ptr = decode_interior_entry(&page[..], 0)?;
+                level -= 1;
+            }
+            aligned.push((ptr, level.min(top)));
+        }
+        self.walk_node(top, 0, tree.root, aligned, f)
     }
 
+    /// `others`: for each other map, its pointer at this position and the level it points
+    /// to (below `level` for a shorter map, whose root only the first entries lead to).
     fn walk_node(
         &self,
         level: u8,
         index: u64,
         node: NodePtr,
-        others: Vec<NodePtr>,
+        others: Vec<(NodePtr, u8)>,
         f: &mut dyn FnMut(u64, bool) -> Result<()>,
     ) -> Result<()> {
-        if node.pbn == 0 || others.iter().any(|o| o.pbn == node.pbn) {
+        if node.pbn == 0 || others.iter().any(|(o, l)| *l == level && o.pbn == node.pbn) {
             return Ok(());
         }
         f(node.pbn, false)?;
@@ -417,10 +483,13 @@ impl Volume {
         let page = read_node(st, &self.keys, TreeKind::Map, level, index, &node)?;
         let mut pages: Vec<Page> = Vec::new();
         let mut seen = Vec::new();
-        for o in others.iter().filter(|o| o.pbn != 0) {
-            if !seen.contains(&o.pbn) {
+        let mut short = Vec::new();
+        for &(o, l) in others.iter().filter(|(o, _)| o.pbn != 0) {
+            if l < level {
+                short.push((o, l));
+            } else if !seen.contains(&o.pbn) {
                 seen.push(o.pbn);
-                pages.push(read_node(st, &self.keys, TreeKind::Map, level, index, o)?);
+                pages.push(read_node(st, &self.keys, TreeKind::Map, level, index, &o)?);
             }
         }
         for i in 0..FANOUT as usize {
@@ -441,10 +510,13 @@ impl Volume {
                 if child.pbn == 0 {
                     continue;
                 }
-                let kids = pages
+                let mut kids = pages
                     .iter()
-                    .map(|p| decode_interior_entry(&p[..], i))
+                    .map(|p| decode_interior_entry(&p[..], i).map(|c| (c, level - 1)))
                     .collect::<Result<Vec<_>>>()?;
+                if i == 0 {
+                    kids.extend(&short);
+                }
                 self.walk_node(level - 1, index * FANOUT + i as u64, child, kids, f)?;
             }
         }
@@ -574,14 +646,18 @@ impl Volume {
     }
 }
 
-/// The roots of every snapshot but `skip`, and `live` (pbn 0: none).
-fn other_roots(list: &[Snapshot], skip: Option<usize>, live: NodePtr) -> Vec<NodePtr> {
+/// The roots (with their heights) of every snapshot but `skip`, and `live`.
+fn other_roots(
+    list: &[Snapshot],
+    skip: Option<usize>,
+    live: Option<(NodePtr, u8)>,
+) -> Vec<(NodePtr, u8)> {
     list.iter()
         .enumerate()
         .filter(|(i, _)| Some(*i) != skip)
-        .map(|(_, s)| s.root)
-        .chain(std::iter::once(live))
-        .filter(|r| r.pbn != 0)
+        .map(|(_, s)| (s.root, s.map_height))
+        .chain(live)
+        .filter(|(r, _)| r.pbn != 0)
         .collect()
 }
 

@@ -1,7 +1,7 @@
 //! [`Volume`]: create, open, flush, commit, info, close. Reads and writes are in
 //! [`crate::rw`], the commit in [`crate::commit`], log replay in [`crate::replay`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::alloc::{space_capacity, AllocState, Allocator};
@@ -120,8 +120,8 @@ pub struct Volume {
     pub(crate) point: Mutex<CommitPoint>,
     pub(crate) on_commit: HookSlot,
     pub(crate) failed: AtomicBool,
-    /// Logical blocks.
-    pub(crate) blocks: u64,
+    /// The virtual disk size in bytes (the header's, until a resize changes both).
+    pub(crate) size: AtomicU64,
 }
 
 impl Volume {
@@ -260,8 +260,10 @@ impl Volume {
             }
         }
         let blocks = header.size / BLOCK_SIZE;
-        if sb.map_height != tree_height(blocks, FANOUT)
-            || sb.space_height != AllocState::height_for(space_capacity(header.regions(), blocks))
+        // A tree may be taller than the size needs (grown before a resize changed the
+        // header, FORMAT.md §16), never shorter.
+        if sb.map_height < tree_height(blocks, FANOUT)
+            || sb.space_height < AllocState::height_for(space_capacity(header.regions(), blocks))
         {
             return Err(Error::corrupt(
                 "the superblock's tree heights do not fit the volume size",
@@ -362,13 +364,18 @@ impl Volume {
             point: Mutex::new(point),
             on_commit: HookSlot::default(),
             failed: AtomicBool::new(false),
-            blocks,
+            size: AtomicU64::new(blocks * BLOCK_SIZE),
         }
     }
 
     /// The virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The virtual disk size in logical blocks.
+    pub(crate) fn blocks(&self) -> u64 {
+        self.size() / BLOCK_SIZE
     }
 
     /// The commit point of the last durable commit (that of the superblock chosen at open,
@@ -389,7 +396,7 @@ impl Volume {
             format_version: self.header.version,
             name: self.header.name.clone(),
             volume_id: self.header.volume_id,
-            size: self.header.size,
+            size: self.size(),
             suite: self.header.suite,
             implementation: self.header.suite.implementation(),
             generation,
