@@ -34,6 +34,7 @@ pub mod superblock;
 mod tree;
 mod volume;
 pub mod wal;
+mod writeback;
 
 pub use check::{CheckReport, Damage};
 pub use error::{Error, ErrorKind, Result};

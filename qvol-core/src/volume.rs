@@ -122,6 +122,8 @@ pub struct Volume {
     pub(crate) failed: AtomicBool,
     /// The virtual disk size in bytes (the header's, until a resize changes both).
     pub(crate) size: AtomicU64,
+    /// Data written since writeback was last started (FORMAT.md §13).
+    pub(crate) writeback: crate::writeback::Writeback,
 }
 
 impl Volume {
@@ -365,6 +367,7 @@ impl Volume {
             on_commit: HookSlot::default(),
             failed: AtomicBool::new(false),
             size: AtomicU64::new(blocks * BLOCK_SIZE),
+            writeback: Default::default(),
         }
     }
 

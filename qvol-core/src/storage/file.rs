@@ -151,6 +151,18 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        // On Linux, POSIX_FADV_DONTNEED starts writeback of the range's dirty pages
+        // (WB_SYNC_NONE: it does not wait) and drops only pages already clean.
+        nix::fcntl::posix_fadvise(
+            self.file.as_raw_fd(),
+            off_t(offset)?,
+            off_t(len)?,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .map_err(io::Error::from)
+    }
+
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         // The part past the end is ignored, as the trait says (KEEP_SIZE does that for
         // fallocate; the zero-fill fallback must not extend the file).

@@ -67,6 +67,15 @@ pub trait Storage: Send + Sync + Debug {
     /// Deallocates `len` bytes at `offset`: the range reads as zeros afterwards, `len()`
     /// is unchanged. Backends that cannot release space write zeros instead.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Starts writing completed writes of `len` bytes at `offset` back to the media without
+    /// waiting for it (a hint:
+    /// the next [`Storage::sync_data`] then has less left to wait for). Nothing is promised
+    /// about durability; the default does nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 macro_rules! forward_storage {
@@ -89,6 +98,9 @@ macro_rules! forward_storage {
             }
             fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
                 (**self).punch_hole(offset, len)
+            }
+            fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).start_writeback(offset, len)
             }
         }
     };
