@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use qvol_core::Volume;
 use serde_json::{json, Value};
 
+use crate::backend::Device;
 use crate::describe;
 use crate::stats::Stats;
 use crate::volume_disk::error_chain;
@@ -31,7 +32,7 @@ const MAX_CLIENTS: usize = 8;
 /// A client silent for this long is disconnected.
 const IDLE: Duration = Duration::from_secs(300);
 /// The commands, in the order `query-commands` lists them.
-pub const COMMANDS: [&str; 11] = [
+pub const COMMANDS: [&str; 12] = [
     "query-commands",
     "query-status",
     "stats",
@@ -43,6 +44,7 @@ pub const COMMANDS: [&str; 11] = [
     "snapshot-list",
     "snapshot-delete",
     "check",
+    "resize",
 ];
 /// Commits asked for through the socket are at most this frequent (each takes the volume's
 /// exclusive gate and two syncs: a client must not be able to stall the guest with them).
@@ -55,6 +57,8 @@ pub struct Control {
     pub volume: Arc<Volume>,
     /// The request counters.
     pub stats: Arc<Stats>,
+    /// The vhost-user device serving the volume (to tell the frontend of a new size).
+    pub device: Arc<Device>,
     /// The generation the daemon opened the volume at.
     pub opened_generation: u64,
     /// When a client last asked for a commit.
@@ -62,12 +66,13 @@ pub struct Control {
 }
 
 impl Control {
-    /// What the control socket of a daemon serving `volume` acts on.
-    pub fn new(volume: Arc<Volume>, stats: Arc<Stats>) -> Control {
+    /// What the control socket of a daemon serving `volume` through `device` acts on.
+    pub fn new(volume: Arc<Volume>, stats: Arc<Stats>, device: Arc<Device>) -> Control {
         let opened_generation = volume.info().generation;
         Control {
             volume,
             stats,
+            device,
             opened_generation,
             last_commit: std::sync::Mutex::new(None),
         }
@@ -286,11 +291,56 @@ fn execute(control: &Control, session: &mut Session, cmd: &str, args: &Value) ->
             let report = vol.check(&mut |_, _| {}).map_err(failed)?;
             Ok(describe::check_json(&report))
         }
+        "resize" => resize(control, args),
         other => Err((
             "CommandNotFound",
             format!("unknown command {other:?} (query-commands lists them)"),
         )),
     }
+}
+
+/// `resize`: grows the served disk and tells the frontend (the guest sees the new capacity
+/// without a reboot). A shrink is refused: the guest's filesystem may use the tail.
+fn resize(control: &Control, args: &Value) -> Outcome {
+    let size = args.get("size").and_then(Value::as_u64).ok_or((
+        "GenericError",
+        "\"size\" is needed: the new size in bytes".to_string(),
+    ))?;
+    let vol = &control.volume;
+    let old = vol.size();
+    if size < old {
+        return Err((
+            "Refused",
+            format!(
+                "a served disk cannot shrink ({old} to {size} bytes) under a running guest: \
+                 stop the VM first"
+            ),
+        ));
+    }
+    let plan = vol.resize(size).map_err(|e| {
+        let class = if e.kind() == qvol_core::ErrorKind::Refused {
+            "Refused"
+        } else {
+            "GenericError"
+        };
+        (class, error_chain(&e))
+    })?;
+    let mut reply = json!({"old_size": plan.old_size, "new_size": plan.new_size,
+                           "notified": false});
+    if plan.new_size != plan.old_size {
+        info!(
+            "resized the disk from {} to {} bytes",
+            plan.old_size, plan.new_size
+        );
+        match control.device.config_changed() {
+            Ok(notified) => reply["notified"] = json!(notified),
+            Err(e) => {
+                warn!("resized, but {e}");
+                reply["notify_error"] = json!(e);
+            }
+        }
+    }
+    Ok(reply)
 }
 
 fn status(control: &Control) -> Value {

@@ -103,7 +103,8 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
             .context("cannot start the keystore recording thread")?;
     }
     if let Some(listener) = control_listener {
-        control::spawn(listener, Arc::new(control::Control::new(volume, stats)))
+        let control = control::Control::new(volume, stats, Arc::clone(&device));
+        control::spawn(listener, Arc::new(control))
             .context("cannot start the control socket's thread")?;
     }
     info!(

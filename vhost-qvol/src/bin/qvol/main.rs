@@ -23,6 +23,7 @@ mod progress;
 mod qemu_img;
 mod recv;
 mod rekey;
+mod resize;
 mod send;
 mod snapshot;
 mod stats;
@@ -77,6 +78,8 @@ enum Command {
     Export(convert::ExportArgs),
     /// Convert a format-1 or format-2 image to format 3 in place (crash-safe).
     Upgrade(upgrade::UpgradeArgs),
+    /// Grow a volume's disk (online when a daemon serves it), or shrink it (--shrink).
+    Resize(resize::ResizeArgs),
     /// Take, list, revert to and delete snapshots of a volume (format version 4).
     Snapshot {
         #[command(subcommand)]
@@ -122,6 +125,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Export(args) => convert::export(args),
         Command::Vm(args) => vm::run(args),
         Command::Stats(args) => stats::run(args),
+        Command::Resize(args) => resize::run(args),
         Command::Snapshot { command } => snapshot::run(command),
         Command::Check(args) => check::run(args),
         Command::Send(args) => send::run(args),

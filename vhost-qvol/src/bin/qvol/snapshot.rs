@@ -264,7 +264,7 @@ fn open_judged(
 
 /// Commits and closes a volume this process changed, and waits for the keystore to record
 /// the last commit.
-fn close(image: &Path, opened: OpenedVolume) -> anyhow::Result<()> {
+pub fn close(image: &Path, opened: OpenedVolume) -> anyhow::Result<()> {
     let recorder = opened.recorder.clone();
     opened
         .volume
