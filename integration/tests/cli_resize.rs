@@ -213,8 +213,9 @@ fn a_served_image_grows_through_its_daemon_and_is_refused_a_shrink() {
     assert_eq!(grown["old_size"], 16 * MIB, "{grown}");
     assert_eq!(grown["new_size"], 32 * MIB, "{grown}");
     assert_eq!(grown["online"], true, "{grown}");
-    // libblkio offers BACKEND_REQ no channel: nobody to tell.
-    assert!(grown["notified"].is_boolean(), "{grown}");
+    // libblkio gives the backend no request channel (QEMU does: guest_resize.rs), so there
+    // is nobody to tell; it reads the capacity when it connects.
+    assert_eq!(grown["notified"], false, "{grown}");
     // The connected client may write to the new range at once.
     let block = pattern::make(4096, 32 * MIB - 4096, 2);
     c.write(32 * MIB - 4096, &block).unwrap();

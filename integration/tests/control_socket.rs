@@ -260,3 +260,46 @@ fn a_served_image_without_a_control_socket_is_refused_in_one_sentence() {
         .one_sentence_error("qvol", "no control socket");
     daemon.stop();
 }
+
+#[test]
+fn resize_grows_a_served_disk_and_refuses_a_shrink_or_a_bad_size() {
+    let f = Fixture::new();
+    let key = f.new_key("vm");
+    let image = f.create_image("disk.qvol", "16M", &key, &[]);
+    let (daemon, ctl) = serve(&f, &image);
+    let mut raw = Raw::connect(&ctl);
+    let cmds = raw.send(r#"{"execute":"query-commands"}"#);
+    assert!(cmds["return"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("resize")));
+    let refused = raw.send(r#"{"execute":"resize","arguments":{"size":8388608}}"#);
+    assert_eq!(refused["error"]["class"], "Refused", "{refused}");
+    assert!(
+        refused["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("stop the VM first"),
+        "{refused}"
+    );
+    for bad in [
+        r#"{"execute":"resize"}"#,
+        r#"{"execute":"resize","arguments":{"size":"32M"}}"#,
+        r#"{"execute":"resize","arguments":{"size":16781313}}"#,
+        r#"{"execute":"resize","arguments":{"size":-1}}"#,
+    ] {
+        let r = raw.send(bad);
+        assert_eq!(r["error"]["class"], "GenericError", "{bad}: {r}");
+    }
+    let same = raw.send(r#"{"execute":"resize","arguments":{"size":16777216}}"#);
+    assert_eq!(same["return"]["new_size"], 16 << 20, "{same}");
+    assert_eq!(same["return"]["notified"], false, "{same}");
+    let grown = raw.send(r#"{"execute":"resize","arguments":{"size":33554432},"id":1}"#);
+    assert_eq!(grown["id"], 1, "{grown}");
+    assert_eq!(grown["return"]["old_size"], 16 << 20, "{grown}");
+    assert_eq!(grown["return"]["new_size"], 32 << 20, "{grown}");
+    let status = raw.send(r#"{"execute":"query-status"}"#);
+    assert_eq!(status["return"]["size"], 32 << 20, "{status}");
+    assert_eq!(daemon.client().capacity().unwrap(), 32 << 20);
+    daemon.stop();
+}
