@@ -6,6 +6,16 @@
 #   scripts/bench.sh            # full run (5 s per workload, 1 GiB images, 1 and N queues)
 #   scripts/bench.sh --quick    # under two minutes
 #   scripts/bench.sh --help     # every option (also settable as QVOL_BENCH_* variables)
+#   scripts/bench.sh --sustained --size-mib 2048 --queues 1
+#                               # adds sustained-write-1M-qd8 (issue 15): 60 s of sequential
+#                               # 1 MiB QD8 writes (--sustained-seconds), with p99, p99.9 and
+#                               # max latency, against qsd LUKS and the disk's own fdatasync
+#                               # bandwidth (measured before and after the backends, --sync-mib);
+#                               # not part of the default run or of --quick
+#   QVOL_WRITEBACK_MIB=0 scripts/bench.sh ...
+#                               # vhost-qvol inherits the environment: this turns its early
+#                               # writeback off (default: a kick every 32 MiB written); the
+#                               # value is printed with the figures
 #
 # Needs qemu-storage-daemon and qemu-img (Debian: apt-get install qemu-system-common qemu-utils).
 set -euo pipefail

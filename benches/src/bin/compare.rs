@@ -9,11 +9,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use benches::compare::backend::{self, BackendKind, Tools};
+use benches::compare::disksync::{self, DiskSync};
 use benches::compare::machine::Machine;
 use benches::compare::procstat;
 use benches::compare::report::{Measurement, Report, Skipped};
 use benches::compare::run::{self, fill_buffer};
-use benches::compare::workload::{max_queue_buffer, Metric, Workload, PREFILL, WORKLOADS};
+use benches::compare::workload::{
+    max_queue_buffer, Metric, Workload, PREFILL, SUSTAINED, WORKLOADS,
+};
 use blkio::Errno;
 use clap::Parser;
 use integration::client::{describe, BlkioClient};
@@ -48,10 +51,24 @@ struct Args {
     )]
     backends: Vec<String>,
     /// Workloads to run (default: all), comma-separated names as in the table, e.g.
-    /// seq-write-1M-qd8,rand-read-4K-qd32.
+    /// seq-write-1M-qd8,rand-read-4K-qd32; sustained-write-1M-qd8 is the sustained write.
     #[arg(long, env = "QVOL_BENCH_WORKLOADS", value_delimiter = ',')]
     workloads: Vec<String>,
-    /// Short run (0.5 s warm-up, 1 s per workload, 256 MiB images): under two minutes.
+    /// Also run the sustained write (sustained-write-1M-qd8: sequential 1 MiB writes at QD8
+    /// for --sustained-seconds, after the other workloads), with bandwidth, p99, p99.9 and
+    /// max latency against the disk's own fdatasync bandwidth. Not part of the default set.
+    #[arg(long, env = "QVOL_BENCH_SUSTAINED")]
+    sustained: bool,
+    /// Measured seconds of the sustained write (at least 8 log-fulls of a qvol image: a
+    /// 2 GiB image has a 64 MiB log, full after 2 GiB of writes).
+    #[arg(long, env = "QVOL_BENCH_SUSTAINED_SECONDS", default_value_t = 60.0)]
+    sustained_seconds: f64,
+    /// MiB written (1 MiB writes, then one fdatasync) to measure the disk's own sync
+    /// bandwidth before and after the backends; 0 skips it.
+    #[arg(long, env = "QVOL_BENCH_SYNC_MIB", default_value_t = 1024)]
+    sync_mib: u64,
+    /// Short run (0.5 s warm-up, 1 s per workload, 256 MiB images, 256 MiB sync
+    /// measurement, no sustained write unless asked for): under two minutes.
     #[arg(long, env = "QVOL_BENCH_QUICK")]
     quick: bool,
     /// Where the images and sockets go (one filesystem for all).
@@ -69,6 +86,8 @@ struct Config {
     queues: Vec<usize>,
     backends: Vec<BackendKind>,
     workloads: Vec<Workload>,
+    sustained: Duration,
+    sync_bytes: u64,
     dir: PathBuf,
     out: PathBuf,
 }
@@ -78,13 +97,16 @@ impl TryFrom<Args> for Config {
 
     fn try_from(a: Args) -> Result<Config, String> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (seconds, warmup, size_mib) = if a.quick {
-            (1.0, 0.5, 256)
+        let (seconds, warmup, size_mib, sync_mib) = if a.quick {
+            (1.0, 0.5, 256, a.sync_mib.min(256))
         } else {
-            (a.seconds, a.warmup, a.size_mib)
+            (a.seconds, a.warmup, a.size_mib, a.sync_mib)
         };
-        if !(seconds > 0.0 && warmup >= 0.0) {
-            return Err("--seconds must be positive and --warmup not negative".to_owned());
+        if !(seconds > 0.0 && warmup >= 0.0 && a.sustained_seconds > 0.0) {
+            return Err(
+                "--seconds and --sustained-seconds must be positive and --warmup not negative"
+                    .to_owned(),
+            );
         }
         if size_mib < 64 {
             return Err("--size-mib must be at least 64".to_owned());
@@ -115,28 +137,30 @@ impl TryFrom<Args> for Config {
                 })?;
             backends.push(kind);
         }
-        let workloads = if a.workloads.is_empty() {
+        let known = || WORKLOADS.iter().chain([&SUSTAINED]);
+        let mut workloads = if a.workloads.is_empty() {
             WORKLOADS.to_vec()
         } else {
             a.workloads
                 .iter()
                 .map(|name| {
-                    WORKLOADS
-                        .iter()
-                        .find(|w| w.name == name)
-                        .copied()
-                        .ok_or_else(|| {
-                            let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
-                            format!(
-                                "--workloads: unknown workload {name:?} (one of {})",
-                                names.join(", ")
-                            )
-                        })
+                    known().find(|w| w.name == name).copied().ok_or_else(|| {
+                        let names: Vec<&str> = known().map(|w| w.name).collect();
+                        format!(
+                            "--workloads: unknown workload {name:?} (one of {})",
+                            names.join(", ")
+                        )
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?
         };
+        if a.sustained && !workloads.iter().any(|w| w.name == SUSTAINED.name) {
+            workloads.push(SUSTAINED);
+        }
         Ok(Config {
             workloads,
+            sustained: Duration::from_secs_f64(a.sustained_seconds),
+            sync_bytes: sync_mib << 20,
             measure: Duration::from_secs_f64(seconds),
             warmup: Duration::from_secs_f64(warmup),
             size: size_mib << 20,
@@ -256,8 +280,13 @@ fn measure(
     w: &Workload,
     cfg: &Config,
 ) -> Result<Measurement, String> {
+    let seconds = if w.name == SUSTAINED.name {
+        cfg.sustained
+    } else {
+        cfg.measure
+    };
     let cpu0 = procstat::cpu_time(pid)?;
-    let st = run::run(client, w, cfg.warmup, cfg.measure, false)
+    let st = run::run(client, w, cfg.warmup, seconds, false)
         .map_err(|e| format!("{} {}: {e}", kind.label(), w.name))?;
     let cpu = procstat::cpu_time(pid)?.saturating_sub(cpu0);
     let mem = procstat::memory(pid)?;
@@ -272,6 +301,10 @@ fn measure(
         iops: st.ops as f64 / secs,
         p50_us: us(st.percentile(50.0)),
         p99_us: us(st.percentile(99.0)),
+        p99_9_us: us(st.percentile(99.9)),
+        max_us: us(st.max()),
+        measure_s: secs,
+        total_bytes: st.total_bytes,
         backend_cpu_s_per_gb: if st.total_bytes > 0 {
             cpu.as_secs_f64() / (st.total_bytes as f64 / 1e9)
         } else {
@@ -290,12 +323,55 @@ fn date_utc() -> String {
         .unwrap_or_default()
 }
 
+/// The disk's sync bandwidth, printed as it is measured; `None` (with a note) if it failed.
+fn disk_sync(cfg: &Config, when: &str) -> Option<DiskSync> {
+    if cfg.sync_bytes == 0 {
+        return None;
+    }
+    progress(&format!(
+        "disk: {} MiB of writes and an fdatasync ({when})",
+        cfg.sync_bytes >> 20
+    ));
+    match disksync::measure(&cfg.dir, cfg.sync_bytes, when) {
+        Ok(d) => {
+            progress(&format!(
+                "disk sync bandwidth ({when}): {:.2} GB/s (fdatasync {:.2} s)\n",
+                d.bytes_per_sec / 1e9,
+                d.sync_s
+            ));
+            Some(d)
+        }
+        Err(e) => {
+            eprintln!("\ndisk sync bandwidth ({when}) not measured: {e}");
+            None
+        }
+    }
+}
+
+/// How to reproduce the run: the arguments given, and the environment the daemons read.
+fn command_line() -> String {
+    let mut parts: Vec<String> = QVOL_DAEMON_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .collect();
+    parts.push("scripts/bench.sh".to_owned());
+    parts.extend(std::env::args().skip(1));
+    parts.join(" ")
+}
+
+/// Variables of vhost-qvol's environment that change what it does (passed through to the
+/// daemon, which inherits this program's environment) and are recorded with the figures.
+const QVOL_DAEMON_ENV: [&str; 1] = ["QVOL_WRITEBACK_MIB"];
+
 fn run(cfg: Config) -> Result<Report, String> {
+    let date = date_utc();
     let tools = Tools::find()?;
     std::fs::create_dir_all(&cfg.dir)
         .map_err(|e| format!("cannot create {}: {e}", cfg.dir.display()))?;
     let _ = std::fs::remove_dir_all(cfg.dir.join("keystore"));
     let machine = Machine::describe(&cfg.dir, &tools.qsd);
+    let mut disk = Vec::new();
+    disk.extend(disk_sync(&cfg, "before"));
     let mut measurements = Vec::new();
     let mut skipped = Vec::new();
     let steps = cfg.backends.len() * cfg.queues.len() * cfg.workloads.len();
@@ -336,9 +412,20 @@ fn run(cfg: Config) -> Result<Report, String> {
         let _ = std::fs::remove_file(&prepared.image);
         eprintln!();
     }
+    disk.extend(disk_sync(&cfg, "after"));
     Ok(Report {
-        date: date_utc(),
-        command: "scripts/bench.sh".to_owned(),
+        date,
+        command: command_line(),
+        daemon_env: QVOL_DAEMON_ENV
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect(),
+        disk_sync: disk,
+        sustained_s: cfg
+            .workloads
+            .iter()
+            .any(|w| w.name == SUSTAINED.name)
+            .then_some(cfg.sustained.as_secs_f64()),
         machine,
         image_size: cfg.size,
         warmup_s: cfg.warmup.as_secs_f64(),

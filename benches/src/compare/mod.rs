@@ -3,6 +3,7 @@
 //! the backend's CPU time and memory are read from /proc.
 
 pub mod backend;
+pub mod disksync;
 pub mod machine;
 pub mod procstat;
 pub mod report;

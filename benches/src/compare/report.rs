@@ -5,8 +5,9 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::backend::BackendKind;
+use super::disksync::DiskSync;
 use super::machine::Machine;
-use super::workload::{Metric, Workload, WORKLOADS};
+use super::workload::{Metric, Workload, SUSTAINED, WORKLOADS};
 
 /// One backend, one queue count, one workload.
 #[derive(Clone, Debug, Serialize)]
@@ -23,10 +24,18 @@ pub struct Measurement {
     pub bytes_per_sec: f64,
     /// Requests per second in the measurement window.
     pub iops: f64,
-    /// Median completion latency (QD1 workloads).
+    /// Median completion latency.
     pub p50_us: Option<f64>,
-    /// 99th percentile completion latency (QD1 workloads).
+    /// 99th percentile completion latency.
     pub p99_us: Option<f64>,
+    /// 99.9th percentile completion latency.
+    pub p99_9_us: Option<f64>,
+    /// The longest completion latency in the window.
+    pub max_us: Option<f64>,
+    /// Measured seconds.
+    pub measure_s: f64,
+    /// Bytes moved in the whole run, warm-up and drain included.
+    pub total_bytes: u64,
     /// Backend CPU seconds (user + system, all threads) per GB (1e9 bytes) moved.
     pub backend_cpu_s_per_gb: f64,
     /// Backend resident memory after the workload, in bytes.
@@ -51,6 +60,13 @@ pub struct Report {
     pub date: String,
     /// How to reproduce it.
     pub command: String,
+    /// vhost-qvol's environment settings that change its behaviour (e.g.
+    /// `QVOL_WRITEBACK_MIB`), as set for this run.
+    pub daemon_env: Vec<(String, String)>,
+    /// The disk's own sync bandwidth, before and after the backends.
+    pub disk_sync: Vec<DiskSync>,
+    /// Measured seconds of the sustained write, if it ran.
+    pub sustained_s: Option<f64>,
     /// The machine.
     pub machine: Machine,
     /// Image size in bytes, the same for every backend.
@@ -109,6 +125,29 @@ fn ratio(m: Option<&Measurement>, base: Option<&Measurement>) -> String {
 
 const QVOLS: [BackendKind; 2] = [BackendKind::ALL[2], BackendKind::ALL[3]];
 
+/// The log length qvol gives an image of `size` bytes (qvol-core's `Regions::for_size`:
+/// size / 32 rounded up to a power of two, 4 to 64 MiB). One 128-byte record per 4 KiB
+/// block written, so the log is full after `log_len * 32` bytes of writes.
+pub fn qvol_log_len(size: u64) -> u64 {
+    (size / 32).next_power_of_two().clamp(4 << 20, 64 << 20)
+}
+
+fn ms(us: Option<f64>) -> String {
+    match us {
+        Some(us) if us >= 10_000.0 => format!("{:.0} ms", us / 1e3),
+        Some(us) if us >= 1_000.0 => format!("{:.1} ms", us / 1e3),
+        Some(us) => format!("{us:.0} µs"),
+        None => "—".to_owned(),
+    }
+}
+
+fn times(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "—".to_owned(),
+    }
+}
+
 impl Report {
     /// The Markdown report.
     pub fn markdown(&self) -> String {
@@ -140,6 +179,40 @@ impl Report {
             self.measure_s,
             self.command
         );
+        if let Some(secs) = self.sustained_s {
+            let _ = writeln!(
+                s,
+                "\nThe sustained write (`{}`) runs {secs:.0} s after the other workloads; a qvol \
+                 image of this size has a {} MiB log, full after {} MiB of writes.",
+                SUSTAINED.name,
+                qvol_log_len(self.image_size) >> 20,
+                (qvol_log_len(self.image_size) * 32) >> 20
+            );
+        }
+        for (k, v) in &self.daemon_env {
+            let _ = writeln!(s, "\nvhost-qvol ran with `{k}={v}`.");
+        }
+        if !self.disk_sync.is_empty() {
+            let figures: Vec<String> = self
+                .disk_sync
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{:.2} GB/s {} (fdatasync {:.2} s)",
+                        d.bytes_per_sec / 1e9,
+                        d.when,
+                        d.sync_s
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "\nDisk sync bandwidth ({} MiB of 1 MiB writes to a new file next to the \
+                 images, then `fdatasync`, as `dd ... conv=fdatasync`): {}.",
+                self.disk_sync[0].bytes >> 20,
+                figures.join(", ")
+            );
+        }
         for skipped in &self.skipped {
             let _ = writeln!(s, "\n**Skipped {}**: {}", skipped.backend, skipped.reason);
         }
@@ -207,8 +280,137 @@ impl Report {
                 let _ = write!(s, " {c} |");
             }
             let _ = writeln!(s);
+            s.push_str(&self.write_latency(q));
         }
         s.push_str(&self.goals());
+        s.push_str(&self.sustained_goals());
+        s
+    }
+
+    /// The mean of the disk sync measurements, bytes per second.
+    pub fn disk_sync_bytes_per_sec(&self) -> Option<f64> {
+        (!self.disk_sync.is_empty()).then(|| {
+            self.disk_sync.iter().map(|d| d.bytes_per_sec).sum::<f64>()
+                / self.disk_sync.len() as f64
+        })
+    }
+
+    /// Sequential writes (the burst and the sustained write): bandwidth against LUKS and
+    /// the disk's sync bandwidth, and the tail latency of single requests.
+    fn write_latency(&self, q: usize) -> String {
+        let mut s = String::new();
+        let workloads = [&WORKLOADS[0], &SUSTAINED];
+        if !workloads.iter().any(|w| {
+            BackendKind::ALL
+                .iter()
+                .any(|&b| find(self, b, q, w).is_some())
+        }) {
+            return s;
+        }
+        let sync = self.disk_sync_bytes_per_sec();
+        let _ = writeln!(
+            s,
+            "\nSequential writes: bandwidth, the latency of single requests (submission to \
+             completion), and ratios to qsd LUKS and to the disk's sync bandwidth{}:\n",
+            sync.map_or(String::new(), |b| format!(" ({:.2} GB/s)", b / 1e9))
+        );
+        let _ = writeln!(
+            s,
+            "| workload | backend | GB/s | vs LUKS | vs disk sync | p99 | p99.9 | max | \
+             p99.9 vs LUKS | max vs LUKS | CPU-s/GB | GB written |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for w in workloads {
+            let luks = find(self, BackendKind::QsdLuks, q, w);
+            for b in BackendKind::ALL {
+                let Some(m) = find(self, b, q, w) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} |",
+                    w.name,
+                    b.label(),
+                    m.bytes_per_sec / 1e9,
+                    times(Some(m.bytes_per_sec), luks.map(|l| l.bytes_per_sec)),
+                    times(Some(m.bytes_per_sec), sync),
+                    ms(m.p99_us),
+                    ms(m.p99_9_us),
+                    ms(m.max_us),
+                    times(m.p99_9_us, luks.and_then(|l| l.p99_9_us)),
+                    times(m.max_us, luks.and_then(|l| l.max_us)),
+                    m.backend_cpu_s_per_gb,
+                    m.total_bytes as f64 / 1e9
+                );
+            }
+        }
+        s
+    }
+
+    /// Issue 15's goals for the sustained write, against the 1-queue figures.
+    fn sustained_goals(&self) -> String {
+        let mut s = String::new();
+        let q = 1;
+        let Some(luks) = find(self, BackendKind::QsdLuks, q, &SUSTAINED) else {
+            return s;
+        };
+        let _ = writeln!(s, "\n## Goals (issue 15, sustained write, 1 queue)\n");
+        let sync = self.disk_sync_bytes_per_sec();
+        let log_fill = qvol_log_len(self.image_size) * 32;
+        let verdict = |met: bool| if met { "met" } else { "MISSED" };
+        for b in QVOLS {
+            let Some(m) = find(self, b, q, &SUSTAINED) else {
+                continue;
+            };
+            let fills = m.total_bytes as f64 / log_fill as f64;
+            let _ = writeln!(
+                s,
+                "- {}: {:.1} log-fulls written{}",
+                b.label(),
+                fills,
+                if fills < 8.0 {
+                    " (fewer than 8: run longer or use a smaller image)"
+                } else {
+                    ""
+                }
+            );
+            let r = m.bytes_per_sec / luks.bytes_per_sec;
+            let _ = writeln!(
+                s,
+                "- {}: {r:.2}× qsd LUKS bandwidth (goal ≥ 1.3×): {}",
+                b.label(),
+                verdict(r >= 1.3)
+            );
+            if let Some(sync) = sync {
+                let r = m.bytes_per_sec / sync;
+                let _ = writeln!(
+                    s,
+                    "- {}: {r:.2}× the disk's sync bandwidth (goal ≥ 0.9×): {}",
+                    b.label(),
+                    verdict(r >= 0.9)
+                );
+            }
+            if let (Some(a), Some(l)) = (m.p99_9_us, luks.p99_9_us) {
+                let r = a / l;
+                let _ = writeln!(
+                    s,
+                    "- {}: p99.9 {} = {r:.2}× qsd LUKS's {} (goal ≤ 3×): {}",
+                    b.label(),
+                    ms(Some(a)),
+                    ms(Some(l)),
+                    verdict(r <= 3.0)
+                );
+            }
+            if let Some(max) = m.max_us {
+                let _ = writeln!(
+                    s,
+                    "- {}: longest wait {} (goal < 250 ms): {}",
+                    b.label(),
+                    ms(Some(max)),
+                    verdict(max < 250_000.0)
+                );
+            }
+        }
         s
     }
 
@@ -294,5 +496,29 @@ impl Report {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_length_follows_the_image_size() {
+        assert_eq!(qvol_log_len(256 << 20), 8 << 20);
+        assert_eq!(qvol_log_len(1 << 30), 32 << 20);
+        assert_eq!(qvol_log_len(2 << 30), 64 << 20);
+        assert_eq!(qvol_log_len(64 << 30), 64 << 20);
+        assert_eq!(qvol_log_len(64 << 20), 4 << 20);
+    }
+
+    #[test]
+    fn latencies_print_in_readable_units() {
+        assert_eq!(ms(Some(850.0)), "850 µs");
+        assert_eq!(ms(Some(1_700.0)), "1.7 ms");
+        assert_eq!(ms(Some(1_700_000.0)), "1700 ms");
+        assert_eq!(ms(None), "—");
+        assert_eq!(times(Some(3.0), Some(2.0)), "1.50×");
+        assert_eq!(times(Some(3.0), None), "—");
     }
 }

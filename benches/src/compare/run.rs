@@ -23,11 +23,17 @@ pub struct RunStats {
     pub total_bytes: u64,
     /// Length of the measurement window.
     pub window: Duration,
-    /// Completion latencies inside the window, in nanoseconds, sorted.
+    /// Completion latencies (submission to completion as the client sees it) of the
+    /// requests completed inside the window, in nanoseconds, sorted.
     pub latencies_ns: Vec<u64>,
 }
 
 impl RunStats {
+    /// The longest latency, if any request completed.
+    pub fn max(&self) -> Option<Duration> {
+        self.latencies_ns.last().map(|&ns| Duration::from_nanos(ns))
+    }
+
     /// The `p`-th percentile latency (0..=100), if any request completed.
     pub fn percentile(&self, p: f64) -> Option<Duration> {
         if self.latencies_ns.is_empty() {
@@ -240,9 +246,7 @@ impl Job {
                     stats.ops += 1;
                     stats.bytes += bs;
                     let lat = now.duration_since(started[slot]);
-                    if w.queue_depth == 1 {
-                        stats.latencies_ns.push(lat.as_nanos() as u64);
-                    }
+                    stats.latencies_ns.push(lat.as_nanos() as u64);
                 }
                 let keep_going = if self.one_pass { true } else { now < end };
                 if keep_going {
@@ -287,7 +291,10 @@ mod tests {
         assert_eq!(st.percentile(50.0), Some(Duration::from_micros(51)));
         assert_eq!(st.percentile(99.0), Some(Duration::from_micros(99)));
         assert_eq!(st.percentile(100.0), Some(Duration::from_micros(100)));
+        assert_eq!(st.percentile(99.9), Some(Duration::from_micros(100)));
+        assert_eq!(st.max(), Some(Duration::from_micros(100)));
         assert_eq!(RunStats::default().percentile(50.0), None);
+        assert_eq!(RunStats::default().max(), None);
     }
 
     #[test]

@@ -106,6 +106,19 @@ pub const WORKLOADS: [Workload; 6] = [
     },
 ];
 
+/// The sustained write (issue 15): sequential 1 MiB writes at QD8 for a minute or more, long
+/// enough for many log-full commits, so that a stall behind a commit shows in the tail
+/// latency and the average meets the disk's own sync bandwidth. Not part of [`WORKLOADS`]:
+/// `--sustained` (or naming it in `--workloads`) runs it, for `--sustained-seconds`.
+pub const SUSTAINED: Workload = Workload {
+    name: "sustained-write-1M-qd8",
+    op: Op::Write,
+    pattern: Pattern::Sequential,
+    block_size: MIB,
+    queue_depth: 8,
+    metric: Metric::Bandwidth,
+};
+
 /// The one-pass sequential write that fills the disk before anything is measured, so that
 /// reads decrypt real data instead of finding holes.
 pub const PREFILL: Workload = Workload {
@@ -121,7 +134,7 @@ pub const PREFILL: Workload = Workload {
 pub fn max_queue_buffer() -> usize {
     WORKLOADS
         .iter()
-        .chain([&PREFILL])
+        .chain([&PREFILL, &SUSTAINED])
         .map(|w| w.block_size * w.queue_depth)
         .max()
         .unwrap_or(MIB)
