@@ -399,6 +399,12 @@ impl AllocState {
         self.capacity
     }
 
+    /// Test hook: the next allocation looks from `pbn` on.
+    #[cfg(test)]
+    pub(crate) fn set_cursor(&mut self, pbn: u64) {
+        self.cursor = pbn;
+    }
+
     /// The space tree's root as last committed (nothing dirty: right after a commit).
     pub(crate) fn root(&self) -> NodePtr {
         self.tree.root()

@@ -3,7 +3,6 @@
 //! verifies (a power loss may have lost or torn it). In format version 3 records are bound to
 //! the chosen superblock and the durable mark of blocks 11 and 12 counts too.
 
-use crate::alloc::space_capacity;
 use crate::datablock::open_block;
 use crate::error::{Error, Result};
 use crate::layout::*;
@@ -29,12 +28,13 @@ impl Volume {
         };
         let log = read_log(st, regions)?;
         let scanned = scan(&log, epoch, keys, anchor.as_ref(), mark)?;
+        let capacity = self.alloc.lock().capacity();
         for rec in &scanned.records {
             match rec.op {
                 LogOp::Map { lbn, mut entry } => {
                     entry.birth = birth;
                     if lbn >= self.blocks()
-                        || entry.pbn >= space_capacity(self.header.regions(), self.blocks())
+                        || entry.pbn >= capacity
                     {
                         return Err(Error::integrity(format!(
                             "log record {} maps logical block {lbn} to physical block {}, out of range",

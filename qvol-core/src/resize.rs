@@ -109,7 +109,9 @@ impl Volume {
         let space_height = AllocState::height_for(capacity);
         let mut a = self.alloc.lock();
         let (height, root) = (a.height(), a.root());
-        let capacity = capacity.max(a.capacity());
+        // A shrink keeps every block allocated so far in range (open does the same with the
+        // superblock's high-water mark), so that nothing logged after it is out of range.
+        let capacity = capacity.max(a.high_water());
         if space_height > height {
             let root = self.wrap_root(&mut a, TreeKind::Space, root, height, space_height)?;
             a.resize(space_height, root, capacity);

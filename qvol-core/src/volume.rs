@@ -351,7 +351,9 @@ impl Volume {
                 sb.space_height,
                 sb.space_root,
                 regions.data_start_block(),
-                space_capacity(regions, blocks),
+                // Never below the high-water mark: blocks allocated before a shrink (or
+                // by a growth a crash cut short) stay in range (FORMAT.md §16).
+                space_capacity(regions, blocks).max(sb.high_water),
                 sb.allocated_blocks,
                 sb.high_water,
             ),
