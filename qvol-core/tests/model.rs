@@ -18,6 +18,13 @@
 //!   reopen, every snapshot the model holds reads back exactly (a read-only snapshot view),
 //!   the live disk reads as allowed, and `Volume::check` is clean: nothing damaged, no
 //!   block leaked.
+//! - Send / receive round trips: between operations, a snapshot the model holds is sent from
+//!   the live sending image (keyless, as it lies on the storage) and received into a second,
+//!   separate image: incrementally from the snapshot that image received last when the
+//!   sender still holds it, else into a fresh image as a full stream (or a full stream of an
+//!   older snapshot, then an incremental). The received snapshot must read back exactly as
+//!   the model's, the receiver's live disk must read as it too, and the receiver's `check`
+//!   must be clean. (A snapshot with an empty map is not sent yet: see `send_receive`.)
 //!
 //! The default run does `QVOL_MODEL_CASES` cases (256 unless set: about 15 s in debug on 2
 //! cores); the long run, in `scripts/long-tests.sh`, is
@@ -30,8 +37,10 @@ use std::sync::Arc;
 use common::{BlockHistory, SECTOR};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError};
-use qvol_core::storage::{CrashPolicy, CrashStorage, FaultConfig, FaultStorage};
-use qvol_core::{ErrorKind, OpenOptions, Volume};
+use qvol_core::storage::{
+    CrashPolicy, CrashStorage, FaultConfig, FaultStorage, MemStorage, Storage,
+};
+use qvol_core::{read_stream_head, send_snapshot, ErrorKind, OpenOptions, Volume};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -84,6 +93,17 @@ enum Op {
         keep: Option<u8>,
         cut: Option<Cut>,
     },
+    /// A send / receive round trip. If `incremental` and the snapshot the receiving image
+    /// received last is still on the sender: the sender's snapshot `pick % k` of the `k`
+    /// newer ones the receiver lacks, incremental from it. Otherwise the model's snapshot
+    /// `pick % n` (nothing when there is none) into a fresh image: full or, if `incremental`
+    /// and an older snapshot exists, a full stream of the older one `base % k` first, then
+    /// an incremental.
+    Send {
+        pick: u8,
+        base: u8,
+        incremental: bool,
+    },
     /// close() then open().
     Reopen,
     /// An explicit commit (durable on return).
@@ -124,6 +144,8 @@ fn op(total: u64) -> impl Strategy<Value = Op> {
         1 => (any::<u8>(), cut()).prop_map(|(pick, cut)| Op::DeleteSnapshot { pick, cut }),
         2 => (any::<u8>(), prop::option::of(0u8..5), cut())
             .prop_map(|(pick, keep, cut)| Op::Revert { pick, keep, cut }),
+        2 => (any::<u8>(), any::<u8>(), prop::bool::weighted(0.7))
+            .prop_map(|(pick, base, incremental)| Op::Send { pick, base, incremental }),
     ]
 }
 
@@ -198,7 +220,34 @@ struct Harness {
     interrupted: Option<Outcome>,
     /// `model.version_counts()` when the operation in progress began.
     mark: Vec<usize>,
+    /// The image send / receive round trips receive into, if one was made.
+    receiver: Option<Receiver>,
     log: Vec<String>,
+}
+
+/// The receiving side of the send / receive round trips: a separate image, open, whose
+/// live disk is the snapshot it received last.
+struct Receiver {
+    storage: Arc<MemStorage>,
+    vol: Volume,
+    /// The guid of the snapshot it received last (the base of the next incremental).
+    last: [u8; 16],
+}
+
+/// Reads all of `vol` and compares it with `content`; the error says where it differs.
+fn compare(vol: &Volume, content: &[u8]) -> Result<(), String> {
+    const CHUNK: usize = 64 << 10;
+    let mut buf = vec![0u8; CHUNK];
+    for (i, want) in content.chunks(CHUNK).enumerate() {
+        let got = &mut buf[..want.len()];
+        vol.read_at((i * CHUNK) as u64, got)
+            .map_err(|e| format!("fails to read: {e:?}"))?;
+        if got != want {
+            let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(format!("reads wrong data at byte {}", i * CHUNK + at));
+        }
+    }
+    Ok(())
 }
 
 fn stack(disk: &Arc<CrashStorage>) -> Arc<FaultStorage<Arc<CrashStorage>>> {
@@ -224,6 +273,7 @@ impl Harness {
             snaps: Vec::new(),
             interrupted: None,
             mark: Vec::new(),
+            receiver: None,
             log: Vec::new(),
         }
     }
@@ -328,20 +378,155 @@ impl Harness {
                 },
             )
             .map_err(|e| self.fail(format!("snapshot {name} does not open: {e:?}")))?;
-            let mut buf = vec![0u8; 64 << 10];
-            for (i, want) in content.chunks(buf.len()).enumerate() {
-                let got = &mut buf[..want.len()];
-                view.read_at((i * (64 << 10)) as u64, got)
-                    .map_err(|e| self.fail(format!("snapshot {name} fails to read: {e:?}")))?;
-                if got != want {
-                    let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
-                    return Err(self.fail(format!(
-                        "snapshot {name} reads wrong data at byte {}",
-                        i * (64 << 10) + at
-                    )));
+            compare(&view, content).map_err(|m| self.fail(format!("snapshot {name} {m}")))?;
+        }
+        Ok(())
+    }
+
+    /// Sends snapshot `name` of the sending image (incremental from `from`) as it lies on
+    /// the storage now.
+    fn send(&self, name: &str, from: Option<&str>) -> Result<Vec<u8>, TestCaseError> {
+        let mut out = Vec::new();
+        send_snapshot(&*self.disk, name, from, &mut out, &mut |_| {})
+            .map_err(|e| self.fail(format!("send {name} from {from:?} fails: {e:?}")))?;
+        Ok(out)
+    }
+
+    /// Receives `stream` into the receiving image, made from the stream's head if `None`.
+    fn receive(
+        &self,
+        receiver: Option<Receiver>,
+        stream: &[u8],
+    ) -> Result<Receiver, TestCaseError> {
+        let what = |e: qvol_core::Error| self.fail(format!("receive fails: {e:?}"));
+        let mut r: &[u8] = stream;
+        let (head, hash) = read_stream_head(&mut r).map_err(what)?;
+        let receiver = match receiver {
+            Some(rx) => rx,
+            None => {
+                let storage = Arc::new(MemStorage::new());
+                let opts = head.create_options().map_err(what)?;
+                let vol =
+                    Volume::create(storage.clone() as Arc<dyn Storage>, opts, &common::key(1))
+                        .map_err(what)?;
+                Receiver {
+                    storage,
+                    vol,
+                    last: [0; 16],
                 }
             }
+        };
+        let snap = receiver
+            .vol
+            .receive(&head, hash, &mut r, false, &mut |_| {})
+            .map_err(what)?;
+        Ok(Receiver {
+            last: snap.guid,
+            ..receiver
+        })
+    }
+
+    /// A send / receive round trip (see [`Op::Send`]).
+    fn send_receive(&mut self, pick: u8, base: u8, incremental: bool) -> Result<(), TestCaseError> {
+        let list = self.vol().snapshots();
+        // TODO: a snapshot with an empty map (root block 0: nothing was written before it)
+        // cannot be sent: `send` writes no record for it and `receive` expects its root node
+        // ("expected map node 0 at level 1"). Such snapshots are neither sent nor used as
+        // bases until the engine handles them.
+        let sendable: Vec<(usize, &qvol_core::Snapshot)> = self
+            .snaps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (n, _))| Some((i, list.iter().find(|s| &s.name == n)?)))
+            .filter(|(_, s)| s.root.pbn != 0)
+            .collect();
+        if sendable.len() < self.snaps.len() {
+            self.log
+                .push("  -> (snapshots with empty maps are not sent)".into());
         }
+        // Continue the receiver's chain when it can: the snapshot it received last is still
+        // on the sender, and the sender has a newer one the receiver holds nothing of
+        // (neither name nor guid).
+        let chain = self
+            .receiver
+            .as_ref()
+            .filter(|_| incremental)
+            .and_then(|rx| {
+                let last = list.iter().find(|s| s.guid == rx.last)?;
+                let held = rx.vol.snapshots();
+                let newer: Vec<usize> = sendable
+                    .iter()
+                    .filter(|(_, s)| {
+                        s.epoch > last.epoch
+                            && !held.iter().any(|h| h.name == s.name || h.guid == s.guid)
+                    })
+                    .map(|&(i, _)| i)
+                    .collect();
+                let i = *newer.get(usize::from(pick) % newer.len().max(1))?;
+                Some((i, last.name.clone()))
+            });
+        let (i, rx) = match chain {
+            Some((i, from)) => {
+                let name = &self.snaps[i].0;
+                self.log
+                    .push(format!("  -> send {name} from {from} (chain)"));
+                let stream = self.send(name, Some(&from))?;
+                let prev = self.receiver.take();
+                (i, self.receive(prev, &stream)?)
+            }
+            None => {
+                let Some(&(i, snap)) = sendable.get(usize::from(pick) % sendable.len().max(1))
+                else {
+                    return Ok(());
+                };
+                self.receiver = None;
+                let name = &self.snaps[i].0;
+                let older: Vec<&str> = sendable
+                    .iter()
+                    .filter(|(_, s)| s.epoch < snap.epoch)
+                    .map(|(_, s)| s.name.as_str())
+                    .collect();
+                let rx = if incremental && !older.is_empty() {
+                    let from = older[usize::from(base) % older.len()];
+                    self.log
+                        .push(format!("  -> send {from} full, then {name} from {from}"));
+                    let full = self.send(from, None)?;
+                    let inc = self.send(name, Some(from))?;
+                    let rx = self.receive(None, &full)?;
+                    self.receive(Some(rx), &inc)?
+                } else {
+                    self.log.push(format!("  -> send {name} full"));
+                    let stream = self.send(name, None)?;
+                    self.receive(None, &stream)?
+                };
+                (i, rx)
+            }
+        };
+        let (name, content) = &self.snaps[i];
+        let view = Volume::open_with(
+            rx.storage.clone() as Arc<dyn Storage>,
+            &common::key(1),
+            OpenOptions {
+                read_only: true,
+                snapshot: Some(name.clone()),
+                ..OpenOptions::default()
+            },
+        )
+        .map_err(|e| self.fail(format!("received snapshot {name} does not open: {e:?}")))?;
+        compare(&view, content).map_err(|m| self.fail(format!("received snapshot {name} {m}")))?;
+        drop(view);
+        compare(&rx.vol, content)
+            .map_err(|m| self.fail(format!("the receiver's live disk (after {name}) {m}")))?;
+        let report = rx
+            .vol
+            .check(&mut |_, _| {})
+            .map_err(|e| self.fail(format!("check of the receiver fails: {e:?}")))?;
+        if !report.is_clean() {
+            return Err(self.fail(format!(
+                "check of the receiver is not clean after {name}: {report:#?}"
+            )));
+        }
+        self.receiver = Some(rx);
         Ok(())
     }
 
@@ -563,6 +748,11 @@ impl Harness {
                     v.revert_to_snapshot(&name, keep.as_deref())
                 })?;
             }
+            Op::Send {
+                pick,
+                base,
+                incremental,
+            } => self.send_receive(pick, base, incremental)?,
             Op::Reopen => {
                 let vol = self.vol.take().expect("open");
                 if let Err(e) = vol.close() {
