@@ -7,8 +7,9 @@
 //! queue's lock, never one shared by all queues.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -51,6 +52,8 @@ pub struct Device {
     /// The backend request channel of the connected frontend (protocol feature
     /// BACKEND_REQ), to tell it the config space changed.
     frontend: Mutex<Option<vhost::vhost_user::Backend>>,
+    /// How long a queue's thread polls its ring after serving it, in nanoseconds (0: off).
+    poll_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for Device {
@@ -76,7 +79,16 @@ impl Device {
                 .map(|q| Mutex::new(QueueWorker::new(q)))
                 .collect(),
             frontend: Mutex::new(None),
+            poll_ns: AtomicU64::new(0),
         }
+    }
+
+    /// After serving a queue, its thread watches the ring for `poll` before sleeping
+    /// again (as QEMU's iothread `poll-max-ns`): a request that arrives meanwhile is served
+    /// without the wake-up of a sleeping thread, for a core kept busy. Zero: off.
+    pub fn set_poll(&self, poll: Duration) {
+        let ns = u64::try_from(poll.as_nanos()).unwrap_or(u64::MAX);
+        self.poll_ns.store(ns, Ordering::Relaxed);
     }
 
     /// Tells the connected frontend that the config space changed (the disk was resized):
@@ -212,9 +224,39 @@ impl BlkBackend {
         Ok(())
     }
 
+    /// Whether the guest has made requests available that are not served yet.
+    fn has_requests(&self, vring: &VringRwLock) -> bool {
+        let mem = self.mem.memory();
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        queue
+            .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|avail| avail.0 != queue.next_avail())
+    }
+
+    /// Serves the queue, then, with polling on, keeps serving what arrives until the ring
+    /// stays empty for the polling time.
+    fn serve_and_poll(&self, queue: usize, vring: &VringRwLock) -> Result<(), String> {
+        self.process_queue(queue, vring)?;
+        let poll = Duration::from_nanos(self.device.poll_ns.load(Ordering::Relaxed));
+        if poll.is_zero() {
+            return Ok(());
+        }
+        let mut idle_since = Instant::now();
+        while idle_since.elapsed() < poll {
+            if self.has_requests(vring) {
+                self.process_queue(queue, vring)?;
+                idle_since = Instant::now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        Ok(())
+    }
+
     fn serve_kick(&self, queue: usize, vring: &VringRwLock) -> Result<(), String> {
         if !self.event_idx.load(Ordering::Relaxed) {
-            return self.process_queue(queue, vring);
+            return self.serve_and_poll(queue, vring);
         }
         // With VIRTIO_F_EVENT_IDX a kick may cover many requests, and requests added while
         // notifications were off would not kick us: loop until re-enabling notifications
@@ -223,7 +265,7 @@ impl BlkBackend {
             vring
                 .disable_notification()
                 .map_err(|e| format!("cannot disable notifications: {e}"))?;
-            self.process_queue(queue, vring)?;
+            self.serve_and_poll(queue, vring)?;
             if !vring
                 .enable_notification()
                 .map_err(|e| format!("cannot enable notifications: {e}"))?

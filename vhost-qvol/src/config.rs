@@ -19,6 +19,8 @@ pub struct Config {
     pub read_only: bool,
     /// Number of request queues, 1..=64.
     pub num_queues: u16,
+    /// How long a queue's thread polls its ring after a request, in microseconds (0: off).
+    pub poll_us: u32,
     /// The keystore directory (already resolved from flag, environment, default).
     pub keystore: Option<PathBuf>,
     /// The passphrase file, if any (already resolved).
@@ -59,6 +61,9 @@ pub enum ConfigError {
     /// `--snapshot` without `--read-only`.
     #[error("a snapshot is served read-only: add --read-only to --snapshot")]
     SnapshotNeedsReadOnly,
+    /// Bad `--poll-us`.
+    #[error("--poll-us is at most 1000 (one millisecond), not {0}")]
+    BadPoll(u32),
     /// Bad `--num-queues`.
     #[error("--num-queues must be between 1 and {MAX_QUEUES}, not {0}")]
     BadQueueCount(u32),

@@ -90,6 +90,7 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         serial,
         config.num_queues,
     ));
+    device.set_poll(std::time::Duration::from_micros(u64::from(config.poll_us)));
     let mut listener = match inherited {
         Some(listener) => listener,
         None => serve::listen(&config.socket)?,
