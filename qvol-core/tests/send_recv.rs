@@ -310,3 +310,20 @@ fn a_receive_into_a_full_table_is_refused_and_the_image_still_opens() {
     drop(ro);
     assert!(st.to_vec() == before);
 }
+
+/// A snapshot of a disk nothing was written to (an empty map) is sent and received, and
+/// serves as the base of an incremental.
+#[test]
+fn a_snapshot_of_an_empty_disk_round_trips() {
+    let src = Arc::new(MemStorage::new());
+    let vol = common::create(src.clone() as Arc<dyn Storage>, SIZE);
+    vol.create_snapshot("empty").unwrap();
+    vol.write_at(4096, &block(8)).unwrap();
+    vol.create_snapshot("one").unwrap();
+    vol.close().unwrap();
+    let dst = Arc::new(MemStorage::new());
+    receive(&dst, &send(&src, "empty", None)).unwrap();
+    receive(&dst, &send(&src, "one", Some("empty"))).unwrap();
+    snapshot_reads(&dst, "empty", &[(1, 0)]);
+    snapshot_reads(&dst, "one", &[(1, 8), (0, 0)]);
+}
