@@ -117,6 +117,11 @@ impl SlotArea {
         }
     }
 
+    /// `BLAKE3` of the accepted area.
+    pub(crate) fn area_hash(&self) -> [u8; 32] {
+        self.area_hash
+    }
+
     /// The accepted header.
     pub(crate) fn header(&self) -> Result<Header> {
         decode_header(&self.area[..BS])
@@ -298,25 +303,32 @@ impl Volume {
                 format!("the image already has format version {FORMAT_VERSION}"),
             ));
         }
-        // The header as it is now (a resize in this session changed its size).
-        let header = Header {
-            version: FORMAT_VERSION,
-            ..self.slot_area().header()?
+        // The header as it is now (a resize in this session changed its size), with the
+        // slots and the hash of that same state: refused if it changes before the gate.
+        let (header, slots, expected) = {
+            let s = self.slot_area();
+            let header = Header {
+                version: FORMAT_VERSION,
+                ..s.header()?
+            };
+            (header, s.area[BS..].to_vec(), s.area_hash)
         };
-        let slots = self.slot_area().area[BS..].to_vec();
-        self.replace_area(Some(&header), &slots, None)
+        self.replace_area(Some(&header), &slots, Some(&expected))
     }
 
     /// Replaces the header block with `header` through the staged change of FORMAT.md §3.1,
     /// after running `prepare` with the gate held exclusively right after a commit (its
-    /// changes are committed before the header is staged).
+    /// changes are committed before the header is staged). `expected`: the hash of the area
+    /// `header` was read from; refused (nothing written) if the area changed since, so that
+    /// slots changed meanwhile are never written back as they were.
     pub(crate) fn replace_header(
         &self,
         header: &Header,
+        expected: &[u8; 32],
         prepare: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
         let slots = self.slot_area().area[BS..].to_vec();
-        self.replace_area_with(Some(header), &slots, None, Some(prepare))
+        self.replace_area_with(Some(header), &slots, Some(expected), Some(prepare))
     }
 
     /// Replaces the header area (the header block, if `header`, and the keyslot area) through
@@ -353,7 +365,7 @@ impl Volume {
         if expected.is_some_and(|e| !same(&self.keyslots_hash(), e)) {
             return Err(Error::new(
                 ErrorKind::Refused,
-                "the keyslots changed since they were read; read them again",
+                "the keyslots (or the header) changed since they were read; read them again",
             ));
         }
         if let Some(prepare) = prepare {
@@ -389,6 +401,11 @@ impl Volume {
         }
         self.commit_locked(true)?;
         failpoint::hit("keyslots:committed");
+        if let Some(h) = header {
+            // Under the gate, with the header that now counts (a resize).
+            self.size
+                .store(h.size, std::sync::atomic::Ordering::Release);
+        }
         self.drop_stage(stage_at);
         Ok(())
     }

@@ -2,8 +2,6 @@
 //! above the old ones, O(height)), then the header's size changes through the staged
 //! header-area change of §3.1, so a crash leaves the old size or the new one.
 
-use std::sync::atomic::Ordering;
-
 use crate::alloc::{space_capacity, AllocState};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::*;
@@ -85,11 +83,22 @@ impl Volume {
         if new_size < plan.old_size {
             self.discard(new_size, plan.old_size - new_size)?;
         }
-        let mut header = self.slot_area().header()?;
+        // The header and the hash of the area it is part of, read together: the change is
+        // refused under the gate if anything changed the area since (a keyslot change, whose
+        // slots must not be written back as they were read here, or another resize).
+        let (mut header, expected) = {
+            let s = self.slot_area();
+            (s.header()?, s.area_hash())
+        };
+        if header.size != plan.old_size {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                "the volume was resized meanwhile; try again",
+            ));
+        }
         header.size = new_size;
         let blocks = new_size / BLOCK_SIZE;
-        self.replace_header(&header, &mut || self.grow_trees(blocks))?;
-        self.size.store(new_size, Ordering::Release);
+        self.replace_header(&header, &expected, &mut || self.grow_trees(blocks))?;
         Ok(plan)
     }
 
