@@ -33,9 +33,7 @@ impl Volume {
             match rec.op {
                 LogOp::Map { lbn, mut entry } => {
                     entry.birth = birth;
-                    if lbn >= self.blocks()
-                        || entry.pbn >= capacity
-                    {
+                    if lbn >= self.blocks() || entry.pbn >= capacity {
                         return Err(Error::integrity(format!(
                             "log record {} maps logical block {lbn} to physical block {}, out of range",
                             rec.seq, entry.pbn
