@@ -61,6 +61,9 @@ pub struct Control {
     pub device: Arc<Device>,
     /// The generation the daemon opened the volume at.
     pub opened_generation: u64,
+    /// Held across a `resize`, so that the size it judged (a shrink is refused) is the
+    /// size it changes: two clients' resizes never interleave.
+    resizing: std::sync::Mutex<()>,
     /// When a client last asked for a commit.
     pub last_commit: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -74,6 +77,7 @@ impl Control {
             stats,
             device,
             opened_generation,
+            resizing: std::sync::Mutex::new(()),
             last_commit: std::sync::Mutex::new(None),
         }
     }
@@ -307,6 +311,10 @@ fn resize(control: &Control, args: &Value) -> Outcome {
         "\"size\" is needed: the new size in bytes".to_string(),
     ))?;
     let vol = &control.volume;
+    let resizing = control
+        .resizing
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let old = vol.size();
     if size < old {
         return Err((
@@ -325,6 +333,7 @@ fn resize(control: &Control, args: &Value) -> Outcome {
         };
         (class, error_chain(&e))
     })?;
+    drop(resizing);
     let mut reply = json!({"old_size": plan.old_size, "new_size": plan.new_size,
                            "notified": false});
     if plan.new_size != plan.old_size {
