@@ -596,4 +596,27 @@ mod tests {
         assert_eq!(b.get_config(0, 8), capacity);
         assert_eq!(u64::from_le_bytes(capacity.try_into().unwrap()), 2048);
     }
+
+    /// A frontend that takes the backend channel but never answers a config change (with
+    /// REPLY_ACK negotiated) must not block the caller (the control thread) forever.
+    #[test]
+    fn a_frontend_that_never_answers_a_config_change_times_out() {
+        let b = backend(false, 1);
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let channel = vhost::vhost_user::Backend::from_stream(ours);
+        channel.set_reply_ack_flag(true);
+        b.set_backend_req_fd(channel);
+        let device = Arc::clone(&b.device);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(device.config_changed()));
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("config_changed is still waiting for the frontend");
+        assert!(result.is_err(), "{result:?}");
+        // The channel is now broken: the next change fails at once.
+        let start = std::time::Instant::now();
+        assert!(b.device.config_changed().is_err());
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        drop(theirs);
+    }
 }

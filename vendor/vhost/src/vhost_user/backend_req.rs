@@ -145,10 +145,39 @@ impl Backend {
     }
 }
 
+/// How long [`Backend::handle_config_change`] waits for the frontend (qvol patch).
+pub const CONFIG_CHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `fd` has something to read (or hung up) within [`CONFIG_CHANGE_TIMEOUT`].
+fn readable(fd: RawFd) -> Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = std::time::Instant::now() + CONFIG_CHANGE_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis() as libc::c_int) };
+        if n >= 0 {
+            return Ok(n > 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(Error::SocketError(e));
+        }
+    }
+}
+
 impl VhostUserFrontendReqHandler for Backend {
     /// Tell the frontend that the device configuration space changed (a resized disk):
     /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, no payload. qvol patch, see
     /// vendor/QVOL-PATCHES.md.
+    /// A frontend that does not start its answer within [`CONFIG_CHANGE_TIMEOUT`] gets an
+    /// error, not a caller blocked forever; the channel is then marked broken (a late reply
+    /// would be taken for the answer to a later message, and nothing more is sent to a
+    /// frontend that does not read).
     fn handle_config_change(&self) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
         guard.check_state()?;
@@ -156,8 +185,18 @@ impl VhostUserFrontendReqHandler for Backend {
         if guard.reply_ack_negotiated {
             hdr.set_need_reply(true);
         }
-        guard.sock.send_header(&hdr, None)?;
-        Ok(guard.wait_for_ack(&hdr)?)
+        let result = guard.sock.send_header(&hdr, None).and_then(|()| {
+            if guard.reply_ack_negotiated && !readable(guard.sock.as_raw_fd())? {
+                return Err(Error::SocketBroken(io::Error::from_raw_os_error(
+                    libc::ETIMEDOUT,
+                )));
+            }
+            guard.wait_for_ack(&hdr)
+        });
+        if result.is_err() {
+            guard.error = Some(libc::ETIMEDOUT);
+        }
+        Ok(result?)
     }
 
     /// Forward vhost-user shared-object add request to the frontend.
