@@ -89,7 +89,12 @@ impl BlockMap {
     fn load(&self, st: &dyn Storage, keys: &Subkeys, leaf: u64) -> Result<Leaf> {
         let ptr = {
             let mut t = self.interior.lock().unwrap_or_else(|p| p.into_inner());
-            t.leaf_ptr(st, keys, leaf)?
+            if t.reaches(leaf) {
+                t.leaf_ptr(st, keys, leaf)?
+            } else {
+                // A map shorter than the disk (FORMAT.md §16): absent, reads as zeros.
+                NodePtr::default()
+            }
         };
         if ptr.pbn == 0 {
             return Ok(Leaf {

@@ -584,7 +584,11 @@ impl Volume {
                 Position::Data(lbn) => {
                     let leaf = lbn / FANOUT;
                     if let std::collections::hash_map::Entry::Vacant(slot) = leaves.entry(leaf) {
-                        let ptr = tree.leaf_ptr(st, keys, leaf)?;
+                        let ptr = if tree.reaches(leaf) {
+                            tree.leaf_ptr(st, keys, leaf)?
+                        } else {
+                            NodePtr::default()
+                        };
                         let page = if ptr.pbn == 0 {
                             crate::tree::zero_page()
                         } else {

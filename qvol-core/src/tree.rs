@@ -221,6 +221,14 @@ impl TreeCache {
         self.entry(1, leaf / FANOUT, (leaf % FANOUT) as usize)
     }
 
+    /// Whether the tree reaches leaf `leaf`: a map shorter than the disk (a snapshot taken
+    /// before the disk grew, FORMAT.md §16) holds nothing past its height's span.
+    pub(crate) fn reaches(&self, leaf: u64) -> bool {
+        FANOUT
+            .checked_pow(u32::from(self.height))
+            .is_none_or(|n| leaf < n)
+    }
+
     /// The pointer to leaf `leaf` without caching absent nodes, and the number of leaves from
     /// `leaf` to the end of the absent subtree it lies in (1 if the leaf's parent exists).
     pub(crate) fn probe_leaf(
@@ -229,6 +237,10 @@ impl TreeCache {
         keys: &Subkeys,
         leaf: u64,
     ) -> Result<(NodePtr, u64)> {
+        if !self.reaches(leaf) {
+            // Absent up to any disk's end (2^30 leaves at most).
+            return Ok((NodePtr::default(), (1u64 << 40).saturating_sub(leaf).max(1)));
+        }
         let mut ptr = self.root;
         for level in (1..=self.height).rev() {
             // `index` of the node at `level` on the path to `leaf`.

@@ -286,3 +286,50 @@ fn snapshots_of_three_heights_revert_and_delete_cleanly() {
         assert!(vol.info().allocated_bytes < used);
     }
 }
+
+/// A shrink of a grown disk looks for data past the new end in snapshots of the smaller
+/// disk too: their maps do not reach that far, which means no data there, not an error.
+#[test]
+fn a_shrink_judges_snapshots_shorter_than_the_range() {
+    let st = Arc::new(MemStorage::new());
+    let vol = common::create(st.clone() as Arc<dyn Storage>, 8 * MIB);
+    vol.write_at(0, &block(1)).unwrap();
+    vol.create_snapshot("small").unwrap();
+    vol.resize(1 << 30).unwrap();
+    vol.write_at((1 << 30) - 4096, &block(2)).unwrap();
+    let plan = vol.resize_plan(512 * MIB).unwrap();
+    assert_eq!(plan.dropped_bytes, 4096);
+    assert!(plan.snapshots_past_end.is_empty(), "{plan:?}");
+    vol.resize(512 * MIB).unwrap();
+    clean(&vol, "shrunk");
+    assert_eq!(common::read_block(&vol, 0).unwrap(), block(1));
+}
+
+/// A snapshot of the smaller disk, opened on its own after the disk grew, reads as the disk
+/// it was: zeros past its old end, not an error.
+#[test]
+fn a_snapshot_of_the_smaller_disk_reads_zeros_past_its_end() {
+    let st = Arc::new(MemStorage::new());
+    let vol = common::create(st.clone() as Arc<dyn Storage>, 8 * MIB);
+    vol.write_at(0, &block(1)).unwrap();
+    vol.create_snapshot("small").unwrap();
+    vol.resize(1 << 30).unwrap();
+    vol.write_at((1 << 30) - 4096, &block(2)).unwrap();
+    vol.close().unwrap();
+    let snap = Volume::open_with(
+        st.clone() as Arc<dyn Storage>,
+        &common::key(1),
+        OpenOptions {
+            read_only: true,
+            snapshot: Some("small".into()),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(common::read_block(&snap, 0).unwrap(), block(1));
+    assert_eq!(
+        common::read_block(&snap, (1 << 18) - 1).unwrap(),
+        vec![0; 4096]
+    );
+    let _ = snap.allocation(0, snap.size(), usize::MAX).unwrap();
+}
