@@ -194,10 +194,11 @@ pub fn send_snapshot(
     let (snap, entry) = find(name)?;
     // The image is not verified: its map must at least fit the disk it claims, so that a
     // crafted one cannot make the walk (and the stream) endless.
+    // (A snapshot taken before the disk grew has a shorter map: FORMAT.md §16.)
     let blocks = header.size / BLOCK_SIZE;
-    if snap.map_height != tree_height(blocks, FANOUT) {
+    if snap.map_height > tree_height(blocks, FANOUT) {
         return Err(Error::corrupt(format!(
-            "snapshot {name:?} has a map of height {}, not the {} of a disk of {} bytes",
+            "snapshot {name:?} has a map of height {}, taller than the {} of a disk of {} bytes",
             snap.map_height,
             tree_height(blocks, FANOUT),
             header.size
@@ -212,9 +213,9 @@ pub fn send_snapshot(
                     format!("snapshot {f:?} is not older than {name:?}"),
                 ));
             }
-            if b.map_height != snap.map_height {
+            if b.map_height > snap.map_height {
                 return Err(Error::corrupt(format!(
-                    "snapshots {f:?} and {name:?} have maps of different heights"
+                    "snapshot {f:?} has a taller map than the newer {name:?}"
                 )));
             }
             Some(b)
@@ -248,7 +249,12 @@ pub fn send_snapshot(
         sum: &mut sum,
         progress,
     };
-    sender.node(snap.map_height, 0, snap.root, base.as_ref().map(|b| b.root))?;
+    sender.node(
+        snap.map_height,
+        0,
+        snap.root,
+        base.as_ref().map(|b| (b.root, b.map_height)),
+    )?;
     let mut end = [0u8; 17];
     end[0] = REC_END;
     put_u64(&mut end, 1, sum.nodes);
@@ -274,9 +280,16 @@ struct Sender<'a, W> {
 
 impl<W: Write> Sender<'_, W> {
     /// Sends node (`level`, `index`) at `ptr` and what it needs, unless `base` holds the same
-    /// subtree (equal portable MACs).
-    fn node(&mut self, level: u8, index: u64, ptr: NodePtr, base: Option<NodePtr>) -> Result<()> {
-        if ptr.pbn == 0 || base.is_some_and(|b| b.pbn != 0 && b.pmac == ptr.pmac) {
+    /// subtree (equal portable MACs). `base` is the base's pointer at this position and the
+    /// level it points to (lower for a base of a smaller disk: see [`child_base`]).
+    fn node(
+        &mut self,
+        level: u8,
+        index: u64,
+        ptr: NodePtr,
+        base: Option<(NodePtr, u8)>,
+    ) -> Result<()> {
+        if ptr.pbn == 0 || same_subtree(base, level, &ptr.pmac) {
             return Ok(());
         }
         let first = FANOUT
@@ -297,7 +310,7 @@ impl<W: Write> Sender<'_, W> {
         self.w.put(&page[..])?;
         self.sum.nodes += 1;
         let base_page = match base {
-            Some(b) if b.pbn != 0 => Some(read_raw(self.st, b.pbn)?),
+            Some((b, l)) if l == level && b.pbn != 0 => Some(read_raw(self.st, b.pbn)?),
             _ => None,
         };
         for i in 0..FANOUT as usize {
@@ -326,15 +339,33 @@ impl<W: Write> Sender<'_, W> {
                 (self.progress)(self.w.bytes);
             } else {
                 let child = decode_interior_entry(&page[..], i)?;
-                let b = match &base_page {
-                    Some(bp) => Some(decode_interior_entry(&bp[..], i)?),
-                    None => None,
-                };
+                let b = child_base(base, base_page.as_deref(), level, i)?;
                 self.node(level - 1, index * FANOUT + i as u64, child, b)?;
             }
         }
         Ok(())
     }
+}
+
+/// Whether `base` (pointer, level) holds the subtree at `level` whose portable MAC is `pmac`.
+fn same_subtree(base: Option<(NodePtr, u8)>, level: u8, pmac: &[u8; 16]) -> bool {
+    base.is_some_and(|(b, l)| l == level && b.pbn != 0 && b.pmac == *pmac)
+}
+
+/// The base's pointer below entry `i` of the node at `level`: from the base's node there,
+/// or, for a base of a smaller disk (its root lower than `level`), its root down the first
+/// entries and nothing elsewhere (FORMAT.md §16).
+fn child_base(
+    base: Option<(NodePtr, u8)>,
+    page: Option<&[u8; BS]>,
+    level: u8,
+    i: usize,
+) -> Result<Option<(NodePtr, u8)>> {
+    Ok(match (base, page) {
+        (Some(_), Some(p)) => Some((decode_interior_entry(&p[..], i)?, level - 1)),
+        (Some((b, l)), None) if l < level && i == 0 => Some((b, l)),
+        _ => None,
+    })
 }
 
 /// Whether two leaf entries name the same sealed block (wherever it is stored).
@@ -461,11 +492,14 @@ impl Volume {
                     },
                 )?),
             };
-        let live = self.superblock().map_root;
+        let (live, live_height) = {
+            let sb = self.superblock();
+            (sb.map_root, sb.map_height)
+        };
         // Uncommitted changes (log records a read-only open replayed) are changes too.
         let unchanged = !self.map.is_dirty()
             && match &base {
-                Some(b) => live.pmac == b.root.pmac && (live.pbn == 0) == (b.root.pbn == 0),
+                Some(b) => self.same_map((live, live_height), (b.root, b.map_height))?,
                 None => live.pbn == 0,
             };
         if !unchanged && !force {
@@ -475,10 +509,14 @@ impl Volume {
                  or force the receive to discard those changes",
             ));
         }
-        if snap.map_height != self.superblock().map_height {
+        if snap.map_height > live_height {
             return Err(Error::new(
-                ErrorKind::Unsupported,
-                "the stream's map height differs from this volume's",
+                ErrorKind::Refused,
+                format!(
+                    "the stream is of a disk larger than this one ({} bytes): resize it to that \
+                     size first",
+                    head.create_options()?.size
+                ),
             ));
         }
         if list.len() >= crate::snapshot::MAX_SNAPSHOTS {
@@ -512,7 +550,6 @@ impl Volume {
         self.commit_locked(false)?;
         let base = self.check_stream(head, force)?;
         let mut snap = head.snapshot.clone();
-        let height = self.superblock().map_height;
         let mut rx = Receiver {
             vol: self,
             r: Hashed { inner: r, hash },
@@ -521,7 +558,12 @@ impl Volume {
             data: 0,
             progress,
         };
-        let result = rx.node(height, 0, snap.root.pmac, base.as_ref().map(|b| b.root));
+        let result = rx.node(
+            snap.map_height,
+            0,
+            snap.root.pmac,
+            base.as_ref().map(|b| (b.root, b.map_height)),
+        );
         let root = match result.and_then(|root| rx.finish().map(|()| root)) {
             Ok(root) => root,
             // Blocks were allocated in memory only; nothing refers to them on disk.
@@ -555,10 +597,10 @@ impl Receiver<'_, '_> {
         level: u8,
         index: u64,
         pmac: [u8; 16],
-        base: Option<NodePtr>,
+        base: Option<(NodePtr, u8)>,
     ) -> Result<NodePtr> {
-        if let Some(b) = base.filter(|b| b.pbn != 0 && b.pmac == pmac) {
-            return Ok(b);
+        if same_subtree(base, level, &pmac) {
+            return Ok(base.map(|(b, _)| b).unwrap_or_default());
         }
         // An absent subtree (only a root can be: a snapshot of a disk nothing was written
         // to) has a zero portable MAC, which no node has but with probability 2^-128; the
@@ -587,7 +629,9 @@ impl Receiver<'_, '_> {
         decode_map_node(&page[..], level)?;
         self.nodes += 1;
         let base_page = match base {
-            Some(b) if b.pbn != 0 => Some(read_node(st, keys, TreeKind::Map, level, index, &b)?),
+            Some((b, l)) if l == level && b.pbn != 0 => {
+                Some(read_node(st, keys, TreeKind::Map, level, index, &b)?)
+            }
             _ => None,
         };
         for k in 0..FANOUT as usize {
@@ -612,10 +656,7 @@ impl Receiver<'_, '_> {
                 if child.pbn == 0 {
                     continue;
                 }
-                let b = match &base_page {
-                    Some(bp) => Some(decode_interior_entry(&bp[..], k)?),
-                    None => None,
-                };
+                let b = child_base(base, base_page.as_deref(), level, k)?;
                 let local = self.node(level - 1, index * FANOUT + k as u64, child.pmac, b)?;
                 encode_interior_entry(&mut page[..], k, &local);
             }

@@ -298,7 +298,8 @@ impl Volume {
         };
         let others = other_roots(&self.snapshots(), None, None);
         self.free_exclusive(&live, &others)?;
-        self.map.reset(snap.map_height, snap.root);
+        let root = self.wrap_map_root(snap.root, snap.map_height, live.map_height)?;
+        self.map.reset(live.map_height, root);
         self.commit_locked(true)?;
         Ok(snap)
     }
@@ -423,6 +424,26 @@ impl Volume {
     fn committed_live(&self) -> (NodePtr, u8) {
         let sb = self.superblock();
         (sb.map_root, sb.map_height)
+    }
+
+    /// Whether two maps (root, height) hold the same content: a taller one must lead down
+    /// its first entries, with nothing else, to a root equal (by portable MAC) to the other's.
+    pub(crate) fn same_map(&self, a: (NodePtr, u8), b: (NodePtr, u8)) -> Result<bool> {
+        let (mut hi, lo) = if a.1 >= b.1 { (a, b) } else { (b, a) };
+        while hi.1 > lo.1 && hi.0.pbn != 0 {
+            let page = read_node(&*self.storage, &self.keys, TreeKind::Map, hi.1, 0, &hi.0)?;
+            for i in 1..FANOUT as usize {
+                if decode_interior_entry(&page[..], i)?.pbn != 0 {
+                    return Ok(false);
+                }
+            }
+            hi = (decode_interior_entry(&page[..], 0)?, hi.1 - 1);
+        }
+        Ok(match (hi.0.pbn, lo.0.pbn) {
+            (0, 0) => true,
+            (0, _) | (_, 0) => false,
+            _ => hi.0.pmac == lo.0.pmac,
+        })
     }
 
     /// Frees every block of `gone`'s map that no tree of `others` holds at the same place.

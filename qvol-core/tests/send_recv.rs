@@ -327,3 +327,53 @@ fn a_snapshot_of_an_empty_disk_round_trips() {
     snapshot_reads(&dst, "empty", &[(1, 0)]);
     snapshot_reads(&dst, "one", &[(1, 8), (0, 0)]);
 }
+
+/// Snapshots of a disk before and after it grew (maps of different heights) are sent, full
+/// and incremental, and received into an image of either size (a smaller one must grow
+/// first, FORMAT.md §16).
+#[test]
+fn snapshots_across_a_resize_are_sent_and_received() {
+    let src = Arc::new(MemStorage::new());
+    let vol = common::create(src.clone() as Arc<dyn Storage>, 8 << 20);
+    for lbn in 0..50 {
+        vol.write_at(lbn * 4096, &block(lbn + 1)).unwrap();
+    }
+    vol.create_snapshot("small").unwrap();
+    vol.close().unwrap();
+    let early = send(&src, "small", None);
+    let vol = common::open(src.clone() as Arc<dyn Storage>).unwrap();
+    vol.resize(1 << 30).unwrap();
+    vol.write_at(5 * 4096, &block(500)).unwrap();
+    vol.write_at((1 << 30) - 4096, &block(600)).unwrap();
+    vol.create_snapshot("big").unwrap();
+    vol.write_at(6 * 4096, &block(700)).unwrap();
+    vol.create_snapshot("bigger").unwrap();
+    vol.close().unwrap();
+    let last = (1u64 << 18) - 1;
+
+    // Received into an image of the current size, from the start.
+    let dst = Arc::new(MemStorage::new());
+    receive(&dst, &send(&src, "small", None)).unwrap();
+    receive(&dst, &send(&src, "big", Some("small"))).unwrap();
+    receive(&dst, &send(&src, "bigger", Some("big"))).unwrap();
+    snapshot_reads(&dst, "small", &[(5, 6), (6, 7)]);
+    snapshot_reads(&dst, "big", &[(5, 500), (6, 7), (last, 600)]);
+    snapshot_reads(&dst, "bigger", &[(5, 500), (6, 700), (last, 600)]);
+    let vol = common::open(dst.clone() as Arc<dyn Storage>).unwrap();
+    assert!(vol.check(&mut |_, _| {}).unwrap().is_clean());
+    drop(vol);
+
+    // Received into an image made while the disk was small: it must grow first.
+    let old = Arc::new(MemStorage::new());
+    receive(&old, &early).unwrap();
+    let inc = send(&src, "big", Some("small"));
+    assert_eq!(receive(&old, &inc).unwrap_err().kind(), ErrorKind::Refused);
+    let vol = common::open(old.clone() as Arc<dyn Storage>).unwrap();
+    vol.resize(1 << 30).unwrap();
+    vol.close().unwrap();
+    receive(&old, &inc).unwrap();
+    snapshot_reads(&old, "big", &[(5, 500), (last, 600)]);
+    let vol = common::open(old.clone() as Arc<dyn Storage>).unwrap();
+    assert_eq!(common::read_block(&vol, last).unwrap(), block(600));
+    assert!(vol.check(&mut |_, _| {}).unwrap().is_clean());
+}
