@@ -155,15 +155,27 @@ pub fn prepare(
                 .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
         }
         BackendKind::QsdLuks => {
-            run_tool(
-                Command::new(&tools.qemu_img)
-                    .args(["create", "-q", "-f", "luks", "--object"])
-                    .arg(format!("secret,id=s0,data={LUKS_SECRET}"))
-                    .args(["-o", "key-secret=s0,iter-time=10"])
-                    .arg(&image)
-                    .arg(size.to_string()),
-                "qemu-img create -f luks",
-            )?;
+            // qemu-img times its PBKDF2 with getrusage(); with a 10 ms iteration time it
+            // sometimes measures no CPU time at all and fails ("Unable to get accurate CPU
+            // usage"), so it gets a few tries.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let _ = fs::remove_file(&image);
+                match run_tool(
+                    Command::new(&tools.qemu_img)
+                        .args(["create", "-q", "-f", "luks", "--object"])
+                        .arg(format!("secret,id=s0,data={LUKS_SECRET}"))
+                        .args(["-o", "key-secret=s0,iter-time=10"])
+                        .arg(&image)
+                        .arg(size.to_string()),
+                    "qemu-img create -f luks",
+                ) {
+                    Ok(_) => break,
+                    Err(e) if tries < 5 && e.contains("accurate CPU usage") => continue,
+                    Err(e) => return Err(e),
+                }
+            }
         }
         BackendKind::Qvol(suite) => {
             let (qvol, _) = tools.qvol.as_ref().map_err(Clone::clone)?;

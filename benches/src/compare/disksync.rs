@@ -23,7 +23,8 @@ pub struct DiskSync {
 }
 
 /// Writes `bytes` of incompressible data to a new file in `dir` in 1 MiB writes, then
-/// `fdatasync`s it, and removes it.
+/// `fdatasync`s it, and removes it; the filesystem is synced (syncfs) before the clock
+/// starts.
 pub fn measure(dir: &Path, bytes: u64, when: &str) -> Result<DiskSync, String> {
     const CHUNK: usize = 1 << 20;
     let path = dir.join("disk-sync.tmp");
@@ -36,6 +37,13 @@ pub fn measure(dir: &Path, bytes: u64, when: &str) -> Result<DiskSync, String> {
         .create_new(true)
         .open(&path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    // Whatever others left dirty on this filesystem is written back first, so that the
+    // fdatasync below waits for this file's data only.
+    // SAFETY: syncfs(2) on a descriptor this function owns for the duration of the call.
+    unsafe {
+        use std::os::fd::AsRawFd as _;
+        libc::syncfs(f.as_raw_fd());
+    }
     let result = (|| {
         let start = Instant::now();
         let mut done = 0u64;
