@@ -16,6 +16,8 @@
 #                               # vhost-qvol inherits the environment: this turns its early
 #                               # writeback off (default: a kick every 32 MiB written); the
 #                               # value is printed with the figures
+#   QVOL_BENCH_POLL_US=50 scripts/bench.sh ...
+#                               # runs vhost-qvol with --poll-us 50 (queue polling)
 #
 # Needs qemu-storage-daemon and qemu-img (Debian: apt-get install qemu-system-common qemu-utils).
 set -euo pipefail

@@ -361,7 +361,7 @@ fn command_line() -> String {
 
 /// Variables of vhost-qvol's environment that change what it does (passed through to the
 /// daemon, which inherits this program's environment) and are recorded with the figures.
-const QVOL_DAEMON_ENV: [&str; 1] = ["QVOL_WRITEBACK_MIB"];
+const QVOL_DAEMON_ENV: [&str; 2] = ["QVOL_WRITEBACK_MIB", "QVOL_BENCH_POLL_US"];
 
 fn run(cfg: Config) -> Result<Report, String> {
     let date = date_utc();

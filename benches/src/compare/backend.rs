@@ -318,6 +318,10 @@ pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, Stri
                 .arg(volume_id)
                 .arg("--num-queues")
                 .arg(queues.to_string());
+            // `QVOL_BENCH_POLL_US=N` runs the daemon with `--poll-us N` (issue 15's polling).
+            if let Some(us) = std::env::var_os("QVOL_BENCH_POLL_US") {
+                c.arg("--poll-us").arg(us);
+            }
             c
         }
     };

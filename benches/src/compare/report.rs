@@ -61,7 +61,7 @@ pub struct Report {
     /// How to reproduce it.
     pub command: String,
     /// vhost-qvol's environment settings that change its behaviour (e.g.
-    /// `QVOL_WRITEBACK_MIB`), as set for this run.
+    /// `QVOL_WRITEBACK_MIB`, `QVOL_BENCH_POLL_US` for `--poll-us`), as set for this run.
     pub daemon_env: Vec<(String, String)>,
     /// The disk's own sync bandwidth, before and after the backends.
     pub disk_sync: Vec<DiskSync>,
