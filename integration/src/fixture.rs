@@ -48,6 +48,11 @@ impl From<Output> for Run {
     }
 }
 
+/// The JSON a command printed on stdout (panics with the output if it is not JSON).
+pub fn json_of(run: &Run) -> serde_json::Value {
+    serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {run:#?}"))
+}
+
 impl Run {
     /// Panics with the output unless the command succeeded.
     pub fn success(self) -> Self {

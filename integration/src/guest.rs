@@ -322,6 +322,28 @@ impl GuestOutcome {
             .filter_map(move |l| l.trim_end_matches('\r').strip_prefix(prefix))
     }
 
+    /// The single value of a `PREFIX value` marker line (panics unless there is exactly one).
+    pub fn marker(&self, prefix: &str) -> String {
+        let values: Vec<&str> = self.lines_with_prefix(prefix).collect();
+        assert_eq!(
+            values.len(),
+            1,
+            "expected one {prefix:?} line\n{}",
+            self.report()
+        );
+        values[0].trim().to_string()
+    }
+
+    /// `PREFIX name value` lines as a map.
+    pub fn pairs(&self, prefix: &str) -> std::collections::BTreeMap<String, String> {
+        self.lines_with_prefix(prefix)
+            .filter_map(|l| {
+                let mut parts = l.split_whitespace();
+                Some((parts.next()?.to_string(), parts.next()?.to_string()))
+            })
+            .collect()
+    }
+
     /// A readable report for assertion messages: statuses, the console and QEMU's log.
     pub fn report(&self) -> String {
         format!(

@@ -116,24 +116,21 @@ fn read_only_serving_refuses_writes_and_leaves_the_image_alone() {
     );
 }
 
-#[test]
-fn several_queues_work_at_once() {
-    let (f, image) = setup(&[]);
-    let daemon = f
-        .start_daemon(&image, "mq", &["--num-queues", "4"])
-        .unwrap();
-    let mut c = connect(daemon.socket(), 4, false);
-    assert_eq!(c.num_queues(), 4);
+/// On each queue of `c` (one thread each), writes `blocks` blocks at queue depth `depth`,
+/// 16 MiB apart per queue, then reads them back and checks them.
+fn write_and_check_every_queue(c: &mut BlkioClient, blocks: u64, depth: usize, tag: u64) {
     std::thread::scope(|s| {
         for (q, mut h) in c.split().into_iter().enumerate() {
             s.spawn(move || {
-                let offsets: Vec<u64> = (0..128).map(|i| q as u64 * 16 * MIB + i * 4096).collect();
+                let offsets: Vec<u64> = (0..blocks)
+                    .map(|i| q as u64 * 16 * MIB + i * 4096)
+                    .collect();
                 h.run_batch(
                     &offsets,
                     BLOCK,
-                    8,
+                    depth,
                     true,
-                    |i, b| pattern::fill(b, offsets[i], 11),
+                    |i, b| pattern::fill(b, offsets[i], tag),
                     |_, _, r| {
                         r.unwrap();
                         true
@@ -143,12 +140,12 @@ fn several_queues_work_at_once() {
                 h.run_batch(
                     &offsets,
                     BLOCK,
-                    8,
+                    depth,
                     false,
                     |_, _| {},
                     |i, b, r| {
                         r.unwrap();
-                        assert_eq!(b, &pattern::make(BLOCK, offsets[i], 11)[..], "queue {q}");
+                        assert_eq!(b, &pattern::make(BLOCK, offsets[i], tag)[..], "queue {q}");
                         true
                     },
                 )
@@ -156,6 +153,17 @@ fn several_queues_work_at_once() {
             });
         }
     });
+}
+
+#[test]
+fn several_queues_work_at_once() {
+    let (f, image) = setup(&[]);
+    let daemon = f
+        .start_daemon(&image, "mq", &["--num-queues", "4"])
+        .unwrap();
+    let mut c = connect(daemon.socket(), 4, false);
+    assert_eq!(c.num_queues(), 4);
+    write_and_check_every_queue(&mut c, 128, 8, 11);
 }
 
 /// With `--poll-us`, the queue threads pick up requests while they watch their rings: every
@@ -167,42 +175,9 @@ fn polling_queues_serve_every_request() {
         .start_daemon(&image, "poll", &["--num-queues", "2", "--poll-us", "500"])
         .unwrap();
     let mut c = connect(daemon.socket(), 2, false);
-    std::thread::scope(|s| {
-        for (q, mut h) in c.split().into_iter().enumerate() {
-            s.spawn(move || {
-                for depth in [1, 8] {
-                    let offsets: Vec<u64> =
-                        (0..200).map(|i| q as u64 * 16 * MIB + i * 4096).collect();
-                    let tag = 30 + depth as u64;
-                    h.run_batch(
-                        &offsets,
-                        BLOCK,
-                        depth,
-                        true,
-                        |i, b| pattern::fill(b, offsets[i], tag),
-                        |_, _, r| {
-                            r.unwrap();
-                            true
-                        },
-                    )
-                    .unwrap();
-                    h.run_batch(
-                        &offsets,
-                        BLOCK,
-                        depth,
-                        false,
-                        |_, _| {},
-                        |i, b, r| {
-                            r.unwrap();
-                            assert_eq!(b, &pattern::make(BLOCK, offsets[i], tag)[..], "queue {q}");
-                            true
-                        },
-                    )
-                    .unwrap();
-                }
-            });
-        }
-    });
+    for depth in [1, 8] {
+        write_and_check_every_queue(&mut c, 200, depth, 30 + depth as u64);
+    }
     let sock = f.path("p.sock");
     f.vhost_qvol([
         std::ffi::OsStr::new("--poll-us"),

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 
 use integration::bins;
 use integration::daemon::wait_within;
-use integration::fixture::{file_tree, Fixture, Run, COMMAND_TIMEOUT};
+use integration::fixture::{file_tree, json_of, Fixture, Run, COMMAND_TIMEOUT};
 use integration::guest::{find_in_path, SETUP_HINT};
 use serde_json::Value;
 
@@ -23,10 +23,6 @@ const MIB: u64 = 1 << 20;
 
 fn s(path: &Path) -> &str {
     path.to_str().expect("temporary paths are UTF-8")
-}
-
-fn json_of(run: &Run) -> Value {
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {run:#?}"))
 }
 
 /// Runs `cmd` to completion (at most [`COMMAND_TIMEOUT`]) with no input.

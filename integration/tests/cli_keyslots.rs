@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use integration::daemon::{wait_within, Daemon};
-use integration::fixture::{file_tree, volume_id_of, Fixture, Run, COMMAND_TIMEOUT};
+use integration::fixture::{file_tree, json_of, volume_id_of, Fixture, COMMAND_TIMEOUT};
 use integration::pattern;
 use serde_json::Value;
 
@@ -33,10 +33,6 @@ const CRASH_POINTS: [&str; 6] = [
 
 fn s(path: &Path) -> &str {
     path.to_str().expect("temporary paths are UTF-8")
-}
-
-fn json_of(run: &Run) -> Value {
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {run:#?}"))
 }
 
 // Daemons and the data they serve.

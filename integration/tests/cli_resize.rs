@@ -9,9 +9,8 @@
 use std::path::Path;
 
 use integration::daemon::Daemon;
-use integration::fixture::{Fixture, Run};
+use integration::fixture::{json_of, Fixture};
 use integration::pattern;
-use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
@@ -22,10 +21,6 @@ fn s(p: &Path) -> &str {
 fn serve(f: &Fixture, image: &Path, tag: &str, extra: &[&str]) -> Daemon {
     f.start_daemon(image, tag, extra)
         .unwrap_or_else(|e| panic!("vhost-qvol did not start: {e}"))
-}
-
-fn json_of(run: &Run) -> Value {
-    serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {run:#?}"))
 }
 
 fn info_size(f: &Fixture, image: &Path) -> u64 {

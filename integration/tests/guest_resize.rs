@@ -14,13 +14,12 @@
 //!
 //! Needs QEMU and the guest kernel (`scripts/setup.sh`); without them it FAILS.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use integration::daemon::Daemon;
-use integration::fixture::{Fixture, Run};
+use integration::fixture::{json_of, Fixture};
 use integration::guest::{self, GuestKit, GuestOutcome, GuestSpec};
 
 const MIB: u64 = 1 << 20;
@@ -67,34 +66,15 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 paths")
 }
 
-fn json_of(run: &Run) -> serde_json::Value {
-    serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {run:#?}"))
-}
-
-/// `PREFIX name value` lines as a map.
-fn pairs(outcome: &GuestOutcome, prefix: &str) -> BTreeMap<String, String> {
-    outcome
-        .lines_with_prefix(prefix)
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            Some((parts.next()?.to_string(), parts.next()?.to_string()))
-        })
-        .collect()
-}
-
 /// The single number of a `PREFIX n` marker line.
 fn number(outcome: &GuestOutcome, prefix: &str) -> u64 {
-    let values: Vec<&str> = outcome.lines_with_prefix(prefix).collect();
-    assert_eq!(
-        values.len(),
-        1,
-        "expected one {prefix:?} line\n{}",
-        outcome.report()
-    );
-    values[0]
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("{prefix:?} is not a number\n{}", outcome.report()))
+    outcome.marker(prefix).parse().unwrap_or_else(|_| {
+        panic!(
+            "{prefix:?} is not a number
+{}",
+            outcome.report()
+        )
+    })
 }
 
 #[test]
@@ -164,8 +144,8 @@ fn guest_sees_its_disk_grow_online_and_grows_ext4_without_a_reboot() {
     );
     assert_eq!(number(&outcome, "QVOL-BIG "), 72 * MIB);
     assert_eq!(
-        pairs(&outcome, "QVOL-AGAIN "),
-        pairs(&outcome, "QVOL-FILE "),
+        outcome.pairs("QVOL-AGAIN "),
+        outcome.pairs("QVOL-FILE "),
         "the files changed\n{}",
         outcome.report()
     );

@@ -23,7 +23,6 @@
 //!
 //! Needs QEMU and the guest kernel (`scripts/setup.sh`); without them it FAILS.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -31,7 +30,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration::daemon::Daemon;
-use integration::fixture::{Fixture, Run};
+use integration::fixture::{json_of, Fixture};
 use integration::guest::{self, GuestKit, GuestOutcome, GuestSpec};
 
 /// Files the guest creates after it learnt that the snapshot command returned.
@@ -145,29 +144,6 @@ fn numbers(console: &str, key: &str) -> Vec<u32> {
         .collect()
 }
 
-/// `PREFIX name value` lines as a map.
-fn pairs(outcome: &GuestOutcome, prefix: &str) -> BTreeMap<String, String> {
-    outcome
-        .lines_with_prefix(prefix)
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            Some((parts.next()?.to_string(), parts.next()?.to_string()))
-        })
-        .collect()
-}
-
-/// The single value of a `PREFIX value` marker line.
-fn marker(outcome: &GuestOutcome, prefix: &str) -> String {
-    let values: Vec<&str> = outcome.lines_with_prefix(prefix).collect();
-    assert_eq!(
-        values.len(),
-        1,
-        "expected one {prefix:?} line\n{}",
-        outcome.report()
-    );
-    values[0].trim().to_string()
-}
-
 fn assert_ran(outcome: &GuestOutcome, daemon: &Daemon, done: &str, what: &str) {
     assert!(
         outcome.succeeded() && outcome.console.contains(done),
@@ -181,10 +157,6 @@ fn assert_ran(outcome: &GuestOutcome, daemon: &Daemon, done: &str, what: &str) {
         "{what}: the guest reported I/O errors: {errors:#?}\n{}",
         outcome.report()
     );
-}
-
-fn json_of(run: &Run) -> serde_json::Value {
-    serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {run:#?}"))
 }
 
 #[test]
@@ -238,8 +210,9 @@ fn guest_ext4_snapshot_taken_while_writing_reverts_to_a_clean_filesystem() {
     assert_ran(&first, &daemon, "QVOL-WRITE-DONE", "first boot");
     daemon.stop();
 
-    let written = pairs(&first, "QVOL-FILE ");
-    let after: u32 = marker(&first, "QVOL-AFTER-SNAPSHOT ")
+    let written = first.pairs("QVOL-FILE ");
+    let after: u32 = first
+        .marker("QVOL-AFTER-SNAPSHOT ")
         .parse()
         .expect("QVOL-AFTER-SNAPSHOT has a number");
     let last = after + FILES_AFTER - 1;
@@ -275,13 +248,13 @@ fn guest_ext4_snapshot_taken_while_writing_reverts_to_a_clean_filesystem() {
     assert_ran(&second, &daemon, "QVOL-VERIFY-DONE", "second boot");
     daemon.stop();
     for check in ["QVOL-REPLAY ", "QVOL-FSCK-COPY ", "QVOL-FSCK-DEVICE "] {
-        let rc = marker(&second, check);
+        let rc = second.marker(check);
         // e2fsck exits 0 when it found nothing to fix (the journal-only run: nothing
         // beyond replaying the journal, which is no error).
         assert_eq!(rc, "0", "{check}exit status {rc}\n{}", second.report());
     }
 
-    let have = pairs(&second, "QVOL-HAVE ");
+    let have = second.pairs("QVOL-HAVE ");
     for i in 0..=synced_before {
         let name = format!("f{i}");
         assert_eq!(
@@ -320,6 +293,6 @@ fn guest_ext4_snapshot_taken_while_writing_reverts_to_a_clean_filesystem() {
          of it before f{after}; {in_between} of the {} files in between are in it; \
          journal needed recovery: {}",
         after - synced_before - 1,
-        marker(&second, "QVOL-NEEDS-RECOVERY ")
+        second.marker("QVOL-NEEDS-RECOVERY ")
     );
 }

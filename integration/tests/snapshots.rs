@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use integration::client::{describe, BlkioClient};
 use integration::daemon::Daemon;
-use integration::fixture::{copy_private_tree, Fixture, Run};
+use integration::fixture::{copy_private_tree, json_of, Fixture};
 use integration::pattern;
 use serde_json::Value;
 
@@ -29,10 +29,6 @@ fn s(p: &Path) -> &str {
 fn serve(f: &Fixture, image: &Path, tag: &str, extra: &[&str]) -> Daemon {
     f.start_daemon(image, tag, extra)
         .unwrap_or_else(|e| panic!("vhost-qvol did not start: {e}"))
-}
-
-fn json_of(run: &Run) -> Value {
-    serde_json::from_str(run.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {run:#?}"))
 }
 
 #[test]

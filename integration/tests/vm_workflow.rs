@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use integration::bins;
 use integration::daemon::wait_within;
-use integration::fixture::{file_tree, Fixture, Run};
+use integration::fixture::{file_tree, json_of, Fixture, Run};
 use integration::rootfs::{file_contains, unique_marker, RootKit, INITRD_ERROR, MARK_WRITTEN};
 use serde_json::Value;
 
@@ -29,10 +29,6 @@ const CMDLINE: &str = "console=ttyS0 loglevel=4 mitigations=off";
 
 fn s(path: &Path) -> &str {
     path.to_str().expect("temporary paths are UTF-8")
-}
-
-fn json_of(run: &Run) -> Value {
-    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {run:#?}"))
 }
 
 /// A keystore, a VMs directory, the guest kernel and the test initramfs; every VM process

@@ -180,7 +180,7 @@ impl Volume {
         for (i, s) in list.iter().enumerate() {
             let others = other_roots(&list, Some(i), Some(live));
             let mut blocks = 0u64;
-            self.walk_exclusive(s, &others, &mut |_, _| {
+            self.walk_exclusive((s.root, s.map_height), &others, &mut |_| {
                 blocks += 1;
                 Ok(())
             })?;
@@ -225,7 +225,7 @@ impl Volume {
         };
         let others = other_roots(&self.snapshots(), None, Some(self.committed_live()));
         let freed = self
-            .free_exclusive(&gone, &others)
+            .free_exclusive((gone.root, gone.map_height), &others)
             .map_err(|e| self.fail(e))?;
         self.commit_locked(true)?;
         Ok(freed * BLOCK_SIZE)
@@ -251,56 +251,28 @@ impl Volume {
         if let Some(keep) = keep_current {
             self.push_live_snapshot(keep)?;
         }
-        let live = Snapshot {
-            name: String::new(),
-            guid: [0; 16],
-            created: 0,
-            generation: 0,
-            epoch: self.snaps.epoch(),
-            map_height: self.committed_live().1,
-            root: self.committed_live().0,
-        };
+        self.replace_live(target.root, target.map_height)
+    }
+
+    /// Makes the map `root` of height `height` the live disk's (gate held exclusively, right
+    /// after a commit): frees what only the live map held, keeps the live map's height (a map
+    /// of a smaller disk goes below new root nodes, FORMAT.md §16) and commits.
+    fn replace_live(&self, root: NodePtr, height: u8) -> Result<()> {
+        let live = self.committed_live();
         let others = other_roots(&self.snapshots(), None, None);
-        self.free_exclusive(&live, &others)
+        self.free_exclusive(live, &others)
+            .and_then(|_| self.wrap_map_root(root, height, live.1))
+            .map(|root| self.map.reset(live.1, root))
             .map_err(|e| self.fail(e))?;
-        // A snapshot taken before the disk grew has a shorter map: the live map keeps its
-        // height, with the snapshot's root below new nodes (FORMAT.md §16).
-        let root = self
-            .wrap_map_root(target.root, target.map_height, live.map_height)
-            .map_err(|e| self.fail(e))?;
-        self.map.reset(live.map_height, root);
         self.commit_locked(true)
     }
 
     /// `receive`, last step (gate held exclusively): `snap` (its nodes written, its root
     /// local) becomes a snapshot and the live disk's content; what only the live disk held
     /// is freed, and everything is committed at once.
-    pub(crate) fn install_received(&self, mut snap: Snapshot) -> Result<Snapshot> {
-        let epoch = self.snaps.epoch();
-        let next = epoch.checked_add(1).ok_or_else(|| {
-            Error::new(
-                ErrorKind::NoSpace,
-                "the volume has used up its 2^32 snapshot epochs",
-            )
-        })?;
-        snap.epoch = epoch;
-        {
-            let mut inner = self.snaps.lock();
-            inner.list.push(snap.clone());
-            inner.dirty = true;
-            self.snaps.epoch.store(next, Ordering::Release);
-            self.snaps.refresh(&inner);
-        }
-        let live = Snapshot {
-            root: self.committed_live().0,
-            map_height: self.committed_live().1,
-            ..snap.clone()
-        };
-        let others = other_roots(&self.snapshots(), None, None);
-        self.free_exclusive(&live, &others)?;
-        let root = self.wrap_map_root(snap.root, snap.map_height, live.map_height)?;
-        self.map.reset(live.map_height, root);
-        self.commit_locked(true)?;
+    pub(crate) fn install_received(&self, snap: Snapshot) -> Result<Snapshot> {
+        let snap = self.append_snapshot(snap)?;
+        self.replace_live(snap.root, snap.map_height)?;
         Ok(snap)
     }
 
@@ -351,24 +323,29 @@ impl Volume {
         let sb = self.superblock().clone();
         let mut guid = [0u8; 16];
         crate::datablock::fill_random(&mut guid)?;
-        let epoch = self.snaps.epoch();
-        let next = epoch.checked_add(1).ok_or_else(|| {
-            Error::new(
-                ErrorKind::NoSpace,
-                "the volume has used up its 2^32 snapshot epochs",
-            )
-        })?;
-        let snap = Snapshot {
+        self.append_snapshot(Snapshot {
             name: name.to_owned(),
             guid,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             generation: sb.generation,
-            epoch,
+            epoch: 0,
             map_height: sb.map_height,
             root: sb.map_root,
-        };
+        })
+    }
+
+    /// Adds `snap` to the table with the current snapshot epoch, and starts the next epoch
+    /// (FORMAT.md §6.1).
+    fn append_snapshot(&self, mut snap: Snapshot) -> Result<Snapshot> {
+        snap.epoch = self.snaps.epoch();
+        let next = snap.epoch.checked_add(1).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NoSpace,
+                "the volume has used up its 2^32 snapshot epochs",
+            )
+        })?;
         let mut inner = self.snaps.lock();
         inner.list.push(snap.clone());
         inner.dirty = true;
@@ -447,9 +424,9 @@ impl Volume {
     }
 
     /// Frees every block of `gone`'s map that no tree of `others` holds at the same place.
-    fn free_exclusive(&self, gone: &Snapshot, others: &[(NodePtr, u8)]) -> Result<u64> {
+    fn free_exclusive(&self, gone: (NodePtr, u8), others: &[(NodePtr, u8)]) -> Result<u64> {
         let mut found = Vec::new();
-        self.walk_exclusive(gone, others, &mut |pbn, _| {
+        self.walk_exclusive(gone, others, &mut |pbn| {
             found.push(pbn);
             Ok(())
         })?;
@@ -460,18 +437,18 @@ impl Volume {
         Ok(found.len() as u64)
     }
 
-    /// Calls `f(pbn, is_data)` for every block of `tree` that no root of `others` (with
+    /// Calls `f(pbn)` for every block of `tree` that no root of `others` (with
     /// their heights) holds at the same position; subtrees another root shares are skipped
     /// whole. Maps of different heights (a disk grown between them) are compared position
     /// by position: a taller map is followed down its first entries to the shorter map's
     /// root level.
     pub(crate) fn walk_exclusive(
         &self,
-        tree: &Snapshot,
+        tree: (NodePtr, u8),
         others: &[(NodePtr, u8)],
-        f: &mut dyn FnMut(u64, bool) -> Result<()>,
+        f: &mut dyn FnMut(u64) -> Result<()>,
     ) -> Result<()> {
-        let top = tree.map_height;
+        let (tree_root, top) = tree;
         let mut aligned = Vec::with_capacity(others.len());
         for &(root, height) in others {
             let mut ptr = root;
@@ -483,7 +460,7 @@ impl Volume {
             }
             aligned.push((ptr, level.min(top)));
         }
-        self.walk_node(top, 0, tree.root, aligned, f)
+        self.walk_node(top, 0, tree_root, aligned, f)
     }
 
     /// `others`: for each other map, its pointer at this position and the level it points
@@ -494,12 +471,12 @@ impl Volume {
         index: u64,
         node: NodePtr,
         others: Vec<(NodePtr, u8)>,
-        f: &mut dyn FnMut(u64, bool) -> Result<()>,
+        f: &mut dyn FnMut(u64) -> Result<()>,
     ) -> Result<()> {
         if node.pbn == 0 || others.iter().any(|(o, l)| *l == level && o.pbn == node.pbn) {
             return Ok(());
         }
-        f(node.pbn, false)?;
+        f(node.pbn)?;
         let st = &*self.storage;
         let page = read_node(st, &self.keys, TreeKind::Map, level, index, &node)?;
         let mut pages: Vec<Page> = Vec::new();
@@ -524,7 +501,7 @@ impl Volume {
                     shared |= LeafEntry::decode(&p[..], i)?.pbn == e.pbn;
                 }
                 if !shared {
-                    f(e.pbn, true)?;
+                    f(e.pbn)?;
                 }
             } else {
                 let child = decode_interior_entry(&page[..], i)?;
