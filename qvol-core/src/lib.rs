@@ -21,6 +21,7 @@ mod keyslots;
 mod layout;
 mod map;
 pub mod node;
+mod reencrypt;
 mod replay;
 mod resize;
 mod rw;
@@ -48,6 +49,7 @@ pub use layout::{
     MAX_VOLUME_SIZE, SECTOR_SIZE,
 };
 pub use node::decode_map_node;
+pub use reencrypt::{seal_key_for_reencryption, Reencryption, LEAF_SPAN_BYTES};
 pub use resize::ResizePlan;
 pub use send::{read_stream_head, send_snapshot, SendSummary, StreamHead};
 pub use snapshot::{
