@@ -37,6 +37,8 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Serve this snapshot of the volume instead of its live disk (read-only).
     pub snapshot: Option<String>,
+    /// The rate of a background re-encryption, bytes of disk a second (0: no limit).
+    pub reencrypt_rate: u64,
 }
 
 /// A command line that cannot work, said as one sentence.

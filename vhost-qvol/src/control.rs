@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use crate::backend::Device;
 use crate::describe;
+use crate::reencryptor::Reencryptor;
 use crate::stats::Stats;
 use crate::volume_disk::error_chain;
 
@@ -32,7 +33,7 @@ const MAX_CLIENTS: usize = 8;
 /// A client silent for this long is disconnected.
 const IDLE: Duration = Duration::from_secs(300);
 /// The commands, in the order `query-commands` lists them.
-pub const COMMANDS: [&str; 12] = [
+pub const COMMANDS: [&str; 15] = [
     "query-commands",
     "query-status",
     "stats",
@@ -45,6 +46,9 @@ pub const COMMANDS: [&str; 12] = [
     "snapshot-delete",
     "check",
     "resize",
+    "reencrypt-start",
+    "reencrypt-status",
+    "reencrypt-resume",
 ];
 /// Commits asked for through the socket are at most this frequent (each takes the volume's
 /// exclusive gate and two syncs: a client must not be able to stall the guest with them).
@@ -66,16 +70,25 @@ pub struct Control {
     resizing: std::sync::Mutex<()>,
     /// When a client last asked for a commit.
     pub last_commit: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The background re-encryption of the volume.
+    pub reencryptor: Arc<Reencryptor>,
 }
 
 impl Control {
-    /// What the control socket of a daemon serving `volume` through `device` acts on.
-    pub fn new(volume: Arc<Volume>, stats: Arc<Stats>, device: Arc<Device>) -> Control {
+    /// What the control socket of a daemon serving `volume` through `device` acts on;
+    /// `reencryptor` steps its re-encryption.
+    pub fn new(
+        volume: Arc<Volume>,
+        stats: Arc<Stats>,
+        device: Arc<Device>,
+        reencryptor: Arc<Reencryptor>,
+    ) -> Control {
         let opened_generation = volume.info().generation;
         Control {
             volume,
             stats,
             device,
+            reencryptor,
             opened_generation,
             resizing: std::sync::Mutex::new(()),
             last_commit: std::sync::Mutex::new(None),
@@ -95,7 +108,8 @@ impl Drop for Seat {
 /// What one connection remembers between requests.
 #[derive(Default)]
 struct Session {
-    /// The nonce of the last `keyslots` reply, retired by the next `keyslots-set`.
+    /// The nonce of the last `keyslots` reply, retired by the next `keyslots-set` or
+    /// `reencrypt-start`.
     nonce: Option<[u8; 16]>,
 }
 
@@ -216,14 +230,6 @@ type Outcome = Result<Value, (&'static str, String)>;
 
 fn execute(control: &Control, session: &mut Session, cmd: &str, args: &Value) -> Outcome {
     let vol = &control.volume;
-    let failed = |e: qvol_core::Error| {
-        let class = if e.kind() == qvol_core::ErrorKind::Refused {
-            "Refused"
-        } else {
-            "GenericError"
-        };
-        (class, error_chain(&e))
-    };
     match cmd {
         "query-commands" => Ok(json!(COMMANDS)),
         "query-status" => Ok(status(control)),
@@ -247,7 +253,7 @@ fn execute(control: &Control, session: &mut Session, cmd: &str, args: &Value) ->
                 }
                 *last = Some(std::time::Instant::now());
             }
-            vol.commit().map_err(failed)?;
+            vol.commit().map_err(engine_failure)?;
             Ok(json!({"generation": vol.info().generation}))
         }
         "prove-key" => {
@@ -268,39 +274,136 @@ fn execute(control: &Control, session: &mut Session, cmd: &str, args: &Value) ->
         }
         "keyslots-set" => {
             let (slots, expected, proof) = keyslot_args(args).map_err(|e| ("GenericError", e))?;
-            let nonce = session.nonce.take().ok_or((
-                "Refused",
-                "ask for \"keyslots\" first: each change needs the nonce of that reply".to_string(),
-            ))?;
+            let nonce = take_nonce(session)?;
             vol.set_keyslots_checked(&slots, &nonce, &expected, &proof)
-                .map_err(failed)?;
+                .map_err(engine_failure)?;
             Ok(json!({"hash": hex::encode(vol.keyslots_hash()),
                       "generation": vol.info().generation}))
         }
         "snapshot-create" => {
             let name = name_arg(args).map_err(|e| ("GenericError", e))?;
-            let snap = vol.create_snapshot(name).map_err(failed)?;
+            let snap = vol.create_snapshot(name).map_err(engine_failure)?;
             Ok(describe::snapshot_json(&snap))
         }
         "snapshot-list" => {
-            let usage = vol.snapshot_usage().map_err(failed)?;
+            let usage = vol.snapshot_usage().map_err(engine_failure)?;
             Ok(json!({"snapshots": usage.iter().map(describe::usage_json).collect::<Vec<_>>()}))
         }
         "snapshot-delete" => {
             let name = name_arg(args).map_err(|e| ("GenericError", e))?;
-            let freed = vol.delete_snapshot(name).map_err(failed)?;
+            let freed = vol.delete_snapshot(name).map_err(engine_failure)?;
             Ok(json!({"freed_bytes": freed}))
         }
         "check" => {
-            let report = vol.check(&mut |_, _| {}).map_err(failed)?;
+            let report = vol.check(&mut |_, _| {}).map_err(engine_failure)?;
             Ok(describe::check_json(&report))
         }
         "resize" => resize(control, args),
+        "reencrypt-start" => reencrypt_start(control, session, args),
+        "reencrypt-status" => Ok(reencrypt_status(control)),
+        "reencrypt-resume" => reencrypt_resume(control, args),
         other => Err((
             "CommandNotFound",
             format!("unknown command {other:?} (query-commands lists them)"),
         )),
     }
+}
+
+/// The nonce of the session's last `keyslots` reply, retired now.
+fn take_nonce(session: &mut Session) -> Result<[u8; 16], (&'static str, String)> {
+    session.nonce.take().ok_or((
+        "Refused",
+        "ask for \"keyslots\" first: each change needs the nonce of that reply".to_string(),
+    ))
+}
+
+/// `reencrypt-start`: switches the volume to the new key the client sealed (crash-safe,
+/// `Volume::start_reencryption_sealed`), then re-seals the data in the background.
+fn reencrypt_start(control: &Control, session: &mut Session, args: &Value) -> Outcome {
+    let bad = |e: String| ("GenericError", e);
+    let suite = args
+        .get("suite")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("\"suite\" is needed: a cipher suite's name".into()))?;
+    let suite: qvol_core::CipherSuite = suite.parse().map_err(|e| bad(format!("{e}")))?;
+    let slots = slots_arg(args).map_err(bad)?;
+    let expected = hex_arg::<32>(args, "expected").map_err(bad)?;
+    let sealed = args
+        .get("sealed")
+        .and_then(Value::as_str)
+        .and_then(|s| hex::decode(s).ok())
+        .ok_or_else(|| bad("\"sealed\" is needed: the new key sealed, as hex".into()))?;
+    let rate = rate_arg(args).map_err(bad)?;
+    let nonce = take_nonce(session)?;
+    let started = control
+        .volume
+        .start_reencryption_sealed(&sealed, &nonce, suite, &slots, &expected)
+        .map_err(engine_failure)?;
+    info!(
+        "re-encryption started: to {}, a new volume key; re-sealing {} bytes in the background",
+        started.to_suite,
+        started.total_bytes()
+    );
+    start_worker(control, rate)?;
+    Ok(reencrypt_status(control))
+}
+
+/// `reencrypt-resume`: starts the background worker again (after a failure), or changes
+/// its rate.
+fn reencrypt_resume(control: &Control, args: &Value) -> Outcome {
+    let rate = rate_arg(args).map_err(|e| ("GenericError", e))?;
+    if control.volume.reencryption().is_none() {
+        return Err((
+            "GenericError",
+            "the volume is not being re-encrypted".to_string(),
+        ));
+    }
+    start_worker(control, rate)?;
+    Ok(reencrypt_status(control))
+}
+
+fn start_worker(control: &Control, rate: Option<u64>) -> Result<(), (&'static str, String)> {
+    if let Some(rate) = rate {
+        control.reencryptor.set_rate(rate);
+    }
+    control
+        .reencryptor
+        .start()
+        .map_err(|e| ("GenericError", format!("cannot start the re-encryption thread: {e}")))?;
+    Ok(())
+}
+
+/// `reencrypt-status`: the re-encryption in progress (`null` when none), the suite new
+/// data is sealed with, whether the background worker runs, its rate limit, and why it last
+/// stopped if it failed.
+fn reencrypt_status(control: &Control) -> Value {
+    json!({
+        "cipher": control.volume.data_suite().name(),
+        "reencryption": control.volume.reencryption().map(|r| describe::reencryption_json(&r)),
+        "running": control.reencryptor.running(),
+        "rate_bytes_per_s": control.reencryptor.rate(),
+        "error": control.reencryptor.failure(),
+    })
+}
+
+/// The optional `rate_bytes_per_s` argument (0: no limit).
+fn rate_arg(args: &Value) -> Result<Option<u64>, String> {
+    match args.get("rate_bytes_per_s") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            "\"rate_bytes_per_s\" is a whole number of bytes a second (0: no limit)".to_string()
+        }),
+    }
+}
+
+/// A `Volume` call's failure: `Refused` when the volume refused it, else `GenericError`.
+fn engine_failure(e: qvol_core::Error) -> (&'static str, String) {
+    let class = if e.kind() == qvol_core::ErrorKind::Refused {
+        "Refused"
+    } else {
+        "GenericError"
+    };
+    (class, error_chain(&e))
 }
 
 /// `resize`: grows the served disk and tells the frontend (the guest sees the new capacity
@@ -325,14 +428,7 @@ fn resize(control: &Control, args: &Value) -> Outcome {
             ),
         ));
     }
-    let plan = vol.resize(size).map_err(|e| {
-        let class = if e.kind() == qvol_core::ErrorKind::Refused {
-            "Refused"
-        } else {
-            "GenericError"
-        };
-        (class, error_chain(&e))
-    })?;
+    let plan = vol.resize(size).map_err(engine_failure)?;
     drop(resizing);
     let mut reply = json!({"old_size": plan.old_size, "new_size": plan.new_size,
                            "notified": false});
@@ -370,6 +466,7 @@ fn status(control: &Control) -> Value {
             .iter()
             .map(|s| s.name.clone())
             .collect::<Vec<_>>(),
+        "reencryption": control.volume.reencryption().map(|r| describe::reencryption_json(&r)),
     })
 }
 
@@ -396,18 +493,21 @@ fn hex_arg<const N: usize>(args: &Value, name: &str) -> Result<[u8; N], String> 
 
 fn keyslot_args(args: &Value) -> Result<KeyslotArgs, String> {
     let hex32 = |name: &str| hex_arg::<32>(args, name);
-    let slots = args
-        .get("keyslots")
+    Ok((slots_arg(args)?, hex32("expected")?, hex32("proof")?))
+}
+
+/// The `keyslots` argument: the new keyslot area, a list of hex strings.
+fn slots_arg(args: &Value) -> Result<Vec<Vec<u8>>, String> {
+    args.get("keyslots")
         .and_then(Value::as_array)
-        .ok_or("keyslots-set needs \"keyslots\": a list of hex strings")?
+        .ok_or("\"keyslots\" is needed: a list of hex strings")?
         .iter()
         .map(|v| {
             v.as_str()
                 .and_then(|s| hex::decode(s).ok())
                 .ok_or_else(|| "every keyslot is a hex string (\"\" for a free slot)".to_string())
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((slots, hex32("expected")?, hex32("proof")?))
+        .collect()
 }
 
 /// A connection to a daemon's control socket.

@@ -1,8 +1,9 @@
-//! The JSON descriptions of snapshots and of check reports: one shape for the control socket
-//! (docs/CONTROL.md) and for `qvol snapshot list --json` / `qvol check --json`, so that a
-//! served image and a stopped one print the same.
+//! The JSON descriptions of snapshots, check reports and re-encryptions: one shape for the
+//! control socket (docs/CONTROL.md) and for `qvol snapshot list --json` / `qvol check
+//! --json` / `qvol reencrypt --status --json`, so that a served image and a stopped one
+//! print the same.
 
-use qvol_core::{CheckReport, Damage, Snapshot, SnapshotUsage, BLOCK_SIZE};
+use qvol_core::{CheckReport, Damage, Reencryption, Snapshot, SnapshotUsage, BLOCK_SIZE};
 use serde_json::{json, Value};
 
 /// A snapshot: `name`, `guid` (hex), `created` (Unix seconds), `generation`.
@@ -45,4 +46,26 @@ pub fn check_json(r: &CheckReport) -> Value {
         "leaked_blocks": r.leaked,
         "damage": r.damage.iter().map(damage_json).collect::<Vec<_>>(),
     })
+}
+
+/// A re-encryption in progress: `from_cipher`, `to_cipher`, `from_epoch`, `to_epoch`,
+/// `done_bytes`, `total_bytes` (of the logical disk) and `percent` (whole percent done).
+pub fn reencryption_json(r: &Reencryption) -> Value {
+    json!({
+        "from_cipher": r.from_suite.name(),
+        "to_cipher": r.to_suite.name(),
+        "from_epoch": r.from_epoch,
+        "to_epoch": r.to_epoch,
+        "done_bytes": r.done_bytes(),
+        "total_bytes": r.total_bytes(),
+        "percent": percent(r),
+    })
+}
+
+/// Whole percent of `r` done (100 only when every leaf is).
+pub fn percent(r: &Reencryption) -> u64 {
+    match r.total {
+        0 => 100,
+        total => r.done.min(total) * 100 / total,
+    }
 }

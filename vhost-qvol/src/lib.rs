@@ -19,6 +19,7 @@ pub mod nbd;
 pub mod open;
 pub mod paths;
 pub mod recorder;
+pub mod reencryptor;
 pub mod request;
 pub mod serve;
 pub mod signals;
@@ -103,8 +104,17 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
             .start_thread()
             .context("cannot start the keystore recording thread")?;
     }
+    let reencryptor = reencryptor::Reencryptor::new(Arc::clone(&volume), config.reencrypt_rate);
+    if !config.read_only {
+        resume_reencryption(&reencryptor, &volume)?;
+    }
     if let Some(listener) = control_listener {
-        let control = control::Control::new(volume, stats, Arc::clone(&device));
+        let control = control::Control::new(
+            volume,
+            stats,
+            Arc::clone(&device),
+            Arc::clone(&reencryptor),
+        );
         control::spawn(listener, Arc::new(control))
             .context("cannot start the control socket's thread")?;
     }
@@ -131,6 +141,7 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
     signals::on_termination(move |sig| {
         shut_down(
             &on_signal_device,
+            &reencryptor,
             on_signal_recorder.as_deref(),
             socket_path,
             sig,
@@ -162,14 +173,38 @@ fn confine(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A re-encryption in progress (started before the daemon last stopped) goes on in the
+/// background.
+fn resume_reencryption(
+    reencryptor: &Arc<reencryptor::Reencryptor>,
+    volume: &qvol_core::Volume,
+) -> anyhow::Result<()> {
+    let Some(progress) = volume.reencryption() else {
+        return Ok(());
+    };
+    info!(
+        "resuming the re-encryption of the volume in the background ({}% done, to {})",
+        describe::percent(&progress),
+        progress.to_suite
+    );
+    reencryptor
+        .start()
+        .context("cannot start the re-encryption thread")?;
+    Ok(())
+}
+
 /// SIGTERM/SIGINT: let requests in flight finish, stop new ones, commit, exit.
 fn shut_down(
     device: &Device,
+    reencryptor: &reencryptor::Reencryptor,
     recorder: Option<&recorder::Recorder>,
     socket: Option<std::path::PathBuf>,
     sig: i32,
 ) -> ! {
     info!("signal {sig}: finishing requests in flight and closing the image");
+    // A background re-encryption ends its step (crash-safe either way: it resumes at the
+    // next start).
+    reencryptor.stop(std::time::Duration::from_secs(5));
     let _quiet = device.quiesce();
     let mut code = 0;
     if let Err(e) = device.disk().commit() {

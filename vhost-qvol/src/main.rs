@@ -70,6 +70,11 @@ struct Args {
     /// is picked up without a thread wake-up, for a core kept busy meanwhile (at most 1000).
     #[arg(long, value_name = "US", default_value_t = 0)]
     poll_us: u32,
+    /// Re-encrypt in the background (after `qvol reencrypt`, or resuming one found at
+    /// start) at most this many MiB of disk a second (0: no limit; `qvol reencrypt --rate`
+    /// overrides it for the re-encryption it starts).
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    reencrypt_rate: u64,
     /// Keystore directory [default: $QVOL_KEYSTORE, then $XDG_DATA_HOME/qvol/keystore].
     #[arg(long, value_name = "DIR")]
     keystore: Option<PathBuf>,
@@ -120,6 +125,7 @@ impl TryFrom<Args> for Config {
             unlock,
             control_socket: args.control_socket,
             snapshot: args.snapshot,
+            reencrypt_rate: args.reencrypt_rate.saturating_mul(1 << 20),
         })
     }
 }

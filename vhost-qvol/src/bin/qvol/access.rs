@@ -397,6 +397,15 @@ impl Change {
         }
     }
 
+    /// For a served image: the slots' hash as the daemon reported it and the one-time
+    /// nonce of that reply (what a change made through the daemon names).
+    pub fn served_nonce(&self) -> Option<([u8; 32], [u8; 16])> {
+        match &self.target {
+            Target::Local(_) => None,
+            Target::Served { hash, nonce, .. } => Some((*hash, *nonce)),
+        }
+    }
+
     /// What the change is made through.
     pub fn into_handle(self) -> Handle {
         match self.target {

@@ -13,7 +13,7 @@ use vhost_qvol::open::{read_image_header, read_passphrase, volume_id_hex};
 use vhost_qvol::text::escape_untrusted;
 use vhost_qvol::unlock::wrap_secret;
 
-use crate::access::{open_for_change, Change, UnlockArgs};
+use crate::access::{open_for_change, UnlockArgs};
 use crate::keystore::KeystoreArgs;
 
 /// `qvol keyslot ...`
@@ -241,7 +241,7 @@ fn add(args: AddArgs) -> anyhow::Result<()> {
         }
         NewSlot::Recovery { k, n, dir } => {
             let (blob, shares) = keyslot::wrap_with_recovery(*k, *n, &id, &vk)?;
-            share_files = write_shares(dir, &args.image, &change, &shares)?;
+            share_files = write_shares(dir, &args.image, &id, &shares)?;
             blob
         }
     };
@@ -276,7 +276,7 @@ fn free_slot(slots: &[Vec<u8>], wanted: Option<usize>, image: &Path) -> anyhow::
 }
 
 /// The shares directory must exist as a directory, or be creatable in an existing one.
-fn check_shares_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn check_shares_dir(dir: &Path) -> anyhow::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
@@ -330,10 +330,10 @@ fn report_add(
 
 /// Writes one share per file in `dir` (0600, never over an existing file), synced; nothing
 /// is left behind if one fails. Returns the files in share order.
-fn write_shares(
+pub fn write_shares(
     dir: &Path,
     image: &Path,
-    change: &Change,
+    volume_id: &[u8; 16],
     shares: &[RecoveryShare],
 ) -> anyhow::Result<Vec<PathBuf>> {
     if !dir.exists() {
@@ -342,7 +342,7 @@ fn write_shares(
             .create(dir)
             .with_context(|| format!("cannot create the shares directory {}", dir.display()))?;
     }
-    let id = volume_id_hex(&change.volume_id);
+    let id = volume_id_hex(volume_id);
     let stem: String = image
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -22,6 +22,7 @@ mod nbd;
 mod progress;
 mod qemu_img;
 mod recv;
+mod reencrypt;
 mod rekey;
 mod resize;
 mod send;
@@ -67,6 +68,9 @@ enum Command {
     },
     /// Rewrap a volume's keyslots for the current generation of this keystore's keys.
     Rekey(rekey::RekeyArgs),
+    /// Re-encrypt a volume under a new volume key (all data re-sealed, every keyslot made
+    /// again around it); --resume continues, --status says how far it is.
+    Reencrypt(reencrypt::ReencryptArgs),
     /// Back up or restore a volume's header and keyslots.
     Header {
         #[command(subcommand)]
@@ -120,6 +124,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Volume { command } => volume::run(command),
         Command::Keyslot { command } => keyslot::run(command),
         Command::Rekey(args) => rekey::run(args),
+        Command::Reencrypt(args) => reencrypt::run(args),
         Command::Header { command } => header::run(command),
         Command::Import(args) => convert::import(args),
         Command::Export(args) => convert::export(args),

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
-use qvol_keys::{keyslot, UnlockedKeystore};
+use qvol_keys::{keyslot, SlotInfo, UnlockedKeystore};
 use serde_json::json;
 use vhost_qvol::unlock::wrap_secret;
 
@@ -74,34 +74,43 @@ pub fn report(image: &Path, done: &[Rewrap], json: bool) {
 }
 
 /// The recipient slots of `ks`'s keys wrapped for an older generation than the current one.
-/// A slot is this keystore's if its fingerprint is that of the generation it names (a
-/// foreign key may carry the same id), or if it names a generation of one of its keys that
-/// was removed since (a restored header backup): useless as it is, it gets the current one.
 fn plan(slots: &[Vec<u8>], ks: &UnlockedKeystore) -> Vec<Rewrap> {
     let mut out = Vec::new();
     for (slot, blob) in slots.iter().enumerate() {
         let Ok(info) = keyslot::describe(blob) else {
             continue;
         };
-        let (Some(key_id), Some(from), Some(fp)) = (info.key_id, info.generation, info.fingerprint)
-        else {
+        let Some(r) = own_key(ks, slot, &info) else {
             continue;
         };
-        let Ok(key) = ks.show(&key_id) else { continue };
-        let ours = match key.generations.iter().find(|g| g.generation == from) {
-            Some(g) => g.fingerprint == fp,
-            None => true,
-        };
-        if ours && from < key.generation {
-            out.push(Rewrap {
-                slot,
-                key_id,
-                from,
-                to: key.generation,
-            });
+        if r.from < r.to {
+            out.push(r);
         }
     }
     out
+}
+
+/// The key of `ks` that the recipient slot `info` (number `slot`) is wrapped for, with the
+/// generation it names and the key's current one. A slot is this keystore's if its
+/// fingerprint is that of the generation it names (a foreign key may carry the same id), or
+/// if it names a generation of one of its keys that was removed since (a restored header
+/// backup): useless as it is, it gets the current one.
+pub fn own_key(ks: &UnlockedKeystore, slot: usize, info: &SlotInfo) -> Option<Rewrap> {
+    let (Some(key_id), Some(from), Some(fp)) = (&info.key_id, info.generation, &info.fingerprint)
+    else {
+        return None;
+    };
+    let key = ks.show(key_id).ok()?;
+    let ours = match key.generations.iter().find(|g| g.generation == from) {
+        Some(g) => g.fingerprint == *fp,
+        None => true,
+    };
+    ours.then(|| Rewrap {
+        slot,
+        key_id: key_id.clone(),
+        from,
+        to: key.generation,
+    })
 }
 
 /// Rewraps the outdated recipient slots of `image` (crash-safe: one keyslot-area change) and
