@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::background::Background;
 use crate::bins;
 use crate::daemon::{wait_within, Daemon};
 
@@ -145,6 +146,17 @@ impl Fixture {
         let mut cmd = self.command(&bins::qvol());
         cmd.args(args);
         run_bounded(cmd, "qvol")
+    }
+
+    /// Starts `qvol ARGS...` and leaves it running (see [`Background`]).
+    pub fn qvol_background<I, S>(&self, args: I) -> Background
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = self.command(&bins::qvol());
+        cmd.args(args);
+        Background::spawn(cmd)
     }
 
     /// Runs `vhost-qvol ARGS...` to completion (for command lines that should fail): a

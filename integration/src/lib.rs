@@ -5,6 +5,7 @@
 //! The tests in `tests/` need the workspace binaries: see [`bins`] (they are built on
 //! first use with `cargo build -p vhost-qvol --bins`).
 
+pub mod background;
 pub mod bins;
 pub mod client;
 pub mod daemon;

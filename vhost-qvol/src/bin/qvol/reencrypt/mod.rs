@@ -151,7 +151,11 @@ fn start(args: &ReencryptArgs, stop: &AtomicBool) -> anyhow::Result<Value> {
             header.format_version
         );
     }
-    let secrets = Secrets::load(&args.slot_passphrase_file, &args.shares_dir, &args.recipient)?;
+    let secrets = Secrets::load(
+        &args.slot_passphrase_file,
+        &args.shares_dir,
+        &args.recipient,
+    )?;
     let mut planned = Vec::new();
     let mut change = open_for_change(image, &args.keystore, &args.unlock, false, |c| {
         if let Some(r) = c.volume().and_then(qvol_core::Volume::reencryption) {
@@ -194,8 +198,11 @@ fn start(args: &ReencryptArgs, stop: &AtomicBool) -> anyhow::Result<Value> {
                 None => parse_cipher(status["cipher"].as_str().unwrap_or_default())?,
             };
             warn_dropped(&planned);
-            let sealed = qvol_core::seal_key_for_reencryption(&current, id, &nonce, &slots, &new_key)
-                .map_err(|e| anyhow!("{}", error_chain(&e)))?;
+            let sealed =
+                qvol_core::seal_key_for_reencryption(&current, id, &nonce, &slots, &new_key)
+                    .map_err(|e| {
+                        anyhow!("cannot re-encrypt {}: {}", image.display(), error_chain(&e))
+                    })?;
             client
                 .execute(
                     "reencrypt-start",
@@ -305,9 +312,7 @@ fn step_here(
     stop: &AtomicBool,
 ) -> anyhow::Result<Value> {
     let vol = &opened.volume;
-    let first = vol
-        .reencryption()
-        .ok_or_else(|| nothing_to_resume(image))?;
+    let first = vol.reencryption().ok_or_else(|| nothing_to_resume(image))?;
     let mut progress = Progress::new(json);
     progress.update(first.done_bytes(), first.total_bytes());
     let outcome = step_until_done(vol, OFFLINE_LEAVES, &AtomicU64::new(rate), stop, |p| {
@@ -401,8 +406,10 @@ fn follow(
     }
     progress.update(progress.total, progress.total);
     progress.finish();
-    Ok(json!({"image": image.display().to_string(), "finished": true, "online": true,
-              "cipher": cipher, "total_bytes": progress.total, "seconds": progress.seconds()}))
+    Ok(
+        json!({"image": image.display().to_string(), "finished": true, "online": true,
+              "cipher": cipher, "total_bytes": progress.total, "seconds": progress.seconds()}),
+    )
 }
 
 /// `--status`.
@@ -459,7 +466,11 @@ mod tests {
         assert_eq!(rate_bytes(&a), 8 << 20);
         assert_eq!(a.slot_passphrase_file[0].slot, 1);
         assert_eq!(a.shares_dir[0].path, PathBuf::from("shares"));
-        assert!(parse(&["d.qvol", "--resume", "--rate", "1"]).unwrap().resume);
+        assert!(
+            parse(&["d.qvol", "--resume", "--rate", "1"])
+                .unwrap()
+                .resume
+        );
         assert!(parse(&["d.qvol", "--status", "--json"]).unwrap().status);
         for bad in [
             &["d.qvol", "--resume", "--status"][..],

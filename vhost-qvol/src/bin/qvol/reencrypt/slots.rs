@@ -87,7 +87,10 @@ impl Secrets {
             if out.passphrases.contains_key(&sp.slot)
                 || out.shares_dirs.insert(sp.slot, sp.path.clone()).is_some()
             {
-                bail!("keyslot {} is named twice by --slot-passphrase-file and --shares-dir", sp.slot);
+                bail!(
+                    "keyslot {} is named twice by --slot-passphrase-file and --shares-dir",
+                    sp.slot
+                );
             }
         }
         for file in recipients {
@@ -260,8 +263,7 @@ fn fate_of(
                 ))
             }
         }
-        SlotKind::Recovery => match (secrets.shares_dirs.get(&slot), info.threshold, info.shares)
-        {
+        SlotKind::Recovery => match (secrets.shares_dirs.get(&slot), info.threshold, info.shares) {
             (Some(dir), Some(k), Some(n)) => Fate::Recovery {
                 k,
                 n,
@@ -434,8 +436,7 @@ mod tests {
     }
 
     fn passphrase() -> Vec<u8> {
-        keyslot::wrap_with_passphrase(b"pass", KdfParams::insecure_for_tests(), &ID, &vk())
-            .unwrap()
+        keyslot::wrap_with_passphrase(b"pass", KdfParams::insecure_for_tests(), &ID, &vk()).unwrap()
     }
 
     fn recovery() -> Vec<u8> {
@@ -488,7 +489,14 @@ mod tests {
 
     #[test]
     fn secrets_not_given_drop_their_slots_and_each_drop_is_named() {
-        let planned = plan(Path::new("d.qvol"), &area(), &mine, None, &Secrets::default()).unwrap();
+        let planned = plan(
+            Path::new("d.qvol"),
+            &area(),
+            &mine,
+            None,
+            &Secrets::default(),
+        )
+        .unwrap();
         let f = fates(&planned);
         assert_eq!(
             f[0],
@@ -510,9 +518,19 @@ mod tests {
         }
         assert_eq!(
             planned.iter().map(|p| p.kind).collect::<Vec<_>>(),
-            ["recipient", "passphrase", "recovery", "recipient", "passphrase", "unreadable"]
+            [
+                "recipient",
+                "passphrase",
+                "recovery",
+                "recipient",
+                "passphrase",
+                "unreadable"
+            ]
         );
-        assert!(planned[1].warning().unwrap().contains("--slot-passphrase-file 1=FILE"));
+        assert!(planned[1]
+            .warning()
+            .unwrap()
+            .contains("--slot-passphrase-file 1=FILE"));
     }
 
     #[test]
@@ -557,7 +575,8 @@ mod tests {
         let img = Path::new("d.qvol");
         let err = plan(img, &area(), &mine, None, &with_passphrase(0)).unwrap_err();
         assert!(
-            err.to_string().contains("keyslot 0 of d.qvol, which is a recipient slot"),
+            err.to_string()
+                .contains("keyslot 0 of d.qvol, which is a recipient slot"),
             "{err}"
         );
         let err = plan(img, &area(), &mine, None, &with_passphrase(4)).unwrap_err();
@@ -586,6 +605,9 @@ mod tests {
             PathBuf::from("carol.pub"),
         ));
         let err = plan(Path::new("d.qvol"), &area(), &mine, None, &secrets).unwrap_err();
-        assert!(err.to_string().contains("carol.pub (key carol) matches no"), "{err}");
+        assert!(
+            err.to_string().contains("carol.pub (key carol) matches no"),
+            "{err}"
+        );
     }
 }
