@@ -366,10 +366,12 @@ fn start_worker(control: &Control, rate: Option<u64>) -> Result<(), (&'static st
     if let Some(rate) = rate {
         control.reencryptor.set_rate(rate);
     }
-    control
-        .reencryptor
-        .start()
-        .map_err(|e| ("GenericError", format!("cannot start the re-encryption thread: {e}")))?;
+    control.reencryptor.start().map_err(|e| {
+        (
+            "GenericError",
+            format!("cannot start the re-encryption thread: {e}"),
+        )
+    })?;
     Ok(())
 }
 

@@ -109,12 +109,8 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         resume_reencryption(&reencryptor, &volume)?;
     }
     if let Some(listener) = control_listener {
-        let control = control::Control::new(
-            volume,
-            stats,
-            Arc::clone(&device),
-            Arc::clone(&reencryptor),
-        );
+        let control =
+            control::Control::new(volume, stats, Arc::clone(&device), Arc::clone(&reencryptor));
         control::spawn(listener, Arc::new(control))
             .context("cannot start the control socket's thread")?;
     }

@@ -174,13 +174,7 @@ impl Reencryptor {
     }
 
     fn work(&self) {
-        let outcome = step_until_done(
-            &self.volume,
-            ONLINE_LEAVES,
-            &self.rate,
-            &self.stop,
-            |_| {},
-        );
+        let outcome = step_until_done(&self.volume, ONLINE_LEAVES, &self.rate, &self.stop, |_| {});
         let mut state = self.state();
         state.running = false;
         match outcome {
