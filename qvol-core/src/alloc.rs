@@ -379,6 +379,49 @@ impl AllocState {
         std::mem::take(&mut self.punch).into_iter().collect()
     }
 
+    /// Marks every bitmap leaf the tree has dirty (loading it, verified under `keys`), so that
+    /// the next commit rewrites the whole space tree under the keys in force then (a
+    /// re-encryption's start, FORMAT.md §17). Returns the most blocks that commit allocates
+    /// for the space tree.
+    pub(crate) fn dirty_all(&mut self, st: &dyn Storage, keys: &Subkeys) -> Result<u64> {
+        let leaves = self.capacity.div_ceil(BITS_PER_SPACE_LEAF);
+        let mut i = 0;
+        while i < leaves {
+            let (ptr, skip) = self.tree.probe_leaf(st, keys, i)?;
+            if ptr.pbn != 0 {
+                self.leaf(st, keys, i)?.dirty = true;
+            }
+            i += skip.max(1);
+        }
+        Ok(self.leaves.len() as u64 + self.tree.cached_nodes() + u64::from(self.tree.height()))
+    }
+
+    /// Runs (first block, count) of free blocks in the data region below the high-water mark.
+    pub(crate) fn free_runs(
+        &mut self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+    ) -> Result<Vec<(u64, u64)>> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut pbn = self.data_start;
+        while pbn < self.high_water {
+            let leaf = pbn / BITS_PER_SPACE_LEAF;
+            let end = ((leaf + 1) * BITS_PER_SPACE_LEAF).min(self.high_water);
+            let bits = &self.leaf(st, keys, leaf)?.bits;
+            for p in pbn..end {
+                let j = (p % BITS_PER_SPACE_LEAF) as usize;
+                if bits[j / 8] & (1 << (j % 8)) == 0 {
+                    match runs.last_mut() {
+                        Some((start, n)) if *start + *n == p => *n += 1,
+                        _ => runs.push((p, 1)),
+                    }
+                }
+            }
+            pbn = end;
+        }
+        Ok(runs)
+    }
+
     /// Blocks in use in the data region (data and metadata).
     pub(crate) fn used(&self) -> u64 {
         self.used

@@ -127,7 +127,8 @@ impl Walk<'_> {
         if ptr.pbn == 0 || !self.claim(tree, ptr.pbn, Place::Map(level, index)) {
             return;
         }
-        let keys = &self.vol.keys;
+        let keys_now = self.vol.keys();
+        let keys = &*keys_now;
         let page = match read_node(self.st, keys, TreeKind::Map, level, index, &ptr) {
             Ok(p) => p,
             Err(e) => {
@@ -182,7 +183,7 @@ impl Walk<'_> {
             .st
             .read_exact_at(&mut block, e.pbn * BLOCK_SIZE)
             .is_ok()
-            && open_block(&self.vol.keys, self.vol.header.suite, lbn, e, &mut block).is_ok();
+            && open_block(&self.vol.keys(), lbn, e, &mut block).is_ok();
         self.report.data_blocks += 1;
         self.tick(1);
         if !ok {
@@ -204,7 +205,14 @@ impl Walk<'_> {
         if ptr.pbn == 0 || !self.claim("space map", ptr.pbn, Place::Space(level, index)) {
             return;
         }
-        match read_node(self.st, &self.vol.keys, TreeKind::Space, level, index, &ptr) {
+        match read_node(
+            self.st,
+            &self.vol.keys(),
+            TreeKind::Space,
+            level,
+            index,
+            &ptr,
+        ) {
             Err(e) => self.damage("space map", None, 0, e.to_string()),
             Ok(page) => {
                 self.report.nodes += 1;
@@ -253,7 +261,7 @@ impl Volume {
             }
         }
         // The snapshot table and the snapshots' maps.
-        let snapshots = match load_table(st, &self.keys, &sb.snapshots, sb.snap_epoch) {
+        let snapshots = match load_table(st, &self.keys(), &sb.snapshots, sb.snap_epoch) {
             Ok((list, blocks)) => {
                 for (i, pbn) in blocks.into_iter().enumerate() {
                     w.claim("snapshot table", pbn, Place::Table(i as u64));
@@ -329,7 +337,7 @@ impl Volume {
         let mut leaf = 0;
         let mut entries = [LeafEntry::default(); FANOUT as usize];
         while leaf < leaves {
-            match self.map.absent_leaves(st, &self.keys, leaf) {
+            match self.map.absent_leaves(st, &self.keys(), leaf) {
                 Ok(0) => {}
                 Ok(skip) => {
                     leaf += skip;
@@ -345,7 +353,7 @@ impl Volume {
             let n = FANOUT.min(self.blocks() - first) as usize;
             if self
                 .map
-                .lookup(st, &self.keys, first, &mut entries[..n])
+                .lookup(st, &self.keys(), first, &mut entries[..n])
                 .is_ok()
             {
                 for (i, e) in entries[..n].iter().enumerate() {

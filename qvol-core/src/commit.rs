@@ -30,7 +30,8 @@ impl Volume {
     /// Returns the new commit point, or `None` if there was nothing to commit.
     fn commit_inner(&self, force: bool) -> Result<Option<CommitPoint>> {
         let st: &dyn Storage = &*self.storage;
-        let keys = &self.keys;
+        let keys_now = self.keys();
+        let keys = &*keys_now;
         if !force && self.wal.next() == 0 && !self.map.is_dirty() {
             return Ok(None);
         }
@@ -71,7 +72,7 @@ impl Volume {
             map_root,
             map_height: self.map.height(),
             space_height: a.height(),
-            key_epoch: 0,
+            key_epoch: keys.epoch(),
             space_root,
             snapshots,
             snap_epoch,
@@ -81,6 +82,7 @@ impl Volume {
             commit_id,
             staged_keyslots: slots.staged_keyslots,
             staged_hash: slots.staged_hash,
+            rekey: self.rekey.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         };
         drop(slots);
         let offset = SUPERBLOCK_OFFSETS[(generation % 2) as usize];

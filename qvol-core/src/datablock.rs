@@ -66,23 +66,28 @@ pub(crate) fn fill_random(buf: &mut [u8]) -> Result<()> {
 
 /// Encrypts `buf` (one block of logical block `lbn`) in place with `nonce`; returns its
 /// leaf entry without a physical block yet.
+/// Sealed under the current key epoch; `nonce` has the length of its suite
+/// ([`Subkeys::data_suite`]).
 pub(crate) fn seal_block(
     keys: &Subkeys,
-    suite: CipherSuite,
     lbn: u64,
     nonce: &[u8],
     buf: &mut [u8],
 ) -> Result<LeafEntry> {
-    let cipher = keys
-        .data(0)
-        .ok_or_else(|| Error::new(ErrorKind::Unsupported, "key epoch 0 has no data key"))?;
-    let ad = data_ad(keys.volume_id(), lbn, 0);
+    let epoch = keys.epoch();
+    let cipher = keys.data(epoch).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!("key epoch {epoch} has no data key"),
+        )
+    })?;
+    let ad = data_ad(keys.volume_id(), lbn, epoch);
     let tag = cipher.seal(nonce, &ad, buf);
     let mut padded = [0u8; MAX_NONCE_LEN];
-    padded[..suite.nonce_len()].copy_from_slice(nonce);
+    padded[..nonce.len()].copy_from_slice(nonce);
     Ok(LeafEntry {
         pbn: 0,
-        key_epoch: 0,
+        key_epoch: epoch,
         nonce: padded,
         tag,
         birth: 0,
@@ -92,7 +97,6 @@ pub(crate) fn seal_block(
 /// Decrypts `buf`, the ciphertext of logical block `lbn` that `entry` points to, in place.
 pub(crate) fn open_block(
     keys: &Subkeys,
-    suite: CipherSuite,
     lbn: u64,
     entry: &LeafEntry,
     buf: &mut [u8],
@@ -108,7 +112,12 @@ pub(crate) fn open_block(
     })?;
     let ad = data_ad(keys.volume_id(), lbn, entry.key_epoch);
     cipher
-        .open(&entry.nonce[..suite.nonce_len()], &ad, buf, &entry.tag)
+        .open(
+            &entry.nonce[..cipher.suite().nonce_len()],
+            &ad,
+            buf,
+            &entry.tag,
+        )
         .map_err(|_| {
             Error::integrity(format!(
                 "logical block {lbn} (byte offset {}, physical block {}) fails authentication: \
@@ -143,11 +152,11 @@ mod tests {
             let keys = Subkeys::derive(&VolumeKey::from_bytes([4; 32]), suite, [6; 16]);
             let nonces = random_nonces(suite, 1).unwrap();
             let mut buf = vec![0x5au8; BS];
-            let entry = seal_block(&keys, suite, 10, &nonces, &mut buf).unwrap();
+            let entry = seal_block(&keys, 10, &nonces, &mut buf).unwrap();
             assert_ne!(buf, vec![0x5au8; BS]);
             let mut moved = buf.clone();
-            assert!(open_block(&keys, suite, 11, &entry, &mut moved).is_err());
-            open_block(&keys, suite, 10, &entry, &mut buf).unwrap();
+            assert!(open_block(&keys, 11, &entry, &mut moved).is_err());
+            open_block(&keys, 10, &entry, &mut buf).unwrap();
             assert_eq!(buf, vec![0x5au8; BS]);
         }
     }

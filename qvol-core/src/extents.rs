@@ -43,7 +43,7 @@ impl Volume {
         while pos < end && out.len() <= max_extents {
             let lbn = pos / BLOCK_SIZE;
             let leaf = lbn / FANOUT;
-            let skip = self.map.absent_leaves(&*self.storage, &self.keys, leaf)?;
+            let skip = self.map.absent_leaves(&*self.storage, &self.keys(), leaf)?;
             if skip > 0 {
                 let next = ((leaf + skip) * FANOUT * BLOCK_SIZE).min(end);
                 push(&mut out, next - pos, false);
@@ -53,7 +53,7 @@ impl Volume {
             let first = (lbn % FANOUT) as usize;
             let n = FANOUT as usize - first;
             self.map
-                .lookup(&*self.storage, &self.keys, lbn, &mut entries[..n])?;
+                .lookup(&*self.storage, &self.keys(), lbn, &mut entries[..n])?;
             for (i, e) in entries[..n].iter().enumerate() {
                 if pos >= end {
                     break;

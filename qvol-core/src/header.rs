@@ -409,10 +409,10 @@ mod tests {
         );
         v3.features = 0;
         assert_eq!(decode_header(&v3.encode().unwrap()).unwrap(), v3);
-        let mut v5 = sample();
-        v5.version = 5;
+        let mut v6 = sample();
+        v6.version = FORMAT_VERSION + 1;
         assert_eq!(
-            decode_header(&v5.encode().unwrap()).unwrap_err().kind(),
+            decode_header(&v6.encode().unwrap()).unwrap_err().kind(),
             ErrorKind::Unsupported
         );
         let mut unknown = sample();

@@ -31,12 +31,12 @@ pub(crate) struct SlotArea {
     pub(crate) staged_hash: [u8; 32],
 }
 
-fn hash_area(area: &[u8]) -> [u8; 32] {
+pub(crate) fn hash_area(area: &[u8]) -> [u8; 32] {
     *blake3::hash(area).as_bytes()
 }
 
 /// A header area from a header block and a keyslot area.
-fn join(header_block: &[u8], slots: &[u8]) -> Vec<u8> {
+pub(crate) fn join(header_block: &[u8], slots: &[u8]) -> Vec<u8> {
     let mut area = Vec::with_capacity(header_block.len() + slots.len());
     area.extend_from_slice(header_block);
     area.extend_from_slice(slots);
@@ -44,7 +44,7 @@ fn join(header_block: &[u8], slots: &[u8]) -> Vec<u8> {
 }
 
 /// Constant-time equality of two hashes.
-fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(crate) fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     blake3::Hash::from(*a) == blake3::Hash::from(*b)
 }
 
@@ -84,7 +84,7 @@ impl SlotArea {
         };
         if sb.staged_keyslots != 0 {
             if let Ok(staged) = read_staged(storage, sb) {
-                compatible(&header_area[..BS], &staged[..BS])?;
+                compatible(&header_area[..BS], &staged[..BS], sb.rekey.is_some())?;
                 chosen.area = staged;
                 chosen.area_hash = sb.staged_hash;
                 return Ok(chosen);
@@ -139,12 +139,12 @@ impl SlotArea {
 }
 
 /// A staged header may differ from the one in place only in its version (an upgrade, never
-/// down) and its size (a resize, FORMAT.md §16).
-fn compatible(in_place: &[u8], staged: &[u8]) -> Result<()> {
+/// down) and its size (a resize, FORMAT.md §16), and, when the superblock naming it records a
+/// re-encryption (`rekeying`), in its suite and key check (FORMAT.md §17).
+fn compatible(in_place: &[u8], staged: &[u8], rekeying: bool) -> Result<()> {
     let (a, b) = (decode_header(in_place)?, decode_header(staged)?);
     let same_volume = a.volume_id == b.volume_id
-        && a.suite == b.suite
-        && a.key_check == b.key_check
+        && (rekeying || (a.suite == b.suite && a.key_check == b.key_check))
         && a.log_len == b.log_len
         && a.features == b.features
         && b.version >= a.version;
@@ -242,7 +242,7 @@ impl Volume {
 
     /// The answer to [`key_holder_proof`]'s `challenge`.
     pub fn prove_key(&self, challenge: &[u8; 32]) -> [u8; 32] {
-        holder_proof(&self.keys, challenge)
+        holder_proof(&self.keys(), challenge)
     }
 
     /// [`Volume::set_keyslots`] for a caller that is not trusted with the volume: `proof`
@@ -257,7 +257,7 @@ impl Volume {
         proof: &[u8; 32],
     ) -> Result<()> {
         let area = encode_keyslots(slots)?;
-        if !same(&change_proof(&self.keys, nonce, expected, &area), proof) {
+        if !same(&change_proof(&self.keys(), nonce, expected, &area), proof) {
             return Err(Error::new(
                 ErrorKind::Refused,
                 "the keyslot change is not signed with this volume's key",
@@ -374,8 +374,21 @@ impl Volume {
         }
         // Nothing pending, so that the next commit allocates nothing past the mark.
         self.commit_locked(true)?;
+        self.stage_and_switch(new_area, 0)?;
+        if let Some(h) = header {
+            // Under the gate, with the header that now counts (a resize).
+            self.size
+                .store(h.size, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Steps 2-5 of FORMAT.md §3.1 (gate held exclusively): stages `new_area` `margin` blocks
+    /// past the high-water mark (room for what the staging commit itself allocates: nothing
+    /// when nothing is pending), commits naming it, writes it in place and commits it.
+    pub(crate) fn stage_and_switch(&self, new_area: Vec<u8>, margin: u64) -> Result<()> {
         let new_hash = hash_area(&new_area);
-        let stage_at = self.alloc.lock().high_water();
+        let stage_at = self.alloc.lock().high_water() + margin;
         let st: &dyn Storage = &*self.storage;
         let io = |what: &str, e| self.fail(Error::io(format!("cannot {what}"), e));
         st.write_all_at(&new_area, stage_at * BLOCK_SIZE)
@@ -401,11 +414,6 @@ impl Volume {
         }
         self.commit_locked(true)?;
         failpoint::hit("keyslots:committed");
-        if let Some(h) = header {
-            // Under the gate, with the header that now counts (a resize).
-            self.size
-                .store(h.size, std::sync::atomic::Ordering::Release);
-        }
         self.drop_stage(stage_at);
         Ok(())
     }

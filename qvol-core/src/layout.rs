@@ -6,7 +6,7 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// Requests must be aligned to this many bytes.
 pub const SECTOR_SIZE: u64 = 512;
 /// The format version this crate writes. It reads this one and every earlier one.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format version this crate reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Number of keyslots in the keyslot area.

@@ -24,6 +24,7 @@ pub mod node;
 mod reencrypt;
 mod replay;
 mod resize;
+mod rewrite;
 mod rw;
 mod secret;
 pub mod send;

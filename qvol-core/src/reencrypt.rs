@@ -5,10 +5,27 @@
 //! from the image and punches every free block.
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::header::{encode_keyslots, Header};
 use crate::key::VolumeKey;
+use crate::keyslots::{join, same};
 use crate::layout::*;
+use crate::node::{LeafEntry, TreeKind};
+use crate::rewrite::{Change, Rewrite};
+use crate::subkeys::{Subkeys, SEALED_KEY_LEN};
 use crate::suite::CipherSuite;
+use crate::superblock::{RekeyRecord, Superblock};
+use crate::tree::{read_node, TreeCache};
 use crate::volume::Volume;
+
+/// Associated data of the previous epoch's data key in the record (FORMAT.md §17).
+const DATA_KEY_LABEL: &[u8] = b"qvol-rekey-data-v5";
+/// Associated data of the current volume key in the record.
+const VOLUME_KEY_LABEL: &[u8] = b"qvol-rekey-key-v5";
+/// Associated data of a new key handed to a serving process.
+const TRANSFER_LABEL: &[u8] = b"qvol-rekey-transfer-v5";
+/// Map leaves read (without re-sealing anything) at most per step, so that a step over a
+/// disk already under the new key still ends soon.
+const SCAN_PER_STEP: u64 = 4096;
 
 /// A re-encryption in progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +60,66 @@ impl Reencryption {
     }
 }
 
+/// `label || volume id || u32le(a) || u32le(b)`.
+fn key_ad(label: &[u8], volume_id: &[u8; 16], a: u32, b: u32) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(label.len() + 24);
+    ad.extend_from_slice(label);
+    ad.extend_from_slice(volume_id);
+    ad.extend_from_slice(&a.to_le_bytes());
+    ad.extend_from_slice(&b.to_le_bytes());
+    ad
+}
+
+fn transfer_ad(volume_id: &[u8; 16], nonce: &[u8; 16], slots: &[u8]) -> Vec<u8> {
+    let mut ad = key_ad(TRANSFER_LABEL, volume_id, 0, 0);
+    ad.extend_from_slice(nonce);
+    ad.extend_from_slice(blake3::hash(slots).as_bytes());
+    ad
+}
+
+/// The volume key of the current epoch of a superblock whose record is `r`, opened with the
+/// previous epoch's keys `prev` (a holder of the old key finds the new one, FORMAT.md §17).
+pub(crate) fn open_key_for_prev(
+    prev: &Subkeys,
+    volume_id: &[u8; 16],
+    key_epoch: u32,
+    r: &RekeyRecord,
+) -> Option<VolumeKey> {
+    let ad = key_ad(VOLUME_KEY_LABEL, volume_id, key_epoch, r.prev_epoch);
+    prev.open_key(&ad, &r.key_for_prev)
+        .map(|k| VolumeKey::from_bytes(*k))
+}
+
+/// The subkeys of `sb`'s key epoch from its volume key `key`: with the previous epoch's data
+/// key while a re-encryption is in progress.
+pub(crate) fn subkeys_of(key: &VolumeKey, header: &Header, sb: &Superblock) -> Result<Subkeys> {
+    let suite_of = |id: u16| {
+        CipherSuite::from_id(id)
+            .ok_or_else(|| Error::corrupt("the re-encryption record names an unknown suite"))
+    };
+    let suite = match &sb.rekey {
+        Some(r) => suite_of(r.suite)?,
+        None => header.suite,
+    };
+    let keys = Subkeys::derive_epoch(key, suite, header.volume_id, sb.key_epoch)
+        .with_portable_nodes(header.portable_nodes());
+    let Some(r) = &sb.rekey else {
+        return Ok(keys);
+    };
+    let ad = key_ad(
+        DATA_KEY_LABEL,
+        &header.volume_id,
+        r.prev_epoch,
+        sb.key_epoch,
+    );
+    let data_key = keys.open_key(&ad, &r.prev_data_key).ok_or_else(|| {
+        Error::integrity(
+            "the re-encryption record's old data key does not open under the volume key",
+        )
+    })?;
+    Ok(keys.with_previous(r.prev_epoch, suite_of(r.prev_suite)?, &data_key))
+}
+
 /// `new_key` sealed under `current` (the volume's key now) for a process serving the volume:
 /// what [`Volume::start_reencryption_sealed`] takes. `nonce` is a one-time value that process
 /// issued; the seal also binds `slots` (the keyslots that will wrap `new_key`), so neither
@@ -54,23 +131,35 @@ pub fn seal_key_for_reencryption(
     slots: &[Vec<u8>],
     new_key: &VolumeKey,
 ) -> Result<Vec<u8>> {
-    let _ = (current, volume_id, nonce, slots, new_key);
-    Err(not_yet())
-}
-
-fn not_yet() -> Error {
-    Error::new(ErrorKind::Unsupported, "re-encryption is not built yet")
+    let keys = Subkeys::derive(current, CipherSuite::default(), volume_id);
+    let area = encode_keyslots(slots)?;
+    let sealed = keys.seal_key(&transfer_ad(&volume_id, nonce, &area), new_key.expose())?;
+    Ok(sealed.to_vec())
 }
 
 impl Volume {
     /// The re-encryption in progress, if any.
     pub fn reencryption(&self) -> Option<Reencryption> {
-        None
+        let record = self
+            .rekey
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let keys = self.keys();
+        let (from_epoch, from_suite) = keys.previous()?;
+        Some(Reencryption {
+            from_epoch,
+            to_epoch: keys.epoch(),
+            from_suite,
+            to_suite: keys.data_suite(),
+            done: record.done,
+            total: self.blocks().div_ceil(FANOUT),
+        })
     }
 
     /// The suite new data is sealed with.
     pub fn data_suite(&self) -> CipherSuite {
-        self.header.suite
+        self.keys().data_suite()
     }
 
     /// Starts re-encrypting the volume under `new_key` (fresh, from
@@ -79,6 +168,10 @@ impl Volume {
     /// (`Refused` if it changed). Crash-safe: after a crash the volume opens under the old
     /// key and nothing changed, or it is re-encrypting. Writable volumes of format version 4
     /// or later; `InvalidInput` if a re-encryption is already in progress.
+    ///
+    /// Every map node is rewritten under the new key before this returns (I/O waits
+    /// meanwhile: about the time to write a 64th of the data); the data follows in
+    /// [`Volume::reencrypt_step`]s.
     pub fn start_reencryption(
         &self,
         new_key: &VolumeKey,
@@ -86,8 +179,109 @@ impl Volume {
         slots: &[Vec<u8>],
         expected: &[u8; 32],
     ) -> Result<Reencryption> {
-        let _ = (new_key, suite, slots, expected);
-        Err(not_yet())
+        self.check_usable()?;
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the volume is open read-only; it cannot be re-encrypted",
+            ));
+        }
+        if !self.header.has_snapshots() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "re-encryption needs format version {SNAPSHOT_VERSION} or later; this image \
+                     has version {} (run `qvol upgrade` first)",
+                    self.header.version
+                ),
+            ));
+        }
+        let area = encode_keyslots(slots)?;
+        if slots.iter().all(Vec::is_empty) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "no keyslot would open the volume after the re-encryption",
+            ));
+        }
+        let _gate = self.exclusive();
+        if let Some(r) = self.reencryption() {
+            return Err(in_progress(&r));
+        }
+        if !same(&self.keyslots_hash(), expected) {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                "the keyslots (or the header) changed since they were read; read them again",
+            ));
+        }
+        let old = self.keys();
+        let epoch = old.epoch().checked_add(1).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NoSpace,
+                "the volume has used up its 2^32 key epochs",
+            )
+        })?;
+        let vid = *old.volume_id();
+        let new = Subkeys::derive_epoch(new_key, suite, vid, epoch)
+            .with_portable_nodes(old.portable_nodes());
+        let record = RekeyRecord {
+            prev_epoch: old.epoch(),
+            prev_suite: old.data_suite().id(),
+            suite: suite.id(),
+            done: 0,
+            prev_data_key: new.seal_key(
+                &key_ad(DATA_KEY_LABEL, &vid, old.epoch(), epoch),
+                &old.data_key(),
+            )?,
+            key_for_prev: old.seal_key(
+                &key_ad(VOLUME_KEY_LABEL, &vid, epoch, old.epoch()),
+                new_key.expose(),
+            )?,
+        };
+        let new = new.with_previous(old.epoch(), old.data_suite(), &old.data_key());
+        let header = Header {
+            version: FORMAT_VERSION,
+            suite,
+            key_check: new.key_check(),
+            ..self.slot_area().header()?
+        };
+        let new_area = join(&header.encode()?[..], &area);
+        self.commit_locked(true)?;
+        let margin = self
+            .switch_keys(&old, new, record)
+            .map_err(|e| self.fail(e))?;
+        self.stage_and_switch(new_area, margin)?;
+        log::info!(
+            "re-encryption started: key epoch {} ({}) to {epoch} ({suite})",
+            old.epoch(),
+            old.data_suite()
+        );
+        self.reencryption()
+            .ok_or_else(|| Error::corrupt("internal: the re-encryption did not start"))
+    }
+
+    /// The start, right after a commit (gate held exclusively): every map node rewritten
+    /// under `new`, the space tree and the snapshot table made to follow at the next commit,
+    /// `new` put in force with `record`. Returns the most blocks that commit allocates.
+    fn switch_keys(&self, old: &Subkeys, new: Subkeys, record: RekeyRecord) -> Result<u64> {
+        let st = &*self.storage;
+        let (live, height) = self.committed_live();
+        let snaps = self.snapshots();
+        let mut a = self.alloc.lock();
+        let mut rw = Rewrite::new(st, old, &new, Change::AllNodes, &mut a);
+        let live = rw.map(height, live)?;
+        let mut roots = Vec::with_capacity(snaps.len());
+        for s in &snaps {
+            roots.push(rw.map(s.map_height, s.root)?);
+        }
+        rw.finish()?;
+        let space_nodes = a.dirty_all(st, old)?;
+        drop(a);
+        self.map.reset(height, live);
+        self.set_snapshot_roots(&roots);
+        self.set_keys(new);
+        *self.rekey.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        let table_blocks = (crate::snapshot::MAX_SNAPSHOTS / crate::snapshot::PER_BLOCK) as u64;
+        Ok(space_nodes + table_blocks + 8)
     }
 
     /// [`Volume::start_reencryption`] for a caller that is not trusted with the volume: the
@@ -102,8 +296,21 @@ impl Volume {
         slots: &[Vec<u8>],
         expected: &[u8; 32],
     ) -> Result<Reencryption> {
-        let _ = (sealed, nonce, suite, slots, expected);
-        Err(not_yet())
+        let area = encode_keyslots(slots)?;
+        let keys = self.keys();
+        let refused = || {
+            Error::new(
+                ErrorKind::Refused,
+                "the new key is not sealed with this volume's key for these keyslots",
+            )
+        };
+        let sealed = <[u8; SEALED_KEY_LEN]>::try_from(sealed).map_err(|_| refused())?;
+        let key = keys
+            .open_key(&transfer_ad(keys.volume_id(), nonce, &area), &sealed)
+            .ok_or_else(refused)?;
+        let key = VolumeKey::from_bytes(*key);
+        drop(keys);
+        self.start_reencryption(&key, suite, slots, expected)
     }
 
     /// Re-seals the data of up to `max_leaves` map leaves (64 logical blocks each) of the live
@@ -111,7 +318,134 @@ impl Volume {
     /// everything is done. Returns the progress, or `None` when the re-encryption is
     /// finished (by this call). I/O waits meanwhile. `InvalidInput` if none is in progress.
     pub fn reencrypt_step(&self, max_leaves: u64) -> Result<Option<Reencryption>> {
-        let _ = max_leaves;
-        Err(not_yet())
+        self.check_usable()?;
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the volume is open read-only; its re-encryption cannot go on",
+            ));
+        }
+        let _gate = self.exclusive();
+        let Some(r) = self.reencryption() else {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the volume is not being re-encrypted: nothing to resume",
+            ));
+        };
+        if r.done < r.total {
+            self.commit_locked(false)?;
+            let end = self.plan_step(r.from_epoch, r.done, r.total, max_leaves.max(1))?;
+            self.reseal_leaves(r.from_epoch, r.done..end)
+                .map_err(|e| self.fail(e))?;
+            if let Some(rec) = self
+                .rekey
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                rec.done = end;
+            }
+            self.commit_locked(true)?;
+            if end < r.total {
+                return Ok(self.reencryption());
+            }
+        }
+        self.finish_reencryption()?;
+        Ok(None)
     }
+
+    /// Where a step from leaf `done` ends: after `budget` leaves that hold blocks of key epoch
+    /// `from` in some map, or [`SCAN_PER_STEP`] leaves read, or at `total`. Absent subtrees
+    /// are skipped whole.
+    fn plan_step(&self, from: u32, done: u64, total: u64, budget: u64) -> Result<u64> {
+        let st = &*self.storage;
+        let keys = self.keys();
+        let mut maps: Vec<TreeCache> = std::iter::once(self.committed_live())
+            .chain(self.snapshots().iter().map(|s| (s.root, s.map_height)))
+            .map(|(root, height)| TreeCache::new(TreeKind::Map, height, root))
+            .collect();
+        let (mut leaf, mut found, mut read) = (done, 0u64, 0u64);
+        let mut seen = Vec::new();
+        while leaf < total && found < budget && read < SCAN_PER_STEP {
+            let mut skip = u64::MAX;
+            let mut holds = false;
+            seen.clear();
+            for map in &mut maps {
+                let (ptr, n) = map.probe_leaf(st, &keys, leaf)?;
+                skip = skip.min(n);
+                if ptr.pbn == 0 || seen.contains(&ptr.pbn) {
+                    continue;
+                }
+                seen.push(ptr.pbn);
+                read += 1;
+                let page = read_node(st, &keys, TreeKind::Map, 0, leaf, &ptr)?;
+                for i in 0..FANOUT as usize {
+                    let e = LeafEntry::decode(&page[..], i)?;
+                    holds |= e.pbn != 0 && e.key_epoch == from;
+                }
+            }
+            found += u64::from(holds);
+            leaf = leaf.saturating_add(skip.max(1)).min(total);
+        }
+        Ok(leaf.max(done + 1).min(total))
+    }
+
+    /// Re-seals the blocks of key epoch `from` in map leaves `leaves` of every map (gate held
+    /// exclusively, right after a commit) and installs the new roots.
+    fn reseal_leaves(&self, from: u32, leaves: std::ops::Range<u64>) -> Result<()> {
+        let st = &*self.storage;
+        let keys = self.keys();
+        let (live, height) = self.committed_live();
+        let snaps = self.snapshots();
+        let mut a = self.alloc.lock();
+        let mut rw = Rewrite::new(st, &keys, &keys, Change::Reseal { from, leaves }, &mut a);
+        let live = rw.map(height, live)?;
+        let mut roots = Vec::with_capacity(snaps.len());
+        for s in &snaps {
+            roots.push(rw.map(s.map_height, s.root)?);
+        }
+        rw.finish()?;
+        drop(a);
+        self.map.reset(height, live);
+        self.set_snapshot_roots(&roots);
+        Ok(())
+    }
+
+    /// The end (gate held exclusively, every block under the new key): the old data key
+    /// leaves the keys in force and, by two commits, both superblock copies; then every free
+    /// block of the file is punched, so that nothing sealed under the old key stays in it.
+    fn finish_reencryption(&self) -> Result<()> {
+        let keys = self.keys();
+        let header = self.slot_area().header()?;
+        if !same(&header.key_check, &keys.key_check()) {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                "the keyslot area in force does not wrap the new key (its staged copy was \
+                 lost), so the re-encryption cannot drop the old one",
+            ));
+        }
+        self.set_keys(keys.without_previous());
+        *self.rekey.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.commit_locked(true)?;
+        self.commit_locked(true)?;
+        let runs = {
+            let keys = self.keys();
+            self.alloc.lock().free_runs(&*self.storage, &keys)?
+        };
+        for (start, n) in runs {
+            let _ = self.storage.punch_hole(start * BLOCK_SIZE, n * BLOCK_SIZE);
+        }
+        log::info!("re-encryption finished: key epoch {}", keys.epoch());
+        Ok(())
+    }
+}
+
+fn in_progress(r: &Reencryption) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "the volume is already being re-encrypted ({}% done); resume it instead",
+            r.done * 100 / r.total.max(1)
+        ),
+    )
 }

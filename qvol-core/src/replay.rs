@@ -15,7 +15,8 @@ impl Volume {
     /// Replays the log over the committed tree; returns the number of valid records found.
     pub(crate) fn replay(&self) -> Result<usize> {
         let st = &*self.storage;
-        let keys = &self.keys;
+        let keys_now = self.keys();
+        let keys = &*keys_now;
         let (epoch, birth) = {
             let sb = self.superblock();
             (sb.log_epoch, sb.snap_epoch)
@@ -77,6 +78,6 @@ impl Volume {
         self.storage
             .read_exact_at(&mut block, entry.pbn * BLOCK_SIZE)
             .is_ok()
-            && open_block(&self.keys, self.header.suite, lbn, entry, &mut block).is_ok()
+            && open_block(&self.keys(), lbn, entry, &mut block).is_ok()
     }
 }

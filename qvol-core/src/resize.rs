@@ -137,14 +137,14 @@ impl Volume {
         let mut entries = [crate::node::LeafEntry::default(); FANOUT as usize];
         while lbn < to {
             let leaf = lbn / FANOUT;
-            let skip = map.absent_leaves(st, &self.keys, leaf)?;
+            let skip = map.absent_leaves(st, &self.keys(), leaf)?;
             if skip > 0 {
                 lbn = (leaf + skip) * FANOUT;
                 continue;
             }
             let first = (lbn % FANOUT) as usize;
             let n = (FANOUT as usize - first).min((to - lbn) as usize);
-            map.lookup(st, &self.keys, lbn, &mut entries[..n])?;
+            map.lookup(st, &self.keys(), lbn, &mut entries[..n])?;
             if entries[..n].iter().any(|e| e.pbn != 0) {
                 return Ok(true);
             }

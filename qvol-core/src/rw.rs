@@ -96,7 +96,7 @@ impl Volume {
     fn append(&self, credit: &mut Credit<'_>, ops: &[LogOp]) -> Result<()> {
         let n = ops.len() as u64;
         self.wal
-            .append(&*self.storage, &self.keys, ops)
+            .append(&*self.storage, &self.keys(), ops)
             .map_err(|e| self.fail(e))?;
         credit.left = credit.left.saturating_sub(n);
         Ok(())
@@ -118,7 +118,7 @@ impl Volume {
             let last = (end_off - 1) / BLOCK_SIZE;
             let n = (last - lbn + 1) as usize;
             self.map
-                .lookup(&*self.storage, &self.keys, lbn, &mut entries[..n])?;
+                .lookup(&*self.storage, &self.keys(), lbn, &mut entries[..n])?;
             let span = (end_off - off) as usize;
             self.read_leaf_span(off, &entries[..n], &mut buf[pos..pos + span])?;
             pos += span;
@@ -130,6 +130,7 @@ impl Volume {
     /// contiguous full blocks into one read.
     fn read_leaf_span(&self, off: u64, entries: &[LeafEntry], buf: &mut [u8]) -> Result<()> {
         let first_lbn = off / BLOCK_SIZE;
+        let keys = self.keys();
         let mut i = 0;
         let mut pos = 0usize;
         while i < entries.len() {
@@ -150,7 +151,7 @@ impl Volume {
             if len < BS {
                 let mut block = vec![0u8; BS];
                 self.read_blocks(e.pbn, &mut block)?;
-                open_block(&self.keys, self.header.suite, lbn, &e, &mut block)?;
+                open_block(&keys, lbn, &e, &mut block)?;
                 buf[pos..pos + len].copy_from_slice(&block[in_block..in_block + len]);
                 pos += len;
                 i += 1;
@@ -167,13 +168,7 @@ impl Volume {
             let run = &mut buf[pos..pos + (j - i) * BS];
             self.read_blocks(e.pbn, run)?;
             for (k, block) in run.chunks_exact_mut(BS).enumerate() {
-                open_block(
-                    &self.keys,
-                    self.header.suite,
-                    lbn + k as u64,
-                    &entries[i + k],
-                    block,
-                )?;
+                open_block(&keys, lbn + k as u64, &entries[i + k], block)?;
             }
             pos += (j - i) * BS;
             i = j;
@@ -255,10 +250,11 @@ impl Volume {
     /// buffer that stays in cache.
     fn write_full(&self, lbn: u64, data: &[u8], credit: &mut Credit<'_>) -> Result<()> {
         let n = data.len() / BS;
-        let suite = self.header.suite;
+        let keys = self.keys();
+        let suite = keys.data_suite();
         let nl = suite.nonce_len();
         let nonces = random_nonces(suite, n)?;
-        let pbns = self.alloc.lock().alloc(&*self.storage, &self.keys, n)?;
+        let pbns = self.alloc.lock().alloc(&*self.storage, &keys, n)?;
         let mut entries = Vec::with_capacity(n);
         SCRATCH.with(|cell| -> Result<()> {
             let mut scratch = cell.borrow_mut();
@@ -270,7 +266,7 @@ impl Volume {
                 for (k, block) in buf.chunks_exact_mut(BS).enumerate() {
                     let i = start + k;
                     let nonce = &nonces[i * nl..(i + 1) * nl];
-                    entries.push(seal_block(&self.keys, suite, lbn + i as u64, nonce, block)?);
+                    entries.push(seal_block(&keys, lbn + i as u64, nonce, block)?);
                 }
                 self.write_runs(&pbns[start..start + m], buf)?;
             }
@@ -288,7 +284,7 @@ impl Volume {
             let count = ((FANOUT - l % FANOUT) as usize).min(n - i);
             let group = &entries[i..i + count];
             self.map
-                .with_leaf(&*self.storage, &self.keys, l / FANOUT, |leaf| {
+                .with_leaf(&*self.storage, &self.keys(), l / FANOUT, |leaf| {
                     let mut ops = Vec::with_capacity(count);
                     for (k, e) in group.iter().enumerate() {
                         let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
@@ -353,10 +349,11 @@ impl Volume {
         credit: &mut Credit<'_>,
     ) -> Result<()> {
         let st = &*self.storage;
-        let suite = self.header.suite;
+        let keys = self.keys();
+        let suite = keys.data_suite();
         loop {
             let mut cur = [LeafEntry::default()];
-            self.map.lookup(st, &self.keys, lbn, &mut cur)?;
+            self.map.lookup(st, &keys, lbn, &mut cur)?;
             let cur = cur[0];
             if cur.pbn == 0 && data.is_none() {
                 return Ok(());
@@ -364,15 +361,15 @@ impl Volume {
             let mut block = vec![0u8; BS];
             if cur.pbn != 0 {
                 self.read_blocks(cur.pbn, &mut block)?;
-                open_block(&self.keys, suite, lbn, &cur, &mut block)?;
+                open_block(&keys, lbn, &cur, &mut block)?;
             }
             match data {
                 Some(d) => block[at..at + len].copy_from_slice(d),
                 None => block[at..at + len].fill(0),
             }
             let nonce = random_nonces(suite, 1)?;
-            let mut entry = seal_block(&self.keys, suite, lbn, &nonce, &mut block)?;
-            entry.pbn = self.alloc.lock().alloc(st, &self.keys, 1)?[0];
+            let mut entry = seal_block(&keys, lbn, &nonce, &mut block)?;
+            entry.pbn = self.alloc.lock().alloc(st, &keys, 1)?[0];
             entry.birth = self.snaps.epoch();
             st.write_all_at(&block, entry.pbn * BLOCK_SIZE)
                 .map_err(|e| {
@@ -382,7 +379,7 @@ impl Volume {
                     ))
                 })?;
             let i = (lbn % FANOUT) as usize;
-            let done = self.map.with_leaf(st, &self.keys, lbn / FANOUT, |leaf| {
+            let done = self.map.with_leaf(st, &self.keys(), lbn / FANOUT, |leaf| {
                 if leaf.get(i) != cur {
                     return Ok(false);
                 }
@@ -395,7 +392,7 @@ impl Volume {
             }
             self.alloc
                 .lock()
-                .free_unused(st, &self.keys, entry.pbn)
+                .free_unused(st, &self.keys(), entry.pbn)
                 .map_err(|e| self.fail(e))?;
         }
     }
@@ -451,13 +448,13 @@ impl Volume {
         let mut freed = Vec::new();
         while l < end {
             let leaf = l / FANOUT;
-            let skip = self.map.absent_leaves(st, &self.keys, leaf)?;
+            let skip = self.map.absent_leaves(st, &self.keys(), leaf)?;
             if skip > 0 {
                 l = ((leaf + skip) * FANOUT).max(l + 1);
                 continue;
             }
             let n = (FANOUT - l % FANOUT).min(end - l);
-            self.map.with_leaf(st, &self.keys, leaf, |lf| {
+            self.map.with_leaf(st, &self.keys(), leaf, |lf| {
                 let mut changed = false;
                 for k in 0..n {
                     let i = ((l + k) % FANOUT) as usize;

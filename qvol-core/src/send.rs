@@ -460,7 +460,7 @@ impl Volume {
             ));
         }
         let snap = &head.snapshot;
-        if blake3::Hash::from(entry_mac(&self.keys, snap))
+        if blake3::Hash::from(entry_mac(&self.keys(), snap))
             != blake3::Hash::from(get_array::<32>(&head.entry, crate::snapshot::E_MAC))
         {
             return Err(Error::integrity(
@@ -610,7 +610,8 @@ impl Receiver<'_, '_> {
         }
         let vol = self.vol;
         let st = &*vol.storage;
-        let keys = &vol.keys;
+        let keys_now = vol.keys();
+        let keys = &*keys_now;
         let mut kind = [0u8; 1];
         self.r.take(&mut kind)?;
         let mut head = [0u8; 9];
@@ -684,11 +685,11 @@ impl Receiver<'_, '_> {
         let mut block = vec![0u8; BS];
         self.r.take(&mut block)?;
         let mut plain = block.clone();
-        if open_block(&vol.keys, vol.header.suite, lbn, &e, &mut plain).is_err() {
+        if open_block(&vol.keys(), lbn, &e, &mut plain).is_err() {
             return Err(self.bad(format!("the data of logical block {lbn} fails its tag")));
         }
         drop(plain);
-        e.pbn = vol.alloc.lock().alloc(st, &vol.keys, 1)?[0];
+        e.pbn = vol.alloc.lock().alloc(st, &vol.keys(), 1)?[0];
         e.birth = self.birth;
         st.write_all_at(&block, e.pbn * BLOCK_SIZE)
             .map_err(|err| Error::io("cannot write a received data block", err))?;

@@ -300,16 +300,16 @@ impl Volume {
         for level in from + 1..=to {
             let mut page = crate::tree::zero_page();
             crate::node::encode_interior_entry(&mut page[..], 0, &ptr);
-            let pbn = a.alloc(st, &self.keys, 1)?[0];
+            let pbn = a.alloc(st, &self.keys(), 1)?[0];
             st.write_all_at(&page[..], pbn * BLOCK_SIZE)
                 .map_err(|e| Error::io("cannot write a new tree root", e))?;
             let map = kind == TreeKind::Map;
             ptr = NodePtr {
                 pbn,
-                mac: node_mac(&self.keys, kind, level, 0, &page[..]),
+                mac: node_mac(&self.keys(), kind, level, 0, &page[..]),
                 birth: if map { self.snaps.epoch() } else { 0 },
                 pmac: if map {
-                    crate::node::node_pmac(&self.keys, kind, level, 0, &page[..])
+                    crate::node::node_pmac(&self.keys(), kind, level, 0, &page[..])
                 } else {
                     [0; 16]
                 },
@@ -398,7 +398,7 @@ impl Volume {
     }
 
     /// The live map's root and height as last committed.
-    fn committed_live(&self) -> (NodePtr, u8) {
+    pub(crate) fn committed_live(&self) -> (NodePtr, u8) {
         let sb = self.superblock();
         (sb.map_root, sb.map_height)
     }
@@ -408,7 +408,7 @@ impl Volume {
     pub(crate) fn same_map(&self, a: (NodePtr, u8), b: (NodePtr, u8)) -> Result<bool> {
         let (mut hi, lo) = if a.1 >= b.1 { (a, b) } else { (b, a) };
         while hi.1 > lo.1 && hi.0.pbn != 0 {
-            let page = read_node(&*self.storage, &self.keys, TreeKind::Map, hi.1, 0, &hi.0)?;
+            let page = read_node(&*self.storage, &self.keys(), TreeKind::Map, hi.1, 0, &hi.0)?;
             for i in 1..FANOUT as usize {
                 if decode_interior_entry(&page[..], i)?.pbn != 0 {
                     return Ok(false);
@@ -432,7 +432,7 @@ impl Volume {
         })?;
         let mut a = self.alloc.lock();
         for &pbn in &found {
-            a.free(&*self.storage, &self.keys, pbn, true)?;
+            a.free(&*self.storage, &self.keys(), pbn, true)?;
         }
         Ok(found.len() as u64)
     }
@@ -454,7 +454,7 @@ impl Volume {
             let mut ptr = root;
             let mut level = height;
             while level > top && ptr.pbn != 0 {
-                let page = read_node(&*self.storage, &self.keys, TreeKind::Map, level, 0, &ptr)?;
+                let page = read_node(&*self.storage, &self.keys(), TreeKind::Map, level, 0, &ptr)?;
                 ptr = decode_interior_entry(&page[..], 0)?;
                 level -= 1;
             }
@@ -478,7 +478,7 @@ impl Volume {
         }
         f(node.pbn)?;
         let st = &*self.storage;
-        let page = read_node(st, &self.keys, TreeKind::Map, level, index, &node)?;
+        let page = read_node(st, &self.keys(), TreeKind::Map, level, index, &node)?;
         let mut pages: Vec<Page> = Vec::new();
         let mut seen = Vec::new();
         let mut short = Vec::new();
@@ -487,7 +487,14 @@ impl Volume {
                 short.push((o, l));
             } else if !seen.contains(&o.pbn) {
                 seen.push(o.pbn);
-                pages.push(read_node(st, &self.keys, TreeKind::Map, level, index, &o)?);
+                pages.push(read_node(
+                    st,
+                    &self.keys(),
+                    TreeKind::Map,
+                    level,
+                    index,
+                    &o,
+                )?);
             }
         }
         for i in 0..FANOUT as usize {
@@ -531,7 +538,7 @@ impl Volume {
                 if self.snaps.may_hold(k.birth) {
                     later.push(*k);
                 } else {
-                    a.free(&*self.storage, &self.keys, k.pbn, k.punch)?;
+                    a.free(&*self.storage, &self.keys(), k.pbn, k.punch)?;
                 }
             }
         }
@@ -546,7 +553,7 @@ impl Volume {
         let kills = std::mem::take(&mut self.snaps.lock().kills);
         for k in kills {
             if !self.held(Position::Data(k.lbn), k.pbn, k.birth)? {
-                a.free(&*self.storage, &self.keys, k.pbn, k.punch)?;
+                a.free(&*self.storage, &self.keys(), k.pbn, k.punch)?;
             }
         }
         Ok(())
@@ -559,15 +566,16 @@ impl Volume {
             && !(self.snaps.may_hold(old.birth)
                 && self.held(Position::Node(old.level, old.index), old.pbn, old.birth)?)
         {
-            a.free(&*self.storage, &self.keys, old.pbn, false)?;
+            a.free(&*self.storage, &self.keys(), old.pbn, false)?;
         }
-        Ok(a.alloc(&*self.storage, &self.keys, 1)?[0])
+        Ok(a.alloc(&*self.storage, &self.keys(), 1)?[0])
     }
 
     /// Whether a snapshot taken after `birth` holds `pbn` at `pos`.
     fn held(&self, pos: Position, pbn: u64, birth: u32) -> Result<bool> {
         let st = &*self.storage;
-        let keys = &self.keys;
+        let keys_now = self.keys();
+        let keys = &*keys_now;
         let mut inner = self.snaps.lock();
         let SnapInner { list, views, .. } = &mut *inner;
         for (i, s) in list.iter().enumerate().filter(|(_, s)| s.epoch >= birth) {
@@ -618,20 +626,20 @@ impl Volume {
             return Ok((inner.table, epoch));
         }
         for pbn in std::mem::take(&mut inner.table_blocks) {
-            a.free(st, &self.keys, pbn, true)?;
+            a.free(st, &self.keys(), pbn, true)?;
         }
         let chunks: Vec<&[Snapshot]> = inner.list.chunks(PER_BLOCK).collect();
         let blocks = if chunks.is_empty() {
             Vec::new()
         } else {
-            a.alloc(st, &self.keys, chunks.len())?
+            a.alloc(st, &self.keys(), chunks.len())?
         };
         let mut next = NodePtr::default();
         for (i, chunk) in chunks.iter().enumerate().rev() {
-            let page = encode_table_block(&self.keys, chunk, &next);
+            let page = encode_table_block(&self.keys(), chunk, &next);
             next = NodePtr {
                 pbn: blocks[i],
-                mac: node_mac(&self.keys, TreeKind::Snapshots, 0, i as u64, &page[..]),
+                mac: node_mac(&self.keys(), TreeKind::Snapshots, 0, i as u64, &page[..]),
                 ..NodePtr::default()
             };
             out.push(blocks[i], &page[..])?;
@@ -640,6 +648,17 @@ impl Volume {
         inner.table_blocks = blocks;
         inner.dirty = false;
         Ok((next, epoch))
+    }
+
+    /// Gives the snapshots new map roots (rewritten copies of the same content, in table
+    /// order); the next commit rewrites the table.
+    pub(crate) fn set_snapshot_roots(&self, roots: &[NodePtr]) {
+        let mut inner = self.snaps.lock();
+        for (s, root) in inner.list.iter_mut().zip(roots) {
+            s.root = *root;
+        }
+        inner.dirty = true;
+        inner.views.clear();
     }
 
     /// After a commit: the views of snapshot maps are dropped (they reload on demand).

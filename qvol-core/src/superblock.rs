@@ -20,8 +20,12 @@ const OFF_SNAP_EPOCH: usize = 256;
 const OFF_ROOT_BIRTH: usize = 260;
 /// Where the map root's portable MAC lives (16 bytes, format version 4).
 const OFF_ROOT_PMAC: usize = 264;
-/// The first reserved byte.
-const OFF_RESERVED: usize = 280;
+/// Where the re-encryption record lives (168 bytes, format version 5; FORMAT.md §17).
+const OFF_REKEY: usize = 280;
+/// The first reserved byte after it.
+const OFF_RESERVED: usize = 448;
+/// Flag bit of the re-encryption record: a re-encryption is in progress.
+const REKEY_ACTIVE: u32 = 1;
 /// Bytes of a superblock that carry meaning (one sector).
 pub(crate) const SUPERBLOCK_LEN: usize = 512;
 
@@ -63,6 +67,71 @@ pub struct Superblock {
     /// `BLAKE3(staged header block || staged keyslot area)`: the header hash once the change
     /// is complete (zero when nothing is staged).
     pub staged_hash: [u8; 32],
+    /// The re-encryption in progress (format version 5; FORMAT.md §17).
+    pub rekey: Option<RekeyRecord>,
+}
+
+/// A re-encryption in progress, as its superblock records it (FORMAT.md §17): new data and
+/// every node are under the current key epoch (offset 68); data blocks whose entries say the
+/// previous one still open with its data key, sealed here under the current key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RekeyRecord {
+    /// The key epoch the data is moving away from (the current one minus one).
+    pub prev_epoch: u32,
+    /// Its suite id.
+    pub prev_suite: u16,
+    /// The suite id of the current key epoch.
+    pub suite: u16,
+    /// Map leaves done (every logical block below `done * 64` is under the current key).
+    pub done: u64,
+    /// `K_data` of the previous epoch, sealed under the current key's `K_wrap`.
+    pub prev_data_key: [u8; 72],
+    /// The current volume key, sealed under the previous key's `K_wrap`.
+    pub key_for_prev: [u8; 72],
+}
+
+impl RekeyRecord {
+    fn encode(&self, b: &mut [u8]) {
+        put_u32(b, OFF_REKEY, self.prev_epoch);
+        b[OFF_REKEY + 4..OFF_REKEY + 6].copy_from_slice(&self.prev_suite.to_le_bytes());
+        b[OFF_REKEY + 6..OFF_REKEY + 8].copy_from_slice(&self.suite.to_le_bytes());
+        put_u32(b, OFF_REKEY + 8, REKEY_ACTIVE);
+        put_u64(b, OFF_REKEY + 16, self.done);
+        b[OFF_REKEY + 24..OFF_REKEY + 96].copy_from_slice(&self.prev_data_key);
+        b[OFF_REKEY + 96..OFF_REKEY + 168].copy_from_slice(&self.key_for_prev);
+    }
+
+    fn decode(b: &[u8], key_epoch: u32) -> Result<Option<RekeyRecord>> {
+        let area = &b[OFF_REKEY..OFF_RESERVED];
+        if get_u32(b, OFF_REKEY + 8) != REKEY_ACTIVE {
+            if area.iter().any(|&x| x != 0) {
+                return Err(Error::corrupt(
+                    "the superblock's re-encryption record is invalid",
+                ));
+            }
+            return Ok(None);
+        }
+        let suite_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let r = RekeyRecord {
+            prev_epoch: get_u32(b, OFF_REKEY),
+            prev_suite: suite_at(OFF_REKEY + 4),
+            suite: suite_at(OFF_REKEY + 6),
+            done: get_u64(b, OFF_REKEY + 16),
+            prev_data_key: get_array(b, OFF_REKEY + 24),
+            key_for_prev: get_array(b, OFF_REKEY + 96),
+        };
+        let valid = r.prev_epoch.checked_add(1) == Some(key_epoch)
+            && crate::suite::CipherSuite::from_id(r.prev_suite).is_some()
+            && crate::suite::CipherSuite::from_id(r.suite).is_some()
+            && get_u32(b, OFF_REKEY + 12) == 0
+            && r.done < 1 << 40;
+        if !valid {
+            return Err(Error::corrupt(
+                "the superblock's re-encryption record is invalid",
+            ));
+        }
+        Ok(Some(r))
+    }
 }
 
 impl Superblock {
@@ -90,6 +159,9 @@ impl Superblock {
         put_u32(&mut b, OFF_SNAP_EPOCH, self.snap_epoch);
         put_u32(&mut b, OFF_ROOT_BIRTH, self.map_root.birth);
         b[OFF_ROOT_PMAC..OFF_ROOT_PMAC + 16].copy_from_slice(&self.map_root.pmac);
+        if let Some(r) = &self.rekey {
+            r.encode(&mut b);
+        }
         let mac = mac(keys, &b[..OFF_MAC]);
         b[OFF_MAC..].copy_from_slice(&mac);
         b
@@ -136,6 +208,7 @@ impl Superblock {
             commit_id: get_array(b, OFF_COMMIT_ID),
             staged_keyslots: get_u64(b, OFF_STAGED),
             staged_hash: get_array(b, OFF_STAGED_HASH),
+            rekey: RekeyRecord::decode(b, get_u32(b, 68))?,
         };
         let staged_ok = if sb.staged_keyslots == 0 {
             sb.staged_hash == [0; 32]
@@ -166,6 +239,13 @@ impl Superblock {
         Ok(sb)
     }
 
+    /// Whether the MAC of the encoded superblock `b` verifies under `keys`.
+    pub(crate) fn mac_verifies(b: &[u8], keys: &Subkeys) -> bool {
+        b.len() >= SUPERBLOCK_LEN
+            && blake3::Hash::from(mac(keys, &b[..OFF_MAC]))
+                == blake3::Hash::from(get_array::<32>(b, OFF_MAC))
+    }
+
     /// Parses a superblock and checks its MAC; `None` if either fails (a torn or foreign copy).
     #[cfg(test)]
     pub(crate) fn decode_verified(b: &[u8], keys: &Subkeys) -> Option<Superblock> {
@@ -174,6 +254,7 @@ impl Superblock {
 
     /// [`Superblock::decode_verified`] that also returns the MAC (the root id of its commit
     /// point, FORMAT.md §8).
+    #[cfg(test)]
     pub(crate) fn decode_verified_mac(b: &[u8], keys: &Subkeys) -> Option<(Superblock, [u8; 32])> {
         if b.len() < SUPERBLOCK_LEN {
             return None;
@@ -187,7 +268,7 @@ impl Superblock {
     }
 
     /// The MAC of an encoded superblock.
-    pub(crate) fn mac_of(encoded: &[u8; SUPERBLOCK_LEN]) -> [u8; 32] {
+    pub(crate) fn mac_of(encoded: &[u8]) -> [u8; 32] {
         get_array(encoded, OFF_MAC)
     }
 }
@@ -244,7 +325,35 @@ mod tests {
             commit_id: [9; 16],
             staged_keyslots: 5000,
             staged_hash: [4; 32],
+            rekey: None,
         }
+    }
+
+    #[test]
+    fn rekey_records_round_trip_and_are_covered() {
+        let mut sb = sample();
+        sb.key_epoch = 3;
+        sb.rekey = Some(RekeyRecord {
+            prev_epoch: 2,
+            prev_suite: 1,
+            suite: 2,
+            done: 77,
+            prev_data_key: [6; 72],
+            key_for_prev: [7; 72],
+        });
+        let b = sb.encode(&keys(1));
+        assert_eq!(Superblock::decode_verified(&b, &keys(1)), Some(sb.clone()));
+        for i in OFF_REKEY..OFF_MAC {
+            let mut c = b;
+            c[i] ^= 0x10;
+            assert_eq!(Superblock::decode_verified(&c, &keys(1)), None, "byte {i}");
+        }
+        sb.key_epoch = 4;
+        let b = sb.encode(&keys(1));
+        assert!(
+            Superblock::decode(&b).is_err(),
+            "epochs must be consecutive"
+        );
     }
 
     #[test]

@@ -128,6 +128,11 @@ impl TreeCache {
         self.height
     }
 
+    /// How many interior nodes are cached.
+    pub(crate) fn cached_nodes(&self) -> u64 {
+        self.nodes.len() as u64
+    }
+
     /// The current root pointer.
     pub(crate) fn root(&self) -> NodePtr {
         self.root

@@ -103,7 +103,11 @@ impl std::fmt::Debug for HookSlot {
 #[derive(Debug)]
 pub struct Volume {
     pub(crate) storage: Arc<dyn Storage>,
-    pub(crate) keys: Subkeys,
+    /// The subkeys; replaced (under the exclusive gate) when a re-encryption starts or
+    /// finishes (FORMAT.md §17).
+    keys: RwLock<Arc<Subkeys>>,
+    /// The re-encryption record the next commit writes (FORMAT.md §17).
+    pub(crate) rekey: Mutex<Option<crate::superblock::RekeyRecord>>,
     pub(crate) header: Header,
     /// The authenticated keyslot area and the header hash the next commit carries.
     pub(crate) slots: Mutex<SlotArea>,
@@ -197,7 +201,7 @@ impl Volume {
         vol.on_commit = HookSlot(on_commit);
         {
             let mut a = vol.alloc.lock();
-            a.mark_fixed_regions(&*vol.storage, &vol.keys)?;
+            a.mark_fixed_regions(&*vol.storage, &vol.keys())?;
         }
         let _gate = vol.exclusive();
         vol.commit_locked(true)?;
@@ -234,15 +238,19 @@ impl Volume {
     ) -> Result<Volume> {
         let read_only = opts.read_only;
         let (header, area) = read_header_area(&*storage)?;
-        let keys = Subkeys::derive(key, header.suite, header.volume_id)
-            .with_portable_nodes(header.portable_nodes());
-        if blake3::Hash::from(keys.key_check()) != blake3::Hash::from(header.key_check) {
-            return Err(Error::new(
-                ErrorKind::WrongKey,
-                format!("the key does not open volume {}", hex_id(&header.volume_id)),
-            ));
-        }
-        let (sb, root_id) = pick_superblock(&*storage, &keys)?;
+        let (sb, root_id, keys) = match pick_superblock(&*storage, key, &header) {
+            Ok(picked) => picked,
+            Err(e) => {
+                let mine = Subkeys::derive(key, header.suite, header.volume_id);
+                if blake3::Hash::from(mine.key_check()) != blake3::Hash::from(header.key_check) {
+                    return Err(Error::new(
+                        ErrorKind::WrongKey,
+                        format!("the key does not open volume {}", hex_id(&header.volume_id)),
+                    ));
+                }
+                return Err(e);
+            }
+        };
         let slot_area = match SlotArea::choose(&*storage, &area, &sb) {
             Err(e) if opts.accept_any_keyslot_area && e.kind() == ErrorKind::Integrity => {
                 SlotArea::as_found(&area, &sb)
@@ -359,7 +367,8 @@ impl Volume {
             ),
             wal: Wal::new(regions.log_slots(), sb.log_epoch, 0, anchor),
             snaps: Snapshots::default(),
-            keys,
+            rekey: Mutex::new(sb.rekey.clone()),
+            keys: RwLock::new(Arc::new(keys)),
             header,
             slots: Mutex::new(slots),
             read_only,
@@ -371,6 +380,16 @@ impl Volume {
             size: AtomicU64::new(blocks * BLOCK_SIZE),
             writeback: Default::default(),
         }
+    }
+
+    /// The subkeys in force.
+    pub(crate) fn keys(&self) -> Arc<Subkeys> {
+        Arc::clone(&self.keys.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts `keys` in force (gate held exclusively).
+    pub(crate) fn set_keys(&self, keys: Subkeys) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
     }
 
     /// The virtual disk size in bytes.
@@ -402,8 +421,8 @@ impl Volume {
             name: self.header.name.clone(),
             volume_id: self.header.volume_id,
             size: self.size(),
-            suite: self.header.suite,
-            implementation: self.header.suite.implementation(),
+            suite: self.keys().data_suite(),
+            implementation: self.keys().data_suite().implementation(),
             generation,
             allocated_bytes: self.alloc.lock().used() * BLOCK_SIZE,
             keyslot_count: self.keyslots().iter().filter(|s| !s.is_empty()).count(),
@@ -425,7 +444,7 @@ impl Volume {
             .map_err(|e| self.fail(Error::io("cannot sync the image (flush)", e)))?;
         self.wal.set_durable(upto);
         self.wal
-            .write_mark(&*self.storage, &self.keys)
+            .write_mark(&*self.storage, &self.keys())
             .map_err(|e| self.fail(e))
     }
 
@@ -482,25 +501,52 @@ impl Volume {
 }
 
 /// Reads both superblocks and returns the valid one with the highest generation, and its MAC.
-fn pick_superblock(storage: &dyn Storage, keys: &Subkeys) -> Result<(Superblock, [u8; 32])> {
-    let mut best: Option<(Superblock, [u8; 32])> = None;
+/// Chooses the superblock to open (FORMAT.md §8): of the copies whose MAC verifies and whose
+/// generation's parity matches their position, the one with the highest generation. A copy
+/// written while a re-encryption is in progress (FORMAT.md §17) is MAC'd under the new key:
+/// a holder of the old key finds the new one sealed for it in that copy's record. Returns it
+/// with its MAC and the subkeys of its key epoch.
+fn pick_superblock(
+    storage: &dyn Storage,
+    key: &VolumeKey,
+    header: &Header,
+) -> Result<(Superblock, [u8; 32], Subkeys)> {
+    let vid = header.volume_id;
+    let mine = Subkeys::derive(key, header.suite, vid);
+    let mut best: Option<(Superblock, [u8; 32], VolumeKey)> = None;
     for (i, &off) in SUPERBLOCK_OFFSETS.iter().enumerate() {
         let mut b = [0u8; SUPERBLOCK_LEN];
         storage
             .read_exact_at(&mut b, off)
             .map_err(|e| Error::io(format!("cannot read superblock {}", ["A", "B"][i]), e))?;
-        if let Some((sb, mac)) = Superblock::decode_verified_mac(&b, keys) {
-            // Commit g writes copy g % 2: a copy elsewhere was moved there.
-            if sb.generation % 2 == i as u64
-                && best.as_ref().is_none_or(|b| b.0.generation < sb.generation)
-            {
-                best = Some((sb, mac));
-            }
+        let Ok(sb) = Superblock::decode(&b) else {
+            continue;
+        };
+        // Commit g writes copy g % 2: a copy elsewhere was moved there.
+        if sb.generation % 2 != i as u64
+            || best
+                .as_ref()
+                .is_some_and(|b| b.0.generation >= sb.generation)
+        {
+            continue;
+        }
+        let under = if Superblock::mac_verifies(&b, &mine) {
+            Some(key.clone())
+        } else {
+            sb.rekey
+                .as_ref()
+                .and_then(|r| crate::reencrypt::open_key_for_prev(&mine, &vid, sb.key_epoch, r))
+                .filter(|k| Superblock::mac_verifies(&b, &Subkeys::derive(k, header.suite, vid)))
+        };
+        if let Some(k) = under {
+            best = Some((sb, Superblock::mac_of(&b), k));
         }
     }
-    best.ok_or_else(|| {
+    let (sb, mac, cur) = best.ok_or_else(|| {
         Error::integrity("neither superblock verifies: the image was tampered with or destroyed")
-    })
+    })?;
+    let keys = crate::reencrypt::subkeys_of(&cur, header, &sb)?;
+    Ok((sb, mac, keys))
 }
 
 pub(crate) fn hex_id(id: &[u8; 16]) -> String {

@@ -263,7 +263,7 @@ fn tampered_data_and_nodes_are_detected() {
     // The first data block written after create.
     let vol = Volume::open(st.clone(), &key(), false).unwrap();
     let mut entry = [crate::node::LeafEntry::default()];
-    vol.map.lookup(&*st, &vol.keys, 0, &mut entry).unwrap();
+    vol.map.lookup(&*st, &vol.keys(), 0, &mut entry).unwrap();
     drop(vol);
     let pbn = entry[0].pbn;
     st.write_all_at(&[0xff], pbn * BLOCK_SIZE + 9).unwrap();
@@ -296,12 +296,12 @@ fn an_older_block_put_back_is_detected() {
     vol.write_at(0, &pattern(1, 4096)).unwrap();
     vol.commit().unwrap();
     let mut e1 = [crate::node::LeafEntry::default()];
-    vol.map.lookup(&*st, &vol.keys, 0, &mut e1).unwrap();
+    vol.map.lookup(&*st, &vol.keys(), 0, &mut e1).unwrap();
     let old = st.to_vec();
     vol.write_at(0, &pattern(2, 4096)).unwrap();
     vol.commit().unwrap();
     let mut e2 = [crate::node::LeafEntry::default()];
-    vol.map.lookup(&*st, &vol.keys, 0, &mut e2).unwrap();
+    vol.map.lookup(&*st, &vol.keys(), 0, &mut e2).unwrap();
     vol.close().unwrap();
     // Copy the old ciphertext over the new block.
     let at = (e1[0].pbn * BLOCK_SIZE) as usize;

@@ -1,4 +1,4 @@
-//! Golden images of every format version (`tests/data/golden-v{1,2,3,4}*.qvol`), checked
+//! Golden images of every format version (`tests/data/golden-v{1,2,3,4,5}*.qvol`), checked
 //! into the repository: every later version of qvol-core must still open them and read back
 //! their known content. The images hold a committed tree and, after it, flushed log records
 //! that only a replay applies, so both paths are pinned. The version-2 and later images are
@@ -8,11 +8,15 @@
 //! unnoticed). The version-4 images also pin the snapshot table (FORMAT.md §8.1): their
 //! committed session takes two snapshots between its writes, which must read back as they
 //! were taken (read-only snapshot views), and `Volume::check` must find the images clean.
+//! The version-5 images are caught in the middle of a re-encryption (FORMAT.md §17): their
+//! committed session starts one to [`golden_key_v5`] and re-seals the first leaf, so they pin
+//! the record, blocks of two key epochs and nodes under the new key; they are opened with
+//! the old key, which finds the new one in the record.
 //!
 //! The images of each version were made once with
 //! `QVOL_WRITE_GOLDEN=1 cargo test -p qvol-core --test golden -- --ignored write_golden_images`
 //! (it writes only the current version's files, and refuses to overwrite them) and must
-//! never be regenerated (bump the version and add `golden-v5*` for a new format).
+//! never be regenerated (bump the version and add `golden-v6*` for a new format).
 
 mod common;
 
@@ -49,6 +53,15 @@ fn golden_key() -> VolumeKey {
     let mut k = [0u8; 32];
     for (i, b) in k.iter_mut().enumerate() {
         *b = i as u8;
+    }
+    VolumeKey::from_bytes(k)
+}
+
+/// The key the version-5 images are being re-encrypted to: bytes 32, 33, ..., 63.
+fn golden_key_v5() -> VolumeKey {
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = 32 + i as u8;
     }
     VolumeKey::from_bytes(k)
 }
@@ -328,6 +341,66 @@ fn golden_v4_aegis_256_image_reads_back() {
 /// content back (keeping the current state as a third snapshot), deleting snapshots frees
 /// exactly what only they held, and `check` stays clean throughout.
 #[test]
+fn golden_v5_xchacha20_poly1305_image_reads_back() {
+    check(5, CipherSuite::XChaCha20Poly1305, true);
+    check(5, CipherSuite::XChaCha20Poly1305, false);
+}
+
+#[test]
+fn golden_v5_aegis_256_image_reads_back() {
+    check(5, CipherSuite::Aegis256, true);
+    check(5, CipherSuite::Aegis256, false);
+}
+
+/// The version-5 images are mid-way through a re-encryption: the new key opens them too, and
+/// resuming finishes it, after which only the new key opens them and they read the same.
+#[test]
+fn golden_v5_reencryption_opens_with_either_key_and_finishes() {
+    for suite in CipherSuite::ALL {
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(5, suite)));
+        let ro = Volume::open(storage.clone(), &golden_key_v5(), true).expect("the new key");
+        let r = ro.reencryption().expect("mid-way");
+        assert_eq!((r.from_epoch, r.to_epoch), (0, 1));
+        expected(5)
+            .check_current(&ro)
+            .expect("reads with the new key");
+        drop(ro);
+        let vol = Volume::open(storage.clone(), &golden_key(), false).expect("the old key");
+        while vol.reencrypt_step(2).expect("resume").is_some() {}
+        expected(5).check_current(&vol).expect("reads after");
+        assert!(vol.check(&mut |_, _| {}).expect("check").is_clean());
+        vol.close().expect("close");
+        common::assert_kind(
+            Volume::open(storage.clone(), &golden_key(), true).map(|_| ()),
+            qvol_core::ErrorKind::WrongKey,
+            "the old key after the re-encryption",
+        );
+        let vol = Volume::open(storage.clone(), &golden_key_v5(), true).expect("new key");
+        expected(5)
+            .check_current(&vol)
+            .expect("reads with the new key");
+        for (name, content) in &expected_snapshots(5) {
+            let view = Volume::open_with(
+                storage.clone(),
+                &golden_key_v5(),
+                OpenOptions {
+                    read_only: true,
+                    snapshot: Some(name.clone()),
+                    ..OpenOptions::default()
+                },
+            )
+            .expect("open a snapshot");
+            for (&lbn, want) in content {
+                assert!(
+                    common::read_block(&view, lbn).expect("read") == *want,
+                    "{name} {lbn}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn golden_v4_snapshots_revert_and_delete_cleanly() {
     for suite in CipherSuite::ALL {
         let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(4, suite)));
@@ -372,7 +445,7 @@ fn golden_v4_snapshots_revert_and_delete_cleanly() {
 /// always did.
 #[test]
 fn zeroing_the_golden_log_tail_is_detected_from_version_3() {
-    for version in [1, 2, 3, 4] {
+    for version in [1, 2, 3, 4, 5] {
         for suite in CipherSuite::ALL {
             let mut bytes = load(version, suite);
             let log_len = u64::from_le_bytes(bytes[88..96].try_into().expect("8 bytes")) as usize;
@@ -445,6 +518,13 @@ fn write_golden_images() {
         let mut model = BlockHistory::new(size(version));
         let vol = Volume::create(mem.clone(), opts, &golden_key()).expect("create");
         apply(committed(version), &mut model, Some(&vol));
+        if version >= 5 {
+            let slots = vol.keyslots();
+            vol.start_reencryption(&golden_key_v5(), suite, &slots, &vol.keyslots_hash())
+                .expect("start a re-encryption");
+            let r = vol.reencrypt_step(1).expect("step").expect("not done");
+            assert!(r.done > 0 && r.done < r.total);
+        }
         vol.close().expect("close");
         let vol = Volume::open(mem.clone(), &golden_key(), false).expect("open");
         apply(LOGGED, &mut model, Some(&vol));
@@ -460,7 +540,7 @@ fn write_golden_images() {
 /// their data.
 #[test]
 fn golden_images_of_every_version_take_keyslot_changes() {
-    for version in [1, 2, 3, 4] {
+    for version in [1, 2, 3, 4, 5] {
         let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(
             version,
             CipherSuite::XChaCha20Poly1305,

@@ -184,6 +184,11 @@ impl SuiteCipher {
         }
     }
 
+    /// A copy of the key (for sealing it elsewhere; zeroized on drop).
+    pub(crate) fn key_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(*self.key)
+    }
+
     /// The suite this cipher implements.
     pub fn suite(&self) -> CipherSuite {
         self.suite
