@@ -71,7 +71,7 @@ struct Args {
     #[arg(long, value_name = "US", default_value_t = 0)]
     poll_us: u32,
     /// Re-encrypt in the background (after `qvol reencrypt`, or resuming one found at
-    /// start) at most this many MiB of disk a second (0: no limit; `qvol reencrypt --rate`
+    /// start) at most this many MiB of data a second (0: no limit; `qvol reencrypt --rate`
     /// overrides it for the re-encryption it starts).
     #[arg(long, value_name = "MIB", default_value_t = 0)]
     reencrypt_rate: u64,

@@ -61,9 +61,10 @@ pub fn leaves_per_step(max: u64, rate: u64) -> u64 {
 }
 
 /// Steps the re-encryption of `vol` until it is finished (`Ok(None)`) or `stop` is set
-/// (`Ok(Some(progress))`), at most `rate` bytes of disk a second (read before each step: it
-/// may change meanwhile), calling `progress` after each step. `InvalidInput` when no
-/// re-encryption is in progress.
+/// (`Ok(Some(progress))`), re-sealing at most `rate` bytes of data a second (read before each
+/// step: it may change meanwhile; ranges of the disk that hold no data are passed over at
+/// once), calling `progress` after each step. `InvalidInput` when no re-encryption is in
+/// progress.
 pub fn step_until_done(
     vol: &Volume,
     max_leaves: u64,
@@ -81,11 +82,14 @@ pub fn step_until_done(
         if now != pacer.rate {
             pacer = Pacer::new(now);
         }
-        let Some(p) = vol.reencrypt_step(leaves_per_step(max_leaves, now))? else {
+        let leaves = leaves_per_step(max_leaves, now);
+        let Some(p) = vol.reencrypt_step(leaves)? else {
             return Ok(None);
         };
         progress(&p);
-        let added = p.done.saturating_sub(done) * LEAF_SPAN_BYTES;
+        // A step passes over leaves without data for free and re-seals at most `leaves`
+        // leaves of data: the rate counts those.
+        let added = p.done.saturating_sub(done).min(leaves) * LEAF_SPAN_BYTES;
         done = p.done;
         nap(pacer.after(added), stop);
     }

@@ -129,7 +129,7 @@ fn create(t: &Target, name: &str, json: bool) -> anyhow::Result<()> {
 
 fn list(t: &Target, json: bool) -> anyhow::Result<()> {
     let image = &t.image;
-    check_version(image)?;
+    require_version(image, "snapshots need")?;
     let listed = match open_to_read(image, &t.keystore, &t.unlock)? {
         Handle::Served(mut client) => client.execute("snapshot-list", Value::Null)?,
         Handle::Local(opened) => {
@@ -251,7 +251,7 @@ fn open_judged(
     t: &Target,
     judge: impl Fn(&qvol_core::Volume) -> anyhow::Result<()>,
 ) -> anyhow::Result<Handle> {
-    check_version(&t.image)?;
+    require_version(&t.image, "snapshots need")?;
     let change = open_for_change(&t.image, &t.keystore, &t.unlock, false, |change| {
         if let Some(vol) = change.volume() {
             judge(vol)?;
@@ -276,12 +276,13 @@ pub fn close(image: &Path, opened: OpenedVolume) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Snapshots need format version 4: an older image names `qvol upgrade`.
-fn check_version(image: &Path) -> anyhow::Result<()> {
+/// Snapshots (and re-encryption, `needs`: "re-encryption needs") need format version 4:
+/// an older image names `qvol upgrade`.
+pub fn require_version(image: &Path, needs: &str) -> anyhow::Result<()> {
     let (_, header) = read_image_header(image)?;
     if header.format_version < SNAPSHOT_VERSION {
         bail!(
-            "{} has format version {}, and snapshots need version {SNAPSHOT_VERSION}: run \
+            "{} has format version {}, and {needs} version {SNAPSHOT_VERSION}: run \
              `qvol upgrade {}` first (in place, crash-safe)",
             image.display(),
             header.format_version,

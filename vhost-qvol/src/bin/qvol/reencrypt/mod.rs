@@ -1,5 +1,5 @@
 //! `qvol reencrypt IMAGE`: a new, random volume key replaces the old one (docs/FORMAT.md
-//! §17, docs/KEYS.md §5.4). The start switches the map, the superblocks and the keyslots to
+//! §17, docs/KEYS.md §5.3). The start switches the map, the superblocks and the keyslots to
 //! the new key in one crash-safe change (every keyslot is made again around it, or dropped:
 //! `slots.rs`); the data of the disk and of every snapshot is then re-sealed a range at a
 //! time, each step one commit, so an interrupted run (Ctrl-C, kill, power loss) leaves a
@@ -32,8 +32,6 @@ use self::slots::{parse_slot_path, Planned, Secrets, SlotPath};
 use crate::access::{open_for_change, open_to_read, record_wraps, Change, Handle, UnlockArgs};
 use crate::keystore::KeystoreArgs;
 
-/// The first format version that can be re-encrypted.
-const REENCRYPT_VERSION: u32 = 4;
 /// How often a served re-encryption's progress is asked for.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -46,8 +44,9 @@ pub struct ReencryptArgs {
     /// volume's current one].
     #[arg(long, value_name = "SUITE", conflicts_with_all = ["resume", "status"])]
     pub cipher: Option<String>,
-    /// Re-seal at most this many MiB of disk a second [default: as fast as it goes; a
-    /// served image: the daemon's --reencrypt-rate].
+    /// Re-seal at most this many MiB of data a second (ranges without data are passed over
+    /// at once) [default: as fast as it goes; a served image: the daemon's
+    /// --reencrypt-rate].
     #[arg(long, value_name = "MIB_PER_S", conflicts_with = "status",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,
@@ -142,15 +141,7 @@ fn nothing_to_resume(image: &Path) -> anyhow::Error {
 fn start(args: &ReencryptArgs, stop: &AtomicBool) -> anyhow::Result<Value> {
     let image = &args.image;
     let suite = args.cipher.as_deref().map(parse_cipher).transpose()?;
-    let (_, header) = read_image_header(image)?;
-    if header.format_version < REENCRYPT_VERSION {
-        bail!(
-            "{} has format version {}, and re-encryption needs version {REENCRYPT_VERSION}; \
-             nothing was changed",
-            image.display(),
-            header.format_version
-        );
-    }
+    crate::snapshot::require_version(image, "re-encryption needs")?;
     let secrets = Secrets::load(
         &args.slot_passphrase_file,
         &args.shares_dir,

@@ -94,12 +94,12 @@ pub fn finished(doc: &Value, json: bool) {
         return;
     }
     println!(
-        "Re-encrypted {} under a new volume key ({}): {} re-sealed{} in {} s.",
+        "Re-encrypted {} ({}) under a new volume key ({}){} in {} s.",
         doc["image"].as_str().unwrap_or("?"),
-        doc["cipher"].as_str().unwrap_or("?"),
         format_size(doc["total_bytes"].as_u64().unwrap_or(0)),
+        doc["cipher"].as_str().unwrap_or("?"),
         if doc["online"] == json!(true) {
-            " by the serving daemon"
+            ", by the serving daemon"
         } else {
             ""
         },
