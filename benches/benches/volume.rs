@@ -40,6 +40,7 @@ fn new_volume(dir: &Path, name: &str, suite: CipherSuite) -> Volume {
     let storage: Arc<dyn Storage> =
         Arc::new(FileStorage::create_new(&path).expect("create the image file"));
     let opts = CreateOptions {
+        key_epoch: 0,
         size: VOLUME_SIZE,
         suite,
         name: name.to_string(),

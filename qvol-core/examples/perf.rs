@@ -106,6 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let size: u64 = 4 << 30;
     let key = VolumeKey::generate();
     let opts = CreateOptions {
+        key_epoch: 0,
         size,
         suite,
         name: "perf".into(),

@@ -185,6 +185,7 @@ fn one_crash(iter: u64) {
     let suite = CipherSuite::ALL[(iter % CipherSuite::ALL.len() as u64) as usize];
     let key = VolumeKey::from_bytes([0x42; 32]);
     let opts = CreateOptions {
+        key_epoch: 0,
         size: 4 << 20,
         suite,
         name: "crash".into(),

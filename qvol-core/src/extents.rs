@@ -84,6 +84,7 @@ mod tests {
         let vol = Volume::create(
             Arc::new(MemStorage::new()),
             CreateOptions {
+                key_epoch: 0,
                 size: 64 << 20,
                 suite: CipherSuite::XChaCha20Poly1305,
                 name: "x".into(),

@@ -33,6 +33,9 @@ pub struct Header {
     pub key_check: [u8; 32],
     /// Feature flags (offset 104): bit 0 = portable node MACs (format version 4).
     pub features: u32,
+    /// The key epoch of the volume key the keyslots wrap (offset 108, format version 5;
+    /// FORMAT.md §17).
+    pub key_epoch: u32,
 }
 
 /// What `qvol info` and key unwrapping need, read without any key.
@@ -48,6 +51,8 @@ pub struct HeaderInfo {
     pub volume_id: [u8; 16],
     /// The cipher suite of its data blocks.
     pub suite: CipherSuite,
+    /// The key epoch of the volume key the keyslots wrap (0 until a re-encryption).
+    pub key_epoch: u32,
     /// Virtual disk size in bytes.
     pub size: u64,
     /// The volume's name.
@@ -110,6 +115,7 @@ impl Header {
         put_u64(&mut b, 88, self.log_len);
         put_u64(&mut b, 96, self.regions().data_offset());
         put_u32(&mut b, 104, self.features);
+        put_u32(&mut b, 108, self.key_epoch);
         b[112..144].copy_from_slice(&self.key_check);
         put_u16(&mut b, 144, name.len() as u16);
         b[OFF_NAME..OFF_NAME + name.len()].copy_from_slice(name);
@@ -210,6 +216,12 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         name,
         key_check: get_array(b, 112),
         features: flags,
+        // Reserved (zero) before version 5.
+        key_epoch: if version >= REKEY_VERSION {
+            get_u32(b, 108)
+        } else {
+            0
+        },
     })
 }
 
@@ -308,6 +320,7 @@ pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
         log_len: header.log_len,
         volume_id: header.volume_id,
         suite: header.suite,
+        key_epoch: header.key_epoch,
         size: header.size,
         name: header.name,
         keyslots,
@@ -360,6 +373,7 @@ mod tests {
             name: "vm-disk é".into(),
             key_check: [9; 32],
             features: FEATURE_PORTABLE_NODES,
+            key_epoch: 3,
         }
     }
 
@@ -384,6 +398,7 @@ mod tests {
         let mut v1 = sample();
         v1.version = 1;
         v1.features = 0;
+        v1.key_epoch = 0;
         v1.log_len = MIN_LOG_LEN;
         assert_eq!(decode_header(&v1.encode().unwrap()).unwrap(), v1);
         v1.log_len = 16 << 20;
@@ -402,6 +417,7 @@ mod tests {
         }
         let mut v3 = sample();
         v3.version = 3;
+        v3.key_epoch = 0;
         // The portable-node flag is a version-4 flag.
         assert_eq!(
             decode_header(&v3.encode().unwrap()).unwrap_err().kind(),

@@ -16,6 +16,9 @@ pub struct CreateOptions {
     /// Keyslot blobs (at most [`crate::MAX_KEYSLOTS`], each at most
     /// [`crate::MAX_KEYSLOT_LEN`] bytes).
     pub keyslots: Vec<Vec<u8>>,
+    /// The key epoch of the key (0 for a new volume; a re-encrypted sender's for an image
+    /// made to receive its stream, [`crate::StreamHead::create_options`]).
+    pub key_epoch: u32,
 }
 
 /// A description of an open volume (no secrets).

@@ -26,6 +26,7 @@ fn slots(spec: &[(usize, u8, usize)]) -> Vec<Vec<u8>> {
 fn base_image(old: &[Vec<u8>]) -> Vec<u8> {
     let st = Arc::new(CrashStorage::new());
     let opts = CreateOptions {
+        key_epoch: 0,
         size: 8 << 20,
         suite: CipherSuite::XChaCha20Poly1305,
         name: "slots".into(),

@@ -37,6 +37,8 @@ pub(crate) const MARK_OFFSETS: [u64; 2] = [0xB000, 0xC000];
 pub(crate) const BOUND_LOG_VERSION: u32 = 3;
 /// The first format version with snapshots (a snapshot table, births in tree entries).
 pub(crate) const SNAPSHOT_VERSION: u32 = 4;
+/// The first format version with re-encryption (key epochs, the superblock's record).
+pub(crate) const REKEY_VERSION: u32 = 5;
 /// Header feature flag (format version 4): node MACs leave out block numbers and births, so
 /// trees can be sent and received (FORMAT.md §6.2). Set on images created as version 4.
 pub(crate) const FEATURE_PORTABLE_NODES: u32 = 1;

@@ -240,6 +240,7 @@ impl Volume {
         let new = new.with_previous(old.epoch(), old.data_suite(), &old.data_key());
         let header = Header {
             version: FORMAT_VERSION,
+            key_epoch: epoch,
             suite,
             key_check: new.key_check(),
             ..self.slot_area().header()?

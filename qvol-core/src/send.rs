@@ -58,6 +58,7 @@ impl StreamHead {
             log_len: header.log_len,
             volume_id: header.volume_id,
             suite: header.suite,
+            key_epoch: header.key_epoch,
             size: header.size,
             name: header.name,
             keyslots: decode_keyslots(&self.header_area[BS..])?,
@@ -73,6 +74,7 @@ impl StreamHead {
             name: header.name,
             volume_id: header.volume_id,
             keyslots: decode_keyslots(&self.header_area[BS..])?,
+            key_epoch: header.key_epoch,
         })
     }
 }
@@ -178,6 +180,12 @@ pub fn send_snapshot(
         ));
     }
     let sb = keyless_superblock(st)?;
+    if sb.rekey.is_some() {
+        return Err(Error::new(
+            ErrorKind::Refused,
+            "the volume is being re-encrypted: finish that first (its blocks are under two keys)",
+        ));
+    }
     let table = keyless_table(st, &sb)?;
     let find = |n: &str| {
         table
@@ -457,6 +465,25 @@ impl Volume {
             return Err(Error::new(
                 ErrorKind::Refused,
                 "the stream is of another volume",
+            ));
+        }
+        let keys = self.keys();
+        if keys.previous().is_some() {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                "the volume is being re-encrypted: finish that first, then receive",
+            ));
+        }
+        let sent = head.header_info()?.key_epoch;
+        if sent != keys.epoch() {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!(
+                    "the stream is sealed under key epoch {sent} and this image is at key epoch \
+                     {} (one of them was re-encrypted since they parted): receive a full stream \
+                     into a new image instead",
+                    keys.epoch()
+                ),
             ));
         }
         let snap = &head.snapshot;

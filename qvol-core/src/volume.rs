@@ -158,8 +158,10 @@ impl Volume {
                 ),
             ));
         }
-        let keys = Subkeys::derive(key, opts.suite, opts.volume_id).with_portable_nodes(true);
+        let keys = Subkeys::derive_epoch(key, opts.suite, opts.volume_id, opts.key_epoch)
+            .with_portable_nodes(true);
         let header = Header {
+            key_epoch: opts.key_epoch,
             features: FEATURE_PORTABLE_NODES,
             version: FORMAT_VERSION,
             log_len: Regions::for_size(size).log_len,

@@ -9,6 +9,7 @@ use crate::{CipherSuite, CreateOptions, ErrorKind, Volume, VolumeKey};
 
 fn opts(size: u64, suite: CipherSuite) -> CreateOptions {
     CreateOptions {
+        key_epoch: 0,
         size,
         suite,
         name: "test".into(),
@@ -83,6 +84,7 @@ fn requests_are_checked() {
         ErrorKind::OutOfRange
     );
     let bad = CreateOptions {
+        key_epoch: 0,
         size: 1000,
         ..opts(0, CipherSuite::default())
     };

@@ -509,6 +509,7 @@ fn write_golden_images() {
         );
         let mem = Arc::new(MemStorage::new());
         let opts = CreateOptions {
+            key_epoch: 0,
             size: size(version),
             suite,
             name: name(version),

@@ -236,3 +236,48 @@ fn a_sealed_key_must_come_from_a_holder_of_the_key() {
     vol.close().expect("close");
     open_with(&st, 2, true).expect("the new key opens it");
 }
+
+/// After a re-encryption, a stream carries the new key epoch: a full stream makes a new image
+/// at that epoch (opened with the new key), an old replica refuses an incremental with one
+/// sentence, and a volume mid-way sends nothing.
+#[test]
+fn streams_follow_the_key_epoch() {
+    use qvol_core::{read_stream_head, send_snapshot};
+    let send = |st: &Arc<dyn Storage>, name: &str, from: Option<&str>| {
+        let mut out = Vec::new();
+        send_snapshot(&**st, name, from, &mut out, &mut |_| {}).map(|_| out)
+    };
+    let receive = |st: &Arc<dyn Storage>, stream: &[u8], k: u8, new: bool| {
+        let mut r: &[u8] = stream;
+        let (head, hash) = read_stream_head(&mut r)?;
+        let vol = if new {
+            Volume::create(st.clone(), head.create_options()?, &key(k))?
+        } else {
+            open_with(st, k, false)?
+        };
+        vol.receive(&head, hash, &mut r, false, &mut |_| {})?;
+        vol.close()
+    };
+    let (st, model, _) = populated(CipherSuite::XChaCha20Poly1305);
+    let replica: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    receive(&replica, &send(&st, "s0", None).expect("send s0"), 1, true).expect("seed");
+    let vol = open_with(&st, 1, false).expect("open");
+    reencrypt(&vol, 2, CipherSuite::Aegis256);
+    vol.reencrypt_step(1).expect("step");
+    vol.create_snapshot("mid").expect("snapshot mid-way");
+    drop(vol.close());
+    assert_kind(send(&st, "s1", None), ErrorKind::Refused, "send mid-way");
+    let vol = open_with(&st, 2, false).expect("open");
+    while vol.reencrypt_step(64).expect("step").is_some() {}
+    vol.close().expect("close");
+    let incremental = send(&st, "s1", Some("s0")).expect("send after");
+    let err = receive(&replica, &incremental, 1, false).expect_err("old replica");
+    assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
+    assert!(err.to_string().contains("key epoch"), "{err}");
+    let fresh: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    receive(&fresh, &send(&st, "mid", None).expect("send mid"), 2, true).expect("full");
+    let got = open_with(&fresh, 2, true).expect("open the copy with the new key");
+    model
+        .check_current(&got)
+        .expect("the copy reads as the original did");
+}

@@ -26,6 +26,7 @@ pub fn key(n: u8) -> VolumeKey {
 /// Options for a test volume of `size` bytes.
 pub fn options(size: u64, suite: CipherSuite) -> CreateOptions {
     CreateOptions {
+        key_epoch: 0,
         size,
         suite,
         name: "test".to_string(),

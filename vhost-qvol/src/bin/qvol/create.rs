@@ -135,6 +135,7 @@ impl<'a> NewVolume<'a> {
         let cleanup = RemoveOnFailure(Some(image));
         let lock = ImageLock::acquire(image, true)?;
         let opts = CreateOptions {
+            key_epoch: 0,
             size,
             suite,
             name: name.to_string(),
