@@ -139,6 +139,17 @@ fn header_area(image: &Path) -> Vec<u8> {
     fs::read(image).unwrap()[..HEADER_AREA].to_vec()
 }
 
+fn add_passphrase_slot(f: &Fixture, image: &Path, pass: &Path) {
+    f.qvol([
+        "keyslot",
+        "add",
+        s(image),
+        "--slot-passphrase-file",
+        s(pass),
+    ])
+    .success();
+}
+
 /// `qvol check IMAGE` unlocked with the passphrase in `pass` and no keystore at all.
 fn check_with_passphrase(f: &Fixture, image: &Path, pass: &Path) -> Run {
     f.qvol([
@@ -171,14 +182,7 @@ fn a_reencrypted_volume_reads_the_same_and_its_old_key_opens_nothing() {
     let new_pass = f.path("new.txt");
     fs::write(&old_pass, "the old passphrase\n").unwrap();
     fs::write(&new_pass, "the new passphrase\n").unwrap();
-    f.qvol([
-        "keyslot",
-        "add",
-        s(&image),
-        "--slot-passphrase-file",
-        s(&old_pass),
-    ])
-    .success();
+    add_passphrase_slot(&f, &image, &old_pass);
     // The control: the old passphrase alone (no keystore) opens and checks the image.
     let checked = json_of(&check_with_passphrase(&f, &image, &old_pass).success());
     assert_eq!(checked["clean"], true, "{checked}");
@@ -394,14 +398,7 @@ fn keyslots_without_their_secret_are_dropped_and_named() {
     let image = f.create_image("disk.qvol", "16M", &key, &[]);
     let pass = f.path("pass.txt");
     fs::write(&pass, "a passphrase\n").unwrap();
-    f.qvol([
-        "keyslot",
-        "add",
-        s(&image),
-        "--slot-passphrase-file",
-        s(&pass),
-    ])
-    .success();
+    add_passphrase_slot(&f, &image, &pass);
     let run = f.qvol(["reencrypt", s(&image), "--json"]).success();
     assert!(
         run.stderr.contains("warning: keyslot 1 (passphrase")

@@ -428,9 +428,19 @@ mod tests {
         Secret32::from_bytes([9; 32])
     }
 
-    fn recipient(seed: u8, key_id: &str) -> (Vec<u8>, String) {
+    /// The public key file of key `key_id`, generation 1, from a seed of `seed` bytes.
+    fn public_key(seed: u8, key_id: &str) -> PublicKeyFile {
         let sk = HybridSecretKey::from_seed(&Secret32::from_bytes([seed; 32]));
-        let pk = sk.public_key().clone();
+        PublicKeyFile {
+            key_id: key_id.into(),
+            vm: "vm".into(),
+            generation: 1,
+            public_key: sk.public_key().clone(),
+        }
+    }
+
+    fn recipient(seed: u8, key_id: &str) -> (Vec<u8>, String) {
+        let pk = public_key(seed, key_id).public_key;
         let blob = keyslot::wrap_for_recipient_generation(&pk, key_id, 1, &ID, &vk()).unwrap();
         (blob, pk.fingerprint_hex())
     }
@@ -540,17 +550,9 @@ mod tests {
         slots[3] = bob_slot;
         let mut secrets = with_passphrase(1);
         secrets.shares_dirs.insert(2, PathBuf::from("."));
-        let bob = HybridSecretKey::from_seed(&Secret32::from_bytes([2; 32]));
-        secrets.recipients.push((
-            PublicKeyFile {
-                key_id: "bob".into(),
-                vm: "b".into(),
-                generation: 1,
-                public_key: bob.public_key().clone(),
-            },
-            PathBuf::from("bob.pub"),
-        ));
-        assert_eq!(bob.public_key().fingerprint_hex(), bob_fp);
+        let bob = public_key(2, "bob");
+        assert_eq!(bob.public_key.fingerprint_hex(), bob_fp);
+        secrets.recipients.push((bob, PathBuf::from("bob.pub")));
         let planned = plan(Path::new("d.qvol"), &slots, &mine, Some(5), &secrets).unwrap();
         let f = fates(&planned);
         assert_eq!(f[1], (1, Fate::Passphrase { given: true }));
@@ -594,16 +596,9 @@ mod tests {
     #[test]
     fn a_recipient_file_matching_no_slot_is_refused() {
         let mut secrets = Secrets::default();
-        let carol = HybridSecretKey::from_seed(&Secret32::from_bytes([4; 32]));
-        secrets.recipients.push((
-            PublicKeyFile {
-                key_id: "carol".into(),
-                vm: "c".into(),
-                generation: 1,
-                public_key: carol.public_key().clone(),
-            },
-            PathBuf::from("carol.pub"),
-        ));
+        secrets
+            .recipients
+            .push((public_key(4, "carol"), PathBuf::from("carol.pub")));
         let err = plan(Path::new("d.qvol"), &area(), &mine, None, &secrets).unwrap_err();
         assert!(
             err.to_string().contains("carol.pub (key carol) matches no"),
