@@ -1,7 +1,8 @@
 //! The daemon's control socket (docs/CONTROL.md), end to end: the greeting and every
 //! command, counters that follow a libblkio client's requests, `qvol stats`, keyslot changes
-//! of a served image through the daemon (and only with the volume key), and clients that
-//! send garbage, hold connections or vanish mid-request while the guest keeps being served.
+//! and re-encryption starts of a served image through the daemon (and only with the volume
+//! key), and clients that send garbage, hold connections or vanish mid-request while the
+//! guest keeps being served.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -302,4 +303,68 @@ fn resize_grows_a_served_disk_and_refuses_a_shrink_or_a_bad_size() {
     assert_eq!(status["return"]["size"], 32 << 20, "{status}");
     assert_eq!(daemon.client().capacity().unwrap(), 32 << 20);
     daemon.stop();
+}
+
+#[test]
+fn a_reencryption_starts_only_with_the_key_and_a_fresh_nonce() {
+    let f = Fixture::new();
+    let key = f.new_key("vm");
+    let image = f.create_image("disk.qvol", "16M", &key, &[]);
+    let (daemon, ctl) = serve(&f, &image);
+    let mut raw = Raw::connect(&ctl);
+    let cmds = raw.send(r#"{"execute":"query-commands"}"#)["return"].clone();
+    for c in ["reencrypt-start", "reencrypt-status", "reencrypt-resume"] {
+        assert!(cmds.as_array().unwrap().contains(&json!(c)), "{cmds}");
+    }
+    let before = std::fs::read(&image).unwrap();
+    let status = raw.send(r#"{"execute":"reencrypt-status"}"#)["return"].clone();
+    assert!(status["reencryption"].is_null(), "{status}");
+    assert_eq!(status["running"], false, "{status}");
+    assert_eq!(status["cipher"], "xchacha20-poly1305", "{status}");
+    let start = |now: &Value, suite: &str, sealed: String| {
+        json!({"execute": "reencrypt-start", "arguments": {
+            "suite": suite, "keyslots": now["keyslots"], "expected": now["hash"],
+            "sealed": sealed}})
+        .to_string()
+    };
+    // Without a nonce of this connection: refused.
+    let elsewhere = Raw::connect(&ctl).send(r#"{"execute":"keyslots"}"#)["return"].clone();
+    let refused = raw.send(&start(&elsewhere, "aegis-256", "00".repeat(72)));
+    assert_eq!(refused["error"]["class"], "Refused", "{refused}");
+    // With one, but a key not sealed under the volume's key: refused, and the nonce is
+    // spent.
+    let now = raw.send(r#"{"execute":"keyslots"}"#)["return"].clone();
+    let refused = raw.send(&start(&now, "aegis-256", "5a".repeat(72)));
+    assert_eq!(refused["error"]["class"], "Refused", "{refused}");
+    let refused = raw.send(&start(&now, "aegis-256", "5a".repeat(72)));
+    assert!(
+        refused["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("ask for \"keyslots\" first"),
+        "{refused}"
+    );
+    // Malformed arguments, and a resume with nothing to resume.
+    raw.send(r#"{"execute":"keyslots"}"#);
+    for bad in [
+        start(&now, "rot13", "00".repeat(72)),
+        start(&now, "aegis-256", "not hex".into()),
+        r#"{"execute":"reencrypt-start","arguments":{"suite":"aegis-256"}}"#.into(),
+        r#"{"execute":"reencrypt-resume"}"#.into(),
+        r#"{"execute":"reencrypt-resume","arguments":{"rate_bytes_per_s":"fast"}}"#.into(),
+    ] {
+        let reply = raw.send(&bad);
+        assert_eq!(reply["error"]["class"], "GenericError", "{bad}: {reply}");
+    }
+    let status = raw.send(r#"{"execute":"query-status"}"#)["return"].clone();
+    assert!(status["reencryption"].is_null(), "{status}");
+    assert_eq!(status["cipher"], "xchacha20-poly1305", "{status}");
+    daemon.stop();
+    let after = std::fs::read(&image).unwrap();
+    // The header and keyslot area are as they were (the daemon's commits change only the
+    // superblocks and what follows).
+    assert!(
+        after[..9 * 4096] == before[..9 * 4096],
+        "a refused start changed the header"
+    );
 }
