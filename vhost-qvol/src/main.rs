@@ -193,6 +193,18 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.socket, SocketSource::Fd(3));
         assert_eq!(cfg.num_queues, 4);
+        assert_eq!(cfg.reencrypt_rate, 0, "no limit by default");
+        let cfg = parse(&[
+            "--fd",
+            "3",
+            "--blk-file",
+            img,
+            "--any-volume",
+            "--reencrypt-rate",
+            "20",
+        ])
+        .unwrap();
+        assert_eq!(cfg.reencrypt_rate, 20 << 20);
     }
 
     #[test]
