@@ -84,21 +84,21 @@ fn a_version_1_keystore_upgrades_and_its_volume_is_adopted_and_served() {
     assert_eq!(doc["format_version"], 2, "{doc}");
     assert_eq!(doc["rolled_back"], false, "{doc}");
 
-    // `qvol upgrade` converts the image to the current format (4) in place: refused while served, then
+    // `qvol upgrade` converts the image to the current format (5) in place: refused while served, then
     // done, the data still there, the record still fresh; a second run has nothing to do.
     let daemon = f.start_daemon(&image, "served-v2", &[]).unwrap();
     f.qvol([OsStr::new("upgrade"), image.as_os_str()])
         .one_sentence_error("qvol", "in use");
     drop(daemon);
     let out = f.qvol([OsStr::new("upgrade"), image.as_os_str()]).success();
-    assert!(out.stdout.contains("from format version 2 to 4"), "{out:?}");
+    assert!(out.stdout.contains("from format version 2 to 5"), "{out:?}");
     let doc: serde_json::Value = serde_json::from_str(
         &f.qvol([OsStr::new("info"), image.as_os_str(), OsStr::new("--json")])
             .success()
             .stdout,
     )
     .unwrap();
-    assert_eq!(doc["format_version"], 4, "{doc}");
+    assert_eq!(doc["format_version"], 5, "{doc}");
     assert_eq!(doc["rolled_back"], false, "{doc}");
     let mut daemon = f.start_daemon(&image, "served-v3", &[]).unwrap();
     {

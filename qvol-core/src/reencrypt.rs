@@ -412,9 +412,10 @@ impl Volume {
         Ok(())
     }
 
-    /// The end (gate held exclusively, every block under the new key): the old data key
-    /// leaves the keys in force and, by two commits, both superblock copies; then every free
-    /// block of the file is punched, so that nothing sealed under the old key stays in it.
+    /// The end (gate held exclusively, right after the commit of the last step: every block
+    /// under the new key). Every free block of the file is punched, so that nothing sealed
+    /// under the old key stays in it; then the old data key leaves the keys in force and, by
+    /// two commits, both superblock copies. A crash before those commits finishes again.
     fn finish_reencryption(&self) -> Result<()> {
         let keys = self.keys();
         let header = self.slot_area().header()?;
@@ -425,19 +426,36 @@ impl Volume {
                  lost), so the re-encryption cannot drop the old one",
             ));
         }
+        let runs = self.alloc.lock().free_runs(&*self.storage, &keys)?;
+        for (start, n) in runs {
+            self.erase(start, n)
+                .map_err(|e| self.fail(Error::io("cannot erase the old blocks", e)))?;
+        }
         self.set_keys(keys.without_previous());
         *self.rekey.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.commit_locked(true)?;
         self.commit_locked(true)?;
-        let runs = {
-            let keys = self.keys();
-            self.alloc.lock().free_runs(&*self.storage, &keys)?
-        };
-        for (start, n) in runs {
-            let _ = self.storage.punch_hole(start * BLOCK_SIZE, n * BLOCK_SIZE);
-        }
         log::info!("re-encryption finished: key epoch {}", keys.epoch());
         Ok(())
+    }
+}
+
+impl Volume {
+    /// Punches blocks `start .. start + n` out of the file, or overwrites them with zeros
+    /// where the file system cannot punch holes.
+    fn erase(&self, start: u64, n: u64) -> std::io::Result<()> {
+        let st = &*self.storage;
+        if st.punch_hole(start * BLOCK_SIZE, n * BLOCK_SIZE).is_ok() {
+            return Ok(());
+        }
+        let zeros = vec![0u8; 256 * BS];
+        let mut pbn = start;
+        while pbn < start + n {
+            let m = (start + n - pbn).min(256);
+            st.write_all_at(&zeros[..m as usize * BS], pbn * BLOCK_SIZE)?;
+            pbn += m;
+        }
+        st.sync_data()
     }
 }
 

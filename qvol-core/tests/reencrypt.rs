@@ -281,3 +281,48 @@ fn streams_follow_the_key_epoch() {
         .check_current(&got)
         .expect("the copy reads as the original did");
 }
+
+/// A block changed behind the volume's back is never laundered into a valid one: the step
+/// that reaches it fails with `Integrity`, the block keeps failing, every other block reads.
+#[test]
+fn a_damaged_block_stops_the_reencryption_instead_of_being_resealed() {
+    let (st, model, _) = populated(CipherSuite::XChaCha20Poly1305);
+    let image = {
+        let mut b = vec![0u8; st.len().unwrap() as usize];
+        st.read_exact_at(&mut b, 0).unwrap();
+        b
+    };
+    let layout = common::layout::Layout::read(&image);
+    let victim = (0..SIZE / 4096)
+        .find(|&lbn| layout.pbn_of(lbn).is_some())
+        .expect("a written block");
+    let pbn = layout.pbn_of(victim).unwrap();
+    let mut byte = [0u8; 1];
+    st.read_exact_at(&mut byte, pbn * 4096 + 100).unwrap();
+    st.write_all_at(&[byte[0] ^ 1], pbn * 4096 + 100).unwrap();
+    let vol = open_with(&st, 1, false).expect("open");
+    reencrypt(&vol, 2, CipherSuite::XChaCha20Poly1305);
+    let err = loop {
+        match vol.reencrypt_step(64) {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the re-encryption finished over a damaged block"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+    drop(vol);
+    let vol = open_with(&st, 2, true).expect("reopen");
+    assert!(vol.reencryption().is_some(), "still in progress");
+    assert_kind(
+        common::read_block(&vol, victim),
+        ErrorKind::Integrity,
+        "the damaged block",
+    );
+    for lbn in (0..SIZE / 4096).filter(|&l| l != victim) {
+        assert_eq!(
+            common::read_block(&vol, lbn).expect("read"),
+            model.current(lbn as usize),
+            "block {lbn}"
+        );
+    }
+}
