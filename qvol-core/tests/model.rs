@@ -25,6 +25,18 @@
 //!   older snapshot, then an incremental). The received snapshot must read back exactly as
 //!   the model's, the receiver's live disk must read as it too, and the receiver's `check`
 //!   must be clean. (A snapshot with an empty map is not sent yet: see `send_receive`.)
+//! - Re-encryption (FORMAT.md §17): starts to a new key (sometimes a new suite) and steps
+//!   of a few map leaves, interleaved with everything above, cut by the same crashes. It
+//!   changes no content: the live disk and every snapshot must read as the model says
+//!   throughout. The model tracks the key state (one key; or, mid-way, the new key and the
+//!   old one, which both open the volume and see the same progress, which never goes
+//!   back); after a crash that cut a start or a step, the newer key is tried first, the
+//!   older one only if it is refused with `WrongKey`, and what the volume reports
+//!   (re-encrypting or not, its suite, the keyslot in force) must be the outcome of the
+//!   key that opened it. Once a finish committed, the old key opens nothing. Mid-way, a
+//!   send is refused; a receiver seeded before the sender's re-encryption refuses its
+//!   incrementals (a full stream seeds a new one, under the new key). A re-encryption
+//!   still in progress at the end is finished, then checked the same way.
 //!
 //! The default run does `QVOL_MODEL_CASES` cases (256 unless set: about 15 s in debug on 2
 //! cores); the long run, in `scripts/long-tests.sh`, is
@@ -40,7 +52,9 @@ use proptest::test_runner::{Config, TestCaseError};
 use qvol_core::storage::{
     CrashPolicy, CrashStorage, FaultConfig, FaultStorage, MemStorage, Storage,
 };
-use qvol_core::{read_stream_head, send_snapshot, ErrorKind, OpenOptions, Volume};
+use qvol_core::{
+    read_stream_head, send_snapshot, CipherSuite, ErrorKind, OpenOptions, Reencryption, Volume,
+};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -104,6 +118,18 @@ enum Op {
         base: u8,
         incremental: bool,
     },
+    /// `start_reencryption` to a new key (the next one), with AEGIS-256 or
+    /// XChaCha20-Poly1305; refused (`InvalidInput`, nothing changes) while one is in
+    /// progress.
+    StartReencrypt {
+        aegis: bool,
+        cut: Option<Cut>,
+    },
+    /// `reencrypt_step(leaves)`; refused (`InvalidInput`) when none is in progress.
+    ReencryptStep {
+        leaves: u64,
+        cut: Option<Cut>,
+    },
     /// close() then open().
     Reopen,
     /// An explicit commit (durable on return).
@@ -146,6 +172,8 @@ fn op(total: u64) -> impl Strategy<Value = Op> {
             .prop_map(|(pick, keep, cut)| Op::Revert { pick, keep, cut }),
         2 => (any::<u8>(), any::<u8>(), prop::bool::weighted(0.7))
             .prop_map(|(pick, base, incremental)| Op::Send { pick, base, incremental }),
+        1 => (any::<bool>(), cut()).prop_map(|(aegis, cut)| Op::StartReencrypt { aegis, cut }),
+        3 => (1u64..5, cut()).prop_map(|(leaves, cut)| Op::ReencryptStep { leaves, cut }),
     ]
 }
 
@@ -205,6 +233,28 @@ struct Outcome {
     live: Live,
 }
 
+/// Which volume key the image is under (keys are `common::key(n)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Keys {
+    /// The key the volume is under: the new one while a re-encryption is in progress.
+    key: u8,
+    /// While a re-encryption is in progress, the key it started from (which opens the
+    /// volume too).
+    old: Option<u8>,
+    /// The suite of new data.
+    suite: CipherSuite,
+}
+
+/// The opaque keyslot blob that stands for key `k` (what `common::options` writes for the
+/// first one).
+fn slot_blob(k: u8) -> Vec<u8> {
+    if k == 1 {
+        b"an opaque keyslot blob".to_vec()
+    } else {
+        format!("a keyslot wrapping key {k}").into_bytes()
+    }
+}
+
 /// The state under test: the volume, the storage stack under it, and the reference.
 struct Harness {
     disk: Arc<CrashStorage>,
@@ -222,6 +272,14 @@ struct Harness {
     mark: Vec<usize>,
     /// The image send / receive round trips receive into, if one was made.
     receiver: Option<Receiver>,
+    /// The keys the image is under. Re-encryption changes no content: the model's disk
+    /// and snapshots stay as they are.
+    keys: Keys,
+    /// The other key state an interrupted re-encryption operation may leave (a start that
+    /// committed, a step that finished).
+    keys_interrupted: Option<Keys>,
+    /// While re-encrypting: the map leaves known done (progress never goes back).
+    done: u64,
     log: Vec<String>,
 }
 
@@ -230,6 +288,8 @@ struct Harness {
 struct Receiver {
     storage: Arc<MemStorage>,
     vol: Volume,
+    /// The key it was made with (the sender's when it received its first stream).
+    key: u8,
     /// The guid of the snapshot it received last (the base of the next incremental).
     last: [u8; 16],
 }
@@ -274,6 +334,13 @@ impl Harness {
             interrupted: None,
             mark: Vec::new(),
             receiver: None,
+            keys: Keys {
+                key: 1,
+                old: None,
+                suite: CipherSuite::XChaCha20Poly1305,
+            },
+            keys_interrupted: None,
+            done: 0,
             log: Vec::new(),
         }
     }
@@ -289,17 +356,117 @@ impl Harness {
     }
 
     /// Replaces the disk by `next` (a crash image) and reopens; `Err` if it does not open.
+    /// The key state is the model's or, after an interrupted re-encryption operation, its
+    /// other outcome: the newest key is tried first, then the older one (which may open it
+    /// only if the newer one is refused with `WrongKey`), and what the volume says of its
+    /// re-encryption must be the outcome of the key that opened it.
     fn reopen_on(&mut self, next: CrashStorage) -> Result<(), TestCaseError> {
         self.vol = None;
         self.disk = Arc::new(next);
         self.fault = stack(&self.disk);
         self.armed = None;
-        match common::open(self.fault.clone()) {
-            Ok(v) => {
-                self.vol = Some(v);
-                Ok(())
+        let mut outcomes = vec![self.keys];
+        outcomes.extend(self.keys_interrupted.take());
+        let mut tries: Vec<u8> = outcomes.iter().map(|k| k.key).collect();
+        tries.sort_unstable_by(|a, b| b.cmp(a));
+        tries.dedup();
+        let mut refused = Vec::new();
+        for k in tries {
+            let vol = match Volume::open(self.fault.clone(), &common::key(k), false) {
+                Ok(v) => v,
+                Err(e) if e.kind() == ErrorKind::WrongKey => {
+                    refused.push(k);
+                    continue;
+                }
+                Err(e) => {
+                    return Err(self.fail(format!(
+                        "the volume does not open with key {k} after a crash: {e:?}"
+                    )));
+                }
+            };
+            let progress = vol.reencryption();
+            let Some(&keys) = outcomes
+                .iter()
+                .find(|o| o.key == k && o.old.is_some() == progress.is_some())
+            else {
+                return Err(self.fail(format!(
+                    "after a crash key {k} opens the volume with re-encryption {progress:?}; \
+                     allowed key states: {outcomes:?}"
+                )));
+            };
+            if vol.data_suite() != keys.suite || vol.keyslots()[0] != slot_blob(k) {
+                return Err(self.fail(format!(
+                    "after a crash key {k} opens the volume with suite {} and keyslot {:?} \
+                     ({keys:?} expected)",
+                    vol.data_suite(),
+                    String::from_utf8_lossy(&vol.keyslots()[0])
+                )));
             }
-            Err(e) => Err(self.fail(format!("the volume does not open after a crash: {e:?}"))),
+            if let Some(p) = &progress {
+                // A re-encryption the crash cut the start of has done nothing known yet.
+                let known = if k == self.keys.key { self.done } else { 0 };
+                if p.done < known || p.done > p.total {
+                    return Err(self.fail(format!(
+                        "after a crash the re-encryption is at {} of {} leaves, known done: \
+                         {known}",
+                        p.done, p.total
+                    )));
+                }
+                self.done = p.done;
+            }
+            let retired = self.keys.old.filter(|_| keys.old.is_none());
+            self.keys = keys;
+            self.vol = Some(vol);
+            self.log
+                .push(format!("  -> reopened with key {k}: {keys:?}"));
+            // Mid-way, the old key opens it too; once finished (and this open committed),
+            // the old key opens nothing.
+            if let Some(old) = keys.old {
+                let ro = self.open_ro(old, None).map_err(|e| {
+                    self.fail(format!(
+                        "mid-way, the old key {old} does not open it: {e:?}"
+                    ))
+                })?;
+                if ro.reencryption() != progress {
+                    return Err(self.fail(format!(
+                        "mid-way, the old key {old} sees {:?}, the new one {progress:?}",
+                        ro.reencryption()
+                    )));
+                }
+            }
+            if let Some(old) = retired {
+                self.assert_retired(old)?;
+            }
+            return Ok(());
+        }
+        Err(self.fail(format!(
+            "after a crash no key opens the volume (refused: {refused:?}; allowed key states: \
+             {outcomes:?})"
+        )))
+    }
+
+    /// Opens the image (as it lies on the storage) read-only with key `k`.
+    fn open_ro(&self, k: u8, snapshot: Option<String>) -> qvol_core::Result<Volume> {
+        Volume::open_with(
+            self.disk.clone(),
+            &common::key(k),
+            OpenOptions {
+                read_only: true,
+                snapshot,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// Key `k`, replaced by a finished re-encryption, opens nothing any more.
+    fn assert_retired(&self, k: u8) -> Result<(), TestCaseError> {
+        match self.open_ro(k, None) {
+            Ok(v) => Err(self.fail(format!(
+                "the re-encryption finished, yet the old key {k} still opens the volume \
+                 (re-encryption {:?})",
+                v.reencryption()
+            ))),
+            Err(_) => Ok(()),
         }
     }
 
@@ -368,16 +535,9 @@ impl Harness {
     /// Every snapshot of the model reads back exactly through a read-only snapshot view.
     fn verify_snapshots(&self) -> Result<(), TestCaseError> {
         for (name, content) in &self.snaps {
-            let view = Volume::open_with(
-                self.disk.clone(),
-                &common::key(1),
-                OpenOptions {
-                    read_only: true,
-                    snapshot: Some(name.clone()),
-                    ..OpenOptions::default()
-                },
-            )
-            .map_err(|e| self.fail(format!("snapshot {name} does not open: {e:?}")))?;
+            let view = self
+                .open_ro(self.keys.key, Some(name.clone()))
+                .map_err(|e| self.fail(format!("snapshot {name} does not open: {e:?}")))?;
             compare(&view, content).map_err(|m| self.fail(format!("snapshot {name} {m}")))?;
         }
         Ok(())
@@ -406,12 +566,16 @@ impl Harness {
             None => {
                 let storage = Arc::new(MemStorage::new());
                 let opts = head.create_options().map_err(what)?;
-                let vol =
-                    Volume::create(storage.clone() as Arc<dyn Storage>, opts, &common::key(1))
-                        .map_err(what)?;
+                let vol = Volume::create(
+                    storage.clone() as Arc<dyn Storage>,
+                    opts,
+                    &common::key(self.keys.key),
+                )
+                .map_err(what)?;
                 Receiver {
                     storage,
                     vol,
+                    key: self.keys.key,
                     last: [0; 16],
                 }
             }
@@ -435,6 +599,22 @@ impl Harness {
             .enumerate()
             .filter_map(|(i, (n, _))| Some((i, list.iter().find(|s| &s.name == n)?)))
             .collect();
+        if self.keys.old.is_some() {
+            // Mid-way through a re-encryption, nothing is sent.
+            let Some(&(_, snap)) = sendable.get(usize::from(pick) % sendable.len().max(1)) else {
+                return Ok(());
+            };
+            self.log
+                .push(format!("  -> send {} (refused mid-way)", snap.name));
+            let mut out = Vec::new();
+            return match send_snapshot(&*self.disk, &snap.name, None, &mut out, &mut |_| {}) {
+                Err(e) if e.kind() == ErrorKind::Refused => Ok(()),
+                other => Err(self.fail(format!(
+                    "a send from a volume being re-encrypted was not refused: {:?}",
+                    other.map(|_| ())
+                ))),
+            };
+        }
         // Continue the receiver's chain when it can: the snapshot it received last is still
         // on the sender, and the sender has a newer one the receiver holds nothing of
         // (neither name nor guid).
@@ -456,6 +636,38 @@ impl Harness {
                 let i = *newer.get(usize::from(pick) % newer.len().max(1))?;
                 Some((i, last.name.clone()))
             });
+        let chain = match chain {
+            Some((i, from))
+                if self
+                    .receiver
+                    .as_ref()
+                    .is_some_and(|rx| rx.key != self.keys.key) =>
+            {
+                // The receiver was seeded before the sender was re-encrypted: it refuses the
+                // incremental, and a full stream seeds a new one.
+                let name = self.snaps[i].0.clone();
+                self.log.push(format!(
+                    "  -> send {name} from {from} (chain, another key: refused)"
+                ));
+                let stream = self.send(&name, Some(&from))?;
+                let rx = self.receiver.take().expect("a receiver");
+                let mut r: &[u8] = &stream;
+                let (head, hash) = read_stream_head(&mut r)
+                    .map_err(|e| self.fail(format!("a stream head does not read: {e:?}")))?;
+                match rx.vol.receive(&head, hash, &mut r, false, &mut |_| {}) {
+                    Err(e) if e.kind() == ErrorKind::Refused => None,
+                    other => {
+                        return Err(self.fail(format!(
+                            "a receiver under key {} took a stream of key {}: {:?}",
+                            rx.key,
+                            self.keys.key,
+                            other.map(|s| s.name)
+                        )));
+                    }
+                }
+            }
+            other => other,
+        };
         let (i, rx) = match chain {
             Some((i, from)) => {
                 let name = &self.snaps[i].0;
@@ -496,7 +708,7 @@ impl Harness {
         let (name, content) = &self.snaps[i];
         let view = Volume::open_with(
             rx.storage.clone() as Arc<dyn Storage>,
-            &common::key(1),
+            &common::key(rx.key),
             OpenOptions {
                 read_only: true,
                 snapshot: Some(name.clone()),
@@ -624,6 +836,69 @@ impl Harness {
         }
     }
 
+    /// Runs a re-encryption operation: `refused` says it must fail with `InvalidInput` and
+    /// change nothing; otherwise a crash that cuts it may leave the key state `interrupted`
+    /// (or the model's). Returns what it returned, with the failure count before it, or
+    /// `None` when it was refused or a crash was handled.
+    #[allow(clippy::type_complexity)]
+    fn rekey_call(
+        &mut self,
+        what: &str,
+        refused: bool,
+        interrupted: Keys,
+        call: impl FnOnce(&Volume) -> qvol_core::Result<Option<Reencryption>>,
+    ) -> Result<Option<(Option<Reencryption>, u64)>, TestCaseError> {
+        let before = self.fault.failures();
+        let r = call(self.vol());
+        if refused {
+            return match r {
+                Err(e) if e.kind() == ErrorKind::InvalidInput => Ok(None),
+                Err(e) => self.on_error(what, e).map(|()| None),
+                Ok(p) => Err(self.fail(format!("{what} should have been refused: {p:?}"))),
+            };
+        }
+        match r {
+            Ok(p) => Ok(Some((p, before))),
+            Err(e) => {
+                self.keys_interrupted = Some(interrupted);
+                let r = self.on_error(what, e);
+                self.keys_interrupted = None;
+                r.map(|()| None)
+            }
+        }
+    }
+
+    /// A re-encryption operation returned (the model's keys are updated): it committed
+    /// first, so everything written before is durable; a finish (`retired`: the old key)
+    /// leaves no superblock the old key opens.
+    fn rekey_done(
+        &mut self,
+        what: &str,
+        before: u64,
+        retired: Option<u8>,
+    ) -> Result<(), TestCaseError> {
+        self.model.make_durable();
+        self.mark = self.model.version_counts();
+        if let Some(k) = retired {
+            self.assert_retired(k)?;
+        }
+        match self.armed {
+            Some(how) if self.fault.failures() > before => {
+                self.log
+                    .push(format!("  -> {what} Ok after a storage failure; {how:?}"));
+                self.crash(how)
+            }
+            Some(_) => Ok(()),
+            None => {
+                if retired.is_some() {
+                    // Finished: every snapshot's blocks moved to the new key too.
+                    self.verify_snapshots()?;
+                }
+                self.verify_clean(&format!("after {what}"))
+            }
+        }
+    }
+
     fn run(&mut self, op: &Op) -> Result<(), TestCaseError> {
         self.log.push(format!("{op:?}"));
         if self.log.len() > 40 {
@@ -744,6 +1019,72 @@ impl Harness {
                 base,
                 incremental,
             } => self.send_receive(pick, base, incremental)?,
+            Op::StartReencrypt { aegis, cut } => {
+                if let Some(c) = cut {
+                    self.arm(c);
+                }
+                let suite = if aegis {
+                    CipherSuite::Aegis256
+                } else {
+                    CipherSuite::XChaCha20Poly1305
+                };
+                let next = Keys {
+                    key: self.keys.key + 1,
+                    old: Some(self.keys.key),
+                    suite,
+                };
+                let slots = vec![slot_blob(next.key)];
+                let refused = self.keys.old.is_some();
+                let r = self.rekey_call("start_reencryption", refused, next, |v| {
+                    let hash = v.keyslots_hash();
+                    v.start_reencryption(&common::key(next.key), suite, &slots, &hash)
+                        .map(Some)
+                })?;
+                if let Some((p, before)) = r {
+                    match p {
+                        Some(p) if p.done == 0 && p.to_suite == suite => {}
+                        other => {
+                            return Err(self.fail(format!("the start returned {other:?}")));
+                        }
+                    }
+                    self.keys = next;
+                    self.done = 0;
+                    self.rekey_done("start_reencryption", before, None)?;
+                }
+            }
+            Op::ReencryptStep { leaves, cut } => {
+                if let Some(c) = cut {
+                    self.arm(c);
+                }
+                let finished = Keys {
+                    old: None,
+                    ..self.keys
+                };
+                let refused = self.keys.old.is_none();
+                let r = self.rekey_call("reencrypt_step", refused, finished, |v| {
+                    v.reencrypt_step(leaves)
+                })?;
+                if let Some((p, before)) = r {
+                    let retired = match p {
+                        Some(p) if p.done > self.done && p.done < p.total => {
+                            self.done = p.done;
+                            None
+                        }
+                        Some(p) => {
+                            return Err(self.fail(format!(
+                                "a step returned {p:?} (known done: {})",
+                                self.done
+                            )));
+                        }
+                        None => {
+                            let old = self.keys.old;
+                            self.keys = finished;
+                            old
+                        }
+                    };
+                    self.rekey_done("reencrypt_step", before, retired)?;
+                }
+            }
             Op::Reopen => {
                 let vol = self.vol.take().expect("open");
                 if let Err(e) = vol.close() {
@@ -794,6 +1135,20 @@ proptest! {
         vol.close().map_err(|e| TestCaseError::fail(format!("close after recovery: {e:?}")))?;
         h.mark = h.model.version_counts();
         h.crash(Crash::Kill)?;
+        // A re-encryption in progress finishes; then every snapshot and the live disk read
+        // the same and only the new key opens the volume.
+        if let Some(old) = h.keys.old {
+            let mut steps = 0;
+            while h.vol().reencrypt_step(3).map_err(|e| h.fail(format!("resume: {e:?}")))?.is_some() {
+                steps += 1;
+                prop_assert!(steps < 1000, "the re-encryption does not end");
+            }
+            h.keys.old = None;
+            h.model.check_current(h.vol()).map_err(|m| h.fail(m))?;
+            h.verify_snapshots()?;
+            h.verify_clean("after finishing the re-encryption")?;
+            h.assert_retired(old)?;
+        }
         // Deleting every snapshot leaves exactly the live disk's blocks in use.
         for (name, _) in std::mem::take(&mut h.snaps) {
             h.vol().delete_snapshot(&name).map_err(|e| h.fail(format!("delete {name}: {e:?}")))?;
