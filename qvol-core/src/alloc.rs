@@ -285,6 +285,17 @@ impl AllocState {
         Ok(())
     }
 
+    /// Takes `pbn` back if it is free and allocatable now; says whether it did.
+    pub(crate) fn try_claim(&mut self, st: &dyn Storage, keys: &Subkeys, pbn: u64) -> Result<bool> {
+        self.check_range(pbn)?;
+        if self.bit(st, keys, pbn)? || self.pending.contains(&pbn) {
+            return Ok(false);
+        }
+        self.set_bit(st, keys, pbn, true)?;
+        self.used += 1;
+        Ok(true)
+    }
+
     /// Marks `pbn` in use while replaying the log; it must be free in the committed bitmap.
     pub(crate) fn claim(&mut self, st: &dyn Storage, keys: &Subkeys, pbn: u64) -> Result<()> {
         self.check_range(pbn)?;
@@ -396,21 +407,26 @@ impl AllocState {
         Ok(self.leaves.len() as u64 + self.tree.cached_nodes() + u64::from(self.tree.height()))
     }
 
-    /// Runs (first block, count) of free blocks in the data region below the high-water mark.
+    /// Runs (first block, count) of free blocks of the data region in `range` (below the
+    /// high-water mark), leaving out blocks freed since the last commit (the committed maps
+    /// may still hold them).
     pub(crate) fn free_runs(
         &mut self,
         st: &dyn Storage,
         keys: &Subkeys,
+        range: std::ops::Range<u64>,
     ) -> Result<Vec<(u64, u64)>> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut pbn = self.data_start;
-        while pbn < self.high_water {
+        let mut pbn = range.start.max(self.data_start);
+        let stop = range.end.min(self.high_water);
+        while pbn < stop {
             let leaf = pbn / BITS_PER_SPACE_LEAF;
-            let end = ((leaf + 1) * BITS_PER_SPACE_LEAF).min(self.high_water);
-            let bits = &self.leaf(st, keys, leaf)?.bits;
+            let end = ((leaf + 1) * BITS_PER_SPACE_LEAF).min(stop);
+            self.leaf(st, keys, leaf)?;
+            let bits = &self.leaves[&leaf].bits;
             for p in pbn..end {
                 let j = (p % BITS_PER_SPACE_LEAF) as usize;
-                if bits[j / 8] & (1 << (j % 8)) == 0 {
+                if bits[j / 8] & (1 << (j % 8)) == 0 && !self.pending.contains(&p) {
                     match runs.last_mut() {
                         Some((start, n)) if *start + *n == p => *n += 1,
                         _ => runs.push((p, 1)),
@@ -420,6 +436,11 @@ impl AllocState {
             pbn = end;
         }
         Ok(runs)
+    }
+
+    /// The first block of the data region.
+    pub(crate) fn data_start(&self) -> u64 {
+        self.data_start
     }
 
     /// Blocks in use in the data region (data and metadata).

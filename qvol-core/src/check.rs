@@ -300,10 +300,16 @@ impl Volume {
             }
         }
         let bitmap: HashMap<u64, &Vec<u8>> = leaves.iter().map(|(i, b)| (*i, b)).collect();
+        // A staged header area lies past the high-water mark, unmarked (FORMAT.md §3.1).
+        let staged = match sb.staged_keyslots {
+            0 => 0..0,
+            at => at..at + HEADER_AREA_BLOCKS,
+        };
         let mut free_but_used: Vec<u64> = w
             .used
             .keys()
             .copied()
+            .filter(|pbn| !staged.contains(pbn))
             .filter(|&pbn| {
                 let j = (pbn % BITS_PER_SPACE_LEAF) as usize;
                 bitmap

@@ -14,8 +14,9 @@ use crate::rewrite::{Change, Rewrite};
 use crate::subkeys::{Subkeys, SEALED_KEY_LEN};
 use crate::suite::CipherSuite;
 use crate::superblock::{RekeyRecord, Superblock};
-use crate::tree::{read_node, TreeCache};
+use crate::tree::{read_node, PageWriter, TreeCache};
 use crate::volume::Volume;
+use std::collections::HashMap;
 
 /// Associated data of the previous epoch's data key in the record (FORMAT.md §17).
 const DATA_KEY_LABEL: &[u8] = b"qvol-rekey-data-v5";
@@ -326,32 +327,33 @@ impl Volume {
                 "the volume is open read-only; its re-encryption cannot go on",
             ));
         }
-        let _gate = self.exclusive();
-        let Some(r) = self.reencryption() else {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "the volume is not being re-encrypted: nothing to resume",
-            ));
-        };
-        if r.done < r.total {
-            self.commit_locked(false)?;
-            let end = self.plan_step(r.from_epoch, r.done, r.total, max_leaves.max(1))?;
-            self.reseal_leaves(r.from_epoch, r.done..end)
-                .map_err(|e| self.fail(e))?;
-            if let Some(rec) = self
-                .rekey
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_mut()
-            {
-                rec.done = end;
-            }
-            self.commit_locked(true)?;
-            if end < r.total {
-                return Ok(self.reencryption());
+        {
+            // No commit until this step is installed: the committed maps stay as they are
+            // while the data is re-sealed next to the guest's I/O.
+            let writer = self.no_commits();
+            let Some(r) = self.reencryption() else {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "the volume is not being re-encrypted: nothing to resume",
+                ));
+            };
+            if r.done < r.total {
+                let end = self.plan_step(r.from_epoch, r.done, r.total, max_leaves.max(1))?;
+                let copies = self.seal_copies(r.from_epoch, r.done..end)?;
+                let _gate = self.exclusive_after(writer);
+                self.install_step(r.from_epoch, r.done..end, copies)
+                    .map_err(|e| self.fail(e))?;
+                self.commit_locked(true)?;
+                if end < r.total {
+                    return Ok(self.reencryption());
+                }
             }
         }
-        self.finish_reencryption()?;
+        self.erase_free_blocks()?;
+        let _gate = self.exclusive();
+        if self.reencryption().is_some_and(|r| r.done >= r.total) {
+            self.finish_reencryption()?;
+        }
         Ok(None)
     }
 
@@ -361,10 +363,7 @@ impl Volume {
     fn plan_step(&self, from: u32, done: u64, total: u64, budget: u64) -> Result<u64> {
         let st = &*self.storage;
         let keys = self.keys();
-        let mut maps: Vec<TreeCache> = std::iter::once(self.committed_live())
-            .chain(self.snapshots().iter().map(|s| (s.root, s.map_height)))
-            .map(|(root, height)| TreeCache::new(TreeKind::Map, height, root))
-            .collect();
+        let mut maps = self.map_views();
         let (mut leaf, mut found, mut read) = (done, 0u64, 0u64);
         let mut seen = Vec::new();
         while leaf < total && found < budget && read < SCAN_PER_STEP {
@@ -391,15 +390,117 @@ impl Volume {
         Ok(leaf.max(done + 1).min(total))
     }
 
-    /// Re-seals the blocks of key epoch `from` in map leaves `leaves` of every map (gate held
-    /// exclusively, right after a commit) and installs the new roots.
-    fn reseal_leaves(&self, from: u32, leaves: std::ops::Range<u64>) -> Result<()> {
+    /// A step, first part (commits kept away by [`Volume::no_commits`], I/O going on): a
+    /// re-sealed copy of every block of key epoch `from` that a committed map holds in map
+    /// leaves `leaves`, written to a new block, by (logical block, old block). The copies are
+    /// allocated but referenced by nothing yet; on an error they are freed again.
+    fn seal_copies(
+        &self,
+        from: u32,
+        leaves: std::ops::Range<u64>,
+    ) -> Result<HashMap<(u64, u64), LeafEntry>> {
+        let mut copies = HashMap::new();
+        let sealed = self.seal_copies_into(from, leaves, &mut copies);
+        if sealed.is_err() {
+            let keys = self.keys();
+            let mut a = self.alloc.lock();
+            for e in copies.values() {
+                a.free_unused(&*self.storage, &keys, e.pbn)?;
+            }
+        }
+        sealed.map(|()| copies)
+    }
+
+    fn seal_copies_into(
+        &self,
+        from: u32,
+        leaves: std::ops::Range<u64>,
+        copies: &mut HashMap<(u64, u64), LeafEntry>,
+    ) -> Result<()> {
         let st = &*self.storage;
         let keys = self.keys();
+        let suite = keys.data_suite();
+        let mut maps = self.map_views();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = PageWriter::new(st);
+        let mut block = vec![0u8; BS];
+        let mut leaf = leaves.start;
+        while leaf < leaves.end {
+            let mut skip = u64::MAX;
+            for map in &mut maps {
+                let (ptr, n) = map.probe_leaf(st, &keys, leaf)?;
+                skip = skip.min(n);
+                if ptr.pbn == 0 || !seen.insert(ptr.pbn) {
+                    continue;
+                }
+                let page = read_node(st, &keys, TreeKind::Map, 0, leaf, &ptr)?;
+                for i in 0..FANOUT as usize {
+                    let e = LeafEntry::decode(&page[..], i)?;
+                    let lbn = leaf * FANOUT + i as u64;
+                    if e.pbn == 0 || e.key_epoch != from || copies.contains_key(&(lbn, e.pbn)) {
+                        continue;
+                    }
+                    st.read_exact_at(&mut block, e.pbn * BLOCK_SIZE)
+                        .map_err(|err| {
+                            Error::io(format!("cannot read physical block {}", e.pbn), err)
+                        })?;
+                    crate::datablock::open_block(&keys, lbn, &e, &mut block)?;
+                    let nonce = crate::datablock::random_nonces(suite, 1)?;
+                    let mut copy = crate::datablock::seal_block(&keys, lbn, &nonce, &mut block)?;
+                    copy.pbn = self.alloc.lock().alloc(st, &keys, 1)?[0];
+                    copies.insert((lbn, e.pbn), copy);
+                    out.push(copy.pbn, &block)?;
+                }
+            }
+            leaf = leaf.saturating_add(skip.max(1));
+        }
+        out.flush()
+    }
+
+    /// Views of the committed live map and of every snapshot's map.
+    fn map_views(&self) -> Vec<TreeCache> {
+        std::iter::once(self.committed_live())
+            .chain(self.snapshots().iter().map(|s| (s.root, s.map_height)))
+            .map(|(root, height)| TreeCache::new(TreeKind::Map, height, root))
+            .collect()
+    }
+
+    /// A step, second part (gate held exclusively, nothing committed since the copies were
+    /// sealed): commits what the guest wrote meanwhile (the copies are handed back to the
+    /// allocator for that commit, which may reuse some, and taken back after it), then
+    /// rewrites every map over leaves `leaves` to hold the copies, sealing any block the
+    /// copies miss, installs the new roots and moves `done` to the range's end; the caller
+    /// commits.
+    fn install_step(
+        &self,
+        from: u32,
+        leaves: std::ops::Range<u64>,
+        copies: HashMap<(u64, u64), LeafEntry>,
+    ) -> Result<()> {
+        let st = &*self.storage;
+        let keys = self.keys();
+        {
+            let mut a = self.alloc.lock();
+            for e in copies.values() {
+                a.free_unused(st, &keys, e.pbn)?;
+            }
+        }
+        self.commit_locked(false)?;
+        let mut kept = HashMap::with_capacity(copies.len());
+        {
+            let mut a = self.alloc.lock();
+            for (k, e) in copies {
+                if a.try_claim(st, &keys, e.pbn)? {
+                    kept.insert(k, e);
+                }
+            }
+        }
+        let end = leaves.end;
         let (live, height) = self.committed_live();
         let snaps = self.snapshots();
         let mut a = self.alloc.lock();
-        let mut rw = Rewrite::new(st, &keys, &keys, Change::Reseal { from, leaves }, &mut a);
+        let mut rw = Rewrite::new(st, &keys, &keys, Change::Reseal { from, leaves }, &mut a)
+            .with_copies(kept);
         let live = rw.map(height, live)?;
         let mut roots = Vec::with_capacity(snaps.len());
         for s in &snaps {
@@ -409,13 +510,52 @@ impl Volume {
         drop(a);
         self.map.reset(height, live);
         self.set_snapshot_roots(&roots);
+        if let Some(rec) = self
+            .rekey
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            rec.done = end;
+        }
         Ok(())
     }
 
-    /// The end (gate held exclusively, right after the commit of the last step: every block
-    /// under the new key). Every free block of the file is punched, so that nothing sealed
-    /// under the old key stays in it; then the old data key leaves the keys in force and, by
-    /// two commits, both superblock copies. A crash before those commits finishes again.
+    /// Erases every free block of the file (every block under the new key by now, so what is
+    /// free holds old ciphertext, old nodes, or nothing), a space-tree leaf's span (128 MiB
+    /// of the file) at a time under the gate, so that I/O waits for one span at most. Blocks
+    /// freed since the last commit are left (a crash could need them); they hold data under
+    /// the new key.
+    fn erase_free_blocks(&self) -> Result<()> {
+        let (start, end) = {
+            let a = self.alloc.lock();
+            (a.data_start(), a.high_water())
+        };
+        let span = crate::layout::BITS_PER_SPACE_LEAF;
+        let mut at = start;
+        while at < end {
+            let _gate = self.exclusive();
+            self.check_usable()?;
+            let keys = self.keys();
+            let runs = self
+                .alloc
+                .lock()
+                .free_runs(&*self.storage, &keys, at..at + span)?;
+            for (pbn, n) in runs {
+                self.erase(pbn, n)
+                    .map_err(|e| self.fail(Error::io("cannot erase the old blocks", e)))?;
+            }
+            self.storage
+                .sync_data()
+                .map_err(|e| self.fail(Error::io("cannot sync the erased blocks", e)))?;
+            at += span;
+        }
+        Ok(())
+    }
+
+    /// The end (gate held exclusively, every block under the new key, free blocks erased):
+    /// the old data key leaves the keys in force and, by two commits, both superblock
+    /// copies. A crash before those commits finishes again.
     fn finish_reencryption(&self) -> Result<()> {
         let keys = self.keys();
         let header = self.slot_area().header()?;
@@ -426,11 +566,6 @@ impl Volume {
                  lost), so the re-encryption cannot drop the old one",
             ));
         }
-        let runs = self.alloc.lock().free_runs(&*self.storage, &keys)?;
-        for (start, n) in runs {
-            self.erase(start, n)
-                .map_err(|e| self.fail(Error::io("cannot erase the old blocks", e)))?;
-        }
         self.set_keys(keys.without_previous());
         *self.rekey.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.commit_locked(true)?;
@@ -438,24 +573,24 @@ impl Volume {
         log::info!("re-encryption finished: key epoch {}", keys.epoch());
         Ok(())
     }
-}
 
-impl Volume {
-    /// Punches blocks `start .. start + n` out of the file, or overwrites them with zeros
-    /// where the file system cannot punch holes.
+    /// Erases blocks `start .. start + n`: a long run is punched out of the file, a short one
+    /// (or one the file system cannot punch) overwritten with zeros, which costs less than a
+    /// punch's journal transaction. The caller syncs.
     fn erase(&self, start: u64, n: u64) -> std::io::Result<()> {
+        const PUNCH_FROM: u64 = 64;
         let st = &*self.storage;
-        if st.punch_hole(start * BLOCK_SIZE, n * BLOCK_SIZE).is_ok() {
+        if n >= PUNCH_FROM && st.punch_hole(start * BLOCK_SIZE, n * BLOCK_SIZE).is_ok() {
             return Ok(());
         }
-        let zeros = vec![0u8; 256 * BS];
+        let zeros = vec![0u8; PUNCH_FROM as usize * BS];
         let mut pbn = start;
         while pbn < start + n {
-            let m = (start + n - pbn).min(256);
+            let m = (start + n - pbn).min(PUNCH_FROM);
             st.write_all_at(&zeros[..m as usize * BS], pbn * BLOCK_SIZE)?;
             pbn += m;
         }
-        st.sync_data()
+        Ok(())
     }
 }
 

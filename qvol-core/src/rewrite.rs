@@ -4,8 +4,8 @@
 //!
 //! Blocks shared between maps stay shared: a block is held at one position only (§7.1), so
 //! the rewritten copy of a block is remembered by (position, old block) and every map that
-//! held the old block gets the same new one. Every old block rewritten is freed (and
-//! punched) afterwards: no map holds it any more, since every map is rewritten.
+//! held the old block gets the same new one. Every old block rewritten is freed afterwards:
+//! no map holds it any more, since every map is rewritten.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -42,6 +42,8 @@ pub(crate) struct Rewrite<'a> {
     a: &'a mut AllocState,
     nodes: HashMap<(u8, u64, u64), NodePtr>,
     data: HashMap<(u64, u64), LeafEntry>,
+    /// Copies sealed beforehand ([`Rewrite::with_copies`]), by (logical block, old block).
+    copies: HashMap<(u64, u64), LeafEntry>,
     /// Old blocks no map holds once the roots are installed.
     freed: Vec<u64>,
     node_out: PageWriter<'a>,
@@ -66,6 +68,7 @@ impl<'a> Rewrite<'a> {
             a,
             nodes: HashMap::new(),
             data: HashMap::new(),
+            copies: HashMap::new(),
             freed: Vec::new(),
             node_out: PageWriter::new(st),
             data_out: PageWriter::new(st),
@@ -73,18 +76,30 @@ impl<'a> Rewrite<'a> {
         }
     }
 
+    /// Uses `copies` (re-sealed copies already written, by logical block and old block)
+    /// instead of sealing those blocks again.
+    pub(crate) fn with_copies(mut self, copies: HashMap<(u64, u64), LeafEntry>) -> Self {
+        self.copies = copies;
+        self
+    }
+
     /// The rewritten map of height `height` whose root is `root`.
     pub(crate) fn map(&mut self, height: u8, root: NodePtr) -> Result<NodePtr> {
         self.node(height, 0, root)
     }
 
-    /// Writes what is queued and frees (and punches) every old block rewritten. The caller
-    /// installs the new roots before anything else can read the maps.
+    /// Writes what is queued and frees every old block rewritten (not punched: the end of
+    /// the re-encryption erases every free block at once). The caller installs the new roots
+    /// before anything else can read the maps.
     pub(crate) fn finish(mut self) -> Result<u64> {
         self.node_out.flush()?;
         self.data_out.flush()?;
         for &pbn in &self.freed {
-            self.a.free(self.st, self.old, pbn, true)?;
+            self.a.free(self.st, self.old, pbn, false)?;
+        }
+        // Copies no map needed (their block was dropped meanwhile) were never referenced.
+        for e in self.copies.values() {
+            self.a.free_unused(self.st, self.old, e.pbn)?;
         }
         Ok(self.resealed)
     }
@@ -153,6 +168,13 @@ impl<'a> Rewrite<'a> {
     fn reseal(&mut self, lbn: u64, e: &LeafEntry) -> Result<LeafEntry> {
         if let Some(done) = self.data.get(&(lbn, e.pbn)) {
             return Ok(*done);
+        }
+        if let Some(mut copy) = self.copies.remove(&(lbn, e.pbn)) {
+            copy.birth = e.birth;
+            self.freed.push(e.pbn);
+            self.data.insert((lbn, e.pbn), copy);
+            self.resealed += 1;
+            return Ok(copy);
         }
         let mut block = vec![0u8; BS];
         self.st

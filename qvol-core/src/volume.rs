@@ -82,6 +82,12 @@ impl std::fmt::Debug for OpenOptions {
     }
 }
 
+/// The volume's gate held exclusively (and the lock taken before it; dropped after it).
+pub(crate) struct Exclusive<'a> {
+    _gate: RwLockWriteGuard<'a, ()>,
+    _writer: MutexGuard<'a, ()>,
+}
+
 /// The commit hook of an open volume.
 #[derive(Clone, Default)]
 pub(crate) struct HookSlot(pub(crate) Option<CommitHook>);
@@ -115,6 +121,9 @@ pub struct Volume {
     /// Operations hold it shared; a commit holds it exclusively (no reader sees a block
     /// reused under it).
     pub(crate) gate: RwLock<()>,
+    /// Taken before the gate is taken exclusively, and alone by work that must see no commit
+    /// while it runs next to I/O (a re-encryption step's sealing, then its install).
+    writer: Mutex<()>,
     pub(crate) map: BlockMap,
     pub(crate) alloc: Allocator,
     pub(crate) snaps: Snapshots,
@@ -375,6 +384,7 @@ impl Volume {
             slots: Mutex::new(slots),
             read_only,
             gate: RwLock::new(()),
+            writer: Mutex::new(()),
             sb: Mutex::new(sb),
             point: Mutex::new(point),
             on_commit: HookSlot::default(),
@@ -480,8 +490,23 @@ impl Volume {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn exclusive(&self) -> Exclusive<'_> {
+        self.exclusive_after(self.no_commits())
+    }
+
+    /// Keeps every commit (and everything else that takes the gate exclusively) away while
+    /// I/O goes on: the committed trees stay as they are.
+    pub(crate) fn no_commits(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The gate taken exclusively by the holder of [`Volume::no_commits`]: nothing committed
+    /// in between.
+    pub(crate) fn exclusive_after<'a>(&'a self, writer: MutexGuard<'a, ()>) -> Exclusive<'a> {
+        Exclusive {
+            _gate: self.gate.write().unwrap_or_else(|p| p.into_inner()),
+            _writer: writer,
+        }
     }
 
     /// Fails with `PreviousIo` after an earlier write or sync failed.

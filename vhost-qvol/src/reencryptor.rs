@@ -1,7 +1,8 @@
 //! Re-encryption steps at a bounded rate (`Volume::reencrypt_step`, docs/FORMAT.md §17):
 //! the loop `qvol reencrypt` runs on an image it opened, and the daemon's background worker,
-//! which runs the same loop on a thread of its own while the guest's I/O goes on (each step
-//! makes I/O wait for as long as it takes, so the daemon's steps are small).
+//! which runs the same loop on a thread of its own while the guest's I/O goes on (a step
+//! re-seals its data next to the guest's I/O and makes I/O wait only while it installs the
+//! copies: two commits).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,9 +14,9 @@ use qvol_core::{Reencryption, Volume, LEAF_SPAN_BYTES};
 
 use crate::volume_disk::error_chain;
 
-/// Map leaves (256 KiB of disk each) a daemon re-seals per step: 1 MiB, so that a guest
-/// request waits for at most one small commit.
-pub const ONLINE_LEAVES: u64 = 4;
+/// Map leaves (256 KiB of disk each) a daemon re-seals per step: 4 MiB, so that a guest
+/// request waits for at most one small install (two commits).
+pub const ONLINE_LEAVES: u64 = 16;
 /// Map leaves `qvol reencrypt` re-seals per step on an image it opened: 16 MiB a commit.
 pub const OFFLINE_LEAVES: u64 = 64;
 /// The longest a sleep between steps goes without looking at the stop flag.

@@ -13,13 +13,10 @@ use benches::compare::disksync::{self, DiskSync};
 use benches::compare::machine::Machine;
 use benches::compare::procstat;
 use benches::compare::report::{Measurement, Report, Skipped};
-use benches::compare::run::{self, fill_buffer};
-use benches::compare::workload::{
-    max_queue_buffer, Metric, Workload, PREFILL, SUSTAINED, WORKLOADS,
-};
-use blkio::Errno;
+use benches::compare::run::{self, connect};
+use benches::compare::workload::{Metric, Workload, PREFILL, SUSTAINED, WORKLOADS};
 use clap::Parser;
-use integration::client::{describe, BlkioClient};
+use integration::client::BlkioClient;
 
 /// Compare vhost-qvol with qemu-storage-daemon (raw and LUKS) through one libblkio client.
 #[derive(Parser, Debug)]
@@ -238,25 +235,6 @@ fn run_backend(
     drop(client);
     running.stop();
     Ok(out)
-}
-
-/// Connects, retrying for a few seconds: the socket file appears at bind(), a moment
-/// before the backend listens. Fills the buffer so that writes carry no zeros.
-fn connect(socket: &std::path::Path, queues: usize) -> Result<BlkioClient, String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let buffer = max_queue_buffer() * queues;
-    loop {
-        match BlkioClient::connect(socket, queues, false, buffer) {
-            Ok(mut c) => {
-                fill_buffer(&mut c);
-                return Ok(c);
-            }
-            Err(e) if std::time::Instant::now() < deadline && e.errno() == Errno::CONNREFUSED => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(format!("libblkio connect failed: {}", describe(&e))),
-        }
-    }
 }
 
 /// The headline figure of a measurement, for the progress line.

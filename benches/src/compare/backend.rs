@@ -110,8 +110,10 @@ impl Tools {
 }
 
 /// A backend whose image exists, ready to be started.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Prepared {
+    /// Extra arguments for the backend process (vhost-qvol only).
+    pub extra_args: Vec<String>,
     /// Which backend.
     pub kind: BackendKind,
     /// The image file.
@@ -218,11 +220,19 @@ pub fn prepare(
         }
     }
     Ok(Prepared {
+        extra_args: Vec::new(),
         kind,
         image,
         dir: dir.to_path_buf(),
         keystore,
     })
+}
+
+impl Prepared {
+    /// The keystore a qvol image's key is in (`QVOL_KEYSTORE` for `qvol`).
+    pub fn keystore(&self) -> &Path {
+        &self.keystore
+    }
 }
 
 /// A running backend process; stopped (SIGTERM, then SIGKILL) on drop.
@@ -322,6 +332,7 @@ pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, Stri
             if let Some(us) = std::env::var_os("QVOL_BENCH_POLL_US") {
                 c.arg("--poll-us").arg(us);
             }
+            c.args(&p.extra_args);
             c
         }
     };

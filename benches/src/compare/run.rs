@@ -305,3 +305,33 @@ mod tests {
         assert_ne!(buf[..8], buf[8..16]);
     }
 }
+
+/// Connects, retrying for a few seconds: the socket file appears at bind(), a moment
+/// before the backend listens. Fills the buffer so that writes carry no zeros.
+pub fn connect(
+    socket: &std::path::Path,
+    queues: usize,
+) -> Result<integration::client::BlkioClient, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let buffer = crate::compare::workload::max_queue_buffer() * queues;
+    loop {
+        match integration::client::BlkioClient::connect(socket, queues, false, buffer) {
+            Ok(mut c) => {
+                fill_buffer(&mut c);
+                return Ok(c);
+            }
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && e.errno() == blkio::Errno::CONNREFUSED =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "libblkio connect failed: {}",
+                    integration::client::describe(&e)
+                ))
+            }
+        }
+    }
+}
