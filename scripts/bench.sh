@@ -18,6 +18,11 @@
 #                               # value is printed with the figures
 #   QVOL_BENCH_POLL_US=50 scripts/bench.sh ...
 #                               # runs vhost-qvol with --poll-us 50 (queue polling)
+#   scripts/bench.sh --reencrypt [--size-mib 1024] [--rates 0,32,64] [--suites xchacha,aegis]
+#                               # re-encryption (issue 13): `qvol reencrypt` of a filled image
+#                               # offline, then served, with a libblkio client's 4 KiB QD1
+#                               # read and write latency before and during (benches/src/bin/
+#                               # reencrypt.rs; --help for its options)
 #
 # Needs qemu-storage-daemon and qemu-img (Debian: apt-get install qemu-system-common qemu-utils).
 set -euo pipefail
@@ -30,6 +35,14 @@ for tool in qemu-storage-daemon qemu-img; do
         exit 1
     fi
 done
+
+if [[ "${1:-}" == "--reencrypt" ]]; then
+    shift
+    echo "== cargo build --release (vhost-qvol, qvol, reencrypt)" >&2
+    cargo build --release --locked -p vhost-qvol --bins >&2
+    cargo build --release --locked -p benches --bin reencrypt >&2
+    exec target/release/reencrypt "$@"
+fi
 
 echo "== cargo build --release (vhost-qvol, qvol, compare)" >&2
 cargo build --release --locked -p vhost-qvol --bins >&2 || \
