@@ -454,7 +454,14 @@ impl Volume {
             }
             leaf = leaf.saturating_add(skip.max(1));
         }
-        out.flush()
+        out.flush()?;
+        // Synced now, next to the guest's I/O, so that the install's commit (which stops
+        // I/O) has only its own nodes to sync.
+        if !copies.is_empty() {
+            st.sync_data()
+                .map_err(|e| Error::io("cannot sync the re-sealed copies", e))?;
+        }
+        Ok(())
     }
 
     /// Views of the committed live map and of every snapshot's map.

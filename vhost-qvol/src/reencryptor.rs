@@ -96,6 +96,21 @@ pub fn step_until_done(
     }
 }
 
+/// Gives the calling thread the lowest CPU priority (nice 19): on a busy host the guest's
+/// queue threads run first and re-encryption takes what is left.
+fn lower_priority() {
+    // SAFETY: setpriority(2) with PRIO_PROCESS and a thread id changes that thread's nice
+    // value (Linux keeps it per thread); nothing is passed by pointer.
+    let tid = unsafe { libc::gettid() };
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
+    if rc != 0 {
+        log::debug!(
+            "the re-encryption thread keeps its priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Sleeps `total`, or until `stop` is set.
 fn nap(total: Duration, stop: &AtomicBool) {
     let until = Instant::now() + total;
@@ -179,6 +194,7 @@ impl Reencryptor {
     }
 
     fn work(&self) {
+        lower_priority();
         let outcome = step_until_done(&self.volume, ONLINE_LEAVES, &self.rate, &self.stop, |_| {});
         let mut state = self.state();
         state.running = false;
