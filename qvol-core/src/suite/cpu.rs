@@ -41,3 +41,36 @@ pub(super) fn aegis_implementation() -> &'static str {
     }
     "libaegis aegis-256 (software aes)"
 }
+
+/// The CPU features worth knowing for the suites' speed (AES for aegis-256, the vector
+/// extensions for ChaCha20, SHA for the key code's hashing), and whether this CPU has each,
+/// in a fixed order per architecture (none on other architectures).
+pub(super) fn features() -> Vec<(&'static str, bool)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        vec![
+            ("aes-ni", has!("aes")),
+            ("ssse3", has!("ssse3")),
+            ("avx", has!("avx")),
+            ("avx2", has!("avx2")),
+            ("avx-512f", has!("avx512f")),
+            ("sha-ni", has!("sha")),
+        ]
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        use std::arch::is_aarch64_feature_detected as has;
+        vec![
+            ("neon", has!("neon")),
+            ("aes", has!("aes")),
+            ("pmull", has!("pmull")),
+            ("sha2", has!("sha2")),
+            ("sha3", has!("sha3")),
+        ]
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        Vec::new()
+    }
+}

@@ -243,6 +243,14 @@ impl fmt::Debug for SuiteCipher {
     }
 }
 
+/// The CPU features that matter to the suites' speed (`qvol benchmark` prints them), each
+/// with whether this CPU has it: AES-NI, SSSE3, AVX, AVX2, AVX-512F and SHA-NI on x86_64;
+/// NEON, AES, PMULL, SHA2 and SHA3 on aarch64; none elsewhere. Names are lower case
+/// (`"aes-ni"`, `"avx2"`), in a fixed order per architecture.
+pub fn cpu_features() -> Vec<(&'static str, bool)> {
+    cpu::features()
+}
+
 /// A fresh random nonce of `suite`'s length from the OS CSPRNG, zero-padded to 32 bytes.
 ///
 /// # Panics
@@ -298,6 +306,25 @@ mod tests {
             cipher.open(&[0; 12], b"", &mut buf, &[0; 16]),
             Err(AuthError)
         );
+    }
+
+    #[test]
+    fn cpu_features_agree_with_the_implementations_named() {
+        let has = |name: &str| cpu_features().contains(&(name, true));
+        let xchacha = CipherSuite::XChaCha20Poly1305.implementation();
+        let aegis = CipherSuite::Aegis256.implementation();
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(has("avx2"), xchacha.contains("(avx2)"), "{xchacha}");
+            assert_eq!(
+                has("aes-ni") && has("avx"),
+                aegis.contains("aes-ni"),
+                "{aegis}"
+            );
+        }
+        if cfg!(target_arch = "aarch64") {
+            assert_eq!(has("neon"), xchacha.contains("(neon)"), "{xchacha}");
+            assert_eq!(has("aes"), aegis.contains("armv8 aes"), "{aegis}");
+        }
     }
 
     #[test]

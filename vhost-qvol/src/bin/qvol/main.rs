@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod access;
+mod benchmark;
 mod check;
 mod convert;
 mod create;
@@ -106,6 +107,9 @@ enum Command {
         #[command(subcommand)]
         command: volume::VolumeCommand,
     },
+    /// Measure this CPU: each cipher suite's seal and open speed (the implementation in use
+    /// beside the reference), the hybrid KEM and the keystore's argon2id unlock.
+    Benchmark(benchmark::BenchmarkArgs),
     /// Serve a volume's decrypted disk over NBD on a Unix socket, for qemu-img, qemu-io and
     /// nbdinfo, until Ctrl-C.
     Nbd(nbd::NbdArgs),
@@ -137,6 +141,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Recv(args) => recv::run(args),
         Command::Upgrade(args) => upgrade::run(args),
         Command::Nbd(args) => nbd::run(args),
+        Command::Benchmark(args) => benchmark::run(args),
     }
 }
 
