@@ -331,6 +331,11 @@ fn an_interrupted_reencryption_refuses_a_second_start_and_resumes() {
         text.stdout.contains("is being re-encrypted") && text.stdout.contains("--resume"),
         "{text:#?}"
     );
+    let info = json_of(&f.qvol(["info", s(&image), "--json"]).success());
+    assert_eq!(info["key_epoch"], 1, "{info}");
+    assert_eq!(info["reencryption"]["done_bytes"], first, "{info}");
+    let text = f.qvol(["info", s(&image)]).success();
+    assert!(text.stdout.contains("re-encryption to it"), "{text:#?}");
 
     // A second start is refused, and changes nothing.
     let before = fs::read(&image).unwrap();
@@ -380,6 +385,16 @@ fn an_interrupted_reencryption_refuses_a_second_start_and_resumes() {
             .success(),
     );
     assert!(status["reencryption"].is_null(), "{status}");
+    let info = json_of(&f.qvol(["info", s(&image), "--json"]).success());
+    assert!(
+        info["reencryption"].is_null() && info["key_epoch"] == 1,
+        "{info}"
+    );
+    let text = f.qvol(["info", s(&image)]).success();
+    assert!(
+        text.stdout.contains("epoch 1 (re-encrypted once)"),
+        "{text:#?}"
+    );
     f.qvol(["reencrypt", s(&image), "--resume"])
         .one_sentence_error("qvol", "nothing to resume");
     verify_all(&f, &image, &model, "resumed");

@@ -39,6 +39,8 @@ struct Unlocked {
     binding: Option<qvol_keys::VolumeBinding>,
     allocated: u64,
     slot: usize,
+    /// The re-encryption in progress, if any.
+    reencryption: Option<qvol_core::Reencryption>,
 }
 
 /// Runs `qvol info`.
@@ -71,6 +73,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "size": header.size,
         "cipher": suite.name(),
         "implementation": suite.implementation(),
+        "key_epoch": header.key_epoch,
         "keyslots": slots,
     });
     match &unlocked {
@@ -78,6 +81,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             doc["generation"] = json!(u.generation);
             doc["allocated_bytes"] = json!(u.allocated);
             doc["opened_with_keyslot"] = json!(u.slot);
+            doc["reencryption"] = u.reencryption.as_ref().map_or(
+                serde_json::Value::Null,
+                vhost_qvol::describe::reencryption_json,
+            );
             doc["recorded"] = json!(u.freshness.is_some());
             if let Some(b) = &u.binding {
                 doc["recorded_key_id"] = json!(b.key_id);
@@ -112,6 +119,28 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "cipher:         {suite} ({} on this CPU)",
         suite.implementation()
     );
+    let rekeying = unlocked.as_ref().ok().and_then(|u| u.reencryption.as_ref());
+    if let Some(r) = rekeying {
+        println!(
+            "volume key:     epoch {}, re-encryption to it {}% done ({} to {}): `qvol \
+             reencrypt {} --resume` finishes it",
+            r.to_epoch,
+            vhost_qvol::describe::percent(r),
+            r.from_suite,
+            r.to_suite,
+            args.image.display()
+        );
+    } else if header.key_epoch > 0 {
+        let times = match header.key_epoch {
+            1 => "once".to_string(),
+            2 => "twice".to_string(),
+            n => format!("{n} times"),
+        };
+        println!(
+            "volume key:     epoch {} (re-encrypted {times})",
+            header.key_epoch
+        );
+    }
     match &unlocked {
         Ok(u) => {
             let freshness = match &u.freshness {
@@ -199,6 +228,7 @@ fn unlock(
         freshness,
         binding: guard.map(|g| g.binding().clone()),
         allocated: info.allocated_bytes,
+        reencryption: volume.reencryption(),
         slot,
     })
 }
