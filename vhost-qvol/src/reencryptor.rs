@@ -99,9 +99,10 @@ pub fn step_until_done(
 /// Gives the calling thread the lowest CPU priority (nice 19): on a busy host the guest's
 /// queue threads run first and re-encryption takes what is left.
 fn lower_priority() {
+    // SAFETY: gettid(2) takes nothing and cannot fail.
+    let tid = unsafe { libc::gettid() };
     // SAFETY: setpriority(2) with PRIO_PROCESS and a thread id changes that thread's nice
     // value (Linux keeps it per thread); nothing is passed by pointer.
-    let tid = unsafe { libc::gettid() };
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
     if rc != 0 {
         log::debug!(
