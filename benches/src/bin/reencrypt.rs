@@ -69,8 +69,9 @@ fn workload(name: &str) -> Workload {
 
 /// CPU seconds of this process's waited-for children so far.
 fn children_cpu() -> f64 {
-    // SAFETY: getrusage(2) fills the struct we hand it.
+    // SAFETY: rusage is plain integers: all zeros is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage(2) fills the struct we hand it, nothing else.
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
