@@ -278,34 +278,6 @@ fn xorshift(mut x: u64) -> u64 {
     x
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_pick_from_sorted_latencies() {
-        let st = RunStats {
-            latencies_ns: (1..=100).map(|i| i * 1000).collect(),
-            ..RunStats::default()
-        };
-        assert_eq!(st.percentile(50.0), Some(Duration::from_micros(51)));
-        assert_eq!(st.percentile(99.0), Some(Duration::from_micros(99)));
-        assert_eq!(st.percentile(100.0), Some(Duration::from_micros(100)));
-        assert_eq!(st.percentile(99.9), Some(Duration::from_micros(100)));
-        assert_eq!(st.max(), Some(Duration::from_micros(100)));
-        assert_eq!(RunStats::default().percentile(50.0), None);
-        assert_eq!(RunStats::default().max(), None);
-    }
-
-    #[test]
-    fn pseudo_random_fill_is_not_constant() {
-        let mut buf = [0u8; 4096];
-        fill_pseudo_random(&mut buf, 1);
-        assert!(buf.iter().filter(|&&b| b == 0).count() < 100);
-        assert_ne!(buf[..8], buf[8..16]);
-    }
-}
-
 /// Connects, retrying for a few seconds: the socket file appears at bind(), a moment
 /// before the backend listens. Fills the buffer so that writes carry no zeros.
 pub fn connect(
@@ -333,5 +305,33 @@ pub fn connect(
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_from_sorted_latencies() {
+        let st = RunStats {
+            latencies_ns: (1..=100).map(|i| i * 1000).collect(),
+            ..RunStats::default()
+        };
+        assert_eq!(st.percentile(50.0), Some(Duration::from_micros(51)));
+        assert_eq!(st.percentile(99.0), Some(Duration::from_micros(99)));
+        assert_eq!(st.percentile(100.0), Some(Duration::from_micros(100)));
+        assert_eq!(st.percentile(99.9), Some(Duration::from_micros(100)));
+        assert_eq!(st.max(), Some(Duration::from_micros(100)));
+        assert_eq!(RunStats::default().percentile(50.0), None);
+        assert_eq!(RunStats::default().max(), None);
+    }
+
+    #[test]
+    fn pseudo_random_fill_is_not_constant() {
+        let mut buf = [0u8; 4096];
+        fill_pseudo_random(&mut buf, 1);
+        assert!(buf.iter().filter(|&&b| b == 0).count() < 100);
+        assert_ne!(buf[..8], buf[8..16]);
     }
 }
