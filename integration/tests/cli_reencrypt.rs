@@ -540,7 +540,7 @@ fn bad_requests_are_one_sentence_and_change_nothing() {
             .code,
         2
     );
-    assert_eq!(f.qvol(["reencrypt", s(&image), "--rate", "0"]).code, 2);
+    assert_eq!(f.qvol(["reencrypt", s(&image), "--rate", "fast"]).code, 2);
     let status = f.qvol(["reencrypt", s(&image), "--status"]).success();
     assert!(
         status.stdout.contains("is not being re-encrypted"),

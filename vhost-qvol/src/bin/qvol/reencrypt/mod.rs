@@ -45,10 +45,9 @@ pub struct ReencryptArgs {
     #[arg(long, value_name = "SUITE", conflicts_with_all = ["resume", "status"])]
     pub cipher: Option<String>,
     /// Re-seal at most this many MiB of data a second (ranges without data are passed over
-    /// at once) [default: as fast as it goes; a served image: the daemon's
-    /// --reencrypt-rate].
-    #[arg(long, value_name = "MIB_PER_S", conflicts_with = "status",
-          value_parser = clap::value_parser!(u64).range(1..))]
+    /// at once; 0: no limit) [default: no limit; a served image: the daemon's
+    /// --reencrypt-rate, 64 unless set].
+    #[arg(long, value_name = "MIB_PER_S", conflicts_with = "status")]
     pub rate: Option<u64>,
     /// Continue an interrupted re-encryption.
     #[arg(long, conflicts_with = "status")]
