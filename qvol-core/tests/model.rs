@@ -37,9 +37,26 @@
 //!   send is refused; a receiver seeded before the sender's re-encryption refuses its
 //!   incrementals (a full stream seeds a new one, under the new key). A re-encryption
 //!   still in progress at the end is finished, then checked the same way.
+//! - Resizes (FORMAT.md §16), interleaved with all of the above and cut by the same crashes:
+//!   to sizes up to twice the first one, down to a few blocks, back to it, past 16 MiB (the
+//!   map grows from height 1 to 2) and invalid ones (`InvalidInput`, nothing changes). The
+//!   ranges of the other operations are folded into the size the disk has when they run.
+//!   `resize_plan` must name every snapshot the model has data for past a smaller end, and
+//!   count at least the live disk's data there; the resize is refused (`Refused`) exactly
+//!   when the plan names one. A shrink drops the tail (it reads as zeros if the disk grows
+//!   back); one that returned committed (everything before it durable); a crash that cuts
+//!   it leaves the old size (the live disk as the history allows, the tail dropped or not)
+//!   or the new one, never another, with the snapshots unchanged. Snapshots keep their
+//!   content: a snapshot view has the disk's size now, and a snapshot of a smaller disk
+//!   reads zeros past its end (a revert to it too). Mid-way through a re-encryption a
+//!   resize works like any other time (a shrink may leave fewer leaves than were done: the
+//!   next step finishes it). A stream of a larger disk than the receiving image is refused
+//!   (`Refused`) unless it holds nothing past that image's end; the image then grows to the
+//!   sender's size and receives it. `resize_scenario` goes through these cases in a fixed
+//!   order whatever proptest draws.
 //!
-//! The default run does `QVOL_MODEL_CASES` cases (256 unless set: about 15 s in debug on 2
-//! cores); the long run, in `scripts/long-tests.sh`, is
+//! The default run does `QVOL_MODEL_CASES` cases (256 unless set: about 10-14 s in debug
+//! on 2 cores); the long run, in `scripts/long-tests.sh`, is
 //! `QVOL_MODEL_CASES=10000 cargo test --release -p qvol-core --test model` (about 5.5 min).
 
 mod common;
@@ -55,6 +72,9 @@ use qvol_core::storage::{
 use qvol_core::{
     read_stream_head, send_snapshot, CipherSuite, ErrorKind, OpenOptions, Reencryption, Volume,
 };
+
+/// The block size: sizes are multiples of it.
+const BLOCK: u64 = 4096;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -130,6 +150,13 @@ enum Op {
         leaves: u64,
         cut: Option<Cut>,
     },
+    /// `resize(size)` (bytes): grows or shrinks the disk; refused with `InvalidInput` (nothing
+    /// changes) unless a non-zero multiple of 4096, with `Refused` while a snapshot holds
+    /// data past a smaller end (`resize_plan` says which).
+    Resize {
+        size: u64,
+        cut: Option<Cut>,
+    },
     /// close() then open().
     Reopen,
     /// An explicit commit (durable on return).
@@ -151,7 +178,23 @@ fn range(total: u64) -> impl Strategy<Value = (u64, u64)> {
     })
 }
 
+/// A size to resize a disk first made of `blocks` blocks to: mostly up to twice as large and
+/// down to a few blocks, sometimes back to the start, sometimes past 16 MiB (the map grows
+/// from height 1 to 2: 64^2 blocks), sometimes invalid.
+fn new_size(blocks: u64) -> impl Strategy<Value = u64> {
+    prop_oneof![
+        8 => (4..=2 * blocks).prop_map(|b| b * BLOCK),
+        2 => Just(blocks * BLOCK),
+        1 => (4097u64..4160).prop_map(|b| b * BLOCK),
+        1 => prop_oneof![Just(0), (1..=2 * blocks).prop_map(|b| b * BLOCK - SECTOR)],
+    ]
+}
+
+/// Ranges are drawn within twice the first size (as large as most resizes make it) and
+/// folded into the disk's size when they run (see [`Harness::fit`]).
 fn op(total: u64) -> impl Strategy<Value = Op> {
+    let blocks = total / (BLOCK / SECTOR);
+    let total = 2 * total;
     prop_oneof![
         10 => (range(total), any::<u64>())
             .prop_map(|((sector, sectors), tag)| Op::Write { sector, sectors, tag }),
@@ -174,6 +217,7 @@ fn op(total: u64) -> impl Strategy<Value = Op> {
             .prop_map(|(pick, base, incremental)| Op::Send { pick, base, incremental }),
         1 => (any::<bool>(), cut()).prop_map(|(aegis, cut)| Op::StartReencrypt { aegis, cut }),
         3 => (1u64..5, cut()).prop_map(|(leaves, cut)| Op::ReencryptStep { leaves, cut }),
+        2 => (new_size(blocks), cut()).prop_map(|(size, cut)| Op::Resize { size, cut }),
     ]
 }
 
@@ -226,11 +270,28 @@ enum Live {
     Exact(Image),
 }
 
-/// One state a crash may leave: the snapshot list and the live disk.
+/// One state a crash may leave: the snapshot list, the live disk and its size.
 #[derive(Clone, Debug)]
 struct Outcome {
     snaps: Snaps,
     live: Live,
+    /// The disk's size in bytes (a resize that happened: the new one; blocks past a smaller
+    /// end are gone, blocks past the old end read as zeros).
+    size: u64,
+}
+
+/// A whole disk's content `image` as a disk of `size` bytes reads it: cut short (what is
+/// cut off must be zeros: a shrink is refused while a snapshot holds data there) or
+/// followed by zeros (a snapshot of a smaller disk).
+fn fit(image: &[u8], size: u64) -> Vec<u8> {
+    let size = size as usize;
+    let mut out = image[..image.len().min(size)].to_vec();
+    debug_assert!(
+        image[out.len()..].iter().all(|&b| b == 0),
+        "data past the end"
+    );
+    out.resize(size, 0);
+    out
 }
 
 /// Which volume key the image is under (keys are `common::key(n)`).
@@ -405,7 +466,9 @@ impl Harness {
             if let Some(p) = &progress {
                 // A re-encryption the crash cut the start of has done nothing known yet.
                 let known = if k == self.keys.key { self.done } else { 0 };
-                if p.done < known || p.done > p.total {
+                // A shrink may leave fewer leaves than were done already (and a step then
+                // finishes it); no step goes past the end.
+                if p.done < known || (p.done > p.total && p.done != known) {
                     return Err(self.fail(format!(
                         "after a crash the re-encryption is at {} of {} leaves, known done: \
                          {known}",
@@ -487,15 +550,17 @@ impl Harness {
         let mut outcomes = vec![Outcome {
             snaps: self.snaps.clone(),
             live: Live::History,
+            size: self.size(),
         }];
         outcomes.extend(self.interrupted.take());
         let names: Vec<String> = self.vol().snapshots().into_iter().map(|s| s.name).collect();
+        let size = self.vol().size();
         let mut why = Vec::new();
         let mut chosen = None;
         for o in outcomes {
             let want: Vec<&String> = o.snaps.iter().map(|(n, _)| n).collect();
-            if want.iter().copied().ne(names.iter()) {
-                why.push(format!("snapshots {want:?}"));
+            if want.iter().copied().ne(names.iter()) || o.size != size {
+                why.push(format!("snapshots {want:?}, size {}", o.size));
                 continue;
             }
             let mut model = self.model.clone();
@@ -504,10 +569,11 @@ impl Harness {
                 (Live::History, Crash::Kill) => model.check_after_kill(self.vol(), &self.mark),
                 (Live::Durable, _) => {
                     model.make_durable();
+                    model.resize(o.size);
                     model.check_current(self.vol())
                 }
                 (Live::Exact(image), _) => {
-                    model.reset_to(image);
+                    model.reset_to(&fit(image, o.size));
                     model.check_current(self.vol())
                 }
             };
@@ -521,8 +587,8 @@ impl Harness {
         }
         let Some((o, model)) = chosen else {
             return Err(self.fail(format!(
-                "after {how:?} the volume has snapshots {names:?} and matches no allowed \
-                 outcome:\n  {}",
+                "after {how:?} the volume has snapshots {names:?} and size {size} and matches \
+                 no allowed outcome:\n  {}",
                 why.join("\n  ")
             )));
         };
@@ -532,15 +598,37 @@ impl Harness {
         self.verify_clean(&format!("after {how:?}"))
     }
 
-    /// Every snapshot of the model reads back exactly through a read-only snapshot view.
+    /// Every snapshot of the model reads back exactly through a read-only snapshot view,
+    /// which has the disk's size now: a snapshot of a smaller disk reads zeros past its end.
     fn verify_snapshots(&self) -> Result<(), TestCaseError> {
         for (name, content) in &self.snaps {
             let view = self
                 .open_ro(self.keys.key, Some(name.clone()))
                 .map_err(|e| self.fail(format!("snapshot {name} does not open: {e:?}")))?;
-            compare(&view, content).map_err(|m| self.fail(format!("snapshot {name} {m}")))?;
+            if view.size() != self.size() {
+                return Err(self.fail(format!(
+                    "snapshot {name} opens with size {}, the disk's is {}",
+                    view.size(),
+                    self.size()
+                )));
+            }
+            compare(&view, &fit(content, self.size()))
+                .map_err(|m| self.fail(format!("snapshot {name} {m}")))?;
         }
         Ok(())
+    }
+
+    /// The disk's size as the model has it.
+    fn size(&self) -> u64 {
+        self.model.len() as u64 * BLOCK
+    }
+
+    /// A range drawn as `(sector, sectors)` folded into the disk as it is now: as long as
+    /// fits, starting at `sector` modulo the room.
+    fn fit(&self, sector: u64, sectors: u64) -> (u64, u64) {
+        let total = self.size() / SECTOR;
+        let len = sectors.min(total);
+        (sector % (total - len + 1), len)
     }
 
     /// Sends snapshot `name` of the sending image (incremental from `from`) as it lies on
@@ -552,15 +640,67 @@ impl Harness {
         Ok(out)
     }
 
-    /// Receives `stream` into the receiving image, made from the stream's head if `None`.
+    /// Receives `stream` (of the model's snapshot `name`) into the receiving image, made
+    /// from the stream's head if `None` (with the sender's size now). A stream of a disk
+    /// larger than the receiving image is refused (`Refused`: grow it to the sender's size
+    /// first, which this then does), unless what it holds past the image's end is nothing.
     fn receive(
-        &self,
+        &mut self,
         receiver: Option<Receiver>,
+        name: &str,
         stream: &[u8],
     ) -> Result<Receiver, TestCaseError> {
-        let what = |e: qvol_core::Error| self.fail(format!("receive fails: {e:?}"));
+        let what = |e: qvol_core::Error| format!("receive fails: {e:?}");
         let mut r: &[u8] = stream;
-        let (head, hash) = read_stream_head(&mut r).map_err(what)?;
+        let (head, hash) = read_stream_head(&mut r).map_err(|e| self.fail(what(e)))?;
+        let sender_size = head.create_options().map_err(|e| self.fail(what(e)))?.size;
+        let receiver = match receiver {
+            Some(rx) if sender_size > rx.vol.size() => {
+                let content = &self
+                    .snaps
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .expect("a snapshot of the model")
+                    .1;
+                let past_end = content[rx.vol.size() as usize..].iter().any(|&b| b != 0);
+                let mut r1 = r;
+                match rx
+                    .vol
+                    .receive(&head, hash.clone(), &mut r1, false, &mut |_| {})
+                {
+                    Err(e) if e.kind() == ErrorKind::Refused => {}
+                    Err(e) => return Err(self.fail(what(e))),
+                    Ok(snap) if !past_end => {
+                        self.log.push(format!(
+                            "  -> a stream of a {sender_size}-byte disk received into a {}-byte \
+                             image (nothing past its end)",
+                            rx.vol.size()
+                        ));
+                        return Ok(Receiver {
+                            last: snap.guid,
+                            ..rx
+                        });
+                    }
+                    Ok(_) => {
+                        return Err(self.fail(format!(
+                            "a {}-byte image took a stream of a {sender_size}-byte disk with \
+                             data past its end",
+                            rx.vol.size()
+                        )))
+                    }
+                }
+                self.log.push(format!(
+                    "  -> refused by the {}-byte receiver: grown to {sender_size}",
+                    rx.vol.size()
+                ));
+                rx.vol
+                    .resize(sender_size)
+                    .map_err(|e| self.fail(format!("the receiver does not grow: {e:?}")))?;
+                Some(rx)
+            }
+            other => other,
+        };
+        let what = |e: qvol_core::Error| self.fail(what(e));
         let receiver = match receiver {
             Some(rx) => rx,
             None => {
@@ -670,12 +810,12 @@ impl Harness {
         };
         let (i, rx) = match chain {
             Some((i, from)) => {
-                let name = &self.snaps[i].0;
+                let name = self.snaps[i].0.clone();
                 self.log
                     .push(format!("  -> send {name} from {from} (chain)"));
-                let stream = self.send(name, Some(&from))?;
+                let stream = self.send(&name, Some(&from))?;
                 let prev = self.receiver.take();
-                (i, self.receive(prev, &stream)?)
+                (i, self.receive(prev, &name, &stream)?)
             }
             None => {
                 let Some(&(i, snap)) = sendable.get(usize::from(pick) % sendable.len().max(1))
@@ -683,7 +823,7 @@ impl Harness {
                     return Ok(());
                 };
                 self.receiver = None;
-                let name = &self.snaps[i].0;
+                let name = &self.snaps[i].0.clone();
                 let older: Vec<&str> = sendable
                     .iter()
                     .filter(|(_, s)| s.epoch < snap.epoch)
@@ -695,17 +835,18 @@ impl Harness {
                         .push(format!("  -> send {from} full, then {name} from {from}"));
                     let full = self.send(from, None)?;
                     let inc = self.send(name, Some(from))?;
-                    let rx = self.receive(None, &full)?;
-                    self.receive(Some(rx), &inc)?
+                    let rx = self.receive(None, from, &full)?;
+                    self.receive(Some(rx), name, &inc)?
                 } else {
                     self.log.push(format!("  -> send {name} full"));
                     let stream = self.send(name, None)?;
-                    self.receive(None, &stream)?
+                    self.receive(None, name, &stream)?
                 };
                 (i, rx)
             }
         };
         let (name, content) = &self.snaps[i];
+        let content = &fit(content, rx.vol.size());
         let view = Volume::open_with(
             rx.storage.clone() as Arc<dyn Storage>,
             &common::key(rx.key),
@@ -809,7 +950,7 @@ impl Harness {
                 match done.live {
                     Live::History => {}
                     Live::Durable => self.model.make_durable(),
-                    Live::Exact(image) => self.model.reset_to(&image),
+                    Live::Exact(image) => self.model.reset_to(&fit(&image, done.size)),
                 }
                 self.snaps = done.snaps;
                 self.mark = self.model.version_counts();
@@ -899,6 +1040,118 @@ impl Harness {
         }
     }
 
+    /// A resize (see [`Op::Resize`]): `resize_plan` first, which must agree with the model
+    /// (every snapshot with data past a smaller end named; the live disk's data there
+    /// counted), then the resize itself, refused as the plan says. A shrink discards the
+    /// tail first (recorded in the model like a discard). One that returned committed:
+    /// everything before it is durable, and the disk has the new size. A crash that cuts it
+    /// leaves the old size (the live disk as the history allows: the tail dropped or not) or
+    /// the new one (everything before it durable).
+    fn resize(&mut self, size: u64) -> Result<(), TestCaseError> {
+        let old = self.size();
+        if size == 0 || size % BLOCK != 0 {
+            for (what, r) in [
+                ("resize_plan", self.vol().resize_plan(size).map(|_| ())),
+                ("resize", self.vol().resize(size).map(|_| ())),
+            ] {
+                match r {
+                    Err(e) if e.kind() == ErrorKind::InvalidInput => {}
+                    Err(e) => return self.on_error(what, e),
+                    Ok(()) => {
+                        return Err(self.fail(format!("{what} to {size} bytes was not refused")))
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let plan = match self.vol().resize_plan(size) {
+            Ok(p) => p,
+            Err(e) => return self.on_error("resize_plan", e),
+        };
+        // Data the model knows of past the new end (a block may also hold zeros that were
+        // written: the engine may count those as data, the model cannot tell).
+        let first = (size / BLOCK) as usize;
+        let live_data = (first..self.model.len())
+            .filter(|&b| self.model.current(b).iter().any(|&x| x != 0))
+            .count() as u64;
+        let must: Vec<&String> = self
+            .snaps
+            .iter()
+            .filter(|(_, c)| c.len() > size as usize && c[size as usize..].iter().any(|&x| x != 0))
+            .map(|(n, _)| n)
+            .collect();
+        let sane = plan.old_size == old
+            && plan.new_size == size
+            && (size < old || plan.dropped_bytes == 0 && plan.snapshots_past_end.is_empty())
+            && plan.dropped_bytes >= live_data * BLOCK
+            && plan.dropped_bytes <= old.saturating_sub(size)
+            && must.iter().all(|n| plan.snapshots_past_end.contains(n))
+            && plan.snapshots_past_end.iter().all(|n| self.has(n));
+        if !sane {
+            return Err(self.fail(format!(
+                "resize_plan({size}) of a {old}-byte disk returned {plan:?}; the model has \
+                 {live_data} blocks of data past the new end, and snapshots {must:?} with data \
+                 there"
+            )));
+        }
+        let refused = !plan.snapshots_past_end.is_empty();
+        self.log.push(format!(
+            "  -> {old} -> {size}{}",
+            if refused { " (refused)" } else { "" }
+        ));
+        if size < old && !refused {
+            // The tail is discarded through the log first.
+            self.model.apply(size, &vec![0u8; (old - size) as usize]);
+        }
+        let before = self.fault.failures();
+        match self.vol().resize(size) {
+            Err(e) if refused && e.kind() == ErrorKind::Refused => Ok(()),
+            Err(e) if refused => self.on_error("resize", e),
+            Ok(p) if refused => {
+                Err(self.fail(format!("the resize should have been refused: {p:?}")))
+            }
+            Ok(p) => {
+                if p != plan {
+                    return Err(self.fail(format!("resize returned {p:?}, its plan was {plan:?}")));
+                }
+                if size != old {
+                    // It committed (a resize to the same size does nothing).
+                    self.model.make_durable();
+                    self.model.resize(size);
+                }
+                self.mark = self.model.version_counts();
+                if self.vol().size() != size {
+                    return Err(self.fail(format!(
+                        "the resize returned, the size is {}",
+                        self.vol().size()
+                    )));
+                }
+                match self.armed {
+                    Some(how) if self.fault.failures() > before => {
+                        self.log
+                            .push(format!("  -> resize Ok after a storage failure; {how:?}"));
+                        self.crash(how)
+                    }
+                    Some(_) => Ok(()),
+                    None => {
+                        self.verify_snapshots()?;
+                        self.verify_clean("after resize")
+                    }
+                }
+            }
+            Err(e) => {
+                self.interrupted = (size != old).then(|| Outcome {
+                    snaps: self.snaps.clone(),
+                    live: Live::Durable,
+                    size,
+                });
+                let r = self.on_error("resize", e);
+                self.interrupted = None;
+                r
+            }
+        }
+    }
+
     fn run(&mut self, op: &Op) -> Result<(), TestCaseError> {
         self.log.push(format!("{op:?}"));
         if self.log.len() > 40 {
@@ -911,6 +1164,7 @@ impl Harness {
                 sectors,
                 tag,
             } => {
+                let (sector, sectors) = self.fit(sector, sectors);
                 let data = common::pattern(tag, (sectors * SECTOR) as usize);
                 // Record first: a write that fails midway may still have landed.
                 self.model.apply(sector * SECTOR, &data);
@@ -919,6 +1173,7 @@ impl Harness {
                 }
             }
             Op::Read { sector, sectors } => {
+                let (sector, sectors) = self.fit(sector, sectors);
                 let mut buf = vec![0u8; (sectors * SECTOR) as usize];
                 match self.vol().read_at(sector * SECTOR, &mut buf) {
                     Err(e) => return self.on_error("read", e),
@@ -934,6 +1189,7 @@ impl Harness {
                 Err(e) => return self.on_error("flush", e),
             },
             Op::Discard { sector, sectors } => {
+                let (sector, sectors) = self.fit(sector, sectors);
                 self.model
                     .apply(sector * SECTOR, &vec![0u8; (sectors * SECTOR) as usize]);
                 if let Err(e) = self.vol().discard(sector * SECTOR, sectors * SECTOR) {
@@ -945,6 +1201,7 @@ impl Harness {
                 sectors,
                 unmap,
             } => {
+                let (sector, sectors) = self.fit(sector, sectors);
                 self.model
                     .apply(sector * SECTOR, &vec![0u8; (sectors * SECTOR) as usize]);
                 if let Err(e) = self
@@ -971,6 +1228,7 @@ impl Harness {
                 let done = Outcome {
                     snaps,
                     live: Live::Durable,
+                    size: self.size(),
                 };
                 let refused = self.has(&name);
                 self.snapshot_op("create_snapshot", refused, done, |v| {
@@ -989,6 +1247,7 @@ impl Harness {
                 let done = Outcome {
                     snaps,
                     live: Live::Durable,
+                    size: self.size(),
                 };
                 self.snapshot_op("delete_snapshot", i.is_none(), done, |v| {
                     v.delete_snapshot(&name).map(|_| ())
@@ -1009,6 +1268,7 @@ impl Harness {
                 let done = Outcome {
                     snaps,
                     live: Live::Exact(target),
+                    size: self.size(),
                 };
                 self.snapshot_op("revert_to_snapshot", refused, done, |v| {
                     v.revert_to_snapshot(&name, keep.as_deref())
@@ -1067,6 +1327,8 @@ impl Harness {
                 if let Some((p, before)) = r {
                     let retired = match p {
                         Some(p) if p.done > self.done && p.done < p.total => {
+                            self.log
+                                .push(format!("  -> {} of {} leaves done", p.done, p.total));
                             self.done = p.done;
                             None
                         }
@@ -1077,6 +1339,7 @@ impl Harness {
                             )));
                         }
                         None => {
+                            self.log.push("  -> finished".into());
                             let old = self.keys.old;
                             self.keys = finished;
                             old
@@ -1084,6 +1347,12 @@ impl Harness {
                     };
                     self.rekey_done("reencrypt_step", before, retired)?;
                 }
+            }
+            Op::Resize { size, cut } => {
+                if let Some(c) = cut {
+                    self.arm(c);
+                }
+                self.resize(size)?;
             }
             Op::Reopen => {
                 let vol = self.vol.take().expect("open");
@@ -1128,18 +1397,33 @@ proptest! {
         for op in &ops {
             h.run(op)?;
         }
+        settle(&mut h)?;
+    }
+}
+
+/// The end of a run: a last power loss, then everything must read as allowed; a close and
+/// reopen keeps it; a re-encryption in progress finishes; deleting every snapshot leaves
+/// exactly the live disk.
+fn settle(h: &mut Harness) -> Result<(), TestCaseError> {
+    {
         // The end: a last power loss, then everything must read as allowed.
         h.power_loss(0x5eed)?;
         // And the recovered state is stable: a clean close and reopen keeps it.
         let vol = h.vol.take().expect("open");
-        vol.close().map_err(|e| TestCaseError::fail(format!("close after recovery: {e:?}")))?;
+        vol.close()
+            .map_err(|e| TestCaseError::fail(format!("close after recovery: {e:?}")))?;
         h.mark = h.model.version_counts();
         h.crash(Crash::Kill)?;
         // A re-encryption in progress finishes; then every snapshot and the live disk read
         // the same and only the new key opens the volume.
         if let Some(old) = h.keys.old {
             let mut steps = 0;
-            while h.vol().reencrypt_step(3).map_err(|e| h.fail(format!("resume: {e:?}")))?.is_some() {
+            while h
+                .vol()
+                .reencrypt_step(3)
+                .map_err(|e| h.fail(format!("resume: {e:?}")))?
+                .is_some()
+            {
                 steps += 1;
                 prop_assert!(steps < 1000, "the re-encryption does not end");
             }
@@ -1151,11 +1435,101 @@ proptest! {
         }
         // Deleting every snapshot leaves exactly the live disk's blocks in use.
         for (name, _) in std::mem::take(&mut h.snaps) {
-            h.vol().delete_snapshot(&name).map_err(|e| h.fail(format!("delete {name}: {e:?}")))?;
+            h.vol()
+                .delete_snapshot(&name)
+                .map_err(|e| h.fail(format!("delete {name}: {e:?}")))?;
         }
         h.verify_clean("after deleting every snapshot")?;
         h.model.check_current(h.vol()).map_err(|m| h.fail(m))?;
     }
+    Ok(())
+}
+
+/// Resizes through the model, whatever proptest draws: a 1 MiB disk grows past 16 MiB
+/// (the map grows from height 1 to 2) with a snapshot of the small disk, a receiver of the
+/// small disk's stream is refused the grown one's until it grows, a shrink is refused while
+/// a snapshot holds the tail, a shrink cut by a power loss, snapshots of the shrunk disk
+/// (their maps taller than it needs) sent, a re-encryption the disk grows and shrinks under
+/// (fewer leaves than it has done), a revert to a snapshot of a larger disk.
+#[test]
+fn resize_scenario() {
+    const MIB: u64 = 1 << 20;
+    let block = |b: u64| b * (BLOCK / SECTOR);
+    let write = |b: u64, tag| Op::Write {
+        sector: block(b),
+        sectors: 8,
+        tag,
+    };
+    let resize = |size| Op::Resize { size, cut: None };
+    let snapshot = |name| Op::CreateSnapshot { name, cut: None };
+    let send = |pick, incremental| Op::Send {
+        pick,
+        base: 0,
+        incremental,
+    };
+    let step = Op::ReencryptStep {
+        leaves: 1,
+        cut: None,
+    };
+    let ops = [
+        write(100, 1),
+        snapshot(0),
+        send(0, false),
+        resize(16 * MIB + BLOCK),
+        write(4096, 2),
+        write(1000, 3),
+        snapshot(1),
+        // s1 from s0 into the 1 MiB receiver: refused, grown, received.
+        send(0, true),
+        resize(MIB),
+        Op::DeleteSnapshot { pick: 1, cut: None },
+        Op::Resize {
+            size: MIB,
+            cut: Some(Cut {
+                after: 12,
+                seed: 7,
+                kill: false,
+            }),
+        },
+        resize(MIB),
+        snapshot(2),
+        send(1, true),
+        // 8 leaves; data in leaves 1 (every map), 4 and 7: two steps do 5 leaves.
+        resize(2 * MIB),
+        write(300, 4),
+        write(500, 6),
+        Op::StartReencrypt {
+            aegis: true,
+            cut: None,
+        },
+        step.clone(),
+        step.clone(),
+        // 2 leaves, 5 done; then 16 leaves, 5 done, what is past them new.
+        resize(MIB / 2),
+        Op::PowerLoss { seed: 3 },
+        resize(4 * MIB),
+        write(200, 7),
+        step.clone(),
+        step.clone(),
+        snapshot(3),
+        resize(MIB),
+        Op::Revert {
+            pick: 2,
+            keep: None,
+            cut: None,
+        },
+        write(100, 5),
+        send(2, true),
+        Op::Resize {
+            size: 4095,
+            cut: None,
+        },
+    ];
+    let mut h = Harness::new(MIB);
+    for op in &ops {
+        h.run(op).unwrap_or_else(|e| panic!("{e}"));
+    }
+    settle(&mut h).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A fixed scenario that must hold whatever proptest draws: flushed data survives a power

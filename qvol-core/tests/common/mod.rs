@@ -97,6 +97,13 @@ impl BlockHistory {
         }
     }
 
+    /// The disk is resized to `size` bytes (durable): blocks past a smaller end are gone,
+    /// blocks past the old end read as zeros.
+    pub fn resize(&mut self, size: u64) {
+        let n = (size / BS as u64) as usize;
+        self.blocks.resize(n, vec![vec![0u8; BS]]);
+    }
+
     /// The number of blocks.
     pub fn len(&self) -> usize {
         self.blocks.len()
