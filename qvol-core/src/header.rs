@@ -289,7 +289,16 @@ pub(crate) fn read_header_area(storage: &dyn Storage) -> Result<(Header, Vec<u8>
     storage
         .read_exact_at(&mut area, 0)
         .map_err(|e| Error::io("cannot read the qvol header", e))?;
-    let header = decode_header(&area[..BS])?;
+    let header = match decode_header(&area[..BS]) {
+        Ok(header) => header,
+        // A header change cut while the new area was written in place (FORMAT.md §3.1,
+        // step 4) can leave a torn header block: the staged copy, which the newest
+        // superblock names, is the header that counts then (the open verifies it).
+        Err(e) => match unverified_staged_area(storage).map(|s| decode_header(&s[..BS])) {
+            Some(Ok(staged)) => staged,
+            _ => return Err(e),
+        },
+    };
     if len < header.regions().data_offset() {
         return Err(Error::corrupt(format!(
             "the image is {len} bytes long, shorter than its {}-byte log needs",

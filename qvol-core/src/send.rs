@@ -204,12 +204,12 @@ pub fn send_snapshot(
     // crafted one cannot make the walk (and the stream) endless.
     // (A snapshot taken before the disk grew has a shorter map: FORMAT.md §16.)
     let blocks = header.size / BLOCK_SIZE;
-    if snap.map_height > tree_height(blocks, FANOUT) {
+    // A map may be taller than the size needs (a shrink keeps the trees' height, FORMAT.md
+    // §16), never taller than a map can be.
+    if snap.map_height > 8 {
         return Err(Error::corrupt(format!(
-            "snapshot {name:?} has a map of height {}, taller than the {} of a disk of {} bytes",
-            snap.map_height,
-            tree_height(blocks, FANOUT),
-            header.size
+            "snapshot {name:?} has a map of height {}, taller than any map",
+            snap.map_height
         )));
     }
     let base = match from {
@@ -250,9 +250,14 @@ pub fn send_snapshot(
     w.put(&area)?;
     w.put(&entry)?;
     let mut sum = SendSummary::default();
+    let file_blocks = st
+        .len()
+        .map_err(|e| Error::io("cannot read the image's length", e))?
+        / BLOCK_SIZE;
     let mut sender = Sender {
         st,
         blocks,
+        file_blocks,
         w: &mut w,
         sum: &mut sum,
         progress,
@@ -279,8 +284,11 @@ pub fn send_snapshot(
 
 struct Sender<'a, W> {
     st: &'a dyn Storage,
-    /// Logical blocks of the disk: no node or data record lies beyond them.
+    /// Logical blocks of the disk: no data record lies beyond them.
     blocks: u64,
+    /// Blocks of the image: a map (a tree) has no more nodes than that, so a crafted one
+    /// (nodes named more than once) cannot make the stream endless.
+    file_blocks: u64,
     w: &'a mut Hashing<W>,
     sum: &'a mut SendSummary,
     progress: &'a mut dyn FnMut(u64),
@@ -300,12 +308,12 @@ impl<W: Write> Sender<'_, W> {
         if ptr.pbn == 0 || same_subtree(base, level, &ptr.pmac) {
             return Ok(());
         }
-        let first = FANOUT
-            .checked_pow(u32::from(level) + 1)
-            .and_then(|span| index.checked_mul(span));
-        if first.is_none_or(|first| first >= self.blocks) {
+        // Nodes past the end of the disk are those a shrink left (FORMAT.md §16): they hold
+        // no data (a data record past the end is refused below) and are sent as they are.
+        if self.sum.nodes >= self.file_blocks {
             return Err(Error::corrupt(format!(
-                "map node {index} at level {level} lies beyond the end of the disk"
+                "the map has more nodes than the image has blocks (at node {index} of level \
+                 {level})"
             )));
         }
         let page = read_raw(self.st, ptr.pbn)?;
@@ -536,7 +544,10 @@ impl Volume {
                  or force the receive to discard those changes",
             ));
         }
-        if snap.map_height > live_height {
+        // A map taller than this image's is fine (a shrink keeps the height; the live map
+        // grows to it), a disk larger than this one is not: its data past this end would be
+        // hidden here and come back if this image grew.
+        if head.create_options()?.size > self.size() {
             return Err(Error::new(
                 ErrorKind::Refused,
                 format!(

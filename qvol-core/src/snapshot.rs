@@ -260,9 +260,11 @@ impl Volume {
     fn replace_live(&self, root: NodePtr, height: u8) -> Result<()> {
         let live = self.committed_live();
         let others = other_roots(&self.snapshots(), None, None);
+        // The live map keeps its height, or takes the taller one of a received snapshot.
+        let to = live.1.max(height);
         self.free_exclusive(live, &others)
-            .and_then(|_| self.wrap_map_root(root, height, live.1))
-            .map(|root| self.map.reset(live.1, root))
+            .and_then(|_| self.wrap_map_root(root, height, to))
+            .map(|root| self.map.reset(to, root))
             .map_err(|e| self.fail(e))?;
         self.commit_locked(true)
     }
