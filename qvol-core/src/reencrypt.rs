@@ -423,7 +423,7 @@ impl Volume {
         let mut maps = self.map_views();
         let mut seen = std::collections::HashSet::new();
         let mut out = PageWriter::new(st);
-        let mut block = vec![0u8; BS];
+        let mut buf = vec![0u8; FANOUT as usize * BS];
         let mut leaf = leaves.start;
         while leaf < leaves.end {
             let mut skip = u64::MAX;
@@ -434,22 +434,57 @@ impl Volume {
                     continue;
                 }
                 let page = read_node(st, &keys, TreeKind::Map, 0, leaf, &ptr)?;
+                let mut todo = Vec::new();
                 for i in 0..FANOUT as usize {
                     let e = LeafEntry::decode(&page[..], i)?;
                     let lbn = leaf * FANOUT + i as u64;
-                    if e.pbn == 0 || e.key_epoch != from || copies.contains_key(&(lbn, e.pbn)) {
-                        continue;
+                    if e.pbn != 0 && e.key_epoch == from && !copies.contains_key(&(lbn, e.pbn)) {
+                        todo.push((lbn, e));
                     }
-                    st.read_exact_at(&mut block, e.pbn * BLOCK_SIZE)
-                        .map_err(|err| {
-                            Error::io(format!("cannot read physical block {}", e.pbn), err)
-                        })?;
-                    crate::datablock::open_block(&keys, lbn, &e, &mut block)?;
-                    let nonce = crate::datablock::random_nonces(suite, 1)?;
-                    let mut copy = crate::datablock::seal_block(&keys, lbn, &nonce, &mut block)?;
-                    copy.pbn = self.alloc.lock().alloc(st, &keys, 1)?[0];
-                    copies.insert((lbn, e.pbn), copy);
-                    out.push(copy.pbn, &block)?;
+                }
+                if todo.is_empty() {
+                    continue;
+                }
+                // Physically consecutive blocks are read with one call.
+                todo.sort_by_key(|(_, e)| e.pbn);
+                let nonces = crate::datablock::random_nonces(suite, todo.len())?;
+                let nl = suite.nonce_len();
+                let pbns = self.alloc.lock().alloc(st, &keys, todo.len())?;
+                let mut i = 0;
+                while i < todo.len() {
+                    let mut j = i + 1;
+                    while j < todo.len() && todo[j].1.pbn == todo[i].1.pbn + (j - i) as u64 {
+                        j += 1;
+                    }
+                    let run = &mut buf[..(j - i) * BS];
+                    if let Err(err) = st.read_exact_at(run, todo[i].1.pbn * BLOCK_SIZE) {
+                        // Those not handed out yet; the caller frees the others.
+                        self.free_copies(&pbns[i..])?;
+                        return Err(Error::io(
+                            format!("cannot read physical block {}", todo[i].1.pbn),
+                            err,
+                        ));
+                    }
+                    for (k, block) in run.chunks_exact_mut(BS).enumerate() {
+                        let (lbn, e) = todo[i + k];
+                        let sealed = crate::datablock::open_block(&keys, lbn, &e, block)
+                            .and_then(|()| {
+                                let nonce = &nonces[(i + k) * nl..(i + k + 1) * nl];
+                                crate::datablock::seal_block(&keys, lbn, nonce, block)
+                            });
+                        let mut copy = match sealed {
+                            Ok(copy) => copy,
+                            Err(err) => {
+                                // Those not handed out yet; the caller frees the others.
+                                self.free_copies(&pbns[i + k..])?;
+                                return Err(err);
+                            }
+                        };
+                        copy.pbn = pbns[i + k];
+                        copies.insert((lbn, e.pbn), copy);
+                        out.push(copy.pbn, block)?;
+                    }
+                    i = j;
                 }
             }
             leaf = leaf.saturating_add(skip.max(1));
@@ -460,6 +495,16 @@ impl Volume {
         if !copies.is_empty() {
             st.sync_data()
                 .map_err(|e| Error::io("cannot sync the re-sealed copies", e))?;
+        }
+        Ok(())
+    }
+
+    /// Frees blocks allocated for copies that were never handed out.
+    fn free_copies(&self, pbns: &[u64]) -> Result<()> {
+        let keys = self.keys();
+        let mut a = self.alloc.lock();
+        for &pbn in pbns {
+            a.free_unused(&*self.storage, &keys, pbn)?;
         }
         Ok(())
     }
