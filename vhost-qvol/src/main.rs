@@ -74,7 +74,7 @@ struct Args {
     /// start) at most this many MiB of data a second (0: no limit; `qvol reencrypt --rate`
     /// overrides it for the re-encryption it starts). The default keeps the guest's p99
     /// latency within about twice what it is without (benches/RESULTS.md).
-    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
     reencrypt_rate: u64,
     /// Keystore directory [default: $QVOL_KEYSTORE, then $XDG_DATA_HOME/qvol/keystore].
     #[arg(long, value_name = "DIR")]
@@ -194,7 +194,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.socket, SocketSource::Fd(3));
         assert_eq!(cfg.num_queues, 4);
-        assert_eq!(cfg.reencrypt_rate, 64 << 20, "64 MiB/s by default");
+        assert_eq!(cfg.reencrypt_rate, 32 << 20, "32 MiB/s by default");
         let cfg = parse(&[
             "--fd",
             "3",

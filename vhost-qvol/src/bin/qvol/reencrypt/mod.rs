@@ -46,7 +46,7 @@ pub struct ReencryptArgs {
     pub cipher: Option<String>,
     /// Re-seal at most this many MiB of data a second (ranges without data are passed over
     /// at once; 0: no limit) [default: no limit; a served image: the daemon's
-    /// --reencrypt-rate, 64 unless set].
+    /// --reencrypt-rate, 32 unless set].
     #[arg(long, value_name = "MIB_PER_S", conflicts_with = "status")]
     pub rate: Option<u64>,
     /// Continue an interrupted re-encryption.
