@@ -467,8 +467,8 @@ impl Volume {
                     }
                     for (k, block) in run.chunks_exact_mut(BS).enumerate() {
                         let (lbn, e) = todo[i + k];
-                        let sealed = crate::datablock::open_block(&keys, lbn, &e, block)
-                            .and_then(|()| {
+                        let sealed =
+                            crate::datablock::open_block(&keys, lbn, &e, block).and_then(|()| {
                                 let nonce = &nonces[(i + k) * nl..(i + k + 1) * nl];
                                 crate::datablock::seal_block(&keys, lbn, nonce, block)
                             });

@@ -363,8 +363,13 @@ fn a_header_torn_in_place_opens_from_the_staged_copy() {
             torn += 1;
             let st: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(image));
             let what = format!("cut after {after}, power loss {seed}");
-            let ro = Volume::open(st.clone(), &common::key(1), true).unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_eq!(ro.size(), 2 << 20, "{what}: a torn header means step 4 had begun");
+            let ro = Volume::open(st.clone(), &common::key(1), true)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(
+                ro.size(),
+                2 << 20,
+                "{what}: a torn header means step 4 had begun"
+            );
             drop(ro);
             let rw = common::open(st.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
             rw.close().expect("close");
@@ -380,5 +385,8 @@ fn a_header_torn_in_place_opens_from_the_staged_copy() {
             break;
         }
     }
-    assert!(torn > 0, "no power loss tore the header: the test tests nothing");
+    assert!(
+        torn > 0,
+        "no power loss tore the header: the test tests nothing"
+    );
 }
