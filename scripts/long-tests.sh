@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The long runs kept out of the default suite (scripts/test.sh): the crash-model property test
-# (writes, flushes, discards, commits, snapshot create/delete/revert, power losses and kill -9)
-# with 10,000 cases in release mode (about 6 minutes on 2 cores, 1.5 of them building).
-# QVOL_MODEL_CASES overrides.
+# (writes, flushes, discards, commits, snapshot create/delete/revert, send/recv, re-encryption,
+# resize, power losses and kill -9) with 10,000 cases in release mode (QVOL_MODEL_CASES
+# overrides), then the re-encryption crash test with every power-loss seed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cases="${QVOL_MODEL_CASES:-10000}"
 echo "== qvol-core model test, $cases cases (release)"
 QVOL_MODEL_CASES="$cases" cargo test --release --locked -p qvol-core --test model
+echo "== qvol-core re-encryption crash test, every power-loss seed (release)"
+QVOL_REENCRYPT_CRASH_ALL=1 cargo test --release --locked -p qvol-core --test reencrypt_crash
