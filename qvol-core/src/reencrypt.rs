@@ -44,6 +44,9 @@ pub struct Reencryption {
     pub done: u64,
     /// Map leaves in all (the disk size in units of 64 logical blocks, 256 KiB).
     pub total: u64,
+    /// Bytes of data the step that returned this re-sealed (0 from
+    /// [`Volume::reencryption`]).
+    pub step_bytes: u64,
 }
 
 /// Bytes of logical disk one map leaf covers.
@@ -155,6 +158,7 @@ impl Volume {
             to_suite: keys.data_suite(),
             done: record.done,
             total: self.blocks().div_ceil(FANOUT),
+            step_bytes: 0,
         })
     }
 
@@ -341,11 +345,15 @@ impl Volume {
                 let end = self.plan_step(r.from_epoch, r.done, r.total, max_leaves.max(1))?;
                 let copies = self.seal_copies(r.from_epoch, r.done..end)?;
                 let _gate = self.exclusive_after(writer);
-                self.install_step(r.from_epoch, r.done..end, copies)
+                let resealed = self
+                    .install_step(r.from_epoch, r.done..end, copies)
                     .map_err(|e| self.fail(e))?;
                 self.commit_locked(true)?;
                 if end < r.total {
-                    return Ok(self.reencryption());
+                    return Ok(self.reencryption().map(|p| Reencryption {
+                        step_bytes: resealed * BLOCK_SIZE,
+                        ..p
+                    }));
                 }
             }
         }
@@ -522,13 +530,13 @@ impl Volume {
     /// allocator for that commit, which may reuse some, and taken back after it), then
     /// rewrites every map over leaves `leaves` to hold the copies, sealing any block the
     /// copies miss, installs the new roots and moves `done` to the range's end; the caller
-    /// commits.
+    /// commits. Returns the blocks re-sealed.
     fn install_step(
         &self,
         from: u32,
         leaves: std::ops::Range<u64>,
         copies: HashMap<(u64, u64), LeafEntry>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let st = &*self.storage;
         let keys = self.keys();
         {
@@ -558,7 +566,7 @@ impl Volume {
         for s in &snaps {
             roots.push(rw.map(s.map_height, s.root)?);
         }
-        rw.finish()?;
+        let resealed = rw.finish()?;
         drop(a);
         self.map.reset(height, live);
         self.set_snapshot_roots(&roots);
@@ -570,7 +578,7 @@ impl Volume {
         {
             rec.done = end;
         }
-        Ok(())
+        Ok(resealed)
     }
 
     /// Erases every free block of the file (every block under the new key by now, so what is

@@ -231,7 +231,16 @@ fn a_sealed_key_must_come_from_a_holder_of_the_key() {
         &vol.keyslots_hash(),
     )
     .expect("sealed by the key holder");
-    while vol.reencrypt_step(64).expect("step").is_some() {}
+    let (mut steps, mut bytes) = (0, 0);
+    while let Some(p) = vol.reencrypt_step(1).expect("step") {
+        assert!(p.step_bytes <= 64 * 4096, "a step of one leaf: {p:?}");
+        steps += 1;
+        bytes += p.step_bytes;
+    }
+    assert!(
+        steps > 1 && bytes > 0,
+        "{steps} steps re-sealed {bytes} bytes"
+    );
     model.check_current(&vol).expect("reads");
     vol.close().expect("close");
     open_with(&st, 2, true).expect("the new key opens it");

@@ -76,7 +76,6 @@ pub fn step_until_done(
     mut progress: impl FnMut(&Reencryption),
 ) -> qvol_core::Result<Option<Reencryption>> {
     let mut pacer = Pacer::new(rate.load(Ordering::Relaxed));
-    let mut done = vol.reencryption().map_or(0, |r| r.done);
     loop {
         if stop.load(Ordering::Acquire) {
             return Ok(vol.reencryption());
@@ -90,11 +89,9 @@ pub fn step_until_done(
             return Ok(None);
         };
         progress(&p);
-        // A step passes over leaves without data for free and re-seals at most `leaves`
-        // leaves of data: the rate counts those.
-        let added = p.done.saturating_sub(done).min(leaves) * LEAF_SPAN_BYTES;
-        done = p.done;
-        nap(pacer.after(added), stop);
+        // The rate counts the data re-sealed (a step passes over ranges without data, or
+        // already under the new key, for free).
+        nap(pacer.after(p.step_bytes), stop);
     }
 }
 
