@@ -17,7 +17,7 @@ pub(crate) const HEADER_AREA_LEN: usize = BS + MAX_KEYSLOTS * KEYSLOT_SIZE;
 /// The decoded header of an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// The format version (1 to 4).
+    /// The format version (1 to 5).
     pub version: u32,
     /// Length of the write-ahead log in bytes (4 MiB in version 1).
     pub log_len: u64,
@@ -42,7 +42,7 @@ pub struct Header {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HeaderInfo {
-    /// The format version (1 to 4).
+    /// The format version (1 to 5).
     pub format_version: u32,
     /// Length of the write-ahead log in bytes: writes between two commits take a 128-byte
     /// record per block, so a log of `n` bytes holds `n / 128` block writes.
@@ -162,7 +162,7 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         && get_u64(b, 64) == SUPERBLOCK_OFFSETS[0]
         && get_u64(b, 72) == SUPERBLOCK_OFFSETS[1]
         && get_u64(b, 80) == LOG_OFFSET;
-    // Version 1 has a 4 MiB log; versions 2 and 3 a power of two from 4 to 64 MiB (FORMAT.md §2).
+    // Version 1 has a 4 MiB log; versions 2 to 5 a power of two from 4 to 64 MiB (FORMAT.md §2).
     let log_len = get_u64(b, 88);
     let log_ok = match version {
         1 => log_len == MIN_LOG_LEN,
