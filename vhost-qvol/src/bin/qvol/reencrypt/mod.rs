@@ -467,12 +467,14 @@ mod tests {
             &["d.qvol", "--resume", "--cipher", "aegis-256"],
             &["d.qvol", "--status", "--rate", "3"],
             &["d.qvol", "--resume", "--slot-passphrase-file", "1=p"],
-            &["d.qvol", "--rate", "0"],
+            &["d.qvol", "--rate", "fast"],
             &["d.qvol", "--slot-passphrase-file", "9=p"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
         assert_eq!(rate_bytes(&parse(&["d.qvol"]).unwrap()), 0);
+        // 0 lifts a served image's daemon default.
+        assert_eq!(parse(&["d.qvol", "--rate", "0"]).unwrap().rate, Some(0));
     }
 
     #[test]
