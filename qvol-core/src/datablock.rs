@@ -128,6 +128,21 @@ pub(crate) fn open_block(
         })
 }
 
+/// Re-seals `buf`, the ciphertext of logical block `lbn` that `entry` points to, in place:
+/// opened under `old` (the tag checked: a damaged block is an error, never re-sealed), sealed
+/// under `new`'s key epoch with `nonce`. Returns the new entry without a physical block.
+pub(crate) fn reseal_block(
+    old: &Subkeys,
+    new: &Subkeys,
+    lbn: u64,
+    entry: &LeafEntry,
+    nonce: &[u8],
+    buf: &mut [u8],
+) -> Result<LeafEntry> {
+    open_block(old, lbn, entry, buf)?;
+    seal_block(new, lbn, nonce, buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,13 +4,14 @@
 //! a range of logical blocks at a time, each step one commit; the finish drops the old key
 //! from the image and punches every free block.
 
+use crate::datablock::reseal_block;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{encode_keyslots, Header};
 use crate::key::VolumeKey;
 use crate::keyslots::{join, same};
 use crate::layout::*;
-use crate::node::{LeafEntry, TreeKind};
-use crate::rewrite::{Change, Rewrite};
+use crate::node::{LeafEntry, NodePtr, TreeKind};
+use crate::rewrite::{Change, Copies, Rewrite};
 use crate::subkeys::{Subkeys, SEALED_KEY_LEN};
 use crate::suite::CipherSuite;
 use crate::superblock::{RekeyRecord, Superblock};
@@ -27,6 +28,8 @@ const TRANSFER_LABEL: &[u8] = b"qvol-rekey-transfer-v5";
 /// Map leaves read (without re-sealing anything) at most per step, so that a step over a
 /// disk already under the new key still ends soon.
 const SCAN_PER_STEP: u64 = 4096;
+/// Free runs at least this many blocks long are punched at the end, shorter ones zeroed.
+const ERASE_PUNCH_FROM: u64 = 64;
 
 /// A re-encryption in progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -270,24 +273,36 @@ impl Volume {
     /// `new` put in force with `record`. Returns the most blocks that commit allocates.
     fn switch_keys(&self, old: &Subkeys, new: Subkeys, record: RekeyRecord) -> Result<u64> {
         let st = &*self.storage;
-        let (live, height) = self.committed_live();
-        let snaps = self.snapshots();
         let mut a = self.alloc.lock();
-        let mut rw = Rewrite::new(st, old, &new, Change::AllNodes, &mut a);
-        let live = rw.map(height, live)?;
-        let mut roots = Vec::with_capacity(snaps.len());
-        for s in &snaps {
-            roots.push(rw.map(s.map_height, s.root)?);
-        }
-        rw.finish()?;
+        let (live, roots, _) =
+            self.rewrite_maps(Rewrite::new(st, old, &new, Change::AllNodes, &mut a))?;
         let space_nodes = a.dirty_all(st, old)?;
         drop(a);
-        self.map.reset(height, live);
-        self.set_snapshot_roots(&roots);
+        self.install_maps(live, &roots);
         self.set_keys(new);
         *self.rekey.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
         let table_blocks = (crate::snapshot::MAX_SNAPSHOTS / crate::snapshot::PER_BLOCK) as u64;
         Ok(space_nodes + table_blocks + 8)
+    }
+
+    /// Rewrites the committed live map and every snapshot's with `rw` (right after a commit,
+    /// gate held exclusively). Returns the new roots (live, then the snapshots in table order)
+    /// and the data blocks re-sealed.
+    fn rewrite_maps(&self, mut rw: Rewrite<'_>) -> Result<(NodePtr, Vec<NodePtr>, u64)> {
+        let (live, height) = self.committed_live();
+        let live = rw.map(height, live)?;
+        let roots = self
+            .snapshots()
+            .iter()
+            .map(|s| rw.map(s.map_height, s.root))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((live, roots, rw.finish()?))
+    }
+
+    /// Puts rewritten roots in force; the next commit writes them.
+    fn install_maps(&self, live: NodePtr, snapshots: &[NodePtr]) {
+        self.map.reset(self.committed_live().1, live);
+        self.set_snapshot_roots(snapshots);
     }
 
     /// [`Volume::start_reencryption`] for a caller that is not trusted with the volume: the
@@ -342,8 +357,8 @@ impl Volume {
                 ));
             };
             if r.done < r.total {
-                let end = self.plan_step(r.from_epoch, r.done, r.total, max_leaves.max(1))?;
-                let copies = self.seal_copies(r.from_epoch, r.done..end)?;
+                let (end, copies) =
+                    self.seal_copies(r.from_epoch, r.done, r.total, max_leaves.max(1))?;
                 let _gate = self.exclusive_after(writer);
                 let resealed = self
                     .install_step(r.from_epoch, r.done..end, copies)
@@ -365,50 +380,15 @@ impl Volume {
         Ok(None)
     }
 
-    /// Where a step from leaf `done` ends: after `budget` leaves that hold blocks of key epoch
-    /// `from` in some map, or [`SCAN_PER_STEP`] leaves read, or at `total`. Absent subtrees
-    /// are skipped whole.
-    fn plan_step(&self, from: u32, done: u64, total: u64, budget: u64) -> Result<u64> {
-        let st = &*self.storage;
-        let keys = self.keys();
-        let mut maps = self.map_views();
-        let (mut leaf, mut found, mut read) = (done, 0u64, 0u64);
-        let mut seen = Vec::new();
-        while leaf < total && found < budget && read < SCAN_PER_STEP {
-            let mut skip = u64::MAX;
-            let mut holds = false;
-            seen.clear();
-            for map in &mut maps {
-                let (ptr, n) = map.probe_leaf(st, &keys, leaf)?;
-                skip = skip.min(n);
-                if ptr.pbn == 0 || seen.contains(&ptr.pbn) {
-                    continue;
-                }
-                seen.push(ptr.pbn);
-                read += 1;
-                let page = read_node(st, &keys, TreeKind::Map, 0, leaf, &ptr)?;
-                for i in 0..FANOUT as usize {
-                    let e = LeafEntry::decode(&page[..], i)?;
-                    holds |= e.pbn != 0 && e.key_epoch == from;
-                }
-            }
-            found += u64::from(holds);
-            leaf = leaf.saturating_add(skip.max(1)).min(total);
-        }
-        Ok(leaf.max(done + 1).min(total))
-    }
-
-    /// A step, first part (commits kept away by [`Volume::no_commits`], I/O going on): a
-    /// re-sealed copy of every block of key epoch `from` that a committed map holds in map
-    /// leaves `leaves`, written to a new block, by (logical block, old block). The copies are
+    /// A step, first part (commits kept away by [`Volume::no_commits`], I/O going on): from
+    /// map leaf `done`, a re-sealed copy of every block of key epoch `from` that a committed
+    /// map holds, written to a new block, by (logical block, old block), until `budget`
+    /// leaves held such blocks, [`SCAN_PER_STEP`] leaves were read, or leaf `total` (absent
+    /// subtrees are skipped whole). Returns where the step ends and the copies, which are
     /// allocated but referenced by nothing yet; on an error they are freed again.
-    fn seal_copies(
-        &self,
-        from: u32,
-        leaves: std::ops::Range<u64>,
-    ) -> Result<HashMap<(u64, u64), LeafEntry>> {
+    fn seal_copies(&self, from: u32, done: u64, total: u64, budget: u64) -> Result<(u64, Copies)> {
         let mut copies = HashMap::new();
-        let sealed = self.seal_copies_into(from, leaves, &mut copies);
+        let sealed = self.seal_copies_into(from, done, total, budget, &mut copies);
         if sealed.is_err() {
             let keys = self.keys();
             let mut a = self.alloc.lock();
@@ -416,31 +396,38 @@ impl Volume {
                 a.free_unused(&*self.storage, &keys, e.pbn)?;
             }
         }
-        sealed.map(|()| copies)
+        sealed.map(|end| (end, copies))
     }
 
     fn seal_copies_into(
         &self,
         from: u32,
-        leaves: std::ops::Range<u64>,
-        copies: &mut HashMap<(u64, u64), LeafEntry>,
-    ) -> Result<()> {
+        done: u64,
+        total: u64,
+        budget: u64,
+        copies: &mut Copies,
+    ) -> Result<u64> {
         let st = &*self.storage;
         let keys = self.keys();
         let suite = keys.data_suite();
         let mut maps = self.map_views();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = Vec::new();
         let mut out = PageWriter::new(st);
         let mut buf = vec![0u8; FANOUT as usize * BS];
-        let mut leaf = leaves.start;
-        while leaf < leaves.end {
+        let (mut leaf, mut found, mut read) = (done, 0u64, 0u64);
+        while leaf < total && found < budget && read < SCAN_PER_STEP {
             let mut skip = u64::MAX;
+            let mut holds = false;
+            seen.clear();
             for map in &mut maps {
                 let (ptr, n) = map.probe_leaf(st, &keys, leaf)?;
                 skip = skip.min(n);
-                if ptr.pbn == 0 || !seen.insert(ptr.pbn) {
+                // A leaf shared by several maps is the same block in each (§7.1).
+                if ptr.pbn == 0 || seen.contains(&ptr.pbn) {
                     continue;
                 }
+                seen.push(ptr.pbn);
+                read += 1;
                 let page = read_node(st, &keys, TreeKind::Map, 0, leaf, &ptr)?;
                 let mut todo = Vec::new();
                 for i in 0..FANOUT as usize {
@@ -453,6 +440,7 @@ impl Volume {
                 if todo.is_empty() {
                     continue;
                 }
+                holds = true;
                 // Physically consecutive blocks are read with one call.
                 todo.sort_by_key(|(_, e)| e.pbn);
                 let nonces = crate::datablock::random_nonces(suite, todo.len())?;
@@ -475,11 +463,8 @@ impl Volume {
                     }
                     for (k, block) in run.chunks_exact_mut(BS).enumerate() {
                         let (lbn, e) = todo[i + k];
-                        let sealed =
-                            crate::datablock::open_block(&keys, lbn, &e, block).and_then(|()| {
-                                let nonce = &nonces[(i + k) * nl..(i + k + 1) * nl];
-                                crate::datablock::seal_block(&keys, lbn, nonce, block)
-                            });
+                        let nonce = &nonces[(i + k) * nl..(i + k + 1) * nl];
+                        let sealed = reseal_block(&keys, &keys, lbn, &e, nonce, block);
                         let mut copy = match sealed {
                             Ok(copy) => copy,
                             Err(err) => {
@@ -495,7 +480,8 @@ impl Volume {
                     i = j;
                 }
             }
-            leaf = leaf.saturating_add(skip.max(1));
+            found += u64::from(holds);
+            leaf = leaf.saturating_add(skip.max(1)).min(total);
         }
         out.flush()?;
         // Synced now, next to the guest's I/O, so that the install's commit (which stops
@@ -504,7 +490,7 @@ impl Volume {
             st.sync_data()
                 .map_err(|e| Error::io("cannot sync the re-sealed copies", e))?;
         }
-        Ok(())
+        Ok(leaf.max(done + 1).min(total))
     }
 
     /// Frees blocks allocated for copies that were never handed out.
@@ -531,12 +517,7 @@ impl Volume {
     /// rewrites every map over leaves `leaves` to hold the copies, sealing any block the
     /// copies miss, installs the new roots and moves `done` to the range's end; the caller
     /// commits. Returns the blocks re-sealed.
-    fn install_step(
-        &self,
-        from: u32,
-        leaves: std::ops::Range<u64>,
-        copies: HashMap<(u64, u64), LeafEntry>,
-    ) -> Result<u64> {
+    fn install_step(&self, from: u32, leaves: std::ops::Range<u64>, copies: Copies) -> Result<u64> {
         let st = &*self.storage;
         let keys = self.keys();
         {
@@ -556,20 +537,12 @@ impl Volume {
             }
         }
         let end = leaves.end;
-        let (live, height) = self.committed_live();
-        let snaps = self.snapshots();
         let mut a = self.alloc.lock();
-        let mut rw = Rewrite::new(st, &keys, &keys, Change::Reseal { from, leaves }, &mut a)
+        let rw = Rewrite::new(st, &keys, &keys, Change::Reseal { from, leaves }, &mut a)
             .with_copies(kept);
-        let live = rw.map(height, live)?;
-        let mut roots = Vec::with_capacity(snaps.len());
-        for s in &snaps {
-            roots.push(rw.map(s.map_height, s.root)?);
-        }
-        let resealed = rw.finish()?;
+        let (live, roots, resealed) = self.rewrite_maps(rw)?;
         drop(a);
-        self.map.reset(height, live);
-        self.set_snapshot_roots(&roots);
+        self.install_maps(live, &roots);
         if let Some(rec) = self
             .rekey
             .lock()
@@ -592,6 +565,7 @@ impl Volume {
             (a.data_start(), a.high_water())
         };
         let span = crate::layout::BITS_PER_SPACE_LEAF;
+        let zeros = vec![0u8; ERASE_PUNCH_FROM as usize * BS];
         let mut at = start;
         while at < end {
             let _gate = self.exclusive();
@@ -602,7 +576,7 @@ impl Volume {
                 .lock()
                 .free_runs(&*self.storage, &keys, at..at + span)?;
             for (pbn, n) in runs {
-                self.erase(pbn, n)
+                self.erase(pbn, n, &zeros)
                     .map_err(|e| self.fail(Error::io("cannot erase the old blocks", e)))?;
             }
             self.storage
@@ -635,18 +609,17 @@ impl Volume {
     }
 
     /// Erases blocks `start .. start + n`: a long run is punched out of the file, a short one
-    /// (or one the file system cannot punch) overwritten with zeros, which costs less than a
-    /// punch's journal transaction. The caller syncs.
-    fn erase(&self, start: u64, n: u64) -> std::io::Result<()> {
-        const PUNCH_FROM: u64 = 64;
+    /// (or one the file system cannot punch) overwritten from `zeros`
+    /// ([`ERASE_PUNCH_FROM`] blocks of zeros), which costs less than a punch's journal
+    /// transaction. The caller syncs.
+    fn erase(&self, start: u64, n: u64, zeros: &[u8]) -> std::io::Result<()> {
         let st = &*self.storage;
-        if n >= PUNCH_FROM && st.punch_hole(start * BLOCK_SIZE, n * BLOCK_SIZE).is_ok() {
+        if n >= ERASE_PUNCH_FROM && st.punch_hole(start * BLOCK_SIZE, n * BLOCK_SIZE).is_ok() {
             return Ok(());
         }
-        let zeros = vec![0u8; PUNCH_FROM as usize * BS];
         let mut pbn = start;
         while pbn < start + n {
-            let m = (start + n - pbn).min(PUNCH_FROM);
+            let m = (start + n - pbn).min(ERASE_PUNCH_FROM);
             st.write_all_at(&zeros[..m as usize * BS], pbn * BLOCK_SIZE)?;
             pbn += m;
         }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use crate::alloc::AllocState;
-use crate::datablock::{open_block, random_nonces, seal_block};
+use crate::datablock::{random_nonces, reseal_block};
 use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::node::{
@@ -20,6 +20,9 @@ use crate::node::{
 use crate::storage::Storage;
 use crate::subkeys::Subkeys;
 use crate::tree::{read_node, PageWriter};
+
+/// Re-sealed copies of data blocks, by (logical block, old physical block).
+pub(crate) type Copies = HashMap<(u64, u64), LeafEntry>;
 
 /// What a [`Rewrite`] changes.
 pub(crate) enum Change {
@@ -42,8 +45,8 @@ pub(crate) struct Rewrite<'a> {
     a: &'a mut AllocState,
     nodes: HashMap<(u8, u64, u64), NodePtr>,
     data: HashMap<(u64, u64), LeafEntry>,
-    /// Copies sealed beforehand ([`Rewrite::with_copies`]), by (logical block, old block).
-    copies: HashMap<(u64, u64), LeafEntry>,
+    /// Copies sealed beforehand ([`Rewrite::with_copies`]).
+    copies: Copies,
     /// Old blocks no map holds once the roots are installed.
     freed: Vec<u64>,
     node_out: PageWriter<'a>,
@@ -78,7 +81,7 @@ impl<'a> Rewrite<'a> {
 
     /// Uses `copies` (re-sealed copies already written, by logical block and old block)
     /// instead of sealing those blocks again.
-    pub(crate) fn with_copies(mut self, copies: HashMap<(u64, u64), LeafEntry>) -> Self {
+    pub(crate) fn with_copies(mut self, copies: Copies) -> Self {
         self.copies = copies;
         self
     }
@@ -180,9 +183,8 @@ impl<'a> Rewrite<'a> {
         self.st
             .read_exact_at(&mut block, e.pbn * BLOCK_SIZE)
             .map_err(|err| Error::io(format!("cannot read physical block {}", e.pbn), err))?;
-        open_block(self.old, lbn, e, &mut block)?;
         let nonce = random_nonces(self.new.data_suite(), 1)?;
-        let mut sealed = seal_block(self.new, lbn, &nonce, &mut block)?;
+        let mut sealed = reseal_block(self.old, self.new, lbn, e, &nonce, &mut block)?;
         sealed.pbn = self.a.alloc(self.st, self.old, 1)?[0];
         sealed.birth = e.birth;
         self.data_out.push(sealed.pbn, &block)?;
