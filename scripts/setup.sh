@@ -7,6 +7,9 @@
 #   - busybox-static and cpio (the guest's initramfs), e2fsprogs (mkfs.ext4/e2fsck used inside
 #     the guest through the 9p-shared host root), fio, libxml2-utils (xmllint), libnbd-bin
 #     (nbdinfo and nbdcopy, the NBD clients of integration/tests/nbd_clients.rs);
+#   - Ceph's monitor, OSD and client tools (ceph-mon, ceph-osd, ceph-common, which brings
+#     librados2 and librbd1): the rbd_* tests start a throwaway cluster of their own
+#     (scripts/ceph-cluster.sh); qvol loads librbd at run time only for rbd: images;
 #   - a Debian guest kernel, fetched with `apt-get download` and unpacked with `dpkg -x` into
 #     .cache/guest/ (only vmlinuz and the modules the guest loads are kept).
 # Safe with no stdin and CI=true. Re-running it does nothing when everything is present.
@@ -66,6 +69,9 @@ command -v virt-xml-validate >/dev/null || missing+=(libvirt-clients)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v depmod >/dev/null || [ -x /sbin/depmod ] || missing+=(kmod)
+command -v ceph-mon >/dev/null || [ -x /usr/bin/ceph-mon ] || missing+=(ceph-mon)
+command -v ceph-osd >/dev/null || [ -x /usr/bin/ceph-osd ] || missing+=(ceph-osd)
+command -v rbd >/dev/null && command -v rados >/dev/null || missing+=(ceph-common)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

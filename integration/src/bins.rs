@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::SystemTime;
 
 /// The crates whose sources make up the binaries.
-const SOURCE_DIRS: [&str; 3] = ["vhost-qvol", "qvol-core", "qvol-keys"];
+const SOURCE_DIRS: [&str; 4] = ["vhost-qvol", "qvol-core", "qvol-keys", "qvol-rbd"];
 const BINARIES: [&str; 2] = ["vhost-qvol", "qvol"];
 
 /// The directory holding the binaries, built if needed. Panics (failing the test

@@ -26,6 +26,9 @@ pub struct Fixture {
     pub keystore: PathBuf,
     /// The passphrase file, for a keystore with a passphrase.
     pub passphrase_file: Option<PathBuf>,
+    /// The Ceph configuration the commands get as `CEPH_CONF` (`rbd:` images; see
+    /// [`crate::ceph::CephCluster`]).
+    pub ceph_conf: Option<PathBuf>,
 }
 
 /// The result of running a command: status, stdout, stderr as text.
@@ -113,6 +116,7 @@ impl Fixture {
             dir,
             keystore,
             passphrase_file: None,
+            ceph_conf: None,
         }
     }
 
@@ -134,6 +138,10 @@ impl Fixture {
         if let Some(file) = &self.passphrase_file {
             cmd.env("QVOL_PASSPHRASE_FILE", file);
         }
+        match &self.ceph_conf {
+            Some(conf) => cmd.env("CEPH_CONF", conf),
+            None => cmd.env_remove("CEPH_CONF"),
+        };
         cmd
     }
 
@@ -181,7 +189,12 @@ impl Fixture {
 
     /// Creates image `name` of `size` (e.g. "64M") for `key` and returns its path.
     pub fn create_image(&self, name: &str, size: &str, key: &str, extra: &[&str]) -> PathBuf {
-        let image = self.path(name);
+        self.create_image_at(&self.path(name), size, key, extra)
+    }
+
+    /// Creates the image `image` (a path, or `rbd:POOL/IMAGE`) and returns it.
+    pub fn create_image_at(&self, image: &Path, size: &str, key: &str, extra: &[&str]) -> PathBuf {
+        let image = image.to_path_buf();
         let mut args = vec![
             OsStr::new("create"),
             image.as_os_str(),

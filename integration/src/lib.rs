@@ -7,7 +7,9 @@
 
 pub mod background;
 pub mod bins;
+pub mod ceph;
 pub mod client;
+pub mod crash;
 pub mod daemon;
 pub mod fixture;
 pub mod guest;

@@ -13,8 +13,12 @@ use crate::unlock::Unlock;
 pub struct Config {
     /// Where frontends connect.
     pub socket: SocketSource,
-    /// The `.qvol` image.
+    /// The `.qvol` image: a file, or `rbd:POOL/IMAGE`.
     pub blk_file: PathBuf,
+    /// The Ceph cluster and identity of an `rbd:` image.
+    pub ceph: qvol_rbd::CephOptions,
+    /// Break a dead holder's lock of an `rbd:` image and take it over.
+    pub break_lock: bool,
     /// Serve read-only (VIRTIO_BLK_F_RO; the image is opened read-only).
     pub read_only: bool,
     /// Number of request queues, 1..=64.
@@ -57,6 +61,9 @@ pub enum ConfigError {
     /// The image does not exist or is not a file.
     #[error("the image {} does not exist or is not a regular file", .0.display())]
     ImageMissing(PathBuf),
+    /// An `rbd:` name that is not `rbd:POOL/IMAGE`.
+    #[error("{0}")]
+    BadRbdName(String),
     /// The socket's directory does not exist.
     #[error("the directory of the socket path {} does not exist", .0.display())]
     SocketDirMissing(PathBuf),
@@ -130,6 +137,12 @@ pub fn check_binding(
 
 /// Validates the image path.
 pub fn check_image(path: &Path) -> Result<PathBuf, ConfigError> {
+    if let Some(name) = qvol_rbd::RbdName::from_path(path) {
+        // Whether the RBD image exists is for the cluster to say, at open.
+        return name
+            .map(|_| path.to_path_buf())
+            .map_err(ConfigError::BadRbdName);
+    }
     if path.is_file() {
         Ok(path.to_path_buf())
     } else {

@@ -14,6 +14,7 @@ pub mod control;
 pub mod describe;
 pub mod disk;
 pub mod hardening;
+pub mod image;
 pub mod lock;
 pub mod nbd;
 pub mod open;
@@ -48,6 +49,7 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
     // Before any secret is read: no core dump, no ptrace by other users of this uid, and
     // nothing inherited from the parent left open but the standard streams and --fd.
     hardening::forbid_core_dumps();
+    image::set_ceph_options(config.ceph.clone());
     hardening::close_inherited_fds(match config.socket {
         SocketSource::Fd(fd) => Some(fd),
         SocketSource::Path(_) => None,
@@ -60,7 +62,7 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         SocketSource::Fd(_) => Some(serve::listen(&config.socket)?),
         SocketSource::Path(_) => None,
     };
-    let (volume, volume_id, recorder, _lock) = open_disk(&config)?;
+    let (volume, volume_id, recorder, lock) = open_disk(&config)?;
     let stats = Arc::new(stats::Stats::default());
     let disk: Arc<dyn Disk> = Arc::new(stats::CountingDisk::new(
         Arc::clone(&volume) as Arc<dyn Disk>,
@@ -139,6 +141,7 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
             &on_signal_device,
             &reencryptor,
             on_signal_recorder.as_deref(),
+            &lock,
             socket_path,
             sig,
         )
@@ -194,6 +197,7 @@ fn shut_down(
     device: &Device,
     reencryptor: &reencryptor::Reencryptor,
     recorder: Option<&recorder::Recorder>,
+    lock: &ImageLock,
     socket: Option<std::path::PathBuf>,
     sig: i32,
 ) -> ! {
@@ -216,6 +220,9 @@ fn shut_down(
         );
         code = 1;
     }
+    // Closed rather than left to die with the process: an RBD image's lock and watch
+    // outlive their holder until the cluster notices it is gone (about 30 s).
+    lock.close();
     // The sandbox may refuse this (no remove right outside the keystore's records); the
     // next start replaces a stale socket.
     if let Some(path) = socket {
@@ -245,6 +252,7 @@ fn open_disk(config: &Config) -> anyhow::Result<OpenedDisk> {
     let opened = open::open_volume(&open::OpenRequest {
         read_only: config.read_only,
         snapshot: config.snapshot.as_deref(),
+        break_lock: config.break_lock,
         ..open::OpenRequest::new(&config.blk_file, &keys, &config.unlock, &config.binding)
     })?;
     let (vm, key_id) = opened

@@ -3,11 +3,21 @@
 //! a writer excludes everyone else. OFD locks (Linux `F_OFD_SETLK`) belong to the open
 //! file, not to the process, so two opens in the same process conflict too, and the lock
 //! goes away when the file is closed or the process dies (kill -9 included).
+//!
+//! An RBD image (`rbd:POOL/IMAGE`) is locked with RBD's exclusive lock instead, which every
+//! host sharing the cluster sees (`qvol_rbd::RbdImage::lock_exclusive`); a read-only user
+//! takes no lock there (RBD has no shared lock that excludes a writer).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use qvol_core::storage::{FileStorage, Storage};
+use qvol_rbd::RbdImage;
+
+use crate::image;
 
 /// The byte locked. QEMU uses bytes 100+ and 200+ of raw images; we stay clear of them.
 const LOCK_BYTE: i64 = 0;
@@ -25,6 +35,10 @@ pub enum LockError {
         /// Whether a write lock was asked for.
         write: bool,
     },
+    /// The RBD image could not be opened or locked (the message names the holder of a
+    /// lock held elsewhere).
+    #[error(transparent)]
+    Rbd(io::Error),
     /// The file could not be opened or locked.
     #[error("cannot lock {}", path.display())]
     Io {
@@ -39,19 +53,73 @@ pub enum LockError {
 /// A held lock; dropping it releases the lock.
 #[derive(Debug)]
 pub struct ImageLock {
-    file: File,
+    held: Held,
+}
+
+#[derive(Debug)]
+enum Held {
+    File(File),
+    Rbd(Arc<RbdImage>),
 }
 
 impl ImageLock {
-    /// The locked file, opened for reading (and writing, for a write lock). Serving through
-    /// a duplicate of this descriptor (same open file description, same lock) guarantees that
-    /// the file served is the file locked, whatever is renamed over the path meanwhile.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The locked image as storage. For a file: a duplicate of the locked descriptor (same
+    /// open file description, same lock), so the file served is the file locked, whatever
+    /// is renamed over the path meanwhile. For an RBD image: the handle holding the lock.
+    pub fn storage(&self, path: &Path) -> io::Result<Arc<dyn Storage>> {
+        Ok(match &self.held {
+            Held::File(file) => Arc::new(FileStorage::from_file(file.try_clone()?, path)),
+            Held::Rbd(image) => Arc::clone(image) as Arc<dyn Storage>,
+        })
+    }
+
+    /// Closes an RBD image before the process exits without dropping everything that
+    /// holds it (nothing may use the image after): its exclusive lock and its watch go at
+    /// once, instead of lingering until the cluster notices the holder is gone (about 30 s,
+    /// during which every other client's lock request waits on it). A file's lock goes with
+    /// the process anyway.
+    pub fn close(&self) {
+        if let Held::Rbd(image) = &self.held {
+            if let Err(e) = image.close() {
+                log::warn!("{e}");
+            }
+        }
     }
 
     /// Takes the write lock (`write`) or a shared read lock on `path`, without waiting.
     pub fn acquire(path: &Path, write: bool) -> Result<Self, LockError> {
+        Self::acquire_with(path, write, false)
+    }
+
+    /// [`ImageLock::acquire`], first breaking another holder's lock if `break_lock` (RBD
+    /// images only: the holder is blocklisted, so a holder that is not dead after all can
+    /// write no more; a file's lock dies with its holder and needs no breaking).
+    pub fn acquire_with(path: &Path, write: bool, break_lock: bool) -> Result<Self, LockError> {
+        match image::rbd_name(path) {
+            Ok(None) => Self::acquire_file(path, write),
+            Ok(Some(name)) => {
+                let rbd = LockError::Rbd;
+                let img = RbdImage::open(&image::ceph_options(), &name, write).map_err(rbd)?;
+                if write {
+                    if break_lock {
+                        for owner in img.break_lock().map_err(rbd)? {
+                            log::warn!("broke {owner}'s exclusive lock of {name}");
+                        }
+                    }
+                    img.lock_exclusive().map_err(rbd)?;
+                }
+                Ok(Self {
+                    held: Held::Rbd(Arc::new(img)),
+                })
+            }
+            Err(e) => Err(LockError::Rbd(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                e.to_string(),
+            ))),
+        }
+    }
+
+    fn acquire_file(path: &Path, write: bool) -> Result<Self, LockError> {
         let io_err = |source| LockError::Io {
             path: path.to_path_buf(),
             source,
@@ -72,7 +140,9 @@ impl ImageLock {
         // initialised flock that fcntl only reads for F_OFD_SETLK.
         let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
         if rc == 0 {
-            return Ok(Self { file });
+            return Ok(Self {
+                held: Held::File(file),
+            });
         }
         let err = io::Error::last_os_error();
         match err.raw_os_error() {

@@ -30,9 +30,15 @@ struct Args {
     /// Serve on this already listening Unix socket, inherited from the parent.
     #[arg(long, value_name = "N")]
     fd: Option<i32>,
-    /// The .qvol image to serve.
+    /// The .qvol image to serve: a file, or an RBD image `rbd:POOL/IMAGE`.
     #[arg(long, value_name = "IMAGE")]
     blk_file: Option<PathBuf>,
+    #[command(flatten)]
+    ceph: vhost_qvol::image::CephArgs,
+    /// For an `rbd:` image whose exclusive lock a dead daemon still holds: break its lock
+    /// (Ceph blocklists that client) and take the image over.
+    #[arg(long)]
+    break_lock: bool,
     /// Serve only the volume with this id (as `qvol info IMAGE` prints it): any other
     /// image at the path is refused before anything is written.
     #[arg(long, value_name = "ID")]
@@ -115,6 +121,8 @@ impl TryFrom<Args> for Config {
         Ok(Config {
             socket,
             blk_file,
+            ceph: args.ceph.into(),
+            break_lock: args.break_lock,
             read_only: args.read_only,
             num_queues: check_queues(args.num_queues)?,
             poll_us: check_poll(args.poll_us)?,

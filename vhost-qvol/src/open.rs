@@ -12,13 +12,14 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use log::warn;
-use qvol_core::storage::FileStorage;
+use qvol_core::storage::Storage;
 use qvol_core::{read_header, CommitPoint, HeaderInfo, OpenOptions, Volume, VolumeKey};
 use qvol_keys::{
     ErrorKind as KeysErrorKind, Keystore, SecretBytes, UnlockedKeystore, VolumeBinding,
     VolumeGuard, VolumeState, KEYSTORE_FILE,
 };
 
+use crate::image;
 use crate::lock::ImageLock;
 use crate::paths;
 use crate::recorder::Recorder;
@@ -108,16 +109,15 @@ pub fn read_passphrase(path: &Path) -> anyhow::Result<SecretBytes> {
     Ok(pass)
 }
 
-/// Reads the header of `image` without any key.
-pub fn read_image_header(image: &Path) -> anyhow::Result<(FileStorage, HeaderInfo)> {
-    let storage = FileStorage::open(image, false)
-        .with_context(|| format!("cannot open the image {}", image.display()))?;
-    let header = header_of(&storage, image)?;
+/// Reads the header of `image` (a file or `rbd:POOL/IMAGE`) without any key.
+pub fn read_image_header(image: &Path) -> anyhow::Result<(Arc<dyn Storage>, HeaderInfo)> {
+    let storage = image::open_read_only(image)?;
+    let header = header_of(&*storage, image)?;
     Ok((storage, header))
 }
 
 /// Decodes the header of an open image (`image` names it in messages).
-fn header_of(storage: &FileStorage, image: &Path) -> anyhow::Result<HeaderInfo> {
+fn header_of(storage: &dyn Storage, image: &Path) -> anyhow::Result<HeaderInfo> {
     read_header(storage).map_err(|e| {
         anyhow!(
             "{} is not a usable qvol image: {}",
@@ -127,14 +127,11 @@ fn header_of(storage: &FileStorage, image: &Path) -> anyhow::Result<HeaderInfo> 
     })
 }
 
-/// The locked file as storage: one open file description for the lock, the header and
-/// the volume.
-fn locked_storage(lock: &ImageLock, image: &Path) -> anyhow::Result<FileStorage> {
-    let file = lock
-        .file()
-        .try_clone()
-        .with_context(|| format!("cannot open the image {}", image.display()))?;
-    Ok(FileStorage::from_file(file, image))
+/// The locked image as storage: one open file description (or RBD handle) for the lock,
+/// the header and the volume.
+fn locked_storage(lock: &ImageLock, image: &Path) -> anyhow::Result<Arc<dyn Storage>> {
+    lock.storage(image)
+        .with_context(|| format!("cannot open the image {}", image.display()))
 }
 
 /// Opens `image` read-only with the volume key `unlock` unwraps (for the keystore: a slot of
@@ -149,9 +146,8 @@ pub fn open_unrecorded(
     only_key: Option<&str>,
 ) -> anyhow::Result<(usize, Volume)> {
     let (slot, key) = unlock.unwrap(image, header, keystore, only_key)?;
-    let storage = FileStorage::open(image, false)
-        .with_context(|| format!("cannot open the image {}", image.display()))?;
-    let volume = Volume::open(Arc::new(storage), &key, true).map_err(|e| {
+    let storage = image::open_read_only(image)?;
+    let volume = Volume::open(storage, &key, true).map_err(|e| {
         anyhow!(
             "cannot open the volume {}: {}",
             image.display(),
@@ -261,6 +257,9 @@ pub struct OpenRequest<'a> {
     pub unwrapped: Option<(usize, &'a VolumeKey)>,
     /// Open this snapshot instead of the live disk (only with [`OpenRequest::read_only`]).
     pub snapshot: Option<&'a str>,
+    /// Break another holder's lock first (an RBD image's exclusive lock, held by a client
+    /// that died: see [`ImageLock::acquire_with`]).
+    pub break_lock: bool,
 }
 
 impl<'a> OpenRequest<'a> {
@@ -284,6 +283,7 @@ impl<'a> OpenRequest<'a> {
             restore_slots: None,
             unwrapped: None,
             snapshot: None,
+            break_lock: false,
         }
     }
 }
@@ -297,9 +297,9 @@ impl<'a> OpenRequest<'a> {
 /// unlocked keystore is dropped before this returns.
 pub fn open_volume(req: &OpenRequest<'_>) -> anyhow::Result<OpenedVolume> {
     let image = req.image;
-    let lock = ImageLock::acquire(image, !req.read_only)?;
+    let lock = ImageLock::acquire_with(image, !req.read_only, req.break_lock)?;
     let storage = locked_storage(&lock, image)?;
-    let header = header_of(&storage, image)?;
+    let header = header_of(&*storage, image)?;
     if let Some(want) = req.binding.volume_id {
         if want != header.volume_id {
             bail!(
@@ -431,7 +431,7 @@ fn check_bound_key(
 /// later commit with `recorder` (writable opens).
 fn open_checked(
     req: &OpenRequest<'_>,
-    storage: FileStorage,
+    storage: Arc<dyn Storage>,
     key: &VolumeKey,
     guard: Option<&Arc<VolumeGuard>>,
     recorder: Option<&Arc<Recorder>>,
@@ -454,7 +454,7 @@ fn open_checked(
         unlocked_slot,
         snapshot: req.snapshot.map(str::to_owned),
     };
-    Volume::open_with(Arc::new(storage), key, opts).map_err(|e| {
+    Volume::open_with(storage, key, opts).map_err(|e| {
         let what = if e.kind() == qvol_core::ErrorKind::Refused {
             "refusing to open"
         } else {

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
-use qvol_core::storage::FileStorage;
 use qvol_core::{CipherSuite, CommitPoint, CreateOptions, Volume, VolumeKey};
 use qvol_keys::{keyslot, Secret32, UnlockedKeystore};
+use vhost_qvol::image;
 use vhost_qvol::lock::ImageLock;
 use vhost_qvol::open::{state_of, volume_id_hex};
 use vhost_qvol::size::{format_size, parse_size};
@@ -20,7 +20,8 @@ use crate::keystore::KeystoreArgs;
 /// `qvol create`
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
-    /// The image file to create (must not exist).
+    /// The image to create (must not exist): a file, or `rbd:POOL/IMAGE` (the RBD image is
+    /// created, thin).
     pub image: PathBuf,
     /// Virtual disk size: bytes, or with a K, M, G or T suffix (powers of 1024).
     #[arg(long, value_name = "SIZE")]
@@ -39,13 +40,14 @@ pub struct CreateArgs {
     pub keys: KeystoreArgs,
 }
 
-/// Removes the half-made image unless disarmed: a failed create leaves no file behind.
+/// Removes the half-made image unless disarmed: a failed create leaves no file (or RBD
+/// image) behind.
 pub struct RemoveOnFailure<'a>(pub Option<&'a Path>);
 
 impl Drop for RemoveOnFailure<'_> {
     fn drop(&mut self) {
         if let Some(path) = self.0 {
-            let _ = fs::remove_file(path);
+            image::remove(path);
         }
     }
 }
@@ -93,7 +95,7 @@ pub struct NewVolume<'a> {
     generation: u32,
     image: &'a Path,
     cleanup: RemoveOnFailure<'a>,
-    _lock: ImageLock,
+    _lock: Option<ImageLock>,
 }
 
 impl<'a> NewVolume<'a> {
@@ -107,7 +109,8 @@ impl<'a> NewVolume<'a> {
         key_id: &str,
         keystore: &UnlockedKeystore,
     ) -> anyhow::Result<Self> {
-        if fs::symlink_metadata(image).is_ok() {
+        // An RBD image's existence is for the cluster to say (its creation refuses one).
+        if !image::is_rbd(image) && fs::symlink_metadata(image).is_ok() {
             bail!(
                 "{} already exists; refusing to overwrite it",
                 image.display()
@@ -130,10 +133,14 @@ impl<'a> NewVolume<'a> {
             &Secret32::from_bytes(*volume_key.expose()),
         )
         .context("cannot wrap the volume key")?;
-        let storage = FileStorage::create_new(image)
-            .with_context(|| format!("cannot create {}", image.display()))?;
+        let storage = image::create_new(image)?;
         let cleanup = RemoveOnFailure(Some(image));
-        let lock = ImageLock::acquire(image, true)?;
+        // An RBD image is locked by its storage already.
+        let lock = if image::is_rbd(image) {
+            None
+        } else {
+            Some(ImageLock::acquire(image, true)?)
+        };
         let opts = CreateOptions {
             key_epoch: 0,
             size,
@@ -142,7 +149,7 @@ impl<'a> NewVolume<'a> {
             volume_id,
             keyslots: vec![slot],
         };
-        let volume = Volume::create(Arc::new(storage), opts, &volume_key).map_err(|e| {
+        let volume = Volume::create(storage, opts, &volume_key).map_err(|e| {
             anyhow!(
                 "cannot create the volume {}: {}",
                 image.display(),

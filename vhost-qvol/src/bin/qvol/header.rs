@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use qvol_core::header::{decode_header, decode_keyslots, encode_keyslots};
-use qvol_core::storage::{FileStorage, Storage};
+use qvol_core::storage::Storage;
 use qvol_core::{BLOCK_SIZE, KEYSLOT_SIZE, MAX_KEYSLOTS};
 use serde_json::json;
 use vhost_qvol::open::{open_volume, read_image_header, volume_id_hex, Binding, OpenRequest};
@@ -106,8 +106,7 @@ fn read_backup(image: &Path, file: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
             error_chain(&e)
         )
     })?;
-    let storage = FileStorage::open(image, false)
-        .with_context(|| format!("cannot open the image {}", image.display()))?;
+    let storage = vhost_qvol::image::open_read_only(image)?;
     let mut block = vec![0u8; BLOCK_SIZE as usize];
     storage
         .read_exact_at(&mut block, 0)

@@ -42,6 +42,8 @@ mod volume;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    ceph: vhost_qvol::image::CephArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +154,7 @@ fn main() -> ExitCode {
     // It may unlock the keystore (the master seed in memory): no core dump, and no ptrace by
     // other processes of the same user (a daemon whose guest broke in, say).
     vhost_qvol::hardening::forbid_core_dumps();
+    vhost_qvol::image::set_ceph_options(cli.ceph.into());
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

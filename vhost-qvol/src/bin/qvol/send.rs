@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use qvol_core::storage::FileStorage;
 use vhost_qvol::size::format_size;
 use vhost_qvol::volume_disk::error_chain;
 
@@ -33,8 +32,7 @@ pub struct SendArgs {
 /// Runs `qvol send`.
 pub fn run(args: SendArgs) -> anyhow::Result<()> {
     let image = &args.image;
-    let storage = FileStorage::open(image, false)
-        .with_context(|| format!("cannot open the image {}", image.display()))?;
+    let storage = vhost_qvol::image::open_read_only(image)?;
     let mut meter = Meter::new("sent");
     let mut progress = |bytes: u64| meter.show(bytes);
     let name = args.snapshot.as_str();

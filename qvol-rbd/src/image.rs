@@ -1,0 +1,435 @@
+//! [`RbdImage`]: an open RBD image as a [`Storage`], and its exclusive lock.
+//!
+//! The mapping onto librbd's C API (`<rbd/librbd.h>`):
+//!
+//! | `Storage` | librbd |
+//! |---|---|
+//! | `read_exact_at` | `rbd_read2` |
+//! | `write_all_at` | `rbd_write2` (after `rbd_resize` if it ends past the image) |
+//! | `len` / `set_len` | `rbd_get_size` / `rbd_resize` |
+//! | `sync_data` | `rbd_flush` |
+//! | `punch_hole` | `rbd_write_zeroes` (deallocates whole objects, zeroes the rest) |
+//!
+//! A write past the end grows the image first, by at least [`GROW_STEP`] (RBD images are
+//! thin: the size costs nothing until written), so that appending blocks does not resize
+//! for each. The image may therefore be longer than the volume's last block; the engine
+//! never relies on the length (everything past what it wrote reads as zeros, as a file
+//! extended with `set_len` does).
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::io;
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use qvol_core::storage::Storage;
+
+use crate::cluster::{CephOptions, Cluster, Pool};
+use crate::error::{check, other};
+use crate::ffi::{self, ImageT, RBD_LOCK_MODE_EXCLUSIVE};
+use crate::name::RbdName;
+
+/// How much a write past the end grows the image at least (a multiple of RBD's default
+/// 4 MiB object size).
+pub const GROW_STEP: u64 = 64 << 20;
+
+/// The features of an image `qvol create` makes: the default set of librbd 1.16
+/// (`RBD_FEATURES_DEFAULT` of `<rbd/features.h>`: layering, exclusive-lock, object-map,
+/// fast-diff, deep-flatten), named explicitly because the exclusive lock is required.
+const FEATURES: u64 = 1 | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5);
+
+/// librbd and librados I/O calls take at most this many bytes at a time (their return
+/// value is an `int` in places).
+const MAX_CHUNK: usize = 1 << 30;
+
+fn api() -> io::Result<&'static ffi::Api> {
+    ffi::api().map_err(|e| other(io::ErrorKind::NotFound, e))
+}
+
+/// An open RBD image.
+#[derive(Debug)]
+pub struct RbdImage {
+    /// The librbd handle; null once [`RbdImage::close`]d. Every call holds a read guard, so
+    /// the handle is never closed under a call in progress.
+    handle: RwLock<ImageT>,
+    name: RbdName,
+    writable: bool,
+    /// The image's size as last read or set: only this handle's writer changes it (it holds
+    /// the exclusive lock); a read-only handle re-reads it before calling a read past it.
+    size: AtomicU64,
+    /// Serialises growing.
+    grow: Mutex<()>,
+    _pool: Arc<Pool>,
+}
+
+// SAFETY: librbd's image handle may be used by several threads at once for I/O (each call
+// is an asynchronous request plus a wait; librbd.h's synchronous API is thread-safe), and is
+// closed only in `drop`.
+unsafe impl Send for RbdImage {}
+// SAFETY: as above.
+unsafe impl Sync for RbdImage {}
+
+fn image_c_name(name: &RbdName) -> io::Result<CString> {
+    CString::new(name.image.as_str()).map_err(|_| {
+        other(
+            io::ErrorKind::InvalidInput,
+            format!("{name} contains a NUL byte"),
+        )
+    })
+}
+
+impl RbdImage {
+    /// Creates the (thin, empty) image `name`; fails with `AlreadyExists` if it exists.
+    pub fn create(options: &CephOptions, name: &RbdName) -> io::Result<()> {
+        let api = api()?;
+        let pool = Cluster::connect(options)?.pool(&name.pool)?;
+        let c_name = image_c_name(name)?;
+        let mut order: c_int = 0;
+        // SAFETY: a valid I/O context, a NUL-terminated name, a valid out-pointer for the
+        // order (0: librbd's default object size).
+        let rc =
+            unsafe { (api.rbd_create2)(pool.ioctx(), c_name.as_ptr(), 0, FEATURES, &mut order) };
+        if rc == -libc::EEXIST {
+            return Err(other(
+                io::ErrorKind::AlreadyExists,
+                format!("{name} already exists; refusing to overwrite it"),
+            ));
+        }
+        check(rc, || format!("cannot create the RBD image {name}"))?;
+        Ok(())
+    }
+
+    /// Removes the image `name` (for a `qvol create` that failed half-way).
+    pub fn remove(options: &CephOptions, name: &RbdName) -> io::Result<()> {
+        let api = api()?;
+        let pool = Cluster::connect(options)?.pool(&name.pool)?;
+        let c_name = image_c_name(name)?;
+        // SAFETY: a valid I/O context and a NUL-terminated name.
+        let rc = unsafe { (api.rbd_remove)(pool.ioctx(), c_name.as_ptr()) };
+        check(rc, || format!("cannot remove the RBD image {name}"))?;
+        Ok(())
+    }
+
+    /// Opens `name`, read-only unless `writable`. A writable open does not take the
+    /// exclusive lock by itself: call [`RbdImage::lock_exclusive`].
+    pub fn open(options: &CephOptions, name: &RbdName, writable: bool) -> io::Result<Self> {
+        let api = api()?;
+        let pool = Cluster::connect(options)?.pool(&name.pool)?;
+        let c_name = image_c_name(name)?;
+        let mut handle: ImageT = ptr::null_mut();
+        let open = if writable {
+            api.rbd_open
+        } else {
+            api.rbd_open_read_only
+        };
+        // SAFETY: a valid I/O context, a NUL-terminated name, a valid out-pointer and no
+        // snapshot (NULL).
+        let rc = unsafe { open(pool.ioctx(), c_name.as_ptr(), &mut handle, ptr::null()) };
+        if rc == -libc::ENOENT {
+            return Err(other(
+                io::ErrorKind::NotFound,
+                format!("the RBD image {name} does not exist"),
+            ));
+        }
+        check(rc, || format!("cannot open the RBD image {name}"))?;
+        let image = RbdImage {
+            handle: RwLock::new(handle),
+            name: name.clone(),
+            writable,
+            size: AtomicU64::new(0),
+            grow: Mutex::new(()),
+            _pool: pool,
+        };
+        image.size.store(image.current_size()?, Ordering::Release);
+        Ok(image)
+    }
+
+    /// The open handle, held for one call; an error once the image is closed.
+    fn handle(&self) -> io::Result<RwLockReadGuard<'_, ImageT>> {
+        let guard = self
+            .handle
+            .read()
+            .map_err(|_| other(io::ErrorKind::Other, "a thread using the image panicked"))?;
+        if guard.is_null() {
+            return Err(other(
+                io::ErrorKind::BrokenPipe,
+                format!("{} is closed", self.name),
+            ));
+        }
+        Ok(guard)
+    }
+
+    /// Closes the image now (`rbd_close`: its exclusive lock is released and its watch on
+    /// the header object removed, so the next client need not wait for the cluster to
+    /// notice this one is gone); every later call fails. Waits for calls in progress.
+    pub fn close(&self) -> io::Result<()> {
+        let api = api()?;
+        let mut handle = self
+            .handle
+            .write()
+            .map_err(|_| other(io::ErrorKind::Other, "a thread using the image panicked"))?;
+        if handle.is_null() {
+            return Ok(());
+        }
+        // SAFETY: the handle came from rbd_open, is not null (not closed yet), and no call
+        // is using it (the write guard excludes them); it is nulled so it is closed once.
+        let rc = unsafe { (api.rbd_close)(*handle) };
+        *handle = ptr::null_mut();
+        check(rc, || format!("cannot close {}", self.name))?;
+        Ok(())
+    }
+
+    /// The image's name.
+    pub fn name(&self) -> &RbdName {
+        &self.name
+    }
+
+    fn current_size(&self) -> io::Result<u64> {
+        let api = api()?;
+        let mut size = 0u64;
+        // SAFETY: an open image and a valid out-pointer.
+        let rc = unsafe { (api.rbd_get_size)(*self.handle()?, &mut size) };
+        check(rc, || format!("cannot get the size of {}", self.name))?;
+        Ok(size)
+    }
+
+    fn resize(&self, size: u64) -> io::Result<()> {
+        let api = api()?;
+        // SAFETY: an open image.
+        let rc = unsafe { (api.rbd_resize)(*self.handle()?, size) };
+        check(rc, || {
+            format!("cannot resize {} to {size} bytes", self.name)
+        })?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Grows the image so that it holds `end` bytes.
+    fn ensure_len(&self, end: u64) -> io::Result<()> {
+        if end <= self.size.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self
+            .grow
+            .lock()
+            .map_err(|_| other(io::ErrorKind::Other, "a thread growing the image panicked"))?;
+        let size = self.size.load(Ordering::Acquire);
+        if end <= size {
+            return Ok(());
+        }
+        let target = end.max(size + size / 8).next_multiple_of(GROW_STEP);
+        self.resize(target)
+    }
+
+    /// Takes RBD's exclusive lock (`rbd_lock_acquire(RBD_LOCK_MODE_EXCLUSIVE)`) and keeps it
+    /// until the image is closed: librbd then never hands it over on another client's
+    /// request, so every other client's writes fail (`EROFS`). The error names the holder.
+    pub fn lock_exclusive(&self) -> io::Result<()> {
+        let api = api()?;
+        // SAFETY: an open image.
+        let rc = unsafe { (api.rbd_lock_acquire)(*self.handle()?, RBD_LOCK_MODE_EXCLUSIVE) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        if rc == -libc::EROFS || rc == -libc::EBUSY || rc == -libc::EAGAIN {
+            let holders = self.lock_owners().unwrap_or_default();
+            let who = if holders.is_empty() {
+                "another client".to_string()
+            } else {
+                holders.join(", ")
+            };
+            return Err(other(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is in use: {who} holds its exclusive lock (if that client is dead, \
+                     --break-lock takes the lock over)",
+                    self.name
+                ),
+            ));
+        }
+        check(rc, || {
+            format!("cannot take the exclusive lock of {}", self.name)
+        })?;
+        Ok(())
+    }
+
+    /// The clients holding the exclusive lock (`rbd_lock_get_owners`), as Ceph names them.
+    pub fn lock_owners(&self) -> io::Result<Vec<String>> {
+        let api = api()?;
+        let mut mode: c_int = 0;
+        let mut owners: [*mut c_char; 8] = [ptr::null_mut(); 8];
+        let mut count = owners.len();
+        // SAFETY: an open image, a valid out-pointer for the mode, an array of `count`
+        // pointers librbd fills (and `count` set to how many it filled).
+        let rc = unsafe {
+            (api.rbd_lock_get_owners)(*self.handle()?, &mut mode, owners.as_mut_ptr(), &mut count)
+        };
+        if rc == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        check(rc, || {
+            format!("cannot list the lock owners of {}", self.name)
+        })?;
+        let count = count.min(owners.len());
+        let names = owners[..count]
+            .iter()
+            .filter(|p| !p.is_null())
+            // SAFETY: librbd filled these with NUL-terminated strings, valid until the
+            // cleanup call below.
+            .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: frees exactly the `count` strings rbd_lock_get_owners allocated.
+        unsafe { (api.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), count) };
+        Ok(names)
+    }
+
+    /// Breaks every holder's exclusive lock (`rbd_lock_break`; librbd blocklists the holder
+    /// with the default `rbd_blocklist_on_break_lock=true`, so a holder that is not dead
+    /// after all cannot write any more). Returns the holders broken.
+    pub fn break_lock(&self) -> io::Result<Vec<String>> {
+        let api = api()?;
+        let owners = self.lock_owners()?;
+        for owner in &owners {
+            let c_owner = CString::new(owner.as_str())
+                .map_err(|_| other(io::ErrorKind::InvalidData, "a lock owner's name has a NUL"))?;
+            // SAFETY: an open image and a NUL-terminated owner name.
+            let rc = unsafe {
+                (api.rbd_lock_break)(*self.handle()?, RBD_LOCK_MODE_EXCLUSIVE, c_owner.as_ptr())
+            };
+            if rc != -libc::ENOENT {
+                check(rc, || {
+                    format!("cannot break {owner}'s exclusive lock of {}", self.name)
+                })?;
+            }
+        }
+        Ok(owners)
+    }
+
+    fn read_only_error(&self) -> io::Error {
+        other(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is open read-only", self.name),
+        )
+    }
+}
+
+impl Drop for RbdImage {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::warn!("{e}");
+        }
+    }
+}
+
+impl Storage for RbdImage {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.size.load(Ordering::Acquire))
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let api = api()?;
+        let end = offset.saturating_add(buf.len() as u64);
+        if end > self.size.load(Ordering::Acquire) {
+            let size = self.current_size()?;
+            self.size.fetch_max(size, Ordering::AcqRel);
+            if end > size {
+                return Err(other(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "a read of {} bytes at offset {offset} goes past the end of {} \
+                         ({size} bytes)",
+                        buf.len(),
+                        self.name
+                    ),
+                ));
+            }
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_CHUNK);
+            let at = offset + done as u64;
+            let chunk = &mut buf[done..done + n];
+            // SAFETY: an open image; `chunk` is valid for writes of `n` bytes.
+            let rc =
+                unsafe { (api.rbd_read2)(*self.handle()?, at, n, chunk.as_mut_ptr().cast(), 0) };
+            let got = check(rc as i64, || {
+                format!("cannot read {n} bytes at offset {at} of {}", self.name)
+            })?;
+            if got as usize != n {
+                return Err(other(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{} returned {got} of {n} bytes at offset {at}", self.name),
+                ));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let api = api()?;
+        if !self.writable {
+            return Err(self.read_only_error());
+        }
+        self.ensure_len(offset.saturating_add(buf.len() as u64))?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_CHUNK);
+            let at = offset + done as u64;
+            let chunk = &buf[done..done + n];
+            // SAFETY: an open image; `chunk` is valid for reads of `n` bytes.
+            let rc = unsafe { (api.rbd_write2)(*self.handle()?, at, n, chunk.as_ptr().cast(), 0) };
+            let put = check(rc as i64, || {
+                format!("cannot write {n} bytes at offset {at} of {}", self.name)
+            })?;
+            if put as usize != n {
+                return Err(other(
+                    io::ErrorKind::WriteZero,
+                    format!("{} took {put} of {n} bytes at offset {at}", self.name),
+                ));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(self.read_only_error());
+        }
+        let _one = self
+            .grow
+            .lock()
+            .map_err(|_| other(io::ErrorKind::Other, "a thread growing the image panicked"))?;
+        self.resize(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let api = api()?;
+        // SAFETY: an open image.
+        let rc = unsafe { (api.rbd_flush)(*self.handle()?) };
+        check(rc, || format!("cannot flush {}", self.name))?;
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let api = api()?;
+        if !self.writable {
+            return Err(self.read_only_error());
+        }
+        let end = offset
+            .saturating_add(len)
+            .min(self.size.load(Ordering::Acquire));
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(MAX_CHUNK as u64);
+            // SAFETY: an open image; no flags (deallocate where whole objects are covered).
+            let rc = unsafe { (api.rbd_write_zeroes)(*self.handle()?, at, n as usize, 0, 0) };
+            check(rc as i64, || {
+                format!("cannot zero {n} bytes at offset {at} of {}", self.name)
+            })?;
+            at += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+//! Where an image lives: a file, or an RBD image named `rbd:POOL/IMAGE` (`qvol-rbd`).
+//!
+//! The one place an image name becomes storage. Every command and the daemon take image
+//! names as paths; a path that starts with `rbd:` is an RBD image of the cluster that
+//! [`set_ceph_options`] names (`--ceph-conf`, `--ceph-id`: one cluster per process, set once
+//! by `main` before anything is opened).
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{anyhow, Context};
+use qvol_core::storage::{FileStorage, Storage};
+use qvol_rbd::{CephOptions, RbdImage, RbdName};
+
+static CEPH: OnceLock<CephOptions> = OnceLock::new();
+
+/// The flags that name the Ceph cluster, shared by `vhost-qvol` and every `qvol` command.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct CephArgs {
+    /// The Ceph configuration file of `rbd:` images [default: $CEPH_CONF, then
+    /// /etc/ceph/ceph.conf].
+    #[arg(long, value_name = "FILE", global = true)]
+    pub ceph_conf: Option<std::path::PathBuf>,
+    /// The Ceph client id (`client.NAME`) for `rbd:` images [default: admin].
+    #[arg(long, value_name = "NAME", global = true)]
+    pub ceph_id: Option<String>,
+}
+
+impl From<CephArgs> for CephOptions {
+    fn from(args: CephArgs) -> Self {
+        CephOptions {
+            conf: args.ceph_conf,
+            id: args.ceph_id,
+        }
+    }
+}
+
+/// Names the Ceph cluster and identity `rbd:` images are reached with (the first call
+/// wins; without one, Ceph's defaults).
+pub fn set_ceph_options(options: CephOptions) {
+    let _ = CEPH.set(options);
+}
+
+/// The Ceph options [`set_ceph_options`] set, or Ceph's defaults.
+pub fn ceph_options() -> CephOptions {
+    CEPH.get().cloned().unwrap_or_default()
+}
+
+/// The RBD image `path` names (`None`: a file path); a malformed `rbd:` name is an error.
+pub fn rbd_name(path: &Path) -> anyhow::Result<Option<RbdName>> {
+    RbdName::from_path(path).transpose().map_err(|e| anyhow!(e))
+}
+
+/// Whether `path` names an RBD image.
+pub fn is_rbd(path: &Path) -> bool {
+    RbdName::from_path(path).is_some()
+}
+
+/// Opens the image `path` names read-only (no lock).
+pub fn open_read_only(path: &Path) -> anyhow::Result<Arc<dyn Storage>> {
+    let what = || format!("cannot open the image {}", path.display());
+    Ok(match rbd_name(path)? {
+        Some(name) => Arc::new(RbdImage::open(&ceph_options(), &name, false).with_context(what)?),
+        None => Arc::new(FileStorage::open(path, false).with_context(what)?),
+    })
+}
+
+/// Creates the image `path` names, empty; fails if it exists. An RBD image is created thin
+/// and opened writable with its exclusive lock (returned as the storage: the lock lasts as
+/// long as it); a file is created and left for [`crate::lock::ImageLock`] to lock.
+pub fn create_new(path: &Path) -> anyhow::Result<Arc<dyn Storage>> {
+    let what = || format!("cannot create {}", path.display());
+    Ok(match rbd_name(path)? {
+        Some(name) => {
+            let options = ceph_options();
+            RbdImage::create(&options, &name).with_context(what)?;
+            let image = RbdImage::open(&options, &name, true).with_context(what)?;
+            image.lock_exclusive().with_context(what)?;
+            Arc::new(image)
+        }
+        None => Arc::new(FileStorage::create_new(path).with_context(what)?),
+    })
+}
+
+/// Removes the image `path` names (a creation that failed half-way); best effort.
+pub fn remove(path: &Path) {
+    let result = match rbd_name(path) {
+        Ok(Some(name)) => RbdImage::remove(&ceph_options(), &name),
+        Ok(None) => std::fs::remove_file(path),
+        Err(_) => return,
+    };
+    if let Err(e) = result {
+        log::debug!("cannot remove {}: {e}", path.display());
+    }
+}
