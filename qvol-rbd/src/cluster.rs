@@ -20,8 +20,9 @@ pub const DEFAULT_CONF: &str = "/etc/ceph/ceph.conf";
 /// The client id (`client.ID`) used when `--ceph-id` is not given.
 pub const DEFAULT_ID: &str = "admin";
 
-/// How long the cluster may take to answer, set before the configuration file is read (so
-/// the file may change them), as the `rados_conf_set` options of the same names:
+/// How long the cluster may take to answer: the `rados_conf_set` options of these names,
+/// set where the configuration file leaves Ceph's own default (`CEPH_DEFAULTS`: wait
+/// five minutes to connect, forever for a request):
 /// - `client_mount_timeout`: connecting (monitors unreachable, wrong address);
 /// - `rados_mon_op_timeout`: a monitor request;
 /// - `rados_osd_op_timeout`: one OSD request. A write the cluster cannot take within this
@@ -33,14 +34,18 @@ pub const TIMEOUTS: [(&str, Duration); 3] = [
     ("rados_osd_op_timeout", Duration::from_secs(60)),
 ];
 
+/// Ceph's defaults for [`TIMEOUTS`], in seconds (pacific's `options.cc`): a value the
+/// configuration file set to anything else is kept.
+const CEPH_DEFAULTS: [f64; 3] = [300.0, 0.0, 0.0];
+
 /// Options forced after the configuration file is read: qvol's durability contract depends
 /// on them (docs/FORMAT.md §11). `rbd_cache=false`: librbd's writeback cache lives in this
 /// process's memory, so a write it acknowledged would not survive kill -9 of the daemon;
 /// without it, `rbd_write2` returns once the OSDs have the write (in their journal).
 pub const FORCED: [(&str, &str); 1] = [("rbd_cache", "false")];
 
-/// Quiet by default: librados otherwise writes its own error lines on stderr, next to the
-/// one sentence qvol prints (a configuration file may turn them back on).
+/// Quiet: librados otherwise writes its own error lines on stderr, next to the one sentence
+/// qvol prints (its log file, if the configuration names one, keeps them).
 const QUIET: [(&str, &str); 2] = [("log_to_stderr", "false"), ("err_to_stderr", "false")];
 
 /// Which cluster and identity to use.
@@ -133,9 +138,6 @@ impl Cluster {
         })?;
         // From here `cluster` owns the handle (shut down on drop, connected or not).
         let cluster = Cluster { handle, conf, id };
-        for (option, value) in TIMEOUTS {
-            cluster.set(option, &value.as_secs().to_string())?;
-        }
         for (option, value) in QUIET {
             cluster.set(option, value)?;
         }
@@ -148,6 +150,12 @@ impl Cluster {
                 cluster.conf.display()
             )
         })?;
+        for ((option, value), default) in TIMEOUTS.into_iter().zip(CEPH_DEFAULTS) {
+            let set: Option<f64> = cluster.get(option)?.trim().parse().ok();
+            if set == Some(default) {
+                cluster.set(option, &value.as_secs().to_string())?;
+            }
+        }
         for (option, value) in FORCED {
             cluster.set(option, value)?;
         }
@@ -166,13 +174,15 @@ impl Cluster {
             self.conf.display(),
             self.id
         );
-        let mount = TIMEOUTS[0].1.as_secs();
         match -rc {
-            libc::ETIMEDOUT | libc::EINTR => {
-                format!("{who}: no monitor answered within {mount} s (is the cluster up?)")
-            }
+            libc::ETIMEDOUT | libc::EINTR => format!(
+                "{who}: no monitor answered within client_mount_timeout (is the cluster up, \
+                 and is its mon host right?)"
+            ),
             libc::ENOENT => format!("{who}: no keyring holds that client's key"),
             libc::EACCES | libc::EPERM => format!("{who}: the monitors refused its key"),
+            // What librados returns when cephx rejects the key it was given.
+            libc::EIO => format!("{who}: the monitors did not accept its key (a wrong key?)"),
             _ => who,
         }
     }
@@ -186,6 +196,25 @@ impl Cluster {
             format!("cannot set the Ceph option {option}={value}")
         })?;
         Ok(())
+    }
+
+    fn get(&self, option: &str) -> io::Result<String> {
+        let api = ffi::api().map_err(|e| other(io::ErrorKind::NotFound, e))?;
+        let c_option = c_string("option", option)?;
+        let mut buf = [0u8; 256];
+        // SAFETY: a created handle, a NUL-terminated name, and a buffer of `buf.len()` bytes
+        // that librados fills with a NUL-terminated value (-ENAMETOOLONG if it does not fit).
+        let rc = unsafe {
+            (api.rados_conf_get)(
+                self.handle,
+                c_option.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        check(rc, || format!("cannot read the Ceph option {option}"))?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
     }
 
     /// An I/O context on `pool`.

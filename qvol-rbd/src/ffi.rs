@@ -61,6 +61,7 @@ macro_rules! api {
 api! {
     rados: rados_create: fn(*mut RadosT, *const c_char) -> c_int;
     rados: rados_conf_read_file: fn(RadosT, *const c_char) -> c_int;
+    rados: rados_conf_get: fn(RadosT, *const c_char, *mut c_char, usize) -> c_int;
     rados: rados_conf_set: fn(RadosT, *const c_char, *const c_char) -> c_int;
     rados: rados_connect: fn(RadosT) -> c_int;
     rados: rados_shutdown: fn(RadosT) -> ();

@@ -233,10 +233,11 @@ impl RbdImage {
         }
         if rc == -libc::EROFS || rc == -libc::EBUSY || rc == -libc::EAGAIN {
             let holders = self.lock_owners().unwrap_or_default();
+            // librbd names an owner by its messenger address (IP:PORT/NONCE).
             let who = if holders.is_empty() {
-                "another client".to_string()
+                "another Ceph client".to_string()
             } else {
-                holders.join(", ")
+                format!("the Ceph client at {}", holders.join(", "))
             };
             return Err(other(
                 io::ErrorKind::WouldBlock,

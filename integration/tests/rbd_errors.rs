@@ -1,0 +1,126 @@
+//! Bad input on `rbd:` images: a missing pool or image, a malformed name, a configuration
+//! file that is not there, an unknown client id, a wrong key, a cluster that does not
+//! answer. Each is one sentence on stderr and exit status 1, within a bounded time, and
+//! leaves nothing behind.
+
+use std::time::{Duration, Instant};
+
+use integration::ceph::CephCluster;
+use integration::fixture::{Fixture, Run};
+
+/// Runs `qvol ARGS...` and checks it fails with one sentence containing `needle`, within
+/// `limit`.
+fn refused(f: &Fixture, args: &[&str], needle: &str, limit: Duration) -> Run {
+    let t0 = Instant::now();
+    let run = f.qvol(args);
+    let took = t0.elapsed();
+    run.one_sentence_error("qvol", needle);
+    assert!(took < limit, "qvol {args:?} took {took:?}");
+    run
+}
+
+#[test]
+fn bad_pools_images_names_credentials_and_clusters_are_one_sentence_each() {
+    let cluster = CephCluster::start();
+    let f = cluster.fixture();
+    let key = f.new_key("vm1");
+    let quick = Duration::from_secs(10);
+
+    refused(
+        &f,
+        &["info", "rbd:nopool/disk"],
+        "has no pool \"nopool\"",
+        quick,
+    );
+    refused(
+        &f,
+        &["info", "rbd:rbd/missing"],
+        "rbd:rbd/missing does not exist",
+        quick,
+    );
+    refused(&f, &["info", "rbd:rbd"], "write rbd:POOL/IMAGE", quick);
+    let create = ["create", "rbd:nopool/disk", "--size", "16M", "--key", &key];
+    refused(&f, &create, "has no pool", quick);
+    let listed = cluster.rbd(&["ls", "rbd"]).success();
+    assert!(listed.stdout.trim().is_empty(), "{listed:?}");
+    let daemon = f.vhost_qvol([
+        "--socket-path",
+        f.path("d.sock").to_str().unwrap(),
+        "--blk-file",
+        "rbd:rbd/missing",
+        "--any-volume",
+    ]);
+    daemon.one_sentence_error("vhost-qvol", "rbd:rbd/missing does not exist");
+
+    // Who and where: the flags, and the configuration they name.
+    let conf = cluster.conf().to_str().unwrap();
+    refused(
+        &f,
+        &["--ceph-conf", "/nonexistent/ceph.conf", "info", "rbd:rbd/x"],
+        "/nonexistent/ceph.conf does not exist",
+        quick,
+    );
+    refused(
+        &f,
+        &[
+            "--ceph-conf",
+            conf,
+            "--ceph-id",
+            "nobody",
+            "info",
+            "rbd:rbd/x",
+        ],
+        "as client.nobody",
+        quick,
+    );
+    let text = std::fs::read_to_string(cluster.conf()).unwrap();
+    // The admin's name with another key (the same format, a key the cluster never made).
+    let wrong_keyring = f.path("wrong.keyring");
+    std::fs::write(
+        &wrong_keyring,
+        "[client.admin]\n\tkey = AQBbaaaaaaaaaaAAqE2pTkc3r2sU7zxLqKbqbQ==\n",
+    )
+    .unwrap();
+    let wrong = f.path("wrong.conf");
+    let keyring_line = text
+        .lines()
+        .find(|l| l.starts_with("keyring") && l.contains("client.admin"))
+        .unwrap();
+    std::fs::write(
+        &wrong,
+        text.replace(
+            keyring_line,
+            &format!("keyring = {}", wrong_keyring.display()),
+        ),
+    )
+    .unwrap();
+    let run = refused(
+        &f,
+        &["--ceph-conf", wrong.to_str().unwrap(), "info", "rbd:rbd/x"],
+        "cannot connect to the Ceph cluster",
+        quick,
+    );
+    assert!(
+        !run.stderr.contains("AQBb"),
+        "the key is never printed: {run:?}"
+    );
+
+    // A cluster that does not answer: its mon host is a port nobody listens on. The file
+    // lowers client_mount_timeout (it overrides qvol's default of 15 s).
+    let dead = f.path("dead.conf");
+    let mon_line = text.lines().find(|l| l.starts_with("mon host")).unwrap();
+    std::fs::write(
+        &dead,
+        text.replace(
+            mon_line,
+            "mon host = v2:127.0.0.1:9\nclient mount timeout = 3",
+        ),
+    )
+    .unwrap();
+    refused(
+        &f,
+        &["--ceph-conf", dead.to_str().unwrap(), "info", "rbd:rbd/x"],
+        "no monitor answered",
+        Duration::from_secs(8),
+    );
+}
