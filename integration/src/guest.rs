@@ -18,6 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod backend;
+pub mod ext4;
 
 /// What to tell a person when something the guest needs is missing.
 pub const SETUP_HINT: &str =

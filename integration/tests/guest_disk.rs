@@ -9,44 +9,12 @@
 //! guests against qemu-storage-daemon, the reference backend, to check the harness itself:
 //! `cargo nextest run -p integration --test guest_disk --run-ignored all`.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::time::Duration;
 
 use integration::guest::backend::{Backend, BackendKind, QvolVolume, ScratchDir};
+use integration::guest::ext4::{sums, CANARY, VERIFY_FS, WRITE_FS};
 use integration::guest::{self, GuestKit, GuestOutcome, GuestSpec};
-
-/// First boot: a fresh ext4 filesystem with eight random files, a plaintext canary and the
-/// checksums of all of them; each checksum is also printed as `QVOL-SUM name sum`.
-const WRITE_FS: &str = r#"
-dev=/dev/vda
-test -b $dev
-mkfs.ext4 -q -F $dev
-mkdir -p /run/qvol/mnt
-mount -t ext4 $dev /run/qvol/mnt
-cd /run/qvol/mnt
-for i in 0 1 2 3 4 5 6 7; do head -c 1048576 /dev/urandom > file$i; done
-yes QVOL-PLAINTEXT-CANARY | head -c 1048576 > canary
-sha256sum file* canary > SUMS
-for f in file* canary; do echo "QVOL-SUM $f $(sha256sum < $f | cut -d' ' -f1)"; done
-cd /
-umount /run/qvol/mnt
-echo QVOL-WRITE-DONE
-"#;
-
-/// Second boot: `e2fsck -fn` must find the filesystem clean, then every checksum must match.
-const VERIFY_FS: &str = r#"
-dev=/dev/vda
-e2fsck -fn $dev
-mkdir -p /run/qvol/mnt
-mount -t ext4 -o ro $dev /run/qvol/mnt
-cd /run/qvol/mnt
-sha256sum -c SUMS
-for f in file* canary; do echo "QVOL-SUM $f $(sha256sum < $f | cut -d' ' -f1)"; done
-cd /
-umount /run/qvol/mnt
-echo QVOL-VERIFY-DONE
-"#;
 
 /// Writes a 4 MiB random pattern to six regions of the raw disk with O_DIRECT, reading each
 /// back and comparing, printing `QVOL-PASS n` after each; then reads all regions again.
@@ -109,17 +77,6 @@ fn assert_clean(outcome: &GuestOutcome, backend: &Backend, what: &str) {
         outcome.report()
     );
 }
-
-fn sums(outcome: &GuestOutcome) -> BTreeMap<String, String> {
-    outcome
-        .lines_with_prefix("QVOL-SUM ")
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            Some((parts.next()?.to_string(), parts.next()?.to_string()))
-        })
-        .collect()
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -155,7 +112,7 @@ fn ext4_survives_restart(kind: BackendKind, dir: &ScratchDir) {
     if let BackendKind::VhostQvol(volume) = &kind {
         let raw = fs::read(&volume.image).expect("read the raw image");
         assert!(
-            !contains(&raw, b"QVOL-PLAINTEXT-CANARY"),
+            !contains(&raw, CANARY),
             "the .qvol image holds the guest's plaintext"
         );
     }

@@ -102,6 +102,10 @@ pub(crate) fn api() -> Result<&'static Api, String> {
 }
 
 fn load() -> Result<Libs, String> {
+    load_from(LIBRADOS, LIBRBD)
+}
+
+fn load_from(librados: &str, librbd: &str) -> Result<Libs, String> {
     let open = |name: &str, package: &str| {
         // SAFETY: loading Ceph's libraries runs their initialisers, which only set up
         // their own state; nothing else in this process depends on that.
@@ -110,12 +114,31 @@ fn load() -> Result<Libs, String> {
             format!("{name} not found: install {package} to use rbd: images")
         })
     };
-    let rados = open(LIBRADOS, "librados2")?;
-    let rbd = open(LIBRBD, "librbd1")?;
+    let rados = open(librados, "librados2")?;
+    let rbd = open(librbd, "librbd1")?;
     let api = Api::load(&rados, &rbd)?;
     Ok(Libs {
         api,
         _rados: rados,
         _rbd: rbd,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_one_sentence_naming_the_package() {
+        let err = load_from("librados-absent.so.2", LIBRBD).err().unwrap();
+        assert_eq!(
+            err,
+            "librados-absent.so.2 not found: install librados2 to use rbd: images"
+        );
+        let err = load_from(LIBRADOS, "librbd-absent.so.1").err();
+        // Without Ceph's libraries the first one fails; either way the sentence names the
+        // missing one and its package.
+        let err = err.unwrap();
+        assert!(err.ends_with("to use rbd: images"), "{err}");
+    }
 }

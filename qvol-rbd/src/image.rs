@@ -243,7 +243,7 @@ impl RbdImage {
                 io::ErrorKind::WouldBlock,
                 format!(
                     "{} is in use: {who} holds its exclusive lock (if that client is dead, \
-                     --break-lock takes the lock over)",
+                     `vhost-qvol --break-lock` takes the volume over)",
                     self.name
                 ),
             ));
