@@ -27,7 +27,9 @@ stop() {
         [ -f "$pidfile" ] || continue
         pid=$(cat "$pidfile")
         kill "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        # A second for a clean exit; the cluster is throwaway (BlueStore and the monitor's
+        # store survive SIGKILL anyway).
+        for _ in $(seq 10); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
         rm -f "$pidfile"
     done

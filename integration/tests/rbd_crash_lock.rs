@@ -63,6 +63,13 @@ fn a_second_writer_is_refused_and_break_lock_takes_over_after_kill_9() {
         let done = write_pass(&mut daemon, BLOCKS, seed, Some(kill_after));
         versions.push((seed, done));
     }
-    let daemon = f.start_daemon(&image, "final", &["--break-lock"]).unwrap();
+    let mut daemon = f.start_daemon(&image, "final", &["--break-lock"]).unwrap();
     verify(&mut connect(daemon.socket()), BLOCKS, &versions);
+    // The qvol commands that write take --break-lock too.
+    daemon.kill9();
+    let image = image.to_str().unwrap();
+    f.qvol(["--break-lock", "snapshot", "create", image, "after"])
+        .success();
+    let list = f.qvol(["snapshot", "list", image]).success();
+    assert!(list.stdout.contains("after"), "{list:?}");
 }

@@ -15,10 +15,8 @@ pub struct Config {
     pub socket: SocketSource,
     /// The `.qvol` image: a file, or `rbd:POOL/IMAGE`.
     pub blk_file: PathBuf,
-    /// The Ceph cluster and identity of an `rbd:` image.
-    pub ceph: qvol_rbd::CephOptions,
-    /// Break a dead holder's lock of an `rbd:` image and take it over.
-    pub break_lock: bool,
+    /// How an `rbd:` image is reached (cluster, identity, `--break-lock`).
+    pub rbd: crate::image::RbdSettings,
     /// Serve read-only (VIRTIO_BLK_F_RO; the image is opened read-only).
     pub read_only: bool,
     /// Number of request queues, 1..=64.

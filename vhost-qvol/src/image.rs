@@ -2,8 +2,8 @@
 //!
 //! The one place an image name becomes storage. Every command and the daemon take image
 //! names as paths; a path that starts with `rbd:` is an RBD image of the cluster that
-//! [`set_ceph_options`] names (`--ceph-conf`, `--ceph-id`: one cluster per process, set once
-//! by `main` before anything is opened).
+//! [`set_rbd_settings`] names (`--ceph-conf`, `--ceph-id`, `--break-lock`: one cluster per
+//! process, set once by `main` before anything is opened).
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -12,7 +12,17 @@ use anyhow::{anyhow, Context};
 use qvol_core::storage::{FileStorage, Storage};
 use qvol_rbd::{CephOptions, RbdImage, RbdName};
 
-static CEPH: OnceLock<CephOptions> = OnceLock::new();
+static SETTINGS: OnceLock<RbdSettings> = OnceLock::new();
+
+/// How this process reaches `rbd:` images.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RbdSettings {
+    /// The cluster and the client id.
+    pub ceph: CephOptions,
+    /// Break a dead holder's exclusive lock when opening for writing
+    /// ([`crate::lock::ImageLock::acquire`]).
+    pub break_lock: bool,
+}
 
 /// The flags that name the Ceph cluster, shared by `vhost-qvol` and every `qvol` command.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -24,26 +34,39 @@ pub struct CephArgs {
     /// The Ceph client id (`client.NAME`) for `rbd:` images [default: admin].
     #[arg(long, value_name = "NAME", global = true)]
     pub ceph_id: Option<String>,
+    /// For an `rbd:` image whose exclusive lock a dead client still holds (a daemon killed,
+    /// a host lost): break that lock (Ceph blocklists the holder, so it can write no more)
+    /// and take the image over.
+    #[arg(long, global = true)]
+    pub break_lock: bool,
 }
 
-impl From<CephArgs> for CephOptions {
+impl From<CephArgs> for RbdSettings {
     fn from(args: CephArgs) -> Self {
-        CephOptions {
-            conf: args.ceph_conf,
-            id: args.ceph_id,
+        RbdSettings {
+            ceph: CephOptions {
+                conf: args.ceph_conf,
+                id: args.ceph_id,
+            },
+            break_lock: args.break_lock,
         }
     }
 }
 
-/// Names the Ceph cluster and identity `rbd:` images are reached with (the first call
-/// wins; without one, Ceph's defaults).
-pub fn set_ceph_options(options: CephOptions) {
-    let _ = CEPH.set(options);
+/// Sets how `rbd:` images are reached (the first call wins; without one, Ceph's defaults
+/// and no lock breaking).
+pub fn set_rbd_settings(settings: RbdSettings) {
+    let _ = SETTINGS.set(settings);
 }
 
-/// The Ceph options [`set_ceph_options`] set, or Ceph's defaults.
+/// The Ceph options [`set_rbd_settings`] set, or Ceph's defaults.
 pub fn ceph_options() -> CephOptions {
-    CEPH.get().cloned().unwrap_or_default()
+    SETTINGS.get().map(|s| s.ceph.clone()).unwrap_or_default()
+}
+
+/// Whether `--break-lock` was given.
+pub fn break_lock() -> bool {
+    SETTINGS.get().is_some_and(|s| s.break_lock)
 }
 
 /// The RBD image `path` names (`None`: a file path); a malformed `rbd:` name is an error.

@@ -49,7 +49,7 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
     // Before any secret is read: no core dump, no ptrace by other users of this uid, and
     // nothing inherited from the parent left open but the standard streams and --fd.
     hardening::forbid_core_dumps();
-    image::set_ceph_options(config.ceph.clone());
+    image::set_rbd_settings(config.rbd.clone());
     hardening::close_inherited_fds(match config.socket {
         SocketSource::Fd(fd) => Some(fd),
         SocketSource::Path(_) => None,
@@ -252,7 +252,6 @@ fn open_disk(config: &Config) -> anyhow::Result<OpenedDisk> {
     let opened = open::open_volume(&open::OpenRequest {
         read_only: config.read_only,
         snapshot: config.snapshot.as_deref(),
-        break_lock: config.break_lock,
         ..open::OpenRequest::new(&config.blk_file, &keys, &config.unlock, &config.binding)
     })?;
     let (vm, key_id) = opened

@@ -87,21 +87,19 @@ impl ImageLock {
     }
 
     /// Takes the write lock (`write`) or a shared read lock on `path`, without waiting.
+    ///
+    /// For an RBD image, with `--break-lock` ([`image::break_lock`]), another holder's
+    /// exclusive lock is broken first: the holder is blocklisted, so one that is not dead
+    /// after all can write no more. (A file's lock dies with its holder and needs no
+    /// breaking.)
     pub fn acquire(path: &Path, write: bool) -> Result<Self, LockError> {
-        Self::acquire_with(path, write, false)
-    }
-
-    /// [`ImageLock::acquire`], first breaking another holder's lock if `break_lock` (RBD
-    /// images only: the holder is blocklisted, so a holder that is not dead after all can
-    /// write no more; a file's lock dies with its holder and needs no breaking).
-    pub fn acquire_with(path: &Path, write: bool, break_lock: bool) -> Result<Self, LockError> {
         match image::rbd_name(path) {
             Ok(None) => Self::acquire_file(path, write),
             Ok(Some(name)) => {
                 let rbd = LockError::Rbd;
                 let img = RbdImage::open(&image::ceph_options(), &name, write).map_err(rbd)?;
                 if write {
-                    if break_lock {
+                    if image::break_lock() {
                         for owner in img.break_lock().map_err(rbd)? {
                             log::warn!("broke {owner}'s exclusive lock of {name}");
                         }

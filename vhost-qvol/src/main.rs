@@ -35,10 +35,6 @@ struct Args {
     blk_file: Option<PathBuf>,
     #[command(flatten)]
     ceph: vhost_qvol::image::CephArgs,
-    /// For an `rbd:` image whose exclusive lock a dead daemon still holds: break its lock
-    /// (Ceph blocklists that client) and take the image over.
-    #[arg(long)]
-    break_lock: bool,
     /// Serve only the volume with this id (as `qvol info IMAGE` prints it): any other
     /// image at the path is refused before anything is written.
     #[arg(long, value_name = "ID")]
@@ -121,8 +117,7 @@ impl TryFrom<Args> for Config {
         Ok(Config {
             socket,
             blk_file,
-            ceph: args.ceph.into(),
-            break_lock: args.break_lock,
+            rbd: args.ceph.into(),
             read_only: args.read_only,
             num_queues: check_queues(args.num_queues)?,
             poll_us: check_poll(args.poll_us)?,

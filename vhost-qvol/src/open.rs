@@ -257,9 +257,6 @@ pub struct OpenRequest<'a> {
     pub unwrapped: Option<(usize, &'a VolumeKey)>,
     /// Open this snapshot instead of the live disk (only with [`OpenRequest::read_only`]).
     pub snapshot: Option<&'a str>,
-    /// Break another holder's lock first (an RBD image's exclusive lock, held by a client
-    /// that died: see [`ImageLock::acquire_with`]).
-    pub break_lock: bool,
 }
 
 impl<'a> OpenRequest<'a> {
@@ -283,7 +280,6 @@ impl<'a> OpenRequest<'a> {
             restore_slots: None,
             unwrapped: None,
             snapshot: None,
-            break_lock: false,
         }
     }
 }
@@ -297,7 +293,7 @@ impl<'a> OpenRequest<'a> {
 /// unlocked keystore is dropped before this returns.
 pub fn open_volume(req: &OpenRequest<'_>) -> anyhow::Result<OpenedVolume> {
     let image = req.image;
-    let lock = ImageLock::acquire_with(image, !req.read_only, req.break_lock)?;
+    let lock = ImageLock::acquire(image, !req.read_only)?;
     let storage = locked_storage(&lock, image)?;
     let header = header_of(&*storage, image)?;
     if let Some(want) = req.binding.volume_id {

@@ -154,7 +154,7 @@ fn main() -> ExitCode {
     // It may unlock the keystore (the master seed in memory): no core dump, and no ptrace by
     // other processes of the same user (a daemon whose guest broke in, say).
     vhost_qvol::hardening::forbid_core_dumps();
-    vhost_qvol::image::set_ceph_options(cli.ceph.into());
+    vhost_qvol::image::set_rbd_settings(cli.ceph.into());
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
