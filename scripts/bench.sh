@@ -18,6 +18,13 @@
 #                               # value is printed with the figures
 #   QVOL_BENCH_POLL_US=50 scripts/bench.sh ...
 #                               # runs vhost-qvol with --poll-us 50 (queue polling)
+#   scripts/bench.sh --rbd [--quick ...]
+#                               # the same comparison with every image in Ceph RBD (issue 17):
+#                               # qemu-storage-daemon with QEMU's rbd driver (raw, and LUKS on
+#                               # top) against vhost-qvol on rbd:, on a throwaway single-node
+#                               # cluster (scripts/ceph-cluster.sh; needs ceph-mon, ceph-osd,
+#                               # ceph-common and qemu-block-extra), or on the cluster of
+#                               # $CEPH_CONF if QVOL_BENCH_CEPH_CONF=existing
 #   scripts/bench.sh --reencrypt [--size-mib 1024] [--rates 0,32,64] [--suites xchacha,aegis]
 #                               # re-encryption (issue 13): `qvol reencrypt` of a filled image
 #                               # offline, then served, with a libblkio client's 4 KiB QD1
@@ -44,8 +51,23 @@ if [[ "${1:-}" == "--reencrypt" ]]; then
     exec target/release/reencrypt "$@"
 fi
 
+rbd=0
+if [[ "${1:-}" == "--rbd" ]]; then
+    shift
+    rbd=1
+fi
+
 echo "== cargo build --release (vhost-qvol, qvol, compare)" >&2
 cargo build --release --locked -p vhost-qvol --bins >&2 || \
     echo "bench.sh: vhost-qvol did not build; its rows will be skipped" >&2
 cargo build --release --locked -p benches --bin compare >&2
-exec target/release/compare "$@"
+if [[ $rbd == 0 ]]; then
+    exec target/release/compare "$@"
+fi
+if [[ "${QVOL_BENCH_CEPH_CONF:-}" != existing ]]; then
+    cluster=$(mktemp -d /tmp/qvol-bench-ceph.XXXXXX)
+    trap 'scripts/ceph-cluster.sh stop "$cluster"; rm -rf "$cluster"' EXIT
+    scripts/ceph-cluster.sh start "$cluster" >/dev/null
+    export CEPH_CONF=$cluster/ceph.conf
+fi
+target/release/compare --backends rbd-raw,rbd-luks,rbd-xchacha,rbd-aegis "$@"

@@ -39,7 +39,8 @@ struct Args {
         value_delimiter = ','
     )]
     queues: Vec<String>,
-    /// Backends to run: raw, luks, xchacha, aegis.
+    /// Backends to run: raw, luks, xchacha, aegis; on Ceph RBD (the cluster of $CEPH_CONF,
+    /// `scripts/bench.sh --rbd` starts one): rbd-raw, rbd-luks, rbd-xchacha, rbd-aegis.
     #[arg(
         long,
         env = "QVOL_BENCH_BACKENDS",
@@ -128,9 +129,13 @@ impl TryFrom<Args> for Config {
         for b in &a.backends {
             let kind = BackendKind::ALL
                 .into_iter()
+                .chain(BackendKind::RBD)
                 .find(|k| k.short() == b)
                 .ok_or_else(|| {
-                    format!("--backends: unknown backend {b:?} (raw, luks, xchacha, aegis)")
+                    format!(
+                        "--backends: unknown backend {b:?} (raw, luks, xchacha, aegis, rbd-raw, \
+                         rbd-luks, rbd-xchacha, rbd-aegis)"
+                    )
                 })?;
             backends.push(kind);
         }
@@ -377,7 +382,7 @@ fn run(cfg: Config) -> Result<Report, String> {
                 Ok(m) => measurements.extend(m),
                 // qemu-storage-daemon failing is an error; a qvol backend that cannot run yet
                 // is skipped with its reason, so the other rows still come out.
-                Err(reason) if matches!(kind, BackendKind::Qvol(_)) => {
+                Err(reason) if kind.is_qvol() => {
                     eprintln!("\nskipping {} with {q} queue(s): {reason}", kind.label());
                     skipped.push(Skipped {
                         backend: format!("{} ({q} queues)", kind.label()),
@@ -387,7 +392,7 @@ fn run(cfg: Config) -> Result<Report, String> {
                 Err(e) => return Err(e),
             }
         }
-        let _ = std::fs::remove_file(&prepared.image);
+        backend::remove_image(&prepared);
         eprintln!();
     }
     disk.extend(disk_sync(&cfg, "after"));

@@ -17,6 +17,12 @@ pub enum BackendKind {
     QsdLuks,
     /// vhost-qvol with the given suite.
     Qvol(CipherSuite),
+    /// qemu-storage-daemon exporting an RBD image through QEMU's rbd driver: no encryption.
+    QsdRbdRaw,
+    /// qemu-storage-daemon, LUKS on an RBD image: the usual encrypted disk of OpenStack.
+    QsdRbdLuks,
+    /// vhost-qvol serving `rbd:POOL/IMAGE` with the given suite.
+    QvolRbd(CipherSuite),
 }
 
 impl BackendKind {
@@ -28,6 +34,16 @@ impl BackendKind {
         BackendKind::Qvol(CipherSuite::Aegis256),
     ];
 
+    /// The same backends with their images in Ceph RBD (the pool `$QVOL_BENCH_RBD_POOL`,
+    /// default `rbd`, of the cluster `$CEPH_CONF` names; `scripts/bench.sh --rbd` starts a
+    /// throwaway one).
+    pub const RBD: [BackendKind; 4] = [
+        BackendKind::QsdRbdRaw,
+        BackendKind::QsdRbdLuks,
+        BackendKind::QvolRbd(CipherSuite::XChaCha20Poly1305),
+        BackendKind::QvolRbd(CipherSuite::Aegis256),
+    ];
+
     /// Name in tables and JSON.
     pub fn label(self) -> &'static str {
         match self {
@@ -35,6 +51,10 @@ impl BackendKind {
             BackendKind::QsdLuks => "qsd LUKS",
             BackendKind::Qvol(CipherSuite::XChaCha20Poly1305) => "qvol xchacha20-poly1305",
             BackendKind::Qvol(CipherSuite::Aegis256) => "qvol aegis-256",
+            BackendKind::QsdRbdRaw => "qsd rbd raw",
+            BackendKind::QsdRbdLuks => "qsd rbd LUKS",
+            BackendKind::QvolRbd(CipherSuite::XChaCha20Poly1305) => "qvol rbd xchacha20-poly1305",
+            BackendKind::QvolRbd(CipherSuite::Aegis256) => "qvol rbd aegis-256",
         }
     }
 
@@ -45,7 +65,52 @@ impl BackendKind {
             BackendKind::QsdLuks => "luks",
             BackendKind::Qvol(CipherSuite::XChaCha20Poly1305) => "xchacha",
             BackendKind::Qvol(CipherSuite::Aegis256) => "aegis",
+            BackendKind::QsdRbdRaw => "rbd-raw",
+            BackendKind::QsdRbdLuks => "rbd-luks",
+            BackendKind::QvolRbd(CipherSuite::XChaCha20Poly1305) => "rbd-xchacha",
+            BackendKind::QvolRbd(CipherSuite::Aegis256) => "rbd-aegis",
         }
+    }
+
+    /// Whether vhost-qvol serves it.
+    pub fn is_qvol(self) -> bool {
+        matches!(self, BackendKind::Qvol(_) | BackendKind::QvolRbd(_))
+    }
+
+    /// Whether its image is in Ceph RBD.
+    pub fn is_rbd(self) -> bool {
+        matches!(
+            self,
+            BackendKind::QsdRbdRaw | BackendKind::QsdRbdLuks | BackendKind::QvolRbd(_)
+        )
+    }
+}
+
+/// The RBD pool of the `rbd-*` backends.
+fn rbd_pool() -> String {
+    std::env::var("QVOL_BENCH_RBD_POOL").unwrap_or_else(|_| "rbd".to_owned())
+}
+
+/// The Ceph configuration of the `rbd-*` backends (as Ceph's tools find it).
+fn ceph_conf() -> String {
+    std::env::var("CEPH_CONF").unwrap_or_else(|_| "/etc/ceph/ceph.conf".to_owned())
+}
+
+/// The RBD image of an `rbd-*` backend, in its pool.
+fn rbd_image(kind: BackendKind) -> String {
+    format!("bench-{}", kind.short())
+}
+
+/// Removes the image of `p` (a file, or an RBD image).
+pub fn remove_image(p: &Prepared) {
+    if p.kind.is_rbd() {
+        let spec = format!("{}/{}", rbd_pool(), rbd_image(p.kind));
+        let _ = Command::new("rbd")
+            .args(["rm", "--no-progress", &spec])
+            .stdin(Stdio::null())
+            .output();
+    } else {
+        let _ = fs::remove_file(&p.image);
     }
 }
 
@@ -146,30 +211,59 @@ pub fn prepare(
     dir: &Path,
     size: u64,
 ) -> Result<Prepared, String> {
-    let image = dir.join(format!("{}.img", kind.short()));
-    let _ = fs::remove_file(&image);
+    let image = if kind.is_rbd() {
+        PathBuf::from(format!("rbd:{}/{}", rbd_pool(), rbd_image(kind)))
+    } else {
+        dir.join(format!("{}.img", kind.short()))
+    };
     let keystore = dir.join("keystore");
+    let prepared = Prepared {
+        extra_args: Vec::new(),
+        kind,
+        image,
+        dir: dir.to_path_buf(),
+        keystore,
+    };
+    remove_image(&prepared);
+    let (image, keystore) = (&prepared.image, &prepared.keystore);
     match kind {
         BackendKind::QsdRaw => {
-            let f = File::create(&image)
+            let f = File::create(image)
                 .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
             f.set_len(size)
                 .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
         }
-        BackendKind::QsdLuks => {
+        BackendKind::QsdRbdRaw => {
+            let spec = format!("{}/{}", rbd_pool(), rbd_image(kind));
+            run_tool(
+                Command::new("rbd").args(["create", &spec, "--size", &format!("{}M", size >> 20)]),
+                "rbd create",
+            )?;
+        }
+        BackendKind::QsdLuks | BackendKind::QsdRbdLuks => {
             // qemu-img times its PBKDF2 with getrusage(); with a 10 ms iteration time it
             // sometimes measures no CPU time at all and fails ("Unable to get accurate CPU
             // usage"), so it gets a few tries.
             let mut tries = 0;
             loop {
                 tries += 1;
-                let _ = fs::remove_file(&image);
+                remove_image(&prepared);
+                let target = if kind.is_rbd() {
+                    format!(
+                        "rbd:{}/{}:conf={}",
+                        rbd_pool(),
+                        rbd_image(kind),
+                        ceph_conf()
+                    )
+                } else {
+                    image.display().to_string()
+                };
                 match run_tool(
                     Command::new(&tools.qemu_img)
                         .args(["create", "-q", "-f", "luks", "--object"])
                         .arg(format!("secret,id=s0,data={LUKS_SECRET}"))
                         .args(["-o", "key-secret=s0,iter-time=10"])
-                        .arg(&image)
+                        .arg(target)
                         .arg(size.to_string()),
                     "qemu-img create -f luks",
                 ) {
@@ -179,13 +273,13 @@ pub fn prepare(
                 }
             }
         }
-        BackendKind::Qvol(suite) => {
+        BackendKind::Qvol(suite) | BackendKind::QvolRbd(suite) => {
             let (qvol, _) = tools.qvol.as_ref().map_err(Clone::clone)?;
             // The comparison program removes the keystore when it starts, so this runs
             // once per run.
             if !keystore.exists() {
                 run_tool(
-                    Command::new(qvol).env("QVOL_KEYSTORE", &keystore).args([
+                    Command::new(qvol).env("QVOL_KEYSTORE", keystore).args([
                         "keystore",
                         "init",
                         "--no-passphrase",
@@ -194,7 +288,7 @@ pub fn prepare(
                 )?;
             }
             let key = run_tool(
-                Command::new(qvol).env("QVOL_KEYSTORE", &keystore).args([
+                Command::new(qvol).env("QVOL_KEYSTORE", keystore).args([
                     "key",
                     "new",
                     &format!("bench-{}", kind.short()),
@@ -204,9 +298,9 @@ pub fn prepare(
             let key = key.lines().last().unwrap_or("").trim().to_owned();
             run_tool(
                 Command::new(qvol)
-                    .env("QVOL_KEYSTORE", &keystore)
+                    .env("QVOL_KEYSTORE", keystore)
                     .arg("create")
-                    .arg(&image)
+                    .arg(image)
                     .args([
                         "--size",
                         &format!("{}K", size / 1024),
@@ -219,13 +313,7 @@ pub fn prepare(
             )?;
         }
     }
-    Ok(Prepared {
-        extra_args: Vec::new(),
-        kind,
-        image,
-        dir: dir.to_path_buf(),
-        keystore,
-    })
+    Ok(prepared)
 }
 
 impl Prepared {
@@ -293,18 +381,33 @@ pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, Stri
     let log = p.dir.join(format!("{}-q{queues}.log", p.kind.short()));
     let _ = fs::remove_file(&socket);
     let mut cmd = match p.kind {
-        BackendKind::QsdRaw | BackendKind::QsdLuks => {
+        BackendKind::QsdRaw
+        | BackendKind::QsdLuks
+        | BackendKind::QsdRbdRaw
+        | BackendKind::QsdRbdLuks => {
             let mut c = Command::new(&tools.qsd);
             let mut top = "f0";
-            if p.kind == BackendKind::QsdLuks {
+            let luks = matches!(p.kind, BackendKind::QsdLuks | BackendKind::QsdRbdLuks);
+            if luks {
                 c.arg("--object")
                     .arg(format!("secret,id=s0,data={LUKS_SECRET}"));
             }
-            c.arg("--blockdev").arg(format!(
-                "driver=file,node-name=f0,filename={},aio=threads",
-                p.image.display()
-            ));
-            if p.kind == BackendKind::QsdLuks {
+            c.arg("--blockdev").arg(if p.kind.is_rbd() {
+                // QEMU's rbd driver, with its default cache mode (writeback: librbd's cache
+                // on, made durable by the guest's flushes).
+                format!(
+                    "driver=rbd,node-name=f0,pool={},image={},conf={}",
+                    rbd_pool(),
+                    rbd_image(p.kind),
+                    ceph_conf()
+                )
+            } else {
+                format!(
+                    "driver=file,node-name=f0,filename={},aio=threads",
+                    p.image.display()
+                )
+            });
+            if luks {
                 c.arg("--blockdev")
                     .arg("driver=luks,node-name=l0,file=f0,key-secret=s0");
                 top = "l0";
@@ -315,7 +418,7 @@ pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, Stri
             ));
             c
         }
-        BackendKind::Qvol(_) => {
+        BackendKind::Qvol(_) | BackendKind::QvolRbd(_) => {
             let (_, vhost) = tools.qvol.as_ref().map_err(Clone::clone)?;
             let mut c = Command::new(vhost);
             let volume_id = integration::fixture::volume_id_of(&p.image)?;

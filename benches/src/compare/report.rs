@@ -125,6 +125,13 @@ fn ratio(m: Option<&Measurement>, base: Option<&Measurement>) -> String {
 
 const QVOLS: [BackendKind; 2] = [BackendKind::ALL[2], BackendKind::ALL[3]];
 
+/// The backend families of the tables, each with what its heading adds: images in files,
+/// and images in Ceph RBD (when measured).
+const FAMILIES: [([BackendKind; 4], &str); 2] = [
+    (BackendKind::ALL, ""),
+    (BackendKind::RBD, ", images in Ceph RBD"),
+];
+
 /// The log length qvol gives an image of `size` bytes (qvol-core's `Regions::for_size`:
 /// size / 32 rounded up to a power of two, 4 to 64 MiB). One 128-byte record per 4 KiB
 /// block written, so the log is full after `log_len * 32` bytes of writes.
@@ -217,74 +224,93 @@ impl Report {
             let _ = writeln!(s, "\n**Skipped {}**: {}", skipped.backend, skipped.reason);
         }
         for &q in &self.queue_counts {
-            let _ = writeln!(s, "\n## {q} queue{}\n", if q == 1 { "" } else { "s" });
-            let _ = write!(s, "| workload |");
-            for b in BackendKind::ALL {
-                let _ = write!(s, " {} |", b.label());
+            for (family, medium) in FAMILIES {
+                if family.iter().any(|&b| self.measured(b, q)) {
+                    self.family_tables(&mut s, q, &family, medium);
+                }
             }
-            for b in QVOLS {
-                let _ = write!(s, " {0} vs LUKS | {0} vs raw |", b.short());
+            s.push_str(&self.write_latency(q));
+        }
+        if BackendKind::ALL.iter().any(|&b| self.measured(b, 1)) {
+            s.push_str(&self.goals());
+            s.push_str(&self.sustained_goals());
+        }
+        s
+    }
+
+    /// Whether `b` was measured with `q` queues.
+    fn measured(&self, b: BackendKind, q: usize) -> bool {
+        self.measurements
+            .iter()
+            .any(|m| m.backend == b.label() && m.queues == q)
+    }
+
+    /// The throughput and CPU tables of one family (raw, LUKS, the two qvol suites) on one
+    /// medium, with `q` queues.
+    fn family_tables(&self, s: &mut String, q: usize, family: &[BackendKind; 4], medium: &str) {
+        let _ = writeln!(
+            s,
+            "\n## {q} queue{}{medium}\n",
+            if q == 1 { "" } else { "s" }
+        );
+        let _ = write!(s, "| workload |");
+        for b in *family {
+            let _ = write!(s, " {} |", b.label());
+        }
+        for b in [family[2], family[3]] {
+            let _ = write!(s, " {0} vs LUKS | {0} vs raw |", b.short());
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(s, "|---|{}", "---|".repeat(family.len() + 4));
+        for w in &WORKLOADS {
+            let _ = write!(s, "| {} |", w.name);
+            for b in *family {
+                let _ = write!(s, " {} |", cell(find(self, b, q, w)));
+            }
+            for b in [family[2], family[3]] {
+                let mine = find(self, b, q, w);
+                let _ = write!(
+                    s,
+                    " {} | {} |",
+                    ratio(mine, find(self, family[1], q, w)),
+                    ratio(mine, find(self, family[0], q, w))
+                );
             }
             let _ = writeln!(s);
-            let _ = writeln!(
-                s,
-                "|---|{}",
-                "---|".repeat(BackendKind::ALL.len() + 2 * QVOLS.len())
-            );
-            for w in &WORKLOADS {
-                let _ = write!(s, "| {} |", w.name);
-                for b in BackendKind::ALL {
-                    let _ = write!(s, " {} |", cell(find(self, b, q, w)));
-                }
-                for b in QVOLS {
-                    let mine = find(self, b, q, w);
-                    let _ = write!(
-                        s,
-                        " {} | {} |",
-                        ratio(mine, find(self, BackendKind::QsdLuks, q, w)),
-                        ratio(mine, find(self, BackendKind::QsdRaw, q, w))
-                    );
-                }
-                let _ = writeln!(s);
-            }
-            let _ = writeln!(
-                s,
-                "\nBackend CPU seconds per GB moved (user + system, all threads), and peak RSS:\n"
-            );
-            let _ = write!(s, "| workload |");
-            for b in BackendKind::ALL {
-                let _ = write!(s, " {} |", b.label());
-            }
-            let _ = writeln!(s, "\n|---|{}", "---|".repeat(BackendKind::ALL.len()));
-            for w in &WORKLOADS {
-                let _ = write!(s, "| {} |", w.name);
-                for b in BackendKind::ALL {
-                    let c = find(self, b, q, w).map_or("—".to_owned(), |m| {
-                        format!("{:.2}", m.backend_cpu_s_per_gb)
-                    });
-                    let _ = write!(s, " {c} |");
-                }
-                let _ = writeln!(s);
-            }
-            let _ = write!(s, "| peak RSS |");
-            for b in BackendKind::ALL {
-                let peak = self
-                    .measurements
-                    .iter()
-                    .filter(|m| m.backend == b.label() && m.queues == q)
-                    .map(|m| m.backend_peak_rss_bytes)
-                    .max();
-                let c = peak.map_or("—".to_owned(), |p| {
-                    format!("{:.0} MiB", p as f64 / 1048576.0)
+        }
+        let _ = writeln!(
+            s,
+            "\nBackend CPU seconds per GB moved (user + system, all threads), and peak RSS:\n"
+        );
+        let _ = write!(s, "| workload |");
+        for b in *family {
+            let _ = write!(s, " {} |", b.label());
+        }
+        let _ = writeln!(s, "\n|---|{}", "---|".repeat(family.len()));
+        for w in &WORKLOADS {
+            let _ = write!(s, "| {} |", w.name);
+            for b in *family {
+                let c = find(self, b, q, w).map_or("—".to_owned(), |m| {
+                    format!("{:.2}", m.backend_cpu_s_per_gb)
                 });
                 let _ = write!(s, " {c} |");
             }
             let _ = writeln!(s);
-            s.push_str(&self.write_latency(q));
         }
-        s.push_str(&self.goals());
-        s.push_str(&self.sustained_goals());
-        s
+        let _ = write!(s, "| peak RSS |");
+        for b in *family {
+            let peak = self
+                .measurements
+                .iter()
+                .filter(|m| m.backend == b.label() && m.queues == q)
+                .map(|m| m.backend_peak_rss_bytes)
+                .max();
+            let c = peak.map_or("—".to_owned(), |p| {
+                format!("{:.0} MiB", p as f64 / 1048576.0)
+            });
+            let _ = write!(s, " {c} |");
+        }
+        let _ = writeln!(s);
     }
 
     /// The mean of the disk sync measurements, bytes per second.
