@@ -7,7 +7,7 @@
 //! queue's lock, never one shared by all queues.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -21,8 +21,8 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -54,6 +54,8 @@ pub struct Device {
     frontend: Mutex<Option<vhost::vhost_user::Backend>>,
     /// How long a queue's thread polls its ring after serving it, in nanoseconds (0: off).
     poll_ns: AtomicU64,
+    /// How many requests of one queue may be served at once (1: one after the other).
+    parallel: AtomicUsize,
 }
 
 impl std::fmt::Debug for Device {
@@ -80,7 +82,17 @@ impl Device {
                 .collect(),
             frontend: Mutex::new(None),
             poll_ns: AtomicU64::new(0),
+            parallel: AtomicUsize::new(1),
         }
+    }
+
+    /// Serves up to `n` available requests of a queue at once, each on a thread of its own,
+    /// and completes them in the order they were made available. For storage where each
+    /// call waits on a network round trip (an RBD image): one at a time, a queue would
+    /// never have more than one request in flight however deep the guest's queue is. 1 (the
+    /// default) serves one request after the other on the queue's thread.
+    pub fn set_parallel(&self, n: usize) {
+        self.parallel.store(n.max(1), Ordering::Relaxed);
     }
 
     /// After serving a queue, its thread watches the ring for `poll` before sleeping
@@ -182,35 +194,53 @@ impl BlkBackend {
             writeback: self.device.writeback.load(Ordering::Relaxed),
             serial: &self.device.serial,
         };
+        let parallel = self.device.parallel.load(Ordering::Relaxed);
         loop {
-            // Guest memory as it is now, for each request: the frontend may add regions while
-            // the queue runs (libblkio maps its I/O buffers after starting the device), and it
-            // makes a request that uses one available only after the region was added. A
-            // view loaded before the pop can predate the region (this loop may have started
-            // before it, e.g. on a spurious kick): such a chain reads as invalid and is
-            // dropped with no status written, which a driver whose status byte was 0 takes for
-            // success. So the view must be at least as new as the request: if the memory
-            // changed around the pop, the chain is popped again with the new view.
             let mem = self.mem.memory();
-            let chain = {
-                let mut state = vring.get_mut();
-                let queue = state.get_queue_mut();
-                let Some(chain) = queue.pop_descriptor_chain(mem.clone()) else {
-                    break;
-                };
-                if !std::ptr::eq(&*mem, &*self.mem.memory()) {
-                    queue.go_to_previous_position();
+            let (mut chains, stale) = self.pop_chains(vring, &mem, parallel);
+            if chains.is_empty() {
+                if stale {
                     continue;
                 }
-                chain
-            };
-            let head = chain.head_index();
-            // Held from the disk operation until the guest is told: see Device::quiesce.
+                break;
+            }
+            // Held from the disk operations until the guest is told: see Device::quiesce.
             let mut worker = lock(worker);
-            let len = worker.process(self.device.disk.as_ref(), settings, &mem, chain);
-            vring
-                .add_used(head, len)
-                .map_err(|e| format!("cannot complete request {head}: {e}"))?;
+            let disk = self.device.disk.as_ref();
+            let done: Vec<(u16, u32)> = if chains.len() == 1 {
+                chains
+                    .pop()
+                    .map(|chain| {
+                        let head = chain.head_index();
+                        (head, worker.process(disk, settings, &mem, chain))
+                    })
+                    .into_iter()
+                    .collect()
+            } else {
+                std::thread::scope(|scope| {
+                    let tasks: Vec<_> = chains
+                        .into_iter()
+                        .map(|chain| {
+                            let mem = &mem;
+                            let head = chain.head_index();
+                            let task = scope.spawn(move || {
+                                QueueWorker::new(queue).process(disk, settings, mem, chain)
+                            });
+                            (head, task)
+                        })
+                        .collect();
+                    tasks
+                        .into_iter()
+                        // A task only panics on a bug: its request gets no status.
+                        .map(|(head, task)| (head, task.join().unwrap_or(0)))
+                        .collect()
+                })
+            };
+            for (head, len) in done {
+                vring
+                    .add_used(head, len)
+                    .map_err(|e| format!("cannot complete request {head}: {e}"))?;
+            }
             if vring
                 .needs_notification()
                 .map_err(|e| format!("cannot read the used event index: {e}"))?
@@ -222,6 +252,40 @@ impl BlkBackend {
             drop(worker);
         }
         Ok(())
+    }
+
+    /// Pops up to `max` available requests, all against `mem`, the guest memory as it is
+    /// now: the frontend may add regions while the queue runs (libblkio maps its I/O
+    /// buffers after starting the device), and it makes a request that uses one available
+    /// only after the region was added. A view loaded before the pop can predate the region
+    /// (this loop may have started before it, e.g. on a spurious kick): such a chain reads
+    /// as invalid and is dropped with no status written, which a driver whose status byte
+    /// was 0 takes for success. So the view must be at least as new as the requests: if the
+    /// memory changed around a pop, that chain is put back for the next round, with the new
+    /// view (`true`: the view went stale).
+    fn pop_chains(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+        max: usize,
+    ) -> (
+        Vec<DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>>,
+        bool,
+    ) {
+        let mut chains = Vec::new();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        while chains.len() < max {
+            let Some(chain) = queue.pop_descriptor_chain(mem.clone()) else {
+                break;
+            };
+            if !std::ptr::eq(&**mem, &*self.mem.memory()) {
+                queue.go_to_previous_position();
+                return (chains, true);
+            }
+            chains.push(chain);
+        }
+        (chains, false)
     }
 
     /// Whether the guest has made requests available that are not served yet.

@@ -94,6 +94,10 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         config.num_queues,
     ));
     device.set_poll(std::time::Duration::from_micros(u64::from(config.poll_us)));
+    if image::is_rbd(&config.blk_file) {
+        // Each storage call waits on the cluster: serve a queue's requests together.
+        device.set_parallel(RBD_PARALLEL);
+    }
     let mut listener = match inherited {
         Some(listener) => listener,
         None => serve::listen(&config.socket)?,
@@ -230,6 +234,11 @@ fn shut_down(
     }
     std::process::exit(code)
 }
+
+/// How many requests of one queue an RBD-backed disk serves at once: enough for the queue
+/// depths guests use (Linux's virtio-blk asks for up to 128 per queue; 32 already keeps a
+/// single OSD busy here, benches/RESULTS.md).
+const RBD_PARALLEL: usize = 32;
 
 /// What [`open_disk`] returns: the volume as a [`Disk`], its id, its commit recorder
 /// (writable only) and the lock that must be held while it is served.
