@@ -641,6 +641,107 @@ mod tests {
         );
     }
 
+    /// A disk whose writes wait (up to 5 s) until `want` of them are in flight together,
+    /// and which records the most it saw at once.
+    struct GatherDisk {
+        inner: MemDisk,
+        want: usize,
+        state: Mutex<(usize, usize)>,
+        more: std::sync::Condvar,
+    }
+
+    impl Disk for GatherDisk {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+            self.inner.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+            let mut state = self.state.lock().unwrap();
+            state.0 += 1;
+            state.1 = state.1.max(state.0);
+            self.more.notify_all();
+            let (mut state, _) = self
+                .more
+                .wait_timeout_while(state, Duration::from_secs(5), |s| s.1 < self.want)
+                .unwrap();
+            state.0 -= 1;
+            drop(state);
+            self.inner.write_at(offset, data)
+        }
+        fn flush(&self) -> Result<(), DiskError> {
+            self.inner.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+            self.inner.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+    }
+
+    /// With `set_parallel(4)`, four available writes are served together (the disk sees
+    /// four in flight) and completed in the order they were made available.
+    #[test]
+    fn parallel_serving_has_requests_in_flight_together_and_completes_in_order() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut chains = Vec::new();
+        for i in 0..4u64 {
+            let (hdr, data, status) = (0x1_0000 + i * 0x100, 0x2_0000 + i * 0x1000, 0x3_0000 + i);
+            write_header(&mem, hdr, i * 8);
+            mem.write_slice(&[i as u8 + 1; 4096], GuestAddress(data))
+                .unwrap();
+            mem.write_slice(&[0xee], GuestAddress(status)).unwrap();
+            chains.extend(write_chain(hdr, data, status, 3 * i as u16));
+        }
+        mock.add_desc_chains(&chains, 0).unwrap();
+        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(
+                mock.desc_table_addr().0,
+                mock.avail_addr().0,
+                mock.used_addr().0,
+            )
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let disk = Arc::new(GatherDisk {
+            inner: MemDisk::new(1 << 20, false),
+            want: 4,
+            state: Mutex::new((0, 0)),
+            more: std::sync::Condvar::new(),
+        });
+        let device = Arc::new(Device::new(disk.clone(), false, [0; 20], 1));
+        device.set_parallel(4);
+        BlkBackend::new(device, atomic)
+            .process_queue(0, &vring)
+            .unwrap();
+
+        assert_eq!(
+            disk.state.lock().unwrap().1,
+            4,
+            "requests in flight together"
+        );
+        let used = mock.used_addr().0;
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 4);
+        for i in 0..4u64 {
+            let id = mem.read_obj::<u32>(GuestAddress(used + 4 + 8 * i)).unwrap();
+            assert_eq!(id, 3 * i as u32, "completion {i} out of order");
+            let status = mem.read_obj::<u8>(GuestAddress(0x3_0000 + i)).unwrap();
+            assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        }
+        let data = disk.inner.contents();
+        for i in 0..4usize {
+            assert!(data[i * 4096..(i + 1) * 4096]
+                .iter()
+                .all(|&b| b == i as u8 + 1));
+        }
+    }
+
     #[test]
     fn one_thread_per_queue() {
         let b = backend(false, 3);
