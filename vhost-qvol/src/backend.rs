@@ -516,14 +516,14 @@ mod tests {
         assert!(b.max_queue_size() >= 256);
     }
 
-    /// A disk that runs `hook` once, at the start of its first write: the frontend acting
-    /// while a queue worker is inside its loop.
-    struct HookDisk {
+    /// A memory disk that runs `before` at the start of every write: the frontend acting
+    /// while a queue worker is inside its loop, or writes waiting for each other.
+    struct BeforeWrite {
         inner: MemDisk,
-        hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+        before: Box<dyn Fn() + Send + Sync>,
     }
 
-    impl Disk for HookDisk {
+    impl Disk for BeforeWrite {
         fn size(&self) -> u64 {
             self.inner.size()
         }
@@ -531,9 +531,7 @@ mod tests {
             self.inner.read_at(offset, buf)
         }
         fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-            if let Some(hook) = self.hook.lock().unwrap().take() {
-                hook();
-            }
+            (self.before)();
             self.inner.write_at(offset, data)
         }
         fn flush(&self) -> Result<(), DiskError> {
@@ -617,9 +615,14 @@ mod tests {
             mem.write_obj(2u16.to_le(), GuestAddress(avail + 2))
                 .unwrap();
         };
-        let disk = Arc::new(HookDisk {
+        let hook = Mutex::new(Some(hook));
+        let disk = Arc::new(BeforeWrite {
             inner: MemDisk::new(1 << 20, false),
-            hook: Mutex::new(Some(Box::new(hook))),
+            before: Box::new(move || {
+                if let Some(hook) = hook.lock().unwrap().take() {
+                    hook();
+                }
+            }),
         });
         let device = Arc::new(Device::new(disk.clone(), false, [0; 20], 1));
         let backend = BlkBackend::new(device, atomic.clone());
@@ -641,43 +644,25 @@ mod tests {
         );
     }
 
-    /// A disk whose writes wait (up to 5 s) until `want` of them are in flight together,
-    /// and which records the most it saw at once.
-    struct GatherDisk {
-        inner: MemDisk,
-        want: usize,
+    /// Writes in flight now and the most seen at once; each write waits (up to 5 s) until
+    /// `want` have been in flight together.
+    #[derive(Default)]
+    struct Gather {
         state: Mutex<(usize, usize)>,
         more: std::sync::Condvar,
     }
 
-    impl Disk for GatherDisk {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-            self.inner.read_at(offset, buf)
-        }
-        fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+    impl Gather {
+        fn write(&self, want: usize) {
             let mut state = self.state.lock().unwrap();
             state.0 += 1;
             state.1 = state.1.max(state.0);
             self.more.notify_all();
             let (mut state, _) = self
                 .more
-                .wait_timeout_while(state, Duration::from_secs(5), |s| s.1 < self.want)
+                .wait_timeout_while(state, Duration::from_secs(5), |s| s.1 < want)
                 .unwrap();
             state.0 -= 1;
-            drop(state);
-            self.inner.write_at(offset, data)
-        }
-        fn flush(&self) -> Result<(), DiskError> {
-            self.inner.flush()
-        }
-        fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-            self.inner.discard(offset, len)
-        }
-        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
-            self.inner.write_zeroes(offset, len, unmap)
         }
     }
 
@@ -709,11 +694,11 @@ mod tests {
             .unwrap();
         vring.set_queue_ready(true);
         vring.set_enabled(true);
-        let disk = Arc::new(GatherDisk {
+        let gather = Arc::new(Gather::default());
+        let writes = Arc::clone(&gather);
+        let disk = Arc::new(BeforeWrite {
             inner: MemDisk::new(1 << 20, false),
-            want: 4,
-            state: Mutex::new((0, 0)),
-            more: std::sync::Condvar::new(),
+            before: Box::new(move || writes.write(4)),
         });
         let device = Arc::new(Device::new(disk.clone(), false, [0; 20], 1));
         device.set_parallel(4);
@@ -722,7 +707,7 @@ mod tests {
             .unwrap();
 
         assert_eq!(
-            disk.state.lock().unwrap().1,
+            gather.state.lock().unwrap().1,
             4,
             "requests in flight together"
         );
