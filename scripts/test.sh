@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite (README command 2; .ci/run execs it): installs what the tests need
-# (scripts/setup.sh: QEMU, busybox, the guest kernel, ...), builds the binaries the end-to-end
-# tests drive, then runs every test, the QEMU guest tests included (integration/tests/guest_*).
+# (scripts/setup.sh: QEMU, busybox, the guest kernel, Ceph's monitor and OSD for the rbd_*
+# tests, ...), builds the binaries the end-to-end tests drive, then runs every test, the QEMU
+# guest tests included (integration/tests/guest_*, rbd_guest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh

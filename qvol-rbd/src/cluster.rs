@@ -69,9 +69,11 @@ impl CephOptions {
         }
     }
 
-    /// The client id: `--ceph-id`, then [`DEFAULT_ID`].
+    /// The client id: `--ceph-id`, then [`DEFAULT_ID`]; a `client.` prefix is dropped (Ceph's
+    /// tools take the id both ways).
     pub fn client_id(&self) -> &str {
-        self.id.as_deref().unwrap_or(DEFAULT_ID)
+        let id = self.id.as_deref().unwrap_or(DEFAULT_ID);
+        id.strip_prefix("client.").unwrap_or(id)
     }
 }
 
@@ -300,5 +302,10 @@ mod tests {
         assert_eq!(o.conf_file(), PathBuf::from("/x/ceph.conf"));
         assert_eq!(o.client_id(), "qvol");
         assert_eq!(CephOptions::default().client_id(), "admin");
+        let prefixed = CephOptions {
+            id: Some("client.qvol".into()),
+            ..CephOptions::default()
+        };
+        assert_eq!(prefixed.client_id(), "qvol");
     }
 }
