@@ -88,7 +88,7 @@ impl Volume {
             drop(gate);
             let _excl = self.exclusive();
             if self.wal.next() > 0 || self.map.dirty_leaves() >= MAX_DIRTY_LEAVES {
-                self.commit_locked(false)?;
+                self.commit_pipelined()?;
             }
         }
     }
