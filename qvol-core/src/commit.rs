@@ -89,7 +89,9 @@ impl Volume {
         let Some(f) = slot.take() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         f.wait().map_err(|e| self.fail(e))?;
+        log::debug!("waited {:?} for the commit in flight", started.elapsed());
         // Punched while still held back: nothing can have been written to them yet.
         let punch = self.alloc.lock().committed_punches();
         punch_runs(&*self.storage, &punch);
@@ -120,6 +122,7 @@ impl Volume {
     /// The first half of a pipelined commit (FORMAT.md §10.1, steps 1 to 4); its thread
     /// does the rest.
     fn start_commit(&self) -> Result<()> {
+        let started = std::time::Instant::now();
         self.reap(true)?;
         if self.wal.next() == 0 && !self.map.is_dirty() {
             return Ok(());
@@ -150,7 +153,9 @@ impl Volume {
         let handle = std::thread::Builder::new()
             .name("qvol-commit".into())
             .spawn(move || {
+                let started = std::time::Instant::now();
                 let r = make_durable(&*storage, &encoded, generation);
+                log::debug!("commit {generation} durable after {:?}", started.elapsed());
                 match &r {
                     Ok(()) => {
                         *durable_point.lock().unwrap_or_else(|p| p.into_inner()) = point;
@@ -164,6 +169,10 @@ impl Volume {
             })
             .map_err(|e| Error::io("cannot start a commit thread", e))?;
         *self.inflight.lock().unwrap_or_else(|p| p.into_inner()) = Some(InFlight { handle });
+        log::debug!(
+            "commit {generation} started in {:?} (writers waited that long)",
+            started.elapsed()
+        );
         Ok(())
     }
 
@@ -172,6 +181,7 @@ impl Volume {
     /// is encoded.
     fn prepare(&self, a: &mut AllocState, keys: &Subkeys) -> Result<Prepared> {
         let st: &dyn Storage = &*self.storage;
+        let t0 = std::time::Instant::now();
         let mut out = PageWriter::new(st);
         // Blocks the live map stopped using that a snapshot may hold (FORMAT.md §7.1).
         self.settle_kills(a)?;
@@ -184,8 +194,16 @@ impl Volume {
             &mut out,
         )?;
         let (snapshots, snap_epoch) = self.commit_table(a, &mut out)?;
+        let t1 = t0.elapsed();
         let space_root = a.prepare_commit(st, keys, &mut out)?;
+        let t2 = t0.elapsed();
         out.flush()?;
+        log::debug!(
+            "commit nodes: map {t1:?}, space tree {:?}, written {:?} ({} leaves)",
+            t2 - t1,
+            t0.elapsed() - t2,
+            moved.len()
+        );
         let generation = self.superblock().generation + 1;
         // Version 3: a random id makes every commit's MAC unique, even when two sessions
         // commit the same content at the same generation (FORMAT.md §8).

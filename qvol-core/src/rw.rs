@@ -77,6 +77,10 @@ impl Volume {
             self.check_usable()?;
             let gate = self.shared();
             if self.map.dirty_leaves() < MAX_DIRTY_LEAVES && self.wal.try_reserve(n) {
+                if self.wal.take_prepare_turn() {
+                    // The leaves MACed now need no MAC while I/O is stopped for the commit.
+                    self.map.premac_dirty(&self.keys());
+                }
                 return Ok((
                     gate,
                     Credit {

@@ -480,6 +480,8 @@ struct WalState {
     area: Area,
     /// Whether the log has two areas (format version 6).
     two: bool,
+    /// Whether someone took this epoch's turn to prepare the commit ahead of it.
+    prepared: bool,
     next: u64,
     reserved: u64,
     durable: u64,
@@ -506,6 +508,7 @@ impl Wal {
                 epoch,
                 area: Area::of(total, two, epoch),
                 two,
+                prepared: false,
                 next,
                 reserved: 0,
                 durable: 0,
@@ -525,6 +528,17 @@ impl Wal {
             return false;
         }
         s.reserved += n;
+        true
+    }
+
+    /// True once per epoch, to the first caller after 7/8 of its area is taken: time to
+    /// prepare what the commit that comes when it is full can do ahead of it.
+    pub(crate) fn take_prepare_turn(&self) -> bool {
+        let mut s = self.lock();
+        if s.prepared || (s.next + s.reserved) * 8 < s.area.slots * 7 {
+            return false;
+        }
+        s.prepared = true;
         true
     }
 
@@ -652,6 +666,7 @@ impl Wal {
         s.epoch = epoch;
         s.two = two;
         s.area = Area::of(self.total, two, epoch);
+        s.prepared = false;
         s.next = 0;
         s.durable = 0;
         if s.anchor.is_some() {
