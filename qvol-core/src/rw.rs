@@ -323,7 +323,7 @@ impl Volume {
                 })?;
             i = j;
         }
-        self.writeback.written(&*self.storage, pbns);
+        self.writeback.written(&self.storage, pbns);
         Ok(())
     }
 

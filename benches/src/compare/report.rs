@@ -183,10 +183,12 @@ impl Report {
             let _ = writeln!(
                 s,
                 "\nThe sustained write (`{}`) runs {secs:.0} s after the other workloads; a qvol \
-                 image of this size has a {} MiB log, full after {} MiB of writes.",
+                 image of this size has a {} MiB log, full after {} MiB of writes (format \
+                 version 6: two areas of half that, a pipelined commit after every {} MiB).",
                 SUSTAINED.name,
                 qvol_log_len(self.image_size) >> 20,
-                (qvol_log_len(self.image_size) * 32) >> 20
+                (qvol_log_len(self.image_size) * 32) >> 20,
+                (qvol_log_len(self.image_size) * 16) >> 20
             );
         }
         for (k, v) in &self.daemon_env {
