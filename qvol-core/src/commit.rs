@@ -51,6 +51,8 @@ struct Prepared {
     birth: u32,
     /// The header this commit makes current has two log areas (format version 6).
     two: bool,
+    /// The header this commit makes current binds log records to superblocks (version 3).
+    binds: bool,
 }
 
 impl Volume {
@@ -109,10 +111,16 @@ impl Volume {
         let keys = self.keys();
         let mut a = self.alloc.lock();
         let p = self.prepare(&mut a, &keys)?;
-        make_durable(st, &p.encoded, p.next.generation)?;
+        make_durable(
+            st,
+            &p.encoded,
+            p.next.generation,
+            &self.sync_lock,
+            &self.failed,
+        )?;
         *self.point.lock().unwrap_or_else(|p| p.into_inner()) = p.point;
         let point = p.point;
-        self.install(&mut a, p);
+        self.install(&mut a, p, false);
         let punch = a.committed_punches();
         punch_runs(st, &punch);
         a.release_committed();
@@ -144,23 +152,31 @@ impl Volume {
         }
         .write(st, &keys)?;
         let (encoded, point, generation) = (p.encoded, p.point, p.next.generation);
-        self.install(&mut a, p);
+        self.install(&mut a, p, true);
         drop(a);
         let storage = Arc::clone(&self.storage);
         let hook = self.on_commit.0.clone();
         let failed = Arc::clone(&self.failed);
         let durable_point = Arc::clone(&self.point);
+        let sync_lock = Arc::clone(&self.sync_lock);
         let handle = std::thread::Builder::new()
             .name("qvol-commit".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
-                let r = make_durable(&*storage, &encoded, generation);
+                let r = make_durable(&*storage, &encoded, generation, &sync_lock, &failed);
                 log::debug!("commit {generation} durable after {:?}", started.elapsed());
                 match &r {
                     Ok(()) => {
                         *durable_point.lock().unwrap_or_else(|p| p.into_inner()) = point;
                         if let Some(hook) = hook {
-                            hook(&point);
+                            // The commit is durable whatever the hook does.
+                            let told =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    hook(&point)
+                                }));
+                            if told.is_err() {
+                                log::error!("the commit hook panicked at generation {generation}");
+                            }
                         }
                     }
                     Err(_) => failed.store(true, Ordering::Release),
@@ -208,7 +224,8 @@ impl Volume {
         // Version 3: a random id makes every commit's MAC unique, even when two sessions
         // commit the same content at the same generation (FORMAT.md §8).
         let mut commit_id = [0u8; 16];
-        if self.header.binds_log() {
+        let binds = self.slot_area().header()?.binds_log();
+        if binds {
             crate::datablock::fill_random(&mut commit_id)?;
         }
         let slots = self.slot_area();
@@ -249,27 +266,34 @@ impl Volume {
             moved,
             birth,
             two,
+            binds,
         })
     }
 
     /// The prepared commit becomes the state the volume goes on from: its superblock, the
     /// leaves at their new blocks, the blocks it freed held back until it is durable, and
     /// the next log epoch (FORMAT.md §10 step 5; §10.1 step 4).
-    fn install(&self, a: &mut AllocState, p: Prepared) {
+    fn install(&self, a: &mut AllocState, p: Prepared, pipelined: bool) {
         let (epoch, anchor) = (p.next.log_epoch, p.point.root_id);
         *self.superblock() = p.next;
         self.map.finish_commit(&p.moved, p.birth);
         self.after_commit();
         self.map.trim(MAX_CACHED_LEAVES);
         a.begin_commit();
-        self.wal.reset(epoch, anchor, p.two);
+        self.wal.reset(epoch, anchor, p.two, p.binds, pipelined);
     }
 }
 
 /// Steps 3 and 4 of FORMAT.md §10: syncs the new nodes (and everything written before them),
 /// writes superblock `generation` to its copy, syncs.
-fn make_durable(st: &dyn Storage, encoded: &[u8], generation: u64) -> Result<()> {
-    st.sync_data()
+fn make_durable(
+    st: &dyn Storage,
+    encoded: &[u8],
+    generation: u64,
+    lock: &std::sync::Mutex<()>,
+    failed: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    sync_guarded(st, lock, failed)
         .map_err(|e| Error::io("cannot sync the new map nodes during a commit", e))?;
     let offset = SUPERBLOCK_OFFSETS[(generation % 2) as usize];
     st.write_all_at(encoded, offset).map_err(|e| {
@@ -278,8 +302,30 @@ fn make_durable(st: &dyn Storage, encoded: &[u8], generation: u64) -> Result<()>
             e,
         )
     })?;
-    st.sync_data()
+    sync_guarded(st, lock, failed)
         .map_err(|e| Error::io(format!("cannot sync superblock generation {generation}"), e))
+}
+
+/// A sync of the volume's storage, serialised with every other one, that marks the volume
+/// failed before any later sync can report success: Linux reports a writeback error to one
+/// `fsync` of the file only, so a sync that returns Ok after another one failed proves
+/// nothing.
+pub(crate) fn sync_guarded(
+    st: &dyn Storage,
+    lock: &std::sync::Mutex<()>,
+    failed: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
+    let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+    if failed.load(Ordering::Acquire) {
+        return Err(std::io::Error::other(
+            "an earlier sync of this volume failed",
+        ));
+    }
+    let r = st.sync_data();
+    if r.is_err() {
+        failed.store(true, Ordering::Release);
+    }
+    r
 }
 
 /// Punches freed blocks that held discarded data, in contiguous runs. Best effort: a

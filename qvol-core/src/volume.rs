@@ -50,8 +50,9 @@ pub struct OpenOptions {
     /// log-full commits, [`Volume::commit`], [`Volume::close`]) with the new commit point, in
     /// commit order. It runs while a synchronous commit holds the volume's exclusive gate, or
     /// on the thread of a pipelined one (format version 6: log-full commits and
-    /// [`Volume::commit_async`]) while I/O goes on: it must not call back into the volume, and
-    /// should be quick.
+    /// [`Volume::commit_async`]) while I/O goes on: it must not call back into the volume nor
+    /// hold it (a hook dropping the last handle would drop the volume on its own thread),
+    /// and should be quick.
     pub on_commit: Option<CommitHook>,
     /// Accept a keyslot area that matches no superblock (damaged, or replaced behind the
     /// volume's back) instead of failing with `Integrity`. Only for a caller about to
@@ -140,6 +141,8 @@ pub struct Volume {
     pub(crate) inflight: Mutex<Option<crate::commit::InFlight>>,
     pub(crate) on_commit: HookSlot,
     pub(crate) failed: Arc<AtomicBool>,
+    /// Held around every sync that can run next to another (flush, a commit's thread).
+    pub(crate) sync_lock: Arc<Mutex<()>>,
     /// The virtual disk size in bytes (the header's, until a resize changes both).
     pub(crate) size: AtomicU64,
     /// Data written since writeback was last started (FORMAT.md §13).
@@ -403,6 +406,7 @@ impl Volume {
             inflight: Mutex::new(None),
             on_commit: HookSlot::default(),
             failed: Arc::new(AtomicBool::new(false)),
+            sync_lock: Arc::new(Mutex::new(())),
             size: AtomicU64::new(blocks * BLOCK_SIZE),
             writeback: Default::default(),
         }
@@ -468,8 +472,7 @@ impl Volume {
         // tidied up.
         self.reap(false)?;
         let upto = self.wal.written();
-        self.storage
-            .sync_data()
+        self.sync()
             .map_err(|e| self.fail(Error::io("cannot sync the image (flush)", e)))?;
         self.wal.set_durable(upto);
         self.wal
@@ -506,11 +509,16 @@ impl Volume {
     pub fn close(self) -> Result<()> {
         self.commit()?;
         if !self.read_only {
-            self.storage
-                .sync_data()
+            self.sync()
                 .map_err(|e| self.fail(Error::io("cannot sync the image while closing it", e)))?;
         }
         Ok(())
+    }
+
+    /// Syncs the storage, one sync at a time, and never reports success after a sync of
+    /// this volume failed ([`crate::commit::sync_guarded`]).
+    pub(crate) fn sync(&self) -> std::io::Result<()> {
+        crate::commit::sync_guarded(&*self.storage, &self.sync_lock, &self.failed)
     }
 
     pub(crate) fn superblock(&self) -> MutexGuard<'_, Superblock> {

@@ -466,7 +466,10 @@ pub(crate) struct Wal {
 
 #[derive(Debug, Default)]
 struct MarkState {
-    copy: usize,
+    copy: [usize; 2],
+    /// The previous epoch whose mark (covering all its slots) was written after a sync of
+    /// this epoch (format version 6, a commit in flight).
+    prev_done: Option<u64>,
     /// (epoch, D) of the last mark written: an unchanged mark is not written again.
     last: Option<(u64, u64)>,
 }
@@ -487,6 +490,9 @@ struct WalState {
     durable: u64,
     /// First slots of appends whose slots are assigned but whose `pwrite` has not returned.
     writing: Vec<u64>,
+    /// The epoch before, its anchor, area and length, while the pipelined commit that
+    /// covers it may not be durable yet.
+    prev: Option<(u64, [u8; 32], Area, u64)>,
 }
 
 impl Wal {
@@ -513,6 +519,7 @@ impl Wal {
                 reserved: 0,
                 durable: 0,
                 writing: Vec::new(),
+                prev: None,
             }),
         }
     }
@@ -635,13 +642,29 @@ impl Wal {
     /// and not again if it did not change. Not synced (FORMAT.md §9 says why).
     pub(crate) fn write_mark(&self, storage: &dyn Storage, keys: &Subkeys) -> Result<()> {
         let mut m = self.mark.lock().unwrap_or_else(|p| p.into_inner());
-        let (epoch, durable, anchor, area) = {
+        let (epoch, durable, anchor, area, prev) = {
             let s = self.lock();
-            (s.epoch, s.durable, s.anchor, s.area)
+            (s.epoch, s.durable, s.anchor, s.area, s.prev)
         };
         let Some(anchor) = anchor else {
             return Ok(());
         };
+        // The sync before this call covered every slot of the epoch before (written before
+        // this epoch began): say so in its own area.
+        if let Some((pe, pa, parea, plen)) = prev {
+            if plen > 0 && m.prev_done != Some(pe) {
+                let mark = DurableMark {
+                    epoch: pe,
+                    durable: plen,
+                    anchor: pa,
+                };
+                storage
+                    .write_all_at(&mark.encode(keys), parea.mark_offset(m.copy[parea.index]))
+                    .map_err(|e| Error::io("cannot write the durable mark", e))?;
+                m.copy[parea.index] ^= 1;
+                m.prev_done = Some(pe);
+            }
+        }
         if durable == 0 || m.last == Some((epoch, durable)) {
             return Ok(());
         }
@@ -651,9 +674,9 @@ impl Wal {
             anchor,
         };
         storage
-            .write_all_at(&mark.encode(keys), area.mark_offset(m.copy))
+            .write_all_at(&mark.encode(keys), area.mark_offset(m.copy[area.index]))
             .map_err(|e| Error::io(format!("cannot write the durable mark ({durable})"), e))?;
-        m.copy ^= 1;
+        m.copy[area.index] ^= 1;
         m.last = Some((epoch, durable));
         Ok(())
     }
@@ -661,17 +684,26 @@ impl Wal {
     /// Starts the empty log of a new epoch (after a commit) extending the superblock whose
     /// MAC is `anchor` (kept `None` in versions 1 and 2), in area `epoch % 2` if `two` (the
     /// header that commit made current has format version 6).
-    pub(crate) fn reset(&self, epoch: u64, anchor: [u8; 32], two: bool) {
+    pub(crate) fn reset(
+        &self,
+        epoch: u64,
+        anchor: [u8; 32],
+        two: bool,
+        binds: bool,
+        pipelined: bool,
+    ) {
         let mut s = self.lock();
+        s.prev = match (pipelined, s.anchor) {
+            (true, Some(a)) => Some((s.epoch, a, s.area, s.next)),
+            _ => None,
+        };
         s.epoch = epoch;
         s.two = two;
         s.area = Area::of(self.total, two, epoch);
         s.prepared = false;
         s.next = 0;
         s.durable = 0;
-        if s.anchor.is_some() {
-            s.anchor = Some(anchor);
-        }
+        s.anchor = binds.then_some(anchor);
     }
 }
 
@@ -961,7 +993,7 @@ mod tests {
         wal.append(&st, &k, &[map_op(0), map_op(1)]).unwrap();
         wal.set_durable(2);
         wal.write_mark(&st, &k).unwrap();
-        wal.reset(5, [8; 32], true);
+        wal.reset(5, [8; 32], true, true, false);
         assert_eq!(wal.area().index, 1);
         assert!(wal.try_reserve(1));
         wal.append(&st, &k, &[map_op(2)]).unwrap();

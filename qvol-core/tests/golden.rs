@@ -723,12 +723,13 @@ fn golden_images_upgrade_crash_safely() {
 }
 
 /// Writes acknowledged after an upgrade to version 6, in the same session, survive kill -9:
-/// the log moves to the two areas of version 6 with the commit that makes the new header
-/// count (FORMAT.md §9.1).
+/// the log moves to the two areas of version 6 (and, from versions 1 and 2, to records bound
+/// to their superblock) with the commit that makes the new header count (FORMAT.md §9.1).
 #[test]
 fn writes_after_an_upgrade_in_the_same_session_survive_kill_9() {
     // Both parities of the log epoch: epoch e writes area e % 2.
-    for (version, commits) in [(3, 0), (3, 1), (5, 0), (5, 1)] {
+    // Versions 1 and 2 also start binding records to their superblock (version 3).
+    for (version, commits) in [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (5, 0), (5, 1)] {
         let mem = Arc::new(MemStorage::from_bytes(load(
             version,
             CipherSuite::XChaCha20Poly1305,
@@ -742,7 +743,7 @@ fn writes_after_an_upgrade_in_the_same_session_survive_kill_9() {
             vol.write_at(20 * 4096, &data).expect("write");
             vol.commit().expect("commit");
         }
-        for (i, lbn) in [7u64, 300, 301, 7].into_iter().enumerate() {
+        for (i, lbn) in [7u64, 30, 31, 7].into_iter().enumerate() {
             let data = common::pattern(200 + i as u64, 4096);
             model.apply(lbn * 4096, &data);
             vol.write_at(lbn * 4096, &data).expect("write");
