@@ -12,6 +12,7 @@ pub mod blk_config;
 pub mod config;
 pub mod control;
 pub mod describe;
+mod direct;
 pub mod disk;
 pub mod hardening;
 pub mod lock;
