@@ -19,6 +19,7 @@ pub mod lock;
 pub mod nbd;
 pub mod open;
 pub mod paths;
+pub mod poll;
 pub mod recorder;
 pub mod reencryptor;
 pub mod request;
