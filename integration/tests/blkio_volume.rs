@@ -178,6 +178,17 @@ fn polling_queues_serve_every_request() {
     for depth in [1, 8] {
         write_and_check_every_queue(&mut c, 200, depth, 30 + depth as u64);
     }
+    // Without I/O the adaptive window closes: the daemon does not keep a core busy (a queue
+    // thread spinning would use a whole one).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = cpu_ticks(daemon.pid());
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let used = cpu_ticks(daemon.pid()) - before;
+    let per_s = 100; // USER_HZ on Linux
+    assert!(
+        used < per_s * 2 / 5,
+        "an idle polling daemon used {used} ticks of CPU in 2 s"
+    );
     let sock = f.path("p.sock");
     f.vhost_qvol([
         std::ffi::OsStr::new("--poll-us"),
@@ -189,6 +200,15 @@ fn polling_queues_serve_every_request() {
         std::ffi::OsStr::new("--any-volume"),
     ])
     .one_sentence_error("vhost-qvol", "--poll-us");
+}
+
+/// User + system CPU of process `pid` in clock ticks (`/proc/PID/stat`, fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the daemon's stat");
+    let after_name = &stat[stat.rfind(')').expect("a process name") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Field 3 of the text after the name is field 3 of stat (state); 14 and 15 are 12 and 13 here.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
 }
 
 #[test]

@@ -30,17 +30,35 @@ const RUN_SCAN: u64 = 8192;
 pub(crate) struct AllocState {
     tree: TreeCache,
     leaves: U64Map<BitLeaf>,
-    /// Freed in this log epoch: clear in the bitmap, not allocatable until the next commit
-    /// is durable.
-    pending: U64Set,
+    /// Blocks clear in the bitmap that are not allocatable yet.
+    held: HeldBack,
     /// Freed blocks that held discarded data: punched after the next commit.
     punch: BTreeSet<u64>,
+    /// Of the blocks freed in the epoch of the commit in flight, those to punch once it is
+    /// durable.
+    committing_punch: Vec<u64>,
     cursor: u64,
     /// The first block of the data region (every block below is fixed).
     data_start: u64,
     capacity: u64,
     used: u64,
     high_water: u64,
+}
+
+/// Freed blocks that a committed tree or a log record may still use.
+#[derive(Debug, Default)]
+struct HeldBack {
+    /// Freed in this log epoch: allocatable once the next commit is durable.
+    pending: U64Set,
+    /// Freed in the log epoch a commit in flight covers (format version 6, FORMAT.md §10.1):
+    /// clear in the bitmap that commit writes, allocatable once its superblock is durable.
+    committing: U64Set,
+}
+
+impl HeldBack {
+    fn contains(&self, pbn: u64) -> bool {
+        self.pending.contains(&pbn) || self.committing.contains(&pbn)
+    }
 }
 
 /// The allocator of a volume's physical blocks.
@@ -70,8 +88,9 @@ impl Allocator {
             state: Mutex::new(AllocState {
                 tree: TreeCache::new(TreeKind::Space, height, root),
                 leaves: U64Map::default(),
-                pending: U64Set::default(),
+                held: HeldBack::default(),
                 punch: BTreeSet::new(),
+                committing_punch: Vec::new(),
                 cursor: data_start,
                 data_start,
                 capacity,
@@ -181,7 +200,7 @@ impl AllocState {
                     pbn += 8;
                     continue;
                 }
-                let free = leaf.bits[j / 8] & (1 << (j % 8)) == 0 && !self.pending.contains(&pbn);
+                let free = leaf.bits[j / 8] & (1 << (j % 8)) == 0 && !self.held.contains(pbn);
                 if free {
                     if run == 0 {
                         run_start = pbn;
@@ -234,7 +253,7 @@ impl AllocState {
                     pbn += 8;
                     continue;
                 }
-                if leaf.bits[j / 8] & (1 << (j % 8)) == 0 && !self.pending.contains(&pbn) {
+                if leaf.bits[j / 8] & (1 << (j % 8)) == 0 && !self.held.contains(pbn) {
                     leaf.bits[j / 8] |= 1 << (j % 8);
                     leaf.dirty = true;
                     out.push(pbn);
@@ -271,7 +290,7 @@ impl AllocState {
         }
         self.set_bit(st, keys, pbn, false)?;
         self.used -= 1;
-        self.pending.insert(pbn);
+        self.held.pending.insert(pbn);
         if punch {
             self.punch.insert(pbn);
         }
@@ -288,7 +307,7 @@ impl AllocState {
     /// Takes `pbn` back if it is free and allocatable now; says whether it did.
     pub(crate) fn try_claim(&mut self, st: &dyn Storage, keys: &Subkeys, pbn: u64) -> Result<bool> {
         self.check_range(pbn)?;
-        if self.bit(st, keys, pbn)? || self.pending.contains(&pbn) {
+        if self.bit(st, keys, pbn)? || self.held.contains(pbn) {
             return Ok(false);
         }
         self.set_bit(st, keys, pbn, true)?;
@@ -382,12 +401,25 @@ impl AllocState {
         Ok(self.tree.root())
     }
 
-    /// Commit, last step (the new superblock is durable): freed blocks become allocatable.
-    /// Returns the blocks to punch.
-    pub(crate) fn finish_commit(&mut self) -> Vec<u64> {
-        self.pending.clear();
+    /// Commit, once its space tree is written (FORMAT.md §10): the blocks freed so far wait
+    /// for its superblock to be durable; blocks freed from now on wait for the next commit.
+    pub(crate) fn begin_commit(&mut self) {
+        let pending = std::mem::take(&mut self.held.pending);
+        self.held.committing.extend(pending);
+        self.committing_punch
+            .extend(std::mem::take(&mut self.punch));
+    }
+
+    /// Commit, once its superblock is durable: the blocks to punch of those it freed (still
+    /// held back, so that nothing is written to them before they are punched).
+    pub(crate) fn committed_punches(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.committing_punch)
+    }
+
+    /// Commit, last step: the blocks it freed become allocatable.
+    pub(crate) fn release_committed(&mut self) {
+        self.held.committing.clear();
         self.cursor = self.data_start;
-        std::mem::take(&mut self.punch).into_iter().collect()
     }
 
     /// Marks every bitmap leaf the tree has dirty (loading it, verified under `keys`), so that
@@ -426,7 +458,7 @@ impl AllocState {
             let bits = &self.leaves[&leaf].bits;
             for p in pbn..end {
                 let j = (p % BITS_PER_SPACE_LEAF) as usize;
-                if bits[j / 8] & (1 << (j % 8)) == 0 && !self.pending.contains(&p) {
+                if bits[j / 8] & (1 << (j % 8)) == 0 && !self.held.contains(p) {
                     match runs.last_mut() {
                         Some((start, n)) if *start + *n == p => *n += 1,
                         _ => runs.push((p, 1)),
@@ -518,7 +550,8 @@ mod tests {
         for pbn in small.iter().step_by(2) {
             s.free(&st, &keys, *pbn, false).unwrap();
         }
-        s.finish_commit();
+        s.begin_commit();
+        s.release_committed();
         let run = s.alloc(&st, &keys, 16).unwrap();
         assert!(run.windows(2).all(|w| w[1] == w[0] + 1), "{run:?}");
         assert!(
@@ -553,8 +586,22 @@ mod tests {
         let root = s.prepare_commit(&st, &keys, &mut w).unwrap();
         w.flush().unwrap();
         assert!(root.pbn >= Regions::V1.data_start_block());
-        assert_eq!(s.finish_commit(), vec![1041]);
+        s.begin_commit();
+        s.free(&st, &keys, 1040, false).unwrap();
+        assert_eq!(s.committed_punches(), vec![1041]);
+        assert!(
+            !s.try_claim(&st, &keys, 1041).unwrap(),
+            "blocks of a commit in flight are not reused"
+        );
+        s.release_committed();
         assert_eq!(s.alloc(&st, &keys, 1).unwrap(), vec![1041]);
+        assert!(
+            !s.try_claim(&st, &keys, 1040).unwrap(),
+            "blocks freed after the commit began wait for the next one"
+        );
+        s.begin_commit();
+        s.release_committed();
+        assert!(s.try_claim(&st, &keys, 1040).unwrap());
         // The committed bitmap reloads and agrees.
         let used = s.used();
         drop(s);

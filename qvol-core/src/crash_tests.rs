@@ -1,8 +1,11 @@
-//! The durability contract (FORMAT.md §9 and §11: a flushed write survives a power loss)
-//! under concurrency: writers, a flusher and a committer run at once on a crash-model
-//! storage, and power is lost at a random moment.
+//! The durability contract (FORMAT.md §9 and §11: a flushed write survives a power loss, an
+//! acknowledged one kill -9) under concurrency: writers, a flusher and a committer run at
+//! once on a crash-model storage, and the process is killed, or power is lost, at a random
+//! moment. The committer mostly starts pipelined commits (format version 6, FORMAT.md
+//! §10.1), so crashes land while a commit is in flight and writers go on.
 //! Every block must then read as the version it had at the last flush that returned before
-//! the crash, or as a later one; never an error, never garbage, never older.
+//! the crash (kill -9: at the last write that returned), or as a later one; never an error,
+//! never garbage, never older.
 //!
 //! `QVOL_CRASH_ITERS` sets the number of crashes (8 unless set); the long run is
 //! `QVOL_CRASH_ITERS=5000 cargo test --release -p qvol-core --lib concurrent_crash`.
@@ -146,7 +149,11 @@ impl Shared {
     fn commit_loop(&self, mut rng: Rng) {
         while !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_micros(rng.below(3000)));
-            self.vol.commit().expect("commit");
+            if rng.below(4) == 0 {
+                self.vol.commit().expect("commit");
+            } else {
+                self.vol.commit_async().expect("start a commit");
+            }
         }
     }
 }
@@ -227,14 +234,26 @@ fn one_crash(iter: u64) {
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let crashed = Arc::new(st.crash_with(CrashPolicy::from_seed(iter), iter));
+    // kill -9 a moment later: every write that returned before it is in the page cache.
+    let acknowledged: Vec<u64> = shared
+        .completed
+        .iter()
+        .map(|c| c.load(Ordering::SeqCst))
+        .collect();
+    let killed = Arc::new(st.process_crash());
     shared.stop.store(true, Ordering::SeqCst);
     for t in threads {
         t.join().expect("a test thread panicked");
     }
-    let vol = Volume::open(crashed, &key, false)
-        .unwrap_or_else(|e| panic!("crash {iter}: reopening failed: {e}"));
-    check(iter, &vol, &shared.history, &floor);
-    vol.close().expect("close after the crash");
+    for (what, image, floor) in [
+        ("power loss", crashed, floor),
+        ("kill -9", killed, acknowledged),
+    ] {
+        let vol = Volume::open(image, &key, false)
+            .unwrap_or_else(|e| panic!("crash {iter} ({what}): reopening failed: {e}"));
+        check(iter, &vol, &shared.history, &floor);
+        vol.close().expect("close after the crash");
+    }
 }
 
 #[test]

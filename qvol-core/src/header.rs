@@ -76,6 +76,12 @@ impl Header {
         self.version >= BOUND_LOG_VERSION
     }
 
+    /// Whether the log has two areas and commits can run while writers go on (format
+    /// version 6).
+    pub(crate) fn two_log_areas(&self) -> bool {
+        self.version >= TWO_LOG_AREAS_VERSION
+    }
+
     /// Whether the image has snapshots (a snapshot table, births; format version 4).
     pub(crate) fn has_snapshots(&self) -> bool {
         self.version >= SNAPSHOT_VERSION

@@ -37,7 +37,8 @@ pub struct VolumeInfo {
     pub suite: CipherSuite,
     /// The implementation of the suite active on this CPU.
     pub implementation: &'static str,
-    /// The generation of the last commit.
+    /// The generation of the last commit (format version 6: possibly a pipelined one whose
+    /// superblock is not durable yet; [`crate::Volume::commit_point`] is the durable one).
     pub generation: u64,
     /// Bytes of the data region in use (data blocks and metadata nodes).
     pub allocated_bytes: u64,

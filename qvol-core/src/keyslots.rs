@@ -399,7 +399,7 @@ impl Volume {
         st.write_all_at(&new_area, stage_at * BLOCK_SIZE)
             .map_err(|e| io("write the staged header area", e))?;
         failpoint::hit("keyslots:stage-written");
-        st.sync_data()
+        self.sync()
             .map_err(|e| io("sync the staged header area", e))?;
         {
             let mut s = self.slot_area();
@@ -430,7 +430,7 @@ impl Volume {
         st.write_all_at(area, 0)
             .map_err(|e| self.fail(Error::io("cannot write the header area", e)))?;
         failpoint::hit("keyslots:area-written");
-        st.sync_data()
+        self.sync()
             .map_err(|e| self.fail(Error::io("cannot sync the header area", e)))?;
         failpoint::hit("keyslots:area-synced");
         Ok(())

@@ -6,7 +6,7 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// Requests must be aligned to this many bytes.
 pub const SECTOR_SIZE: u64 = 512;
 /// The format version this crate writes. It reads this one and every earlier one.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest format version this crate reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Number of keyslots in the keyslot area.
@@ -39,6 +39,11 @@ pub(crate) const BOUND_LOG_VERSION: u32 = 3;
 pub(crate) const SNAPSHOT_VERSION: u32 = 4;
 /// The first format version with re-encryption (key epochs, the superblock's record).
 pub(crate) const REKEY_VERSION: u32 = 5;
+/// The first format version whose log has two areas, so that writers go on in one while the
+/// commit of the other is in flight (FORMAT.md §9.1, §10.1).
+pub(crate) const TWO_LOG_AREAS_VERSION: u32 = 6;
+/// Byte offsets of the heads of log areas 0 and 1 (format version 6; blocks 13 and 14).
+pub(crate) const LOG_HEAD_OFFSETS: [u64; 2] = [0xD000, 0xE000];
 /// Header feature flag (format version 4): node MACs leave out block numbers and births, so
 /// trees can be sent and received (FORMAT.md §6.2). Set on images created as version 4.
 pub(crate) const FEATURE_PORTABLE_NODES: u32 = 1;

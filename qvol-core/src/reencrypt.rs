@@ -487,7 +487,7 @@ impl Volume {
         // Synced now, next to the guest's I/O, so that the install's commit (which stops
         // I/O) has only its own nodes to sync.
         if !copies.is_empty() {
-            st.sync_data()
+            self.sync()
                 .map_err(|e| Error::io("cannot sync the re-sealed copies", e))?;
         }
         Ok(leaf.max(done + 1).min(total))
@@ -579,8 +579,7 @@ impl Volume {
                 self.erase(pbn, n, &zeros)
                     .map_err(|e| self.fail(Error::io("cannot erase the old blocks", e)))?;
             }
-            self.storage
-                .sync_data()
+            self.sync()
                 .map_err(|e| self.fail(Error::io("cannot sync the erased blocks", e)))?;
             at += span;
         }

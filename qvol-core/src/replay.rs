@@ -1,7 +1,9 @@
 //! Log replay at open (docs/FORMAT.md §9): valid records of the superblock's epoch are
 //! applied in order; records never covered by a sync are kept only if their data block
 //! verifies (a power loss may have lost or torn it). In format version 3 records are bound to
-//! the chosen superblock and the durable mark of blocks 11 and 12 counts too.
+//! the chosen superblock and the durable mark of blocks 11 and 12 counts too. In version 6
+//! the epoch after it follows when the head of its area says that a commit from the chosen
+//! superblock started it (a pipelined commit whose superblock never became durable, §10.1).
 
 use crate::datablock::open_block;
 use crate::error::{Error, Result};
@@ -9,10 +11,12 @@ use crate::layout::*;
 use crate::node::LeafEntry;
 use crate::snapshot::Kill;
 use crate::volume::Volume;
-use crate::wal::{read_log, read_mark, scan, LogOp};
+use crate::wal::{
+    read_log, read_mark, read_marks, scan, Area, LogHead, LogOp, LogRecord, ScannedLog,
+};
 
 impl Volume {
-    /// Replays the log over the committed tree; returns the number of valid records found.
+    /// Replays the log over the committed tree; returns the number of records applied.
     pub(crate) fn replay(&self) -> Result<usize> {
         let st = &*self.storage;
         let keys_now = self.keys();
@@ -22,15 +26,79 @@ impl Volume {
             (sb.log_epoch, sb.snap_epoch)
         };
         let regions = self.header.regions();
-        let anchor = self.header.binds_log().then(|| self.commit_point().root_id);
-        let mark = match &anchor {
-            Some(a) => read_mark(st, keys, regions.log_slots(), epoch, a)?,
-            None => 0,
-        };
+        let two = self.wal.two_areas();
         let log = read_log(st, regions)?;
-        let scanned = scan(&log, epoch, keys, anchor.as_ref(), mark)?;
+        let segment = |epoch: u64, anchor: Option<[u8; 32]>| -> Result<ScannedLog> {
+            let area = Area::of(regions.log_slots(), two, epoch);
+            let mark = match &anchor {
+                Some(a) => read_mark(st, keys, area, epoch, a)?,
+                None => 0,
+            };
+            scan(area.bytes(&log), epoch, keys, anchor.as_ref(), mark)
+        };
+        let root_id = self.commit_point().root_id;
+        let anchor = self.header.binds_log().then_some(root_id);
+        let mut this = segment(epoch, anchor)?;
+        let mut next = None;
+        if two {
+            let area = Area::of(regions.log_slots(), two, epoch + 1);
+            let head = LogHead::read(st, keys, epoch + 1)?.filter(|h| h.parent == root_id);
+            // A synced epoch after this one whose head is gone (or another's) was removed.
+            let synced_elsewhere = read_marks(st, keys, area)?.iter().any(|m| {
+                m.epoch == epoch + 1 && m.durable > 0 && head.is_none_or(|h| h.anchor != m.anchor)
+            });
+            if synced_elsewhere {
+                return Err(Error::integrity(format!(
+                    "log epoch {} was synced, but the head that names its superblock is \
+                     missing or altered",
+                    epoch + 1
+                )));
+            }
+            if let Some(head) = head {
+                if head.prev_len > Area::of(regions.log_slots(), two, epoch).slots {
+                    return Err(Error::integrity(
+                        "a log head covers more slots than its log area has",
+                    ));
+                }
+                let after = segment(epoch + 1, Some(head.anchor))?;
+                // The commit covered slots 0..prev_len of this epoch; they are all there,
+                // or the next epoch was never synced (else: tampering).
+                let covered = this
+                    .records
+                    .iter()
+                    .filter(|r| r.seq < head.prev_len)
+                    .count() as u64;
+                if covered == head.prev_len {
+                    this.records.retain(|r| r.seq < head.prev_len);
+                    if after.durable > 0 {
+                        // That sync came after every record of this epoch was written.
+                        this.durable = this.durable.max(head.prev_len);
+                    }
+                    next = Some(after);
+                } else if after.durable > 0 {
+                    return Err(Error::integrity(format!(
+                        "log epoch {epoch} lost records that a later synced epoch says were \
+                         written"
+                    )));
+                }
+            }
+        }
+        let mut applied = self.apply(&this.records, this.durable, birth)?;
+        if let Some(after) = next {
+            applied += self.apply(&after.records, after.durable, birth)?;
+        }
+        Ok(applied)
+    }
+
+    /// Applies `records` of one epoch, of which those from slot `durable` on were never
+    /// synced; returns how many were applied.
+    fn apply(&self, records: &[LogRecord], durable: u64, birth: u32) -> Result<usize> {
+        let st = &*self.storage;
+        let keys_now = self.keys();
+        let keys = &*keys_now;
         let capacity = self.alloc.lock().capacity();
-        for rec in &scanned.records {
+        let mut applied = 0;
+        for rec in records {
             match rec.op {
                 LogOp::Map { lbn, mut entry } => {
                     entry.birth = birth;
@@ -40,7 +108,7 @@ impl Volume {
                             rec.seq, entry.pbn
                         )));
                     }
-                    if rec.seq >= scanned.durable && !self.data_verifies(lbn, &entry) {
+                    if rec.seq >= durable && !self.data_verifies(lbn, &entry) {
                         continue;
                     }
                     let old = self.map.with_leaf(st, keys, lbn / FANOUT, |leaf| {
@@ -68,8 +136,9 @@ impl Volume {
                     self.kill_blocks(&olds)?;
                 }
             }
+            applied += 1;
         }
-        Ok(scanned.records.len())
+        Ok(applied)
     }
 
     /// Whether the data block a record points to is there and opens.

@@ -77,6 +77,10 @@ impl Volume {
             self.check_usable()?;
             let gate = self.shared();
             if self.map.dirty_leaves() < MAX_DIRTY_LEAVES && self.wal.try_reserve(n) {
+                if self.wal.take_prepare_turn() {
+                    // The leaves MACed now need no MAC while I/O is stopped for the commit.
+                    self.map.premac_dirty(&self.keys());
+                }
                 return Ok((
                     gate,
                     Credit {
@@ -88,7 +92,7 @@ impl Volume {
             drop(gate);
             let _excl = self.exclusive();
             if self.wal.next() > 0 || self.map.dirty_leaves() >= MAX_DIRTY_LEAVES {
-                self.commit_locked(false)?;
+                self.commit_pipelined()?;
             }
         }
     }
@@ -319,7 +323,7 @@ impl Volume {
                 })?;
             i = j;
         }
-        self.writeback.written(&*self.storage, pbns);
+        self.writeback.written(&self.storage, pbns);
         Ok(())
     }
 

@@ -47,9 +47,12 @@ pub struct OpenOptions {
     /// replay and before any write; an `Err` refuses the open and leaves the file untouched.
     pub check: Option<CommitCheck>,
     /// Called after every commit's superblock is durable (the replay commit of this open,
-    /// log-full commits, [`Volume::commit`], [`Volume::close`]) with the new commit point.
-    /// It runs while the commit holds the volume's exclusive gate: it must not call back into
-    /// the volume, and should be quick.
+    /// log-full commits, [`Volume::commit`], [`Volume::close`]) with the new commit point, in
+    /// commit order. It runs while a synchronous commit holds the volume's exclusive gate, or
+    /// on the thread of a pipelined one (format version 6: log-full commits and
+    /// [`Volume::commit_async`]) while I/O goes on: it must not call back into the volume nor
+    /// hold it (a hook dropping the last handle would drop the volume on its own thread),
+    /// and should be quick.
     pub on_commit: Option<CommitHook>,
     /// Accept a keyslot area that matches no superblock (damaged, or replaced behind the
     /// volume's back) instead of failing with `Integrity`. Only for a caller about to
@@ -128,11 +131,18 @@ pub struct Volume {
     pub(crate) alloc: Allocator,
     pub(crate) snaps: Snapshots,
     pub(crate) wal: Wal,
+    /// The superblock of the last commit (durable, or being made durable by the commit in
+    /// flight).
     pub(crate) sb: Mutex<Superblock>,
-    /// The commit point of `sb` (the last durable commit).
-    pub(crate) point: Mutex<CommitPoint>,
+    /// The commit point of the last durable commit (set by the commit thread of a pipelined
+    /// commit).
+    pub(crate) point: Arc<Mutex<CommitPoint>>,
+    /// The pipelined commit whose superblock may not be durable yet (FORMAT.md §10.1).
+    pub(crate) inflight: Mutex<Option<crate::commit::InFlight>>,
     pub(crate) on_commit: HookSlot,
-    pub(crate) failed: AtomicBool,
+    pub(crate) failed: Arc<AtomicBool>,
+    /// Held around every sync that can run next to another (flush, a commit's thread).
+    pub(crate) sync_lock: Arc<Mutex<()>>,
     /// The virtual disk size in bytes (the header's, until a resize changes both).
     pub(crate) size: AtomicU64,
     /// Data written since writeback was last started (FORMAT.md §13).
@@ -376,7 +386,13 @@ impl Volume {
                 sb.allocated_blocks,
                 sb.high_water,
             ),
-            wal: Wal::new(regions.log_slots(), sb.log_epoch, 0, anchor),
+            wal: Wal::new(
+                regions.log_slots(),
+                sb.log_epoch,
+                0,
+                anchor,
+                header.two_log_areas(),
+            ),
             snaps: Snapshots::default(),
             rekey: Mutex::new(sb.rekey.clone()),
             keys: RwLock::new(Arc::new(keys)),
@@ -386,9 +402,11 @@ impl Volume {
             gate: RwLock::new(()),
             writer: Mutex::new(()),
             sb: Mutex::new(sb),
-            point: Mutex::new(point),
+            point: Arc::new(Mutex::new(point)),
+            inflight: Mutex::new(None),
             on_commit: HookSlot::default(),
-            failed: AtomicBool::new(false),
+            failed: Arc::new(AtomicBool::new(false)),
+            sync_lock: Arc::new(Mutex::new(())),
             size: AtomicU64::new(blocks * BLOCK_SIZE),
             writeback: Default::default(),
         }
@@ -450,9 +468,11 @@ impl Volume {
             return Ok(());
         }
         let _gate = self.shared();
+        // A commit in flight needs no waiting for (FORMAT.md §10.1); one that is done is
+        // tidied up.
+        self.reap(false)?;
         let upto = self.wal.written();
-        self.storage
-            .sync_data()
+        self.sync()
             .map_err(|e| self.fail(Error::io("cannot sync the image (flush)", e)))?;
         self.wal.set_durable(upto);
         self.wal
@@ -471,15 +491,34 @@ impl Volume {
         self.commit_locked(false)
     }
 
+    /// Starts a commit and returns as soon as writers can go on (format version 6; FORMAT.md
+    /// §10.1): the new nodes are written, the next log epoch started, and a thread of the
+    /// commit's own makes its superblock durable; [`Volume::commit_point`] and the commit
+    /// hook say when it is. What the commit covers is safe against kill -9 on return, as
+    /// every acknowledged write is. Before version 6, the same as [`Volume::commit`].
+    pub fn commit_async(&self) -> Result<()> {
+        self.check_usable()?;
+        if self.read_only {
+            return Ok(());
+        }
+        let _gate = self.exclusive();
+        self.commit_pipelined()
+    }
+
     /// Commits and syncs, then closes the volume.
     pub fn close(self) -> Result<()> {
         self.commit()?;
         if !self.read_only {
-            self.storage
-                .sync_data()
+            self.sync()
                 .map_err(|e| self.fail(Error::io("cannot sync the image while closing it", e)))?;
         }
         Ok(())
+    }
+
+    /// Syncs the storage, one sync at a time, and never reports success after a sync of
+    /// this volume failed ([`crate::commit::sync_guarded`]).
+    pub(crate) fn sync(&self) -> std::io::Result<()> {
+        crate::commit::sync_guarded(&*self.storage, &self.sync_lock, &self.failed)
     }
 
     pub(crate) fn superblock(&self) -> MutexGuard<'_, Superblock> {
@@ -524,6 +563,17 @@ impl Volume {
     pub(crate) fn fail(&self, e: Error) -> Error {
         self.failed.store(true, Ordering::Release);
         e
+    }
+}
+
+impl Drop for Volume {
+    /// Waits for a commit in flight: its thread writes to the storage, and whoever opens
+    /// the storage next must find it finished (or cut by a crash, never running).
+    fn drop(&mut self) {
+        let inflight = self.inflight.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = inflight.take() {
+            let _ = f.wait();
+        }
     }
 }
 

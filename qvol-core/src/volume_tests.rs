@@ -443,3 +443,33 @@ fn blocks_above_a_shrunk_capacity_stay_usable() {
     assert_eq!(read(&vol, 0, 4096), pattern(4, 4096));
     assert_eq!(read(&vol, 4096, 8192), vec![0; 8192]);
 }
+
+#[test]
+fn leaves_macd_ahead_of_a_commit_and_changed_after_are_macd_again() {
+    let st = Arc::new(MemStorage::new());
+    let vol = Volume::create(st.clone(), opts(1 << 20, CipherSuite::default()), &key()).unwrap();
+    vol.write_at(0, &pattern(1, 8192)).unwrap();
+    vol.write_at(70 * 4096, &pattern(2, 4096)).unwrap();
+    vol.map.premac_dirty(&vol.keys());
+    // Leaf 0 changes after its MACs were computed; leaf 1 does not.
+    vol.write_at(4096, &pattern(3, 4096)).unwrap();
+    vol.commit().unwrap();
+    drop(vol);
+    let vol = Volume::open(st, &key(), true).unwrap();
+    let mut want = pattern(1, 8192);
+    want[4096..].copy_from_slice(&pattern(3, 4096));
+    assert_eq!(read(&vol, 0, 8192), want);
+    assert_eq!(read(&vol, 70 * 4096, 4096), pattern(2, 4096));
+}
+
+#[test]
+fn the_turn_to_prepare_a_commit_comes_once_per_log_epoch() {
+    let st = Arc::new(MemStorage::new());
+    let vol = Volume::create(st, opts(1 << 20, CipherSuite::default()), &key()).unwrap();
+    let slots = Regions::for_size(1 << 20).log_slots() / 2;
+    assert!(vol.wal.try_reserve(slots * 7 / 8 - 1));
+    assert!(!vol.wal.take_prepare_turn(), "before 7/8 of the area");
+    assert!(vol.wal.try_reserve(1));
+    assert!(vol.wal.take_prepare_turn());
+    assert!(!vol.wal.take_prepare_turn(), "once");
+}

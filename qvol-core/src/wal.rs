@@ -4,6 +4,11 @@
 //!
 //! An *anchor* is the MAC of the superblock a log epoch extends: `None` for versions 1 and 2
 //! (records are not bound to it, there is no mark), `Some` for version 3.
+//!
+//! From format version 6 on the log region has two areas, log epoch `e` writing area `e % 2`
+//! (FORMAT.md §9.1): a commit starts the next epoch in the other area and writers go on
+//! while its nodes and superblock are synced. The head of an area names the superblock its
+//! epoch extends before that superblock is durable.
 
 use std::sync::Mutex;
 
@@ -216,34 +221,182 @@ fn mark_mac(keys: &Subkeys, body: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// The highest D of the valid marks of `epoch` extending `anchor` (0 if none). A valid mark
-/// with D beyond the log is `Integrity` (only a holder of the key writes one).
+/// Where one log epoch's records go (FORMAT.md §9.1): the whole region before version 6;
+/// from version 6 on, area `epoch % 2`, half the region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Area {
+    /// 0 or 1 (always 0 with one area).
+    pub(crate) index: usize,
+    /// The first slot of the region in the area.
+    first: u64,
+    /// Slots in the area.
+    pub(crate) slots: u64,
+}
+
+impl Area {
+    /// The area of log epoch `epoch` in a region of `total` slots (`two`: version 6).
+    pub(crate) fn of(total: u64, two: bool, epoch: u64) -> Area {
+        if two {
+            let half = total / 2;
+            let index = (epoch % 2) as usize;
+            Area {
+                index,
+                first: index as u64 * half,
+                slots: half,
+            }
+        } else {
+            Area {
+                index: 0,
+                first: 0,
+                slots: total,
+            }
+        }
+    }
+
+    /// Byte offset of slot `slot` of the area.
+    fn slot_offset(&self, slot: u64) -> u64 {
+        LOG_OFFSET + (self.first + slot) * LOG_RECORD_LEN as u64
+    }
+
+    /// Byte offset of copy `copy` of the area's durable mark: sector `index` of block 11 or 12.
+    fn mark_offset(&self, copy: usize) -> u64 {
+        MARK_OFFSETS[copy] + (self.index * MARK_LEN) as u64
+    }
+
+    /// The area's bytes in the whole log region `log`.
+    pub(crate) fn bytes<'a>(&self, log: &'a [u8]) -> &'a [u8] {
+        let start = self.first as usize * LOG_RECORD_LEN;
+        &log[start..start + self.slots as usize * LOG_RECORD_LEN]
+    }
+}
+
+/// The valid durable marks of `area` (both copies; any epoch and anchor).
+pub(crate) fn read_marks(
+    storage: &dyn Storage,
+    keys: &Subkeys,
+    area: Area,
+) -> Result<Vec<DurableMark>> {
+    let mut marks = Vec::new();
+    for copy in 0..2 {
+        let mut b = [0u8; MARK_LEN];
+        storage
+            .read_exact_at(&mut b, area.mark_offset(copy))
+            .map_err(|e| Error::io("cannot read the durable mark", e))?;
+        marks.extend(DurableMark::decode_verified(&b, keys));
+    }
+    Ok(marks)
+}
+
+/// The highest D of the valid marks of `epoch` extending `anchor` in `area` (0 if none). A
+/// valid mark with D beyond the area is `Integrity` (only a holder of the key writes one).
 pub(crate) fn read_mark(
     storage: &dyn Storage,
     keys: &Subkeys,
-    slots: u64,
+    area: Area,
     epoch: u64,
     anchor: &[u8; 32],
 ) -> Result<u64> {
     let mut durable = 0;
-    for off in MARK_OFFSETS {
-        let mut b = [0u8; MARK_LEN];
-        storage
-            .read_exact_at(&mut b, off)
-            .map_err(|e| Error::io("cannot read the durable mark", e))?;
-        if let Some(m) = DurableMark::decode_verified(&b, keys) {
-            if m.epoch == epoch && m.anchor == *anchor {
-                if m.durable > slots {
-                    return Err(Error::integrity(format!(
-                        "the durable mark covers {} log slots, the log has {slots}",
-                        m.durable
-                    )));
-                }
-                durable = durable.max(m.durable);
+    for m in read_marks(storage, keys, area)? {
+        if m.epoch == epoch && m.anchor == *anchor {
+            if m.durable > area.slots {
+                return Err(Error::integrity(format!(
+                    "the durable mark covers {} log slots, the log area has {}",
+                    m.durable, area.slots
+                )));
             }
+            durable = durable.max(m.durable);
         }
     }
     Ok(durable)
+}
+
+/// `"QVOLLOG6"`.
+const HEAD_MAGIC: [u8; 8] = *b"QVOLLOG6";
+/// Bytes of a log head that carry meaning (the MAC follows), then zeros up to [`MARK_LEN`].
+const HEAD_BODY: usize = 96;
+
+/// The head of a log area (format version 6, FORMAT.md §9.1): log epoch `epoch` extends the
+/// superblock whose MAC is `anchor`, built by a commit from the superblock whose MAC is
+/// `parent` and the first `prev_len` slots of the epoch before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LogHead {
+    pub(crate) epoch: u64,
+    pub(crate) prev_len: u64,
+    pub(crate) parent: [u8; 32],
+    pub(crate) anchor: [u8; 32],
+}
+
+impl LogHead {
+    pub(crate) fn encode(&self, keys: &Subkeys) -> [u8; MARK_LEN] {
+        let mut b = [0u8; MARK_LEN];
+        b[..8].copy_from_slice(&HEAD_MAGIC);
+        put_u64(&mut b, 8, self.epoch);
+        put_u64(&mut b, 16, self.prev_len);
+        b[32..64].copy_from_slice(&self.parent);
+        b[64..96].copy_from_slice(&self.anchor);
+        let mac = head_mac(keys, &b[..HEAD_BODY]);
+        b[HEAD_BODY..HEAD_BODY + 32].copy_from_slice(&mac);
+        b
+    }
+
+    /// Parses and verifies a head; `None` for anything that is not a valid head.
+    pub(crate) fn decode_verified(b: &[u8], keys: &Subkeys) -> Option<LogHead> {
+        if b.len() < MARK_LEN || b[..8] != HEAD_MAGIC {
+            return None;
+        }
+        let expected = blake3::Hash::from(head_mac(keys, &b[..HEAD_BODY]));
+        if expected != blake3::Hash::from(get_array::<32>(b, HEAD_BODY)) {
+            return None;
+        }
+        if b[24..32].iter().any(|&x| x != 0) || b[HEAD_BODY + 32..MARK_LEN].iter().any(|&x| x != 0)
+        {
+            return None;
+        }
+        Some(LogHead {
+            epoch: get_u64(b, 8),
+            prev_len: get_u64(b, 16),
+            parent: get_array(b, 32),
+            anchor: get_array(b, 64),
+        })
+    }
+
+    /// Writes the head of area `epoch % 2` (not synced: FORMAT.md §10.1 says why that is
+    /// enough).
+    pub(crate) fn write(&self, storage: &dyn Storage, keys: &Subkeys) -> Result<()> {
+        storage
+            .write_all_at(
+                &self.encode(keys),
+                LOG_HEAD_OFFSETS[(self.epoch % 2) as usize],
+            )
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot write the head of log epoch {}", self.epoch),
+                    e,
+                )
+            })
+    }
+
+    /// The valid head of area `epoch % 2` if it is that of `epoch`, else `None`.
+    pub(crate) fn read(
+        storage: &dyn Storage,
+        keys: &Subkeys,
+        epoch: u64,
+    ) -> Result<Option<LogHead>> {
+        let mut b = [0u8; MARK_LEN];
+        storage
+            .read_exact_at(&mut b, LOG_HEAD_OFFSETS[(epoch % 2) as usize])
+            .map_err(|e| Error::io("cannot read the head of a log area", e))?;
+        Ok(LogHead::decode_verified(&b, keys).filter(|h| h.epoch == epoch))
+    }
+}
+
+fn head_mac(keys: &Subkeys, body: &[u8]) -> [u8; 32] {
+    let mut h = keys.log_mac();
+    h.update(b"qvol-loghead-v6");
+    h.update(keys.volume_id());
+    h.update(body);
+    *h.finalize().as_bytes()
 }
 
 /// The valid records of one epoch and the durable mark, after the tamper check of §9.
@@ -304,8 +457,8 @@ pub(crate) fn read_log(storage: &dyn Storage, regions: Regions) -> Result<Vec<u8
 #[derive(Debug)]
 pub(crate) struct Wal {
     state: Mutex<WalState>,
-    /// Slots in the log region.
-    slots: u64,
+    /// Slots in the log region (both areas).
+    total: u64,
     /// The copy the next durable mark goes to and the last D written (version 3); taken
     /// around the mark's `pwrite` so that marks reach the file in the order of their D.
     mark: Mutex<MarkState>,
@@ -313,7 +466,10 @@ pub(crate) struct Wal {
 
 #[derive(Debug, Default)]
 struct MarkState {
-    copy: usize,
+    copy: [usize; 2],
+    /// The previous epoch whose mark (covering all its slots) was written after a sync of
+    /// this epoch (format version 6, a commit in flight).
+    prev_done: Option<u64>,
     /// (epoch, D) of the last mark written: an unchanged mark is not written again.
     last: Option<(u64, u64)>,
 }
@@ -323,27 +479,47 @@ struct WalState {
     /// The MAC of the superblock this epoch extends (version 3), `None` in versions 1 and 2.
     anchor: Option<[u8; 32]>,
     epoch: u64,
+    /// Where this epoch's records go.
+    area: Area,
+    /// Whether the log has two areas (format version 6).
+    two: bool,
+    /// Whether someone took this epoch's turn to prepare the commit ahead of it.
+    prepared: bool,
     next: u64,
     reserved: u64,
     durable: u64,
     /// First slots of appends whose slots are assigned but whose `pwrite` has not returned.
     writing: Vec<u64>,
+    /// The epoch before, its anchor, area and length, while the pipelined commit that
+    /// covers it may not be durable yet.
+    prev: Option<(u64, [u8; 32], Area, u64)>,
 }
 
 impl Wal {
-    /// An empty log of `slots` slots and `epoch` whose next record goes to slot `next`;
-    /// `anchor`: the MAC of the superblock it extends (format version 3), or `None`.
-    pub(crate) fn new(slots: u64, epoch: u64, next: u64, anchor: Option<[u8; 32]>) -> Self {
+    /// An empty log of `total` slots and `epoch` whose next record goes to slot `next` of its
+    /// area; `anchor`: the MAC of the superblock it extends (format version 3), or `None`;
+    /// `two`: two log areas (format version 6).
+    pub(crate) fn new(
+        total: u64,
+        epoch: u64,
+        next: u64,
+        anchor: Option<[u8; 32]>,
+        two: bool,
+    ) -> Self {
         Wal {
-            slots,
+            total,
             mark: Mutex::new(MarkState::default()),
             state: Mutex::new(WalState {
                 anchor,
                 epoch,
+                area: Area::of(total, two, epoch),
+                two,
+                prepared: false,
                 next,
                 reserved: 0,
                 durable: 0,
                 writing: Vec::new(),
+                prev: None,
             }),
         }
     }
@@ -355,10 +531,21 @@ impl Wal {
     /// Reserves room for `n` records; false if the log is too full (commit first).
     pub(crate) fn try_reserve(&self, n: u64) -> bool {
         let mut s = self.lock();
-        if s.next + s.reserved + n > self.slots {
+        if s.next + s.reserved + n > s.area.slots {
             return false;
         }
         s.reserved += n;
+        true
+    }
+
+    /// True once per epoch, to the first caller after 7/8 of its area is taken: time to
+    /// prepare what the commit that comes when it is full can do ahead of it.
+    pub(crate) fn take_prepare_turn(&self) -> bool {
+        let mut s = self.lock();
+        if s.prepared || (s.next + s.reserved) * 8 < s.area.slots * 7 {
+            return false;
+        }
+        s.prepared = true;
         true
     }
 
@@ -383,9 +570,9 @@ impl Wal {
             return Ok(());
         }
         let n = ops.len() as u64;
-        let (epoch, first, durable, anchor) = {
+        let (epoch, first, durable, anchor, area) = {
             let mut s = self.lock();
-            if s.next + n > self.slots {
+            if s.next + n > s.area.slots {
                 return Err(Error::new(
                     crate::error::ErrorKind::NoSpace,
                     "the write-ahead log is full (a reservation was not honoured)",
@@ -395,7 +582,7 @@ impl Wal {
             s.next += n;
             s.reserved = s.reserved.saturating_sub(n);
             s.writing.push(first);
-            (s.epoch, first, s.durable, s.anchor)
+            (s.epoch, first, s.durable, s.anchor, s.area)
         };
         let mut buf = vec![0u8; ops.len() * LOG_RECORD_LEN];
         for (i, op) in ops.iter().enumerate() {
@@ -407,8 +594,7 @@ impl Wal {
             };
             rec.encode(keys, anchor.as_ref(), &mut buf[i * LOG_RECORD_LEN..]);
         }
-        let offset = LOG_OFFSET + first * LOG_RECORD_LEN as u64;
-        let written = storage.write_all_at(&buf, offset);
+        let written = storage.write_all_at(&buf, area.slot_offset(first));
         {
             let mut s = self.lock();
             if let Some(k) = s.writing.iter().position(|&w| w == first) {
@@ -434,6 +620,17 @@ impl Wal {
         self.lock().next
     }
 
+    /// Whether the log has two areas (format version 6): commits can be pipelined.
+    pub(crate) fn two_areas(&self) -> bool {
+        self.lock().two
+    }
+
+    /// The area of the current epoch.
+    #[cfg(test)]
+    pub(crate) fn area(&self) -> Area {
+        self.lock().area
+    }
+
     /// Records that every slot below `upto` is durable (after a completed sync).
     pub(crate) fn set_durable(&self, upto: u64) {
         let mut s = self.lock();
@@ -445,13 +642,29 @@ impl Wal {
     /// and not again if it did not change. Not synced (FORMAT.md §9 says why).
     pub(crate) fn write_mark(&self, storage: &dyn Storage, keys: &Subkeys) -> Result<()> {
         let mut m = self.mark.lock().unwrap_or_else(|p| p.into_inner());
-        let (epoch, durable, anchor) = {
+        let (epoch, durable, anchor, area, prev) = {
             let s = self.lock();
-            (s.epoch, s.durable, s.anchor)
+            (s.epoch, s.durable, s.anchor, s.area, s.prev)
         };
         let Some(anchor) = anchor else {
             return Ok(());
         };
+        // The sync before this call covered every slot of the epoch before (written before
+        // this epoch began): say so in its own area.
+        if let Some((pe, pa, parea, plen)) = prev {
+            if plen > 0 && m.prev_done != Some(pe) {
+                let mark = DurableMark {
+                    epoch: pe,
+                    durable: plen,
+                    anchor: pa,
+                };
+                storage
+                    .write_all_at(&mark.encode(keys), parea.mark_offset(m.copy[parea.index]))
+                    .map_err(|e| Error::io("cannot write the durable mark", e))?;
+                m.copy[parea.index] ^= 1;
+                m.prev_done = Some(pe);
+            }
+        }
         if durable == 0 || m.last == Some((epoch, durable)) {
             return Ok(());
         }
@@ -461,23 +674,36 @@ impl Wal {
             anchor,
         };
         storage
-            .write_all_at(&mark.encode(keys), MARK_OFFSETS[m.copy])
+            .write_all_at(&mark.encode(keys), area.mark_offset(m.copy[area.index]))
             .map_err(|e| Error::io(format!("cannot write the durable mark ({durable})"), e))?;
-        m.copy ^= 1;
+        m.copy[area.index] ^= 1;
         m.last = Some((epoch, durable));
         Ok(())
     }
 
     /// Starts the empty log of a new epoch (after a commit) extending the superblock whose
-    /// MAC is `anchor` (kept `None` in versions 1 and 2).
-    pub(crate) fn reset(&self, epoch: u64, anchor: [u8; 32]) {
+    /// MAC is `anchor` (kept `None` in versions 1 and 2), in area `epoch % 2` if `two` (the
+    /// header that commit made current has format version 6).
+    pub(crate) fn reset(
+        &self,
+        epoch: u64,
+        anchor: [u8; 32],
+        two: bool,
+        binds: bool,
+        pipelined: bool,
+    ) {
         let mut s = self.lock();
+        s.prev = match (pipelined, s.anchor) {
+            (true, Some(a)) => Some((s.epoch, a, s.area, s.next)),
+            _ => None,
+        };
         s.epoch = epoch;
+        s.two = two;
+        s.area = Area::of(self.total, two, epoch);
+        s.prepared = false;
         s.next = 0;
         s.durable = 0;
-        if s.anchor.is_some() {
-            s.anchor = Some(anchor);
-        }
+        s.anchor = binds.then_some(anchor);
     }
 }
 
@@ -545,7 +771,7 @@ mod tests {
     fn log_with(k: &Subkeys, epoch: u64, n: u64, durable_after: u64) -> (MemStorage, Wal) {
         let st = MemStorage::new();
         st.set_len(Regions::V1.data_offset()).unwrap();
-        let wal = Wal::new(Regions::V1.log_slots(), epoch, 0, None);
+        let wal = Wal::new(Regions::V1.log_slots(), epoch, 0, None, false);
         for i in 0..n {
             assert!(wal.try_reserve(1));
             if i == durable_after {
@@ -629,7 +855,7 @@ mod tests {
             go: std::sync::Mutex::new(go_rx),
         };
         st.set_len(Regions::V1.data_offset()).unwrap();
-        let wal = Wal::new(Regions::V1.log_slots(), 1, 0, None);
+        let wal = Wal::new(Regions::V1.log_slots(), 1, 0, None, false);
         assert!(wal.try_reserve(3));
         std::thread::scope(|s| {
             let first = s.spawn(|| wal.append(&st, &k, &[map_op(0), map_op(1)]));
@@ -674,13 +900,13 @@ mod tests {
         let st = MemStorage::new();
         st.set_len(Regions::V1.data_offset()).unwrap();
         let slots = Regions::V1.log_slots();
-        let wal = Wal::new(slots, 4, 0, Some([9; 32]));
+        let wal = Wal::new(slots, 4, 0, Some([9; 32]), false);
         assert!(wal.try_reserve(3));
         wal.append(&st, &k, &[map_op(0), map_op(1), map_op(2)])
             .unwrap();
         wal.write_mark(&st, &k).unwrap();
         assert_eq!(
-            read_mark(&st, &k, slots, 4, &[9; 32]).unwrap(),
+            read_mark(&st, &k, Area::of(slots, false, 4), 4, &[9; 32]).unwrap(),
             0,
             "D = 0 is not written"
         );
@@ -688,13 +914,25 @@ mod tests {
         wal.write_mark(&st, &k).unwrap();
         wal.set_durable(3);
         wal.write_mark(&st, &k).unwrap();
-        assert_eq!(read_mark(&st, &k, slots, 4, &[9; 32]).unwrap(), 3);
+        assert_eq!(
+            read_mark(&st, &k, Area::of(slots, false, 4), 4, &[9; 32]).unwrap(),
+            3
+        );
         // A torn (here: destroyed) last copy leaves the previous one.
         st.write_all_at(&[0u8; MARK_LEN], MARK_OFFSETS[1]).unwrap();
-        assert_eq!(read_mark(&st, &k, slots, 4, &[9; 32]).unwrap(), 2);
+        assert_eq!(
+            read_mark(&st, &k, Area::of(slots, false, 4), 4, &[9; 32]).unwrap(),
+            2
+        );
         // Another epoch or another superblock: the mark does not apply.
-        assert_eq!(read_mark(&st, &k, slots, 5, &[9; 32]).unwrap(), 0);
-        assert_eq!(read_mark(&st, &k, slots, 4, &[8; 32]).unwrap(), 0);
+        assert_eq!(
+            read_mark(&st, &k, Area::of(slots, false, 5), 5, &[9; 32]).unwrap(),
+            0
+        );
+        assert_eq!(
+            read_mark(&st, &k, Area::of(slots, false, 4), 4, &[8; 32]).unwrap(),
+            0
+        );
         let mut b = [0u8; MARK_LEN];
         st.read_exact_at(&mut b, MARK_OFFSETS[0]).unwrap();
         for i in 0..MARK_LEN {
@@ -716,7 +954,7 @@ mod tests {
             2
         );
         // Versions 1 and 2 write no mark.
-        let old = Wal::new(slots, 4, 0, None);
+        let old = Wal::new(slots, 4, 0, None, false);
         old.set_durable(0);
         let st2 = MemStorage::new();
         st2.set_len(Regions::V1.data_offset()).unwrap();
@@ -731,10 +969,75 @@ mod tests {
             1,
             Regions::V1.log_slots() - 2,
             None,
+            false,
         );
         assert!(wal.try_reserve(2));
         assert!(!wal.try_reserve(1));
         wal.release(2);
         assert!(wal.try_reserve(1));
+        // Version 6: an epoch has half the region.
+        let half = Regions::V1.log_slots() / 2;
+        let two = Wal::new(Regions::V1.log_slots(), 3, half - 1, None, true);
+        assert!(two.try_reserve(1));
+        assert!(!two.try_reserve(1));
+    }
+
+    #[test]
+    fn version_6_epochs_alternate_between_the_two_areas() {
+        let k = keys();
+        let st = MemStorage::new();
+        st.set_len(Regions::V1.data_offset()).unwrap();
+        let total = Regions::V1.log_slots();
+        let wal = Wal::new(total, 4, 0, Some([9; 32]), true);
+        assert!(wal.try_reserve(2));
+        wal.append(&st, &k, &[map_op(0), map_op(1)]).unwrap();
+        wal.set_durable(2);
+        wal.write_mark(&st, &k).unwrap();
+        wal.reset(5, [8; 32], true, true, false);
+        assert_eq!(wal.area().index, 1);
+        assert!(wal.try_reserve(1));
+        wal.append(&st, &k, &[map_op(2)]).unwrap();
+        wal.set_durable(1);
+        wal.write_mark(&st, &k).unwrap();
+        let log = read_log(&st, Regions::V1).unwrap();
+        let (a0, a1) = (Area::of(total, true, 4), Area::of(total, true, 5));
+        let old = scan(a0.bytes(&log), 4, &k, Some(&[9; 32]), 0).unwrap();
+        let new = scan(a1.bytes(&log), 5, &k, Some(&[8; 32]), 0).unwrap();
+        assert_eq!((old.records.len(), new.records.len()), (2, 1));
+        assert_eq!(
+            new.records[0].seq, 0,
+            "sequence numbers count within the area"
+        );
+        // Each area keeps its own durable mark.
+        assert_eq!(read_mark(&st, &k, a0, 4, &[9; 32]).unwrap(), 2);
+        assert_eq!(read_mark(&st, &k, a1, 5, &[8; 32]).unwrap(), 1);
+    }
+
+    #[test]
+    fn log_heads_verify_and_name_their_epoch() {
+        let k = keys();
+        let st = MemStorage::new();
+        st.set_len(Regions::V1.data_offset()).unwrap();
+        let head = LogHead {
+            epoch: 7,
+            prev_len: 12,
+            parent: [1; 32],
+            anchor: [2; 32],
+        };
+        head.write(&st, &k).unwrap();
+        assert_eq!(LogHead::read(&st, &k, 7).unwrap(), Some(head));
+        assert_eq!(LogHead::read(&st, &k, 9).unwrap(), None, "another epoch");
+        assert_eq!(LogHead::read(&st, &k, 8).unwrap(), None, "the other area");
+        let b = head.encode(&k);
+        for i in 0..MARK_LEN {
+            let mut c = b;
+            c[i] ^= 0x10;
+            assert_eq!(LogHead::decode_verified(&c, &k), None, "byte {i}");
+        }
+        assert_eq!(
+            DurableMark::decode_verified(&b, &k),
+            None,
+            "a head is not a mark"
+        );
     }
 }

@@ -3,8 +3,11 @@
 //! flush's) `fdatasync` then finds little left to write, so writers waiting behind a commit
 //! wait for a sync of a few MiB, not of everything written since the last one (issue 15's
 //! stall behind a log-full commit). A hint to the kernel: nothing about durability changes.
+//! The kick runs on a thread of its own (`qvol-writeback`), so that the writer whose write
+//! completed the span does not wait for the kernel to queue its writeback.
 
-use std::sync::Mutex;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::layout::*;
 use crate::storage::Storage;
@@ -27,6 +30,8 @@ fn kick_bytes() -> u64 {
 #[derive(Debug, Default)]
 pub(crate) struct Writeback {
     state: Mutex<Span>,
+    /// The kicking thread (started with the first kick; it ends when this is dropped).
+    kicker: OnceLock<Mutex<SyncSender<(u64, u64)>>>,
 }
 
 #[derive(Debug, Default)]
@@ -38,7 +43,7 @@ struct Span {
 
 impl Writeback {
     /// `pbns` were just written; kicks writeback of the span when enough has gathered.
-    pub(crate) fn written(&self, st: &dyn Storage, pbns: &[u64]) {
+    pub(crate) fn written(&self, st: &Arc<dyn Storage>, pbns: &[u64]) {
         let (Some(&lo), Some(&hi)) = (pbns.iter().min(), pbns.iter().max()) else {
             return;
         };
@@ -63,7 +68,34 @@ impl Writeback {
             *s = Span::default();
             span
         };
-        // Best effort: a refusal only means the next sync writes it all.
-        let _ = st.start_writeback(kick.0 * BLOCK_SIZE, (kick.1 + 1 - kick.0) * BLOCK_SIZE);
+        let (offset, len) = (kick.0 * BLOCK_SIZE, (kick.1 + 1 - kick.0) * BLOCK_SIZE);
+        let kicker = self.kicker.get_or_init(|| Mutex::new(start_kicker(st)));
+        let sent = kicker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_send((offset, len));
+        if sent.is_err() {
+            // The thread is behind (or could not start): kick here, as a hint is all it is.
+            let _ = st.start_writeback(offset, len);
+        }
     }
+}
+
+/// The thread that asks the kernel to start writeback of the spans it is sent.
+fn start_kicker(st: &Arc<dyn Storage>) -> SyncSender<(u64, u64)> {
+    let (tx, rx) = sync_channel::<(u64, u64)>(4);
+    let st = Arc::clone(st);
+    let started = std::thread::Builder::new()
+        .name("qvol-writeback".into())
+        .spawn(move || {
+            for (offset, len) in rx {
+                // Best effort: a refusal only means the next sync writes it all.
+                let _ = st.start_writeback(offset, len);
+            }
+        });
+    if started.is_err() {
+        // No thread: every send fails (the receiver is gone) and kicks happen in place.
+        return sync_channel(0).0;
+    }
+    tx
 }

@@ -13,6 +13,11 @@
 //! the record, blocks of two key epochs and nodes under the new key; they are opened with
 //! the old key, which finds the new one in the record.
 //!
+//! The version-6 images are what kill -9 leaves while a pipelined commit is in flight
+//! (FORMAT.md §10.1): their second session starts one after its flushed log records, writes
+//! and flushes more in the next log epoch, and dies before the commit's superblock is
+//! written; opening finds the next epoch through the head of its log area.
+//!
 //! The images of each version were made once with
 //! `QVOL_WRITE_GOLDEN=1 cargo test -p qvol-core --test golden -- --ignored write_golden_images`
 //! (it writes only the current version's files, and refuses to overwrite them) and must
@@ -117,6 +122,21 @@ const LOGGED: &[Step] = &[
     Step::Discard(255 * 4096, 4096),
 ];
 
+/// What the second session of version 6 and later does after starting a commit whose
+/// superblock never reaches the image: flushed, in the next log epoch.
+const LOGGED_NEXT: &[Step] = &[
+    Step::Write(9 * 4096, 4096, 8),
+    Step::Write(0, 512, 9),
+    Step::Discard(4 * 4096, 4096),
+];
+
+/// The steps of the second session of `version`, in the log epoch of its superblock and
+/// (version 6 on) the next one.
+fn logged(version: u32) -> (Vec<&'static Step>, Vec<&'static Step>) {
+    let next = if version >= 6 { LOGGED_NEXT } else { &[] };
+    (LOGGED.iter().collect(), next.iter().collect())
+}
+
 /// The content of a snapshot: its blocks that are not zeros.
 type SnapContent = BTreeMap<u64, Vec<u8>>;
 
@@ -170,7 +190,9 @@ fn apply<'a>(
 fn expected(version: u32) -> BlockHistory {
     let mut model = BlockHistory::new(size(version));
     apply(committed(version), &mut model, None);
-    apply(LOGGED, &mut model, None);
+    let (this, next) = logged(version);
+    apply(this, &mut model, None);
+    apply(next, &mut model, None);
     model
 }
 
@@ -352,6 +374,64 @@ fn golden_v5_aegis_256_image_reads_back() {
     check(5, CipherSuite::Aegis256, false);
 }
 
+#[test]
+fn golden_v6_xchacha20_poly1305_image_reads_back() {
+    check(6, CipherSuite::XChaCha20Poly1305, true);
+    check(6, CipherSuite::XChaCha20Poly1305, false);
+}
+
+#[test]
+fn golden_v6_aegis_256_image_reads_back() {
+    check(6, CipherSuite::Aegis256, true);
+    check(6, CipherSuite::Aegis256, false);
+}
+
+/// The version-6 images hold a log epoch that only the head of its area names (FORMAT.md
+/// §9.1): the head and the next epoch's durable mark are there; removing the head, or
+/// records of the epoch before that the head says the commit covered, is refused, never
+/// read as an older state.
+#[test]
+fn golden_v6_heads_name_the_next_epoch_and_are_not_removable() {
+    for suite in CipherSuite::ALL {
+        let bytes = load(6, suite);
+        let l = common::layout::Layout::read(&bytes);
+        let next_head = [0xD000, 0xE000][((l.log_epoch + 1) % 2) as usize];
+        assert_eq!(
+            &bytes[next_head..next_head + 8],
+            b"QVOLLOG6",
+            "{suite}: head"
+        );
+        let mark = 0xB000 + 512 * ((l.log_epoch + 1) % 2) as usize;
+        assert!(
+            [mark, mark + 0x1000]
+                .iter()
+                .any(|&o| &bytes[o..o + 8] == b"QVOLMRK3"),
+            "{suite}: the next epoch was flushed"
+        );
+        let mut no_head = bytes.clone();
+        no_head[next_head..next_head + 512].fill(0);
+        let r = Volume::open(
+            Arc::new(MemStorage::from_bytes(no_head)),
+            &golden_key(),
+            true,
+        );
+        common::assert_kind(r.map(|_| ()), qvol_core::ErrorKind::Integrity, "no head");
+        let mut no_record = bytes.clone();
+        let first = l.slot_offset(0);
+        no_record[first..first + 128].fill(0);
+        let r = Volume::open(
+            Arc::new(MemStorage::from_bytes(no_record)),
+            &golden_key(),
+            true,
+        );
+        common::assert_kind(
+            r.map(|_| ()),
+            qvol_core::ErrorKind::Integrity,
+            "a record the commit covered removed",
+        );
+    }
+}
+
 /// The version-5 images are mid-way through a re-encryption: the new key opens them too, and
 /// resuming finishes it, after which only the new key opens them and they read the same.
 #[test]
@@ -445,7 +525,7 @@ fn golden_v4_snapshots_revert_and_delete_cleanly() {
 /// always did.
 #[test]
 fn zeroing_the_golden_log_tail_is_detected_from_version_3() {
-    for version in [1, 2, 3, 4, 5] {
+    for version in [1, 2, 3, 4, 5, 6] {
         for suite in CipherSuite::ALL {
             let mut bytes = load(version, suite);
             let log_len = u64::from_le_bytes(bytes[88..96].try_into().expect("8 bytes")) as usize;
@@ -527,11 +607,20 @@ fn write_golden_images() {
             assert!(r.done > 0 && r.done < r.total);
         }
         vol.close().expect("close");
-        let vol = Volume::open(mem.clone(), &golden_key(), false).expect("open");
-        apply(LOGGED, &mut model, Some(&vol));
+        // The second session; its commit's superblock never reaches the image.
+        let sink = Arc::new(common::NoSuperblocks::new(mem.clone()));
+        let vol = Volume::open(sink.clone(), &golden_key(), false).expect("open");
+        let (this, next) = logged(version);
+        apply(this, &mut model, Some(&vol));
         vol.flush().expect("flush");
+        if !next.is_empty() {
+            sink.drop_superblocks();
+            vol.commit_async().expect("start a commit");
+            apply(next, &mut model, Some(&vol));
+            vol.flush().expect("flush");
+        }
+        drop(vol); // waits for the commit's thread, whose superblock write is dropped
         let image = mem.to_vec(); // as a kill -9 leaves it: the log is not committed
-        drop(vol);
         std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir tests/data");
         std::fs::write(&p, image).expect("write the golden image");
     }
@@ -541,7 +630,7 @@ fn write_golden_images() {
 /// their data.
 #[test]
 fn golden_images_of_every_version_take_keyslot_changes() {
-    for version in [1, 2, 3, 4, 5] {
+    for version in [1, 2, 3, 4, 5, 6] {
         let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(
             version,
             CipherSuite::XChaCha20Poly1305,
@@ -572,7 +661,7 @@ fn golden_images_of_every_version_take_keyslot_changes() {
 #[test]
 fn golden_images_upgrade_crash_safely() {
     use qvol_core::storage::{CrashStorage, FaultConfig, FaultStorage, OpKinds};
-    for version in [1, 2, 3] {
+    for version in [1, 2, 3, 5] {
         let bytes = load(version, CipherSuite::XChaCha20Poly1305);
         let mut n = 0u64;
         loop {
@@ -630,6 +719,43 @@ fn golden_images_upgrade_crash_safely() {
             n += 1;
             assert!(n < 100, "the upgrade never finished");
         }
+    }
+}
+
+/// Writes acknowledged after an upgrade to version 6, in the same session, survive kill -9:
+/// the log moves to the two areas of version 6 (and, from versions 1 and 2, to records bound
+/// to their superblock) with the commit that makes the new header count (FORMAT.md §9.1).
+#[test]
+fn writes_after_an_upgrade_in_the_same_session_survive_kill_9() {
+    // Both parities of the log epoch: epoch e writes area e % 2.
+    // Versions 1 and 2 also start binding records to their superblock (version 3).
+    for (version, commits) in [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (5, 0), (5, 1)] {
+        let mem = Arc::new(MemStorage::from_bytes(load(
+            version,
+            CipherSuite::XChaCha20Poly1305,
+        )));
+        let vol = Volume::open(mem.clone(), &golden_key(), false).expect("open");
+        vol.upgrade_format().expect("upgrade");
+        let mut model = expected(version);
+        for c in 0..commits {
+            let data = common::pattern(190 + c, 4096);
+            model.apply(20 * 4096, &data);
+            vol.write_at(20 * 4096, &data).expect("write");
+            vol.commit().expect("commit");
+        }
+        for (i, lbn) in [7u64, 30, 31, 7].into_iter().enumerate() {
+            let data = common::pattern(200 + i as u64, 4096);
+            model.apply(lbn * 4096, &data);
+            vol.write_at(lbn * 4096, &data).expect("write");
+        }
+        std::mem::forget(vol); // kill -9: the page cache (here: memory) keeps every write
+        let image = mem.to_vec();
+        let vol = Volume::open(Arc::new(MemStorage::from_bytes(image)), &golden_key(), true)
+            .expect("reopen");
+        assert_eq!(vol.info().format_version, FORMAT_VERSION);
+        model
+            .check_current(&vol)
+            .unwrap_or_else(|m| panic!("version {version}: {m}"));
     }
 }
 

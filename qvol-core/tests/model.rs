@@ -161,6 +161,9 @@ enum Op {
     Reopen,
     /// An explicit commit (durable on return).
     Commit,
+    /// A pipelined commit (format version 6): durable later, on its own thread, while the
+    /// next operations run; nothing more is promised durable by it.
+    CommitAsync,
 }
 
 /// A range of `sectors` starting at `sector`, within `total` sectors: sub-block, one to a
@@ -209,6 +212,7 @@ fn op(total: u64) -> impl Strategy<Value = Op> {
             .prop_map(|(after, seed, kill)| Op::CrashAfterOps { after, seed, kill }),
         1 => Just(Op::Reopen),
         1 => Just(Op::Commit),
+        2 => Just(Op::CommitAsync),
         2 => (0u8..5, cut()).prop_map(|(name, cut)| Op::CreateSnapshot { name, cut }),
         1 => (any::<u8>(), cut()).prop_map(|(pick, cut)| Op::DeleteSnapshot { pick, cut }),
         2 => (any::<u8>(), prop::option::of(0u8..5), cut())
@@ -1218,6 +1222,11 @@ impl Harness {
                 Ok(()) => self.model.make_durable(),
                 Err(e) => return self.on_error("commit", e),
             },
+            Op::CommitAsync => {
+                if let Err(e) = self.vol().commit_async() {
+                    return self.on_error("commit_async", e);
+                }
+            }
             Op::PowerLoss { seed } => self.power_loss(seed)?,
             Op::ProcessCrash => self.crash(Crash::Kill)?,
             Op::CrashAfterOps { after, seed, kill } => self.arm(Cut { after, seed, kill }),

@@ -163,8 +163,7 @@ fn log_record_parser() {
     let l = Layout::read(&image);
     assert!(l.records.len() >= 3, "{:?}", l.records);
     for r in &l.records {
-        let valid =
-            &image[layout::LOG_OFFSET + r.slot * layout::RECORD_LEN..][..layout::RECORD_LEN];
+        let valid = &image[l.slot_offset(r.slot)..][..layout::RECORD_LEN];
         let rec = LogRecord::decode(valid).expect("a real record decodes");
         assert_eq!(rec.seq, r.slot as u64);
         for input in corpus(valid, 100 + r.slot as u64) {

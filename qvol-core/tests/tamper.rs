@@ -386,7 +386,7 @@ fn log_record_flips_are_detected_below_the_durable_mark() {
         "the records written after the flush carry the durable mark: {l:?}"
     );
     assert!(l.records.len() >= 5, "{:?}", l.records);
-    let slot = |s: usize| layout::LOG_OFFSET + s * layout::RECORD_LEN;
+    let slot = |s: usize| l.slot_offset(s);
     // Synced records: every byte of the first, every 5th of the others.
     let offsets = (slot(0)..slot(1)).chain((slot(1)..slot(d)).step_by(5));
     sweep("synced log record", &image, &allowed, offsets, must_detect);
@@ -415,7 +415,7 @@ fn log_record_flips_are_detected_below_the_durable_mark() {
         &allowed,
         (slot(unused)..slot(unused + 4))
             .step_by(17)
-            .chain([slot(layout::LOG_SLOTS) - 1]),
+            .chain([slot(l.area_slots) - 1]),
         nothing_lost,
     );
 }

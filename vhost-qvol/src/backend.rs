@@ -30,6 +30,7 @@ use vmm_sys_util::event::{
 
 use crate::blk_config::{BlkConfig, WRITEBACK_OFFSET};
 use crate::disk::{Disk, DiskError};
+use crate::poll::AdaptivePoll;
 use crate::request::{DeviceSettings, QueueWorker};
 
 /// Largest queue the frontend may configure (libblkio needs at least 256).
@@ -52,8 +53,10 @@ pub struct Device {
     /// The backend request channel of the connected frontend (protocol feature
     /// BACKEND_REQ), to tell it the config space changed.
     frontend: Mutex<Option<vhost::vhost_user::Backend>>,
-    /// How long a queue's thread polls its ring after serving it, in nanoseconds (0: off).
+    /// The most a queue's thread polls its ring after serving it, in nanoseconds (0: off).
     poll_ns: AtomicU64,
+    /// Each queue's polling window, below that maximum.
+    polls: Vec<AdaptivePoll>,
     /// How many requests of one queue may be served at once (1: one after the other).
     parallel: AtomicUsize,
 }
@@ -82,6 +85,9 @@ impl Device {
                 .collect(),
             frontend: Mutex::new(None),
             poll_ns: AtomicU64::new(0),
+            polls: (0..usize::from(n))
+                .map(|_| AdaptivePoll::default())
+                .collect(),
             parallel: AtomicUsize::new(1),
         }
     }
@@ -95,9 +101,10 @@ impl Device {
         self.parallel.store(n.max(1), Ordering::Relaxed);
     }
 
-    /// After serving a queue, its thread watches the ring for `poll` before sleeping
-    /// again (as QEMU's iothread `poll-max-ns`): a request that arrives meanwhile is served
-    /// without the wake-up of a sleeping thread, for a core kept busy. Zero: off.
+    /// After serving a queue, its thread watches the ring for up to `poll` before sleeping
+    /// again (as QEMU's iothread `poll-max-ns`; the window adapts below it, `poll.rs`): a
+    /// request that arrives meanwhile is served without the wake-up of a sleeping thread,
+    /// for a core kept busy. Zero: off.
     pub fn set_poll(&self, poll: Duration) {
         let ns = u64::try_from(poll.as_nanos()).unwrap_or(u64::MAX);
         self.poll_ns.store(ns, Ordering::Relaxed);
@@ -301,11 +308,16 @@ impl BlkBackend {
     /// Serves the queue, then, with polling on, keeps serving what arrives until the ring
     /// stays empty for the polling time.
     fn serve_and_poll(&self, queue: usize, vring: &VringRwLock) -> Result<(), String> {
-        self.process_queue(queue, vring)?;
-        let poll = Duration::from_nanos(self.device.poll_ns.load(Ordering::Relaxed));
-        if poll.is_zero() {
-            return Ok(());
+        let max_ns = self.device.poll_ns.load(Ordering::Relaxed);
+        let adaptive = self.device.polls.get(queue).filter(|_| max_ns > 0);
+        if let Some(p) = adaptive {
+            p.woke(max_ns);
         }
+        self.process_queue(queue, vring)?;
+        let Some(p) = adaptive else {
+            return Ok(());
+        };
+        let poll = p.window();
         let mut idle_since = Instant::now();
         while idle_since.elapsed() < poll {
             if self.has_requests(vring) {
@@ -315,6 +327,7 @@ impl BlkBackend {
                 std::hint::spin_loop();
             }
         }
+        p.sleeping();
         Ok(())
     }
 

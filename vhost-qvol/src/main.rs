@@ -67,10 +67,17 @@ struct Args {
     /// Number of request queues (one worker thread each).
     #[arg(long, value_name = "N", default_value_t = 1)]
     num_queues: u32,
-    /// After serving a request, a queue's thread watches its ring for this many
-    /// microseconds before going back to sleep (0: never): a request arriving meanwhile
-    /// is picked up without a thread wake-up, for a core kept busy meanwhile (at most 1000).
-    #[arg(long, value_name = "US", default_value_t = 0)]
+    /// After serving a request, a queue's thread watches its ring for up to this many
+    /// microseconds before going back to sleep (0: never; at most 1000): a request arriving
+    /// meanwhile is picked up without a thread wake-up, for a core kept busy meanwhile. The
+    /// window adapts below this maximum to how soon requests follow each other, and closes
+    /// when the queue is idle.
+    #[arg(
+        long,
+        visible_alias = "poll-max-us",
+        value_name = "US",
+        default_value_t = 0
+    )]
     poll_us: u32,
     /// Re-encrypt in the background (after `qvol reencrypt`, or resuming one found at
     /// start) at most this many MiB of data a second (0: no limit; `qvol reencrypt --rate`

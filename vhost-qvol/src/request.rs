@@ -34,6 +34,7 @@ use vm_memory::GuestMemoryMmap;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::blk_config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+use crate::direct::GuestBuffers;
 use crate::disk::{check_range, Disk, DiskError, DiskErrorKind, SECTOR_SIZE};
 
 /// Largest IN/OUT request we serve; bigger ones fail with IOERR. Linux issues at most a
@@ -218,11 +219,13 @@ impl QueueWorker {
                 return 0;
             }
         };
-        let status = match self.execute(disk, settings, &mut reader, &mut writer) {
-            Ok(()) => Status::Ok,
+        let guest = Guest { mem, chain: &chain };
+        let (status, direct) = match self.execute(disk, settings, &guest, &mut reader, &mut writer)
+        {
+            Ok(direct) => (Status::Ok, direct),
             Err(failure) => {
                 self.log_failure(head, &failure);
-                failure.status
+                (failure.status, 0)
             }
         };
         if let Err(e) = status_writer.write_all(&[status.byte()]) {
@@ -231,7 +234,7 @@ impl QueueWorker {
             return 0;
         }
         trace!("queue {}: request {head} done: {status:?}", self.queue);
-        u32::try_from(writer.bytes_written() + 1).unwrap_or(u32::MAX)
+        u32::try_from(writer.bytes_written() + direct + 1).unwrap_or(u32::MAX)
     }
 
     fn log_failure(&mut self, head: u16, failure: &Failure) {
@@ -245,13 +248,19 @@ impl QueueWorker {
         }
     }
 
-    fn execute(
+    /// Runs the request; returns the bytes written straight into guest memory (not through
+    /// `writer`).
+    fn execute<M>(
         &mut self,
         disk: &dyn Disk,
         settings: DeviceSettings<'_>,
+        guest: &Guest<'_, M>,
         reader: &mut Reader<'_>,
         writer: &mut Writer<'_>,
-    ) -> Result<(), Failure> {
+    ) -> Result<usize, Failure>
+    where
+        M: Deref<Target = GuestMemoryMmap> + Clone,
+    {
         let mut header = [0u8; HEADER_LEN];
         reader
             .read_exact(&mut header)
@@ -263,23 +272,36 @@ impl QueueWorker {
                 let len = writer.available_bytes();
                 debug!("queue {}: read sector {sector} len {len}", self.queue);
                 let offset = data_range(disk, sector, len)?;
-                self.read(disk, offset, len, writer)
+                if let Some(buffers) = GuestBuffers::of(guest.mem, guest.chain, true, 0, len) {
+                    buffers
+                        .read_from(disk, offset)
+                        .map_err(|(at, e)| disk_failure("read", at, &e))?;
+                    return Ok(len);
+                }
+                self.read(disk, offset, len, writer).map(|()| 0)
             }
             VIRTIO_BLK_T_OUT => {
                 let len = reader.available_bytes();
                 debug!("queue {}: write sector {sector} len {len}", self.queue);
                 refuse_if_read_only(settings, "write")?;
                 let offset = data_range(disk, sector, len)?;
-                self.write(disk, offset, len, reader)?;
+                match GuestBuffers::of(guest.mem, guest.chain, false, HEADER_LEN, len) {
+                    Some(buffers) => buffers
+                        .write_to(disk, offset)
+                        .map_err(|(at, e)| disk_failure("write", at, &e))?,
+                    None => self.write(disk, offset, len, reader)?,
+                }
                 if !settings.writeback {
                     disk.flush()
                         .map_err(|e| disk_failure("flush", offset, &e))?;
                 }
-                Ok(())
+                Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 debug!("queue {}: flush", self.queue);
-                disk.flush().map_err(|e| disk_failure("flush", 0, &e))
+                disk.flush()
+                    .map_err(|e| disk_failure("flush", 0, &e))
+                    .map(|()| 0)
             }
             VIRTIO_BLK_T_GET_ID => {
                 // 5.2.6: the ID is at most 20 bytes, NUL padded.
@@ -287,6 +309,7 @@ impl QueueWorker {
                 writer
                     .write_all(&settings.serial[..n])
                     .map_err(|e| guest_error(Status::IoErr, format!("cannot write ID: {e}")))
+                    .map(|()| 0)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let discard = kind == VIRTIO_BLK_T_DISCARD;
@@ -306,7 +329,7 @@ impl QueueWorker {
                     };
                     result.map_err(|e| disk_failure(what, offset, &e))?;
                 }
-                Ok(())
+                Ok(0)
             }
             other => Err(guest_error(
                 Status::Unsupp,
@@ -375,6 +398,12 @@ impl QueueWorker {
         }
         &mut self.bounce[..n]
     }
+}
+
+/// The guest memory and the chain of the request being run (for [`GuestBuffers`]).
+struct Guest<'a, M> {
+    mem: &'a GuestMemoryMmap,
+    chain: &'a DescriptorChain<M>,
 }
 
 fn le32(b: &[u8]) -> u32 {
@@ -604,6 +633,140 @@ mod tests {
         let (status, len, data) = s.run(VIRTIO_BLK_T_IN, 8, &[], 4096, false);
         assert_eq!((status, len), (OK, 4097));
         assert_eq!(data, pattern);
+    }
+
+    /// A disk whose reads put bytes in the buffer and then fail, as a block failing its tag
+    /// after part of the request was decrypted.
+    struct TamperedDisk(MemDisk);
+
+    impl Disk for TamperedDisk {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_at(&self, _offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+            buf.fill(0xaa);
+            Err(DiskError::new(
+                DiskErrorKind::Integrity,
+                "a block fails its tag",
+            ))
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+            self.0.write_at(offset, data)
+        }
+        fn flush(&self) -> Result<(), DiskError> {
+            self.0.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+            self.0.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+            self.0.write_zeroes(offset, len, unmap)
+        }
+    }
+
+    /// Runs a chain of `descs` (as `(address, len, writable)`) on `disk`; the used length.
+    fn run_descs(s: &mut Setup, disk: &dyn Disk, descs: &[(u64, u32, bool)]) -> u32 {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|&(addr, len, w)| {
+                let flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                Descriptor::new(addr, len, flags, 0).into()
+            })
+            .collect();
+        let queue = MockSplitQueue::new(&s.mem, 16);
+        let chain = queue.build_desc_chain(&raw).unwrap();
+        let settings = DeviceSettings {
+            read_only: false,
+            writeback: true,
+            serial: &SERIAL,
+        };
+        s.worker.process(disk, settings, &s.mem, chain)
+    }
+
+    fn header(kind: u32, sector: u64) -> [u8; 16] {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        hdr
+    }
+
+    #[test]
+    fn data_in_several_descriptors_round_trips_straight_or_through_the_bounce_buffer() {
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        // Sector-sized parts (guest memory used in place), the header sharing a descriptor
+        // with data, and parts that are not whole sectors (the bounce buffer).
+        for split in [2048u32, 1536, 100, 4097] {
+            let mut s = Setup::new();
+            // Write: header and the first `split` bytes in one descriptor, the rest in another.
+            let mut first = header(VIRTIO_BLK_T_OUT, 16).to_vec();
+            first.extend_from_slice(&pattern[..split as usize]);
+            s.mem.write_slice(&first, GuestAddress(HDR)).unwrap();
+            s.mem
+                .write_slice(&pattern[split as usize..], GuestAddress(DATA))
+                .unwrap();
+            let disk = MemDisk::new(1 << 20, false);
+            let used = run_descs(
+                &mut s,
+                &disk,
+                &[
+                    (HDR, 16 + split, false),
+                    (DATA, 8192 - split, false),
+                    (STATUS, 1, true),
+                ],
+            );
+            assert_eq!(used, 1, "split {split}");
+            assert_eq!(&disk.contents()[8192..16384], &pattern[..], "split {split}");
+            // Read back into two writable parts, the status byte in the second.
+            s.mem
+                .write_slice(&header(VIRTIO_BLK_T_IN, 16), GuestAddress(HDR))
+                .unwrap();
+            s.mem.write_slice(&[0u8; 8193], GuestAddress(DATA)).unwrap();
+            let used = run_descs(
+                &mut s,
+                &disk,
+                &[
+                    (HDR, 16, false),
+                    (DATA, split, true),
+                    (DATA + u64::from(split), 8192 - split + 1, true),
+                ],
+            );
+            assert_eq!(used, 8193, "split {split}");
+            let mut back = vec![0u8; 8193];
+            s.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+            assert_eq!(&back[..8192], &pattern[..], "split {split}");
+            assert_eq!(back[8192], OK, "split {split}");
+        }
+    }
+
+    #[test]
+    fn a_read_that_fails_leaves_nothing_in_guest_memory() {
+        for split in [4096u32, 1536, 100] {
+            let mut s = Setup::new();
+            let disk = TamperedDisk(MemDisk::new(1 << 20, false));
+            s.mem
+                .write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
+                .unwrap();
+            s.mem
+                .write_slice(&[0x11u8; 4097], GuestAddress(DATA))
+                .unwrap();
+            let used = run_descs(
+                &mut s,
+                &disk,
+                &[
+                    (HDR, 16, false),
+                    (DATA, split, true),
+                    (DATA + u64::from(split), 4096 - split + 1, true),
+                ],
+            );
+            let mut back = vec![0u8; 4097];
+            s.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+            assert_eq!(back[4096], IOERR, "split {split}");
+            assert_eq!(used, 1, "only the status byte is reported written");
+            assert!(
+                back[..4096].iter().all(|&b| b != 0xaa),
+                "split {split}: what the failed read produced reached the guest"
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use benches::compare::backend::{self, BackendKind, Tools};
 use benches::compare::disksync::{self, DiskSync};
 use benches::compare::machine::Machine;
 use benches::compare::procstat;
-use benches::compare::report::{Measurement, Report, Skipped};
+use benches::compare::report::{Measurement, Report, Skipped, IDLE_SECONDS};
 use benches::compare::run::{self, connect};
 use benches::compare::workload::{Metric, Workload, PREFILL, SUSTAINED, WORKLOADS};
 use clap::Parser;
@@ -237,6 +237,15 @@ fn run_backend(
         ));
         out.push(m);
     }
+    // Idle: no I/O for a second, then CPU over IDLE_SECONDS (issue 15: an idle daemon stays
+    // idle, polling included).
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu0 = procstat::cpu_time(pid)?;
+    std::thread::sleep(Duration::from_secs(IDLE_SECONDS));
+    let idle = procstat::cpu_time(pid)?.saturating_sub(cpu0);
+    if let Some(last) = out.last_mut() {
+        last.backend_idle_cpu_pct = Some(idle.as_secs_f64() / IDLE_SECONDS as f64 * 100.0);
+    }
     drop(client);
     running.stop();
     Ok(out)
@@ -295,6 +304,7 @@ fn measure(
         },
         backend_rss_bytes: mem.rss,
         backend_peak_rss_bytes: mem.peak_rss,
+        backend_idle_cpu_pct: None,
     })
 }
 

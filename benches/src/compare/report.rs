@@ -42,7 +42,14 @@ pub struct Measurement {
     pub backend_rss_bytes: u64,
     /// Backend peak resident memory so far, in bytes.
     pub backend_peak_rss_bytes: u64,
+    /// Backend CPU while idle, in percent of one core: measured over [`IDLE_SECONDS`] with
+    /// no I/O, once the workloads of its run are done (set on the last measurement of it).
+    pub backend_idle_cpu_pct: Option<f64>,
 }
+
+/// Seconds of no I/O over which a backend's idle CPU is measured (after one more second of
+/// quiet, so that a polling queue thread has gone back to sleep).
+pub const IDLE_SECONDS: u64 = 3;
 
 /// A backend that was not measured, and why.
 #[derive(Clone, Debug, Serialize)]
@@ -190,10 +197,12 @@ impl Report {
             let _ = writeln!(
                 s,
                 "\nThe sustained write (`{}`) runs {secs:.0} s after the other workloads; a qvol \
-                 image of this size has a {} MiB log, full after {} MiB of writes.",
+                 image of this size has a {} MiB log, full after {} MiB of writes (format \
+                 version 6: two areas of half that, a pipelined commit after every {} MiB).",
                 SUSTAINED.name,
                 qvol_log_len(self.image_size) >> 20,
-                (qvol_log_len(self.image_size) * 32) >> 20
+                (qvol_log_len(self.image_size) * 32) >> 20,
+                (qvol_log_len(self.image_size) * 16) >> 20
             );
         }
         for (k, v) in &self.daemon_env {
@@ -308,6 +317,17 @@ impl Report {
             let c = peak.map_or("—".to_owned(), |p| {
                 format!("{:.0} MiB", p as f64 / 1048576.0)
             });
+            let _ = write!(s, " {c} |");
+        }
+        let _ = writeln!(s);
+        let _ = write!(s, "| idle CPU ({IDLE_SECONDS} s, no I/O) |");
+        for b in *family {
+            let idle = self
+                .measurements
+                .iter()
+                .filter(|m| m.backend == b.label() && m.queues == q)
+                .find_map(|m| m.backend_idle_cpu_pct);
+            let c = idle.map_or("—".to_owned(), |p| format!("{p:.2} % of a core"));
             let _ = write!(s, " {c} |");
         }
         let _ = writeln!(s);

@@ -72,6 +72,11 @@ pub struct Layout {
     pub data_blocks: Vec<(u64, u64)>,
     /// Log records of the current epoch, in slot order (the log's valid prefix and beyond).
     pub records: Vec<Record>,
+    /// Byte offset of the log area of the current epoch: the log region before version 6,
+    /// its half `epoch % 2` from version 6 on (§9.1).
+    pub log_area: usize,
+    /// Slots of that area.
+    pub area_slots: usize,
 }
 
 impl Layout {
@@ -89,7 +94,21 @@ impl Layout {
             (None, None) => panic!("no superblock with the documented magic"),
         };
         let s = &image[SUPERBLOCKS[newest]..SUPERBLOCKS[newest] + SUPERBLOCK_LEN];
+        let version = u32::from_le_bytes(image[8..12].try_into().unwrap());
+        let log_slots = u64_at(image, 88) as usize / RECORD_LEN;
+        let log_epoch = u64_at(s, 16);
+        let (log_area, area_slots) = if version >= 6 {
+            let half = log_slots / 2;
+            (
+                LOG_OFFSET + (log_epoch % 2) as usize * half * RECORD_LEN,
+                half,
+            )
+        } else {
+            (LOG_OFFSET, log_slots)
+        };
         let mut layout = Layout {
+            log_area,
+            area_slots,
             newest_superblock: SUPERBLOCKS[newest],
             older_superblock: SUPERBLOCKS[older],
             generation: u64_at(s, 8),
@@ -114,8 +133,8 @@ impl Layout {
             &mut layout.space_nodes,
             &mut |_, _| {},
         );
-        for slot in 0..LOG_SLOTS {
-            let r = &image[LOG_OFFSET + slot * RECORD_LEN..][..RECORD_LEN];
+        for slot in 0..area_slots {
+            let r = &image[log_area + slot * RECORD_LEN..][..RECORD_LEN];
             if u64_at(r, 8) == layout.log_epoch && u64_at(r, 16) == slot as u64 && r[0] != 0 {
                 layout.records.push(Record {
                     slot,
@@ -126,6 +145,11 @@ impl Layout {
             }
         }
         layout
+    }
+
+    /// Byte offset of slot `slot` of the current epoch's log area.
+    pub fn slot_offset(&self, slot: usize) -> usize {
+        self.log_area + slot * RECORD_LEN
     }
 
     /// The highest durable mark any record carries (FORMAT.md §9, replay step 2).

@@ -251,3 +251,52 @@ impl BlockHistory {
         Ok(())
     }
 }
+
+/// A storage that drops every write to the superblocks (blocks 9 and 10) once told to: what
+/// kill -9 leaves while a pipelined commit's superblock is not written yet (FORMAT.md §10.1).
+#[derive(Debug)]
+pub struct NoSuperblocks {
+    inner: Arc<dyn Storage>,
+    dropping: std::sync::atomic::AtomicBool,
+}
+
+impl NoSuperblocks {
+    pub fn new(inner: Arc<dyn Storage>) -> Self {
+        NoSuperblocks {
+            inner,
+            dropping: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// From now on, superblock writes are dropped.
+    pub fn drop_superblocks(&self) {
+        self.dropping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Storage for NoSuperblocks {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let superblocks = 9 * 4096..11 * 4096;
+        if self.dropping.load(std::sync::atomic::Ordering::SeqCst) && superblocks.contains(&offset)
+        {
+            return Ok(());
+        }
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+}
