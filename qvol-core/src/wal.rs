@@ -183,28 +183,15 @@ pub(crate) struct DurableMark {
 impl DurableMark {
     pub(crate) fn encode(&self, keys: &Subkeys) -> [u8; MARK_LEN] {
         let mut b = [0u8; MARK_LEN];
-        b[..8].copy_from_slice(&MARK_MAGIC);
         put_u64(&mut b, 8, self.epoch);
         put_u64(&mut b, 16, self.durable);
         b[32..64].copy_from_slice(&self.anchor);
-        let mac = mark_mac(keys, &b[..MARK_BODY]);
-        b[MARK_BODY..MARK_BODY + 32].copy_from_slice(&mac);
-        b
+        seal_sector(keys, &MARK_KIND, b)
     }
 
     /// Parses and verifies a mark; `None` for anything that is not a valid mark.
     pub(crate) fn decode_verified(b: &[u8], keys: &Subkeys) -> Option<DurableMark> {
-        if b.len() < MARK_LEN || b[..8] != MARK_MAGIC {
-            return None;
-        }
-        let expected = blake3::Hash::from(mark_mac(keys, &b[..MARK_BODY]));
-        if expected != blake3::Hash::from(get_array::<32>(b, MARK_BODY)) {
-            return None;
-        }
-        if b[24..32].iter().any(|&x| x != 0) || b[MARK_BODY + 32..MARK_LEN].iter().any(|&x| x != 0)
-        {
-            return None;
-        }
+        let b = open_sector(keys, &MARK_KIND, b)?;
         Some(DurableMark {
             epoch: get_u64(b, 8),
             durable: get_u64(b, 16),
@@ -213,9 +200,46 @@ impl DurableMark {
     }
 }
 
-fn mark_mac(keys: &Subkeys, body: &[u8]) -> [u8; 32] {
+/// A kind of MAC'd sector of the log's own (durable marks, log heads): its magic, the label
+/// of its MAC, and how many bytes the MAC covers (it follows them).
+struct SectorKind {
+    magic: [u8; 8],
+    label: &'static [u8],
+    body: usize,
+}
+
+const MARK_KIND: SectorKind = SectorKind {
+    magic: MARK_MAGIC,
+    label: b"qvol-mark-v3",
+    body: MARK_BODY,
+};
+
+/// Writes the magic and the MAC into `b`, whose fields (offsets 8..body, bytes 24..32
+/// reserved) are filled: `BLAKE3-keyed(K_log, label || volume id || bytes 0..body)`.
+fn seal_sector(keys: &Subkeys, kind: &SectorKind, mut b: [u8; MARK_LEN]) -> [u8; MARK_LEN] {
+    b[..8].copy_from_slice(&kind.magic);
+    let mac = sector_mac(keys, kind, &b[..kind.body]);
+    b[kind.body..kind.body + 32].copy_from_slice(&mac);
+    b
+}
+
+/// `b`'s first bytes if they are a valid sector of `kind`: magic, MAC, reserved bytes 24..32
+/// and everything after the MAC zero.
+fn open_sector<'a>(keys: &Subkeys, kind: &SectorKind, b: &'a [u8]) -> Option<&'a [u8]> {
+    if b.len() < MARK_LEN || b[..8] != kind.magic {
+        return None;
+    }
+    let expected = blake3::Hash::from(sector_mac(keys, kind, &b[..kind.body]));
+    if expected != blake3::Hash::from(get_array::<32>(b, kind.body)) {
+        return None;
+    }
+    let zeros = |r: std::ops::Range<usize>| b[r].iter().all(|&x| x == 0);
+    (zeros(24..32) && zeros(kind.body + 32..MARK_LEN)).then_some(&b[..kind.body])
+}
+
+fn sector_mac(keys: &Subkeys, kind: &SectorKind, body: &[u8]) -> [u8; 32] {
     let mut h = keys.log_mac();
-    h.update(b"qvol-mark-v3");
+    h.update(kind.label);
     h.update(keys.volume_id());
     h.update(body);
     *h.finalize().as_bytes()
@@ -330,29 +354,16 @@ pub(crate) struct LogHead {
 impl LogHead {
     pub(crate) fn encode(&self, keys: &Subkeys) -> [u8; MARK_LEN] {
         let mut b = [0u8; MARK_LEN];
-        b[..8].copy_from_slice(&HEAD_MAGIC);
         put_u64(&mut b, 8, self.epoch);
         put_u64(&mut b, 16, self.prev_len);
         b[32..64].copy_from_slice(&self.parent);
         b[64..96].copy_from_slice(&self.anchor);
-        let mac = head_mac(keys, &b[..HEAD_BODY]);
-        b[HEAD_BODY..HEAD_BODY + 32].copy_from_slice(&mac);
-        b
+        seal_sector(keys, &HEAD_KIND, b)
     }
 
     /// Parses and verifies a head; `None` for anything that is not a valid head.
     pub(crate) fn decode_verified(b: &[u8], keys: &Subkeys) -> Option<LogHead> {
-        if b.len() < MARK_LEN || b[..8] != HEAD_MAGIC {
-            return None;
-        }
-        let expected = blake3::Hash::from(head_mac(keys, &b[..HEAD_BODY]));
-        if expected != blake3::Hash::from(get_array::<32>(b, HEAD_BODY)) {
-            return None;
-        }
-        if b[24..32].iter().any(|&x| x != 0) || b[HEAD_BODY + 32..MARK_LEN].iter().any(|&x| x != 0)
-        {
-            return None;
-        }
+        let b = open_sector(keys, &HEAD_KIND, b)?;
         Some(LogHead {
             epoch: get_u64(b, 8),
             prev_len: get_u64(b, 16),
@@ -391,13 +402,11 @@ impl LogHead {
     }
 }
 
-fn head_mac(keys: &Subkeys, body: &[u8]) -> [u8; 32] {
-    let mut h = keys.log_mac();
-    h.update(b"qvol-loghead-v6");
-    h.update(keys.volume_id());
-    h.update(body);
-    *h.finalize().as_bytes()
-}
+const HEAD_KIND: SectorKind = SectorKind {
+    magic: HEAD_MAGIC,
+    label: b"qvol-loghead-v6",
+    body: HEAD_BODY,
+};
 
 /// The valid records of one epoch and the durable mark, after the tamper check of §9.
 #[derive(Debug)]

@@ -306,28 +306,35 @@ impl Report {
             }
             let _ = writeln!(s);
         }
-        let _ = write!(s, "| peak RSS |");
-        for b in *family {
-            let peak = self
+        self.backend_row(s, q, family, "peak RSS", |ms| {
+            let peak = ms.iter().map(|m| m.backend_peak_rss_bytes).max()?;
+            Some(format!("{:.0} MiB", peak as f64 / 1048576.0))
+        });
+        let idle = format!("idle CPU ({IDLE_SECONDS} s, no I/O)");
+        self.backend_row(s, q, family, &idle, |ms| {
+            let p = ms.iter().find_map(|m| m.backend_idle_cpu_pct)?;
+            Some(format!("{p:.2} % of a core"))
+        });
+    }
+
+    /// A table row `label` with one cell per backend of `family`: `cell` of its measurements
+    /// at `q` queues ("—" for none).
+    fn backend_row(
+        &self,
+        s: &mut String,
+        q: usize,
+        family: &[BackendKind; 4],
+        label: &str,
+        cell: impl Fn(&[&Measurement]) -> Option<String>,
+    ) {
+        let _ = write!(s, "| {label} |");
+        for &b in family {
+            let ms: Vec<&Measurement> = self
                 .measurements
                 .iter()
                 .filter(|m| m.backend == b.label() && m.queues == q)
-                .map(|m| m.backend_peak_rss_bytes)
-                .max();
-            let c = peak.map_or("—".to_owned(), |p| {
-                format!("{:.0} MiB", p as f64 / 1048576.0)
-            });
-            let _ = write!(s, " {c} |");
-        }
-        let _ = writeln!(s);
-        let _ = write!(s, "| idle CPU ({IDLE_SECONDS} s, no I/O) |");
-        for b in *family {
-            let idle = self
-                .measurements
-                .iter()
-                .filter(|m| m.backend == b.label() && m.queues == q)
-                .find_map(|m| m.backend_idle_cpu_pct);
-            let c = idle.map_or("—".to_owned(), |p| format!("{p:.2} % of a core"));
+                .collect();
+            let c = cell(&ms).unwrap_or_else(|| "—".to_owned());
             let _ = write!(s, " {c} |");
         }
         let _ = writeln!(s);
