@@ -72,7 +72,7 @@ mon allow pool size one = true
 mon allow pool delete = true
 mon warn on pool no redundancy = false
 mon data avail warn = 2
-mon data avail crit = 1
+mon data avail crit = 0
 [mon]
 mon data = $dir/mon/\$name
 keyring = $dir/mon/keyring
@@ -95,7 +95,13 @@ CONF
     ceph-authtool "$dir/mon/keyring" --import-keyring "$dir/client.admin.keyring" >/dev/null
     monmaptool --create --addv a "[v2:127.0.0.1:$port]" --fsid "$fsid" "$dir/monmap" >/dev/null
     ceph-mon --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/mon/keyring"
-    ceph-mon -i a 2>>"$dir/log/mon.stderr"
+    # ceph-mon refuses to start (exit 28, ENOSPC) on a disk fuller than "mon data avail
+    # crit" percent; 0 above turns that off for a throwaway cluster.
+    ceph-mon -i a 2>>"$dir/log/mon.stderr" || {
+        log "ceph-mon did not start (exit $?; see $dir/log)"
+        stop
+        exit 1
+    }
     local uuid id
     uuid=$(cat /proc/sys/kernel/random/uuid)
     id=$(ceph osd new "$uuid")
@@ -103,7 +109,11 @@ CONF
     ceph auth get-or-create "osd.$id" mon 'allow profile osd' osd 'allow *' mgr 'allow profile osd' \
         -o "$dir/osd/osd.$id/keyring"
     ceph-osd -i "$id" --mkfs --osd-uuid "$uuid" 2>/dev/null || { log "ceph-osd --mkfs failed (see $dir/log)"; stop; exit 1; }
-    ceph-osd -i "$id" 2>>"$dir/log/osd.stderr"
+    ceph-osd -i "$id" 2>>"$dir/log/osd.stderr" || {
+        log "ceph-osd did not start (exit $?; see $dir/log)"
+        stop
+        exit 1
+    }
     # Wait until the OSD is up and in, then make the pool.
     for _ in $(seq 120); do
         ceph osd stat 2>/dev/null | grep -q "1 up.*1 in" && break
