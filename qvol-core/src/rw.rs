@@ -12,7 +12,7 @@ use crate::layout::*;
 use crate::node::LeafEntry;
 use crate::snapshot::Kill;
 use crate::volume::Volume;
-use crate::wal::{LogOp, Wal};
+use crate::wal::{LogOp, Slots, Wal};
 
 /// Blocks handled under one hold of the commit gate and one log reservation.
 const CHUNK_BLOCKS: u64 = 256;
@@ -97,13 +97,19 @@ impl Volume {
         }
     }
 
-    fn append(&self, credit: &mut Credit<'_>, ops: &[LogOp]) -> Result<()> {
-        let n = ops.len() as u64;
+    /// Takes log slots for `n` records (under the lock of the leaf they update: FORMAT.md
+    /// §13) from the operation's reservation.
+    fn take_slots(&self, credit: &mut Credit<'_>, n: usize) -> Result<Slots> {
+        let slots = self.wal.take(n as u64).map_err(|e| self.fail(e))?;
+        credit.left = credit.left.saturating_sub(n as u64);
+        Ok(slots)
+    }
+
+    /// Writes the records of `slots` (after the leaf's lock is released).
+    fn write_slots(&self, slots: Slots, ops: &[LogOp]) -> Result<()> {
         self.wal
-            .append(&*self.storage, &self.keys(), ops)
-            .map_err(|e| self.fail(e))?;
-        credit.left = credit.left.saturating_sub(n);
-        Ok(())
+            .write(&*self.storage, &self.keys(), slots, ops)
+            .map_err(|e| self.fail(e))
     }
 
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Unwritten and discarded
@@ -287,19 +293,21 @@ impl Volume {
             let l = lbn + i as u64;
             let count = ((FANOUT - l % FANOUT) as usize).min(n - i);
             let group = &entries[i..i + count];
-            self.map
-                .with_leaf(&*self.storage, &self.keys(), l / FANOUT, |leaf| {
-                    let mut ops = Vec::with_capacity(count);
-                    for (k, e) in group.iter().enumerate() {
-                        let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
-                        freed.push(Kill::of(&old, l + k as u64, false));
-                        ops.push(LogOp::Map {
-                            lbn: l + k as u64,
-                            entry: *e,
-                        });
-                    }
-                    self.append(credit, &ops)
-                })?;
+            let (slots, ops) =
+                self.map
+                    .with_leaf(&*self.storage, &self.keys(), l / FANOUT, |leaf| {
+                        let mut ops = Vec::with_capacity(count);
+                        for (k, e) in group.iter().enumerate() {
+                            let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
+                            freed.push(Kill::of(&old, l + k as u64, false));
+                            ops.push(LogOp::Map {
+                                lbn: l + k as u64,
+                                entry: *e,
+                            });
+                        }
+                        Ok((self.take_slots(credit, ops.len())?, ops))
+                    })?;
+            self.write_slots(slots, &ops)?;
             i += count;
         }
         self.kill(&freed)
@@ -383,15 +391,16 @@ impl Volume {
                     ))
                 })?;
             let i = (lbn % FANOUT) as usize;
+            let op = [LogOp::Map { lbn, entry }];
             let done = self.map.with_leaf(st, &self.keys(), lbn / FANOUT, |leaf| {
                 if leaf.get(i) != cur {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 leaf.set(i, &entry);
-                self.append(credit, &[LogOp::Map { lbn, entry }])?;
-                Ok(true)
+                self.take_slots(credit, 1).map(Some)
             })?;
-            if done {
+            if let Some(slots) = done {
+                self.write_slots(slots, &op)?;
                 return self.kill(&[Kill::of(&cur, lbn, false)]);
             }
             self.alloc
@@ -458,7 +467,8 @@ impl Volume {
                 continue;
             }
             let n = (FANOUT - l % FANOUT).min(end - l);
-            self.map.with_leaf(st, &self.keys(), leaf, |lf| {
+            let op = [LogOp::Unmap { lbn: l, count: n }];
+            let slots = self.map.with_leaf(st, &self.keys(), leaf, |lf| {
                 let mut changed = false;
                 for k in 0..n {
                     let i = ((l + k) % FANOUT) as usize;
@@ -470,10 +480,13 @@ impl Volume {
                     }
                 }
                 if changed {
-                    self.append(credit, &[LogOp::Unmap { lbn: l, count: n }])?;
+                    return self.take_slots(credit, 1).map(Some);
                 }
-                Ok(())
+                Ok(None)
             })?;
+            if let Some(slots) = slots {
+                self.write_slots(slots, &op)?;
+            }
             l += n;
         }
         self.kill(&freed)

@@ -462,6 +462,18 @@ pub(crate) fn read_log(storage: &dyn Storage, regions: Regions) -> Result<Vec<u8
     Ok(log)
 }
 
+/// Log slots taken for an operation's records and not written yet ([`Wal::take`]).
+#[must_use = "taken slots must be written"]
+#[derive(Debug)]
+pub(crate) struct Slots {
+    epoch: u64,
+    first: u64,
+    n: u64,
+    durable: u64,
+    anchor: Option<[u8; 32]>,
+    area: Area,
+}
+
 /// The log's tail, reservations and durable mark.
 #[derive(Debug)]
 pub(crate) struct Wal {
@@ -564,55 +576,87 @@ impl Wal {
         s.reserved = s.reserved.saturating_sub(n);
     }
 
-    /// Appends `ops` (taken from an earlier reservation) and writes them to the log region.
-    /// Call with the lock of the map leaf they update held, so that records of one block
-    /// are in the order of its map updates. Only the slot assignment is under the log's
-    /// mutex; the records are MACed and written outside it, so that appends of different
-    /// leaves overlap.
+    /// Appends `ops` (taken from an earlier reservation) and writes them to the log region:
+    /// [`Wal::take`] then [`Wal::write`].
+    #[cfg(test)]
     pub(crate) fn append(
         &self,
         storage: &dyn Storage,
         keys: &Subkeys,
         ops: &[LogOp],
     ) -> Result<()> {
-        if ops.is_empty() {
+        let slots = self.take(ops.len() as u64)?;
+        self.write(storage, keys, slots, ops)
+    }
+
+    /// Takes the next `n` slots (from an earlier reservation). Call with the lock of the map
+    /// leaf the records update held, so that records of one block take slots in the order of
+    /// its map updates (replay applies them in slot order); then [`Wal::write`] them, with
+    /// that lock released, before the operation returns. Until then a sync covers none of
+    /// the slots from these on ([`Wal::written`]).
+    pub(crate) fn take(&self, n: u64) -> Result<Slots> {
+        let mut s = self.lock();
+        if s.next + n > s.area.slots {
+            return Err(Error::new(
+                crate::error::ErrorKind::NoSpace,
+                "the write-ahead log is full (a reservation was not honoured)",
+            ));
+        }
+        let first = s.next;
+        s.next += n;
+        s.reserved = s.reserved.saturating_sub(n);
+        if n > 0 {
+            s.writing.push(first);
+        }
+        Ok(Slots {
+            epoch: s.epoch,
+            first,
+            n,
+            durable: s.durable,
+            anchor: s.anchor,
+            area: s.area,
+        })
+    }
+
+    /// Writes `ops` (as many as were taken) into `slots`. The records are MACed and written
+    /// outside every lock, so that appends of different operations overlap (on storage
+    /// where a write is a network round trip, too).
+    pub(crate) fn write(
+        &self,
+        storage: &dyn Storage,
+        keys: &Subkeys,
+        slots: Slots,
+        ops: &[LogOp],
+    ) -> Result<()> {
+        if slots.n == 0 {
             return Ok(());
         }
-        let n = ops.len() as u64;
-        let (epoch, first, durable, anchor, area) = {
-            let mut s = self.lock();
-            if s.next + n > s.area.slots {
-                return Err(Error::new(
-                    crate::error::ErrorKind::NoSpace,
-                    "the write-ahead log is full (a reservation was not honoured)",
-                ));
-            }
-            let first = s.next;
-            s.next += n;
-            s.reserved = s.reserved.saturating_sub(n);
-            s.writing.push(first);
-            (s.epoch, first, s.durable, s.anchor, s.area)
-        };
         let mut buf = vec![0u8; ops.len() * LOG_RECORD_LEN];
         for (i, op) in ops.iter().enumerate() {
             let rec = LogRecord {
-                epoch,
-                seq: first + i as u64,
-                durable,
+                epoch: slots.epoch,
+                seq: slots.first + i as u64,
+                durable: slots.durable,
                 op: *op,
             };
-            rec.encode(keys, anchor.as_ref(), &mut buf[i * LOG_RECORD_LEN..]);
+            rec.encode(keys, slots.anchor.as_ref(), &mut buf[i * LOG_RECORD_LEN..]);
         }
-        let written = storage.write_all_at(&buf, area.slot_offset(first));
+        let written = if ops.len() as u64 == slots.n {
+            storage.write_all_at(&buf, slots.area.slot_offset(slots.first))
+        } else {
+            Err(std::io::Error::other(
+                "internal: records do not fill their slots",
+            ))
+        };
         {
             let mut s = self.lock();
-            if let Some(k) = s.writing.iter().position(|&w| w == first) {
+            if let Some(k) = s.writing.iter().position(|&w| w == slots.first) {
                 s.writing.swap_remove(k);
             }
         }
         written.map_err(|e| {
             Error::io(
-                format!("cannot append {n} records to the write-ahead log"),
+                format!("cannot append {} records to the write-ahead log", slots.n),
                 e,
             )
         })
