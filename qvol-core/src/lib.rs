@@ -3,7 +3,8 @@
 //!
 //! The on-disk format is specified in `docs/FORMAT.md`; each structure is encoded and decoded
 //! in one module: [`header`], [`superblock`], [`node`], [`wal`].
-// The one exception is `secret.rs` (mlock and madvise of the pages holding keys).
+// The exceptions are `secret.rs` (mlock and madvise of the pages holding keys) and the
+// `sync_file_range` call of `storage/file.rs`.
 #![deny(unsafe_code)]
 
 mod alloc;

@@ -2,7 +2,7 @@
 //! (`mlock`, kept out of swap) and left out of core dumps (`MADV_DONTDUMP`) where the OS
 //! allows; what it holds zeroizes itself on drop.
 //!
-//! The only `unsafe` of qvol-core lives here. A refusal (RLIMIT_MEMLOCK, a platform without
+//! The `unsafe` of qvol-core lives here (and one OS call in `storage/file.rs`). A refusal (RLIMIT_MEMLOCK, a platform without
 //! these calls) is a warning logged once per process, never an error.
 #![allow(unsafe_code)]
 
