@@ -221,20 +221,21 @@ impl Volume {
             moved.len()
         );
         let generation = self.superblock().generation + 1;
-        // Version 3: a random id makes every commit's MAC unique, even when two sessions
-        // commit the same content at the same generation (FORMAT.md §8).
-        let mut commit_id = [0u8; 16];
-        let binds = self.slot_area().header()?.binds_log();
-        if binds {
-            crate::datablock::fill_random(&mut commit_id)?;
-        }
         let slots = self.slot_area();
         if slots.staged_keyslots != 0 && a.high_water() > slots.staged_keyslots {
             return Err(Error::corrupt(
                 "internal: a commit allocated over the staged keyslot area",
             ));
         }
-        let two = slots.header()?.two_log_areas();
+        // The header this commit makes current (a staged one counts, FORMAT.md §3.1).
+        let header = slots.header()?;
+        let (binds, two) = (header.binds_log(), header.two_log_areas());
+        // Version 3: a random id makes every commit's MAC unique, even when two sessions
+        // commit the same content at the same generation (FORMAT.md §8).
+        let mut commit_id = [0u8; 16];
+        if binds {
+            crate::datablock::fill_random(&mut commit_id)?;
+        }
         let next = Superblock {
             generation,
             log_epoch: generation,
