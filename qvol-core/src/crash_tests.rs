@@ -5,7 +5,8 @@
 //! §10.1), so crashes land while a commit is in flight and writers go on.
 //! Every block must then read as the version it had at the last flush that returned before
 //! the crash (kill -9: at the last write that returned), or as a later one; never an error,
-//! never garbage, never older.
+//! never garbage, never older. Half the crashes run with the storage saying each write is a
+//! round trip (as RBD does), so that writers' data and log records are gathered.
 //!
 //! `QVOL_CRASH_ITERS` sets the number of crashes (8 unless set); the long run is
 //! `QVOL_CRASH_ITERS=5000 cargo test --release -p qvol-core --lib concurrent_crash`.
@@ -200,6 +201,8 @@ fn one_crash(iter: u64) {
         keyslots: vec![vec![1]],
     };
     let st = Arc::new(CrashStorage::new());
+    // Every other crash as on RBD: writes of writers that write together go out together.
+    st.set_round_trips(iter % 4 >= 2);
     let shared = Arc::new(Shared {
         vol: Volume::create(st.clone(), opts, &key).expect("create"),
         history: (0..BLOCKS).map(|_| Mutex::new(vec![[0; SPB]])).collect(),

@@ -19,7 +19,8 @@ const CHUNK_BLOCKS: u64 = 256;
 /// Blocks discarded under one hold of the gate.
 const ZERO_CHUNK_BLOCKS: u64 = 64 * FANOUT;
 
-/// Blocks sealed and written together through the per-thread scratch buffer.
+/// Blocks sealed and written together through the per-thread scratch buffer (a whole
+/// chunk where each write is a round trip: `Storage::round_trips`).
 const SEAL_BATCH: usize = 16;
 
 thread_local! {
@@ -266,11 +267,16 @@ impl Volume {
         let nonces = random_nonces(suite, n)?;
         let pbns = self.alloc.lock().alloc(&*self.storage, &keys, n)?;
         let mut entries = Vec::with_capacity(n);
+        let batch = if self.storage.round_trips() {
+            n
+        } else {
+            SEAL_BATCH.min(n)
+        };
         SCRATCH.with(|cell| -> Result<()> {
             let mut scratch = cell.borrow_mut();
-            scratch.resize(SEAL_BATCH * BS, 0);
-            for start in (0..n).step_by(SEAL_BATCH) {
-                let m = SEAL_BATCH.min(n - start);
+            scratch.resize(batch * BS, 0);
+            for start in (0..n).step_by(batch) {
+                let m = batch.min(n - start);
                 let buf = &mut scratch[..m * BS];
                 buf.copy_from_slice(&data[start * BS..(start + m) * BS]);
                 for (k, block) in buf.chunks_exact_mut(BS).enumerate() {
@@ -321,8 +327,7 @@ impl Volume {
             while j < pbns.len() && pbns[j] == pbns[i] + (j - i) as u64 {
                 j += 1;
             }
-            self.storage
-                .write_all_at(&buf[i * BS..j * BS], pbns[i] * BLOCK_SIZE)
+            self.write_data(&buf[i * BS..j * BS], pbns[i])
                 .map_err(|e| {
                     self.fail(Error::io(
                         format!("cannot write data at physical block {}", pbns[i]),
@@ -333,6 +338,18 @@ impl Volume {
         }
         self.writeback.written(&self.storage, pbns);
         Ok(())
+    }
+
+    /// Writes sealed blocks at physical block `pbn`: together with the data of other writers
+    /// where each write is a round trip (a writer still returns only once its own blocks
+    /// are written, so its log records follow them).
+    fn write_data(&self, buf: &[u8], pbn: u64) -> std::io::Result<()> {
+        if self.storage.round_trips() {
+            self.gather
+                .write(&*self.storage, buf.to_vec(), pbn * BLOCK_SIZE)
+        } else {
+            self.storage.write_all_at(buf, pbn * BLOCK_SIZE)
+        }
     }
 
     /// The live map stopped using these blocks (FORMAT.md §7.1).
@@ -383,13 +400,12 @@ impl Volume {
             let mut entry = seal_block(&keys, lbn, &nonce, &mut block)?;
             entry.pbn = self.alloc.lock().alloc(st, &keys, 1)?[0];
             entry.birth = self.snaps.epoch();
-            st.write_all_at(&block, entry.pbn * BLOCK_SIZE)
-                .map_err(|e| {
-                    self.fail(Error::io(
-                        format!("cannot write data at physical block {}", entry.pbn),
-                        e,
-                    ))
-                })?;
+            self.write_data(&block, entry.pbn).map_err(|e| {
+                self.fail(Error::io(
+                    format!("cannot write data at physical block {}", entry.pbn),
+                    e,
+                ))
+            })?;
             let i = (lbn % FANOUT) as usize;
             let op = [LogOp::Map { lbn, entry }];
             let done = self.map.with_leaf(st, &self.keys(), lbn / FANOUT, |leaf| {

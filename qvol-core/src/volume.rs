@@ -147,6 +147,9 @@ pub struct Volume {
     pub(crate) size: AtomicU64,
     /// Data written since writeback was last started (FORMAT.md §13).
     pub(crate) writeback: crate::writeback::Writeback,
+    /// Data of writers that write together, written together where each write is a round
+    /// trip (`Storage::round_trips`).
+    pub(crate) gather: crate::storage::gather::Gather,
 }
 
 impl Volume {
@@ -409,6 +412,7 @@ impl Volume {
             sync_lock: Arc::new(Mutex::new(())),
             size: AtomicU64::new(blocks * BLOCK_SIZE),
             writeback: Default::default(),
+            gather: Default::default(),
         }
     }
 

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::node::LeafEntry;
+use crate::storage::gather::Gather;
 use crate::storage::Storage;
 use crate::subkeys::Subkeys;
 
@@ -483,6 +484,9 @@ pub(crate) struct Wal {
     /// The copy the next durable mark goes to and the last D written (version 3); taken
     /// around the mark's `pwrite` so that marks reach the file in the order of their D.
     mark: Mutex<MarkState>,
+    /// Records of writers that append together, written together where each write is a
+    /// round trip (`Storage::round_trips`).
+    gather: Gather,
 }
 
 #[derive(Debug, Default)]
@@ -530,6 +534,7 @@ impl Wal {
         Wal {
             total,
             mark: Mutex::new(MarkState::default()),
+            gather: Gather::default(),
             state: Mutex::new(WalState {
                 anchor,
                 epoch,
@@ -641,12 +646,15 @@ impl Wal {
             };
             rec.encode(keys, slots.anchor.as_ref(), &mut buf[i * LOG_RECORD_LEN..]);
         }
-        let written = if ops.len() as u64 == slots.n {
-            storage.write_all_at(&buf, slots.area.slot_offset(slots.first))
-        } else {
+        let offset = slots.area.slot_offset(slots.first);
+        let written = if ops.len() as u64 != slots.n {
             Err(std::io::Error::other(
                 "internal: records do not fill their slots",
             ))
+        } else if storage.round_trips() {
+            self.gather.write(storage, buf, offset)
+        } else {
+            storage.write_all_at(&buf, offset)
         };
         {
             let mut s = self.lock();

@@ -433,4 +433,9 @@ impl Storage for RbdImage {
         }
         Ok(())
     }
+
+    /// Every write waits for the OSDs (librbd's cache is off: FORMAT.md §11.1).
+    fn round_trips(&self) -> bool {
+        true
+    }
 }

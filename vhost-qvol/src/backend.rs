@@ -8,7 +8,8 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -31,6 +32,7 @@ use vmm_sys_util::event::{
 use crate::blk_config::{BlkConfig, WRITEBACK_OFFSET};
 use crate::disk::{Disk, DiskError};
 use crate::poll::AdaptivePoll;
+use crate::pool::Pool;
 use crate::request::{DeviceSettings, QueueWorker};
 
 /// Largest queue the frontend may configure (libblkio needs at least 256).
@@ -59,6 +61,8 @@ pub struct Device {
     polls: Vec<AdaptivePoll>,
     /// How many requests of one queue may be served at once (1: one after the other).
     parallel: AtomicUsize,
+    /// Each queue's request threads, started on its first use when `parallel` > 1.
+    pools: Vec<OnceLock<Pool>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -89,6 +93,7 @@ impl Device {
                 .map(|_| AdaptivePoll::default())
                 .collect(),
             parallel: AtomicUsize::new(1),
+            pools: (0..usize::from(n)).map(|_| OnceLock::new()).collect(),
         }
     }
 
@@ -153,6 +158,15 @@ impl Device {
         self.workers.iter().map(lock).collect()
     }
 
+    /// What every request of this device is served with.
+    fn settings(&self) -> DeviceSettings<'_> {
+        DeviceSettings {
+            read_only: self.read_only,
+            writeback: self.writeback.load(Ordering::Relaxed),
+            serial: &self.serial,
+        }
+    }
+
     /// Commits and syncs what was written.
     pub fn flush(&self) -> Result<(), DiskError> {
         self.disk.flush()
@@ -191,72 +205,106 @@ impl BlkBackend {
         }
     }
 
-    /// Serves every available request of queue `queue`, completing them in order.
+    /// Serves every available request of queue `queue`, completing them in order (or,
+    /// with `set_parallel`, as they finish).
     fn process_queue(&self, queue: usize, vring: &VringRwLock) -> Result<(), String> {
         let Some(worker) = self.device.workers.get(queue) else {
             return Err(format!("no worker for queue {queue}"));
         };
-        let settings = DeviceSettings {
-            read_only: self.device.read_only,
-            writeback: self.device.writeback.load(Ordering::Relaxed),
-            serial: &self.device.serial,
-        };
         let parallel = self.device.parallel.load(Ordering::Relaxed);
+        if parallel > 1 {
+            return self.process_queue_parallel(queue, vring, worker, parallel);
+        }
+        let settings = self.device.settings();
         loop {
             let mem = self.mem.memory();
-            let (mut chains, stale) = self.pop_chains(vring, &mem, parallel);
-            if chains.is_empty() {
+            let (mut chains, stale) = self.pop_chains(vring, &mem, 1);
+            let Some(chain) = chains.pop() else {
                 if stale {
                     continue;
                 }
                 break;
-            }
-            // Held from the disk operations until the guest is told: see Device::quiesce.
-            let mut worker = lock(worker);
-            let disk = self.device.disk.as_ref();
-            let done: Vec<(u16, u32)> = if chains.len() == 1 {
-                chains
-                    .pop()
-                    .map(|chain| {
-                        let head = chain.head_index();
-                        (head, worker.process(disk, settings, &mem, chain))
-                    })
-                    .into_iter()
-                    .collect()
-            } else {
-                std::thread::scope(|scope| {
-                    let tasks: Vec<_> = chains
-                        .into_iter()
-                        .map(|chain| {
-                            let mem = &mem;
-                            let head = chain.head_index();
-                            let task = scope.spawn(move || {
-                                QueueWorker::new(queue).process(disk, settings, mem, chain)
-                            });
-                            (head, task)
-                        })
-                        .collect();
-                    tasks
-                        .into_iter()
-                        // A task only panics on a bug: its request gets no status.
-                        .map(|(head, task)| (head, task.join().unwrap_or(0)))
-                        .collect()
-                })
             };
-            for (head, len) in done {
-                vring
-                    .add_used(head, len)
-                    .map_err(|e| format!("cannot complete request {head}: {e}"))?;
-            }
-            if vring
-                .needs_notification()
-                .map_err(|e| format!("cannot read the used event index: {e}"))?
-            {
-                vring
-                    .signal_used_queue()
-                    .map_err(|e| format!("cannot notify the frontend: {e}"))?;
-            }
+            // Held from the disk operation until the guest is told: see Device::quiesce.
+            let mut worker = lock(worker);
+            let head = chain.head_index();
+            let len = worker.process(self.device.disk.as_ref(), settings, &mem, chain);
+            self.complete(vring, &[(head, len)])?;
             drop(worker);
+        }
+        Ok(())
+    }
+
+    /// Serves queue `queue` on its request threads, up to `parallel` requests in flight,
+    /// each completed as soon as it is served; returns once none is left in flight and the
+    /// ring is empty.
+    fn process_queue_parallel(
+        &self,
+        queue: usize,
+        vring: &VringRwLock,
+        worker: &Mutex<QueueWorker>,
+        parallel: usize,
+    ) -> Result<(), String> {
+        let pool = match self.device.pools.get(queue).map(|p| p.get()) {
+            Some(Some(pool)) => pool,
+            Some(None) => {
+                let pool = Pool::start(queue, parallel).map_err(|e| {
+                    format!("cannot start the request threads of queue {queue}: {e}")
+                })?;
+                self.device.pools[queue].get_or_init(|| pool)
+            }
+            None => return Err(format!("no request threads for queue {queue}")),
+        };
+        let (done_tx, done_rx) = channel();
+        // Held while requests are in flight: see Device::quiesce.
+        let _worker = lock(worker);
+        let mut in_flight = 0usize;
+        loop {
+            let mem = self.mem.memory();
+            let (chains, stale) = self.pop_chains(vring, &mem, parallel - in_flight);
+            for chain in chains {
+                let head = chain.head_index();
+                let device = Arc::clone(&self.device);
+                let mem = mem.clone();
+                let job = Box::new(move |w: &mut QueueWorker| {
+                    w.process(device.disk.as_ref(), device.settings(), &mem, chain)
+                });
+                pool.submit(head, job, &done_tx)?;
+                in_flight += 1;
+            }
+            if in_flight == 0 {
+                if stale {
+                    continue;
+                }
+                return Ok(());
+            }
+            if stale {
+                continue;
+            }
+            let mut done = vec![done_rx
+                .recv()
+                .map_err(|_| "the queue's request threads are gone".to_owned())?];
+            done.extend(done_rx.try_iter());
+            in_flight -= done.len();
+            self.complete(vring, &done)?;
+        }
+    }
+
+    /// Adds `done` (chain heads and bytes written) to the used ring and signals the guest
+    /// if it asked to be.
+    fn complete(&self, vring: &VringRwLock, done: &[(u16, u32)]) -> Result<(), String> {
+        for &(head, len) in done {
+            vring
+                .add_used(head, len)
+                .map_err(|e| format!("cannot complete request {head}: {e}"))?;
+        }
+        if vring
+            .needs_notification()
+            .map_err(|e| format!("cannot read the used event index: {e}"))?
+        {
+            vring
+                .signal_used_queue()
+                .map_err(|e| format!("cannot notify the frontend: {e}"))?;
         }
         Ok(())
     }
@@ -680,9 +728,9 @@ mod tests {
     }
 
     /// With `set_parallel(4)`, four available writes are served together (the disk sees
-    /// four in flight) and completed in the order they were made available.
+    /// four in flight), each completed once (in the order they finish).
     #[test]
-    fn parallel_serving_has_requests_in_flight_together_and_completes_in_order() {
+    fn parallel_serving_has_requests_in_flight_together_and_completes_each() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let mock = MockSplitQueue::new(&mem, 16);
@@ -726,9 +774,12 @@ mod tests {
         );
         let used = mock.used_addr().0;
         assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 4);
+        let mut ids: Vec<u32> = (0..4u64)
+            .map(|i| mem.read_obj::<u32>(GuestAddress(used + 4 + 8 * i)).unwrap())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [0, 3, 6, 9], "each request completed once");
         for i in 0..4u64 {
-            let id = mem.read_obj::<u32>(GuestAddress(used + 4 + 8 * i)).unwrap();
-            assert_eq!(id, 3 * i as u32, "completion {i} out of order");
             let status = mem.read_obj::<u8>(GuestAddress(0x3_0000 + i)).unwrap();
             assert_eq!(status, VIRTIO_BLK_S_OK as u8);
         }

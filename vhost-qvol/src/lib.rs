@@ -21,6 +21,7 @@ pub mod nbd;
 pub mod open;
 pub mod paths;
 pub mod poll;
+mod pool;
 pub mod recorder;
 pub mod reencryptor;
 pub mod request;

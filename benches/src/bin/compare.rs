@@ -414,6 +414,8 @@ fn run(cfg: Config) -> Result<Report, String> {
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
             .collect(),
         disk_sync: disk,
+        rbd: cfg.backends.iter().any(|b| b.is_rbd()),
+        rbd_cache_off: benches::compare::backend::rbd_cache_off(),
         sustained_s: cfg
             .workloads
             .iter()

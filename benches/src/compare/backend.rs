@@ -96,6 +96,12 @@ fn ceph_conf() -> String {
     std::env::var("CEPH_CONF").unwrap_or_else(|_| "/etc/ceph/ceph.conf".to_owned())
 }
 
+/// Whether qemu-storage-daemon's rbd driver runs with librbd's cache off
+/// (`QVOL_BENCH_RBD_CACHE=off`): each write on the OSDs when it is acknowledged, as qvol's.
+pub fn rbd_cache_off() -> bool {
+    std::env::var("QVOL_BENCH_RBD_CACHE").is_ok_and(|v| v == "off")
+}
+
 /// The RBD image of an `rbd-*` backend, in its pool.
 fn rbd_image(kind: BackendKind) -> String {
     format!("bench-{}", kind.short())
@@ -394,12 +400,18 @@ pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, Stri
             }
             c.arg("--blockdev").arg(if p.kind.is_rbd() {
                 // QEMU's rbd driver, with its default cache mode (writeback: librbd's cache
-                // on, made durable by the guest's flushes).
+                // on, made durable by the guest's flushes), or with librbd's cache off
+                // (`cache.direct=on`, as qvol runs it) when `QVOL_BENCH_RBD_CACHE=off`.
                 format!(
-                    "driver=rbd,node-name=f0,pool={},image={},conf={}",
+                    "driver=rbd,node-name=f0,pool={},image={},conf={}{}",
                     rbd_pool(),
                     rbd_image(p.kind),
-                    ceph_conf()
+                    ceph_conf(),
+                    if rbd_cache_off() {
+                        ",cache.direct=on"
+                    } else {
+                        ""
+                    }
                 )
             } else {
                 format!(

@@ -74,6 +74,10 @@ pub struct Report {
     pub disk_sync: Vec<DiskSync>,
     /// Measured seconds of the sustained write, if it ran.
     pub sustained_s: Option<f64>,
+    /// Whether RBD backends were measured.
+    pub rbd: bool,
+    /// Whether qsd's rbd driver ran with librbd's cache off.
+    pub rbd_cache_off: bool,
     /// The machine.
     pub machine: Machine,
     /// Image size in bytes, the same for every backend.
@@ -203,6 +207,20 @@ impl Report {
                 qvol_log_len(self.image_size) >> 20,
                 (qvol_log_len(self.image_size) * 32) >> 20,
                 (qvol_log_len(self.image_size) * 16) >> 20
+            );
+        }
+        if self.rbd {
+            let _ = writeln!(
+                s,
+                "\nqsd's rbd driver ran with librbd's cache {}; vhost-qvol always runs with it \
+                 off (an acknowledged write is on the OSDs: it survives kill -9).",
+                if self.rbd_cache_off {
+                    "off (`cache.direct=on`, `QVOL_BENCH_RBD_CACHE=off`): an acknowledged write \
+                     is on the OSDs, as qvol's"
+                } else {
+                    "on (QEMU's default, writeback: an acknowledged write waits in qsd's memory \
+                     until the guest flushes)"
+                }
             );
         }
         for (k, v) in &self.daemon_env {

@@ -75,6 +75,8 @@ struct State {
 #[derive(Default)]
 pub struct CrashStorage {
     state: Mutex<State>,
+    /// Whether it says each write is a round trip (`Storage::round_trips`), as RBD does.
+    round_trips: std::sync::atomic::AtomicBool,
 }
 
 impl CrashStorage {
@@ -96,7 +98,15 @@ impl CrashStorage {
                 pending: Vec::new(),
                 syncs: 0,
             }),
+            round_trips: Default::default(),
         }
+    }
+
+    /// Makes it say that each write is a round trip (`Storage::round_trips`, as RBD does),
+    /// so that the engine gathers the writes of writers that write together.
+    pub fn set_round_trips(&self, on: bool) {
+        self.round_trips
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The image a power loss could leave, drawn from `seed` with
@@ -142,6 +152,7 @@ impl CrashStorage {
         let st = self.lock().clone();
         CrashStorage {
             state: Mutex::new(st),
+            round_trips: Default::default(),
         }
     }
 
@@ -236,6 +247,10 @@ impl fmt::Debug for CrashStorage {
 impl Storage for CrashStorage {
     fn len(&self) -> io::Result<u64> {
         Ok(self.lock().live.len() as u64)
+    }
+
+    fn round_trips(&self) -> bool {
+        self.round_trips.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -21,6 +21,7 @@ mod chunked;
 mod crash;
 mod fault;
 mod file;
+pub(crate) mod gather;
 mod mem;
 
 pub use crash::{CrashPolicy, CrashStorage};
@@ -76,6 +77,13 @@ pub trait Storage: Send + Sync + Debug {
         let _ = (offset, len);
         Ok(())
     }
+
+    /// Whether each read and write waits for a network round trip (RBD; a hint, default
+    /// false): writers then gather what they can into fewer, larger writes — a request's
+    /// data into one, the log records of writers that append together into one.
+    fn round_trips(&self) -> bool {
+        false
+    }
 }
 
 macro_rules! forward_storage {
@@ -101,6 +109,9 @@ macro_rules! forward_storage {
             }
             fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
                 (**self).start_writeback(offset, len)
+            }
+            fn round_trips(&self) -> bool {
+                (**self).round_trips()
             }
         }
     };

@@ -1,0 +1,189 @@
+//! Writes that arrive together, written together: where each write is a network round trip
+//! (`Storage::round_trips`), writers that append at the same time hand their buffers to one
+//! of them, which writes every contiguous run of them in one call while the others wait
+//! (group commit). Each writer still returns only after its own bytes were written, with
+//! that write's outcome, so callers keep their ordering rules (a log record after the data it
+//! names): only writes that were free to be in flight together are merged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use super::Storage;
+
+/// One stream of gathered writes (the log's records; another for data).
+#[derive(Debug, Default)]
+pub(crate) struct Gather {
+    state: Mutex<State>,
+    turn: Condvar,
+}
+
+/// A write's outcome, as every writer it carried gets it (`io::Error` is not `Clone`).
+type Outcome = Result<(), (io::ErrorKind, String)>;
+
+#[derive(Debug, Default)]
+struct State {
+    /// Buffers handed in and not yet taken by a leader, by offset.
+    queued: BTreeMap<u64, Vec<u8>>,
+    /// Whether a writer is writing for the others now.
+    leading: bool,
+    /// Outcomes of written buffers, by offset, until their writer takes them.
+    done: HashMap<u64, Outcome>,
+}
+
+impl Gather {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `buf` at `offset` of `st`, together with whatever other writers hand in
+    /// meanwhile. Offsets of buffers in flight at once must differ.
+    pub(crate) fn write(&self, st: &dyn Storage, buf: Vec<u8>, offset: u64) -> io::Result<()> {
+        let mut s = self.lock();
+        s.queued.insert(offset, buf);
+        loop {
+            if let Some(outcome) = s.done.remove(&offset) {
+                return outcome.map_err(|(kind, msg)| io::Error::new(kind, msg));
+            }
+            if s.leading {
+                s = self.turn.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            s.leading = true;
+            let queued = std::mem::take(&mut s.queued);
+            drop(s);
+            let outcomes = write_runs(st, queued);
+            s = self.lock();
+            s.leading = false;
+            s.done.extend(outcomes);
+            self.turn.notify_all();
+        }
+    }
+}
+
+/// Writes `queued` in runs of contiguous buffers; the outcome of each buffer's run.
+fn write_runs(
+    st: &dyn Storage,
+    queued: BTreeMap<u64, Vec<u8>>,
+) -> Vec<(u64, Outcome)> {
+    let mut outcomes = Vec::with_capacity(queued.len());
+    let mut run: Vec<u8> = Vec::new();
+    let mut members: Vec<u64> = Vec::new();
+    let mut start = 0;
+    let mut finish = |run: &mut Vec<u8>, members: &mut Vec<u64>, start: u64| {
+        if members.is_empty() {
+            return;
+        }
+        let outcome = st
+            .write_all_at(run, start)
+            .map_err(|e| (e.kind(), e.to_string()));
+        outcomes.extend(members.drain(..).map(|m| (m, outcome.clone())));
+        run.clear();
+    };
+    for (offset, buf) in queued {
+        if members.is_empty() || start + run.len() as u64 != offset {
+            finish(&mut run, &mut members, start);
+            start = offset;
+        }
+        if members.is_empty() && run.is_empty() {
+            run = buf;
+        } else {
+            run.extend_from_slice(&buf);
+        }
+        members.push(offset);
+    }
+    finish(&mut run, &mut members, start);
+    outcomes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+    use crate::storage::MemStorage;
+
+    /// Counts write calls; the first one waits until every writer has handed its buffer in.
+    #[derive(Debug)]
+    struct Slow {
+        inner: MemStorage,
+        writes: AtomicUsize,
+        gate: Barrier,
+    }
+
+    impl Storage for Slow {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if self.writes.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.gate.wait();
+            }
+            if offset >= 4096 {
+                return Err(io::Error::other("no room past 4096"));
+            }
+            self.inner.write_all_at(buf, offset)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.inner.punch_hole(offset, len)
+        }
+    }
+
+    #[test]
+    fn writers_that_arrive_together_share_one_write_per_run_and_get_its_outcome() {
+        // Writer 0 leads alone (its write waits at the barrier until the others queued);
+        // writers 1..=4 (contiguous, 128 bytes each) then go out in one write, writer 5 (past
+        // 4096, apart from them) in another, which fails for it alone.
+        let st = Arc::new(Slow {
+            inner: MemStorage::new(),
+            writes: AtomicUsize::new(0),
+            gate: Barrier::new(2),
+        });
+        let gather = Arc::new(Gather::default());
+        let offsets = [0u64, 128, 256, 384, 512, 8192];
+        let first = {
+            let (st, gather) = (st.clone(), gather.clone());
+            std::thread::spawn(move || gather.write(&*st, vec![1; 128], 0))
+        };
+        while st.writes.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        let others: Vec<_> = offsets[1..]
+            .iter()
+            .map(|&off| {
+                let (st, gather) = (st.clone(), gather.clone());
+                std::thread::spawn(move || gather.write(&*st, vec![(off / 128) as u8; 128], off))
+            })
+            .collect();
+        while gather.lock().queued.len() < others.len() {
+            std::thread::yield_now();
+        }
+        st.gate.wait();
+        first.join().unwrap().unwrap();
+        let outcomes: Vec<_> = others.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(outcomes[..4].iter().all(|o| o.is_ok()), "{outcomes:?}");
+        assert!(outcomes[4].is_err());
+        assert_eq!(
+            st.writes.load(Ordering::SeqCst),
+            3,
+            "1 + one run + the far one"
+        );
+        let mut back = vec![0u8; 640];
+        st.inner.read_exact_at(&mut back, 0).unwrap();
+        for (i, chunk) in back.chunks(128).enumerate() {
+            let want = if i == 0 { 1 } else { i as u8 };
+            assert!(chunk.iter().all(|&b| b == want), "record {i}");
+        }
+        assert!(gather.lock().done.is_empty());
+    }
+}

@@ -1,0 +1,76 @@
+//! The threads that serve one queue's requests together (`Device::set_parallel`): a fixed
+//! set started on the queue's first use (after the sandbox, which only binds threads that
+//! start after it), each with a worker of its own (its bounce buffer) and waiting for the
+//! next request. The queue's thread hands requests out and completes each as it finishes,
+//! in whatever order they finish, keeping up to the set's size in flight.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::request::QueueWorker;
+
+/// What a pool thread runs: a request, served with the thread's worker; it returns the
+/// bytes written to the guest.
+pub(crate) type Job = Box<dyn FnOnce(&mut QueueWorker) -> u32 + Send>;
+
+/// A request handed out: its chain's head, the job, where its completion goes.
+type Task = (u16, Job, Sender<(u16, u32)>);
+
+/// Pool threads of one queue.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    tasks: Mutex<Sender<Task>>,
+}
+
+impl Pool {
+    /// Starts `threads` threads named after `queue`. Dropping the pool ends them once idle.
+    pub(crate) fn start(queue: usize, threads: usize) -> std::io::Result<Pool> {
+        let (tx, rx) = channel::<Task>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = Arc::clone(&rx);
+            std::thread::Builder::new()
+                .name(format!("qvol-q{queue}-{i}"))
+                .spawn(move || serve(queue, &rx))?;
+        }
+        Ok(Pool {
+            tasks: Mutex::new(tx),
+        })
+    }
+
+    /// Hands the request of chain `head` to a free thread; `(head, bytes)` goes to `done`
+    /// when it is served.
+    pub(crate) fn submit(
+        &self,
+        head: u16,
+        job: Job,
+        done: &Sender<(u16, u32)>,
+    ) -> Result<(), String> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send((head, job, done.clone()))
+            .map_err(|_| "the queue's request threads are gone".to_owned())
+    }
+}
+
+fn serve(queue: usize, rx: &Mutex<Receiver<Task>>) {
+    let mut worker = QueueWorker::new(queue);
+    loop {
+        let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok((head, job, done)) = next else {
+            return;
+        };
+        // A job only panics on a bug: its request is completed with nothing written (the
+        // guest sees the status byte it put there), and the thread goes on with a new worker.
+        let len = match catch_unwind(AssertUnwindSafe(|| job(&mut worker))) {
+            Ok(len) => len,
+            Err(_) => {
+                worker = QueueWorker::new(queue);
+                0
+            }
+        };
+        let _ = done.send((head, len));
+    }
+}
