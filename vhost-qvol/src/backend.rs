@@ -61,6 +61,8 @@ pub struct Device {
     polls: Vec<AdaptivePoll>,
     /// How many requests of one queue may be served at once (1: one after the other).
     parallel: AtomicUsize,
+    /// Requests of fewer bytes (descriptors' lengths) are served on the queue's thread.
+    parallel_min: AtomicU64,
     /// Each queue's request threads, started on its first use when `parallel` > 1.
     pools: Vec<OnceLock<Pool>>,
 }
@@ -93,17 +95,22 @@ impl Device {
                 .map(|_| AdaptivePoll::default())
                 .collect(),
             parallel: AtomicUsize::new(1),
+            parallel_min: AtomicU64::new(0),
             pools: (0..usize::from(n)).map(|_| OnceLock::new()).collect(),
         }
     }
 
-    /// Serves up to `n` available requests of a queue at once, each on a thread of its own,
-    /// and completes them in the order they were made available. For storage where each
-    /// call waits on a network round trip (an RBD image): one at a time, a queue would
-    /// never have more than one request in flight however deep the guest's queue is. 1 (the
-    /// default) serves one request after the other on the queue's thread.
-    pub fn set_parallel(&self, n: usize) {
+    /// Serves up to `n` available requests of a queue at once on request threads of the
+    /// queue's own (`pool.rs`), completing each as it finishes; requests whose descriptors
+    /// carry fewer than `min_len` bytes, and a request that is alone, are served on the
+    /// queue's thread (a hand-over costs a thread wake-up). Where each storage call waits on
+    /// a network round trip (an RBD image; `min_len` 0), a queue would otherwise never have
+    /// more than one request in flight however deep the guest's queue is; on a file, large
+    /// requests are sealed and opened on more than one core. 1 (the default) serves one
+    /// request after the other on the queue's thread.
+    pub fn set_parallel(&self, n: usize, min_len: u64) {
         self.parallel.store(n.max(1), Ordering::Relaxed);
+        self.parallel_min.store(min_len, Ordering::Relaxed);
     }
 
     /// After serving a queue, its thread watches the ring for up to `poll` before sleeping
@@ -255,15 +262,28 @@ impl BlkBackend {
             }
             None => return Err(format!("no request threads for queue {queue}")),
         };
+        let min_len = self.device.parallel_min.load(Ordering::Relaxed);
         let (done_tx, done_rx) = channel();
-        // Held while requests are in flight: see Device::quiesce.
-        let _worker = lock(worker);
+        // Held while requests are in flight (see Device::quiesce); serves those that are
+        // not worth a hand-over to another thread (a wake-up).
+        let mut own = lock(worker);
         let mut in_flight = 0usize;
         loop {
             let mem = self.mem.memory();
             let (chains, stale) = self.pop_chains(vring, &mem, parallel - in_flight);
+            let alone = in_flight == 0 && chains.len() == 1;
+            let mut done = Vec::new();
             for chain in chains {
                 let head = chain.head_index();
+                let len: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+                if alone || len < min_len {
+                    let settings = self.device.settings();
+                    done.push((
+                        head,
+                        own.process(self.device.disk.as_ref(), settings, &mem, chain),
+                    ));
+                    continue;
+                }
                 let device = Arc::clone(&self.device);
                 let mem = mem.clone();
                 let job = Box::new(move |w: &mut QueueWorker| {
@@ -272,20 +292,26 @@ impl BlkBackend {
                 pool.submit(head, job, &done_tx)?;
                 in_flight += 1;
             }
-            if in_flight == 0 {
+            if done.is_empty() {
+                if in_flight == 0 {
+                    if stale {
+                        continue;
+                    }
+                    return Ok(());
+                }
                 if stale {
                     continue;
                 }
-                return Ok(());
+                done.push(
+                    done_rx
+                        .recv()
+                        .map_err(|_| "the queue's request threads are gone".to_owned())?,
+                );
+                in_flight -= 1;
             }
-            if stale {
-                continue;
-            }
-            let mut done = vec![done_rx
-                .recv()
-                .map_err(|_| "the queue's request threads are gone".to_owned())?];
-            done.extend(done_rx.try_iter());
-            in_flight -= done.len();
+            let finished: Vec<_> = done_rx.try_iter().collect();
+            in_flight -= finished.len();
+            done.extend(finished);
             self.complete(vring, &done)?;
         }
     }
@@ -727,10 +753,11 @@ mod tests {
         }
     }
 
-    /// With `set_parallel(4)`, four available writes are served together (the disk sees
-    /// four in flight), each completed once (in the order they finish).
-    #[test]
-    fn parallel_serving_has_requests_in_flight_together_and_completes_each() {
+    /// Serves four available 4 KiB writes with `set_parallel(4, min_len)`, each write
+    /// waiting until `want` were in flight together; checks that each was completed once
+    /// (in the order they finished) and landed. Returns the most in flight at once and
+    /// whether any write ran on the calling thread (the queue's).
+    fn serve_four_writes(min_len: u64, want: usize) -> (usize, bool) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let mock = MockSplitQueue::new(&mem, 16);
@@ -757,21 +784,24 @@ mod tests {
         vring.set_enabled(true);
         let gather = Arc::new(Gather::default());
         let writes = Arc::clone(&gather);
+        let queue_thread = std::thread::current().id();
+        let on_queue_thread = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&on_queue_thread);
         let disk = Arc::new(BeforeWrite {
             inner: MemDisk::new(1 << 20, false),
-            before: Box::new(move || writes.write(4)),
+            before: Box::new(move || {
+                if std::thread::current().id() == queue_thread {
+                    seen.store(true, Ordering::SeqCst);
+                }
+                writes.write(want)
+            }),
         });
         let device = Arc::new(Device::new(disk.clone(), false, [0; 20], 1));
-        device.set_parallel(4);
+        device.set_parallel(4, min_len);
         BlkBackend::new(device, atomic)
             .process_queue(0, &vring)
             .unwrap();
 
-        assert_eq!(
-            gather.state.lock().unwrap().1,
-            4,
-            "requests in flight together"
-        );
         let used = mock.used_addr().0;
         assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 4);
         let mut ids: Vec<u32> = (0..4u64)
@@ -789,6 +819,28 @@ mod tests {
                 .iter()
                 .all(|&b| b == i as u8 + 1));
         }
+        let most = gather.state.lock().unwrap().1;
+        (most, on_queue_thread.load(Ordering::SeqCst))
+    }
+
+    /// With `set_parallel(4, 0)`, four available writes are served together (the disk sees
+    /// four in flight).
+    #[test]
+    fn parallel_serving_has_requests_in_flight_together_and_completes_each() {
+        let (most, on_queue_thread) = serve_four_writes(0, 4);
+        assert_eq!(most, 4, "requests in flight together");
+        assert!(!on_queue_thread, "all handed to the request threads");
+    }
+
+    /// Requests below the size worth a hand-over are served on the queue's thread, one
+    /// after the other.
+    #[test]
+    fn small_requests_are_served_on_the_queues_thread() {
+        assert_eq!(
+            serve_four_writes(64 * 1024, 1),
+            (1, true),
+            "one at a time, there"
+        );
     }
 
     #[test]

@@ -62,10 +62,7 @@ impl Gather {
 }
 
 /// Writes `queued` in runs of contiguous buffers; the outcome of each buffer's run.
-fn write_runs(
-    st: &dyn Storage,
-    queued: BTreeMap<u64, Vec<u8>>,
-) -> Vec<(u64, Outcome)> {
+fn write_runs(st: &dyn Storage, queued: BTreeMap<u64, Vec<u8>>) -> Vec<(u64, Outcome)> {
     let mut outcomes = Vec::with_capacity(queued.len());
     let mut run: Vec<u8> = Vec::new();
     let mut members: Vec<u64> = Vec::new();
