@@ -135,6 +135,12 @@ fn readers_and_changes_while_served(cluster: &CephCluster, f: &Fixture, image: &
     f.qvol(["snapshot", "create", name, "served"]).success();
     let list = f.qvol(["snapshot", "list", name]).success();
     assert!(list.stdout.contains("served"), "{list:?}");
+    // The consistent copy of a served image: a snapshot, sent (read-only, no lock).
+    let stream = f.path("served.stream");
+    let stream = stream.to_str().unwrap();
+    f.qvol(["send", name, "--snapshot", "served", "-o", stream])
+        .success();
+    assert!(std::fs::metadata(stream).unwrap().len() > 0);
     let pass = f.path("pass");
     std::fs::write(&pass, "served passphrase\n").unwrap();
     let added = json_of(
