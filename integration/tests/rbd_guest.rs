@@ -131,6 +131,7 @@ fn qvol_vm(f: &Fixture, vms: &Path, args: &[&str]) -> Run {
 }
 
 fn a_vm_on_an_rbd_disk(cluster: &CephCluster, f: &Fixture) {
+    let began = Instant::now();
     let kit = RootKit::locate();
     let initrd = f.path("initrd.cpio");
     kit.initramfs(&initrd);
@@ -232,4 +233,8 @@ fn a_vm_on_an_rbd_disk(cluster: &CephCluster, f: &Fixture) {
     );
     let list = f.qvol(["snapshot", "list", "rbd:rbd/vms/web"]).success();
     assert!(list.stdout.contains("booted"), "{list:?}");
+    eprintln!(
+        "qvol vm on rbd: made, booted, stopped, read back in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
 }
