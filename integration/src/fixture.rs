@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread::JoinHandle;
@@ -269,6 +270,35 @@ pub fn copy_private_tree(from: &Path, to: &Path) {
         std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600))
             .expect("set a file's mode");
     }
+}
+
+/// Runs `cmd` with no input, for at most `limit` (then it is killed and the test fails),
+/// its output through files: for commands that leave processes running (`qvol vm start`),
+/// which would keep a pipe open.
+pub fn bounded(mut cmd: Command, limit: Duration) -> Run {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("start qvol");
+    let status = wait_within(&mut child, limit);
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let status = child.wait().expect("wait for qvol");
+    let run = Run {
+        code: status.code().unwrap_or(-(status.signal().unwrap_or(0))),
+        stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+    };
+    assert!(
+        status.code().is_some() || status.signal() == Some(libc::SIGABRT),
+        "qvol did not exit within {limit:?}: {run:#?}"
+    );
+    run
 }
 
 /// Runs `cmd` to completion with no input, as `Command::output` does, but panics with what

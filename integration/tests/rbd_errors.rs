@@ -1,4 +1,4 @@
-//! Bad input on `rbd:` images: a missing pool or image, a malformed name, a configuration
+//! Bad input on `rbd:` images: a missing pool, namespace or image, a malformed name, a configuration
 //! file that is not there, an unknown client id, a wrong key, a cluster that does not
 //! answer. Each is one sentence on stderr and exit status 1, within a bounded time, and
 //! leaves nothing behind.
@@ -39,18 +39,41 @@ fn bad_pools_images_names_credentials_and_clusters_are_one_sentence_each() {
         quick,
     );
     refused(&f, &["info", "rbd:rbd"], "write rbd:POOL/IMAGE", quick);
+    // Namespaces: rbd:POOL/NAMESPACE/IMAGE, and no more slashes or empty parts than that.
+    refused(&f, &["info", "rbd:rbd/a/b/c"], "(more than two /)", quick);
+    refused(&f, &["info", "rbd:rbd//img"], "(an empty pool", quick);
+    refused(&f, &["info", "rbd:rbd/ns/"], "(an empty pool", quick);
+    refused(
+        &f,
+        &["info", "rbd:rbd/nons/disk"],
+        "the pool \"rbd\" has no namespace \"nons\" (`rbd namespace create rbd/nons`",
+        quick,
+    );
+    let create = [
+        "create",
+        "rbd:rbd/nons/disk",
+        "--size",
+        "16M",
+        "--key",
+        &key,
+    ];
+    refused(&f, &create, "has no namespace", quick);
     let create = ["create", "rbd:nopool/disk", "--size", "16M", "--key", &key];
     refused(&f, &create, "has no pool", quick);
     let listed = cluster.rbd(&["ls", "rbd"]).success();
     assert!(listed.stdout.trim().is_empty(), "{listed:?}");
-    let daemon = f.vhost_qvol([
-        "--socket-path",
-        f.path("d.sock").to_str().unwrap(),
-        "--blk-file",
-        "rbd:rbd/missing",
-        "--any-volume",
-    ]);
-    daemon.one_sentence_error("vhost-qvol", "rbd:rbd/missing does not exist");
+    for (image, needle) in [
+        ("rbd:rbd/missing", "rbd:rbd/missing does not exist"),
+        (
+            "rbd:rbd/a/b/c",
+            "write rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE",
+        ),
+    ] {
+        let socket = f.path("d.sock");
+        let socket = socket.to_str().unwrap();
+        let args = ["--socket-path", socket, "--blk-file", image, "--any-volume"];
+        f.vhost_qvol(args).one_sentence_error("vhost-qvol", needle);
+    }
 
     // Who and where: the flags, and the configuration they name.
     let conf = cluster.conf().to_str().unwrap();

@@ -11,14 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration::bins;
-use integration::daemon::wait_within;
-use integration::fixture::{file_tree, json_of, Fixture, Run};
+use integration::fixture::{bounded, file_tree, json_of, Fixture, Run};
 use integration::rootfs::{file_contains, unique_marker, RootKit, INITRD_ERROR, MARK_WRITTEN};
 use serde_json::Value;
 
@@ -165,33 +163,6 @@ impl Drop for World {
             }
         }
     }
-}
-
-/// Runs `cmd` with no input, for at most `limit` (then it is killed and the test fails).
-fn bounded(mut cmd: Command, limit: Duration) -> Run {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out).unwrap())
-        .stderr(fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("start qvol");
-    let status = wait_within(&mut child, limit);
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    let status = child.wait().expect("wait for qvol");
-    let run = Run {
-        code: status.code().unwrap_or(-(status.signal().unwrap_or(0))),
-        stdout: fs::read_to_string(&out).unwrap_or_default(),
-        stderr: fs::read_to_string(&err).unwrap_or_default(),
-    };
-    assert!(
-        status.code().is_some() || status.signal() == Some(libc::SIGABRT),
-        "qvol did not exit within {limit:?}: {run:#?}"
-    );
-    run
 }
 
 fn pid_in(file: &Path) -> Option<i32> {

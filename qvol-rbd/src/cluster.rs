@@ -219,10 +219,13 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
     }
 
-    /// An I/O context on `pool`.
-    pub fn pool(self: &Arc<Self>, pool: &str) -> io::Result<Arc<Pool>> {
+    /// An I/O context on `pool`, in its `namespace` (empty: the pool's default one). A
+    /// namespace that does not exist is an error here: librados would take any name and
+    /// then find no image in it.
+    pub fn pool(self: &Arc<Self>, pool: &str, namespace: &str) -> io::Result<Arc<Pool>> {
         let api = ffi::api().map_err(|e| other(io::ErrorKind::NotFound, e))?;
         let c_pool = c_string("pool name", pool)?;
+        let c_namespace = c_string("namespace", namespace)?;
         let mut ioctx: IoCtxT = ptr::null_mut();
         // SAFETY: a connected handle, a NUL-terminated name and a valid out-pointer.
         let rc = unsafe { (api.rados_ioctx_create)(self.handle, c_pool.as_ptr(), &mut ioctx) };
@@ -236,11 +239,16 @@ impl Cluster {
             ));
         }
         check(rc, || format!("cannot open the Ceph pool {pool:?}"))?;
-        Ok(Arc::new(Pool {
+        // From here `pool` owns the context (destroyed on drop).
+        let pool = Pool {
             ioctx,
             name: pool.to_string(),
             _cluster: Arc::clone(self),
-        }))
+        };
+        if !namespace.is_empty() {
+            pool.enter_namespace(&c_namespace, namespace)?;
+        }
+        Ok(Arc::new(pool))
     }
 }
 
@@ -269,6 +277,36 @@ unsafe impl Send for Pool {}
 unsafe impl Sync for Pool {}
 
 impl Pool {
+    /// Checks that the namespace exists (`rbd_namespace_exists`, asked in the default
+    /// namespace) and makes every later call of this context use it.
+    fn enter_namespace(&self, c_namespace: &CString, namespace: &str) -> io::Result<()> {
+        let api = ffi::api().map_err(|e| other(io::ErrorKind::NotFound, e))?;
+        let mut exists = false;
+        // SAFETY: a valid I/O context (still in the default namespace), a NUL-terminated
+        // name and a valid out-pointer.
+        let rc =
+            unsafe { (api.rbd_namespace_exists)(self.ioctx, c_namespace.as_ptr(), &mut exists) };
+        check(rc, || {
+            format!(
+                "cannot tell whether the pool {:?} has the namespace {namespace:?}",
+                self.name
+            )
+        })?;
+        if !exists {
+            return Err(other(
+                io::ErrorKind::NotFound,
+                format!(
+                    "the pool {:?} has no namespace {namespace:?} (`rbd namespace create \
+                     {}/{namespace}` makes one)",
+                    self.name, self.name
+                ),
+            ));
+        }
+        // SAFETY: a valid I/O context and a NUL-terminated name librados copies.
+        unsafe { (api.rados_ioctx_set_namespace)(self.ioctx, c_namespace.as_ptr()) };
+        Ok(())
+    }
+
     pub(crate) fn ioctx(&self) -> IoCtxT {
         self.ioctx
     }

@@ -3,7 +3,7 @@
 //!
 //! Only the C API functions qvol calls are bound, with the signatures of
 //! `<rados/librados.h>` and `<rbd/librbd.h>` as Ceph 16 (pacific, librbd 1.16) ships them;
-//! every one of them exists since librbd 1.12 (Ceph 14). The libraries stay loaded for the
+//! every one of them exists since librbd 1.12 (Ceph 14, where namespaces came). The libraries stay loaded for the
 //! life of the process (Ceph's libraries do not support being unloaded).
 
 use std::ffi::{c_char, c_int, c_void};
@@ -67,6 +67,8 @@ api! {
     rados: rados_shutdown: fn(RadosT) -> ();
     rados: rados_ioctx_create: fn(RadosT, *const c_char, *mut IoCtxT) -> c_int;
     rados: rados_ioctx_destroy: fn(IoCtxT) -> ();
+    rados: rados_ioctx_set_namespace: fn(IoCtxT, *const c_char) -> ();
+    rbd: rbd_namespace_exists: fn(IoCtxT, *const c_char, *mut bool) -> c_int;
     rbd: rbd_create2: fn(IoCtxT, *const c_char, u64, u64, *mut c_int) -> c_int;
     rbd: rbd_remove: fn(IoCtxT, *const c_char) -> c_int;
     rbd: rbd_open: fn(IoCtxT, *const c_char, *mut ImageT, *const c_char) -> c_int;
@@ -82,6 +84,10 @@ api! {
     rbd: rbd_lock_get_owners: fn(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
     rbd: rbd_lock_get_owners_cleanup: fn(*mut *mut c_char, usize) -> ();
     rbd: rbd_lock_break: fn(ImageT, c_int, *const c_char) -> c_int;
+    rbd: rbd_list_lockers: fn(
+        ImageT, *mut c_int, *mut c_char, *mut usize, *mut c_char, *mut usize, *mut c_char,
+        *mut usize, *mut c_char, *mut usize
+    ) -> isize;
 }
 
 struct Libs {

@@ -82,7 +82,7 @@ impl RbdImage {
     /// Creates the (thin, empty) image `name`; fails with `AlreadyExists` if it exists.
     pub fn create(options: &CephOptions, name: &RbdName) -> io::Result<()> {
         let api = api()?;
-        let pool = Cluster::connect(options)?.pool(&name.pool)?;
+        let pool = Cluster::connect(options)?.pool(&name.pool, &name.namespace)?;
         let c_name = image_c_name(name)?;
         let mut order: c_int = 0;
         // SAFETY: a valid I/O context, a NUL-terminated name, a valid out-pointer for the
@@ -102,7 +102,7 @@ impl RbdImage {
     /// Removes the image `name` (for a `qvol create` that failed half-way).
     pub fn remove(options: &CephOptions, name: &RbdName) -> io::Result<()> {
         let api = api()?;
-        let pool = Cluster::connect(options)?.pool(&name.pool)?;
+        let pool = Cluster::connect(options)?.pool(&name.pool, &name.namespace)?;
         let c_name = image_c_name(name)?;
         // SAFETY: a valid I/O context and a NUL-terminated name.
         let rc = unsafe { (api.rbd_remove)(pool.ioctx(), c_name.as_ptr()) };
@@ -113,8 +113,23 @@ impl RbdImage {
     /// Opens `name`, read-only unless `writable`. A writable open does not take the
     /// exclusive lock by itself: call [`RbdImage::lock_exclusive`].
     pub fn open(options: &CephOptions, name: &RbdName, writable: bool) -> io::Result<Self> {
+        let pool = Cluster::connect(options)?.pool(&name.pool, &name.namespace)?;
+        Self::open_in(pool, name, writable)
+    }
+
+    /// Whether the image `name` exists (its pool, and its namespace if it names one, must:
+    /// their absence is an error).
+    pub fn exists(options: &CephOptions, name: &RbdName) -> io::Result<bool> {
+        let pool = Cluster::connect(options)?.pool(&name.pool, &name.namespace)?;
+        match Self::open_in(pool, name, false) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn open_in(pool: Arc<Pool>, name: &RbdName, writable: bool) -> io::Result<Self> {
         let api = api()?;
-        let pool = Cluster::connect(options)?.pool(&name.pool)?;
         let c_name = image_c_name(name)?;
         let mut handle: ImageT = ptr::null_mut();
         let open = if writable {
@@ -282,6 +297,69 @@ impl RbdImage {
         // SAFETY: frees exactly the `count` strings rbd_lock_get_owners allocated.
         unsafe { (api.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), count) };
         Ok(names)
+    }
+
+    /// The addresses (`IP:PORT/NONCE`) of the clients holding the image's exclusive lock, as
+    /// `rbd lock ls` lists them (`rbd_list_lockers`: the exclusive lock is a lock on the
+    /// image's header object whose cookie starts with `auto `). Unlike
+    /// [`RbdImage::lock_owners`] it works on a read-only open. Empty when nobody holds it.
+    pub fn lock_holders(&self) -> io::Result<Vec<String>> {
+        let api = api()?;
+        // tag, clients, cookies, addresses: librbd says how much each needs (-ERANGE).
+        let mut want = [64usize, 256, 256, 256];
+        for _ in 0..4 {
+            let mut bufs = want.map(|n| vec![0u8; n]);
+            let mut lens = want;
+            let mut exclusive: c_int = 0;
+            let [tag, clients, cookies, addrs] = &mut bufs;
+            let [tag_len, clients_len, cookies_len, addrs_len] = &mut lens;
+            // SAFETY: an open image; each buffer is valid for writes of the length passed
+            // beside it, which librbd reads and then sets to what it needs.
+            let rc = unsafe {
+                (api.rbd_list_lockers)(
+                    *self.handle()?,
+                    &mut exclusive,
+                    tag.as_mut_ptr().cast(),
+                    tag_len,
+                    clients.as_mut_ptr().cast(),
+                    clients_len,
+                    cookies.as_mut_ptr().cast(),
+                    cookies_len,
+                    addrs.as_mut_ptr().cast(),
+                    addrs_len,
+                )
+            };
+            if rc == -(libc::ERANGE as isize) {
+                want = std::array::from_fn(|i| lens[i].max(want[i]) + 64);
+                continue;
+            }
+            let count = check(rc as i64, || {
+                format!("cannot list the lockers of {}", self.name)
+            })?;
+            let list = |buf: &[u8], len: usize| -> Vec<String> {
+                buf[..len.min(buf.len())]
+                    .split(|&b| b == 0)
+                    .take(count as usize)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            };
+            // The exclusive lock's cookie is "auto <watch handle>" (librbd's ManagedLock);
+            // other lockers are advisory locks (`rbd lock add`), which do not hold writes.
+            let cookies = list(cookies, *cookies_len);
+            return Ok(list(addrs, *addrs_len)
+                .into_iter()
+                .zip(cookies)
+                .filter(|(_, cookie)| cookie.starts_with("auto "))
+                .map(|(addr, _)| addr)
+                .collect());
+        }
+        Err(other(
+            io::ErrorKind::Other,
+            format!(
+                "the lockers of {} kept changing while being listed",
+                self.name
+            ),
+        ))
     }
 
     /// Breaks every holder's exclusive lock (`rbd_lock_break`; librbd blocklists the holder

@@ -1,5 +1,5 @@
 //! qvol volumes on Ceph RBD: [`RbdImage`], a [`qvol_core::storage::Storage`] on librbd,
-//! named `rbd:POOL/IMAGE` ([`RbdName`]) wherever an image path is accepted.
+//! named `rbd:POOL/IMAGE` or `rbd:POOL/NAMESPACE/IMAGE` ([`RbdName`]) wherever an image path is accepted.
 //!
 //! librados and librbd are loaded at run time (`ffi.rs`): this crate builds and every other
 //! image kind works on a machine without Ceph; opening an `rbd:` image there fails with

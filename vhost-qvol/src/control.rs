@@ -22,6 +22,7 @@ use crate::backend::Device;
 use crate::describe;
 use crate::reencryptor::Reencryptor;
 use crate::stats::Stats;
+use crate::text::escape_untrusted;
 use crate::volume_disk::error_chain;
 
 /// The protocol version in the greeting.
@@ -582,74 +583,146 @@ impl ControlClient {
             return Ok(ret.clone());
         }
         let desc = reply["error"]["desc"].as_str().unwrap_or("no reason given");
-        bail!(
-            "the daemon refused {command}: {}",
-            crate::text::escape_untrusted(desc)
-        )
+        bail!("the daemon refused {command}: {}", escape_untrusted(desc))
     }
 }
 
-/// The process holding `image` open, and the control socket on its command line (if any):
-/// how `qvol` reaches the daemon serving an image it cannot lock. A process whose open files
-/// can be listed (`/proc/PID/fd`: this user's dumpable processes, or all as root) is found by
-/// the image's inode; a daemon (not dumpable: its fds are root's to list) by the image named
-/// in its `--blk-file`.
+/// A process of this host as `/proc` shows it: what [`find_server`] judges.
+struct Process {
+    pid: u32,
+    dir: PathBuf,
+    args: Vec<String>,
+    cwd: Option<PathBuf>,
+}
+
+impl Process {
+    /// Every other process whose real uid `trusted` accepts.
+    fn list(trusted: impl Fn(u32) -> bool) -> Vec<Process> {
+        let me = std::process::id();
+        let Ok(procs) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .flatten()
+            .filter_map(|entry| {
+                let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                let dir = entry.path();
+                (pid != me && process_uid(&dir).is_some_and(&trusted)).then(|| Process {
+                    pid,
+                    args: command_line(&dir),
+                    cwd: fs::read_link(dir.join("cwd")).ok(),
+                    dir,
+                })
+            })
+            .collect()
+    }
+
+    /// A path of its command line, made absolute against its working directory.
+    fn resolve(&self, arg: &str) -> Option<PathBuf> {
+        let p = PathBuf::from(arg);
+        match (&self.cwd, p.is_relative()) {
+            (Some(cwd), true) => Some(cwd.join(p)),
+            (None, true) => None,
+            (_, false) => Some(p),
+        }
+    }
+
+    /// The value of `--flag` on its command line.
+    fn flag(&self, flag: &str) -> Option<String> {
+        flag_value(&self.args, flag)
+    }
+
+    /// Its `--control-socket`.
+    fn control_socket(&self) -> Option<PathBuf> {
+        self.flag("--control-socket").and_then(|s| self.resolve(&s))
+    }
+}
+
+/// The process serving `image`, and the control socket on its command line (if any): how
+/// `qvol` reaches the daemon serving an image it cannot lock (or, for an RBD image, whose
+/// exclusive lock another client holds).
 ///
-/// Only processes of root or of the image's owner count: another user's process naming the
-/// image cannot pose as its daemon.
+/// A file image: a process whose open files can be listed (`/proc/PID/fd`: this user's
+/// dumpable processes, or all as root) is found by the image's inode; a daemon (not
+/// dumpable: its fds are root's to list) by the image named in its `--blk-file`. Only
+/// processes of root or of the image's owner count: another user's process naming the image
+/// cannot pose as its daemon.
+///
+/// An RBD image: a `vhost-qvol` of root or of this user whose `--blk-file` names the same
+/// image (pool, namespace, image) of the same cluster (its `--ceph-conf`, else its `CEPH_CONF`).
 pub fn find_server(image: &Path) -> anyhow::Result<Option<(u32, Option<PathBuf>)>> {
+    if let Some(name) = crate::image::rbd_name(image)? {
+        return Ok(find_rbd_server(&name));
+    }
     let meta = fs::metadata(image).with_context(|| format!("cannot stat {}", image.display()))?;
-    let trusted_uid = |uid: u32| uid == 0 || uid == meta.uid();
     let same = |m: &fs::Metadata| m.dev() == meta.dev() && m.ino() == meta.ino();
-    let me = std::process::id();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return Ok(None);
-    };
     let mut by_name = None;
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let dir = entry.path();
-        if !process_uid(&dir).is_some_and(trusted_uid) {
-            continue;
-        }
-        let args = command_line(&dir);
-        let cwd = fs::read_link(dir.join("cwd")).ok();
-        let resolve = |arg: &str| {
-            let p = PathBuf::from(arg);
-            match (&cwd, p.is_relative()) {
-                (Some(cwd), true) => Some(cwd.join(p)),
-                (None, true) => None,
-                (_, false) => Some(p),
-            }
-        };
-        let socket = flag_value(&args, "--control-socket").and_then(|s| resolve(&s));
-        let holds = fs::read_dir(dir.join("fd"))
+    for process in Process::list(|uid| uid == 0 || uid == meta.uid()) {
+        let holds = fs::read_dir(process.dir.join("fd"))
             .map(|fds| {
                 fds.flatten()
                     .any(|fd| fs::metadata(fd.path()).is_ok_and(|m| same(&m)))
             })
             .unwrap_or(false);
         if holds {
-            return Ok(Some((pid, socket)));
+            return Ok(Some((process.pid, process.control_socket())));
         }
-        let names_it = flag_value(&args, "--blk-file")
-            .and_then(|f| resolve(&f))
+        let names_it = process
+            .flag("--blk-file")
+            .and_then(|f| process.resolve(&f))
             .and_then(|f| fs::metadata(f).ok())
             .is_some_and(|m| same(&m));
         if names_it && by_name.is_none() {
-            by_name = Some((pid, socket));
+            by_name = Some((process.pid, process.control_socket()));
         }
     }
     Ok(by_name)
+}
+
+fn find_rbd_server(name: &qvol_rbd::RbdName) -> Option<(u32, Option<PathBuf>)> {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let my_uid = unsafe { libc::getuid() };
+    let conf = comparable(&crate::image::ceph_options().conf_file());
+    Process::list(|uid| uid == 0 || uid == my_uid)
+        .into_iter()
+        .find(|p| {
+            let is_daemon = p
+                .args
+                .first()
+                .and_then(|a| Path::new(a).file_name())
+                .is_some_and(|n| n == "vhost-qvol");
+            let serves = p
+                .flag("--blk-file")
+                .and_then(|f| qvol_rbd::RbdName::parse(&f).ok())
+                .is_some_and(|n| n == *name);
+            is_daemon && serves && rbd_server_conf(p).is_none_or(|c| comparable(&c) == conf)
+        })
+        .map(|p| (p.pid, p.control_socket()))
+}
+
+/// The Ceph configuration file a daemon uses: its `--ceph-conf`, else the `CEPH_CONF` of its
+/// environment, else Ceph's default; `None` when its environment cannot be read (another
+/// user's daemon, not dumpable, seen by a user that is not root): it is then judged by the
+/// image it names alone (the volume id and the key proof still guard what is sent to it).
+fn rbd_server_conf(process: &Process) -> Option<PathBuf> {
+    if let Some(conf) = process.flag("--ceph-conf") {
+        return process.resolve(&conf);
+    }
+    let environ = fs::read(process.dir.join("environ")).ok()?;
+    let from_env = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"CEPH_CONF="))
+        .filter(|v| !v.is_empty())
+        .map(|v| process.resolve(&String::from_utf8_lossy(v)));
+    match from_env {
+        Some(conf) => conf,
+        None => Some(PathBuf::from(qvol_rbd::DEFAULT_CONF)),
+    }
+}
+
+/// A path as it can be compared with another naming the same file.
+fn comparable(path: &Path) -> PathBuf {
+    fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The real uid of the process whose `/proc` directory is `proc_dir`.
@@ -745,6 +818,23 @@ pub fn connect_to_server(image: &Path) -> anyhow::Result<ControlClient> {
              --control-socket PATH to manage a served image)",
             image.display()
         ),
+        None if crate::image::is_rbd(image) => {
+            let owners = crate::image::rbd_lock_holders(image)?;
+            if owners.is_empty() {
+                bail!(
+                    "no vhost-qvol on this host serves {}, and no Ceph client holds its \
+                     exclusive lock",
+                    image.display()
+                );
+            }
+            bail!(
+                "{} is served by the Ceph client at {} (the holder of its exclusive lock), not \
+                 by a vhost-qvol on this host: run the command on that host (or, if that \
+                 client is dead, again with --break-lock)",
+                image.display(),
+                escape_untrusted(&owners.join(", "))
+            )
+        }
         None => bail!(
             "{} is locked by a process this user cannot see (another user's vhost-qvol?)",
             image.display()

@@ -1,4 +1,5 @@
-//! Where an image lives: a file, or an RBD image named `rbd:POOL/IMAGE` (`qvol-rbd`).
+//! Where an image lives: a file, or an RBD image named `rbd:POOL/IMAGE` or
+//! `rbd:POOL/NAMESPACE/IMAGE` (`qvol-rbd`).
 //!
 //! The one place an image name becomes storage. Every command and the daemon take image
 //! names as paths; a path that starts with `rbd:` is an RBD image of the cluster that
@@ -79,7 +80,28 @@ pub fn is_rbd(path: &Path) -> bool {
     RbdName::from_path(path).is_some()
 }
 
-/// Opens the image `path` names read-only (no lock).
+/// The addresses (`IP:PORT/NONCE`) of the Ceph clients holding the lock of the RBD image
+/// `path` names, found through a read-only open; empty when nobody holds it, or for a file.
+pub fn rbd_lock_holders(path: &Path) -> anyhow::Result<Vec<String>> {
+    let Some(name) = rbd_name(path)? else {
+        return Ok(Vec::new());
+    };
+    let what = || format!("cannot list the lock holders of {name}");
+    let image = RbdImage::open(&ceph_options(), &name, false).with_context(what)?;
+    image.lock_holders().with_context(what)
+}
+
+/// Whether the image `path` names exists (an RBD image: asked of its cluster).
+pub fn exists(path: &Path) -> anyhow::Result<bool> {
+    let Some(name) = rbd_name(path)? else {
+        return Ok(path.exists());
+    };
+    RbdImage::exists(&ceph_options(), &name).with_context(|| format!("cannot open {name}"))
+}
+
+/// Opens the image `path` names read-only: no lock (an RBD image is opened with
+/// `rbd_open_read_only`, which neither takes nor breaks its exclusive lock), and every write
+/// to the storage is refused.
 pub fn open_read_only(path: &Path) -> anyhow::Result<Arc<dyn Storage>> {
     let what = || format!("cannot open the image {}", path.display());
     Ok(match rbd_name(path)? {

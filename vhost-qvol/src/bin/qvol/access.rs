@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context};
 use qvol_core::{CipherSuite, HeaderInfo, VolumeKey};
 use qvol_keys::{keyslot, UnlockedKeystore, VolumeBinding};
 use serde_json::json;
-use vhost_qvol::control::{connect_to_server, ControlClient};
+use vhost_qvol::control::{connect_to_server, find_server, ControlClient};
 use vhost_qvol::lock::LockError;
 use vhost_qvol::open::{
     open_volume, read_image_header, state_of, Binding, KeySource, OpenRequest, OpenedVolume,
@@ -204,6 +204,10 @@ pub fn open_for_change(
     } else {
         None
     };
+    if held_elsewhere(image)? {
+        let change = through_daemon(image, keystore, unlock)?;
+        return Ok(check(&change)?.then_some(change));
+    }
     let binding = Binding::default();
     let look = open_volume(&OpenRequest {
         read_only: true,
@@ -247,6 +251,16 @@ pub fn open_for_change(
     Ok(check(&change)?.then_some(change))
 }
 
+/// Whether another Ceph client holds the exclusive lock of an RBD image, which a
+/// read-only open does not notice (it takes no lock): a change then goes to the daemon
+/// serving it, as for a file whose lock a daemon holds. Not with `--break-lock`, which is
+/// for taking over from a dead holder.
+fn held_elsewhere(image: &Path) -> anyhow::Result<bool> {
+    Ok(vhost_qvol::image::is_rbd(image)
+        && !vhost_qvol::image::break_lock()
+        && !vhost_qvol::image::rbd_lock_holders(image)?.is_empty())
+}
+
 fn warn_if_unrecorded(image: &Path, look: &OpenedVolume, source: &KeySource, has_keystore: bool) {
     if look.binding.is_some() {
         return;
@@ -271,6 +285,10 @@ fn through_daemon(
     unlock: Unlock,
 ) -> anyhow::Result<Change> {
     let mut client = connect_to_server(image).map_err(|e| {
+        // An RBD image's sentence already says who holds it and where.
+        if vhost_qvol::image::is_rbd(image) {
+            return e;
+        }
         e.context(format!(
             "{} is in use by a vhost-qvol (or another qvol), and can change only through a \
              serving daemon's control socket",
@@ -430,6 +448,11 @@ pub fn open_to_read(
     } else {
         None
     };
+    // An RBD image a daemon of this host serves is read through it, as a file's is (a
+    // read-only open of RBD takes no lock, so it would not notice the daemon).
+    if vhost_qvol::image::is_rbd(image) && find_server(image)?.is_some_and(|(_, s)| s.is_some()) {
+        return read_through_daemon(image, keystore, unlock);
+    }
     let binding = Binding::default();
     let opened = open_volume(&OpenRequest {
         read_only: true,
@@ -442,23 +465,31 @@ pub fn open_to_read(
             warn_if_unrecorded(image, &opened, &source, keystore.is_some());
             Ok(Handle::Local(Box::new(opened)))
         }
-        Err(e) if is_busy(&e) => {
-            let mut client = connect_to_server(image)?;
-            let (_, header) = read_image_header(image)?;
-            check_served_volume(&client, image, &header)?;
-            let only_key = match (&keystore, unlock.is_keystore()) {
-                (Some(ks), true) => ks
-                    .volume_guard(&header.volume_id)
-                    .ok()
-                    .map(|g| g.binding().key_id.clone()),
-                _ => None,
-            };
-            let (_, key) = unlock.unwrap(image, &header, keystore.as_ref(), only_key.as_deref())?;
-            prove_key_holder(&mut client, image, &header, &key)?;
-            Ok(Handle::Served(client))
-        }
+        Err(e) if is_busy(&e) => read_through_daemon(image, keystore, unlock),
         Err(e) => Err(e),
     }
+}
+
+/// Connects to the daemon serving `image` once it has shown it holds the volume key
+/// (unwrapped here with `unlock`).
+fn read_through_daemon(
+    image: &Path,
+    keystore: Option<UnlockedKeystore>,
+    unlock: Unlock,
+) -> anyhow::Result<Handle> {
+    let mut client = connect_to_server(image)?;
+    let (_, header) = read_image_header(image)?;
+    check_served_volume(&client, image, &header)?;
+    let only_key = match (&keystore, unlock.is_keystore()) {
+        (Some(ks), true) => ks
+            .volume_guard(&header.volume_id)
+            .ok()
+            .map(|g| g.binding().key_id.clone()),
+        _ => None,
+    };
+    let (_, key) = unlock.unwrap(image, &header, keystore.as_ref(), only_key.as_deref())?;
+    prove_key_holder(&mut client, image, &header, &key)?;
+    Ok(Handle::Served(client))
 }
 
 /// Whether `e` says that someone else holds the image's lock.

@@ -117,7 +117,11 @@ enum Command {
     Nbd(nbd::NbdArgs),
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command, ceph: vhost_qvol::image::CephArgs) -> anyhow::Result<()> {
+    // A VM's config.yaml names the cluster of its rbd: disks (`vm::run`).
+    if !matches!(command, Command::Vm(_)) {
+        vhost_qvol::image::set_rbd_settings(ceph.clone().into());
+    }
     match command {
         Command::Version => {
             println!("qvol {}", env!("CARGO_PKG_VERSION"));
@@ -134,7 +138,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Header { command } => header::run(command),
         Command::Import(args) => convert::import(args),
         Command::Export(args) => convert::export(args),
-        Command::Vm(args) => vm::run(args),
+        Command::Vm(args) => vm::run(args, ceph),
         Command::Stats(args) => stats::run(args),
         Command::Resize(args) => resize::run(args),
         Command::Snapshot { command } => snapshot::run(command),
@@ -154,8 +158,7 @@ fn main() -> ExitCode {
     // It may unlock the keystore (the master seed in memory): no core dump, and no ptrace by
     // other processes of the same user (a daemon whose guest broke in, say).
     vhost_qvol::hardening::forbid_core_dumps();
-    vhost_qvol::image::set_rbd_settings(cli.ceph.into());
-    match run(cli.command) {
+    match run(cli.command, cli.ceph) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the error and its causes, each said once.

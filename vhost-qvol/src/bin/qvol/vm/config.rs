@@ -10,6 +10,7 @@
 //!   memory: {size: 1024}                     # MiB
 //!   disk:
 //!     primary: {path: disk.qvol, size: 20G}  # relative to the VM's directory; more disks allowed
+//!     data: {path: "rbd:vms/web01-data", size: 20G, ceph_conf: /etc/ceph/ceph.conf, ceph_id: qvol}
 //! boot: {kernel: /path/vmlinuz, initrd: /path/initrd.img, cmdline: "console=ttyS0 root=/dev/vda"}
 //! network: {mode: user, device: virtio-net-pci, mac: "52:54:00:12:34:56"}
 //! storage:
@@ -23,6 +24,7 @@ use anyhow::{anyhow, bail};
 use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
 use marked_yaml::Node;
 use qvol_core::CipherSuite;
+use qvol_rbd::{CephOptions, RbdName};
 use vhost_qvol::size::parse_size;
 
 /// The file name of a VM's configuration.
@@ -53,16 +55,25 @@ pub enum NetMode {
 pub struct DiskConfig {
     /// Its key under `hardware.disk` (`primary`, ...).
     pub id: String,
-    /// Where the image is (resolved against the VM's directory).
+    /// Where the image is: a file (resolved against the VM's directory), or an RBD image
+    /// `rbd:POOL/IMAGE` or `rbd:POOL/NAMESPACE/IMAGE` as written.
     pub path: PathBuf,
     /// Its size when it has to be created.
     pub size: Option<u64>,
+    /// For an `rbd:` disk: the Ceph cluster and client id (`ceph_conf`, `ceph_id`; Ceph's
+    /// defaults where absent).
+    pub ceph: CephOptions,
 }
 
 impl DiskConfig {
-    /// Whether this disk is a qvol volume (by its extension).
+    /// Whether this disk is a qvol volume (by its extension; an `rbd:` disk always is).
     pub fn is_qvol(&self) -> bool {
-        self.path.extension().is_some_and(|e| e == "qvol")
+        self.is_rbd() || self.path.extension().is_some_and(|e| e == "qvol")
+    }
+
+    /// Whether this disk is an RBD image.
+    pub fn is_rbd(&self) -> bool {
+        RbdName::from_path(&self.path).is_some()
     }
 
     /// The format QEMU runs a plain disk with (by its extension: `.raw` and `.img` are raw,
@@ -496,10 +507,15 @@ fn parse_disks(
                 format!("{path_name}: a disk name is 1 to 32 letters, digits, '_' or '-'")
             ));
         }
-        ctx.only(d, &path_name, &["path", "size"])?;
+        ctx.only(d, &path_name, &["path", "size", "ceph_conf", "ceph_id"])?;
         let path = ctx
-            .text(d, "path", &format!("{path_name}.path"))?
+            .scalar(d, "path", &format!("{path_name}.path"))?
             .ok_or_else(|| ctx.at(Ctx::line_of(key), format!("{path_name}.path is missing")))?;
+        let ceph = parse_ceph(ctx, d, &path_name, path, vm_dir)?;
+        let path = match ceph {
+            Some(_) => PathBuf::from(path.as_str()),
+            None => vm_dir.join(path.as_str()),
+        };
         let size = match ctx.scalar(d, "size", &format!("{path_name}.size"))? {
             None => None,
             Some(s) => Some(
@@ -518,9 +534,23 @@ fn parse_disks(
         };
         disks.push(DiskConfig {
             id,
-            path: vm_dir.join(path),
+            path,
             size,
+            ceph: ceph.unwrap_or_default(),
         });
+    }
+    let mut rbd = disks.iter().filter(|d| d.is_rbd());
+    if let Some(first) = rbd.next() {
+        if let Some(other) = rbd.find(|d| d.ceph != first.ceph) {
+            bail!(ctx.at(
+                Ctx::key_line(disk_map, &other.id).unwrap_or(0),
+                format!(
+                    "hardware.disk.{} names another Ceph cluster or client than \
+                     hardware.disk.{} (ceph_conf, ceph_id): the rbd: disks of a VM share one",
+                    other.id, first.id
+                )
+            ));
+        }
     }
     let Some(primary) = disks.iter().position(|d| d.id == "primary") else {
         bail!(ctx.at(
@@ -530,6 +560,36 @@ fn parse_disks(
     };
     disks.swap(0, primary);
     Ok(disks)
+}
+
+/// For a disk whose `path` is `rbd:...`: the name checked, and its `ceph_conf` (relative to
+/// the VM's directory) and `ceph_id`; `None` for a file disk, which may not have them.
+fn parse_ceph(
+    ctx: &Ctx<'_>,
+    d: &MarkedMappingNode,
+    path_name: &str,
+    path: &MarkedScalarNode,
+    vm_dir: &Path,
+) -> anyhow::Result<Option<CephOptions>> {
+    let conf = ctx.text(d, "ceph_conf", &format!("{path_name}.ceph_conf"))?;
+    let id = ctx.text(d, "ceph_id", &format!("{path_name}.ceph_id"))?;
+    match RbdName::from_path(Path::new(path.as_str())) {
+        Some(Ok(_)) => Ok(Some(CephOptions {
+            conf: conf.map(|c| vm_dir.join(c)),
+            id,
+        })),
+        Some(Err(e)) => Err(ctx.at(Ctx::line_of(path), format!("{path_name}.path: {e}"))),
+        None => match ["ceph_conf", "ceph_id"]
+            .into_iter()
+            .find_map(|k| Ctx::key_line(d, k).map(|line| (k, line)))
+        {
+            Some((k, line)) => Err(ctx.at(
+                line,
+                format!("{path_name}.{k} is only for a disk whose path is rbd:POOL/IMAGE"),
+            )),
+            None => Ok(None),
+        },
+    }
 }
 
 /// The machine types qvol starts VMs with (both have PCI for virtio devices).
@@ -799,6 +859,41 @@ mod tests {
         assert!(
             err.starts_with("config.yaml: not valid YAML at line "),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn rbd_disks_keep_their_name_and_are_checked() {
+        let with = |disks: &str| {
+            let text = sample().replacen("      path: disk.qvol\n", disks, 1);
+            parse(&text, "config.yaml", Path::new("/v"))
+        };
+        let c =
+            with("      path: rbd:vms/ns/web01\n      ceph_conf: ceph.conf\n      ceph_id: qvol\n")
+                .unwrap();
+        let d = &c.disks[0];
+        assert_eq!(d.path, Path::new("rbd:vms/ns/web01"));
+        assert!(d.is_rbd() && d.is_qvol());
+        assert_eq!(d.ceph.conf.as_deref(), Some(Path::new("/v/ceph.conf")));
+        assert_eq!(d.ceph.id.as_deref(), Some("qvol"));
+        let err = |disks: &str| with(disks).unwrap_err().to_string();
+        let e = err("      path: rbd:vms/a/b/c\n");
+        assert!(
+            e.contains("hardware.disk.primary.path: \"rbd:vms/a/b/c\" is not an RBD"),
+            "{e}"
+        );
+        let e = err("      path: disk.qvol\n      ceph_id: qvol\n");
+        assert!(
+            e.contains("hardware.disk.primary.ceph_id is only for a disk whose path is rbd:"),
+            "{e}"
+        );
+        let e = err(
+            "      path: rbd:vms/a\n      ceph_id: one\n    data:\n      path: rbd:vms/b\n      \
+             ceph_id: two\n",
+        );
+        assert!(
+            e.contains("hardware.disk.data names another Ceph cluster or client"),
+            "{e}"
         );
     }
 

@@ -18,13 +18,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
+use vhost_qvol::image::{set_rbd_settings, CephArgs, RbdSettings};
 use vhost_qvol::open::{read_image_header, volume_id_hex};
 use vhost_qvol::paths;
 use vhost_qvol::size::format_size;
 
 use self::config::{Accel, VmConfig, CONFIG_FILE, KEM};
 use self::process::{live_pid, sibling_program, spawn_detached, wait_for_socket, Qmp};
-use self::qemu::{qemu_args, RunDir};
+use self::qemu::{backend_args, qemu_args, RunDir};
 use crate::create::NewVolume;
 use crate::keystore::KeystoreArgs;
 
@@ -124,10 +125,29 @@ pub enum VmCommand {
     },
 }
 
-/// Runs `qvol vm ...`.
-pub fn run(args: VmArgs) -> anyhow::Result<()> {
+/// Runs `qvol vm ...`. The Ceph cluster of a VM's `rbd:` disks is the one its config.yaml
+/// names (`ceph_conf`, `ceph_id`), not `ceph` (the global flags, which must be absent).
+pub fn run(args: VmArgs, ceph: CephArgs) -> anyhow::Result<()> {
+    if ceph.ceph_conf.is_some() || ceph.ceph_id.is_some() || ceph.break_lock {
+        bail!(
+            "qvol vm takes the Ceph cluster of a VM's rbd: disks from its config.yaml \
+             (hardware.disk.NAME.ceph_conf and ceph_id), not from --ceph-conf, --ceph-id or \
+             --break-lock"
+        );
+    }
     let vms = paths::vms_dir(args.vms_dir.as_deref())
         .ok_or_else(|| anyhow!("no VMs directory: pass --vms-dir DIR or set QVOL_VMS"))?;
+    // One VM's commands reach the cluster of its rbd: disks (one per VM, config.rs).
+    let load = |name: &str| {
+        let vm = Vm::load(&vms, name)?;
+        if let Some(disk) = vm.config.disks.iter().find(|d| d.is_rbd()) {
+            set_rbd_settings(RbdSettings {
+                ceph: disk.ceph.clone(),
+                break_lock: false,
+            });
+        }
+        anyhow::Ok(vm)
+    };
     match args.command {
         VmCommand::New {
             name,
@@ -150,24 +170,24 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
             wait,
             console,
             keystore,
-        } => start(&Vm::load(&vms, &name)?, wait || console, console, &keystore),
+        } => start(&load(&name)?, wait || console, console, &keystore),
         VmCommand::Stop {
             name,
             force,
             timeout,
-        } => stop(&Vm::load(&vms, &name)?, force, Duration::from_secs(timeout)),
+        } => stop(&load(&name)?, force, Duration::from_secs(timeout)),
         VmCommand::Info {
             name,
             json,
             keystore,
-        } => info(&Vm::load(&vms, &name)?, json, &keystore),
+        } => info(&load(&name)?, json, &keystore),
         VmCommand::List { json } => list(&vms, json),
-        VmCommand::Migrate(args) => migrate::run(&Vm::load(&vms, &args.name)?, &args),
+        VmCommand::Migrate(args) => migrate::run(&load(&args.name)?, &args),
         VmCommand::Systemd {
             name,
             install,
             keystore,
-        } => systemd::run(&Vm::load(&vms, &name)?, &vms, install, &keystore),
+        } => systemd::run(&load(&name)?, &vms, install, &keystore),
     }
 }
 
@@ -297,7 +317,12 @@ fn qemu_program() -> PathBuf {
 /// Makes what a first start needs: the key (written back into config.yaml) and the disks.
 fn prepare_disks(vm: &Vm, keys: &KeystoreArgs) -> anyhow::Result<Vm> {
     let cfg = &vm.config;
-    let missing: Vec<_> = cfg.disks.iter().filter(|d| !d.path.exists()).collect();
+    let mut missing = Vec::new();
+    for disk in &cfg.disks {
+        if !vhost_qvol::image::exists(&disk.path)? {
+            missing.push(disk);
+        }
+    }
     if missing.is_empty() {
         return Ok(Vm {
             dir: vm.dir.clone(),
@@ -307,7 +332,8 @@ fn prepare_disks(vm: &Vm, keys: &KeystoreArgs) -> anyhow::Result<Vm> {
     }
     if missing.iter().any(|d| d.is_qvol()) && !cfg.encrypted {
         bail!(
-            "{} is a .qvol disk but storage.encryption.enabled is false in config.yaml",
+            "{} is an encrypted (qvol) disk but storage.encryption.enabled is false in \
+             config.yaml",
             missing[0].path.display()
         );
     }
@@ -395,22 +421,8 @@ fn start(vm: &Vm, wait: bool, console: bool, keys: &KeystoreArgs) -> anyhow::Res
         let socket = run.disk_socket(&disk.id);
         let _ = fs::remove_file(&socket);
         let mut cmd = Command::new(sibling_program("vhost-qvol"));
-        cmd.arg("--socket-path")
-            .arg(&socket)
-            .arg("--blk-file")
-            .arg(&disk.path)
-            .arg("--volume-id")
-            .arg(volume_id_hex(&header.volume_id))
-            .arg("--num-queues")
-            .arg(cfg.cores.to_string())
-            .arg("--control-socket")
-            .arg(run.disk_control(&disk.id));
-        if let Some(ks) = &source.keystore {
-            cmd.arg("--keystore").arg(ks);
-        }
-        if let (Some(p), true) = (&source.passphrase_file, source.passphrase_named) {
-            cmd.arg("--passphrase-file").arg(p);
-        }
+        let id = volume_id_hex(&header.volume_id);
+        cmd.args(backend_args(cfg, disk, &id, &run, &source));
         let log = run.disk_log(&disk.id);
         let mut child = spawn_detached(cmd, &log, Some(&run.disk_pid(&disk.id)))?;
         started.pids.push(child.id() as i32);
@@ -546,15 +558,21 @@ fn describe(vm: &Vm, keys: Option<&KeystoreArgs>) -> Value {
         .disks
         .iter()
         .map(|d| {
+            // `list` (no keys) does not connect to a Ceph cluster for an rbd: disk.
+            let look = keys.is_some() || !d.is_rbd();
+            let exists = look
+                .then(|| vhost_qvol::image::exists(&d.path).ok())
+                .flatten();
             let mut v = json!({"id": d.id, "path": d.path.display().to_string(), "size": d.size,
-                "exists": d.path.exists(), "encrypted": d.is_qvol(),
+                "exists": exists, "encrypted": d.is_qvol(),
                 "backend_pid": live_pid(&run.disk_pid(&d.id), &d.path.display().to_string())});
             if d.is_qvol() {
                 v["encryption"] = json!("ENABLED (PQC)");
                 v["algorithm"] = json!(cfg.suite.name());
                 v["key_encapsulation"] = json!(KEM);
                 v["key_id"] = json!(cfg.key_id);
-                if let Ok((_, header)) = read_image_header(&d.path) {
+                let read = (exists == Some(true)).then(|| read_image_header(&d.path));
+                if let Some(Ok((_, header))) = read {
                     v["volume_id"] = json!(volume_id_hex(&header.volume_id));
                     v["algorithm"] = json!(header.suite.name());
                     v["size"] = json!(header.size);

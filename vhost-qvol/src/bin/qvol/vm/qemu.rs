@@ -1,10 +1,13 @@
-//! The QEMU command line of a VM: built by one function from the parsed configuration and
-//! where its run files are, so that it can be checked against an expected argv.
+//! The command lines of a VM: QEMU's and each disk backend's (`vhost-qvol`), each built by
+//! one function from the parsed configuration and where its run files are, so that it can
+//! be checked against an expected argv.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use super::config::{Accel, NetMode, VmConfig};
+use vhost_qvol::open::KeySource;
+
+use super::config::{Accel, DiskConfig, NetMode, VmConfig};
 
 /// Where a running VM keeps its sockets, pid files and logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +50,44 @@ impl RunDir {
     pub fn accel_file(&self) -> PathBuf {
         self.0.join("accel")
     }
+}
+
+/// The arguments (after the program name) of the `vhost-qvol` serving `disk` of `cfg`, bound
+/// to volume `volume_id` (hex), with its sockets in `run` and the keystore of `keys`. An
+/// `rbd:` disk gets its cluster's `--ceph-conf` and `--ceph-id` when config.yaml names them
+/// (else the daemon uses Ceph's defaults, `$CEPH_CONF` included, as `qvol` did).
+pub fn backend_args(
+    cfg: &VmConfig,
+    disk: &DiskConfig,
+    volume_id: &str,
+    run: &RunDir,
+    keys: &KeySource,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec![
+        "--socket-path".into(),
+        run.disk_socket(&disk.id).into(),
+        "--blk-file".into(),
+        disk.path.clone().into(),
+        "--volume-id".into(),
+        volume_id.into(),
+        "--num-queues".into(),
+        cfg.cores.to_string().into(),
+        "--control-socket".into(),
+        run.disk_control(&disk.id).into(),
+    ];
+    if let Some(conf) = &disk.ceph.conf {
+        a.extend(["--ceph-conf".into(), conf.clone().into()]);
+    }
+    if let Some(id) = &disk.ceph.id {
+        a.extend(["--ceph-id".into(), id.into()]);
+    }
+    if let Some(ks) = &keys.keystore {
+        a.extend(["--keystore".into(), ks.clone().into()]);
+    }
+    if let (Some(p), true) = (&keys.passphrase_file, keys.passphrase_named) {
+        a.extend(["--passphrase-file".into(), p.clone().into()]);
+    }
+    a
 }
 
 /// The `-name` value of VM `name`'s QEMU (how a pid file's process is recognised as it).
@@ -232,6 +273,71 @@ mod tests {
                 "-pidfile",
                 "/vms/web01/run/qemu.pid",
             ]
+        );
+    }
+
+    #[test]
+    fn an_rbd_disk_is_a_vhost_user_disk_whose_backend_names_its_cluster() {
+        let text = super::super::config::new_config_text("web01", 2, 512, "64M", true, None)
+            .replace(
+                "      size: 64M\n",
+                "      size: 64M\n    data:\n      path: rbd:vms/tenant/web01-data\n      \
+                 size: 1G\n      ceph_conf: ceph/cluster.conf\n      ceph_id: qvol\n",
+            );
+        let cfg = parse(&text, "config.yaml", Path::new("/vms/web01")).unwrap();
+        let run = RunDir(PathBuf::from("/vms/web01/run"));
+        let keys = KeySource {
+            keystore: Some(PathBuf::from("/ks")),
+            passphrase_file: Some(PathBuf::from("/p")),
+            passphrase_named: true,
+        };
+        let text = |v: Vec<OsString>| -> Vec<String> {
+            v.into_iter().map(|s| s.into_string().unwrap()).collect()
+        };
+        let data = &cfg.disks[1];
+        assert!(data.is_qvol() && data.is_rbd());
+        assert_eq!(
+            text(backend_args(&cfg, data, "00ff", &run, &keys)),
+            [
+                "--socket-path",
+                "/vms/web01/run/data.sock",
+                "--blk-file",
+                "rbd:vms/tenant/web01-data",
+                "--volume-id",
+                "00ff",
+                "--num-queues",
+                "2",
+                "--control-socket",
+                "/vms/web01/run/data.ctl",
+                "--ceph-conf",
+                "/vms/web01/ceph/cluster.conf",
+                "--ceph-id",
+                "qvol",
+                "--keystore",
+                "/ks",
+                "--passphrase-file",
+                "/p",
+            ]
+        );
+        // A file disk gets no Ceph flags; an unnamed keystore is not passed.
+        let primary = text(backend_args(
+            &cfg,
+            &cfg.disks[0],
+            "00ff",
+            &run,
+            &KeySource::default(),
+        ));
+        assert_eq!(primary[3], "/vms/web01/disk.qvol");
+        assert!(!primary
+            .iter()
+            .any(|a| a.starts_with("--ceph") || a == "--keystore"));
+        // QEMU sees the rbd: disk as any other qvol disk: a vhost-user socket.
+        let argv = text(qemu_args(&cfg, Accel::Tcg, &run, false));
+        assert!(
+            argv.contains(
+                &"socket,id=chr-data,path=/vms/web01/run/data.sock,reconnect=1".to_string()
+            ),
+            "{argv:?}"
         );
     }
 
