@@ -101,8 +101,11 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         // Each storage call waits on the cluster: serve a queue's requests together.
         device.set_parallel(RBD_PARALLEL, 0);
     } else {
-        // Sealing and opening large requests is what bounds one queue: spread them.
-        device.set_parallel(FILE_PARALLEL, FILE_PARALLEL_MIN);
+        // Sealing and opening large requests is what bounds one queue: spread them over
+        // the cores the queues leave (more threads than cores only preempt lock holders).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_queue = cores / usize::from(config.num_queues.max(1));
+        device.set_parallel(per_queue.clamp(1, FILE_PARALLEL), FILE_PARALLEL_MIN);
     }
     let mut listener = match inherited {
         Some(listener) => listener,
@@ -246,11 +249,14 @@ fn shut_down(
 /// single OSD busy here, benches/RESULTS.md).
 const RBD_PARALLEL: usize = 32;
 
-/// Requests of one queue served at once on a file image, and the fewest bytes a request
-/// carries to be handed to another thread: 1 MiB requests at queue depth 8 on one queue went
-/// from 1.03 / 1.60 GB/s (xchacha20-poly1305 / aegis-256 writes) and 1.60 / 4.21 GB/s (reads)
-/// served one after the other to 1.53 / 2.02 and 2.93 / 7.41 on 2 cores, while 4 KiB
-/// requests, served on the queue's thread, kept their rate (benches/RESULTS.md).
+/// The most requests of one queue served at once on a file image (there: the cores per
+/// queue), and the fewest bytes a request carries to be handed to another thread. On 2
+/// cores, one queue's 1 MiB requests at queue depth 8 went from 1.03 / 1.60 GB/s
+/// (xchacha20-poly1305 / aegis-256 writes) and 1.60 / 4.21 GB/s (reads) served one after the
+/// other to 1.58 / 2.03 and 3.19 / 7.00 with 2 at once (8 at once: no better), while 4 KiB
+/// requests, served on the queue's thread, kept their rate; with 8 per queue on 2 queues,
+/// 16 threads sealing on 2 cores preempted each other's lock holders and writes fell to
+/// 0.59 GB/s with waits up to 1.4 s (benches/RESULTS.md).
 const FILE_PARALLEL: usize = 8;
 const FILE_PARALLEL_MIN: u64 = 64 * 1024;
 
