@@ -24,7 +24,9 @@
 #                               # top) against vhost-qvol on rbd:, on a throwaway single-node
 #                               # cluster (scripts/ceph-cluster.sh; needs ceph-mon, ceph-osd,
 #                               # ceph-common and qemu-block-extra), or on the cluster of
-#                               # $CEPH_CONF if QVOL_BENCH_CEPH_CONF=existing
+#                               # $CEPH_CONF if QVOL_BENCH_CEPH_CONF=existing;
+#                               # QVOL_BENCH_RBD_CACHE=off runs qsd's rbd driver with librbd's
+#                               # cache off (cache.direct=on), the guarantee qvol gives
 #   scripts/bench.sh --reencrypt [--size-mib 1024] [--rates 0,32,64] [--suites xchacha,aegis]
 #                               # re-encryption (issue 13): `qvol reencrypt` of a filled image
 #                               # offline, then served, with a libblkio client's 4 KiB QD1
