@@ -843,6 +843,99 @@ mod tests {
         );
     }
 
+    /// Shutdown (`Device::quiesce`) while a guest keeps its queue busy (each request it
+    /// sees served makes another available, as fio does at a fixed queue depth): the
+    /// queue's request threads must stop taking requests, finish and complete those in
+    /// flight, and let quiesce in, not hold the queue until the guest stops on its own.
+    #[test]
+    fn quiesce_gets_in_while_a_guest_keeps_its_queue_busy() {
+        const HDR: u64 = 0x1_0000;
+        const DATA: u64 = 0x2_0000;
+        const STATUS: u64 = 0x3_0000;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let mock = MockSplitQueue::new(&mem, 16);
+        write_header(&mem, HDR, 0);
+        mem.write_slice(&[7; 4096], GuestAddress(DATA)).unwrap();
+        mock.add_desc_chains(&write_chain(HDR, DATA, STATUS, 0), 0)
+            .unwrap();
+        // The mock's used ring overlaps the second half of its available ring, which this
+        // test goes round: a used ring of our own.
+        let (avail, used) = (mock.avail_addr().0, 0x800);
+        // A second request (the same chain again) available: queue depth 2.
+        mem.write_obj(0u16, GuestAddress(avail + 4 + 2)).unwrap();
+        mem.write_obj(2u16, GuestAddress(avail + 2)).unwrap();
+        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(mock.desc_table_addr().0, avail, used)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+
+        // The guest: each write that starts makes one more request available, for up to
+        // 3 s after shutdown began.
+        let shutdown: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let started = Arc::new(AtomicUsize::new(0));
+        let idx = Arc::new(Mutex::new(2u16));
+        let disk = {
+            let (mem, shutdown, started, idx) = (
+                mem.clone(),
+                Arc::clone(&shutdown),
+                Arc::clone(&started),
+                Arc::clone(&idx),
+            );
+            Arc::new(BeforeWrite {
+                inner: MemDisk::new(1 << 20, false),
+                before: Box::new(move || {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                    let since = *shutdown.lock().unwrap();
+                    if since.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
+                        return;
+                    }
+                    let mut idx = idx.lock().unwrap();
+                    mem.write_obj(0u16, GuestAddress(avail + 4 + 2 * u64::from(*idx % 16)))
+                        .unwrap();
+                    *idx = idx.wrapping_add(1);
+                    mem.store(*idx, GuestAddress(avail + 2), Ordering::Release)
+                        .unwrap();
+                }),
+            })
+        };
+        let device = Arc::new(Device::new(disk, false, [0; 20], 1));
+        device.set_parallel(4, 0);
+        let backend = BlkBackend::new(Arc::clone(&device), atomic);
+        std::thread::scope(|scope| {
+            let queue = scope.spawn(|| backend.process_queue(0, &vring));
+            while started.load(Ordering::SeqCst) < 20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let t0 = Instant::now();
+            *shutdown.lock().unwrap() = Some(t0);
+            let quiet = device.quiesce();
+            let waited = t0.elapsed();
+            let begun = started.load(Ordering::SeqCst);
+            let completed = mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let begun_later = started.load(Ordering::SeqCst);
+            drop(quiet);
+            // Let the guest stop so that the queue's thread returns.
+            *shutdown.lock().unwrap() = Some(t0 - Duration::from_secs(10));
+            queue.join().unwrap().unwrap();
+            assert!(
+                waited < Duration::from_secs(2),
+                "quiesce waited {waited:?}, until the guest stopped on its own"
+            );
+            assert_eq!(begun_later, begun, "a request started after quiesce returned");
+            assert_eq!(
+                usize::from(completed),
+                begun,
+                "a request in flight was not completed before quiesce returned"
+            );
+        });
+    }
+
     #[test]
     fn one_thread_per_queue() {
         let b = backend(false, 3);
