@@ -65,6 +65,9 @@ pub struct Device {
     parallel_min: AtomicU64,
     /// Each queue's request threads, started on its first use when `parallel` > 1.
     pools: Vec<OnceLock<Pool>>,
+    /// Set while `quiesce` waits or its guards live: queues take no new request (one with
+    /// requests in flight on its request threads finishes them and lets go of its worker).
+    quiescing: AtomicBool,
 }
 
 impl std::fmt::Debug for Device {
@@ -97,6 +100,7 @@ impl Device {
             parallel: AtomicUsize::new(1),
             parallel_min: AtomicU64::new(0),
             pools: (0..usize::from(n)).map(|_| OnceLock::new()).collect(),
+            quiescing: AtomicBool::new(false),
         }
     }
 
@@ -161,8 +165,19 @@ impl Device {
     /// Waits until no queue is in the middle of a request, then keeps every queue from
     /// starting another for as long as the returned guards live. Used at shutdown:
     /// requests in flight finish (and are completed to the guest), nothing new starts.
-    pub fn quiesce(&self) -> Vec<MutexGuard<'_, QueueWorker>> {
-        self.workers.iter().map(lock).collect()
+    pub fn quiesce(&self) -> Quiesced<'_> {
+        // First, so that a queue with requests in flight (which holds its worker until none
+        // is) stops taking new ones: a guest that keeps its queue busy would otherwise keep
+        // it from ever letting go.
+        self.quiescing.store(true, Ordering::SeqCst);
+        Quiesced {
+            device: self,
+            _workers: self.workers.iter().map(lock).collect(),
+        }
+    }
+
+    fn quiescing(&self) -> bool {
+        self.quiescing.load(Ordering::SeqCst)
     }
 
     /// What every request of this device is served with.
@@ -177,6 +192,25 @@ impl Device {
     /// Commits and syncs what was written.
     pub fn flush(&self) -> Result<(), DiskError> {
         self.disk.flush()
+    }
+}
+
+/// What [`Device::quiesce`] returns: no queue starts a request while it lives.
+#[must_use]
+pub struct Quiesced<'a> {
+    device: &'a Device,
+    _workers: Vec<MutexGuard<'a, QueueWorker>>,
+}
+
+impl std::fmt::Debug for Quiesced<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quiesced").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        self.device.quiescing.store(false, Ordering::SeqCst);
     }
 }
 
@@ -224,6 +258,10 @@ impl BlkBackend {
         }
         let settings = self.device.settings();
         loop {
+            if self.device.quiescing() {
+                // Wait behind it rather than take a request it would not see finish.
+                drop(lock(worker));
+            }
             let mem = self.mem.memory();
             let (mut chains, stale) = self.pop_chains(vring, &mem, 1);
             let Some(chain) = chains.pop() else {
@@ -262,16 +300,55 @@ impl BlkBackend {
             }
             None => return Err(format!("no request threads for queue {queue}")),
         };
-        let min_len = self.device.parallel_min.load(Ordering::Relaxed);
         let (done_tx, done_rx) = channel();
         // Held while requests are in flight (see Device::quiesce); serves those that are
         // not worth a hand-over to another thread (a wake-up).
         let mut own = lock(worker);
         let mut in_flight = 0usize;
+        let served = self.serve_parallel(
+            vring,
+            pool,
+            &mut own,
+            parallel,
+            &mut in_flight,
+            &done_tx,
+            &done_rx,
+        );
+        if served.is_err() {
+            // Requests handed out still finish, and are completed if the ring lets us,
+            // before the worker is let go (Device::quiesce relies on it).
+            for _ in 0..in_flight {
+                if let Ok(done) = done_rx.recv() {
+                    let _ = self.complete(vring, &[done]);
+                }
+            }
+        }
+        served
+    }
+
+    /// The loop of [`Self::process_queue_parallel`]; `in_flight`: requests handed out and
+    /// not completed yet (left at 0 unless it fails).
+    #[allow(clippy::too_many_arguments)]
+    fn serve_parallel(
+        &self,
+        vring: &VringRwLock,
+        pool: &Pool,
+        own: &mut QueueWorker,
+        parallel: usize,
+        in_flight: &mut usize,
+        done_tx: &std::sync::mpsc::Sender<(u16, u32)>,
+        done_rx: &std::sync::mpsc::Receiver<(u16, u32)>,
+    ) -> Result<(), String> {
+        let min_len = self.device.parallel_min.load(Ordering::Relaxed);
         loop {
+            let max = if self.device.quiescing() {
+                0
+            } else {
+                parallel - *in_flight
+            };
             let mem = self.mem.memory();
-            let (chains, stale) = self.pop_chains(vring, &mem, parallel - in_flight);
-            let alone = in_flight == 0 && chains.len() == 1;
+            let (chains, stale) = self.pop_chains(vring, &mem, max);
+            let alone = *in_flight == 0 && chains.len() == 1;
             let mut done = Vec::new();
             for chain in chains {
                 let head = chain.head_index();
@@ -289,11 +366,11 @@ impl BlkBackend {
                 let job = Box::new(move |w: &mut QueueWorker| {
                     w.process(device.disk.as_ref(), device.settings(), &mem, chain)
                 });
-                pool.submit(head, job, &done_tx)?;
-                in_flight += 1;
+                pool.submit(head, job, done_tx)?;
+                *in_flight += 1;
             }
             if done.is_empty() {
-                if in_flight == 0 {
+                if *in_flight == 0 {
                     if stale {
                         continue;
                     }
@@ -307,10 +384,10 @@ impl BlkBackend {
                         .recv()
                         .map_err(|_| "the queue's request threads are gone".to_owned())?,
                 );
-                in_flight -= 1;
+                *in_flight -= 1;
             }
             let finished: Vec<_> = done_rx.try_iter().collect();
-            in_flight -= finished.len();
+            *in_flight -= finished.len();
             done.extend(finished);
             self.complete(vring, &done)?;
         }
@@ -927,7 +1004,10 @@ mod tests {
                 waited < Duration::from_secs(2),
                 "quiesce waited {waited:?}, until the guest stopped on its own"
             );
-            assert_eq!(begun_later, begun, "a request started after quiesce returned");
+            assert_eq!(
+                begun_later, begun,
+                "a request started after quiesce returned"
+            );
             assert_eq!(
                 usize::from(completed),
                 begun,
