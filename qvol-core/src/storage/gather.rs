@@ -183,4 +183,84 @@ mod tests {
         }
         assert!(gather.lock().done.is_empty());
     }
+
+    /// A storage whose writes at 0 panic (a bug below the engine).
+    #[derive(Debug)]
+    struct Panics {
+        inner: MemStorage,
+        entered: AtomicUsize,
+        gate: Barrier,
+    }
+
+    impl Storage for Panics {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if self.entered.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.gate.wait();
+            }
+            if offset == 0 {
+                panic!("storage bug");
+            }
+            self.inner.write_all_at(buf, offset)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.inner.punch_hole(offset, len)
+        }
+    }
+
+    /// A leader whose write panics (caught above it, as vhost-qvol's request threads do)
+    /// must not leave the writers it carried, nor every later one, waiting for ever.
+    #[test]
+    fn a_leader_that_panics_leaves_no_writer_waiting() {
+        let st = Arc::new(Panics {
+            inner: MemStorage::new(),
+            entered: AtomicUsize::new(0),
+            gate: Barrier::new(2),
+        });
+        let gather = Arc::new(Gather::default());
+        let leader = {
+            let (st, gather) = (st.clone(), gather.clone());
+            std::thread::spawn(move || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    gather.write(&*st, vec![1; 128], 0)
+                }))
+                .is_err()
+            })
+        };
+        while st.entered.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        // Queued behind the leader: one contiguous with nothing, at 4096.
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let (st, gather, tx) = (st.clone(), gather.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send(gather.write(&*st, vec![2; 128], 4096).is_ok());
+            });
+        }
+        while gather.lock().queued.is_empty() {
+            std::thread::yield_now();
+        }
+        st.gate.wait();
+        assert!(leader.join().unwrap(), "the leader's write panicked");
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(5)),
+            Ok(true),
+            "the writer queued behind a panicking leader never returned"
+        );
+        // Nothing is left behind for a later writer to take as its own.
+        gather.write(&*st, vec![3; 128], 8192).unwrap();
+        assert!(gather.lock().done.is_empty(), "{:?}", gather.lock().done);
+    }
 }
