@@ -52,12 +52,48 @@ impl Gather {
             s.leading = true;
             let queued = std::mem::take(&mut s.queued);
             drop(s);
+            let lead = Lead {
+                gather: self,
+                own: offset,
+                carried: queued.keys().copied().collect(),
+            };
             let outcomes = write_runs(st, queued);
+            drop(lead);
             s = self.lock();
             s.leading = false;
             s.done.extend(outcomes);
             self.turn.notify_all();
         }
+    }
+}
+
+/// A leader's write in progress: should it unwind (a panic below, which vhost-qvol's
+/// request threads catch), the writers it carried get an error and the next may lead,
+/// rather than all of them, and every later one, waiting for ever.
+struct Lead<'a> {
+    gather: &'a Gather,
+    /// The leader's own offset: it takes no outcome (it is unwinding).
+    own: u64,
+    carried: Vec<u64>,
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut s = self.gather.lock();
+        s.leading = false;
+        for &offset in self.carried.iter().filter(|&&o| o != self.own) {
+            s.done.insert(
+                offset,
+                Err((
+                    io::ErrorKind::Other,
+                    "the writer that carried this write panicked".to_owned(),
+                )),
+            );
+        }
+        self.gather.turn.notify_all();
     }
 }
 
