@@ -71,6 +71,36 @@ fn serve(queue: usize, rx: &Mutex<Receiver<Task>>) {
                 0
             }
         };
+        worker.shed(KEEP_BOUNCE);
         let _ = done.send((head, len));
+    }
+}
+
+/// The largest bounce buffer a request thread keeps between requests (a request's data is
+/// up to 64 MiB; 32 threads a queue on RBD).
+const KEEP_BOUNCE: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_thread_keeps_no_large_bounce_buffer() {
+        let pool = Pool::start(0, 1).unwrap();
+        let (tx, rx) = channel();
+        let job = |n: usize| -> Job {
+            Box::new(move |w: &mut QueueWorker| {
+                let before = w.bounce_len() as u32;
+                w.bounce_for_test(n);
+                before
+            })
+        };
+        pool.submit(1, job(4 << 20), &tx).unwrap();
+        assert_eq!(rx.recv().unwrap(), (1, 0));
+        // The next job on the same (only) thread finds the 4 MiB buffer gone, a 64 KiB one kept.
+        pool.submit(2, job(64 << 10), &tx).unwrap();
+        assert_eq!(rx.recv().unwrap(), (2, 0));
+        pool.submit(3, job(0), &tx).unwrap();
+        assert_eq!(rx.recv().unwrap(), (3, 64 << 10));
     }
 }

@@ -391,6 +391,27 @@ impl QueueWorker {
         Ok(())
     }
 
+    /// Lets go of (wipes and frees) a bounce buffer larger than `keep` bytes: a worker that
+    /// lives on serves the next request with a smaller one, so a guest cannot pin the
+    /// largest request's buffer in every request thread.
+    pub(crate) fn shed(&mut self, keep: usize) {
+        if self.bounce.len() > keep {
+            self.bounce = Zeroizing::new(Vec::new());
+        }
+    }
+
+    /// The bounce buffer's length (tests).
+    #[cfg(test)]
+    pub(crate) fn bounce_len(&self) -> usize {
+        self.bounce.len()
+    }
+
+    /// Grows the bounce buffer to `n` bytes as a request of that size would (tests).
+    #[cfg(test)]
+    pub(crate) fn bounce_for_test(&mut self, n: usize) {
+        self.bounce(n);
+    }
+
     fn bounce(&mut self, n: usize) -> &mut [u8] {
         if self.bounce.len() < n {
             // A fresh buffer: growing in place could leave a copy in the freed one.
