@@ -453,7 +453,12 @@ impl BlkBackend {
         let queue = state.get_queue();
         queue
             .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
-            .is_ok_and(|avail| avail.0 != queue.next_avail())
+            .is_ok_and(|avail| {
+                // More than a ring's worth ahead is no request but a broken ring (popping
+                // finds nothing): polling must not spin on it.
+                let pending = avail.0.wrapping_sub(queue.next_avail());
+                pending != 0 && pending <= queue.size()
+            })
     }
 
     /// Serves the queue, then, with polling on, keeps serving what arrives until the ring
@@ -918,6 +923,45 @@ mod tests {
             (1, true),
             "one at a time, there"
         );
+    }
+
+    /// An available index more than a ring ahead is a broken ring, not requests: the
+    /// polling loop, which serves while `has_requests`, would otherwise spin on it for as
+    /// long as the guest leaves it there.
+    #[test]
+    fn an_available_index_past_the_ring_is_no_request() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let mock = MockSplitQueue::new(&mem, 16);
+        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(
+                mock.desc_table_addr().0,
+                mock.avail_addr().0,
+                mock.used_addr().0,
+            )
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let device = Arc::new(Device::new(
+            Arc::new(MemDisk::new(1 << 20, false)),
+            false,
+            [0; 20],
+            1,
+        ));
+        let b = BlkBackend::new(device, atomic);
+        let avail_idx = GuestAddress(mock.avail_addr().0 + 2);
+        for (idx, pending) in [
+            (0u16, false),
+            (3, true),
+            (16, true),
+            (17, false),
+            (900, false),
+        ] {
+            mem.write_obj(idx, avail_idx).unwrap();
+            assert_eq!(b.has_requests(&vring), pending, "available index {idx}");
+        }
     }
 
     /// Shutdown (`Device::quiesce`) while a guest keeps its queue busy (each request it

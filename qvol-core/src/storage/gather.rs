@@ -40,6 +40,10 @@ impl Gather {
     /// meanwhile. Offsets of buffers in flight at once must differ.
     pub(crate) fn write(&self, st: &dyn Storage, buf: Vec<u8>, offset: u64) -> io::Result<()> {
         let mut s = self.lock();
+        debug_assert!(
+            !s.queued.contains_key(&offset) && !s.done.contains_key(&offset),
+            "two buffers in flight at offset {offset}"
+        );
         s.queued.insert(offset, buf);
         loop {
             if let Some(outcome) = s.done.remove(&offset) {
