@@ -352,8 +352,10 @@ impl BlkBackend {
             let mut done = Vec::new();
             for chain in chains {
                 let head = chain.head_index();
-                let len: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
-                if alone || len < min_len {
+                let small = || {
+                    min_len > 0 && chain.clone().map(|d| u64::from(d.len())).sum::<u64>() < min_len
+                };
+                if alone || small() {
                     let settings = self.device.settings();
                     done.push((
                         head,
@@ -755,13 +757,7 @@ mod tests {
         mock.add_desc_chains(&write_chain(HDR1, DATA1, STATUS1, 0), 0)
             .unwrap();
         let (desc, avail) = (mock.desc_table_addr().0, mock.avail_addr().0);
-        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(desc, avail, mock.used_addr().0)
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
+        let vring = ready_vring(&atomic, desc, avail, mock.used_addr().0);
 
         // While request 1 is served: the frontend adds a region (as the vhost-user handler
         // does on ADD_MEM_REG, before its acknowledgement), then makes request 2 available.
@@ -835,6 +831,21 @@ mod tests {
         }
     }
 
+    /// A ready, enabled 16-entry queue on `atomic` with its rings at these guest addresses.
+    fn ready_vring(
+        atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
+        desc: u64,
+        avail: u64,
+        used: u64,
+    ) -> VringRwLock {
+        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(desc, avail, used).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
     /// Serves four available 4 KiB writes with `set_parallel(4, min_len)`, each write
     /// waiting until `want` were in flight together; checks that each was completed once
     /// (in the order they finished) and landed. Returns the most in flight at once and
@@ -853,17 +864,12 @@ mod tests {
             chains.extend(write_chain(hdr, data, status, 3 * i as u16));
         }
         mock.add_desc_chains(&chains, 0).unwrap();
-        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(
-                mock.desc_table_addr().0,
-                mock.avail_addr().0,
-                mock.used_addr().0,
-            )
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
+        let vring = ready_vring(
+            &atomic,
+            mock.desc_table_addr().0,
+            mock.avail_addr().0,
+            mock.used_addr().0,
+        );
         let gather = Arc::new(Gather::default());
         let writes = Arc::clone(&gather);
         let queue_thread = std::thread::current().id();
@@ -933,17 +939,12 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let mock = MockSplitQueue::new(&mem, 16);
-        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(
-                mock.desc_table_addr().0,
-                mock.avail_addr().0,
-                mock.used_addr().0,
-            )
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
+        let vring = ready_vring(
+            &atomic,
+            mock.desc_table_addr().0,
+            mock.avail_addr().0,
+            mock.used_addr().0,
+        );
         let device = Arc::new(Device::new(
             Arc::new(MemDisk::new(1 << 20, false)),
             false,
@@ -986,13 +987,7 @@ mod tests {
         // A second request (the same chain again) available: queue depth 2.
         mem.write_obj(0u16, GuestAddress(avail + 4 + 2)).unwrap();
         mem.write_obj(2u16, GuestAddress(avail + 2)).unwrap();
-        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(mock.desc_table_addr().0, avail, used)
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
+        let vring = ready_vring(&atomic, mock.desc_table_addr().0, avail, used);
 
         // The guest: each write that starts makes one more request available, for up to
         // 3 s after shutdown began.

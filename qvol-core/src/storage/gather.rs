@@ -141,15 +141,28 @@ mod tests {
     use super::*;
     use crate::storage::MemStorage;
 
-    /// Counts write calls; the first one waits until every writer has handed its buffer in.
+    /// Counts write calls; the first one waits at `gate` until the test has queued the
+    /// other writers; `at` says what a write at an offset does before it lands.
     #[derive(Debug)]
-    struct Slow {
+    struct Held {
         inner: MemStorage,
         writes: AtomicUsize,
         gate: Barrier,
+        at: fn(u64) -> io::Result<()>,
     }
 
-    impl Storage for Slow {
+    impl Held {
+        fn new(at: fn(u64) -> io::Result<()>) -> Arc<Held> {
+            Arc::new(Held {
+                inner: MemStorage::new(),
+                writes: AtomicUsize::new(0),
+                gate: Barrier::new(2),
+                at,
+            })
+        }
+    }
+
+    impl Storage for Held {
         fn len(&self) -> io::Result<u64> {
             self.inner.len()
         }
@@ -160,9 +173,7 @@ mod tests {
             if self.writes.fetch_add(1, Ordering::SeqCst) == 0 {
                 self.gate.wait();
             }
-            if offset >= 4096 {
-                return Err(io::Error::other("no room past 4096"));
-            }
+            (self.at)(offset)?;
             self.inner.write_all_at(buf, offset)
         }
         fn set_len(&self, len: u64) -> io::Result<()> {
@@ -181,10 +192,11 @@ mod tests {
         // Writer 0 leads alone (its write waits at the barrier until the others queued);
         // writers 1..=4 (contiguous, 128 bytes each) then go out in one write, writer 5 (past
         // 4096, apart from them) in another, which fails for it alone.
-        let st = Arc::new(Slow {
-            inner: MemStorage::new(),
-            writes: AtomicUsize::new(0),
-            gate: Barrier::new(2),
+        let st = Held::new(|offset| {
+            if offset >= 4096 {
+                return Err(io::Error::other("no room past 4096"));
+            }
+            Ok(())
         });
         let gather = Arc::new(Gather::default());
         let offsets = [0u64, 128, 256, 384, 512, 8192];
@@ -224,49 +236,14 @@ mod tests {
         assert!(gather.lock().done.is_empty());
     }
 
-    /// A storage whose writes at 0 panic (a bug below the engine).
-    #[derive(Debug)]
-    struct Panics {
-        inner: MemStorage,
-        entered: AtomicUsize,
-        gate: Barrier,
-    }
-
-    impl Storage for Panics {
-        fn len(&self) -> io::Result<u64> {
-            self.inner.len()
-        }
-        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            self.inner.read_exact_at(buf, offset)
-        }
-        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-            if self.entered.fetch_add(1, Ordering::SeqCst) == 0 {
-                self.gate.wait();
-            }
-            if offset == 0 {
-                panic!("storage bug");
-            }
-            self.inner.write_all_at(buf, offset)
-        }
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            self.inner.set_len(len)
-        }
-        fn sync_data(&self) -> io::Result<()> {
-            Ok(())
-        }
-        fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-            self.inner.punch_hole(offset, len)
-        }
-    }
-
     /// A leader whose write panics (caught above it, as vhost-qvol's request threads do)
     /// must not leave the writers it carried, nor every later one, waiting for ever.
     #[test]
     fn a_leader_that_panics_leaves_no_writer_waiting() {
-        let st = Arc::new(Panics {
-            inner: MemStorage::new(),
-            entered: AtomicUsize::new(0),
-            gate: Barrier::new(2),
+        // Writes at 0 panic (a bug below the engine).
+        let st = Held::new(|offset| {
+            assert_ne!(offset, 0, "storage bug");
+            Ok(())
         });
         let gather = Arc::new(Gather::default());
         let leader = {
@@ -278,7 +255,7 @@ mod tests {
                 .is_err()
             })
         };
-        while st.entered.load(Ordering::SeqCst) == 0 {
+        while st.writes.load(Ordering::SeqCst) == 0 {
             std::thread::yield_now();
         }
         // Queued behind the leader: one contiguous with nothing, at 4096.
