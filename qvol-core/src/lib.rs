@@ -9,6 +9,7 @@
 
 mod alloc;
 mod check;
+mod claim;
 mod commit;
 mod datablock;
 pub mod error;

@@ -1,6 +1,8 @@
 //! Reads, writes, discards and zero writes through the block map. Encryption and decryption
-//! run outside every lock shared between threads; only the map update and the log append of
-//! one leaf are serialised (FORMAT.md §9).
+//! run outside every lock shared between threads. An operation claims the logical blocks it
+//! changes (`claim.rs`) from taking its log slots until the map says what its records say,
+//! so that replay, which applies records in slot order, ends where the live map does
+//! (FORMAT.md §9, §13); operations on other blocks go on meanwhile.
 
 use std::cell::RefCell;
 use std::sync::RwLockReadGuard;
@@ -26,6 +28,22 @@ const SEAL_BATCH: usize = 16;
 thread_local! {
     /// Per-thread scratch buffer for sealing (no allocation per write).
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Index ranges of `pbns` whose blocks are contiguous.
+fn runs(pbns: &[u64]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= pbns.len() {
+            return None;
+        }
+        let start = i;
+        i += 1;
+        while i < pbns.len() && pbns[i] == pbns[start] + (i - start) as u64 {
+            i += 1;
+        }
+        Some(start..i)
+    })
 }
 
 /// Log slots reserved for one operation; unused ones are given back on drop.
@@ -98,18 +116,19 @@ impl Volume {
         }
     }
 
-    /// Takes log slots for `n` records (under the lock of the leaf they update: FORMAT.md
-    /// §13) from the operation's reservation.
+    /// Takes log slots for `n` records from the operation's reservation (with the claim on
+    /// the blocks they name held: FORMAT.md §13).
     fn take_slots(&self, credit: &mut Credit<'_>, n: usize) -> Result<Slots> {
         let slots = self.wal.take(n as u64).map_err(|e| self.fail(e))?;
         credit.left = credit.left.saturating_sub(n as u64);
         Ok(slots)
     }
 
-    /// Writes the records of `slots` (after the leaf's lock is released).
-    fn write_slots(&self, slots: Slots, ops: &[LogOp]) -> Result<()> {
+    /// Writes the records of `slots`, and `data` (sealed blocks they name, not yet written:
+    /// [`Volume::stage`]) with them.
+    fn write_logged(&self, slots: Slots, ops: &[LogOp], data: Vec<(u64, Vec<u8>)>) -> Result<()> {
         self.wal
-            .write(&*self.storage, &self.keys(), slots, ops)
+            .write(&*self.storage, &self.keys(), &self.gather, slots, ops, data)
             .map_err(|e| self.fail(e))
     }
 
@@ -235,6 +254,7 @@ impl Volume {
         let first = offset / BLOCK_SIZE;
         let last = (offset + data.len() as u64 - 1) / BLOCK_SIZE;
         let (_gate, mut credit) = self.enter_with_log(last - first + 1)?;
+        let _claim = self.claims.claim(first..last + 1);
         let head = (offset % BLOCK_SIZE) as usize;
         let mut pos = 0usize;
         let mut lbn = first;
@@ -256,9 +276,10 @@ impl Volume {
         Ok(())
     }
 
-    /// Seals `data` (whole blocks from `lbn`), writes it to new blocks, then maps it.
-    /// Blocks are copied, sealed and written [`SEAL_BATCH`] at a time through a per-thread
-    /// buffer that stays in cache.
+    /// Seals `data` (whole blocks from `lbn`) into new blocks, writes them and their log
+    /// records, then maps them. On local storage blocks are copied, sealed and written
+    /// [`SEAL_BATCH`] at a time through a per-thread buffer that stays in cache; where each
+    /// write is a round trip the request's blocks go out together with their records.
     fn write_full(&self, lbn: u64, data: &[u8], credit: &mut Credit<'_>) -> Result<()> {
         let n = data.len() / BS;
         let keys = self.keys();
@@ -267,89 +288,121 @@ impl Volume {
         let nonces = random_nonces(suite, n)?;
         let pbns = self.alloc.lock().alloc(&*self.storage, &keys, n)?;
         let mut entries = Vec::with_capacity(n);
-        let batch = if self.storage.round_trips() {
-            n
-        } else {
-            SEAL_BATCH.min(n)
-        };
-        SCRATCH.with(|cell| -> Result<()> {
-            let mut scratch = cell.borrow_mut();
-            scratch.resize(batch * BS, 0);
-            for start in (0..n).step_by(batch) {
-                let m = batch.min(n - start);
-                let buf = &mut scratch[..m * BS];
-                buf.copy_from_slice(&data[start * BS..(start + m) * BS]);
-                for (k, block) in buf.chunks_exact_mut(BS).enumerate() {
-                    let i = start + k;
-                    let nonce = &nonces[i * nl..(i + 1) * nl];
-                    entries.push(seal_block(&keys, lbn + i as u64, nonce, block)?);
-                }
-                self.write_runs(&pbns[start..start + m], buf)?;
+        let mut seal = |start: usize, buf: &mut [u8]| -> Result<()> {
+            for (k, block) in buf.chunks_exact_mut(BS).enumerate() {
+                let i = start + k;
+                let nonce = &nonces[i * nl..(i + 1) * nl];
+                entries.push(seal_block(&keys, lbn + i as u64, nonce, block)?);
             }
             Ok(())
-        })?;
+        };
+        let staged = if self.storage.round_trips() {
+            let mut buf = data.to_vec();
+            seal(0, &mut buf)?;
+            self.stage(&pbns, buf)?
+        } else {
+            SCRATCH.with(|cell| -> Result<()> {
+                let mut scratch = cell.borrow_mut();
+                let batch = SEAL_BATCH.min(n);
+                scratch.resize(batch * BS, 0);
+                for start in (0..n).step_by(batch) {
+                    let m = batch.min(n - start);
+                    let buf = &mut scratch[..m * BS];
+                    buf.copy_from_slice(&data[start * BS..(start + m) * BS]);
+                    seal(start, buf)?;
+                    self.write_runs(&pbns[start..start + m], buf)?;
+                }
+                Ok(())
+            })?;
+            Vec::new()
+        };
         let birth = self.snaps.epoch();
         for (e, &pbn) in entries.iter_mut().zip(&pbns) {
             e.pbn = pbn;
             e.birth = birth;
         }
+        self.log_and_map(lbn, &entries, staged, credit)
+    }
+
+    /// Sealed blocks `buf` (one per entry of `pbns`): where each write is a round trip,
+    /// returned as runs of contiguous blocks to go out with their log records; elsewhere
+    /// written now (nothing returned).
+    fn stage(&self, pbns: &[u64], buf: Vec<u8>) -> Result<Vec<(u64, Vec<u8>)>> {
+        if !self.storage.round_trips() {
+            self.write_runs(pbns, &buf)?;
+            return Ok(Vec::new());
+        }
+        if runs(pbns).nth(1).is_none() {
+            return Ok(pbns
+                .first()
+                .map(|&p| (p * BLOCK_SIZE, buf))
+                .into_iter()
+                .collect());
+        }
+        Ok(runs(pbns)
+            .map(|r| {
+                (
+                    pbns[r.start] * BLOCK_SIZE,
+                    buf[r.start * BS..r.end * BS].to_vec(),
+                )
+            })
+            .collect())
+    }
+
+    /// Writes the log records of `entries` (new blocks for logical blocks `lbn..`) and the
+    /// staged data with them, then points the map at the new blocks: a reader meets a block
+    /// only once it is written. The claim on the blocks keeps slot order and map order one.
+    fn log_and_map(
+        &self,
+        lbn: u64,
+        entries: &[LeafEntry],
+        staged: Vec<(u64, Vec<u8>)>,
+        credit: &mut Credit<'_>,
+    ) -> Result<()> {
+        let ops: Vec<LogOp> = entries
+            .iter()
+            .enumerate()
+            .map(|(k, e)| LogOp::Map {
+                lbn: lbn + k as u64,
+                entry: *e,
+            })
+            .collect();
+        let slots = self.take_slots(credit, ops.len())?;
+        self.write_logged(slots, &ops, staged)?;
+        let n = entries.len();
         let mut freed = Vec::with_capacity(n);
         let mut i = 0;
         while i < n {
             let l = lbn + i as u64;
             let count = ((FANOUT - l % FANOUT) as usize).min(n - i);
-            let group = &entries[i..i + count];
-            let (slots, ops) =
-                self.map
-                    .with_leaf(&*self.storage, &self.keys(), l / FANOUT, |leaf| {
-                        let mut ops = Vec::with_capacity(count);
-                        for (k, e) in group.iter().enumerate() {
-                            let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
-                            freed.push(Kill::of(&old, l + k as u64, false));
-                            ops.push(LogOp::Map {
-                                lbn: l + k as u64,
-                                entry: *e,
-                            });
-                        }
-                        Ok((self.take_slots(credit, ops.len())?, ops))
-                    })?;
-            self.write_slots(slots, &ops)?;
+            self.map
+                .with_leaf(&*self.storage, &self.keys(), l / FANOUT, |leaf| {
+                    for (k, e) in entries[i..i + count].iter().enumerate() {
+                        let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
+                        freed.push(Kill::of(&old, l + k as u64, false));
+                    }
+                    Ok(())
+                })
+                .map_err(|e| self.fail(e))?;
             i += count;
         }
         self.kill(&freed)
     }
 
-    /// Writes `buf` (one block per entry of `pbns`) in runs of contiguous blocks.
+    /// Writes `buf` (one block per entry of `pbns`) in runs of contiguous blocks, now.
     fn write_runs(&self, pbns: &[u64], buf: &[u8]) -> Result<()> {
-        let mut i = 0;
-        while i < pbns.len() {
-            let mut j = i + 1;
-            while j < pbns.len() && pbns[j] == pbns[i] + (j - i) as u64 {
-                j += 1;
-            }
-            self.write_data(&buf[i * BS..j * BS], pbns[i])
+        for r in runs(pbns) {
+            self.storage
+                .write_all_at(&buf[r.start * BS..r.end * BS], pbns[r.start] * BLOCK_SIZE)
                 .map_err(|e| {
                     self.fail(Error::io(
-                        format!("cannot write data at physical block {}", pbns[i]),
+                        format!("cannot write data at physical block {}", pbns[r.start]),
                         e,
                     ))
                 })?;
-            i = j;
         }
         self.writeback.written(&self.storage, pbns);
         Ok(())
-    }
-
-    /// Writes sealed blocks at physical block `pbn`: together with the data of other writers
-    /// where each write is a round trip (a writer still returns only once its own blocks
-    /// are written, so its log records follow them).
-    fn write_data(&self, buf: &[u8], pbn: u64) -> std::io::Result<()> {
-        if self.storage.round_trips() {
-            self.gather
-                .write(&*self.storage, buf.to_vec(), pbn * BLOCK_SIZE)
-        } else {
-            self.storage.write_all_at(buf, pbn * BLOCK_SIZE)
-        }
     }
 
     /// The live map stopped using these blocks (FORMAT.md §7.1).
@@ -380,50 +433,28 @@ impl Volume {
         let st = &*self.storage;
         let keys = self.keys();
         let suite = keys.data_suite();
-        loop {
-            let mut cur = [LeafEntry::default()];
-            self.map.lookup(st, &keys, lbn, &mut cur)?;
-            let cur = cur[0];
-            if cur.pbn == 0 && data.is_none() {
-                return Ok(());
-            }
-            let mut block = vec![0u8; BS];
-            if cur.pbn != 0 {
-                self.read_blocks(cur.pbn, &mut block)?;
-                open_block(&keys, lbn, &cur, &mut block)?;
-            }
-            match data {
-                Some(d) => block[at..at + len].copy_from_slice(d),
-                None => block[at..at + len].fill(0),
-            }
-            let nonce = random_nonces(suite, 1)?;
-            let mut entry = seal_block(&keys, lbn, &nonce, &mut block)?;
-            entry.pbn = self.alloc.lock().alloc(st, &keys, 1)?[0];
-            entry.birth = self.snaps.epoch();
-            self.write_data(&block, entry.pbn).map_err(|e| {
-                self.fail(Error::io(
-                    format!("cannot write data at physical block {}", entry.pbn),
-                    e,
-                ))
-            })?;
-            let i = (lbn % FANOUT) as usize;
-            let op = [LogOp::Map { lbn, entry }];
-            let done = self.map.with_leaf(st, &self.keys(), lbn / FANOUT, |leaf| {
-                if leaf.get(i) != cur {
-                    return Ok(None);
-                }
-                leaf.set(i, &entry);
-                self.take_slots(credit, 1).map(Some)
-            })?;
-            if let Some(slots) = done {
-                self.write_slots(slots, &op)?;
-                return self.kill(&[Kill::of(&cur, lbn, false)]);
-            }
-            self.alloc
-                .lock()
-                .free_unused(st, &self.keys(), entry.pbn)
-                .map_err(|e| self.fail(e))?;
+        // The claim on `lbn` keeps it as read here until the map update below.
+        let mut cur = [LeafEntry::default()];
+        self.map.lookup(st, &keys, lbn, &mut cur)?;
+        let cur = cur[0];
+        if cur.pbn == 0 && data.is_none() {
+            return Ok(());
         }
+        let mut block = vec![0u8; BS];
+        if cur.pbn != 0 {
+            self.read_blocks(cur.pbn, &mut block)?;
+            open_block(&keys, lbn, &cur, &mut block)?;
+        }
+        match data {
+            Some(d) => block[at..at + len].copy_from_slice(d),
+            None => block[at..at + len].fill(0),
+        }
+        let nonce = random_nonces(suite, 1)?;
+        let mut entry = seal_block(&keys, lbn, &nonce, &mut block)?;
+        entry.pbn = self.alloc.lock().alloc(st, &keys, 1)?[0];
+        entry.birth = self.snaps.epoch();
+        let staged = self.stage(&[entry.pbn], block)?;
+        self.log_and_map(lbn, &[entry], staged, credit)
     }
 
     /// Discards `len` bytes at `offset`: they read as zeros afterwards and whole blocks take
@@ -451,6 +482,7 @@ impl Volume {
         let last = (offset + len - 1) / BLOCK_SIZE;
         let leaves = last / FANOUT - first / FANOUT + 1;
         let (_gate, mut credit) = self.enter_with_log(leaves + 2)?;
+        let _claim = self.claims.claim(first..last + 1);
         let head = (offset % BLOCK_SIZE) as usize;
         let mut lbn = first;
         let mut left = len as usize;
@@ -501,7 +533,7 @@ impl Volume {
                 Ok(None)
             })?;
             if let Some(slots) = slots {
-                self.write_slots(slots, &op)?;
+                self.write_logged(slots, &op, Vec::new())?;
             }
             l += n;
         }

@@ -147,9 +147,11 @@ pub struct Volume {
     pub(crate) size: AtomicU64,
     /// Data written since writeback was last started (FORMAT.md §13).
     pub(crate) writeback: crate::writeback::Writeback,
-    /// Data of writers that write together, written together where each write is a round
-    /// trip (`Storage::round_trips`).
+    /// Data and log records of writers that write together, written together where each
+    /// write is a round trip (`Storage::round_trips`).
     pub(crate) gather: crate::storage::gather::Gather,
+    /// Logical blocks whose map an operation in flight is changing (`claim.rs`).
+    pub(crate) claims: crate::claim::Claims,
 }
 
 impl Volume {
@@ -413,6 +415,7 @@ impl Volume {
             size: AtomicU64::new(blocks * BLOCK_SIZE),
             writeback: Default::default(),
             gather: Default::default(),
+            claims: Default::default(),
         }
     }
 

@@ -484,9 +484,6 @@ pub(crate) struct Wal {
     /// The copy the next durable mark goes to and the last D written (version 3); taken
     /// around the mark's `pwrite` so that marks reach the file in the order of their D.
     mark: Mutex<MarkState>,
-    /// Records of writers that append together, written together where each write is a
-    /// round trip (`Storage::round_trips`).
-    gather: Gather,
 }
 
 #[derive(Debug, Default)]
@@ -534,7 +531,6 @@ impl Wal {
         Wal {
             total,
             mark: Mutex::new(MarkState::default()),
-            gather: Gather::default(),
             state: Mutex::new(WalState {
                 anchor,
                 epoch,
@@ -591,14 +587,14 @@ impl Wal {
         ops: &[LogOp],
     ) -> Result<()> {
         let slots = self.take(ops.len() as u64)?;
-        self.write(storage, keys, slots, ops)
+        self.write(storage, keys, &Gather::default(), slots, ops, Vec::new())
     }
 
-    /// Takes the next `n` slots (from an earlier reservation). Call with the lock of the map
-    /// leaf the records update held, so that records of one block take slots in the order of
-    /// its map updates (replay applies them in slot order); then [`Wal::write`] them, with
-    /// that lock released, before the operation returns. Until then a sync covers none of
-    /// the slots from these on ([`Wal::written`]).
+    /// Takes the next `n` slots (from an earlier reservation). Call with the claim on the
+    /// logical blocks the records name held (`claim.rs`), so that records of one block take
+    /// slots in the order of its map updates (replay applies them in slot order); then
+    /// [`Wal::write`] them before the operation returns. Until then a sync covers none of
+    /// the slots from these on ([`Wal::written`]), and never if that write fails.
     pub(crate) fn take(&self, n: u64) -> Result<Slots> {
         let mut s = self.lock();
         if s.next + n > s.area.slots {
@@ -623,17 +619,24 @@ impl Wal {
         })
     }
 
-    /// Writes `ops` (as many as were taken) into `slots`. The records are MACed and written
-    /// outside every lock, so that appends of different operations overlap (on storage
-    /// where a write is a network round trip, too).
+    /// Writes `ops` (as many as were taken) into `slots`, and `data` with them: the sealed
+    /// blocks the records name, as `(offset, bytes)`. The records are MACed and written
+    /// outside every lock, so that appends of different operations overlap. Where each write
+    /// is a round trip (`Storage::round_trips`) the records and the data are in flight
+    /// together, gathered with other writers' through `gather`; elsewhere the data goes
+    /// first. Either way a slot counts as written ([`Wal::written`]) only once both its
+    /// record and the data are: a sync never covers a record whose data was not written
+    /// before it started (FORMAT.md §9).
     pub(crate) fn write(
         &self,
         storage: &dyn Storage,
         keys: &Subkeys,
+        gather: &Gather,
         slots: Slots,
         ops: &[LogOp],
+        data: Vec<(u64, Vec<u8>)>,
     ) -> Result<()> {
-        if slots.n == 0 {
+        if slots.n == 0 && data.is_empty() {
             return Ok(());
         }
         let mut buf = vec![0u8; ops.len() * LOG_RECORD_LEN];
@@ -652,11 +655,22 @@ impl Wal {
                 "internal: records do not fill their slots",
             ))
         } else if storage.round_trips() {
-            self.gather.write(storage, buf, offset)
+            let mut all = data;
+            if slots.n > 0 {
+                all.push((offset, buf));
+            }
+            gather.write_all(storage, all)
         } else {
-            storage.write_all_at(&buf, offset)
+            data.iter()
+                .try_for_each(|(at, bytes)| storage.write_all_at(bytes, *at))
+                .and_then(|()| match slots.n {
+                    0 => Ok(()),
+                    _ => storage.write_all_at(&buf, offset),
+                })
         };
-        {
+        // A failed write stays unwritten for good: no sync may vouch for its slots (the
+        // volume refuses further work anyway).
+        if slots.n > 0 && written.is_ok() {
             let mut s = self.lock();
             if let Some(k) = s.writing.iter().position(|&w| w == slots.first) {
                 s.writing.swap_remove(k);
@@ -664,7 +678,10 @@ impl Wal {
         }
         written.map_err(|e| {
             Error::io(
-                format!("cannot append {} records to the write-ahead log", slots.n),
+                format!(
+                    "cannot write {} records to the write-ahead log with the data they name",
+                    slots.n
+                ),
                 e,
             )
         })

@@ -17,6 +17,8 @@ pub(crate) type RadosT = *mut c_void;
 pub(crate) type IoCtxT = *mut c_void;
 /// `rbd_image_t`: an open image.
 pub(crate) type ImageT = *mut c_void;
+/// `rbd_completion_t`: an asynchronous request's completion.
+pub(crate) type CompletionT = *mut c_void;
 
 /// `RBD_LOCK_MODE_EXCLUSIVE` of `rbd_lock_mode_t` (librbd.h).
 pub(crate) const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
@@ -78,6 +80,11 @@ api! {
     rbd: rbd_resize: fn(ImageT, u64) -> c_int;
     rbd: rbd_read2: fn(ImageT, u64, usize, *mut c_char, c_int) -> isize;
     rbd: rbd_write2: fn(ImageT, u64, usize, *const c_char, c_int) -> isize;
+    rbd: rbd_aio_create_completion: fn(*mut c_void, *const c_void, *mut CompletionT) -> c_int;
+    rbd: rbd_aio_write: fn(ImageT, u64, usize, *const c_char, CompletionT) -> c_int;
+    rbd: rbd_aio_wait_for_complete: fn(CompletionT) -> c_int;
+    rbd: rbd_aio_get_return_value: fn(CompletionT) -> isize;
+    rbd: rbd_aio_release: fn(CompletionT) -> ();
     rbd: rbd_write_zeroes: fn(ImageT, u64, usize, c_int, c_int) -> isize;
     rbd: rbd_flush: fn(ImageT) -> c_int;
     rbd: rbd_lock_acquire: fn(ImageT, c_int) -> c_int;

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `read_exact_at` | `rbd_read2` |
 //! | `write_all_at` | `rbd_write2` (after `rbd_resize` if it ends past the image) |
+//! | `write_many` | `rbd_aio_write` for each, all in flight, then `rbd_aio_wait_for_complete` |
 //! | `len` / `set_len` | `rbd_get_size` / `rbd_resize` |
 //! | `sync_data` | `rbd_flush` |
 //! | `punch_hole` | `rbd_write_zeroes` (deallocates whole objects, zeroes the rest) |
@@ -26,7 +27,7 @@ use qvol_core::storage::Storage;
 
 use crate::cluster::{CephOptions, Cluster, Pool};
 use crate::error::{check, other};
-use crate::ffi::{self, ImageT, RBD_LOCK_MODE_EXCLUSIVE};
+use crate::ffi::{self, CompletionT, ImageT, RBD_LOCK_MODE_EXCLUSIVE};
 use crate::name::RbdName;
 
 /// How much a write past the end grows the image at least (a multiple of RBD's default
@@ -384,6 +385,73 @@ impl RbdImage {
         Ok(owners)
     }
 
+    /// [`Storage::write_many`]: every write put in flight with `rbd_aio_write`, then each
+    /// waited for. Every completion made is waited for before this returns, whatever
+    /// fails (the buffers must outlive the writes).
+    fn write_together(&self, writes: &[(u64, &[u8])]) -> io::Result<Vec<io::Result<()>>> {
+        let api = api()?;
+        if !self.writable {
+            return Err(self.read_only_error());
+        }
+        let end = writes
+            .iter()
+            .map(|&(offset, buf)| offset.saturating_add(buf.len() as u64))
+            .max()
+            .unwrap_or(0);
+        self.ensure_len(end)?;
+        let handle = self.handle()?;
+        let mut outcomes: Vec<io::Result<()>> = writes.iter().map(|_| Ok(())).collect();
+        let mut flying: Vec<(usize, u64, usize, Flying)> = Vec::new();
+        'writes: for (i, &(offset, buf)) in writes.iter().enumerate() {
+            for (k, chunk) in buf.chunks(MAX_CHUNK).enumerate() {
+                let at = offset + (k * MAX_CHUNK) as u64;
+                let n = chunk.len();
+                let what = || format!("cannot write {n} bytes at offset {at} of {}", self.name);
+                let mut c: CompletionT = ptr::null_mut();
+                // SAFETY: no callback, no argument; `c` receives the new completion.
+                let rc = unsafe {
+                    (api.rbd_aio_create_completion)(ptr::null_mut(), ptr::null(), &mut c)
+                };
+                if let Err(e) = check(rc, what) {
+                    outcomes[i] = Err(e);
+                    continue 'writes;
+                }
+                // SAFETY: an open image (the guard is held until every completion is
+                // waited for); `chunk` is valid for reads of `n` bytes and outlives the
+                // write: `Flying` waits for it before it is released, and it is dropped
+                // before this function returns.
+                let rc = unsafe { (api.rbd_aio_write)(*handle, at, n, chunk.as_ptr().cast(), c) };
+                if let Err(e) = check(rc, what) {
+                    // Never submitted: nothing to wait for.
+                    // SAFETY: the completion made above, released once.
+                    unsafe { (api.rbd_aio_release)(c) };
+                    outcomes[i] = Err(e);
+                    continue 'writes;
+                }
+                flying.push((i, at, n, Flying { api, c }));
+            }
+        }
+        for (i, at, n, c) in flying {
+            let rv = c.wait();
+            if outcomes[i].is_err() {
+                continue;
+            }
+            outcomes[i] = match check(rv as i64, || {
+                format!("cannot write {n} bytes at offset {at} of {}", self.name)
+            }) {
+                Err(e) => Err(e),
+                // A completed write returns 0 (librbd's aio writes return no byte count),
+                // or the count: anything else is short.
+                Ok(put) if put != 0 && put as usize != n => Err(other(
+                    io::ErrorKind::WriteZero,
+                    format!("{} took {put} of {n} bytes at offset {at}", self.name),
+                )),
+                Ok(_) => Ok(()),
+            };
+        }
+        Ok(outcomes)
+    }
+
     fn read_only_error(&self) -> io::Error {
         other(
             io::ErrorKind::PermissionDenied,
@@ -396,6 +464,35 @@ impl Drop for RbdImage {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
             log::warn!("{e}");
+        }
+    }
+}
+
+/// A submitted `rbd_aio_write`: waited for and released on drop, so that no buffer is
+/// freed under a write librbd still reads from (even while unwinding).
+struct Flying {
+    api: &'static ffi::Api,
+    c: CompletionT,
+}
+
+impl Flying {
+    /// Waits for the write; its return value (negative errno on failure).
+    fn wait(self) -> isize {
+        // SAFETY: a completion of a submitted write, not yet released (`Drop` does that).
+        unsafe {
+            (self.api.rbd_aio_wait_for_complete)(self.c);
+            (self.api.rbd_aio_get_return_value)(self.c)
+        }
+    }
+}
+
+impl Drop for Flying {
+    fn drop(&mut self) {
+        // SAFETY: a completion made by `rbd_aio_create_completion`, released once; waiting
+        // on a completion that already completed returns at once.
+        unsafe {
+            (self.api.rbd_aio_wait_for_complete)(self.c);
+            (self.api.rbd_aio_release)(self.c);
         }
     }
 }
@@ -470,6 +567,23 @@ impl Storage for RbdImage {
             done += n;
         }
         Ok(())
+    }
+
+    /// All in flight at once: what the engine hands in together may land in any order.
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+        if writes.len() < 2 {
+            return writes
+                .iter()
+                .map(|&(offset, buf)| self.write_all_at(buf, offset))
+                .collect();
+        }
+        match self.write_together(writes) {
+            Ok(outcomes) => outcomes,
+            Err(e) => writes
+                .iter()
+                .map(|_| Err(other(e.kind(), e.to_string())))
+                .collect(),
+        }
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

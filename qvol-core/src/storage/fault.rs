@@ -89,6 +89,9 @@ pub struct FaultStorage<S> {
     kinds: std::sync::Mutex<FaultConfig>,
     sync_failed: AtomicBool,
     failures: AtomicU64,
+    /// Failures returned to threads not named `qvol-commit` (the thread of a pipelined
+    /// commit, whose failures may come after the operation that started it returned).
+    foreground: AtomicU64,
 }
 
 impl<S: Storage> FaultStorage<S> {
@@ -101,6 +104,7 @@ impl<S: Storage> FaultStorage<S> {
             kinds: std::sync::Mutex::new(config),
             sync_failed: AtomicBool::new(false),
             failures: AtomicU64::new(0),
+            foreground: AtomicU64::new(0),
         }
     }
 
@@ -119,6 +123,12 @@ impl<S: Storage> FaultStorage<S> {
     /// How many operations failed.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::SeqCst)
+    }
+
+    /// Failures returned outside the thread of a pipelined commit (`qvol-commit`, FORMAT.md
+    /// §10.1), i.e. to the operations that called the storage themselves.
+    pub fn foreground_failures(&self) -> u64 {
+        self.foreground.load(Ordering::SeqCst)
     }
 
     /// Whether a `sync_data` failed (the storage then fails everything).
@@ -162,6 +172,9 @@ impl<S: Storage> FaultStorage<S> {
 
     fn fail(&self, what: &str, why: &str) -> io::Error {
         self.failures.fetch_add(1, Ordering::SeqCst);
+        if std::thread::current().name() != Some("qvol-commit") {
+            self.foreground.fetch_add(1, Ordering::SeqCst);
+        }
         io::Error::other(format!("{what} failed: {why}"))
     }
 }

@@ -1,9 +1,10 @@
 //! Writes that arrive together, written together: where each write is a network round trip
-//! (`Storage::round_trips`), writers that append at the same time hand their buffers to one
-//! of them, which writes every contiguous run of them in one call while the others wait
-//! (group commit). Each writer still returns only after its own bytes were written, with
-//! that write's outcome, so callers keep their ordering rules (a log record after the data it
-//! names): only writes that were free to be in flight together are merged.
+//! (`Storage::round_trips`), writers that write at the same time hand their buffers to one
+//! of them, which puts every contiguous run of them in flight at once
+//! ([`Storage::write_many`]) while the others wait (group commit). Each writer returns only
+//! after all of its own bytes were written, with those writes' outcome. Buffers one writer
+//! hands in together carry no order among themselves: a writer hands in together only what
+//! may land in any order (FORMAT.md §9: a log record and the data it names).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -11,7 +12,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::Storage;
 
-/// One stream of gathered writes (the log's records; another for data).
+/// One stream of gathered writes.
 #[derive(Debug, Default)]
 pub(crate) struct Gather {
     state: Mutex<State>,
@@ -38,16 +39,35 @@ impl Gather {
 
     /// Writes `buf` at `offset` of `st`, together with whatever other writers hand in
     /// meanwhile. Offsets of buffers in flight at once must differ.
+    #[cfg(test)]
     pub(crate) fn write(&self, st: &dyn Storage, buf: Vec<u8>, offset: u64) -> io::Result<()> {
+        self.write_all(st, vec![(offset, buf)])
+    }
+
+    /// Writes every `(offset, buffer)` of `bufs` to `st`, in any order and together with
+    /// whatever other writers hand in meanwhile; returns once all of them are written, with
+    /// the first error if any failed. Offsets of buffers in flight at once must differ.
+    pub(crate) fn write_all(&self, st: &dyn Storage, bufs: Vec<(u64, Vec<u8>)>) -> io::Result<()> {
+        let mine: Vec<u64> = bufs.iter().map(|(offset, _)| *offset).collect();
         let mut s = self.lock();
-        debug_assert!(
-            !s.queued.contains_key(&offset) && !s.done.contains_key(&offset),
-            "two buffers in flight at offset {offset}"
-        );
-        s.queued.insert(offset, buf);
+        for (offset, buf) in bufs {
+            debug_assert!(
+                !s.queued.contains_key(&offset) && !s.done.contains_key(&offset),
+                "two buffers in flight at offset {offset}"
+            );
+            s.queued.insert(offset, buf);
+        }
         loop {
-            if let Some(outcome) = s.done.remove(&offset) {
-                return outcome.map_err(|(kind, msg)| io::Error::new(kind, msg));
+            if mine.iter().all(|o| s.done.contains_key(o)) {
+                let mut first = Ok(());
+                for o in &mine {
+                    if let Some(Err((kind, msg))) = s.done.remove(o) {
+                        if first.is_ok() {
+                            first = Err(io::Error::new(kind, msg));
+                        }
+                    }
+                }
+                return first;
             }
             if s.leading {
                 s = self.turn.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -58,7 +78,7 @@ impl Gather {
             drop(s);
             let lead = Lead {
                 gather: self,
-                own: offset,
+                own: mine.clone(),
                 carried: queued.keys().copied().collect(),
             };
             let outcomes = write_runs(st, queued);
@@ -76,8 +96,8 @@ impl Gather {
 /// rather than all of them, and every later one, waiting for ever.
 struct Lead<'a> {
     gather: &'a Gather,
-    /// The leader's own offset: it takes no outcome (it is unwinding).
-    own: u64,
+    /// The leader's own offsets: it takes no outcome (it is unwinding).
+    own: Vec<u64>,
     carried: Vec<u64>,
 }
 
@@ -88,48 +108,55 @@ impl Drop for Lead<'_> {
         }
         let mut s = self.gather.lock();
         s.leading = false;
-        for &offset in self.carried.iter().filter(|&&o| o != self.own) {
+        for offset in self.carried.iter().filter(|o| !self.own.contains(o)) {
             s.done.insert(
-                offset,
+                *offset,
                 Err((
                     io::ErrorKind::Other,
                     "the writer that carried this write panicked".to_owned(),
                 )),
             );
         }
+        // The leader's own buffers still queued (handed in after it took the lead) are
+        // nobody's now.
+        for offset in &self.own {
+            s.queued.remove(offset);
+        }
         self.gather.turn.notify_all();
     }
 }
 
-/// Writes `queued` in runs of contiguous buffers; the outcome of each buffer's run.
+/// Writes `queued` in runs of contiguous buffers, all runs in flight together; the outcome
+/// of each buffer's run.
 fn write_runs(st: &dyn Storage, queued: BTreeMap<u64, Vec<u8>>) -> Vec<(u64, Outcome)> {
-    let mut outcomes = Vec::with_capacity(queued.len());
-    let mut run: Vec<u8> = Vec::new();
-    let mut members: Vec<u64> = Vec::new();
-    let mut start = 0;
-    let mut finish = |run: &mut Vec<u8>, members: &mut Vec<u64>, start: u64| {
-        if members.is_empty() {
-            return;
-        }
-        let outcome = st
-            .write_all_at(run, start)
-            .map_err(|e| (e.kind(), e.to_string()));
-        outcomes.extend(members.drain(..).map(|m| (m, outcome.clone())));
-        run.clear();
-    };
+    // Runs: (start, bytes, offsets of the buffers in it).
+    let mut runs: Vec<(u64, Vec<u8>, Vec<u64>)> = Vec::new();
     for (offset, buf) in queued {
-        if members.is_empty() || start + run.len() as u64 != offset {
-            finish(&mut run, &mut members, start);
-            start = offset;
+        match runs.last_mut() {
+            Some((start, run, members)) if *start + run.len() as u64 == offset => {
+                run.extend_from_slice(&buf);
+                members.push(offset);
+            }
+            _ => runs.push((offset, buf, vec![offset])),
         }
-        if members.is_empty() && run.is_empty() {
-            run = buf;
-        } else {
-            run.extend_from_slice(&buf);
-        }
-        members.push(offset);
     }
-    finish(&mut run, &mut members, start);
+    let writes: Vec<(u64, &[u8])> = runs
+        .iter()
+        .map(|(start, run, _)| (*start, run.as_slice()))
+        .collect();
+    let results = st.write_many(&writes);
+    let mut outcomes = Vec::new();
+    for (i, (_, _, members)) in runs.iter().enumerate() {
+        let outcome = match results.get(i) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err((e.kind(), e.to_string())),
+            None => Err((
+                io::ErrorKind::Other,
+                "internal: the storage reported fewer writes than it was given".to_owned(),
+            )),
+        };
+        outcomes.extend(members.iter().map(|&m| (m, outcome.clone())));
+    }
     outcomes
 }
 

@@ -84,6 +84,17 @@ pub trait Storage: Send + Sync + Debug {
     fn round_trips(&self) -> bool {
         false
     }
+
+    /// Writes each `(offset, bytes)` of `writes` as [`Storage::write_all_at`] does, in no
+    /// promised order and possibly at the same time (RBD puts them in flight together); the
+    /// outcome of each, in order. Returns once every one has completed, failed or not. The
+    /// default writes them one after another, in the order given.
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+        writes
+            .iter()
+            .map(|&(offset, buf)| self.write_all_at(buf, offset))
+            .collect()
+    }
 }
 
 macro_rules! forward_storage {
@@ -112,6 +123,9 @@ macro_rules! forward_storage {
             }
             fn round_trips(&self) -> bool {
                 (**self).round_trips()
+            }
+            fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+                (**self).write_many(writes)
             }
         }
     };

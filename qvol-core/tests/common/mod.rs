@@ -300,3 +300,54 @@ impl Storage for NoSuperblocks {
         self.inner.punch_hole(offset, len)
     }
 }
+
+/// An in-memory storage whose every write first runs a hook (with its offset), and which
+/// says each write is a round trip (`Storage::round_trips`, as RBD does) when built so.
+pub struct Hooked {
+    pub inner: qvol_core::storage::MemStorage,
+    round_trips: bool,
+    hook: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl Hooked {
+    pub fn new(round_trips: bool, hook: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        Hooked {
+            inner: Default::default(),
+            round_trips,
+            hook: Box::new(hook),
+        }
+    }
+}
+
+impl std::fmt::Debug for Hooked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooked")
+            .field("round_trips", &self.round_trips)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Storage for Hooked {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        (self.hook)(offset);
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn round_trips(&self) -> bool {
+        self.round_trips
+    }
+}
