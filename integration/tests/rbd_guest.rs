@@ -233,6 +233,20 @@ fn a_vm_on_an_rbd_disk(cluster: &CephCluster, f: &Fixture) {
     );
     let list = f.qvol(["snapshot", "list", "rbd:rbd/vms/web"]).success();
     assert!(list.stdout.contains("booted"), "{list:?}");
+
+    // A backend that died holding the disk's lock (kill -9: Ceph lets the lock go only when
+    // its watch times out, about 30 s later): --break-lock takes the disk over at once.
+    let mut dead = f
+        .start_daemon(Path::new("rbd:rbd/vms/web"), "dead", &[])
+        .unwrap();
+    dead.kill9();
+    qvol_vm(f, &vms, &["start", "web", "--break-lock"]).success();
+    let log = fs::read_to_string(run.join("primary.log")).unwrap();
+    assert!(
+        log.contains("exclusive lock"),
+        "says whose lock it broke: {log}"
+    );
+    qvol_vm(f, &vms, &["stop", "web", "--force"]).success();
     eprintln!(
         "qvol vm on rbd: made, booted, stopped, read back in {:.1} s",
         began.elapsed().as_secs_f64()

@@ -46,6 +46,21 @@ fn runs(pbns: &[u64]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     })
 }
 
+/// Fails the volume if dropped while unwinding: a panic in the middle of an operation (a bug
+/// below it, which vhost-qvol's request threads catch) may leave a log slot taken whose
+/// record or data was never written, which no later commit may cover (FORMAT.md §10.1: a
+/// pipelined commit covers every slot taken) and no flush may vouch for.
+struct FailOnUnwind<'a>(&'a Volume);
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .fail(Error::corrupt("internal: a write panicked half-way"));
+        }
+    }
+}
+
 /// Log slots reserved for one operation; unused ones are given back on drop.
 struct Credit<'a> {
     wal: &'a Wal,
@@ -255,6 +270,7 @@ impl Volume {
         let last = (offset + data.len() as u64 - 1) / BLOCK_SIZE;
         let (_gate, mut credit) = self.enter_with_log(last - first + 1)?;
         let _claim = self.claims.claim(first..last + 1);
+        let _unwind = FailOnUnwind(self);
         let head = (offset % BLOCK_SIZE) as usize;
         let mut pos = 0usize;
         let mut lbn = first;
@@ -483,6 +499,7 @@ impl Volume {
         let leaves = last / FANOUT - first / FANOUT + 1;
         let (_gate, mut credit) = self.enter_with_log(leaves + 2)?;
         let _claim = self.claims.claim(first..last + 1);
+        let _unwind = FailOnUnwind(self);
         let head = (offset % BLOCK_SIZE) as usize;
         let mut lbn = first;
         let mut left = len as usize;

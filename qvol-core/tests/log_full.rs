@@ -56,13 +56,16 @@ impl Tags {
 }
 
 /// Creates a volume and writes the prefix; returns the disk, the fault layer and the model.
-fn prefix() -> (
+fn prefix(
+    round_trips: bool,
+) -> (
     Arc<CrashStorage>,
     Arc<FaultStorage<Arc<CrashStorage>>>,
     Volume,
     Tags,
 ) {
     let disk = Arc::new(CrashStorage::new());
+    disk.set_round_trips(round_trips);
     let fault = Arc::new(FaultStorage::new(disk.clone(), FaultConfig::never()));
     let vol = common::create(fault.clone(), SIZE);
     let mut tags = Tags(vec![vec![ZEROS]; BLOCKS]);
@@ -89,7 +92,7 @@ fn trigger(vol: &Volume, tags: &mut Tags) -> qvol_core::Result<()> {
 #[test]
 fn a_crash_anywhere_in_the_log_full_commit_keeps_the_contract() {
     // Dry run: the storage operations the trigger section takes, and proof it commits.
-    let (_, fault, vol, mut tags) = prefix();
+    let (_, fault, vol, mut tags) = prefix(false);
     let generation = vol.info().generation;
     let before = fault.ops();
     trigger(&vol, &mut tags).expect("trigger without faults");
@@ -105,8 +108,11 @@ fn a_crash_anywhere_in_the_log_full_commit_keeps_the_contract() {
         .into_iter()
         .filter(|&k| k < span)
         .collect();
-    for k in points {
-        let (disk, fault, vol, mut tags) = prefix();
+    // Also where each write is a round trip (RBD): data and records are then written
+    // together (FORMAT.md §9, "Write path").
+    let runs = points.iter().flat_map(|&k| [(k, false), (k, true)]);
+    for (k, round_trips) in runs {
+        let (disk, fault, vol, mut tags) = prefix(round_trips);
         // Hole punching may fail silently (FORMAT.md §11): fail everything else.
         fault.set_config(FaultConfig {
             fail: OpKinds::READ | OpKinds::WRITE | OpKinds::SYNC | OpKinds::SET_LEN | OpKinds::LEN,
@@ -118,12 +124,16 @@ fn a_crash_anywhere_in_the_log_full_commit_keeps_the_contract() {
         // §10.1); any other must have failed the section.
         assert!(
             result.is_err() || fault.foreground_failures() == 0,
-            "fault after {k} of {span} ops: the section succeeded although the storage failed"
+            "fault after {k} of {span} ops (round trips: {round_trips}): the section succeeded although the storage failed"
         );
         let image = disk.crash(k);
         drop(vol);
-        let vol = common::open(Arc::new(image))
-            .unwrap_or_else(|e| panic!("fault after {k} of {span} ops: open fails: {e:?}"));
-        tags.check(&vol, &format!("fault after {k} of {span} ops"));
+        let vol = common::open(Arc::new(image)).unwrap_or_else(|e| {
+            panic!("fault after {k} of {span} ops (round trips: {round_trips}): open fails: {e:?}")
+        });
+        tags.check(
+            &vol,
+            &format!("fault after {k} of {span} ops (round trips: {round_trips})"),
+        );
     }
 }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use common::{pattern, read_block, Hooked, BS};
 use qvol_core::storage::MemStorage;
+use qvol_core::ErrorKind;
 
 /// The first byte of the data region with the default 4 MiB log (FORMAT.md §1: block 1040).
 const DATA_START: u64 = 1040 * 4096;
@@ -142,4 +143,50 @@ fn overlapping_writes_replay_to_the_live_map(round: u64) {
             "round {round}: block {l} replays to another write than the live volume read"
         );
     }
+}
+
+#[test]
+fn a_write_that_panics_half_way_fails_the_volume_and_leaves_a_hole() {
+    // A bug below the engine panics in the data write, after the record landed (vhost-qvol's
+    // request threads catch such a panic and go on). No later commit may cover that slot
+    // and no flush vouch for it: the volume must refuse both. (Found by review: a pipelined
+    // commit covering it, then a crash, made replay trust the record and the block fail its
+    // tag check.)
+    let panic_data = Arc::new(AtomicBool::new(false));
+    let st = {
+        let panic_data = panic_data.clone();
+        Arc::new(Hooked::new(true, move |offset| {
+            if offset >= DATA_START && panic_data.swap(false, Ordering::SeqCst) {
+                panic!("a storage bug while writing data at {offset}");
+            }
+        }))
+    };
+    let vol = common::create(st.clone(), 8 << 20);
+    let old = pattern(1, BS);
+    vol.write_at(BS as u64, &old).unwrap();
+    vol.flush().unwrap();
+
+    panic_data.store(true, Ordering::SeqCst);
+    let new = pattern(2, BS);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        vol.write_at(BS as u64, &new)
+    }));
+    assert!(
+        panicked.is_err(),
+        "the storage did not panic: this test proves nothing"
+    );
+    common::assert_kind(
+        vol.commit_async(),
+        ErrorKind::PreviousIo,
+        "a commit after it",
+    );
+    common::assert_kind(vol.flush(), ErrorKind::PreviousIo, "a flush after it");
+    let killed = Arc::new(MemStorage::from_bytes(st.inner.to_vec()));
+    drop(vol);
+    let after = common::open(killed).expect("the image opens");
+    assert_eq!(
+        read_block(&after, 1).unwrap(),
+        old,
+        "a write that never returned changed the block"
+    );
 }

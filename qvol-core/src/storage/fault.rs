@@ -201,6 +201,10 @@ impl<S: Storage> Storage for FaultStorage<S> {
         self.inner.read_exact_at(buf, offset)
     }
 
+    fn round_trips(&self) -> bool {
+        self.inner.round_trips()
+    }
+
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if let Err(e) = self.admit(OpKinds::WRITE, "write") {
             if self.config().tear_failed_writes && !self.sync_failed() {

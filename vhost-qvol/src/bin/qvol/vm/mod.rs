@@ -128,12 +128,17 @@ pub enum VmCommand {
 /// Runs `qvol vm ...`. The Ceph cluster of a VM's `rbd:` disks is the one its config.yaml
 /// names (`ceph_conf`, `ceph_id`), not `ceph` (the global flags, which must be absent).
 pub fn run(args: VmArgs, ceph: CephArgs) -> anyhow::Result<()> {
-    if ceph.ceph_conf.is_some() || ceph.ceph_id.is_some() || ceph.break_lock {
+    if ceph.ceph_conf.is_some() || ceph.ceph_id.is_some() {
         bail!(
             "qvol vm takes the Ceph cluster of a VM's rbd: disks from its config.yaml \
-             (hardware.disk.NAME.ceph_conf and ceph_id), not from --ceph-conf, --ceph-id or \
-             --break-lock"
+             (hardware.disk.NAME.ceph_conf and ceph_id), not from --ceph-conf or --ceph-id"
         );
+    }
+    // `qvol vm start --break-lock` takes over the lock of the VM's rbd: disks (the global
+    // flag, which no other vm command takes).
+    let break_lock = ceph.break_lock;
+    if break_lock && !matches!(args.command, VmCommand::Start { .. }) {
+        bail!("--break-lock goes with `qvol vm start` (it takes over an rbd: disk's lock)");
     }
     let vms = paths::vms_dir(args.vms_dir.as_deref())
         .ok_or_else(|| anyhow!("no VMs directory: pass --vms-dir DIR or set QVOL_VMS"))?;
@@ -170,7 +175,15 @@ pub fn run(args: VmArgs, ceph: CephArgs) -> anyhow::Result<()> {
             wait,
             console,
             keystore,
-        } => start(&load(&name)?, wait || console, console, &keystore),
+        } => start(
+            &load(&name)?,
+            Starting {
+                wait: wait || console,
+                console,
+                break_lock,
+            },
+            &keystore,
+        ),
         VmCommand::Stop {
             name,
             force,
@@ -396,10 +409,28 @@ fn prepare_disks(vm: &Vm, keys: &KeystoreArgs) -> anyhow::Result<Vm> {
     Ok(vm)
 }
 
-fn start(vm: &Vm, wait: bool, console: bool, keys: &KeystoreArgs) -> anyhow::Result<()> {
+/// How `qvol vm start` starts a VM.
+struct Starting {
+    /// Stay until the VM powers off.
+    wait: bool,
+    /// The serial console on this terminal.
+    console: bool,
+    /// Break the exclusive lock of rbd: disks (`vhost-qvol --break-lock`).
+    break_lock: bool,
+}
+
+fn start(vm: &Vm, how: Starting, keys: &KeystoreArgs) -> anyhow::Result<()> {
+    let Starting {
+        wait,
+        console,
+        break_lock,
+    } = how;
     let name = &vm.config.name;
     if let Some(pid) = vm.qemu_pid() {
         bail!("VM {name} is already running (QEMU pid {pid}); `qvol vm stop {name}` first");
+    }
+    if break_lock && !vm.config.disks.iter().any(|d| d.is_rbd()) {
+        bail!("--break-lock is for rbd: disks, and VM {name} has none");
     }
     let run = vm.run_dir();
     fs::DirBuilder::new()
@@ -423,10 +454,27 @@ fn start(vm: &Vm, wait: bool, console: bool, keys: &KeystoreArgs) -> anyhow::Res
         let mut cmd = Command::new(sibling_program("vhost-qvol"));
         let id = volume_id_hex(&header.volume_id);
         cmd.args(backend_args(cfg, disk, &id, &run, &source));
+        if break_lock && disk.is_rbd() {
+            cmd.arg("--break-lock");
+        }
         let log = run.disk_log(&disk.id);
         let mut child = spawn_detached(cmd, &log, Some(&run.disk_pid(&disk.id)))?;
         started.pids.push(child.id() as i32);
-        wait_for_socket(&socket, &mut child, &log, Duration::from_secs(15)).map_err(|e| {
+        // An rbd: disk whose lock a dead client holds waits until Ceph notices (its watch
+        // times out, about 30 s) and then takes it over.
+        let patience = Duration::from_secs(if disk.is_rbd() { 60 } else { 15 });
+        wait_for_socket(&socket, &mut child, &log, patience).map_err(|e| {
+            // vhost-qvol's own hint names its flag; here it is start's.
+            let mut e = e.to_string().replace(
+                "`vhost-qvol --break-lock`",
+                &format!("`qvol vm start {name} --break-lock`"),
+            );
+            if disk.is_rbd() && !e.contains("--break-lock") {
+                e += &format!(
+                    " (if a client that died holds its lock, `qvol vm start {name} \
+                     --break-lock` takes it over)"
+                );
+            }
             anyhow!(
                 "the disk backend of {} did not start: {e}",
                 disk.path.display()
