@@ -608,13 +608,13 @@ fn write_golden_images() {
         }
         vol.close().expect("close");
         // The second session; its commit's superblock never reaches the image.
-        let sink = Arc::new(common::NoSuperblocks::new(mem.clone()));
+        let (sink, dropping) = common::no_superblocks(mem.clone());
         let vol = Volume::open(sink.clone(), &golden_key(), false).expect("open");
         let (this, next) = logged(version);
         apply(this, &mut model, Some(&vol));
         vol.flush().expect("flush");
         if !next.is_empty() {
-            sink.drop_superblocks();
+            dropping.store(true, std::sync::atomic::Ordering::SeqCst);
             vol.commit_async().expect("start a commit");
             apply(next, &mut model, Some(&vol));
             vol.flush().expect("flush");

@@ -19,57 +19,25 @@ fn golden_key() -> qvol_core::VolumeKey {
 /// A storage whose commit thread ("qvol-commit") blocks before it writes a superblock while
 /// armed: a pipelined commit caught after its first sync, its superblock not written yet.
 /// (Blocking inside the sync would also block every flush: syncs of a volume never overlap.)
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct HoldCommit {
-    inner: Arc<MemStorage>,
     armed: std::sync::atomic::AtomicBool,
-    released: std::sync::Mutex<bool>,
-    cv: std::sync::Condvar,
+    gate: common::Gate,
 }
 
 impl HoldCommit {
-    fn new(inner: Arc<MemStorage>) -> Self {
-        HoldCommit {
-            inner,
-            armed: Default::default(),
-            released: std::sync::Mutex::new(false),
-            cv: Default::default(),
-        }
-    }
-    fn release(&self) {
-        *self.released.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-}
-
-impl Storage for HoldCommit {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let superblocks = 9 * 4096..11 * 4096;
-        if self.armed.load(std::sync::atomic::Ordering::SeqCst)
-            && std::thread::current().name() == Some("qvol-commit")
-            && superblocks.contains(&offset)
-        {
-            let mut r = self.released.lock().unwrap();
-            while !*r {
-                r = self.cv.wait(r).unwrap();
+    /// `inner` with this hold on its superblock writes.
+    fn over(self: &Arc<Self>, inner: Arc<MemStorage>) -> Arc<common::Hooked> {
+        let hold = self.clone();
+        common::Hooked::new(inner, false, move |_, offset| {
+            if hold.armed.load(std::sync::atomic::Ordering::SeqCst)
+                && std::thread::current().name() == Some("qvol-commit")
+                && (9 * 4096..11 * 4096).contains(&offset)
+            {
+                hold.gate.wait();
             }
-        }
-        self.inner.write_all_at(buf, offset)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch_hole(offset, len)
+            true
+        })
     }
 }
 
@@ -80,9 +48,9 @@ impl Storage for HoldCommit {
 #[test]
 fn a_flush_during_a_pipelined_commit_marks_the_epoch_it_covers() {
     let mem = Arc::new(MemStorage::new());
-    let hold = Arc::new(HoldCommit::new(mem.clone()));
+    let hold = Arc::new(HoldCommit::default());
     let vol = Volume::create(
-        hold.clone(),
+        hold.over(mem.clone()),
         CreateOptions {
             key_epoch: 0,
             size: 64 << 20,
@@ -109,7 +77,7 @@ fn a_flush_during_a_pipelined_commit_marks_the_epoch_it_covers() {
     let slot = (g % 2) as usize * 16384 + 1;
     let off = 0x10000 + slot * 128;
     tampered[off..off + 128].fill(0);
-    hold.release();
+    hold.gate.open();
     drop(vol);
     let read = |image: Vec<u8>| -> qvol_core::Result<Vec<u8>> {
         let v = Volume::open(Arc::new(MemStorage::from_bytes(image)), &golden_key(), true)?;

@@ -151,50 +151,6 @@ fn a_growth_cut_anywhere_leaves_the_old_size_or_the_new_one() {
     }
 }
 
-/// Storage that, once armed, stops the first write of a staged header area (36 KiB past
-/// block 0) until released: a keyslot change is then parked holding the volume's gate.
-#[derive(Debug)]
-struct Parking {
-    inner: Arc<MemStorage>,
-    armed: std::sync::atomic::AtomicBool,
-    parked: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    release: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-}
-
-impl Storage for Parking {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if offset != 0
-            && buf.len() == 9 * 4096
-            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            self.parked
-                .lock()
-                .unwrap()
-                .take()
-                .unwrap()
-                .send(())
-                .unwrap();
-            self.release.lock().unwrap().take().unwrap().recv().unwrap();
-        }
-        self.inner.write_all_at(buf, offset)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
-}
-
 /// A keyslot removed while a resize waits for the volume must stay removed: the resize
 /// must not write back the keyslot area it read before the change (a revoked key would
 /// open the volume again).
@@ -203,16 +159,28 @@ fn a_resize_racing_a_keyslot_change_does_not_bring_back_old_slots() {
     let mem = Arc::new(MemStorage::new());
     let (parked_tx, parked_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel();
-    let st = Arc::new(Parking {
-        inner: mem.clone(),
-        armed: false.into(),
-        parked: Some(parked_tx).into(),
-        release: Some(release_rx).into(),
-    });
-    let vol = Arc::new(common::create(st.clone() as Arc<dyn Storage>, 8 * MIB));
+    // Once armed, the first write of a staged header area (36 KiB past block 0) stops until
+    // released: a keyslot change is then parked holding the volume's gate.
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let parked = std::sync::Mutex::new(Some(parked_tx));
+    let release = std::sync::Mutex::new(Some(release_rx));
+    let st = {
+        let armed = armed.clone();
+        common::Hooked::new(mem.clone(), false, move |buf, offset| {
+            if offset != 0
+                && buf.len() == 9 * 4096
+                && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                parked.lock().unwrap().take().unwrap().send(()).unwrap();
+                release.lock().unwrap().take().unwrap().recv().unwrap();
+            }
+            true
+        })
+    };
+    let vol = Arc::new(common::create(st, 8 * MIB));
     vol.set_keyslots(&[b"old key".to_vec(), b"revoked key".to_vec()])
         .unwrap();
-    st.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let v = vol.clone();
     let change = std::thread::spawn(move || v.set_keyslots(&[b"old key".to_vec()]));
     parked_rx.recv().unwrap();

@@ -7,18 +7,18 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
-use common::{pattern, read_block, Hooked, BS};
+use common::{pattern, read_block, Gate, Hooked, BS};
 use qvol_core::storage::MemStorage;
 use qvol_core::ErrorKind;
 
 /// The first byte of the data region with the default 4 MiB log (FORMAT.md §1: block 1040).
 const DATA_START: u64 = 1040 * 4096;
 
-/// While armed, a write into the data region waits until released, after counting the log
-/// writes before it. (The gathering writes what one writer hands in sorted by offset: the
-/// log region, below the data region, first.)
+/// While armed, a write into the data region waits at a gate, after counting the log writes
+/// before it. (The gathering writes what one writer hands in sorted by offset: the log
+/// region, below the data region, first.)
 #[derive(Debug, Default)]
 struct HoldData {
     armed: AtomicBool,
@@ -26,40 +26,32 @@ struct HoldData {
     log_writes: AtomicUsize,
     /// Data writes waiting now.
     held: AtomicUsize,
-    released: Mutex<bool>,
-    cv: Condvar,
+    gate: Gate,
 }
 
 impl HoldData {
-    fn hook(&self, offset: u64) {
-        if !self.armed.load(Ordering::SeqCst) {
-            return;
-        }
-        if offset >= DATA_START {
-            self.held.fetch_add(1, Ordering::SeqCst);
-            let mut r = self.released.lock().unwrap();
-            while !*r {
-                r = self.cv.wait(r).unwrap();
+    fn hook(&self, offset: u64) -> bool {
+        if self.armed.load(Ordering::SeqCst) {
+            if offset >= DATA_START {
+                self.held.fetch_add(1, Ordering::SeqCst);
+                self.gate.wait();
+            } else if offset >= 0x10000 {
+                self.log_writes.fetch_add(1, Ordering::SeqCst);
             }
-        } else if offset >= 0x10000 {
-            self.log_writes.fetch_add(1, Ordering::SeqCst);
         }
-    }
-
-    fn release(&self) {
-        *self.released.lock().unwrap() = true;
-        self.cv.notify_all();
+        true
     }
 }
 
 #[test]
 fn a_record_whose_data_never_landed_is_a_hole_and_no_flush_vouches_for_it() {
     let hold = Arc::new(HoldData::default());
+    let mem = Arc::new(MemStorage::new());
     let st = {
         let hold = hold.clone();
-        Arc::new(Hooked::new(true, move |offset| hold.hook(offset)))
+        Hooked::new(mem.clone(), true, move |_, offset| hold.hook(offset))
     };
-    let vol = Arc::new(common::create(st.clone(), 8 << 20));
+    let vol = Arc::new(common::create(st, 8 << 20));
     let old = pattern(1, BS);
     vol.write_at(3 * BS as u64, &old).unwrap();
     vol.flush().unwrap();
@@ -80,7 +72,7 @@ fn a_record_whose_data_never_landed_is_a_hole_and_no_flush_vouches_for_it() {
     // A flush now must not count the record as durable: its data is not written.
     vol.flush().unwrap();
     // kill -9 here: what was written survives, the held data write never happened.
-    let killed = Arc::new(MemStorage::from_bytes(st.inner.to_vec()));
+    let killed = Arc::new(MemStorage::from_bytes(mem.to_vec()));
     let after = common::open(killed).expect("an image with a record whose data is missing opens");
     assert_eq!(
         read_block(&after, 3).expect("the block reads (its record is a hole, not trusted)"),
@@ -89,7 +81,7 @@ fn a_record_whose_data_never_landed_is_a_hole_and_no_flush_vouches_for_it() {
     );
     drop(after);
 
-    hold.release();
+    hold.gate.open();
     writer.join().unwrap().unwrap();
     assert_eq!(read_block(&vol, 3).unwrap(), new);
 }
@@ -107,10 +99,12 @@ fn replay_ends_where_the_live_map_does_under_overlapping_writes() {
 fn overlapping_writes_replay_to_the_live_map(round: u64) {
     // Each write takes a while, as a round trip does: writers queue behind each other's
     // writes, so one write often carries several (FORMAT.md §11.1, gathering).
-    let st = Arc::new(Hooked::new(true, |_| {
-        std::thread::sleep(std::time::Duration::from_micros(200))
-    }));
-    let vol = Arc::new(common::create(st.clone(), 8 << 20));
+    let mem = Arc::new(MemStorage::new());
+    let st = Hooked::new(mem.clone(), true, |_, _| {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        true
+    });
+    let vol = Arc::new(common::create(st, 8 << 20));
     let blocks = 3u64;
     let threads: Vec<_> = (0..8u64)
         .map(|t| {
@@ -134,7 +128,7 @@ fn overlapping_writes_replay_to_the_live_map(round: u64) {
         t.join().unwrap();
     }
     let live: Vec<Vec<u8>> = (0..=blocks).map(|l| read_block(&vol, l).unwrap()).collect();
-    let killed = Arc::new(MemStorage::from_bytes(st.inner.to_vec()));
+    let killed = Arc::new(MemStorage::from_bytes(mem.to_vec()));
     let after = common::open(killed).unwrap();
     for (l, want) in live.iter().enumerate() {
         assert_eq!(
@@ -153,15 +147,17 @@ fn a_write_that_panics_half_way_fails_the_volume_and_leaves_a_hole() {
     // commit covering it, then a crash, made replay trust the record and the block fail its
     // tag check.)
     let panic_data = Arc::new(AtomicBool::new(false));
+    let mem = Arc::new(MemStorage::new());
     let st = {
         let panic_data = panic_data.clone();
-        Arc::new(Hooked::new(true, move |offset| {
+        Hooked::new(mem.clone(), true, move |_, offset| {
             if offset >= DATA_START && panic_data.swap(false, Ordering::SeqCst) {
                 panic!("a storage bug while writing data at {offset}");
             }
-        }))
+            true
+        })
     };
-    let vol = common::create(st.clone(), 8 << 20);
+    let vol = common::create(st, 8 << 20);
     let old = pattern(1, BS);
     vol.write_at(BS as u64, &old).unwrap();
     vol.flush().unwrap();
@@ -181,7 +177,7 @@ fn a_write_that_panics_half_way_fails_the_volume_and_leaves_a_hole() {
         "a commit after it",
     );
     common::assert_kind(vol.flush(), ErrorKind::PreviousIo, "a flush after it");
-    let killed = Arc::new(MemStorage::from_bytes(st.inner.to_vec()));
+    let killed = Arc::new(MemStorage::from_bytes(mem.to_vec()));
     drop(vol);
     let after = common::open(killed).expect("the image opens");
     assert_eq!(

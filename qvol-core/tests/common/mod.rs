@@ -4,7 +4,8 @@
 
 pub mod layout;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use qvol_core::storage::Storage;
 use qvol_core::{CipherSuite, CreateOptions, ErrorKind, Volume, VolumeKey};
@@ -252,76 +253,69 @@ impl BlockHistory {
     }
 }
 
-/// A storage that drops every write to the superblocks (blocks 9 and 10) once told to: what
-/// kill -9 leaves while a pipelined commit's superblock is not written yet (FORMAT.md §10.1).
-#[derive(Debug)]
-pub struct NoSuperblocks {
-    inner: Arc<dyn Storage>,
-    dropping: std::sync::atomic::AtomicBool,
-}
-
-impl NoSuperblocks {
-    pub fn new(inner: Arc<dyn Storage>) -> Self {
-        NoSuperblocks {
-            inner,
-            dropping: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// From now on, superblock writes are dropped.
-    pub fn drop_superblocks(&self) {
-        self.dropping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Storage for NoSuperblocks {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let superblocks = 9 * 4096..11 * 4096;
-        if self.dropping.load(std::sync::atomic::Ordering::SeqCst) && superblocks.contains(&offset)
-        {
-            return Ok(());
-        }
-        self.inner.write_all_at(buf, offset)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
-}
-
-/// An in-memory storage whose every write first runs a hook (with its offset), and which
-/// says each write is a round trip (`Storage::round_trips`, as RBD does) when built so.
+/// A storage whose every write first runs a hook with the buffer and its offset, which says
+/// whether the write reaches `inner` (false: it is dropped, and reported done); it says each
+/// write is a round trip (`Storage::round_trips`, as RBD does) when built so.
 pub struct Hooked {
-    pub inner: qvol_core::storage::MemStorage,
+    inner: Arc<dyn Storage>,
     round_trips: bool,
-    hook: Box<dyn Fn(u64) + Send + Sync>,
+    hook: Box<WriteHook>,
 }
+
+/// What [`Hooked`] runs before each write: buffer and offset in, whether to write out.
+type WriteHook = dyn Fn(&[u8], u64) -> bool + Send + Sync;
 
 impl Hooked {
-    pub fn new(round_trips: bool, hook: impl Fn(u64) + Send + Sync + 'static) -> Self {
-        Hooked {
-            inner: Default::default(),
+    pub fn new(
+        inner: Arc<dyn Storage>,
+        round_trips: bool,
+        hook: impl Fn(&[u8], u64) -> bool + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Hooked {
+            inner,
             round_trips,
             hook: Box::new(hook),
+        })
+    }
+}
+
+/// A storage that drops every write to the superblocks (blocks 9 and 10) once the flag it
+/// returns is set: what kill -9 leaves while a pipelined commit's superblock is not written
+/// yet (FORMAT.md §10.1).
+pub fn no_superblocks(inner: Arc<dyn Storage>) -> (Arc<Hooked>, Arc<AtomicBool>) {
+    let dropping = Arc::new(AtomicBool::new(false));
+    let flag = dropping.clone();
+    let st = Hooked::new(inner, false, move |_, offset| {
+        !(flag.load(Ordering::SeqCst) && (9 * 4096..11 * 4096).contains(&offset))
+    });
+    (st, dropping)
+}
+
+/// Blocks the calling thread until [`Gate::open`] (a hook's way to hold a write).
+#[derive(Debug, Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Gate {
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
         }
+    }
+
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
     }
 }
 
 impl std::fmt::Debug for Hooked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooked")
+            .field("inner", &self.inner)
             .field("round_trips", &self.round_trips)
             .finish_non_exhaustive()
     }
@@ -335,14 +329,16 @@ impl Storage for Hooked {
         self.inner.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        (self.hook)(offset);
+        if !(self.hook)(buf, offset) {
+            return Ok(());
+        }
         self.inner.write_all_at(buf, offset)
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> std::io::Result<()> {
-        Ok(())
+        self.inner.sync_data()
     }
     fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.inner.punch_hole(offset, len)
