@@ -116,9 +116,12 @@ impl CrashStorage {
         self.crash_with(CrashPolicy::from_seed(seed), seed)
     }
 
-    /// The image a power loss could leave under `policy`, deterministic in `seed`.
+    /// The image a power loss could leave under `policy`, deterministic in `seed` (saying
+    /// each write is a round trip if this one does).
     pub fn crash_with(&self, policy: CrashPolicy, seed: u64) -> CrashStorage {
-        CrashStorage::from_image(self.crashed(policy, seed))
+        let crashed = CrashStorage::from_image(self.crashed(policy, seed));
+        crashed.set_round_trips(self.round_trips());
+        crashed
     }
 
     /// The bytes a power loss under `policy` could leave, deterministic in `seed`.
@@ -152,7 +155,7 @@ impl CrashStorage {
         let st = self.lock().clone();
         CrashStorage {
             state: Mutex::new(st),
-            round_trips: Default::default(),
+            round_trips: self.round_trips().into(),
         }
     }
 
