@@ -152,71 +152,115 @@ impl Volume {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_request(offset, buf.len() as u64)?;
         self.check_usable()?;
-        let _gate = self.shared();
-        let mut entries = [LeafEntry::default(); FANOUT as usize];
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let lbn = off / BLOCK_SIZE;
-            let in_leaf = (FANOUT - lbn % FANOUT) as usize;
-            let end_off = (offset + buf.len() as u64).min((lbn + in_leaf as u64) * BLOCK_SIZE);
-            let last = (end_off - 1) / BLOCK_SIZE;
-            let n = (last - lbn + 1) as usize;
-            self.map
-                .lookup(&*self.storage, &self.keys(), lbn, &mut entries[..n])?;
-            let span = (end_off - off) as usize;
-            self.read_leaf_span(off, &entries[..n], &mut buf[pos..pos + span])?;
-            pos += span;
+        if buf.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let _gate = self.shared();
+        let first = offset / BLOCK_SIZE;
+        let n = ((offset + buf.len() as u64 - 1) / BLOCK_SIZE - first + 1) as usize;
+        let mut one_leaf = [LeafEntry::default(); FANOUT as usize];
+        let mut more = Vec::new();
+        let entries = if n <= one_leaf.len() {
+            &mut one_leaf[..n]
+        } else {
+            more.resize(n, LeafEntry::default());
+            &mut more[..]
+        };
+        let mut i = 0;
+        while i < n {
+            let lbn = first + i as u64;
+            let k = ((FANOUT - lbn % FANOUT) as usize).min(n - i);
+            self.map
+                .lookup(&*self.storage, &self.keys(), lbn, &mut entries[i..i + k])?;
+            i += k;
+        }
+        self.read_entries(offset, entries, buf)
     }
 
-    /// Reads the part of one leaf's blocks at `off` into `buf`, coalescing physically
-    /// contiguous full blocks into one read.
-    fn read_leaf_span(&self, off: u64, entries: &[LeafEntry], buf: &mut [u8]) -> Result<()> {
-        let first_lbn = off / BLOCK_SIZE;
-        let keys = self.keys();
+    /// Reads the blocks of `entries` (from the one of `offset`) into `buf`: physically
+    /// contiguous whole blocks in one piece, all pieces in one storage call (in flight
+    /// together where each read is a round trip), then opened.
+    fn read_entries(&self, offset: u64, entries: &[LeafEntry], buf: &mut [u8]) -> Result<()> {
+        let first_lbn = offset / BLOCK_SIZE;
+        // One whole block (a 4 KiB read): no lists to build.
+        if let ([e], BS) = (entries, buf.len()) {
+            if e.pbn == 0 {
+                buf.fill(0);
+                return Ok(());
+            }
+            self.read_blocks(e.pbn, buf)?;
+            return open_block(&self.keys(), first_lbn, e, buf);
+        }
+        // Runs of whole blocks read in place: (first entry, destination); partial blocks
+        // read whole into a block of their own: (entry, byte in block, destination, block).
+        let mut runs: Vec<(usize, &mut [u8])> = Vec::new();
+        let mut parts: Vec<(usize, usize, &mut [u8], Vec<u8>)> = Vec::new();
+        let mut rest = buf;
         let mut i = 0;
-        let mut pos = 0usize;
         while i < entries.len() {
-            let lbn = first_lbn + i as u64;
             let in_block = if i == 0 {
-                (off % BLOCK_SIZE) as usize
+                (offset % BLOCK_SIZE) as usize
             } else {
                 0
             };
-            let len = (BS - in_block).min(buf.len() - pos);
+            let len = (BS - in_block).min(rest.len());
             let e = entries[i];
-            if e.pbn == 0 {
-                buf[pos..pos + len].fill(0);
-                pos += len;
+            if e.pbn == 0 || len < BS {
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                rest = tail;
+                if e.pbn == 0 {
+                    piece.fill(0);
+                } else {
+                    parts.push((i, in_block, piece, vec![0u8; BS]));
+                }
                 i += 1;
                 continue;
             }
-            if len < BS {
-                let mut block = vec![0u8; BS];
-                self.read_blocks(e.pbn, &mut block)?;
-                open_block(&keys, lbn, &e, &mut block)?;
-                buf[pos..pos + len].copy_from_slice(&block[in_block..in_block + len]);
-                pos += len;
-                i += 1;
-                continue;
-            }
-            // A run of full blocks with consecutive physical blocks.
             let mut j = i + 1;
             while j < entries.len()
-                && buf.len() - pos >= (j - i + 1) * BS
+                && rest.len() >= (j - i + 1) * BS
                 && entries[j].pbn == e.pbn + (j - i) as u64
             {
                 j += 1;
             }
-            let run = &mut buf[pos..pos + (j - i) * BS];
-            self.read_blocks(e.pbn, run)?;
-            for (k, block) in run.chunks_exact_mut(BS).enumerate() {
-                open_block(&keys, lbn + k as u64, &entries[i + k], block)?;
-            }
-            pos += (j - i) * BS;
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut((j - i) * BS);
+            rest = tail;
+            runs.push((i, piece));
             i = j;
+        }
+        let mut reads: Vec<(u64, &mut [u8])> = runs
+            .iter_mut()
+            .map(|(i, piece)| (entries[*i].pbn * BLOCK_SIZE, &mut **piece))
+            .chain(
+                parts
+                    .iter_mut()
+                    .map(|(i, _, _, block)| (entries[*i].pbn * BLOCK_SIZE, &mut block[..])),
+            )
+            .collect();
+        let outcomes = self.storage.read_many(&mut reads);
+        for ((at, piece), outcome) in reads.iter().zip(outcomes) {
+            outcome.map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot read {} bytes of data at physical block {}",
+                        piece.len(),
+                        at / BLOCK_SIZE
+                    ),
+                    e,
+                )
+            })?;
+        }
+        drop(reads);
+        let keys = self.keys();
+        for (i, piece) in runs {
+            for (k, block) in piece.chunks_exact_mut(BS).enumerate() {
+                open_block(&keys, first_lbn + (i + k) as u64, &entries[i + k], block)?;
+            }
+        }
+        for (i, in_block, piece, mut block) in parts {
+            open_block(&keys, first_lbn + i as u64, &entries[i], &mut block)?;
+            let n = piece.len();
+            piece.copy_from_slice(&block[in_block..in_block + n]);
         }
         Ok(())
     }

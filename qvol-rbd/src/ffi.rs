@@ -82,6 +82,7 @@ api! {
     rbd: rbd_write2: fn(ImageT, u64, usize, *const c_char, c_int) -> isize;
     rbd: rbd_aio_create_completion: fn(*mut c_void, *const c_void, *mut CompletionT) -> c_int;
     rbd: rbd_aio_write: fn(ImageT, u64, usize, *const c_char, CompletionT) -> c_int;
+    rbd: rbd_aio_read: fn(ImageT, u64, usize, *mut c_char, CompletionT) -> c_int;
     rbd: rbd_aio_wait_for_complete: fn(CompletionT) -> c_int;
     rbd: rbd_aio_get_return_value: fn(CompletionT) -> isize;
     rbd: rbd_aio_release: fn(CompletionT) -> ();

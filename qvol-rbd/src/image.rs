@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `read_exact_at` | `rbd_read2` |
 //! | `write_all_at` | `rbd_write2` (after `rbd_resize` if it ends past the image) |
-//! | `write_many` | `rbd_aio_write` for each, all in flight, then `rbd_aio_wait_for_complete` |
+//! | `write_many` / `read_many` | `rbd_aio_write` / `rbd_aio_read` for each, all in flight, then `rbd_aio_wait_for_complete` |
 //! | `len` / `set_len` | `rbd_get_size` / `rbd_resize` |
 //! | `sync_data` | `rbd_flush` |
 //! | `punch_hole` | `rbd_write_zeroes` (deallocates whole objects, zeroes the rest) |
@@ -386,10 +386,8 @@ impl RbdImage {
     }
 
     /// [`Storage::write_many`]: every write put in flight with `rbd_aio_write`, then each
-    /// waited for. Every completion made is waited for before this returns, whatever
-    /// fails (the buffers must outlive the writes).
+    /// waited for.
     fn write_together(&self, writes: &[(u64, &[u8])]) -> io::Result<Vec<io::Result<()>>> {
-        let api = api()?;
         if !self.writable {
             return Err(self.read_only_error());
         }
@@ -399,54 +397,109 @@ impl RbdImage {
             .max()
             .unwrap_or(0);
         self.ensure_len(end)?;
-        let handle = self.handle()?;
-        let mut outcomes: Vec<io::Result<()>> = writes.iter().map(|_| Ok(())).collect();
-        let mut flying: Vec<(usize, u64, usize, Flying)> = Vec::new();
-        'writes: for (i, &(offset, buf)) in writes.iter().enumerate() {
-            for (k, chunk) in buf.chunks(MAX_CHUNK).enumerate() {
-                let at = offset + (k * MAX_CHUNK) as u64;
-                let n = chunk.len();
-                let what = || format!("cannot write {n} bytes at offset {at} of {}", self.name);
-                let mut c: CompletionT = ptr::null_mut();
-                // SAFETY: no callback, no argument; `c` receives the new completion.
-                let rc = unsafe {
-                    (api.rbd_aio_create_completion)(ptr::null_mut(), ptr::null(), &mut c)
-                };
-                if let Err(e) = check(rc, what) {
-                    outcomes[i] = Err(e);
-                    continue 'writes;
-                }
-                // SAFETY: an open image (the guard is held until every completion is
-                // waited for); `chunk` is valid for reads of `n` bytes and outlives the
-                // write: `Flying` waits for it before it is released, and it is dropped
-                // before this function returns.
-                let rc = unsafe { (api.rbd_aio_write)(*handle, at, n, chunk.as_ptr().cast(), c) };
-                if let Err(e) = check(rc, what) {
-                    // Never submitted: nothing to wait for.
-                    // SAFETY: the completion made above, released once.
-                    unsafe { (api.rbd_aio_release)(c) };
-                    outcomes[i] = Err(e);
-                    continue 'writes;
-                }
-                flying.push((i, at, n, Flying { api, c }));
-            }
+        let ops: Vec<Aio> = writes
+            .iter()
+            .map(|&(at, buf)| Aio::Write { at, buf })
+            .collect();
+        self.in_flight(&ops)
+    }
+
+    /// [`Storage::read_many`]: every read put in flight with `rbd_aio_read`, then each
+    /// waited for.
+    fn read_together(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<Vec<io::Result<()>>> {
+        let end = reads
+            .iter()
+            .map(|(offset, buf)| offset.saturating_add(buf.len() as u64))
+            .max()
+            .unwrap_or(0);
+        if end > self.size.load(Ordering::Acquire) {
+            let size = self.current_size()?;
+            self.size.fetch_max(size, Ordering::AcqRel);
         }
-        for (i, at, n, c) in flying {
-            let rv = c.wait();
-            if outcomes[i].is_err() {
+        let size = self.size.load(Ordering::Acquire);
+        let ops: Vec<Aio> = reads
+            .iter_mut()
+            .map(|(at, buf)| Aio::Read {
+                at: *at,
+                ptr: buf.as_mut_ptr(),
+                n: buf.len(),
+                past_end: at.saturating_add(buf.len() as u64) > size,
+            })
+            .collect();
+        self.in_flight(&ops)
+    }
+
+    /// Puts every one of `ops` in flight, then waits for each; the outcome of each. Every
+    /// completion made is waited for before this returns, whatever fails (the buffers must
+    /// outlive the requests). Each op is at most [`MAX_CHUNK`] bytes.
+    fn in_flight(&self, ops: &[Aio<'_>]) -> io::Result<Vec<io::Result<()>>> {
+        let api = api()?;
+        let handle = self.handle()?;
+        let mut outcomes: Vec<io::Result<()>> = Vec::with_capacity(ops.len());
+        let mut flying: Vec<(usize, Flying)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            outcomes.push(Ok(()));
+            let (at, n) = op.range();
+            let what = || op.failed(&self.name);
+            if let Aio::Read { past_end: true, .. } = op {
+                outcomes[i] = Err(other(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "a read of {n} bytes at offset {at} goes past the end of {}",
+                        self.name
+                    ),
+                ));
                 continue;
             }
-            outcomes[i] = match check(rv as i64, || {
-                format!("cannot write {n} bytes at offset {at} of {}", self.name)
-            }) {
+            if n > MAX_CHUNK {
+                outcomes[i] = Err(other(io::ErrorKind::InvalidInput, what()));
+                continue;
+            }
+            let mut c: CompletionT = ptr::null_mut();
+            // SAFETY: no callback, no argument; `c` receives the new completion.
+            let rc =
+                unsafe { (api.rbd_aio_create_completion)(ptr::null_mut(), ptr::null(), &mut c) };
+            if let Err(e) = check(rc, what) {
+                outcomes[i] = Err(e);
+                continue;
+            }
+            // SAFETY: an open image (the guard is held until every completion is waited
+            // for); the buffer is valid for `n` bytes (reads: for writes, and borrowed
+            // mutably by the caller) and outlives the request: `Flying` waits for it
+            // before it is released, and it is dropped before this function returns.
+            let rc = unsafe {
+                match *op {
+                    Aio::Write { buf, .. } => {
+                        (api.rbd_aio_write)(*handle, at, n, buf.as_ptr().cast(), c)
+                    }
+                    Aio::Read { ptr, .. } => (api.rbd_aio_read)(*handle, at, n, ptr.cast(), c),
+                }
+            };
+            if let Err(e) = check(rc, what) {
+                // Never submitted: nothing to wait for.
+                // SAFETY: the completion made above, released once.
+                unsafe { (api.rbd_aio_release)(c) };
+                outcomes[i] = Err(e);
+                continue;
+            }
+            flying.push((i, Flying { api, c }));
+        }
+        for (i, c) in flying {
+            let rv = c.wait();
+            let (at, n) = ops[i].range();
+            outcomes[i] = match check(rv as i64, || ops[i].failed(&self.name)) {
                 Err(e) => Err(e),
-                // A completed write returns 0 (librbd's aio writes return no byte count),
-                // or the count: anything else is short.
-                Ok(put) if put != 0 && put as usize != n => Err(other(
-                    io::ErrorKind::WriteZero,
-                    format!("{} took {put} of {n} bytes at offset {at}", self.name),
+                // A completed write returns 0 (librbd's aio writes return no byte count) or
+                // the count, a read the count: anything else is short.
+                Ok(done)
+                    if done as usize == n || (done == 0 && matches!(ops[i], Aio::Write { .. })) =>
+                {
+                    Ok(())
+                }
+                Ok(done) => Err(other(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{} moved {done} of {n} bytes at offset {at}", self.name),
                 )),
-                Ok(_) => Ok(()),
             };
         }
         Ok(outcomes)
@@ -468,7 +521,41 @@ impl Drop for RbdImage {
     }
 }
 
-/// A submitted `rbd_aio_write`: waited for and released on drop, so that no buffer is
+/// One request of [`RbdImage::in_flight`].
+enum Aio<'a> {
+    Write {
+        at: u64,
+        buf: &'a [u8],
+    },
+    /// Into `n` bytes at `ptr`, borrowed mutably by the caller for the call.
+    Read {
+        at: u64,
+        ptr: *mut u8,
+        n: usize,
+        /// Ends past the image: not submitted, `UnexpectedEof`.
+        past_end: bool,
+    },
+}
+
+impl Aio<'_> {
+    fn range(&self) -> (u64, usize) {
+        match *self {
+            Aio::Write { at, buf } => (at, buf.len()),
+            Aio::Read { at, n, .. } => (at, n),
+        }
+    }
+
+    fn failed(&self, name: &RbdName) -> String {
+        let (at, n) = self.range();
+        let verb = match self {
+            Aio::Write { .. } => "write",
+            Aio::Read { .. } => "read",
+        };
+        format!("cannot {verb} {n} bytes at offset {at} of {name}")
+    }
+}
+
+/// A submitted `rbd_aio_write` or `rbd_aio_read`: waited for and released on drop, so that no buffer is
 /// freed under a write librbd still reads from (even while unwinding).
 struct Flying {
     api: &'static ffi::Api,
@@ -567,6 +654,23 @@ impl Storage for RbdImage {
             done += n;
         }
         Ok(())
+    }
+
+    /// All in flight at once.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<io::Result<()>> {
+        if reads.len() < 2 {
+            return reads
+                .iter_mut()
+                .map(|(offset, buf)| self.read_exact_at(buf, *offset))
+                .collect();
+        }
+        match self.read_together(reads) {
+            Ok(outcomes) => outcomes,
+            Err(e) => reads
+                .iter()
+                .map(|_| Err(other(e.kind(), e.to_string())))
+                .collect(),
+        }
     }
 
     /// All in flight at once: what the engine hands in together may land in any order.

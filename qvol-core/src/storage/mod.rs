@@ -95,6 +95,16 @@ pub trait Storage: Send + Sync + Debug {
             .map(|&(offset, buf)| self.write_all_at(buf, offset))
             .collect()
     }
+
+    /// Fills each `(offset, buffer)` of `reads` as [`Storage::read_exact_at`] does, possibly
+    /// at the same time (RBD puts them in flight together); the outcome of each, in order.
+    /// Returns once every one has completed. The default reads them one after another.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<io::Result<()>> {
+        reads
+            .iter_mut()
+            .map(|(offset, buf)| self.read_exact_at(buf, *offset))
+            .collect()
+    }
 }
 
 macro_rules! forward_storage {
@@ -126,6 +136,9 @@ macro_rules! forward_storage {
             }
             fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
                 (**self).write_many(writes)
+            }
+            fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<io::Result<()>> {
+                (**self).read_many(reads)
             }
         }
     };
