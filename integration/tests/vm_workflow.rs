@@ -434,6 +434,27 @@ fn two_vms_run_at_once_each_on_its_own_key() {
             );
         }
     }
+
+    // A QEMU that died leaves its disk backend running, holding the disk: start refuses
+    // (on RBD, `--break-lock` would fence that backend, not start the VM), and stop stops
+    // the backend.
+    w.vm(&["start", "alpha"]).success();
+    let run = w.dir("alpha").join("run");
+    let qemu = pid_in(&run.join("qemu.pid")).expect("a QEMU pid");
+    let backend = pid_in(&run.join("primary.pid")).expect("a backend pid");
+    // SAFETY: kill has no memory-safety preconditions; the pid is this test's QEMU.
+    unsafe { libc::kill(qemu, libc::SIGKILL) };
+    let t0 = Instant::now();
+    while alive(qemu) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "QEMU outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let line = w
+        .vm(&["start", "alpha"])
+        .one_sentence_error("qvol", "is still running");
+    assert!(line.contains(&format!("pid {backend}")), "{line}");
+    w.vm(&["stop", "alpha"]).success();
+    assert!(!alive(backend), "stop left the backend running");
 }
 
 /// B4. A migrate killed at each of its steps leaves the disk and config.yaml byte for byte,

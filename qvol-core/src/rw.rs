@@ -238,6 +238,14 @@ impl Volume {
             )
             .collect();
         let outcomes = self.storage.read_many(&mut reads);
+        if outcomes.len() != reads.len() {
+            return Err(Error::io(
+                "cannot read data",
+                std::io::Error::other(
+                    "internal: the storage answered for fewer reads than it was given",
+                ),
+            ));
+        }
         for ((at, piece), outcome) in reads.iter().zip(outcomes) {
             outcome.map_err(|e| {
                 Error::io(

@@ -397,11 +397,14 @@ impl RbdImage {
             .max()
             .unwrap_or(0);
         self.ensure_len(end)?;
-        let ops: Vec<Aio> = writes
-            .iter()
-            .map(|&(at, buf)| Aio::Write { at, buf })
-            .collect();
-        self.in_flight(&ops)
+        let mut ops = Vec::new();
+        for (i, &(offset, buf)) in writes.iter().enumerate() {
+            for (k, chunk) in buf.chunks(MAX_CHUNK).enumerate() {
+                let at = offset + (k * MAX_CHUNK) as u64;
+                ops.push((i, Aio::Write { at, buf: chunk }));
+            }
+        }
+        self.in_flight(&ops, writes.len())
     }
 
     /// [`Storage::read_many`]: every read put in flight with `rbd_aio_read`, then each
@@ -417,28 +420,43 @@ impl RbdImage {
             self.size.fetch_max(size, Ordering::AcqRel);
         }
         let size = self.size.load(Ordering::Acquire);
-        let ops: Vec<Aio> = reads
-            .iter_mut()
-            .map(|(at, buf)| Aio::Read {
-                at: *at,
-                ptr: buf.as_mut_ptr(),
-                n: buf.len(),
-                past_end: at.saturating_add(buf.len() as u64) > size,
-            })
-            .collect();
-        self.in_flight(&ops)
+        let mut ops = Vec::new();
+        for (i, (offset, buf)) in reads.iter_mut().enumerate() {
+            let past_end = offset.saturating_add(buf.len() as u64) > size;
+            for (k, chunk) in buf.chunks_mut(MAX_CHUNK).enumerate() {
+                let at = *offset + (k * MAX_CHUNK) as u64;
+                let (ptr, n) = (chunk.as_mut_ptr(), chunk.len());
+                ops.push((
+                    i,
+                    Aio::Read {
+                        at,
+                        ptr,
+                        n,
+                        past_end,
+                    },
+                ));
+            }
+        }
+        self.in_flight(&ops, reads.len())
     }
 
-    /// Puts every one of `ops` in flight, then waits for each; the outcome of each. Every
-    /// completion made is waited for before this returns, whatever fails (the buffers must
-    /// outlive the requests). Each op is at most [`MAX_CHUNK`] bytes.
-    fn in_flight(&self, ops: &[Aio<'_>]) -> io::Result<Vec<io::Result<()>>> {
+    /// Puts every one of `ops` in flight, then waits for each: each op at most
+    /// [`MAX_CHUNK`] bytes, of the caller's request given with it; the outcome of each of
+    /// `requests` requests (its first failure). Every completion made is waited for before
+    /// this returns, whatever fails (the buffers must outlive the requests).
+    fn in_flight(
+        &self,
+        ops: &[(usize, Aio<'_>)],
+        requests: usize,
+    ) -> io::Result<Vec<io::Result<()>>> {
         let api = api()?;
         let handle = self.handle()?;
-        let mut outcomes: Vec<io::Result<()>> = Vec::with_capacity(ops.len());
+        let mut outcomes: Vec<io::Result<()>> = (0..requests).map(|_| Ok(())).collect();
         let mut flying: Vec<(usize, Flying)> = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            outcomes.push(Ok(()));
+        for (index, &(i, ref op)) in ops.iter().enumerate() {
+            if outcomes[i].is_err() {
+                continue;
+            }
             let (at, n) = op.range();
             let what = || op.failed(&self.name);
             if let Aio::Read { past_end: true, .. } = op {
@@ -449,10 +467,6 @@ impl RbdImage {
                         self.name
                     ),
                 ));
-                continue;
-            }
-            if n > MAX_CHUNK {
-                outcomes[i] = Err(other(io::ErrorKind::InvalidInput, what()));
                 continue;
             }
             let mut c: CompletionT = ptr::null_mut();
@@ -482,17 +496,21 @@ impl RbdImage {
                 outcomes[i] = Err(e);
                 continue;
             }
-            flying.push((i, Flying { api, c }));
+            flying.push((index, Flying { api, c }));
         }
-        for (i, c) in flying {
+        for (index, c) in flying {
             let rv = c.wait();
-            let (at, n) = ops[i].range();
-            outcomes[i] = match check(rv as i64, || ops[i].failed(&self.name)) {
+            let (i, ref op) = ops[index];
+            if outcomes[i].is_err() {
+                continue;
+            }
+            let (at, n) = op.range();
+            outcomes[i] = match check(rv as i64, || op.failed(&self.name)) {
                 Err(e) => Err(e),
                 // A completed write returns 0 (librbd's aio writes return no byte count) or
                 // the count, a read the count: anything else is short.
                 Ok(done)
-                    if done as usize == n || (done == 0 && matches!(ops[i], Aio::Write { .. })) =>
+                    if done as usize == n || (done == 0 && matches!(op, Aio::Write { .. })) =>
                 {
                     Ok(())
                 }

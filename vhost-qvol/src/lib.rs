@@ -65,6 +65,18 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         SocketSource::Fd(_) => Some(serve::listen(&config.socket)?),
         SocketSource::Path(_) => None,
     };
+    if image::is_rbd(&config.blk_file) {
+        // RBD's request threads allocate each request's sealed data (handed to the writes
+        // gathered with other writers'), and glibc gives each thread an arena of its own
+        // (up to 8 a core) that keeps what they free: peak RSS 304 MiB in `compare
+        // --backends rbd-xchacha`. Two arenas: 212 MiB at the same speed (one slowed
+        // writes; a fixed mmap threshold cut RSS to 74 MiB but sequential reads to a tenth,
+        // librbd's own buffers being mapped and unmapped for each read). benches/RESULTS.md
+        // has the runs. Set before librados starts its threads: glibc fixes its arena limit
+        // once the first few arenas exist.
+        // SAFETY: mallopt only changes allocator parameters; no other thread runs yet.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    }
     let (volume, volume_id, recorder, lock) = open_disk(&config)?;
     let stats = Arc::new(stats::Stats::default());
     let disk: Arc<dyn Disk> = Arc::new(stats::CountingDisk::new(
@@ -100,15 +112,6 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
     if image::is_rbd(&config.blk_file) {
         // Each storage call waits on the cluster: serve a queue's requests together.
         device.set_parallel(RBD_PARALLEL, 0);
-        // Those threads allocate each request's sealed data (handed to the writes gathered
-        // with other writers'), and glibc gives each of them an arena of its own (up to 8
-        // a core) that keeps what they free: peak RSS 304 MiB in `compare --backends
-        // rbd-xchacha`. Two arenas: 212 MiB at the same speed (one slowed writes; a fixed mmap
-        // threshold cut RSS to 74 MiB but sequential reads to a tenth, librbd's own buffers
-        // being mapped and unmapped for each read). benches/RESULTS.md has the runs.
-        // SAFETY: mallopt only changes allocator parameters; called before any serving
-        // thread starts.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     } else {
         // Sealing and opening large requests is what bounds one queue: spread them over
         // the cores the queues leave (more threads than cores only preempt lock holders).

@@ -16,7 +16,6 @@ use vhost_qvol::open::volume_id_hex;
 use vhost_qvol::size::format_size;
 
 use super::config::{self, DiskConfig};
-use super::process::live_pid;
 use super::Vm;
 use crate::convert::{compare_volume, import_image};
 use crate::keystore::KeystoreArgs;
@@ -57,13 +56,7 @@ fn partial_of(target: &Path) -> PathBuf {
 pub fn run(vm: &Vm, args: &MigrateArgs) -> anyhow::Result<()> {
     let cfg = &vm.config;
     let name = &cfg.name;
-    let run = vm.run_dir();
-    if vm.qemu_pid().is_some()
-        || cfg
-            .disks
-            .iter()
-            .any(|d| live_pid(&run.disk_pid(&d.id), &d.path.display().to_string()).is_some())
-    {
+    if vm.qemu_pid().is_some() || !super::live_backends(vm).is_empty() {
         bail!("VM {name} is running; stop it first (`qvol vm stop {name}`)");
     }
     let plain: Vec<&DiskConfig> = cfg.disks.iter().filter(|d| !d.is_qvol()).collect();

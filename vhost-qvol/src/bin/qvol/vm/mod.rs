@@ -409,6 +409,18 @@ fn prepare_disks(vm: &Vm, keys: &KeystoreArgs) -> anyhow::Result<Vm> {
     Ok(vm)
 }
 
+/// The disk backends of `vm` that are running: (disk id, pid).
+pub(super) fn live_backends(vm: &Vm) -> Vec<(String, i32)> {
+    let run = vm.run_dir();
+    vm.config
+        .disks
+        .iter()
+        .filter_map(|d| {
+            live_pid(&run.disk_pid(&d.id), &d.path.display().to_string()).map(|p| (d.id.clone(), p))
+        })
+        .collect()
+}
+
 /// How `qvol vm start` starts a VM.
 struct Starting {
     /// Stay until the VM powers off.
@@ -428,6 +440,14 @@ fn start(vm: &Vm, how: Starting, keys: &KeystoreArgs) -> anyhow::Result<()> {
     let name = &vm.config.name;
     if let Some(pid) = vm.qemu_pid() {
         bail!("VM {name} is already running (QEMU pid {pid}); `qvol vm stop {name}` first");
+    }
+    // A backend left from a QEMU that died still holds its disk (and, on RBD, its lock:
+    // --break-lock would fence it, not start the VM).
+    if let Some((disk, pid)) = live_backends(vm).first() {
+        bail!(
+            "the backend of VM {name}'s disk {disk} is still running (pid {pid}) although \
+             its QEMU is not; `qvol vm stop {name}` stops it"
+        );
     }
     if break_lock && !vm.config.disks.iter().any(|d| d.is_rbd()) {
         bail!("--break-lock is for rbd: disks, and VM {name} has none");
@@ -469,7 +489,7 @@ fn start(vm: &Vm, how: Starting, keys: &KeystoreArgs) -> anyhow::Result<()> {
                 "`vhost-qvol --break-lock`",
                 &format!("`qvol vm start {name} --break-lock`"),
             );
-            if disk.is_rbd() && !e.contains("--break-lock") {
+            if disk.is_rbd() && !break_lock && e.contains("did not appear") {
                 e += &format!(
                     " (if a client that died holds its lock, `qvol vm start {name} \
                      --break-lock` takes it over)"
@@ -539,14 +559,7 @@ fn start(vm: &Vm, how: Starting, keys: &KeystoreArgs) -> anyhow::Result<()> {
 fn stop(vm: &Vm, force: bool, timeout: Duration) -> anyhow::Result<()> {
     let name = &vm.config.name;
     let run = vm.run_dir();
-    let backends: Vec<(String, i32)> = vm
-        .config
-        .disks
-        .iter()
-        .filter_map(|d| {
-            live_pid(&run.disk_pid(&d.id), &d.path.display().to_string()).map(|p| (d.id.clone(), p))
-        })
-        .collect();
+    let backends = live_backends(vm);
     let qemu = vm.qemu_pid();
     if qemu.is_none() && backends.is_empty() {
         bail!("VM {name} is not running");
