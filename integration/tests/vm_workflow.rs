@@ -446,7 +446,10 @@ fn two_vms_run_at_once_each_on_its_own_key() {
     unsafe { libc::kill(qemu, libc::SIGKILL) };
     let t0 = Instant::now();
     while alive(qemu) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "QEMU outlived SIGKILL");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "QEMU outlived SIGKILL"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let line = w
