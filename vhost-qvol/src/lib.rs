@@ -69,11 +69,11 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
         // RBD's request threads allocate each request's sealed data (handed to the writes
         // gathered with other writers'), and glibc gives each thread an arena of its own
         // (up to 8 a core) that keeps what they free: peak RSS 304 MiB in `compare
-        // --backends rbd-xchacha`. Two arenas: 212 MiB at the same speed (one slowed
-        // writes; a fixed mmap threshold cut RSS to 74 MiB but sequential reads to a tenth,
-        // librbd's own buffers being mapped and unmapped for each read). benches/RESULTS.md
-        // has the runs. Set before librados starts its threads: glibc fixes its arena limit
-        // once the first few arenas exist.
+        // --backends rbd-xchacha`. Two arenas, set before librados starts its threads
+        // (glibc fixes its arena limit once the first few arenas exist): 102 MiB at the same
+        // speed (one arena slowed writes; a fixed mmap threshold cut RSS to 74 MiB but
+        // sequential reads to a tenth, librbd's own buffers being mapped and unmapped for
+        // each read). benches/RESULTS.md has the runs.
         // SAFETY: mallopt only changes allocator parameters; no other thread runs yet.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     }
