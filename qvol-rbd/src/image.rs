@@ -385,6 +385,17 @@ impl RbdImage {
         Ok(owners)
     }
 
+    /// The image's size, read again from the cluster if `end` lies past the size known
+    /// (a read-only handle's writer may have grown it).
+    fn size_reaching(&self, end: u64) -> io::Result<u64> {
+        let known = self.size.load(Ordering::Acquire);
+        if end <= known {
+            return Ok(known);
+        }
+        let size = self.current_size()?;
+        Ok(self.size.fetch_max(size, Ordering::AcqRel).max(size))
+    }
+
     /// [`Storage::write_many`]: every write put in flight with `rbd_aio_write`, then each
     /// waited for.
     fn write_together(&self, writes: &[(u64, &[u8])]) -> io::Result<Vec<io::Result<()>>> {
@@ -415,11 +426,7 @@ impl RbdImage {
             .map(|(offset, buf)| offset.saturating_add(buf.len() as u64))
             .max()
             .unwrap_or(0);
-        if end > self.size.load(Ordering::Acquire) {
-            let size = self.current_size()?;
-            self.size.fetch_max(size, Ordering::AcqRel);
-        }
-        let size = self.size.load(Ordering::Acquire);
+        let size = self.size_reaching(end)?;
         let mut ops = Vec::new();
         for (i, (offset, buf)) in reads.iter_mut().enumerate() {
             let past_end = offset.saturating_add(buf.len() as u64) > size;
@@ -539,6 +546,15 @@ impl Drop for RbdImage {
     }
 }
 
+/// The outcome of each of `n` requests: `outcomes`, or its error for every one of them.
+fn each(n: usize, outcomes: io::Result<Vec<io::Result<()>>>) -> Vec<io::Result<()>> {
+    outcomes.unwrap_or_else(|e| {
+        (0..n)
+            .map(|_| Err(other(e.kind(), e.to_string())))
+            .collect()
+    })
+}
+
 /// One request of [`RbdImage::in_flight`].
 enum Aio<'a> {
     Write {
@@ -610,20 +626,17 @@ impl Storage for RbdImage {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let api = api()?;
         let end = offset.saturating_add(buf.len() as u64);
-        if end > self.size.load(Ordering::Acquire) {
-            let size = self.current_size()?;
-            self.size.fetch_max(size, Ordering::AcqRel);
-            if end > size {
-                return Err(other(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "a read of {} bytes at offset {offset} goes past the end of {} \
-                         ({size} bytes)",
-                        buf.len(),
-                        self.name
-                    ),
-                ));
-            }
+        let size = self.size_reaching(end)?;
+        if end > size {
+            return Err(other(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "a read of {} bytes at offset {offset} goes past the end of {} \
+                     ({size} bytes)",
+                    buf.len(),
+                    self.name
+                ),
+            ));
         }
         let mut done = 0usize;
         while done < buf.len() {
@@ -682,13 +695,8 @@ impl Storage for RbdImage {
                 .map(|(offset, buf)| self.read_exact_at(buf, *offset))
                 .collect();
         }
-        match self.read_together(reads) {
-            Ok(outcomes) => outcomes,
-            Err(e) => reads
-                .iter()
-                .map(|_| Err(other(e.kind(), e.to_string())))
-                .collect(),
-        }
+        let n = reads.len();
+        each(n, self.read_together(reads))
     }
 
     /// All in flight at once: what the engine hands in together may land in any order.
@@ -699,13 +707,7 @@ impl Storage for RbdImage {
                 .map(|&(offset, buf)| self.write_all_at(buf, offset))
                 .collect();
         }
-        match self.write_together(writes) {
-            Ok(outcomes) => outcomes,
-            Err(e) => writes
-                .iter()
-                .map(|_| Err(other(e.kind(), e.to_string())))
-                .collect(),
-        }
+        each(writes.len(), self.write_together(writes))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
