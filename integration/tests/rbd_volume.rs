@@ -136,21 +136,36 @@ fn tamper_fails_reads(cluster: &CephCluster, f: &Fixture, image: &std::path::Pat
 
     let daemon = f.start_daemon(image, "t", &[]).unwrap();
     let mut c = connect(daemon.socket(), 1);
+    // 32 reads in flight: the daemon reads those it finds available together
+    // (`rbd_aio_read`), and the tampered block must fail only its own.
+    let offsets: Vec<u64> = (0..MIB / BLOCK as u64)
+        .map(|b| 16 * MIB + b * BLOCK as u64)
+        .collect();
     let mut failed = 0;
-    for b in 0..MIB / BLOCK as u64 {
-        let offset = 16 * MIB + b * BLOCK as u64;
-        match c.read(offset, BLOCK) {
-            Ok(data) => assert_eq!(
-                data,
-                pattern::make(BLOCK, offset, 3),
-                "wrong data at {offset} after tampering"
-            ),
-            Err(e) => {
-                assert_eq!(e, Errno::IO);
-                failed += 1;
-            }
-        }
-    }
+    c.queue(0)
+        .run_batch(
+            &offsets,
+            BLOCK,
+            32,
+            false,
+            |_, _| {},
+            |i, data, result| {
+                match result {
+                    Ok(()) => assert_eq!(
+                        data,
+                        pattern::make(BLOCK, offsets[i], 3),
+                        "wrong data at {} after tampering",
+                        offsets[i]
+                    ),
+                    Err(e) => {
+                        assert_eq!(e, Errno::IO);
+                        failed += 1;
+                    }
+                }
+                true
+            },
+        )
+        .unwrap();
     assert_eq!(failed, 1, "one tampered data block, {failed} failed reads");
     assert!(
         daemon.log_text().contains("integrity"),

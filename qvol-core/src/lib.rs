@@ -23,6 +23,7 @@ mod keyslots;
 mod layout;
 mod map;
 pub mod node;
+mod read;
 mod reencrypt;
 mod replay;
 mod resize;

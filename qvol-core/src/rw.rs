@@ -74,7 +74,7 @@ impl Drop for Credit<'_> {
 }
 
 impl Volume {
-    fn check_request(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_request(&self, offset: u64, len: u64) -> Result<()> {
         if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
             return Err(Error::new(
                 ErrorKind::Unaligned,
@@ -147,133 +147,7 @@ impl Volume {
             .map_err(|e| self.fail(e))
     }
 
-    /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Unwritten and discarded
-    /// blocks read as zeros; a block that fails authentication is an `Integrity` error.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_request(offset, buf.len() as u64)?;
-        self.check_usable()?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let _gate = self.shared();
-        let first = offset / BLOCK_SIZE;
-        let n = ((offset + buf.len() as u64 - 1) / BLOCK_SIZE - first + 1) as usize;
-        let mut one_leaf = [LeafEntry::default(); FANOUT as usize];
-        let mut more = Vec::new();
-        let entries = if n <= one_leaf.len() {
-            &mut one_leaf[..n]
-        } else {
-            more.resize(n, LeafEntry::default());
-            &mut more[..]
-        };
-        let mut i = 0;
-        while i < n {
-            let lbn = first + i as u64;
-            let k = ((FANOUT - lbn % FANOUT) as usize).min(n - i);
-            self.map
-                .lookup(&*self.storage, &self.keys(), lbn, &mut entries[i..i + k])?;
-            i += k;
-        }
-        self.read_entries(offset, entries, buf)
-    }
-
-    /// Reads the blocks of `entries` (from the one of `offset`) into `buf`: physically
-    /// contiguous whole blocks in one piece, all pieces in one storage call (in flight
-    /// together where each read is a round trip), then opened.
-    fn read_entries(&self, offset: u64, entries: &[LeafEntry], buf: &mut [u8]) -> Result<()> {
-        let first_lbn = offset / BLOCK_SIZE;
-        // One whole block (a 4 KiB read): no lists to build.
-        if let ([e], BS) = (entries, buf.len()) {
-            if e.pbn == 0 {
-                buf.fill(0);
-                return Ok(());
-            }
-            self.read_blocks(e.pbn, buf)?;
-            return open_block(&self.keys(), first_lbn, e, buf);
-        }
-        // Runs of whole blocks read in place: (first entry, destination); partial blocks
-        // read whole into a block of their own: (entry, byte in block, destination, block).
-        let mut runs: Vec<(usize, &mut [u8])> = Vec::new();
-        let mut parts: Vec<(usize, usize, &mut [u8], Vec<u8>)> = Vec::new();
-        let mut rest = buf;
-        let mut i = 0;
-        while i < entries.len() {
-            let in_block = if i == 0 {
-                (offset % BLOCK_SIZE) as usize
-            } else {
-                0
-            };
-            let len = (BS - in_block).min(rest.len());
-            let e = entries[i];
-            if e.pbn == 0 || len < BS {
-                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
-                rest = tail;
-                if e.pbn == 0 {
-                    piece.fill(0);
-                } else {
-                    parts.push((i, in_block, piece, vec![0u8; BS]));
-                }
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < entries.len()
-                && rest.len() >= (j - i + 1) * BS
-                && entries[j].pbn == e.pbn + (j - i) as u64
-            {
-                j += 1;
-            }
-            let (piece, tail) = std::mem::take(&mut rest).split_at_mut((j - i) * BS);
-            rest = tail;
-            runs.push((i, piece));
-            i = j;
-        }
-        let mut reads: Vec<(u64, &mut [u8])> = runs
-            .iter_mut()
-            .map(|(i, piece)| (entries[*i].pbn * BLOCK_SIZE, &mut **piece))
-            .chain(
-                parts
-                    .iter_mut()
-                    .map(|(i, _, _, block)| (entries[*i].pbn * BLOCK_SIZE, &mut block[..])),
-            )
-            .collect();
-        let outcomes = self.storage.read_many(&mut reads);
-        if outcomes.len() != reads.len() {
-            return Err(Error::io(
-                "cannot read data",
-                std::io::Error::other(
-                    "internal: the storage answered for fewer reads than it was given",
-                ),
-            ));
-        }
-        for ((at, piece), outcome) in reads.iter().zip(outcomes) {
-            outcome.map_err(|e| {
-                Error::io(
-                    format!(
-                        "cannot read {} bytes of data at physical block {}",
-                        piece.len(),
-                        at / BLOCK_SIZE
-                    ),
-                    e,
-                )
-            })?;
-        }
-        drop(reads);
-        let keys = self.keys();
-        for (i, piece) in runs {
-            for (k, block) in piece.chunks_exact_mut(BS).enumerate() {
-                open_block(&keys, first_lbn + (i + k) as u64, &entries[i + k], block)?;
-            }
-        }
-        for (i, in_block, piece, mut block) in parts {
-            open_block(&keys, first_lbn + i as u64, &entries[i], &mut block)?;
-            let n = piece.len();
-            piece.copy_from_slice(&block[in_block..in_block + n]);
-        }
-        Ok(())
-    }
-
-    fn read_blocks(&self, pbn: u64, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_blocks(&self, pbn: u64, buf: &mut [u8]) -> Result<()> {
         self.storage
             .read_exact_at(buf, pbn * BLOCK_SIZE)
             .map_err(|e| {

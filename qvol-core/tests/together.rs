@@ -2,7 +2,8 @@
 //! flight together (FORMAT.md §9, "Write path"): a record may land before the data it names.
 //! What that must not break: after kill -9 such a record is a hole (the block reads as
 //! before), a flush never vouches for it, and replay ends where the live map did, even under
-//! overlapping writes of many threads.
+//! overlapping writes of many threads. Reads of a batch go to storage in one call too, and
+//! fail one by one.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::{pattern, read_block, Gate, Hooked, BS};
-use qvol_core::storage::MemStorage;
+use qvol_core::storage::{MemStorage, Storage};
 use qvol_core::ErrorKind;
 
 /// The first byte of the data region with the default 4 MiB log (FORMAT.md §1: block 1040).
@@ -184,5 +185,87 @@ fn a_write_that_panics_half_way_fails_the_volume_and_leaves_a_hole() {
         read_block(&after, 1).unwrap(),
         old,
         "a write that never returned changed the block"
+    );
+}
+
+/// A batch of reads (a run of blocks, a partial block, a hole, blocks spread apart) reads
+/// what each read alone reads, with the storage asked once for all of them; a block that
+/// fails its tag check fails only the read that holds it, and a read past the end only
+/// itself.
+#[test]
+fn a_batch_of_reads_is_one_storage_call_and_a_bad_block_fails_only_its_read() {
+    let mem = Arc::new(MemStorage::new());
+    let st = Hooked::new(mem.clone(), true, |_, _| true);
+    let vol = common::create(st.clone(), 1 << 20);
+    for lbn in [0u64, 1, 2, 5, 6, 9, 12] {
+        vol.write_at(lbn * BS as u64, &pattern(lbn, BS)).unwrap();
+    }
+    vol.commit().unwrap();
+    let ranges: [(u64, usize); 6] = [
+        (0, 2 * BS),
+        (5 * BS as u64 + 512, 1024),
+        (3 * BS as u64, BS),
+        (9 * BS as u64, BS),
+        (BS as u64, 6 * BS),
+        (12 * BS as u64, BS),
+    ];
+    let alone: Vec<Vec<u8>> = ranges
+        .iter()
+        .map(|&(offset, len)| {
+            let mut buf = vec![0xee; len];
+            vol.read_at(offset, &mut buf).unwrap();
+            buf
+        })
+        .collect();
+    assert_eq!(alone[0], [pattern(0, BS), pattern(1, BS)].concat());
+    assert_eq!(alone[1], pattern(5, BS)[512..1536]);
+    assert_eq!(alone[2], vec![0; BS]);
+    let batch = |vol: &qvol_core::Volume| {
+        let mut bufs: Vec<Vec<u8>> = ranges.iter().map(|&(_, len)| vec![0xee; len]).collect();
+        let mut reads: Vec<(u64, &mut [u8])> = ranges
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(&(offset, _), buf)| (offset, &mut buf[..]))
+            .collect();
+        st.read_calls.lock().unwrap().clear();
+        let results = vol.read_many_at(&mut reads);
+        let calls = st.read_calls.lock().unwrap().clone();
+        (results, bufs, calls)
+    };
+    let (results, bufs, calls) = batch(&vol);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(bufs, alone);
+    // The pieces: blocks 0-1, 5 (whole, on the side), 9, 1-2, 5-6 (runs or single blocks as
+    // they lie), 12; never one call a read.
+    assert_eq!(calls.len(), 1, "one storage call for the batch: {calls:?}");
+
+    // Tamper with block 12's data: only the last read fails, the others read as before.
+    let image = mem.to_vec();
+    let pbn = common::layout::Layout::read(&image)
+        .pbn_of(12)
+        .expect("block 12 is in the committed map");
+    let at = pbn * BS as u64 + 100;
+    let mut byte = [0u8];
+    mem.read_exact_at(&mut byte, at).unwrap();
+    mem.write_all_at(&[byte[0] ^ 1], at).unwrap();
+    let (results, bufs, _) = batch(&vol);
+    for (i, result) in results.iter().enumerate() {
+        if i == 5 {
+            assert_eq!(result.as_ref().unwrap_err().kind(), ErrorKind::Integrity);
+        } else {
+            assert!(result.is_ok(), "read {i}: {result:?}");
+            assert_eq!(bufs[i], alone[i], "read {i}");
+        }
+    }
+
+    // A read past the end fails alone, before any storage read.
+    let mut past = vec![0u8; BS];
+    let mut first = vec![0u8; 2 * BS];
+    let results = vol.read_many_at(&mut [(0, &mut first[..]), (1 << 20, &mut past[..])]);
+    assert!(results[0].is_ok());
+    assert_eq!(first, alone[0]);
+    assert_eq!(
+        results[1].as_ref().unwrap_err().kind(),
+        ErrorKind::OutOfRange
     );
 }

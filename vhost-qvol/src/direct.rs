@@ -11,7 +11,7 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::disk::{Disk, DiskError, SECTOR_SIZE};
+use crate::disk::{Disk, DiskError, DiskErrorKind, SECTOR_SIZE};
 
 /// Host memory of one request's data, part by part, valid while `'m` borrows the guest
 /// memory map.
@@ -61,29 +61,32 @@ impl<'m> GuestBuffers<'m> {
         })
     }
 
-    /// Reads `disk` from `offset` into the buffers. On failure they are zeroed.
-    pub(crate) fn read_from(&self, disk: &dyn Disk, offset: u64) -> Result<(), (u64, DiskError)> {
+    /// The number of bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.parts.iter().map(|&(_, len)| len).sum()
+    }
+
+    /// The parts as the disk ranges they hold from `offset` on.
+    fn pieces(&mut self, offset: u64) -> impl Iterator<Item = (u64, &mut [u8])> + '_ {
         let mut at = offset;
-        for &(ptr, len) in &self.parts {
-            // SAFETY: `ptr` and `len` come from a `VolatileSlice` of the guest memory map that
-            // `'m` keeps mapped; the guest handed these bytes to the device for this request
-            // and does not own them until it is completed. A guest that writes them anyway
-            // can only garble its own buffer (as with a real disk's DMA).
-            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            if let Err(e) = disk.read_at(at, buf) {
-                self.zero();
-                return Err((at, e));
-            }
+        self.parts.iter().map(move |&(ptr, len)| {
+            let piece = at;
             at += len as u64;
-        }
-        Ok(())
+            // SAFETY: `ptr` and `len` come from a `VolatileSlice` of the guest memory map
+            // that `'m` keeps mapped. The guest handed these bytes to the device for this
+            // request and does not own them until it is completed (one that changes them
+            // anyway garbles its own buffer, as with a real disk's DMA). A guest may point
+            // parts at the same memory: `read_all` then reads one part at a time, so that no
+            // two live slices alias; `&mut self` keeps a part from being handed out twice.
+            (piece, unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+        })
     }
 
     /// Writes the buffers to `disk` from `offset`.
     pub(crate) fn write_to(&self, disk: &dyn Disk, offset: u64) -> Result<(), (u64, DiskError)> {
         let mut at = offset;
         for &(ptr, len) in &self.parts {
-            // SAFETY: as in `read_from`; the engine only reads these bytes (once each: it
+            // SAFETY: as in `pieces`; the engine only reads these bytes (once each: it
             // copies a block into its own buffer and seals it there).
             let buf = unsafe { std::slice::from_raw_parts(ptr, len) };
             disk.write_at(at, buf).map_err(|e| (at, e))?;
@@ -92,10 +95,100 @@ impl<'m> GuestBuffers<'m> {
         Ok(())
     }
 
-    fn zero(&self) {
+    fn zero(&mut self) {
         for &(ptr, len) in &self.parts {
-            // SAFETY: as in `read_from`.
+            // SAFETY: as in `pieces`.
             unsafe { std::ptr::write_bytes(ptr, 0, len) };
         }
+    }
+}
+
+/// Reads each `(offset, buffers)` from `disk`, all in one [`Disk::read_many`] call (one
+/// part at a time where the guest made parts overlap); one result a read, in order, with the offset of the first part that failed. The buffers of a
+/// read that fails are zeroed.
+pub(crate) fn read_all(
+    disk: &dyn Disk,
+    reads: &mut [(u64, &mut GuestBuffers<'_>)],
+) -> Vec<Result<(), (u64, DiskError)>> {
+    let mut counts = Vec::with_capacity(reads.len());
+    let mut starts = Vec::new();
+    for (offset, buffers) in reads.iter() {
+        let mut at = *offset;
+        for &(_, len) in &buffers.parts {
+            starts.push(at);
+            at += len as u64;
+        }
+        counts.push(buffers.parts.len());
+    }
+    let spans = reads.iter().flat_map(|(_, b)| b.parts.iter().copied());
+    let mut outcomes = if overlapping(spans) {
+        // A guest that points two buffers at the same memory has them read one at a time,
+        // so that no two live slices alias.
+        let mut outcomes = Vec::with_capacity(starts.len());
+        for (offset, buffers) in reads.iter_mut() {
+            for piece in buffers.pieces(*offset) {
+                outcomes.extend(disk.read_many(&mut [piece]));
+            }
+        }
+        outcomes
+    } else {
+        let mut pieces: Vec<_> = reads
+            .iter_mut()
+            .flat_map(|(offset, buffers)| buffers.pieces(*offset))
+            .collect();
+        disk.read_many(&mut pieces)
+    };
+    if outcomes.len() != starts.len() {
+        let lost = || {
+            DiskError::new(
+                DiskErrorKind::Io,
+                "the disk answered for fewer reads than asked",
+            )
+        };
+        outcomes = starts.iter().map(|_| Err(lost())).collect();
+    }
+    let mut outcomes = outcomes.into_iter();
+    let mut results = Vec::with_capacity(reads.len());
+    let mut at = 0;
+    for ((_, buffers), n) in reads.iter_mut().zip(counts) {
+        let mut result = Ok(());
+        for (k, outcome) in (&mut outcomes).take(n).enumerate() {
+            if let (Err(e), Ok(())) = (outcome, &result) {
+                result = Err((starts[at + k], e));
+            }
+        }
+        at += n;
+        if result.is_err() {
+            buffers.zero();
+        }
+        results.push(result);
+    }
+    results
+}
+
+/// Whether any two of the memory ranges `(start, len)` overlap.
+fn overlapping(spans: impl Iterator<Item = (*mut u8, usize)>) -> bool {
+    let mut spans: Vec<(usize, usize)> = spans
+        .map(|(ptr, len)| (ptr as usize, ptr as usize + len))
+        .collect();
+    spans.sort_unstable();
+    spans.windows(2).any(|w| w[1].0 < w[0].1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_ranges_are_found_touching_ones_are_not() {
+        let p = |at: usize| at as *mut u8;
+        assert!(!overlapping(
+            [(p(4096), 512), (p(0), 4096), (p(4608), 1)].into_iter()
+        ));
+        assert!(overlapping(
+            [(p(0), 4096), (p(8192), 512), (p(4095), 2)].into_iter()
+        ));
+        assert!(overlapping([(p(100), 8), (p(100), 8)].into_iter()));
+        assert!(!overlapping(std::iter::empty()));
     }
 }

@@ -68,6 +68,15 @@ pub trait Disk: Send + Sync {
     fn size(&self) -> u64;
     /// Fills `buf` from `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError>;
+    /// Fills each `(offset, buf)` as [`Disk::read_at`] does; one result a read, in order. A
+    /// disk whose reads each wait on a network round trip puts them in flight together.
+    /// Defaults to one after the other.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), DiskError>> {
+        reads
+            .iter_mut()
+            .map(|(offset, buf)| self.read_at(*offset, buf))
+            .collect()
+    }
     /// Writes `data` at `offset`. Once this returns, the write survives a crash of this
     /// process (the durability contract of docs/SECURITY.md); a later [`Disk::flush`] makes it
     /// survive power loss.

@@ -112,6 +112,7 @@ pub fn start_backend(config: Config) -> anyhow::Result<()> {
     if image::is_rbd(&config.blk_file) {
         // Each storage call waits on the cluster: serve a queue's requests together.
         device.set_parallel(RBD_PARALLEL, 0);
+        device.set_read_batch(RBD_READ_BATCH);
     } else {
         // Sealing and opening large requests is what bounds one queue: spread them over
         // the cores the queues leave (more threads than cores only preempt lock holders).
@@ -260,6 +261,11 @@ fn shut_down(
 /// depths guests use (Linux's virtio-blk asks for up to 128 per queue; 32 already keeps a
 /// single OSD busy here, benches/RESULTS.md).
 const RBD_PARALLEL: usize = 32;
+
+/// The most bytes of reads an RBD-backed disk hands to one request thread together: many
+/// small reads share a thread's wake-ups, a large one (opened on a core of its own) goes
+/// alone.
+const RBD_READ_BATCH: u64 = 256 << 10;
 
 /// The most requests of one queue served at once on a file image (there: the cores per
 /// queue), and the fewest bytes a request carries to be handed to another thread. On 2

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::request::QueueWorker;
 
-/// What a pool thread runs: a request, served with the thread's worker; it returns the
-/// bytes written to the guest.
-pub(crate) type Job = Box<dyn FnOnce(&mut QueueWorker) -> u32 + Send>;
+/// What a pool thread runs: requests, served with the thread's worker; it returns each
+/// one's chain head and the bytes written to the guest.
+pub(crate) type Job = Box<dyn FnOnce(&mut QueueWorker) -> Vec<(u16, u32)> + Send>;
 
-/// A request handed out: its chain's head, the job, where its completion goes.
-type Task = (u16, Job, Sender<(u16, u32)>);
+/// Requests handed out: their chains' heads, the job, where their completions go.
+type Task = (Vec<u16>, Job, Sender<(u16, u32)>);
 
 /// Pool threads of one queue.
 #[derive(Debug)]
@@ -39,18 +39,18 @@ impl Pool {
         })
     }
 
-    /// Hands the request of chain `head` to a free thread; `(head, bytes)` goes to `done`
-    /// when it is served.
+    /// Hands the requests of chains `heads` to a free thread; `(head, bytes)` goes to
+    /// `done` for each when it is served.
     pub(crate) fn submit(
         &self,
-        head: u16,
+        heads: Vec<u16>,
         job: Job,
         done: &Sender<(u16, u32)>,
     ) -> Result<(), String> {
         self.tasks
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .send((head, job, done.clone()))
+            .send((heads, job, done.clone()))
             .map_err(|_| "the queue's request threads are gone".to_owned())
     }
 }
@@ -59,20 +59,28 @@ fn serve(queue: usize, rx: &Mutex<Receiver<Task>>) {
     let mut worker = QueueWorker::new(queue);
     loop {
         let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok((head, job, done)) = next else {
+        let Ok((heads, job, done)) = next else {
             return;
         };
-        // A job only panics on a bug: its request is completed with nothing written (the
+        // A job only panics on a bug: its requests are completed with nothing written (the
         // guest sees the status byte it put there), and the thread goes on with a new worker.
-        let len = match catch_unwind(AssertUnwindSafe(|| job(&mut worker))) {
-            Ok(len) => len,
+        let served = match catch_unwind(AssertUnwindSafe(|| job(&mut worker))) {
+            Ok(served) => served,
             Err(_) => {
                 worker = QueueWorker::new(queue);
-                0
+                Vec::new()
             }
         };
         worker.shed(KEEP_BOUNCE);
-        let _ = done.send((head, len));
+        // Every request handed out is completed exactly once, whatever the job returned.
+        let served = if served.len() == heads.len() {
+            served
+        } else {
+            heads.into_iter().map(|head| (head, 0)).collect()
+        };
+        for completion in served {
+            let _ = done.send(completion);
+        }
     }
 }
 
@@ -92,15 +100,29 @@ mod tests {
             Box::new(move |w: &mut QueueWorker| {
                 let before = w.bounce_len() as u32;
                 w.bounce_for_test(n);
-                before
+                vec![(0, before)]
             })
         };
-        pool.submit(1, job(4 << 20), &tx).unwrap();
-        assert_eq!(rx.recv().unwrap(), (1, 0));
+        pool.submit(vec![0], job(4 << 20), &tx).unwrap();
+        assert_eq!(rx.recv().unwrap(), (0, 0));
         // The next job on the same (only) thread finds the 4 MiB buffer gone, a 64 KiB one kept.
-        pool.submit(2, job(64 << 10), &tx).unwrap();
-        assert_eq!(rx.recv().unwrap(), (2, 0));
-        pool.submit(3, job(0), &tx).unwrap();
-        assert_eq!(rx.recv().unwrap(), (3, 64 << 10));
+        pool.submit(vec![0], job(64 << 10), &tx).unwrap();
+        assert_eq!(rx.recv().unwrap(), (0, 0));
+        pool.submit(vec![0], job(0), &tx).unwrap();
+        assert_eq!(rx.recv().unwrap(), (0, 64 << 10));
+    }
+
+    #[test]
+    fn a_job_that_panics_completes_each_of_its_requests_once() {
+        let pool = Pool::start(0, 1).unwrap();
+        let (tx, rx) = channel();
+        let job: Job = Box::new(|_: &mut QueueWorker| panic!("a bug"));
+        pool.submit(vec![4, 7, 9], job, &tx).unwrap();
+        let mut got: Vec<_> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        got.sort_unstable();
+        assert_eq!(got, [(4, 0), (7, 0), (9, 0)]);
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(100))
+            .is_err());
     }
 }

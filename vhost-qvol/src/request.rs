@@ -34,7 +34,7 @@ use vm_memory::GuestMemoryMmap;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::blk_config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
-use crate::direct::GuestBuffers;
+use crate::direct::{read_all, GuestBuffers};
 use crate::disk::{check_range, Disk, DiskError, DiskErrorKind, SECTOR_SIZE};
 
 /// Largest IN/OUT request we serve; bigger ones fail with IOERR. Linux issues at most a
@@ -196,45 +196,136 @@ impl QueueWorker {
     where
         M: Deref<Target = GuestMemoryMmap> + Clone,
     {
+        let mut framed = match self.frame(mem, &chain) {
+            Ok(framed) => framed,
+            Err(()) => return fail_unreadable_chain(mem, chain),
+        };
+        let guest = Guest { mem, chain: &chain };
+        let result = header(&mut framed.reader).and_then(|(kind, sector)| {
+            self.execute(disk, settings, &guest, kind, sector, &mut framed)
+        });
+        self.finish(framed, result)
+    }
+
+    /// Runs the requests of `chains` as [`QueueWorker::process`] does, but reads whose data
+    /// lies straight in guest memory all in one [`Disk::read_many`] call (in flight together
+    /// where each read is a network round trip). Returns each chain's head and used length.
+    pub fn process_many<M>(
+        &mut self,
+        disk: &dyn Disk,
+        settings: DeviceSettings<'_>,
+        mem: &GuestMemoryMmap,
+        chains: Vec<DescriptorChain<M>>,
+    ) -> Vec<(u16, u32)>
+    where
+        M: Deref<Target = GuestMemoryMmap> + Clone,
+    {
+        let mut done = Vec::with_capacity(chains.len());
+        let mut reads = Vec::new();
+        for chain in &chains {
+            let head = chain.head_index();
+            let mut framed = match self.frame(mem, chain) {
+                Ok(framed) => framed,
+                Err(()) => {
+                    done.push((head, fail_unreadable_chain(mem, chain.clone())));
+                    continue;
+                }
+            };
+            let guest = Guest { mem, chain };
+            let result = match header(&mut framed.reader) {
+                Ok((VIRTIO_BLK_T_IN, sector)) => {
+                    match self.plan_read(disk, &guest, sector, &framed.writer) {
+                        Ok(ReadPlan::Direct(offset, buffers)) => {
+                            reads.push((framed, offset, buffers));
+                            continue;
+                        }
+                        Ok(ReadPlan::Bounce(offset, len)) => {
+                            self.read(disk, offset, len, &mut framed.writer).map(|()| 0)
+                        }
+                        Err(failure) => Err(failure),
+                    }
+                }
+                Ok((kind, sector)) => {
+                    self.execute(disk, settings, &guest, kind, sector, &mut framed)
+                }
+                Err(failure) => Err(failure),
+            };
+            done.push((head, self.finish(framed, result)));
+        }
+        let outcomes = {
+            let mut buffers: Vec<_> = reads.iter_mut().map(|(_, o, b)| (*o, b)).collect();
+            read_all(disk, &mut buffers)
+        };
+        for ((framed, _, buffers), outcome) in reads.into_iter().zip(outcomes) {
+            let head = framed.head;
+            let result = outcome
+                .map(|()| buffers.len())
+                .map_err(|(at, e)| disk_failure("read", at, &e));
+            done.push((head, self.finish(framed, result)));
+        }
+        done
+    }
+
+    /// Takes `chain` apart into its readable bytes, its writable data bytes and its status
+    /// byte; `Err` (logged) when it has no status byte to answer in.
+    fn frame<'a, M>(
+        &mut self,
+        mem: &'a GuestMemoryMmap,
+        chain: &DescriptorChain<M>,
+    ) -> Result<Framed<'a>, ()>
+    where
+        M: Deref<Target = GuestMemoryMmap> + Clone,
+    {
         let head = chain.head_index();
         let reader = chain.clone().reader(mem);
         let writer = chain.clone().writer(mem);
-        let (mut reader, mut writer) = match (reader, writer) {
+        let (reader, mut writer) = match (reader, writer) {
             (Ok(r), Ok(w)) => (r, w),
             (Err(e), _) | (_, Err(e)) => {
                 self.log_failure(head, &guest_error(Status::IoErr, format!("bad chain: {e}")));
-                return fail_unreadable_chain(mem, chain);
+                return Err(());
             }
         };
         let writable = writer.available_bytes();
-        if writable == 0 {
-            let failure = guest_error(Status::IoErr, "chain has no writable status byte");
-            self.log_failure(head, &failure);
-            return 0;
-        }
-        let mut status_writer = match writer.split_at(writable - 1) {
-            Ok(w) => w,
-            Err(e) => {
-                self.log_failure(head, &guest_error(Status::IoErr, format!("bad chain: {e}")));
-                return 0;
-            }
+        let status = if writable == 0 {
+            Err("chain has no writable status byte".to_owned())
+        } else {
+            writer
+                .split_at(writable - 1)
+                .map_err(|e| format!("bad chain: {e}"))
         };
-        let guest = Guest { mem, chain: &chain };
-        let (status, direct) = match self.execute(disk, settings, &guest, &mut reader, &mut writer)
-        {
+        match status {
+            Ok(status) => Ok(Framed {
+                head,
+                reader,
+                writer,
+                status,
+            }),
+            Err(reason) => {
+                self.log_failure(head, &guest_error(Status::IoErr, reason));
+                Err(())
+            }
+        }
+    }
+
+    /// Writes the status of a request run to `result` (bytes written straight into guest
+    /// memory, or why it failed); returns the used length.
+    fn finish(&mut self, mut framed: Framed<'_>, result: Result<usize, Failure>) -> u32 {
+        let head = framed.head;
+        let (status, direct) = match result {
             Ok(direct) => (Status::Ok, direct),
             Err(failure) => {
                 self.log_failure(head, &failure);
                 (failure.status, 0)
             }
         };
-        if let Err(e) = status_writer.write_all(&[status.byte()]) {
+        if let Err(e) = framed.status.write_all(&[status.byte()]) {
             let failure = guest_error(Status::IoErr, format!("cannot write status: {e}"));
             self.log_failure(head, &failure);
             return 0;
         }
         trace!("queue {}: request {head} done: {status:?}", self.queue);
-        u32::try_from(writer.bytes_written() + direct + 1).unwrap_or(u32::MAX)
+        u32::try_from(framed.writer.bytes_written() + direct + 1).unwrap_or(u32::MAX)
     }
 
     fn log_failure(&mut self, head: u16, failure: &Failure) {
@@ -248,38 +339,32 @@ impl QueueWorker {
         }
     }
 
-    /// Runs the request; returns the bytes written straight into guest memory (not through
-    /// `writer`).
+    /// Runs the request of type `kind` at `sector` (its header read); returns the bytes
+    /// written straight into guest memory (not through `framed.writer`).
     fn execute<M>(
         &mut self,
         disk: &dyn Disk,
         settings: DeviceSettings<'_>,
         guest: &Guest<'_, M>,
-        reader: &mut Reader<'_>,
-        writer: &mut Writer<'_>,
+        kind: u32,
+        sector: u64,
+        framed: &mut Framed<'_>,
     ) -> Result<usize, Failure>
     where
         M: Deref<Target = GuestMemoryMmap> + Clone,
     {
-        let mut header = [0u8; HEADER_LEN];
-        reader
-            .read_exact(&mut header)
-            .map_err(|_| guest_error(Status::IoErr, "request header is shorter than 16 bytes"))?;
-        let kind = le32(&header[0..4]);
-        let sector = le64(&header[8..16]);
+        let (reader, writer) = (&mut framed.reader, &mut framed.writer);
         match kind {
-            VIRTIO_BLK_T_IN => {
-                let len = writer.available_bytes();
-                debug!("queue {}: read sector {sector} len {len}", self.queue);
-                let offset = data_range(disk, sector, len)?;
-                if let Some(buffers) = GuestBuffers::of(guest.mem, guest.chain, true, 0, len) {
-                    buffers
-                        .read_from(disk, offset)
-                        .map_err(|(at, e)| disk_failure("read", at, &e))?;
-                    return Ok(len);
+            VIRTIO_BLK_T_IN => match self.plan_read(disk, guest, sector, writer)? {
+                ReadPlan::Direct(offset, mut buffers) => {
+                    read_all(disk, &mut [(offset, &mut buffers)])
+                        .pop()
+                        .unwrap_or(Ok(()))
+                        .map(|()| buffers.len())
+                        .map_err(|(at, e)| disk_failure("read", at, &e))
                 }
-                self.read(disk, offset, len, writer).map(|()| 0)
-            }
+                ReadPlan::Bounce(offset, len) => self.read(disk, offset, len, writer).map(|()| 0),
+            },
             VIRTIO_BLK_T_OUT => {
                 let len = reader.available_bytes();
                 debug!("queue {}: write sector {sector} len {len}", self.queue);
@@ -336,6 +421,29 @@ impl QueueWorker {
                 format!("unsupported request type {other}"),
             )),
         }
+    }
+
+    /// Checks a read of the writable bytes of `writer` at `sector` and says how it will be
+    /// served: straight into guest memory, or through the bounce buffer.
+    fn plan_read<'m, M>(
+        &self,
+        disk: &dyn Disk,
+        guest: &Guest<'m, M>,
+        sector: u64,
+        writer: &Writer<'_>,
+    ) -> Result<ReadPlan<'m>, Failure>
+    where
+        M: Deref<Target = GuestMemoryMmap> + Clone,
+    {
+        let len = writer.available_bytes();
+        debug!("queue {}: read sector {sector} len {len}", self.queue);
+        let offset = data_range(disk, sector, len)?;
+        Ok(
+            match GuestBuffers::of(guest.mem, guest.chain, true, 0, len) {
+                Some(buffers) => ReadPlan::Direct(offset, buffers),
+                None => ReadPlan::Bounce(offset, len),
+            },
+        )
     }
 
     fn read(
@@ -419,6 +527,46 @@ impl QueueWorker {
         }
         &mut self.bounce[..n]
     }
+}
+
+/// A request's chain taken apart: the device-readable bytes (header, then data), the
+/// device-writable data bytes, and the status byte.
+struct Framed<'a> {
+    head: u16,
+    reader: Reader<'a>,
+    writer: Writer<'a>,
+    status: Writer<'a>,
+}
+
+/// How a read is served.
+enum ReadPlan<'m> {
+    /// Straight into guest memory, from this byte offset of the disk.
+    Direct(u64, GuestBuffers<'m>),
+    /// Through the bounce buffer: byte offset and length.
+    Bounce(u64, usize),
+}
+
+/// Whether `chain` is a read (`VIRTIO_BLK_T_IN`) as its header says now: a hint for
+/// grouping requests only, since the guest may change the header before it is served.
+pub fn is_read<M>(mem: &GuestMemoryMmap, chain: &DescriptorChain<M>) -> bool
+where
+    M: Deref<Target = GuestMemoryMmap> + Clone,
+{
+    chain
+        .clone()
+        .reader(mem)
+        .ok()
+        .and_then(|mut reader| header(&mut reader).ok())
+        .is_some_and(|(kind, _)| kind == VIRTIO_BLK_T_IN)
+}
+
+/// Reads the request header: its type and sector.
+fn header(reader: &mut Reader<'_>) -> Result<(u32, u64), Failure> {
+    let mut header = [0u8; HEADER_LEN];
+    reader
+        .read_exact(&mut header)
+        .map_err(|_| guest_error(Status::IoErr, "request header is shorter than 16 bytes"))?;
+    Ok((le32(&header[0..4]), le64(&header[8..16])))
 }
 
 /// The guest memory and the chain of the request being run (for [`GuestBuffers`]).

@@ -37,6 +37,13 @@ impl Disk for Volume {
         Volume::read_at(self, offset, buf).map_err(|e| convert(&e))
     }
 
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), DiskError>> {
+        Volume::read_many_at(self, reads)
+            .into_iter()
+            .map(|r| r.map_err(|e| convert(&e)))
+            .collect()
+    }
+
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         Volume::write_at(self, offset, data).map_err(|e| convert(&e))
     }

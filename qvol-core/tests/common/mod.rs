@@ -260,6 +260,8 @@ pub struct Hooked {
     inner: Arc<dyn Storage>,
     round_trips: bool,
     hook: Box<WriteHook>,
+    /// The number of reads of each `read_many` call.
+    pub read_calls: Mutex<Vec<usize>>,
 }
 
 /// What [`Hooked`] runs before each write: buffer and offset in, whether to write out.
@@ -275,6 +277,7 @@ impl Hooked {
             inner,
             round_trips,
             hook: Box::new(hook),
+            read_calls: Mutex::new(Vec::new()),
         })
     }
 }
@@ -345,5 +348,9 @@ impl Storage for Hooked {
     }
     fn round_trips(&self) -> bool {
         self.round_trips
+    }
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<std::io::Result<()>> {
+        self.read_calls.lock().unwrap().push(reads.len());
+        self.inner.read_many(reads)
     }
 }
