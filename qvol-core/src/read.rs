@@ -4,6 +4,8 @@
 //! round trip: `Storage::read_many`), then each block is opened. Decryption runs outside
 //! every lock shared between threads; a read only holds the commit gate shared.
 
+use zeroize::Zeroizing;
+
 use crate::datablock::open_block;
 use crate::error::{Error, Result};
 use crate::layout::*;
@@ -17,10 +19,13 @@ struct Planned<'e, 'b> {
     entries: &'e [LeafEntry],
     /// Runs of whole blocks read in place: (first entry, destination).
     runs: Vec<(usize, &'b mut [u8])>,
-    /// Partial blocks read whole into a block of their own: (entry, byte in block,
-    /// destination, block).
-    parts: Vec<(usize, usize, &'b mut [u8], Vec<u8>)>,
+    /// Partial blocks read whole into a block of their own.
+    parts: Vec<Partial<'b>>,
 }
+
+/// A partial block of a read: (entry, byte in block, destination, the whole block; wiped
+/// when dropped, it holds plaintext once opened).
+type Partial<'b> = (usize, usize, &'b mut [u8], Zeroizing<Vec<u8>>);
 
 impl<'e, 'b> Planned<'e, 'b> {
     /// Plans reading the blocks of `entries` (from the one of `offset`) into `buf`; holes
@@ -48,7 +53,8 @@ impl<'e, 'b> Planned<'e, 'b> {
                 if e.pbn == 0 {
                     piece.fill(0);
                 } else {
-                    plan.parts.push((i, in_block, piece, vec![0u8; BS]));
+                    plan.parts
+                        .push((i, in_block, piece, Zeroizing::new(vec![0u8; BS])));
                 }
                 i += 1;
                 continue;

@@ -679,6 +679,7 @@ impl VhostUserBackend for BlkBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::testing::Batches;
     use crate::disk::MemDisk;
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -969,75 +970,23 @@ mod tests {
         );
     }
 
-    /// A memory disk that records the reads of each `read_many` call and fails every read
-    /// at `bad` (an integrity failure).
-    struct Batches {
-        inner: MemDisk,
-        bad: u64,
-        calls: Mutex<Vec<Vec<u64>>>,
-    }
-
-    impl Disk for Batches {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-            self.read_many(&mut [(offset, buf)]).pop().unwrap()
-        }
-        fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), DiskError>> {
-            self.calls
-                .lock()
-                .unwrap()
-                .push(reads.iter().map(|(at, _)| *at).collect());
-            reads
-                .iter_mut()
-                .map(|(at, buf)| {
-                    self.inner.read_at(*at, buf)?;
-                    if *at == self.bad {
-                        // What a tag check that failed leaves: the buffer garbled.
-                        buf.fill(0x77);
-                        return Err(DiskError::new(
-                            crate::disk::DiskErrorKind::Integrity,
-                            "bad tag",
-                        ));
-                    }
-                    Ok(())
-                })
-                .collect()
-        }
-        fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-            self.inner.write_at(offset, data)
-        }
-        fn flush(&self) -> Result<(), DiskError> {
-            Ok(())
-        }
-        fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-            self.inner.discard(offset, len)
-        }
-        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
-            self.inner.write_zeroes(offset, len, unmap)
-        }
-    }
-
     /// Serves four available 4 KiB reads of blocks 0..4 with `set_parallel(4, 0)` and
     /// `set_read_batch(batch)` on a disk whose block 2 fails its tag check; checks each
     /// request's status and data (the failed one's buffer zeroed, not garbled) and returns
     /// the offsets of each `read_many` call.
     fn serve_four_reads(batch: u64) -> Vec<Vec<u64>> {
-        serve_four_reads_into(batch, |i| 0x2_0000 + i * 0x1000)
+        serve_four_reads_into(batch, |i| 0x2_0000 + i * 0x1000, false)
     }
 
-    /// [`serve_four_reads`] with read `i`'s data at guest address `data(i)`; reads that
-    /// share a buffer are only checked for their status.
-    fn serve_four_reads_into(batch: u64, data: impl Fn(u64) -> u64) -> Vec<Vec<u64>> {
+    /// [`serve_four_reads`] with read `i`'s data at guest address `data(i)` (reads that
+    /// share a buffer are only checked for their status), on a disk that panics at block 2
+    /// if `panics`: then every read of that disk call fails, its buffer zeroed.
+    fn serve_four_reads_into(batch: u64, data: impl Fn(u64) -> u64, panics: bool) -> Vec<Vec<u64>> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let mock = MockSplitQueue::new(&mem, 16);
-        let disk = Arc::new(Batches {
-            inner: MemDisk::new(1 << 20, false),
-            bad: 2 * 4096,
-            calls: Mutex::new(Vec::new()),
-        });
+        let disk = Arc::new(Batches::new(1 << 20, 2 * 4096));
+        disk.panics.store(panics, Ordering::SeqCst);
         let mut chains = Vec::new();
         for i in 0..4u64 {
             disk.inner.write_at(i * 4096, &[i as u8 + 1; 4096]).unwrap();
@@ -1089,7 +1038,7 @@ mod tests {
                 continue;
             }
             let data = buf;
-            if i == 2 {
+            if i == 2 || panics {
                 assert_eq!(status, VIRTIO_BLK_S_IOERR as u8, "the failed read's status");
                 assert!(
                     data.iter().all(|&b| b == 0),
@@ -1116,11 +1065,23 @@ mod tests {
     /// guest memory alias), each still answered.
     #[test]
     fn reads_into_overlapping_buffers_are_read_one_at_a_time() {
-        let calls = serve_four_reads_into(1 << 20, |i| match i {
-            3 => 0x2_0000,
-            i => 0x2_0000 + i * 0x1000,
-        });
+        let calls = serve_four_reads_into(
+            1 << 20,
+            |i| match i {
+                3 => 0x2_0000,
+                i => 0x2_0000 + i * 0x1000,
+            },
+            false,
+        );
         assert_eq!(calls, [vec![0], vec![4096], vec![8192], vec![12288]]);
+    }
+
+    /// A bug that panics under a batch's disk call fails each of its reads with an I/O
+    /// error status and zeroed buffers, never leaves the guest's own status byte standing.
+    #[test]
+    fn a_panic_under_a_batch_fails_each_of_its_reads() {
+        let calls = serve_four_reads_into(1 << 20, |i| 0x2_0000 + i * 0x1000, true);
+        assert_eq!(calls, [vec![0, 4096, 8192, 12288]]);
     }
 
     /// Without one, or once a batch holds its bytes, each read goes on its own.

@@ -61,6 +61,15 @@ impl<'m> GuestBuffers<'m> {
         })
     }
 
+    /// Buffers of these parts (tests).
+    #[cfg(test)]
+    fn from_parts(parts: Vec<(*mut u8, usize)>) -> Self {
+        GuestBuffers {
+            parts,
+            _mem: PhantomData,
+        }
+    }
+
     /// The number of bytes.
     pub(crate) fn len(&self) -> usize {
         self.parts.iter().map(|&(_, len)| len).sum()
@@ -77,7 +86,9 @@ impl<'m> GuestBuffers<'m> {
             // request and does not own them until it is completed (one that changes them
             // anyway garbles its own buffer, as with a real disk's DMA). A guest may point
             // parts at the same memory: `read_all` then reads one part at a time, so that no
-            // two live slices alias; `&mut self` keeps a part from being handed out twice.
+            // two slices of one disk call alias (two requests served on two threads may
+            // still, as two DMA transfers may); `&mut self` keeps a part from being handed
+            // out twice.
             (piece, unsafe { std::slice::from_raw_parts_mut(ptr, len) })
         })
     }
@@ -95,7 +106,8 @@ impl<'m> GuestBuffers<'m> {
         Ok(())
     }
 
-    fn zero(&mut self) {
+    /// Zeroes the buffers.
+    pub(crate) fn zero(&mut self) {
         for &(ptr, len) in &self.parts {
             // SAFETY: as in `pieces`.
             unsafe { std::ptr::write_bytes(ptr, 0, len) };
@@ -121,31 +133,27 @@ pub(crate) fn read_all(
         counts.push(buffers.parts.len());
     }
     let spans = reads.iter().flat_map(|(_, b)| b.parts.iter().copied());
-    let mut outcomes = if overlapping(spans) {
+    let mut outcomes = Vec::with_capacity(starts.len());
+    if overlapping(spans) {
         // A guest that points two buffers at the same memory has them read one at a time,
-        // so that no two live slices alias.
-        let mut outcomes = Vec::with_capacity(starts.len());
+        // so that no two slices of this call alias (what lands in the shared bytes, and
+        // whether a failed read's zeroing wipes another's, is the guest's own doing).
         for (offset, buffers) in reads.iter_mut() {
             for piece in buffers.pieces(*offset) {
-                outcomes.extend(disk.read_many(&mut [piece]));
+                outcomes.extend(answered(1, disk.read_many(&mut [piece])));
             }
         }
-        outcomes
     } else {
         let mut pieces: Vec<_> = reads
             .iter_mut()
             .flat_map(|(offset, buffers)| buffers.pieces(*offset))
             .collect();
-        disk.read_many(&mut pieces)
-    };
-    if outcomes.len() != starts.len() {
-        let lost = || {
-            DiskError::new(
-                DiskErrorKind::Io,
-                "the disk answered for fewer reads than asked",
-            )
-        };
-        outcomes = starts.iter().map(|_| Err(lost())).collect();
+        // A guest may split a request into thousands of sub-block parts, each read through
+        // a block of its own: at most MAX_PIECES of them at once bounds that memory.
+        for group in pieces.chunks_mut(MAX_PIECES) {
+            let n = group.len();
+            outcomes.extend(answered(n, disk.read_many(group)));
+        }
     }
     let mut outcomes = outcomes.into_iter();
     let mut results = Vec::with_capacity(reads.len());
@@ -166,6 +174,30 @@ pub(crate) fn read_all(
     results
 }
 
+/// The most parts of guest memory read in one [`Disk::read_many`] call.
+const MAX_PIECES: usize = 256;
+
+/// `outcomes` of a `read_many` call given `n` reads, or an error for each if the disk
+/// answered for another number.
+fn answered(
+    n: usize,
+    outcomes: Vec<Result<(), DiskError>>,
+) -> impl Iterator<Item = Result<(), DiskError>> {
+    let right = outcomes.len() == n;
+    let lost = (!right).then(|| {
+        (0..n).map(|_| {
+            Err(DiskError::new(
+                DiskErrorKind::Io,
+                "the disk answered for another number of reads than asked",
+            ))
+        })
+    });
+    outcomes
+        .into_iter()
+        .filter(move |_| right)
+        .chain(lost.into_iter().flatten())
+}
+
 /// Whether any two of the memory ranges `(start, len)` overlap.
 fn overlapping(spans: impl Iterator<Item = (*mut u8, usize)>) -> bool {
     let mut spans: Vec<(usize, usize)> = spans
@@ -178,6 +210,43 @@ fn overlapping(spans: impl Iterator<Item = (*mut u8, usize)>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::disk::testing::Batches;
+
+    /// A request split into 600 parts of 512 bytes (a hostile guest's way to make each part
+    /// a block read on the side) is read at most MAX_PIECES parts a call, and reads right.
+    #[test]
+    fn many_small_parts_are_read_a_bounded_number_at_a_time() {
+        let disk = Batches::new(1 << 20, u64::MAX);
+        let content: Vec<u8> = (0..600 * 512).map(|i| (i / 512 % 251) as u8).collect();
+        disk.inner.write_at(4096, &content).unwrap();
+        let mut memory = vec![0xeeu8; 600 * 512];
+        let base = memory.as_mut_ptr();
+        // The parts in reverse order in memory: none overlaps another, none is a whole block.
+        let parts = (0..600)
+            .map(|k| (base.wrapping_add((599 - k) * 512), 512))
+            .collect();
+        let mut buffers = GuestBuffers::from_parts(parts);
+        let results = read_all(&disk, &mut [(4096, &mut buffers)]);
+        assert!(matches!(results[..], [Ok(())]));
+        let calls: Vec<usize> = disk.calls.lock().unwrap().iter().map(Vec::len).collect();
+        assert_eq!(calls, [256, 256, 88]);
+        for k in 0..600 {
+            let got = &memory[(599 - k) * 512..(600 - k) * 512];
+            assert_eq!(got, &content[k * 512..(k + 1) * 512], "part {k}");
+        }
+    }
+
+    #[test]
+    fn a_disk_that_answers_for_another_number_of_reads_fails_them_all() {
+        let ok = || Ok(());
+        assert!(answered(1, vec![ok()]).all(|r| r.is_ok()));
+        let short: Vec<_> = answered(2, vec![ok()]).collect();
+        assert_eq!(short.len(), 2);
+        assert!(short.iter().all(Result::is_err));
+        let long: Vec<_> = answered(1, vec![ok(), ok()]).collect();
+        assert!(matches!(long[..], [Err(_)]));
+    }
 
     #[test]
     fn overlapping_ranges_are_found_touching_ones_are_not() {

@@ -218,6 +218,75 @@ impl Disk for MemDisk {
     }
 }
 
+/// Disks for the request path's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A memory disk that records the offsets of each `read_many` call, fails every read at
+    /// `bad` (an integrity failure, the buffer left garbled), or panics there once `panics`
+    /// is set.
+    pub(crate) struct Batches {
+        pub(crate) inner: MemDisk,
+        bad: u64,
+        pub(crate) panics: AtomicBool,
+        pub(crate) calls: Mutex<Vec<Vec<u64>>>,
+    }
+
+    impl Batches {
+        pub(crate) fn new(size: u64, bad: u64) -> Self {
+            Batches {
+                inner: MemDisk::new(size, false),
+                bad,
+                panics: AtomicBool::new(false),
+                calls: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl Disk for Batches {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+            self.read_many(&mut [(offset, buf)]).pop().unwrap()
+        }
+        fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), DiskError>> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(reads.iter().map(|(at, _)| *at).collect());
+            reads
+                .iter_mut()
+                .map(|(at, buf)| {
+                    self.inner.read_at(*at, buf)?;
+                    if *at == self.bad {
+                        buf.fill(0x77);
+                        assert!(!self.panics.load(Ordering::SeqCst), "a bug below the disk");
+                        return Err(DiskError::new(DiskErrorKind::Integrity, "bad tag"));
+                    }
+                    Ok(())
+                })
+                .collect()
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+            self.inner.write_at(offset, data)
+        }
+        fn flush(&self) -> Result<(), DiskError> {
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+            self.inner.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+            self.inner.write_zeroes(offset, len, unmap)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@
 
 use std::io::{Read, Write};
 use std::ops::Deref;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, trace, warn};
@@ -201,7 +202,8 @@ impl QueueWorker {
             Err(()) => return fail_unreadable_chain(mem, chain),
         };
         let guest = Guest { mem, chain: &chain };
-        let result = header(&mut framed.reader).and_then(|(kind, sector)| {
+        let result = guarded(|| {
+            let (kind, sector) = header(&mut framed.reader)?;
             self.execute(disk, settings, &guest, kind, sector, &mut framed)
         });
         self.finish(framed, result)
@@ -232,35 +234,45 @@ impl QueueWorker {
                 }
             };
             let guest = Guest { mem, chain };
-            let result = match header(&mut framed.reader) {
-                Ok((VIRTIO_BLK_T_IN, sector)) => {
-                    match self.plan_read(disk, &guest, sector, &framed.writer) {
-                        Ok(ReadPlan::Direct(offset, buffers)) => {
-                            reads.push((framed, offset, buffers));
-                            continue;
-                        }
-                        Ok(ReadPlan::Bounce(offset, len)) => {
-                            self.read(disk, offset, len, &mut framed.writer).map(|()| 0)
-                        }
-                        Err(failure) => Err(failure),
+            let served = guarded(|| match header(&mut framed.reader)? {
+                (VIRTIO_BLK_T_IN, sector) => {
+                    match self.plan_read(disk, &guest, sector, &framed.writer)? {
+                        ReadPlan::Direct(offset, buffers) => Ok(Served::Later(offset, buffers)),
+                        ReadPlan::Bounce(offset, len) => self
+                            .read(disk, offset, len, &mut framed.writer)
+                            .map(|()| Served::Now(0)),
                     }
                 }
-                Ok((kind, sector)) => {
-                    self.execute(disk, settings, &guest, kind, sector, &mut framed)
-                }
-                Err(failure) => Err(failure),
-            };
-            done.push((head, self.finish(framed, result)));
+                (kind, sector) => self
+                    .execute(disk, settings, &guest, kind, sector, &mut framed)
+                    .map(Served::Now),
+            });
+            match served {
+                Ok(Served::Later(offset, buffers)) => reads.push((framed, offset, buffers)),
+                Ok(Served::Now(direct)) => done.push((head, self.finish(framed, Ok(direct)))),
+                Err(failure) => done.push((head, self.finish(framed, Err(failure)))),
+            }
         }
         let outcomes = {
             let mut buffers: Vec<_> = reads.iter_mut().map(|(_, o, b)| (*o, b)).collect();
-            read_all(disk, &mut buffers)
+            catch_unwind(AssertUnwindSafe(|| read_all(disk, &mut buffers)))
         };
-        for ((framed, _, buffers), outcome) in reads.into_iter().zip(outcomes) {
+        let results: Vec<Result<(), Failure>> = match outcomes {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .map(|o| o.map_err(|(at, e)| disk_failure("read", at, &e)))
+                .collect(),
+            Err(_) => reads
+                .iter_mut()
+                .map(|(_, _, buffers)| {
+                    buffers.zero();
+                    Err(panicked())
+                })
+                .collect(),
+        };
+        for ((framed, _, buffers), result) in reads.into_iter().zip(results) {
             let head = framed.head;
-            let result = outcome
-                .map(|()| buffers.len())
-                .map_err(|(at, e)| disk_failure("read", at, &e));
+            let result = result.map(|()| buffers.len());
             done.push((head, self.finish(framed, result)));
         }
         done
@@ -538,6 +550,13 @@ struct Framed<'a> {
     status: Writer<'a>,
 }
 
+/// A request of a batch: served (the bytes written straight into guest memory), or a read
+/// straight into guest memory left for the batch's one storage call.
+enum Served<'m> {
+    Now(usize),
+    Later(u64, GuestBuffers<'m>),
+}
+
 /// How a read is served.
 enum ReadPlan<'m> {
     /// Straight into guest memory, from this byte offset of the disk.
@@ -558,6 +577,22 @@ where
         .ok()
         .and_then(|mut reader| header(&mut reader).ok())
         .is_some_and(|(kind, _)| kind == VIRTIO_BLK_T_IN)
+}
+
+/// Runs `f`; a panic in it (a bug below the request path) fails the request with an I/O
+/// error status, as any host error does, rather than leaving the guest's status byte as the
+/// guest left it.
+fn guarded<T>(f: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| Err(panicked()))
+}
+
+/// The failure of a request whose serving panicked.
+fn panicked() -> Failure {
+    Failure {
+        status: Status::IoErr,
+        reason: "serving it panicked (a bug; the panic message is in the log)".into(),
+        host_side: true,
+    }
 }
 
 /// Reads the request header: its type and sector.
