@@ -37,6 +37,7 @@ mod subkeys;
 pub mod suite;
 pub mod superblock;
 mod tree;
+pub mod unit;
 mod volume;
 pub mod wal;
 mod writeback;
