@@ -7,7 +7,7 @@ use std::cell::RefCell;
 
 use zeroize::Zeroizing;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::layout::*;
 use crate::suite::{SuiteCipher, Tag};
 
@@ -66,9 +66,13 @@ pub struct Packed {
 /// when that would not save at least one block, and the group is stored plain (§18.3).
 pub fn pack(group: &[u8], level: i32) -> Result<Option<Packed>> {
     let n = group.len() / BS;
-    if n < 2 || group.len() % BS != 0 {
+    let log2_n = n.trailing_zeros();
+    if group.len() % BS != 0
+        || !n.is_power_of_two()
+        || !LOG2_N_RANGE.contains(&(log2_n.min(255) as u8))
+    {
         return Err(Error::corrupt(format!(
-            "internal: a compression unit of {} bytes",
+            "internal: a compression unit of {} bytes (8 to 64 KiB, a power of two)",
             group.len()
         )));
     }
@@ -87,7 +91,8 @@ pub fn pack(group: &[u8], level: i32) -> Result<Option<Packed>> {
         Ok(compressor.compress_to_buffer(group, &mut *frame))
     })?;
     // A frame that does not fit saves nothing: zstd says so by running out of room, which is
-    // not an error here.
+    // not an error here. (Any other failure to compress stores the group plain too, which is
+    // always a valid way to store it.)
     let Ok(c) = compressed else {
         return Ok(None);
     };
@@ -95,16 +100,20 @@ pub fn pack(group: &[u8], level: i32) -> Result<Option<Packed>> {
     if k >= n {
         return Ok(None);
     }
+    let (Ok(k8), Ok(c32)) = (u8::try_from(k), u32::try_from(c)) else {
+        return Ok(None);
+    };
     let mut bytes = Zeroizing::new(vec![0u8; k * BS]);
-    put_u32(&mut bytes, 0, c as u32);
+    put_u32(&mut bytes, 0, c32);
     bytes[4..4 + c].copy_from_slice(&frame[..c]);
-    Ok(Some(Packed { bytes, k: k as u8 }))
+    Ok(Some(Packed { bytes, k: k8 }))
 }
 
 /// Checks the opened plaintext of a unit (`k * 4096` bytes) and decompresses it into `out`
 /// (`N * 4096` bytes), by the rules of FORMAT.md §18.2 ("Opening a unit"), in their order.
-/// Any failure is an `Integrity` error naming the group's first block.
-pub fn unpack(opened: &[u8], out: &mut [u8], first_lbn: u64) -> Result<()> {
+/// Any failure is an `Integrity` error naming the group's first block; `out` may then hold
+/// part of the output ([`open_unit`] zeroes it).
+fn unpack(opened: &[u8], out: &mut [u8], first_lbn: u64) -> Result<()> {
     let bad = |why: &str| {
         Error::integrity(format!(
             "the compressed unit of logical blocks from {first_lbn} is malformed: {why}"
@@ -138,7 +147,7 @@ pub fn unpack(opened: &[u8], out: &mut [u8], first_lbn: u64) -> Result<()> {
         if slot.is_none() {
             *slot = Some(
                 zstd::bulk::Decompressor::new()
-                    .map_err(|e| bad(&format!("zstd cannot start: {e}")))?,
+                    .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start zstd: {e}")))?,
             );
         }
         let decompressor = slot.as_mut().expect("set above");
@@ -166,8 +175,26 @@ pub fn seal_unit(
 }
 
 /// Opens `sealed` (the unit's `k` blocks, in place) and decompresses it into `out`
-/// (`N * 4096` bytes). On failure `sealed` may hold anything and `out` is zeroed.
+/// (`N * 4096` bytes). On failure both are zeroed: nothing of a unit that does not open
+/// reaches the caller (FORMAT.md §18.2). On success `sealed` holds the unit's plaintext,
+/// which the caller wipes when done.
 pub fn open_unit(
+    cipher: &SuiteCipher,
+    place: &UnitPlace<'_>,
+    (nonce, tag): (&[u8], &Tag),
+    sealed: &mut [u8],
+    out: &mut [u8],
+) -> Result<()> {
+    let opened = open_into(cipher, place, (nonce, tag), sealed, out);
+    if opened.is_err() {
+        sealed.fill(0);
+        out.fill(0);
+    }
+    opened
+}
+
+/// [`open_unit`] without the wiping on failure.
+fn open_into(
     cipher: &SuiteCipher,
     place: &UnitPlace<'_>,
     (nonce, tag): (&[u8], &Tag),
@@ -194,11 +221,7 @@ pub fn open_unit(
              was changed or an older copy was put back"
             ))
         })?;
-    let unpacked = unpack(sealed, out, first_lbn);
-    if unpacked.is_err() {
-        out.fill(0);
-    }
-    unpacked
+    unpack(sealed, out, first_lbn)
 }
 
 #[cfg(test)]
@@ -338,14 +361,38 @@ mod tests {
         let (r, out) = try_open(&ID, 128, 0, 2, &flipped);
         assert_eq!(r.unwrap_err().kind(), ErrorKind::Integrity);
         assert!(
-            out.iter().all(|&b| b == 0xaa),
-            "nothing decompressed from a bad unit"
+            out.iter().all(|&b| b == 0),
+            "a unit that does not open leaves zeros"
         );
         // One block more than sealed, or a unit as large as its group: refused before opening.
         let mut longer = sealed.clone();
         longer.extend_from_slice(&[0; BS]);
         assert!(try_open(&ID, 128, 0, 2, &longer).0.is_err());
         assert!(try_open(&ID, 128, 0, 1, &random(2 * BS)).0.is_err());
+        // Unit sizes outside 8 to 64 KiB, and an output of the wrong size.
+        for log2_n in [0, 5, 200] {
+            let at = place(&ID, 128, 0, log2_n);
+            let mut out = vec![0xaa; 4 * BS];
+            let r = open_unit(cipher, &at, (&nonce, &tag), &mut sealed.clone(), &mut out);
+            assert!(r.is_err() && out.iter().all(|&b| b == 0), "log2 N {log2_n}");
+        }
+        let mut short = vec![0xaa; 3 * BS];
+        let r = open_unit(
+            cipher,
+            &place(&ID, 128, 0, 2),
+            (&nonce, &tag),
+            &mut sealed.clone(),
+            &mut short,
+        );
+        assert!(r.is_err() && short.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn pack_refuses_unit_sizes_outside_the_format() {
+        for blocks in [1, 3, 32, 512] {
+            assert!(pack(&text(blocks * BS, 1), 3).is_err(), "{blocks} blocks");
+        }
+        assert!(pack(&text(BS + 7, 1), 3).is_err());
     }
 
     /// What a key holder's bug or a malformed stream could put under a valid tag: every rule
@@ -403,6 +450,14 @@ mod tests {
         put_u32(&mut b, 0, big.len() as u32);
         b[4..4 + big.len()].copy_from_slice(&big);
         check(&b, "a frame larger than the unit", "zstd refuses");
+        // A skippable frame after the unit's frame.
+        let one = zstd::bulk::compress(&group, 3).unwrap();
+        let skip = [&[0x50, 0x2a, 0x4d, 0x18, 4, 0, 0, 0][..], &[0; 4]].concat();
+        let both = [one, skip].concat();
+        let mut b = vec![0u8; (4 + both.len()).div_ceil(BS) * BS];
+        put_u32(&mut b, 0, both.len() as u32);
+        b[4..4 + both.len()].copy_from_slice(&both);
+        check(&b, "a trailing skippable frame", "exactly one zstd frame");
         // Two frames back to back.
         let one = zstd::bulk::compress(&text(2 * BS, 1), 3).unwrap();
         let two = [one.clone(), one].concat();

@@ -7,6 +7,7 @@
 
 use std::marker::PhantomData;
 use std::ops::Deref;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
@@ -133,28 +134,45 @@ pub(crate) fn read_all(
         counts.push(buffers.parts.len());
     }
     let spans = reads.iter().flat_map(|(_, b)| b.parts.iter().copied());
-    let mut outcomes = Vec::with_capacity(starts.len());
-    if overlapping(spans) {
-        // A guest that points two buffers at the same memory has them read one at a time,
-        // so that no two slices of this call alias (what lands in the shared bytes, and
-        // whether a failed read's zeroing wipes another's, is the guest's own doing).
-        for (offset, buffers) in reads.iter_mut() {
-            for piece in buffers.pieces(*offset) {
-                outcomes.extend(answered(1, disk.read_many(&mut [piece])));
+    let overlap = overlapping(spans);
+    // A bug that panics below (in the engine, in librbd's bindings) fails every read here,
+    // its buffers zeroed below, rather than leaving what was read so far in guest memory.
+    let outcomes = catch_unwind(AssertUnwindSafe(|| {
+        let mut outcomes = Vec::with_capacity(starts.len());
+        if overlap {
+            // A guest that points two buffers at the same memory has them read one at a
+            // time, so that no two slices of this call alias (what lands in the shared
+            // bytes, and whether a failed read's zeroing wipes another's, is the guest's own
+            // doing).
+            for (offset, buffers) in reads.iter_mut() {
+                for piece in buffers.pieces(*offset) {
+                    outcomes.extend(answered(1, disk.read_many(&mut [piece])));
+                }
+            }
+        } else {
+            let mut pieces: Vec<_> = reads
+                .iter_mut()
+                .flat_map(|(offset, buffers)| buffers.pieces(*offset))
+                .collect();
+            // A guest may split a request into thousands of sub-block parts, each read
+            // through a block of its own: at most MAX_PIECES of them at once bounds that
+            // memory.
+            for group in pieces.chunks_mut(MAX_PIECES) {
+                let n = group.len();
+                outcomes.extend(answered(n, disk.read_many(group)));
             }
         }
-    } else {
-        let mut pieces: Vec<_> = reads
-            .iter_mut()
-            .flat_map(|(offset, buffers)| buffers.pieces(*offset))
-            .collect();
-        // A guest may split a request into thousands of sub-block parts, each read through
-        // a block of its own: at most MAX_PIECES of them at once bounds that memory.
-        for group in pieces.chunks_mut(MAX_PIECES) {
-            let n = group.len();
-            outcomes.extend(answered(n, disk.read_many(group)));
-        }
-    }
+        outcomes
+    }))
+    .unwrap_or_else(|_| {
+        let panicked = || {
+            DiskError::new(
+                DiskErrorKind::Io,
+                "reading panicked (a bug; the panic message is in the log)",
+            )
+        };
+        starts.iter().map(|_| Err(panicked())).collect()
+    });
     let mut outcomes = outcomes.into_iter();
     let mut results = Vec::with_capacity(reads.len());
     let mut at = 0;
@@ -235,6 +253,26 @@ mod tests {
             let got = &memory[(599 - k) * 512..(600 - k) * 512];
             assert_eq!(got, &content[k * 512..(k + 1) * 512], "part {k}");
         }
+    }
+
+    /// A panic below a read (a bug) fails it and leaves its buffer zeroed, not holding what
+    /// was read before the panic: on the queue's thread as in a batch.
+    #[test]
+    fn a_panic_under_a_read_fails_it_with_its_buffers_zeroed() {
+        const BS: usize = 4096;
+        let disk = Batches::new(1 << 20, 4096);
+        disk.inner.write_at(0, &[0x42; 2 * BS]).unwrap();
+        disk.panics.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut memory = vec![0xeeu8; 2 * BS];
+        let base = memory.as_mut_ptr();
+        let parts = vec![(base, BS), (base.wrapping_add(BS), BS)];
+        let mut buffers = GuestBuffers::from_parts(parts);
+        let results = read_all(&disk, &mut [(0, &mut buffers)]);
+        assert!(matches!(results[..], [Err(_)]));
+        assert!(
+            memory.iter().all(|&b| b == 0),
+            "the guest's buffer is zeroed"
+        );
     }
 
     #[test]

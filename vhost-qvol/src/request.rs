@@ -255,21 +255,11 @@ impl QueueWorker {
         }
         let outcomes = {
             let mut buffers: Vec<_> = reads.iter_mut().map(|(_, o, b)| (*o, b)).collect();
-            catch_unwind(AssertUnwindSafe(|| read_all(disk, &mut buffers)))
+            read_all(disk, &mut buffers)
         };
-        let results: Vec<Result<(), Failure>> = match outcomes {
-            Ok(outcomes) => outcomes
-                .into_iter()
-                .map(|o| o.map_err(|(at, e)| disk_failure("read", at, &e)))
-                .collect(),
-            Err(_) => reads
-                .iter_mut()
-                .map(|(_, _, buffers)| {
-                    buffers.zero();
-                    Err(panicked())
-                })
-                .collect(),
-        };
+        let results = outcomes
+            .into_iter()
+            .map(|o| o.map_err(|(at, e)| disk_failure("read", at, &e)));
         for ((framed, _, buffers), result) in reads.into_iter().zip(results) {
             let head = framed.head;
             let result = result.map(|()| buffers.len());
