@@ -76,6 +76,18 @@ fn create_info_serve_restart_and_tamper_on_rbd() {
         assert_eq!(c.read(offset, len).unwrap(), data, "at {offset}");
     }
     assert_eq!(c.read(32 * MIB, 8192).unwrap(), vec![0; 8192]);
+    // A region written one block at a time, backwards, lies scattered (each block's physical
+    // block after the one of the block behind it): one read of it is 600 runs, more than the
+    // 256 requests the RBD storage keeps in flight at once.
+    let region = 40 * MIB;
+    for b in (0..600u64).rev() {
+        let at = region + b * BLOCK as u64;
+        c.write(at, &pattern::make(BLOCK, at, 5)).unwrap();
+    }
+    assert_eq!(
+        c.read(region, 600 * BLOCK).unwrap(),
+        pattern::make(600 * BLOCK, region, 5)
+    );
     c.discard(8 * MIB, MIB).unwrap();
     assert_eq!(c.read(8 * MIB, BLOCK).unwrap(), vec![0; BLOCK]);
     c.flush().unwrap();

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `read_exact_at` | `rbd_read2` |
 //! | `write_all_at` | `rbd_write2` (after `rbd_resize` if it ends past the image) |
-//! | `write_many` / `read_many` | `rbd_aio_write` / `rbd_aio_read` for each, all in flight, then `rbd_aio_wait_for_complete` |
+//! | `write_many` / `read_many` | `rbd_aio_write` / `rbd_aio_read` for each, up to 256 in flight at once, each waited for with `rbd_aio_wait_for_complete` |
 //! | `len` / `set_len` | `rbd_get_size` / `rbd_resize` |
 //! | `sync_data` | `rbd_flush` |
 //! | `punch_hole` | `rbd_write_zeroes` (deallocates whole objects, zeroes the rest) |
@@ -17,6 +17,7 @@
 //! never relies on the length (everything past what it wrote reads as zeros, as a file
 //! extended with `set_len` does).
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::io;
 use std::ptr;
@@ -42,6 +43,10 @@ const FEATURES: u64 = 1 | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5);
 /// librbd and librados I/O calls take at most this many bytes at a time (their return
 /// value is an `int` in places).
 const MAX_CHUNK: usize = 1 << 30;
+
+/// The most `rbd_aio_*` requests one call keeps in flight (a queue's batch of reads, a
+/// gathering's writes: far fewer in practice).
+const MAX_IN_FLIGHT: usize = 256;
 
 fn api() -> io::Result<&'static ffi::Api> {
     ffi::api().map_err(|e| other(io::ErrorKind::NotFound, e))
@@ -447,7 +452,7 @@ impl RbdImage {
         self.in_flight(&ops, reads.len())
     }
 
-    /// Puts every one of `ops` in flight, then waits for each: each op at most
+    /// Puts `ops` in flight, up to [`MAX_IN_FLIGHT`] at once, and waits for each: each op at most
     /// [`MAX_CHUNK`] bytes, of the caller's request given with it; the outcome of each of
     /// `requests` requests (its first failure). Every completion made is waited for before
     /// this returns, whatever fails (the buffers must outlive the requests).
@@ -459,8 +464,15 @@ impl RbdImage {
         let api = api()?;
         let handle = self.handle()?;
         let mut outcomes: Vec<io::Result<()>> = (0..requests).map(|_| Ok(())).collect();
-        let mut flying: Vec<(usize, Flying)> = Vec::new();
+        let mut flying: VecDeque<(usize, Flying)> = VecDeque::new();
         for (index, &(i, ref op)) in ops.iter().enumerate() {
+            // At most MAX_IN_FLIGHT at once: a read of a fragmented 64 MiB region is
+            // thousands of runs, and librbd holds a completion and its state for each.
+            if flying.len() >= MAX_IN_FLIGHT {
+                if let Some((oldest, c)) = flying.pop_front() {
+                    self.settle(ops, oldest, c, &mut outcomes);
+                }
+            }
             if outcomes[i].is_err() {
                 continue;
             }
@@ -503,31 +515,40 @@ impl RbdImage {
                 outcomes[i] = Err(e);
                 continue;
             }
-            flying.push((index, Flying { api, c }));
+            flying.push_back((index, Flying { api, c }));
         }
         for (index, c) in flying {
-            let rv = c.wait();
-            let (i, ref op) = ops[index];
-            if outcomes[i].is_err() {
-                continue;
-            }
-            let (at, n) = op.range();
-            outcomes[i] = match check(rv as i64, || op.failed(&self.name)) {
-                Err(e) => Err(e),
-                // A completed write returns 0 (librbd's aio writes return no byte count) or
-                // the count, a read the count: anything else is short.
-                Ok(done)
-                    if done as usize == n || (done == 0 && matches!(op, Aio::Write { .. })) =>
-                {
-                    Ok(())
-                }
-                Ok(done) => Err(other(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("{} moved {done} of {n} bytes at offset {at}", self.name),
-                )),
-            };
+            self.settle(ops, index, c, &mut outcomes);
         }
         Ok(outcomes)
+    }
+
+    /// Waits for op `index` of `ops` and records its outcome in its request's.
+    fn settle(
+        &self,
+        ops: &[(usize, Aio<'_>)],
+        index: usize,
+        c: Flying,
+        outcomes: &mut [io::Result<()>],
+    ) {
+        let rv = c.wait();
+        let (i, ref op) = ops[index];
+        if outcomes[i].is_err() {
+            return;
+        }
+        let (at, n) = op.range();
+        outcomes[i] = match check(rv as i64, || op.failed(&self.name)) {
+            Err(e) => Err(e),
+            // A completed write returns 0 (librbd's aio writes return no byte count) or
+            // the count, a read the count: anything else is short.
+            Ok(done) if done as usize == n || (done == 0 && matches!(op, Aio::Write { .. })) => {
+                Ok(())
+            }
+            Ok(done) => Err(other(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} moved {done} of {n} bytes at offset {at}", self.name),
+            )),
+        };
     }
 
     fn read_only_error(&self) -> io::Error {
