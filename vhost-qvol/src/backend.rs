@@ -766,8 +766,13 @@ mod tests {
     }
 
     fn write_header(mem: &GuestMemoryMmap, at: u64, sector: u64) {
+        request_header(mem, at, VIRTIO_BLK_T_OUT, sector);
+    }
+
+    /// A request header of type `kind` at `sector`, at guest address `at`.
+    fn request_header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
         let mut hdr = [0u8; 16];
-        hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
         hdr[8..16].copy_from_slice(&sector.to_le_bytes());
         mem.write_slice(&hdr, GuestAddress(at)).unwrap();
     }
@@ -885,14 +890,37 @@ mod tests {
         vring
     }
 
+    /// Makes `chains` (four requests of three descriptors, at table indexes 0, 3, 6 and 9)
+    /// available on a fresh queue in `mem`, serves it with `device`, and checks that each
+    /// request was completed once.
+    fn serve_four(mem: &GuestMemoryMmap, chains: &[RawDescriptor], device: Arc<Device>) {
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let mock = MockSplitQueue::new(mem, 16);
+        mock.add_desc_chains(chains, 0).unwrap();
+        let vring = ready_vring(
+            &atomic,
+            mock.desc_table_addr().0,
+            mock.avail_addr().0,
+            mock.used_addr().0,
+        );
+        BlkBackend::new(device, atomic)
+            .process_queue(0, &vring)
+            .unwrap();
+        let used = mock.used_addr().0;
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 4);
+        let mut ids: Vec<u32> = (0..4u64)
+            .map(|i| mem.read_obj::<u32>(GuestAddress(used + 4 + 8 * i)).unwrap())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [0, 3, 6, 9], "each request completed once");
+    }
+
     /// Serves four available 4 KiB writes with `set_parallel(4, min_len)`, each write
     /// waiting until `want` were in flight together; checks that each was completed once
     /// (in the order they finished) and landed. Returns the most in flight at once and
     /// whether any write ran on the calling thread (the queue's).
     fn serve_four_writes(min_len: u64, want: usize) -> (usize, bool) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let atomic = GuestMemoryAtomic::new(mem.clone());
-        let mock = MockSplitQueue::new(&mem, 16);
         let mut chains = Vec::new();
         for i in 0..4u64 {
             let (hdr, data, status) = (0x1_0000 + i * 0x100, 0x2_0000 + i * 0x1000, 0x3_0000 + i);
@@ -902,13 +930,6 @@ mod tests {
             mem.write_slice(&[0xee], GuestAddress(status)).unwrap();
             chains.extend(write_chain(hdr, data, status, 3 * i as u16));
         }
-        mock.add_desc_chains(&chains, 0).unwrap();
-        let vring = ready_vring(
-            &atomic,
-            mock.desc_table_addr().0,
-            mock.avail_addr().0,
-            mock.used_addr().0,
-        );
         let gather = Arc::new(Gather::default());
         let writes = Arc::clone(&gather);
         let queue_thread = std::thread::current().id();
@@ -925,17 +946,7 @@ mod tests {
         });
         let device = Arc::new(Device::new(disk.clone(), false, [0; 20], 1));
         device.set_parallel(4, min_len);
-        BlkBackend::new(device, atomic)
-            .process_queue(0, &vring)
-            .unwrap();
-
-        let used = mock.used_addr().0;
-        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 4);
-        let mut ids: Vec<u32> = (0..4u64)
-            .map(|i| mem.read_obj::<u32>(GuestAddress(used + 4 + 8 * i)).unwrap())
-            .collect();
-        ids.sort_unstable();
-        assert_eq!(ids, [0, 3, 6, 9], "each request completed once");
+        serve_four(&mem, &chains, device);
         for i in 0..4u64 {
             let status = mem.read_obj::<u8>(GuestAddress(0x3_0000 + i)).unwrap();
             assert_eq!(status, VIRTIO_BLK_S_OK as u8);
@@ -983,8 +994,6 @@ mod tests {
     /// if `panics`: then every read of that disk call fails, its buffer zeroed.
     fn serve_four_reads_into(batch: u64, data: impl Fn(u64) -> u64, panics: bool) -> Vec<Vec<u64>> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let atomic = GuestMemoryAtomic::new(mem.clone());
-        let mock = MockSplitQueue::new(&mem, 16);
         let disk = Arc::new(Batches::new(1 << 20, 2 * 4096));
         disk.panics.store(panics, Ordering::SeqCst);
         let mut chains = Vec::new();
@@ -992,10 +1001,7 @@ mod tests {
             disk.inner.write_at(i * 4096, &[i as u8 + 1; 4096]).unwrap();
             let (hdr, status) = (0x1_0000 + i * 0x100, 0x3_0000 + i);
             let data = data(i);
-            let mut header = [0u8; 16];
-            header[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-            header[8..16].copy_from_slice(&(i * 8).to_le_bytes());
-            mem.write_slice(&header, GuestAddress(hdr)).unwrap();
+            request_header(&mem, hdr, VIRTIO_BLK_T_IN, i * 8);
             mem.write_slice(&[0xee; 4096], GuestAddress(data)).unwrap();
             mem.write_slice(&[0xee], GuestAddress(status)).unwrap();
             let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
@@ -1006,27 +1012,10 @@ mod tests {
                 Descriptor::new(status, 1, write, 0).into(),
             ]);
         }
-        mock.add_desc_chains(&chains, 0).unwrap();
-        let vring = ready_vring(
-            &atomic,
-            mock.desc_table_addr().0,
-            mock.avail_addr().0,
-            mock.used_addr().0,
-        );
         let device = Arc::new(Device::new(disk.clone(), false, [0; 20], 1));
         device.set_parallel(4, 0);
         device.set_read_batch(batch);
-        BlkBackend::new(device, atomic)
-            .process_queue(0, &vring)
-            .unwrap();
-
-        let used = mock.used_addr().0;
-        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 4);
-        let mut ids: Vec<u32> = (0..4u64)
-            .map(|i| mem.read_obj::<u32>(GuestAddress(used + 4 + 8 * i)).unwrap())
-            .collect();
-        ids.sort_unstable();
-        assert_eq!(ids, [0, 3, 6, 9], "each request completed once");
+        serve_four(&mem, &chains, device);
         for i in 0..4u64 {
             let status = mem.read_obj::<u8>(GuestAddress(0x3_0000 + i)).unwrap();
             let mut buf = [0u8; 4096];
