@@ -46,6 +46,7 @@ fn new_volume(dir: &Path, name: &str, suite: CipherSuite) -> Volume {
         name: name.to_string(),
         volume_id: [7; 16],
         keyslots: Vec::new(),
+        compression: None,
     };
     Volume::create(storage, opts, &VolumeKey::from_bytes([0x5a; 32])).expect("create the volume")
 }

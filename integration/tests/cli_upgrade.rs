@@ -91,14 +91,14 @@ fn a_version_1_keystore_upgrades_and_its_volume_is_adopted_and_served() {
         .one_sentence_error("qvol", "in use");
     drop(daemon);
     let out = f.qvol([OsStr::new("upgrade"), image.as_os_str()]).success();
-    assert!(out.stdout.contains("from format version 2 to 6"), "{out:?}");
+    assert!(out.stdout.contains("from format version 2 to 7"), "{out:?}");
     let doc: serde_json::Value = serde_json::from_str(
         &f.qvol([OsStr::new("info"), image.as_os_str(), OsStr::new("--json")])
             .success()
             .stdout,
     )
     .unwrap();
-    assert_eq!(doc["format_version"], 6, "{doc}");
+    assert_eq!(doc["format_version"], 7, "{doc}");
     assert_eq!(doc["rolled_back"], false, "{doc}");
     let mut daemon = f.start_daemon(&image, "served-v3", &[]).unwrap();
     {

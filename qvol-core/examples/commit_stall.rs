@@ -51,6 +51,7 @@ fn main() {
         name: "commit-stall".into(),
         volume_id: [7; 16],
         keyslots: vec![vec![1]],
+        compression: None,
     };
     let vol =
         Arc::new(Volume::create(storage, opts, &VolumeKey::from_bytes([9; 32])).expect("create"));

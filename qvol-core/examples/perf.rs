@@ -112,6 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         name: "perf".into(),
         volume_id: [1; 16],
         keyslots: vec![],
+        compression: None,
     };
     let vol = Arc::new(Volume::create(
         Arc::new(FileStorage::create(&path)?),

@@ -23,6 +23,7 @@ fn main() {
         volume_id: [3; 16],
         keyslots: vec![b"slot".to_vec()],
         key_epoch: 0,
+        compression: None,
     };
     let vol = Arc::new(Volume::create(st, opts, &key).expect("create"));
     let chunk = vec![0x5au8; 1 << 20];

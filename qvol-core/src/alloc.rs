@@ -166,17 +166,68 @@ impl AllocState {
     /// big writes and reads stay one system call each.
     pub(crate) fn alloc(&mut self, st: &dyn Storage, keys: &Subkeys, n: usize) -> Result<Vec<u64>> {
         if n >= RUN_MIN {
-            if let Some(start) = self.find_run(st, keys, n as u64)? {
-                for pbn in start..start + n as u64 {
-                    self.set_bit(st, keys, pbn, true)?;
-                }
-                self.cursor = start + n as u64;
-                self.used += n as u64;
-                self.high_water = self.high_water.max(start + n as u64);
+            if let Some(start) = self.alloc_run(st, keys, n as u64)? {
                 return Ok((start..start + n as u64).collect());
             }
         }
         self.alloc_scattered(st, keys, n)
+    }
+
+    /// Allocates `n` contiguous blocks near the cursor for a compressed unit (FORMAT.md
+    /// §18.3 rule 6); `None` when no such run is at hand.
+    pub(crate) fn alloc_run(
+        &mut self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        n: u64,
+    ) -> Result<Option<u64>> {
+        let Some(start) = self.find_run(st, keys, n)? else {
+            return Ok(None);
+        };
+        self.take_run(st, keys, start, n)?;
+        Ok(Some(start))
+    }
+
+    /// [`AllocState::alloc_run`] for a copy that cannot be stored otherwise (a unit
+    /// re-encrypted or received): the whole space is searched, from its start, before it is
+    /// `NoSpace`.
+    pub(crate) fn alloc_run_anywhere(
+        &mut self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        n: u64,
+    ) -> Result<u64> {
+        if let Some(start) = self.alloc_run(st, keys, n)? {
+            return Ok(start);
+        }
+        let cursor = self.cursor;
+        self.cursor = self.data_start;
+        let mut found = None;
+        while found.is_none() && self.cursor + n <= self.capacity {
+            found = self.find_run(st, keys, n)?;
+            // Windows overlap by `n`, so that no run across their border is missed.
+            self.cursor = (self.cursor + RUN_SCAN.saturating_sub(n).max(1)).min(self.capacity);
+        }
+        self.cursor = cursor;
+        let start = found.ok_or_else(|| {
+            Error::new(
+                crate::error::ErrorKind::NoSpace,
+                format!("no run of {n} free blocks is left for a compressed unit"),
+            )
+        })?;
+        self.take_run(st, keys, start, n)?;
+        Ok(start)
+    }
+
+    /// Marks `start .. start + n`, found free, in use.
+    fn take_run(&mut self, st: &dyn Storage, keys: &Subkeys, start: u64, n: u64) -> Result<()> {
+        for pbn in start..start + n {
+            self.set_bit(st, keys, pbn, true)?;
+        }
+        self.cursor = start + n;
+        self.used += n;
+        self.high_water = self.high_water.max(start + n);
+        Ok(())
     }
 
     /// The start of `n` contiguous free blocks within [`RUN_SCAN`] blocks of the cursor.

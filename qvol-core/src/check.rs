@@ -54,6 +54,8 @@ impl CheckReport {
 enum Place {
     Fixed,
     Data(u64),
+    /// A compressed unit's block, at its group's first logical block.
+    Unit(u64),
     Map(u8, u64),
     Space(u8, u64),
     Table(u64),
@@ -63,6 +65,9 @@ struct Walk<'a> {
     st: &'a dyn Storage,
     vol: &'a Volume,
     used: HashMap<u64, Place>,
+    /// The fields of each compressed unit claimed (`k`, key epoch, nonce, tag) by its first
+    /// block: every map referencing it must agree (FORMAT.md §18.3 rule 4).
+    units: HashMap<u64, (u8, u32, [u8; 32], crate::suite::Tag)>,
     /// The damage found under each block (a node's whole subtree), so that every tree
     /// sharing it is named.
     damaged: HashMap<u64, Vec<(Option<u64>, u64, String)>>,
@@ -141,10 +146,27 @@ impl Walk<'_> {
         };
         self.report.nodes += 1;
         let before = self.report.damage.len();
+        let units = self.vol.header.units();
+        if level == 0 {
+            if let Err(e) = crate::group::check_groups(&page[..], units) {
+                self.damage(tree, Some(first), FANOUT, e.to_string());
+            }
+        }
+        let group = self.vol.unit_blocks();
+        // The group and unit last claimed.
+        let mut last_unit = None;
         for i in 0..FANOUT as usize {
             let lbn = first + i as u64 * span / FANOUT;
             if level == 0 {
                 match LeafEntry::decode(&page[..], i) {
+                    // A unit is claimed and opened once, for the first entry of its group
+                    // that references it (FORMAT.md §18.3 rule 4).
+                    Ok(e) if e.pbn != 0 && e.k > 0 => {
+                        if last_unit != Some((lbn / group, e.pbn)) {
+                            last_unit = Some((lbn / group, e.pbn));
+                            self.unit(tree, lbn, &e, data);
+                        }
+                    }
                     Ok(e) if e.pbn != 0 => self.data_block(tree, lbn, &e, data),
                     Ok(_) => {}
                     Err(e) => self.damage(tree, Some(lbn), 1, e.to_string()),
@@ -177,17 +199,59 @@ impl Walk<'_> {
         }
     }
 
+    /// The compressed unit `e` references from logical block `lbn`: all its blocks claimed
+    /// at its group's position, and (if `verify`) opened.
+    fn unit(&mut self, tree: &str, lbn: u64, e: &LeafEntry, verify: bool) {
+        let n = self.vol.unit_blocks();
+        let place = Place::Unit(lbn - lbn % n);
+        let fields = (e.k, e.key_epoch, e.nonce, e.tag);
+        match self.units.get(&e.pbn) {
+            Some(seen) if *seen != fields => {
+                let what = format!(
+                    "maps disagree on the compressed unit at block {}: changed or replaced",
+                    e.pbn
+                );
+                self.damage(tree, Some(lbn), 1, what);
+                return;
+            }
+            Some(_) => {}
+            None => {
+                self.units.insert(e.pbn, fields);
+            }
+        }
+        for pbn in e.pbn..e.pbn + u64::from(e.k) {
+            if !self.claim(tree, pbn, place) {
+                return;
+            }
+        }
+        if verify {
+            self.verify_data(tree, lbn, e);
+        }
+    }
+
     fn verify_data(&mut self, tree: &str, lbn: u64, e: &LeafEntry) {
-        let mut block = vec![0u8; BS];
-        let ok = self
-            .st
-            .read_exact_at(&mut block, e.pbn * BLOCK_SIZE)
-            .is_ok()
-            && open_block(&self.vol.keys(), lbn, e, &mut block).is_ok();
-        self.report.data_blocks += 1;
-        self.tick(1);
+        let mut block = zeroize::Zeroizing::new(vec![0u8; BS]);
+        let ok = if e.k > 0 {
+            self.vol.read_entry(lbn, e, &mut block).is_ok()
+        } else {
+            self.st
+                .read_exact_at(&mut block, e.pbn * BLOCK_SIZE)
+                .is_ok()
+                && open_block(&self.vol.keys(), lbn, e, &mut block).is_ok()
+        };
+        let blocks = u64::from(e.k.max(1));
+        self.report.data_blocks += blocks;
+        self.tick(blocks);
         if !ok {
-            let what = format!("data block {} fails its tag: changed or replaced", e.pbn);
+            let what = if e.k > 0 {
+                format!(
+                    "the compressed unit at block {} does not open: changed or replaced",
+                    e.pbn
+                )
+            } else {
+                format!("data block {} fails its tag: changed or replaced", e.pbn)
+            };
+            // A unit's damage covers its group's referencing entries; listed from `lbn`.
             self.damaged
                 .insert(e.pbn, vec![(Some(lbn), 1, what.clone())]);
             self.damage(tree, Some(lbn), 1, what);
@@ -248,6 +312,7 @@ impl Volume {
             st,
             vol: self,
             used: HashMap::new(),
+            units: HashMap::new(),
             damaged: HashMap::new(),
             report: CheckReport::default(),
             progress,
@@ -362,9 +427,17 @@ impl Volume {
                 .lookup(st, &self.keys(), first, &mut entries[..n])
                 .is_ok()
             {
+                let group = self.unit_blocks();
+                let mut last_unit = None;
                 for (i, e) in entries[..n].iter().enumerate() {
-                    if e.pbn != 0 {
-                        w.verify_data("live", first + i as u64, e);
+                    let lbn = first + i as u64;
+                    // A unit is opened once for its group's entries.
+                    let unit = (e.k > 0).then_some((lbn / group, e.pbn));
+                    if e.pbn != 0 && (unit.is_none() || unit != last_unit) {
+                        w.verify_data("live", lbn, e);
+                    }
+                    if unit.is_some() {
+                        last_unit = unit;
                     }
                 }
             }

@@ -253,6 +253,7 @@ impl Volume {
             staged_keyslots: slots.staged_keyslots,
             staged_hash: slots.staged_hash,
             rekey: self.rekey.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            compress: self.compress_level(),
         };
         drop(slots);
         let encoded = next.encode(keys);

@@ -199,6 +199,7 @@ fn one_crash(iter: u64) {
         name: "crash".into(),
         volume_id: [0x11; 16],
         keyslots: vec![vec![1]],
+        compression: None,
     };
     let st = Arc::new(CrashStorage::new());
     // Every other crash as on RBD: writes of writers that write together go out together.

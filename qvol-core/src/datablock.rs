@@ -64,6 +64,16 @@ pub(crate) fn fill_random(buf: &mut [u8]) -> Result<()> {
     })
 }
 
+/// The data key of key epoch `epoch`: `Unsupported` if `keys` have none.
+pub(crate) fn data_key(keys: &Subkeys, epoch: u32) -> Result<&crate::suite::SuiteCipher> {
+    keys.data(epoch).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!("key epoch {epoch} has no data key"),
+        )
+    })
+}
+
 /// Encrypts `buf` (one block of logical block `lbn`) in place with `nonce`; returns its
 /// leaf entry without a physical block yet.
 /// Sealed under the current key epoch; `nonce` has the length of its suite
@@ -75,12 +85,7 @@ pub(crate) fn seal_block(
     buf: &mut [u8],
 ) -> Result<LeafEntry> {
     let epoch = keys.epoch();
-    let cipher = keys.data(epoch).ok_or_else(|| {
-        Error::new(
-            ErrorKind::Unsupported,
-            format!("key epoch {epoch} has no data key"),
-        )
-    })?;
+    let cipher = data_key(keys, epoch)?;
     let ad = data_ad(keys.volume_id(), lbn, epoch);
     let tag = cipher.seal(nonce, &ad, buf);
     let mut padded = [0u8; MAX_NONCE_LEN];
@@ -88,6 +93,7 @@ pub(crate) fn seal_block(
     Ok(LeafEntry {
         pbn: 0,
         key_epoch: epoch,
+        k: 0,
         nonce: padded,
         tag,
         birth: 0,

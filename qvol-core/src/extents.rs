@@ -90,6 +90,7 @@ mod tests {
                 name: "x".into(),
                 volume_id: [1; 16],
                 keyslots: vec![],
+                compression: None,
             },
             &key,
         )

@@ -11,6 +11,8 @@ use crate::superblock::{Superblock, SUPERBLOCK_LEN};
 pub const HEADER_MAGIC: [u8; 8] = [0x89, b'Q', b'V', b'O', b'L', b'\r', b'\n', 0x1a];
 const OFF_CHECKSUM: usize = 4064;
 const OFF_NAME: usize = 146;
+/// `log2 N` of the compression units (format version 7, FORMAT.md §18.2); 401..404 zero.
+const OFF_UNIT_LOG2: usize = 400;
 /// Bytes of header plus keyslot area, the span the superblock hashes.
 pub(crate) const HEADER_AREA_LEN: usize = BS + MAX_KEYSLOTS * KEYSLOT_SIZE;
 
@@ -36,6 +38,9 @@ pub struct Header {
     /// The key epoch of the volume key the keyslots wrap (offset 108, format version 5;
     /// FORMAT.md §17).
     pub key_epoch: u32,
+    /// `log2 N` of the compression units (offset 400, with feature bit 1 in format version
+    /// 7; FORMAT.md §18.2); 0 without units.
+    pub unit_log2: u8,
 }
 
 /// What `qvol info` and key unwrapping need, read without any key.
@@ -57,6 +62,9 @@ pub struct HeaderInfo {
     pub size: u64,
     /// The volume's name.
     pub name: String,
+    /// Bytes of each compression unit (FORMAT.md §18), 0 for a volume created without
+    /// compression.
+    pub unit_bytes: u32,
     /// The 8 keyslots in slot order (opaque blobs written by qvol-keys); an empty blob is a
     /// free slot.
     pub keyslots: Vec<Vec<u8>>,
@@ -85,6 +93,11 @@ impl Header {
     /// Whether the image has snapshots (a snapshot table, births; format version 4).
     pub(crate) fn has_snapshots(&self) -> bool {
         self.version >= SNAPSHOT_VERSION
+    }
+
+    /// Whether leaf entries may reference compressed units (FORMAT.md §18): `log2 N`.
+    pub(crate) fn units(&self) -> Option<u8> {
+        (self.features & FEATURE_UNITS != 0).then_some(self.unit_log2)
     }
 
     /// Whether node MACs are portable (FORMAT.md §6.2).
@@ -122,6 +135,7 @@ impl Header {
         put_u64(&mut b, 96, self.regions().data_offset());
         put_u32(&mut b, 104, self.features);
         put_u32(&mut b, 108, self.key_epoch);
+        b[OFF_UNIT_LOG2] = self.unit_log2;
         b[112..144].copy_from_slice(&self.key_check);
         put_u16(&mut b, 144, name.len() as u16);
         b[OFF_NAME..OFF_NAME + name.len()].copy_from_slice(name);
@@ -180,7 +194,9 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         )));
     }
     let flags = get_u32(b, 104);
-    let known = if version >= SNAPSHOT_VERSION {
+    let known = if version >= UNITS_VERSION {
+        FEATURE_PORTABLE_NODES | FEATURE_UNITS
+    } else if version >= SNAPSHOT_VERSION {
         FEATURE_PORTABLE_NODES
     } else {
         0
@@ -189,6 +205,29 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!("the image uses feature flags {flags:#x} this build does not know"),
+        ));
+    }
+    // Offsets 400..404: the unit size with feature bit 1, zeros without (version 7).
+    let unit_log2 = if version >= UNITS_VERSION {
+        let log2 = b[OFF_UNIT_LOG2];
+        let ok = if flags & FEATURE_UNITS != 0 {
+            crate::unit::LOG2_N_RANGE.contains(&log2)
+        } else {
+            log2 == 0
+        };
+        if !ok || b[OFF_UNIT_LOG2 + 1..OFF_UNIT_LOG2 + 4] != [0; 3] {
+            return Err(Error::corrupt(
+                "the qvol header gives an invalid compression unit size",
+            ));
+        }
+        log2
+    } else {
+        0
+    };
+    // Version 7 bounds key epochs to 24 bits (FORMAT.md §18.2).
+    if version >= UNITS_VERSION && get_u32(b, 108) > KEY_EPOCH_MASK {
+        return Err(Error::corrupt(
+            "the qvol header gives a key epoch beyond 2^24 - 1",
         ));
     }
     let suite_id = get_u16(b, 32);
@@ -228,6 +267,7 @@ pub fn decode_header(b: &[u8]) -> Result<Header> {
         } else {
             0
         },
+        unit_log2,
     })
 }
 
@@ -337,6 +377,7 @@ pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
         suite: header.suite,
         key_epoch: header.key_epoch,
         size: header.size,
+        unit_bytes: header.units().map_or(0, |l| (BS as u32) << l),
         name: header.name,
         keyslots,
     })
@@ -389,6 +430,7 @@ mod tests {
             key_check: [9; 32],
             features: FEATURE_PORTABLE_NODES,
             key_epoch: 3,
+            unit_log2: 0,
         }
     }
 
@@ -447,11 +489,44 @@ mod tests {
             ErrorKind::Unsupported
         );
         let mut unknown = sample();
-        unknown.features = 2;
+        unknown.features = 4;
         assert_eq!(
             decode_header(&unknown.encode().unwrap())
                 .unwrap_err()
                 .kind(),
+            ErrorKind::Unsupported
+        );
+    }
+
+    /// Compression units (FORMAT.md §18.2): bit 1 with `log2 N` at offset 400, version 7 on.
+    #[test]
+    fn compression_units_are_a_version_7_feature() {
+        let mut h = sample();
+        h.features |= FEATURE_UNITS;
+        h.unit_log2 = 2;
+        let decoded = decode_header(&h.encode().unwrap()).unwrap();
+        assert_eq!(decoded, h);
+        assert_eq!(decoded.units(), Some(2));
+        // Outside 1..=4, or a size without the flag: corrupt.
+        for (features, log2) in [
+            (h.features, 0),
+            (h.features, 5),
+            (FEATURE_PORTABLE_NODES, 2),
+        ] {
+            let mut bad = h.clone();
+            bad.features = features;
+            bad.unit_log2 = log2;
+            assert_eq!(
+                decode_header(&bad.encode().unwrap()).unwrap_err().kind(),
+                ErrorKind::Corrupt,
+                "features {features:#x}, log2 {log2}"
+            );
+        }
+        // The flag before version 7: unknown.
+        let mut old = h.clone();
+        old.version = 6;
+        assert_eq!(
+            decode_header(&old.encode().unwrap()).unwrap_err().kind(),
             ErrorKind::Unsupported
         );
     }

@@ -32,6 +32,7 @@ fn base_image(old: &[Vec<u8>]) -> Vec<u8> {
         name: "slots".into(),
         volume_id: [0x33; 16],
         keyslots: old.to_vec(),
+        compression: None,
     };
     let vol = Volume::create(st.clone(), opts, &key()).unwrap();
     vol.write_at(8192, &data()).unwrap();

@@ -152,6 +152,7 @@ fn compatible(in_place: &[u8], staged: &[u8], rekeying: bool) -> Result<()> {
         && (rekeying || (a.suite == b.suite && a.key_check == b.key_check))
         && a.log_len == b.log_len
         && a.features == b.features
+        && a.unit_log2 == b.unit_log2
         && b.version >= a.version;
     if !same_volume {
         return Err(Error::integrity(

@@ -6,7 +6,7 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// Requests must be aligned to this many bytes.
 pub const SECTOR_SIZE: u64 = 512;
 /// The format version this crate writes. It reads this one and every earlier one.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// The oldest format version this crate reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Number of keyslots in the keyslot area.
@@ -42,6 +42,14 @@ pub(crate) const REKEY_VERSION: u32 = 5;
 /// The first format version whose log has two areas, so that writers go on in one while the
 /// commit of the other is in flight (FORMAT.md §9.1, §10.1).
 pub(crate) const TWO_LOG_AREAS_VERSION: u32 = 6;
+/// The first format version with compressed units (FORMAT.md §18): leaf entries' key epoch
+/// field holds `k` in bits 24..31, log record kind 3, the header's unit size.
+pub(crate) const UNITS_VERSION: u32 = 7;
+/// Header feature flag (format version 7): the volume has compression units of `N` blocks,
+/// `log2 N` at header offset 400 (FORMAT.md §18.2).
+pub(crate) const FEATURE_UNITS: u32 = 2;
+/// Bits 0..23 of a version-7 leaf entry's (and log record's) key epoch field: the key epoch.
+pub(crate) const KEY_EPOCH_MASK: u32 = (1 << 24) - 1;
 /// Byte offsets of the heads of log areas 0 and 1 (format version 6; blocks 13 and 14).
 pub(crate) const LOG_HEAD_OFFSETS: [u64; 2] = [0xD000, 0xE000];
 /// Header feature flag (format version 4): node MACs leave out block numbers and births, so

@@ -11,11 +11,13 @@ mod alloc;
 mod check;
 mod claim;
 mod commit;
+mod compress;
 mod datablock;
 pub mod error;
 mod extents;
 pub mod failpoint;
 mod fasthash;
+mod group;
 pub mod header;
 mod info;
 mod key;
@@ -43,10 +45,11 @@ pub mod wal;
 mod writeback;
 
 pub use check::{CheckReport, Damage};
+pub use compress::CompressionUsage;
 pub use error::{Error, ErrorKind, Result};
 pub use extents::Extent;
 pub use header::{decode_header, decode_keyslots, read_header, HeaderInfo};
-pub use info::{CreateOptions, VolumeInfo};
+pub use info::{check_level, Compression, CreateOptions, VolumeInfo};
 pub use key::VolumeKey;
 pub use keyslots::{key_holder_proof, key_holder_proof_matches, keyslot_change_proof};
 pub use layout::{

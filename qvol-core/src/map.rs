@@ -58,6 +58,8 @@ pub(crate) struct BlockMap {
     interior: Mutex<TreeCache>,
     /// Leaves changed since the last commit (they stay in memory until it).
     dirty_leaves: AtomicU64,
+    /// `log2 N` of the volume's compression units (FORMAT.md §18); `None` without.
+    units: Option<u8>,
 }
 
 type Shard = U64Map<Leaf>;
@@ -74,6 +76,11 @@ impl BlockMap {
         self.dirty_leaves.store(0, Ordering::Relaxed);
     }
 
+    /// `log2 N` of the volume's compression units; `None` without.
+    pub(crate) fn units(&self) -> Option<u8> {
+        self.units
+    }
+
     /// The map's height.
     pub(crate) fn height(&self) -> u8 {
         self.interior
@@ -82,9 +89,11 @@ impl BlockMap {
             .height()
     }
 
-    /// The map whose root is `root` (height from the superblock).
-    pub(crate) fn new(height: u8, root: NodePtr) -> Self {
+    /// The map whose root is `root` (height from the superblock), of a volume with
+    /// compression units of `2^units` blocks (`None`: without).
+    pub(crate) fn new(height: u8, root: NodePtr, units: Option<u8>) -> Self {
         BlockMap {
+            units,
             shards: (0..SHARDS)
                 .map(|_| RwLock::new(U64Map::default()))
                 .collect(),
@@ -118,9 +127,7 @@ impl BlockMap {
             });
         }
         let page = read_node(st, keys, TreeKind::Map, 0, leaf, &ptr)?;
-        for i in 0..FANOUT as usize {
-            LeafEntry::decode(&page[..], i)?;
-        }
+        crate::group::check_groups(&page[..], self.units)?;
         Ok(Leaf {
             page,
             pbn: ptr.pbn,

@@ -36,8 +36,11 @@ pub struct NodePtr {
 pub struct LeafEntry {
     /// Physical block of the data (0 = unallocated: reads as zeros).
     pub pbn: u64,
-    /// The key epoch the block was sealed under.
+    /// The key epoch the block was sealed under (bits 0..23 of the field in format version 7).
     pub key_epoch: u32,
+    /// Blocks of the compressed unit the entry references (bits 24..31 of the key epoch
+    /// field, format version 7; FORMAT.md §18.2); 0 for a plain block.
+    pub k: u8,
     /// The nonce (zero-padded to 32 bytes).
     pub nonce: [u8; 32],
     /// The AEAD tag.
@@ -51,9 +54,11 @@ impl LeafEntry {
     pub fn decode(node: &[u8], i: usize) -> Result<LeafEntry> {
         let at = i * ENTRY_LEN;
         let e = &node[at..at + ENTRY_LEN];
+        let field = get_u32(e, 8);
         let entry = LeafEntry {
             pbn: get_u64(e, 0),
-            key_epoch: get_u32(e, 8),
+            key_epoch: field & KEY_EPOCH_MASK,
+            k: (field >> 24) as u8,
             nonce: get_array(e, 16),
             tag: get_array(e, 48),
             birth: get_u32(e, 12),
@@ -63,7 +68,8 @@ impl LeafEntry {
                 "map leaf entry {i} has invalid flags or fields"
             )));
         }
-        if entry.pbn != 0 && !(MIN_DATA_START_BLOCK..MAX_PBN).contains(&entry.pbn) {
+        let end = entry.pbn.saturating_add(u64::from(entry.k.max(1)));
+        if entry.pbn != 0 && (entry.pbn < MIN_DATA_START_BLOCK || end > MAX_PBN) {
             return Err(Error::corrupt(format!(
                 "map leaf entry {i} points outside the data region"
             )));
@@ -80,7 +86,11 @@ impl LeafEntry {
             return;
         }
         put_u64(e, 0, self.pbn);
-        put_u32(e, 8, self.key_epoch);
+        put_u32(
+            e,
+            8,
+            (self.key_epoch & KEY_EPOCH_MASK) | u32::from(self.k) << 24,
+        );
         put_u32(e, 12, self.birth);
         e[16..48].copy_from_slice(&self.nonce);
         e[48..64].copy_from_slice(&self.tag);
@@ -237,6 +247,7 @@ mod tests {
         let e = LeafEntry {
             pbn: 5000,
             key_epoch: 0,
+            k: 3,
             nonce: [3; 32],
             tag: [4; 16],
             birth: 9,

@@ -8,6 +8,7 @@ use zeroize::Zeroizing;
 
 use crate::datablock::open_block;
 use crate::error::{Error, Result};
+use crate::group::{group_buffer, open_entry_unit};
 use crate::layout::*;
 use crate::node::LeafEntry;
 use crate::subkeys::Subkeys;
@@ -21,21 +22,29 @@ struct Planned<'e, 'b> {
     runs: Vec<(usize, &'b mut [u8])>,
     /// Partial blocks read whole into a block of their own.
     parts: Vec<Partial<'b>>,
+    /// Blocks in compressed units: each unit read whole on the side, then opened.
+    units: Vec<Partial<'b>>,
+    /// `log2 N` of the volume's units.
+    log2_n: u8,
 }
 
 /// A partial block of a read: (entry, byte in block, destination, the whole block; wiped
-/// when dropped, it holds plaintext once opened).
+/// when dropped, it holds plaintext once opened). For a unit: (its first entry in the read,
+/// byte in that block, destination, the unit's `k` blocks).
 type Partial<'b> = (usize, usize, &'b mut [u8], Zeroizing<Vec<u8>>);
 
 impl<'e, 'b> Planned<'e, 'b> {
     /// Plans reading the blocks of `entries` (from the one of `offset`) into `buf`; holes
     /// are filled with zeros here.
-    fn new(offset: u64, entries: &'e [LeafEntry], buf: &'b mut [u8]) -> Self {
+    fn new(offset: u64, entries: &'e [LeafEntry], buf: &'b mut [u8], units: Option<u8>) -> Self {
+        let log2_n = units.unwrap_or(0);
         let mut plan = Planned {
             first_lbn: offset / BLOCK_SIZE,
             entries,
             runs: Vec::new(),
             parts: Vec::new(),
+            units: Vec::new(),
+            log2_n,
         };
         let mut rest = buf;
         let mut i = 0;
@@ -47,6 +56,24 @@ impl<'e, 'b> Planned<'e, 'b> {
             };
             let len = (BS - in_block).min(rest.len());
             let e = entries[i];
+            if e.k > 0 {
+                // The blocks of this read in the same unit (FORMAT.md §18.2).
+                let group = (plan.first_lbn + i as u64) >> log2_n;
+                let mut j = i + 1;
+                while j < entries.len()
+                    && entries[j] == e
+                    && (plan.first_lbn + j as u64) >> log2_n == group
+                {
+                    j += 1;
+                }
+                let take = ((j - i) * BS - in_block).min(rest.len());
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(take);
+                rest = tail;
+                let sealed = Zeroizing::new(vec![0u8; usize::from(e.k) * BS]);
+                plan.units.push((i, in_block, piece, sealed));
+                i = j;
+                continue;
+            }
             if e.pbn == 0 || len < BS {
                 let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
                 rest = tail;
@@ -63,6 +90,7 @@ impl<'e, 'b> Planned<'e, 'b> {
             while j < entries.len()
                 && rest.len() >= (j - i + 1) * BS
                 && entries[j].pbn == e.pbn + (j - i) as u64
+                && entries[j].k == 0
             {
                 j += 1;
             }
@@ -85,7 +113,11 @@ impl<'e, 'b> Planned<'e, 'b> {
             .parts
             .iter_mut()
             .map(move |(i, _, _, block)| (entries[*i].pbn * BLOCK_SIZE, &mut block[..]));
-        runs.chain(parts)
+        let units = self
+            .units
+            .iter_mut()
+            .map(move |(i, _, _, sealed)| (entries[*i].pbn * BLOCK_SIZE, &mut sealed[..]));
+        runs.chain(parts).chain(units)
     }
 
     /// Opens the blocks read (authenticates and decrypts them in place).
@@ -100,6 +132,14 @@ impl<'e, 'b> Planned<'e, 'b> {
             open_block(keys, first + i as u64, &entries[i], &mut block)?;
             let n = piece.len();
             piece.copy_from_slice(&block[in_block..in_block + n]);
+        }
+        for (i, in_block, piece, mut sealed) in self.units {
+            let lbn = first + i as u64;
+            let mut group = group_buffer(self.log2_n);
+            open_entry_unit(keys, self.log2_n, lbn, &entries[i], &mut sealed, &mut group)?;
+            let at = (lbn % (1 << self.log2_n)) as usize * BS + in_block;
+            let n = piece.len();
+            piece.copy_from_slice(&group[at..at + n]);
         }
         Ok(())
     }
@@ -143,6 +183,9 @@ impl Volume {
             buf.fill(0);
             return Ok(());
         }
+        if e.k > 0 {
+            return self.read_entry(lbn, &e, buf);
+        }
         self.read_blocks(e.pbn, buf)?;
         open_block(&self.keys(), lbn, &e, buf)
     }
@@ -164,7 +207,7 @@ impl Volume {
         let mut plans = Vec::with_capacity(reads.len());
         for (k, ((offset, buf), entries)) in reads.iter_mut().zip(&looked).enumerate() {
             if let Some(entries) = entries {
-                plans.push((k, Planned::new(*offset, entries, buf)));
+                plans.push((k, Planned::new(*offset, entries, buf, self.map.units())));
             }
         }
         // Every plan's pieces in one call; `counts[p]`: how many are plan p's.

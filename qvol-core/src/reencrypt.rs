@@ -194,6 +194,12 @@ impl Volume {
                 "the volume is open read-only; it cannot be re-encrypted",
             ));
         }
+        if self.keys().epoch() >= KEY_EPOCH_MASK {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("a volume is re-encrypted at most {KEY_EPOCH_MASK} times"),
+            ));
+        }
         if !self.header.has_snapshots() {
             return Err(Error::new(
                 ErrorKind::Unsupported,
@@ -393,7 +399,9 @@ impl Volume {
             let keys = self.keys();
             let mut a = self.alloc.lock();
             for e in copies.values() {
-                a.free_unused(&*self.storage, &keys, e.pbn)?;
+                for pbn in e.pbn..e.pbn + u64::from(e.k.max(1)) {
+                    a.free_unused(&*self.storage, &keys, pbn)?;
+                }
             }
         }
         sealed.map(|end| (end, copies))
@@ -433,7 +441,19 @@ impl Volume {
                 for i in 0..FANOUT as usize {
                     let e = LeafEntry::decode(&page[..], i)?;
                     let lbn = leaf * FANOUT + i as u64;
-                    if e.pbn != 0 && e.key_epoch == from && !copies.contains_key(&(lbn, e.pbn)) {
+                    if e.pbn == 0 || e.key_epoch != from {
+                        continue;
+                    }
+                    if e.k > 0 {
+                        // A unit: one copy for its group (FORMAT.md §18.3 rule 4).
+                        let first = lbn - lbn % self.unit_blocks();
+                        if let std::collections::hash_map::Entry::Vacant(slot) =
+                            copies.entry((first, e.pbn))
+                        {
+                            holds = true;
+                            slot.insert(self.seal_unit_copy(first, &e, &mut out)?);
+                        }
+                    } else if !copies.contains_key(&(lbn, e.pbn)) {
                         todo.push((lbn, e));
                     }
                 }
@@ -493,6 +513,34 @@ impl Volume {
         Ok(leaf.max(done + 1).min(total))
     }
 
+    /// A copy of the unit `e` references (group from `first`), re-sealed under the current
+    /// keys and queued on `out`, in blocks allocated for it.
+    fn seal_unit_copy(
+        &self,
+        first: u64,
+        e: &LeafEntry,
+        out: &mut PageWriter<'_>,
+    ) -> Result<LeafEntry> {
+        let st = &*self.storage;
+        let keys = self.keys();
+        let mut buf = vec![0u8; usize::from(e.k) * BS];
+        st.read_exact_at(&mut buf, e.pbn * BLOCK_SIZE)
+            .map_err(|err| Error::io(format!("cannot read physical block {}", e.pbn), err))?;
+        let log2_n = self.header.units().unwrap_or(0);
+        let mut copy = crate::group::reseal_unit(&keys, &keys, log2_n, first, e, &mut buf)?;
+        let k = u64::from(e.k);
+        copy.pbn = self.alloc.lock().alloc_run_anywhere(st, &keys, k)?;
+        let queued = buf
+            .chunks_exact(BS)
+            .enumerate()
+            .try_for_each(|(i, block)| out.push(copy.pbn + i as u64, block));
+        if let Err(err) = queued {
+            self.free_copies(&(copy.pbn..copy.pbn + k).collect::<Vec<_>>())?;
+            return Err(err);
+        }
+        Ok(copy)
+    }
+
     /// Frees blocks allocated for copies that were never handed out.
     fn free_copies(&self, pbns: &[u64]) -> Result<()> {
         let keys = self.keys();
@@ -523,22 +571,33 @@ impl Volume {
         {
             let mut a = self.alloc.lock();
             for e in copies.values() {
-                a.free_unused(st, &keys, e.pbn)?;
+                for pbn in e.pbn..e.pbn + u64::from(e.k.max(1)) {
+                    a.free_unused(st, &keys, pbn)?;
+                }
             }
         }
         self.commit_locked(false)?;
         let mut kept = HashMap::with_capacity(copies.len());
         {
             let mut a = self.alloc.lock();
-            for (k, e) in copies {
-                if a.try_claim(st, &keys, e.pbn)? {
-                    kept.insert(k, e);
+            'copies: for (k, e) in copies {
+                // A unit's copy is kept only whole (its blocks are one AEAD message).
+                let blocks = e.pbn..e.pbn + u64::from(e.k.max(1));
+                for pbn in blocks.clone() {
+                    if !a.try_claim(st, &keys, pbn)? {
+                        for taken in blocks.start..pbn {
+                            a.free_unused(st, &keys, taken)?;
+                        }
+                        continue 'copies;
+                    }
                 }
+                kept.insert(k, e);
             }
         }
         let end = leaves.end;
         let mut a = self.alloc.lock();
         let rw = Rewrite::new(st, &keys, &keys, Change::Reseal { from, leaves }, &mut a)
+            .with_units(self.header.units())
             .with_copies(kept);
         let (live, roots, resealed) = self.rewrite_maps(rw)?;
         drop(a);

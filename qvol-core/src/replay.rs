@@ -9,7 +9,6 @@ use crate::datablock::open_block;
 use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::node::LeafEntry;
-use crate::snapshot::Kill;
 use crate::volume::Volume;
 use crate::wal::{
     read_log, read_mark, read_marks, scan, Area, LogHead, LogOp, LogRecord, ScannedLog,
@@ -91,54 +90,95 @@ impl Volume {
     }
 
     /// Applies `records` of one epoch, of which those from slot `durable` on were never
-    /// synced; returns how many were applied.
+    /// synced; returns how many were applied. Each changes its leaf as the live write did
+    /// and frees what it freed (`group::apply`).
     fn apply(&self, records: &[LogRecord], durable: u64, birth: u32) -> Result<usize> {
         let st = &*self.storage;
         let keys_now = self.keys();
         let keys = &*keys_now;
         let capacity = self.alloc.lock().capacity();
+        let units = self.map.units();
         let mut applied = 0;
         for rec in records {
-            match rec.op {
-                LogOp::Map { lbn, mut entry } => {
+            let out_of_range = |what: String| {
+                Err(Error::integrity(format!(
+                    "log record {} {what}, out of range",
+                    rec.seq
+                )))
+            };
+            let mut op = rec.op;
+            // The blocks the record claims.
+            let claimed = match &mut op {
+                LogOp::Map { lbn, entry } => {
                     entry.birth = birth;
-                    if lbn >= self.blocks() || entry.pbn >= capacity {
-                        return Err(Error::integrity(format!(
-                            "log record {} maps logical block {lbn} to physical block {}, out of range",
-                            rec.seq, entry.pbn
-                        )));
+                    if *lbn >= self.blocks() || entry.pbn >= capacity {
+                        return out_of_range(format!(
+                            "maps logical block {lbn} to physical block {}",
+                            entry.pbn
+                        ));
                     }
-                    if rec.seq >= durable && !self.data_verifies(lbn, &entry) {
+                    if rec.seq >= durable && !self.data_verifies(*lbn, entry) {
                         continue;
                     }
-                    let old = self.map.with_leaf(st, keys, lbn / FANOUT, |leaf| {
-                        Ok(leaf.set((lbn % FANOUT) as usize, &entry))
-                    })?;
-                    self.alloc.lock().claim(st, keys, entry.pbn)?;
-                    self.kill_blocks(&[Kill::of(&old, lbn, false)])?;
+                    entry.pbn..entry.pbn + 1
+                }
+                LogOp::MapUnit { lbn, log2_n, entry } => {
+                    entry.birth = birth;
+                    let end = entry.pbn.saturating_add(u64::from(entry.k));
+                    let group_end = lbn.saturating_add(1u64 << (*log2_n).min(16));
+                    // FORMAT.md §18.2: a kind-3 record of another unit size is invalid.
+                    if units != Some(*log2_n) || group_end > self.blocks() || end > capacity {
+                        return out_of_range(format!(
+                            "maps the unit of logical block {lbn} to physical block {}",
+                            entry.pbn
+                        ));
+                    }
+                    if rec.seq >= durable && !self.unit_verifies(*lbn, entry) {
+                        continue;
+                    }
+                    entry.pbn..end
                 }
                 LogOp::Unmap { lbn, count } => {
-                    if lbn.checked_add(count).is_none_or(|end| end > self.blocks()) {
-                        return Err(Error::integrity(format!(
-                            "log record {} unmaps blocks past the end",
-                            rec.seq
-                        )));
+                    if lbn
+                        .checked_add(*count)
+                        .is_none_or(|end| end > self.blocks())
+                    {
+                        return out_of_range("unmaps blocks past the end".into());
                     }
-                    let olds = self.map.with_leaf(st, keys, lbn / FANOUT, |leaf| {
-                        Ok((0..count)
-                            .map(|k| {
-                                let old =
-                                    leaf.set(((lbn + k) % FANOUT) as usize, &LeafEntry::default());
-                                Kill::of(&old, lbn + k, true)
-                            })
-                            .collect::<Vec<_>>())
-                    })?;
-                    self.kill_blocks(&olds)?;
+                    0..0
+                }
+            };
+            let lbn = match op {
+                LogOp::Map { lbn, .. } | LogOp::MapUnit { lbn, .. } | LogOp::Unmap { lbn, .. } => {
+                    lbn
+                }
+            };
+            let mut kills = Vec::new();
+            self.map.with_leaf(st, keys, lbn / FANOUT, |leaf| {
+                Ok(crate::group::apply(
+                    leaf,
+                    lbn / FANOUT,
+                    &op,
+                    units,
+                    &mut kills,
+                ))
+            })?;
+            {
+                let mut a = self.alloc.lock();
+                for pbn in claimed {
+                    a.claim(st, keys, pbn)?;
                 }
             }
+            self.kill_blocks(&kills)?;
             applied += 1;
         }
         Ok(applied)
+    }
+
+    /// Whether the unit a kind-3 record points to is there and opens (FORMAT.md §18.2).
+    fn unit_verifies(&self, lbn: u64, entry: &LeafEntry) -> bool {
+        let mut block = zeroize::Zeroizing::new(vec![0u8; BS]);
+        self.read_entry(lbn, entry, &mut block).is_ok()
     }
 
     /// Whether the data block a record points to is there and opens.

@@ -47,7 +47,7 @@ impl Volume {
                 .sum();
             let first = new_size / BLOCK_SIZE;
             for s in self.snapshots() {
-                let view = crate::map::BlockMap::new(s.map_height, s.root);
+                let view = crate::map::BlockMap::new(s.map_height, s.root, self.header.units());
                 if self.map_has_data_from(&view, first, old_size / BLOCK_SIZE)? {
                     plan.snapshots_past_end.push(s.name);
                 }

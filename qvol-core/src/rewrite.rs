@@ -21,7 +21,8 @@ use crate::storage::Storage;
 use crate::subkeys::Subkeys;
 use crate::tree::{read_node, PageWriter};
 
-/// Re-sealed copies of data blocks, by (logical block, old physical block).
+/// Re-sealed copies of data blocks, by (logical block, old physical block); of compressed
+/// units, by (their group's first logical block, old first block) (FORMAT.md §18.3 rule 4).
 pub(crate) type Copies = HashMap<(u64, u64), LeafEntry>;
 
 /// What a [`Rewrite`] changes.
@@ -53,6 +54,8 @@ pub(crate) struct Rewrite<'a> {
     data_out: PageWriter<'a>,
     /// Data blocks re-sealed.
     pub(crate) resealed: u64,
+    /// `log2 N` of the volume's compression units (0 without).
+    log2_n: u8,
 }
 
 impl<'a> Rewrite<'a> {
@@ -76,7 +79,14 @@ impl<'a> Rewrite<'a> {
             node_out: PageWriter::new(st),
             data_out: PageWriter::new(st),
             resealed: 0,
+            log2_n: 0,
         }
+    }
+
+    /// For a volume with compression units of `2^log2_n` blocks.
+    pub(crate) fn with_units(mut self, units: Option<u8>) -> Self {
+        self.log2_n = units.unwrap_or(0);
+        self
     }
 
     /// Uses `copies` (re-sealed copies already written, by logical block and old block)
@@ -102,7 +112,9 @@ impl<'a> Rewrite<'a> {
         }
         // Copies no map needed (their block was dropped meanwhile) were never referenced.
         for e in self.copies.values() {
-            self.a.free_unused(self.st, self.old, e.pbn)?;
+            for pbn in e.pbn..e.pbn + u64::from(e.k.max(1)) {
+                self.a.free_unused(self.st, self.old, pbn)?;
+            }
         }
         Ok(self.resealed)
     }
@@ -169,15 +181,38 @@ impl<'a> Rewrite<'a> {
     /// maps). A block that does not authenticate stops the rewrite: re-encryption never
     /// turns a damaged block into a valid one.
     fn reseal(&mut self, lbn: u64, e: &LeafEntry) -> Result<LeafEntry> {
+        // A unit is copied once for its group, whichever entry meets it first.
+        let lbn = if e.k > 0 {
+            lbn - lbn % (1 << self.log2_n)
+        } else {
+            lbn
+        };
+        let blocks = u64::from(e.k.max(1));
         if let Some(done) = self.data.get(&(lbn, e.pbn)) {
             return Ok(*done);
         }
         if let Some(mut copy) = self.copies.remove(&(lbn, e.pbn)) {
             copy.birth = e.birth;
-            self.freed.push(e.pbn);
+            self.freed.extend(e.pbn..e.pbn + blocks);
             self.data.insert((lbn, e.pbn), copy);
-            self.resealed += 1;
+            self.resealed += blocks;
             return Ok(copy);
+        }
+        if e.k > 0 {
+            let mut buf = vec![0u8; usize::from(e.k) * BS];
+            self.st
+                .read_exact_at(&mut buf, e.pbn * BLOCK_SIZE)
+                .map_err(|err| Error::io(format!("cannot read physical block {}", e.pbn), err))?;
+            let mut sealed =
+                crate::group::reseal_unit(self.old, self.new, self.log2_n, lbn, e, &mut buf)?;
+            sealed.pbn = self.a.alloc_run_anywhere(self.st, self.old, blocks)?;
+            for (i, block) in buf.chunks_exact(BS).enumerate() {
+                self.data_out.push(sealed.pbn + i as u64, block)?;
+            }
+            self.freed.extend(e.pbn..e.pbn + blocks);
+            self.data.insert((lbn, e.pbn), sealed);
+            self.resealed += blocks;
+            return Ok(sealed);
         }
         let mut block = vec![0u8; BS];
         self.st

@@ -8,7 +8,8 @@ use std::cell::RefCell;
 use std::sync::RwLockReadGuard;
 
 use crate::commit::MAX_DIRTY_LEAVES;
-use crate::datablock::{open_block, random_nonces, seal_block};
+use crate::compress::GroupWrite;
+use crate::datablock::{random_nonces, seal_block};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::*;
 use crate::node::LeafEntry;
@@ -44,6 +45,13 @@ fn runs(pbns: &[u64]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
         }
         Some(start..i)
     })
+}
+
+/// The first logical block a log record changes.
+fn op_lbn(op: &LogOp) -> u64 {
+    match *op {
+        LogOp::Map { lbn, .. } | LogOp::Unmap { lbn, .. } | LogOp::MapUnit { lbn, .. } => lbn,
+    }
 }
 
 /// Fails the volume if dropped while unwinding: a panic in the middle of an operation (a bug
@@ -218,11 +226,77 @@ impl Volume {
         Ok(())
     }
 
+    /// Writes `data` (whole blocks from `lbn`): the whole groups in it as compressed units
+    /// when compression is on (FORMAT.md §18.3 rule 3), everything else plain.
+    fn write_full(&self, lbn: u64, data: &[u8], credit: &mut Credit<'_>) -> Result<()> {
+        let n = (data.len() / BS) as u64;
+        let Some((first, groups)) = self.whole_groups(lbn, n) else {
+            return self.write_plain(lbn, data, credit);
+        };
+        let size = self.unit_blocks();
+        let bytes =
+            |from: u64, to: u64| &data[((from - lbn) as usize) * BS..((to - lbn) as usize) * BS];
+        // Plain blocks wait in `plain_from..` until a unit is logged after them; units wait
+        // in `ops` for one record write a leaf's worth.
+        let mut plain_from = lbn;
+        let mut ops = Vec::new();
+        let mut staged = Vec::new();
+        let mut write = || -> Result<()> {
+            for g in 0..groups {
+                let at = first + g * size;
+                match self.write_group(at, bytes(at, at + size))? {
+                    GroupWrite::Plain => continue,
+                    GroupWrite::Zeros(op) => ops.push(op),
+                    GroupWrite::Unit(op, (pbn, sealed)) => {
+                        ops.push(op);
+                        staged.extend(self.stage_run(pbn, sealed)?);
+                    }
+                }
+                if plain_from < at {
+                    self.write_plain(plain_from, bytes(plain_from, at), credit)?;
+                }
+                plain_from = at + size;
+                if ops.len() as u64 * size >= FANOUT {
+                    let logged = std::mem::take(&mut ops);
+                    self.log_ops(&logged, std::mem::take(&mut staged), credit)?;
+                }
+            }
+            if !ops.is_empty() {
+                let logged = std::mem::take(&mut ops);
+                self.log_ops(&logged, std::mem::take(&mut staged), credit)?;
+            }
+            if plain_from < lbn + n {
+                self.write_plain(plain_from, bytes(plain_from, lbn + n), credit)?;
+            }
+            Ok(())
+        };
+        let written = write();
+        if written.is_err() {
+            // Units allocated whose records were never logged: their blocks go back.
+            self.free_unlogged(&ops)?;
+        }
+        written
+    }
+
+    /// Frees the blocks of the units `ops` would have mapped (never logged).
+    fn free_unlogged(&self, ops: &[LogOp]) -> Result<()> {
+        let keys = self.keys();
+        let mut a = self.alloc.lock();
+        for op in ops {
+            if let LogOp::MapUnit { entry, .. } = op {
+                for pbn in entry.pbn..entry.pbn + u64::from(entry.k) {
+                    a.free_unused(&*self.storage, &keys, pbn)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Seals `data` (whole blocks from `lbn`) into new blocks, writes them and their log
     /// records, then maps them. On local storage blocks are copied, sealed and written
     /// [`SEAL_BATCH`] at a time through a per-thread buffer that stays in cache; where each
     /// write is a round trip the request's blocks go out together with their records.
-    fn write_full(&self, lbn: u64, data: &[u8], credit: &mut Credit<'_>) -> Result<()> {
+    fn write_plain(&self, lbn: u64, data: &[u8], credit: &mut Credit<'_>) -> Result<()> {
         let n = data.len() / BS;
         let keys = self.keys();
         let suite = keys.data_suite();
@@ -266,6 +340,12 @@ impl Volume {
         self.log_and_map(lbn, &entries, staged, credit)
     }
 
+    /// A unit's sealed blocks `buf` from `pbn` on, as [`Volume::stage`] stages them.
+    fn stage_run(&self, pbn: u64, buf: Vec<u8>) -> Result<Vec<(u64, Vec<u8>)>> {
+        let pbns: Vec<u64> = (pbn..pbn + (buf.len() / BS) as u64).collect();
+        self.stage(&pbns, buf)
+    }
+
     /// Sealed blocks `buf` (one per entry of `pbns`): where each write is a round trip,
     /// returned as runs of contiguous blocks to go out with their log records; elsewhere
     /// written now (nothing returned).
@@ -292,8 +372,7 @@ impl Volume {
     }
 
     /// Writes the log records of `entries` (new blocks for logical blocks `lbn..`) and the
-    /// staged data with them, then points the map at the new blocks: a reader meets a block
-    /// only once it is written. The claim on the blocks keeps slot order and map order one.
+    /// staged data with them, then points the map at the new blocks.
     fn log_and_map(
         &self,
         lbn: u64,
@@ -309,19 +388,33 @@ impl Volume {
                 entry: *e,
             })
             .collect();
+        self.log_ops(&ops, staged, credit)
+    }
+
+    /// Writes the records `ops` (in order of logical block) and the staged data with them,
+    /// then changes the map as they say, a leaf at a time: a reader meets a block only once
+    /// it is written. The claim on the blocks keeps slot order and map order one.
+    fn log_ops(
+        &self,
+        ops: &[LogOp],
+        staged: Vec<(u64, Vec<u8>)>,
+        credit: &mut Credit<'_>,
+    ) -> Result<()> {
         let slots = self.take_slots(credit, ops.len())?;
-        self.write_logged(slots, &ops, staged)?;
-        let n = entries.len();
-        let mut freed = Vec::with_capacity(n);
+        self.write_logged(slots, ops, staged)?;
+        let units = self.map.units();
+        let mut freed = Vec::with_capacity(ops.len());
         let mut i = 0;
-        while i < n {
-            let l = lbn + i as u64;
-            let count = ((FANOUT - l % FANOUT) as usize).min(n - i);
+        while i < ops.len() {
+            let leaf = op_lbn(&ops[i]) / FANOUT;
+            let count = ops[i..]
+                .iter()
+                .take_while(|op| op_lbn(op) / FANOUT == leaf)
+                .count();
             self.map
-                .with_leaf(&*self.storage, &self.keys(), l / FANOUT, |leaf| {
-                    for (k, e) in entries[i..i + count].iter().enumerate() {
-                        let old = leaf.set(((l + k as u64) % FANOUT) as usize, e);
-                        freed.push(Kill::of(&old, l + k as u64, false));
+                .with_leaf(&*self.storage, &self.keys(), leaf, |l| {
+                    for op in &ops[i..i + count] {
+                        crate::group::apply(l, leaf, op, units, &mut freed);
                     }
                     Ok(())
                 })
@@ -384,8 +477,7 @@ impl Volume {
         }
         let mut block = vec![0u8; BS];
         if cur.pbn != 0 {
-            self.read_blocks(cur.pbn, &mut block)?;
-            open_block(&keys, lbn, &cur, &mut block)?;
+            self.read_entry(lbn, &cur, &mut block)?;
         }
         match data {
             Some(d) => block[at..at + len].copy_from_slice(d),
@@ -459,18 +551,9 @@ impl Volume {
             }
             let n = (FANOUT - l % FANOUT).min(end - l);
             let op = [LogOp::Unmap { lbn: l, count: n }];
+            let units = self.map.units();
             let slots = self.map.with_leaf(st, &self.keys(), leaf, |lf| {
-                let mut changed = false;
-                for k in 0..n {
-                    let i = ((l + k) % FANOUT) as usize;
-                    let old = lf.get(i);
-                    if old.pbn != 0 {
-                        lf.set(i, &LeafEntry::default());
-                        freed.push(Kill::of(&old, l + k, true));
-                        changed = true;
-                    }
-                }
-                if changed {
+                if crate::group::apply(lf, leaf, &op[0], units, &mut freed) {
                     return self.take_slots(credit, 1).map(Some);
                 }
                 Ok(None)

@@ -22,11 +22,14 @@ use crate::volume::Volume;
 
 /// `"QVOLSEND"`.
 const STREAM_MAGIC: [u8; 8] = *b"QVOLSEND";
-/// The stream version this build writes and reads.
+/// The stream version of volumes without compression units.
 const STREAM_VERSION: u32 = 1;
+/// The stream version of volumes with compression units (FORMAT.md §18.3 rule 4).
+const STREAM_VERSION_UNITS: u32 = 2;
 const FLAG_INCREMENTAL: u32 = 1;
 const REC_NODE: u8 = 1;
 const REC_DATA: u8 = 2;
+const REC_UNIT: u8 = 3;
 const REC_END: u8 = 0xff;
 /// Bytes of a snapshot entry in the stream (the table's entry layout).
 pub(crate) const ENTRY_LEN: usize = 400;
@@ -60,6 +63,7 @@ impl StreamHead {
             suite: header.suite,
             key_epoch: header.key_epoch,
             size: header.size,
+            unit_bytes: header.units().map_or(0, |l| (BS as u32) << l),
             name: header.name,
             keyslots: decode_keyslots(&self.header_area[BS..])?,
         })
@@ -68,6 +72,7 @@ impl StreamHead {
     /// What a new image receiving the stream is created with.
     pub fn create_options(&self) -> Result<crate::CreateOptions> {
         let header = decode_header(&self.header_area[..BS])?;
+        let units = header.units();
         Ok(crate::CreateOptions {
             size: header.size,
             suite: header.suite,
@@ -75,6 +80,12 @@ impl StreamHead {
             volume_id: header.volume_id,
             keyslots: decode_keyslots(&self.header_area[BS..])?,
             key_epoch: header.key_epoch,
+            // The unit size is the volume's; new writes are not compressed until the owner
+            // says so (`Volume::set_compression`), as for a new volume.
+            compression: units.map(|unit_log2| crate::Compression {
+                unit_log2,
+                level: None,
+            }),
         })
     }
 }
@@ -237,7 +248,7 @@ pub fn send_snapshot(
     };
     let mut pre = [0u8; 32];
     pre[..8].copy_from_slice(&STREAM_MAGIC);
-    put_u32(&mut pre, 8, STREAM_VERSION);
+    put_u32(&mut pre, 8, stream_version(header.units()));
     put_u32(
         &mut pre,
         12,
@@ -256,6 +267,7 @@ pub fn send_snapshot(
         / BLOCK_SIZE;
     let mut sender = Sender {
         st,
+        units: header.units(),
         blocks,
         file_blocks,
         w: &mut w,
@@ -284,6 +296,8 @@ pub fn send_snapshot(
 
 struct Sender<'a, W> {
     st: &'a dyn Storage,
+    /// `log2 N` of the volume's compression units.
+    units: Option<u8>,
     /// Logical blocks of the disk: no data record lies beyond them.
     blocks: u64,
     /// Blocks of the image: a map (a tree) has no more nodes than that, so a crafted one
@@ -329,9 +343,17 @@ impl<W: Write> Sender<'_, W> {
             Some((b, l)) if l == level && b.pbn != 0 => Some(read_raw(self.st, b.pbn)?),
             _ => None,
         };
+        if level == 0 {
+            crate::group::check_groups(&page[..], self.units)?;
+        }
         for i in 0..FANOUT as usize {
             if level == 0 {
                 let e = LeafEntry::decode(&page[..], i)?;
+                let lbn = index * FANOUT + i as u64;
+                if e.k > 0 {
+                    self.unit(&page, base_page.as_ref(), lbn, i, &e)?;
+                    continue;
+                }
                 let same = match &base_page {
                     Some(bp) => same_data(&LeafEntry::decode(&bp[..], i)?, &e),
                     None => false,
@@ -339,7 +361,6 @@ impl<W: Write> Sender<'_, W> {
                 if e.pbn == 0 || same {
                     continue;
                 }
-                let lbn = index * FANOUT + i as u64;
                 if lbn >= self.blocks {
                     return Err(Error::corrupt(format!(
                         "logical block {lbn} lies beyond the end of the disk"
@@ -361,6 +382,89 @@ impl<W: Write> Sender<'_, W> {
         }
         Ok(())
     }
+}
+
+impl<W: Write> Sender<'_, W> {
+    /// Sends the unit entry `i` (logical block `lbn`) of leaf `page` references, once for
+    /// its group (at its first referencing entry), unless the base's group references the
+    /// same sealed unit (FORMAT.md §18.3 rule 4).
+    fn unit(
+        &mut self,
+        page: &Page,
+        base_page: Option<&Page>,
+        lbn: u64,
+        i: usize,
+        e: &LeafEntry,
+    ) -> Result<()> {
+        let group = group_of(self.units, i);
+        if first_reference(&page[..], group.clone(), e)? != i
+            || base_unit(base_page, group, e)?.is_some()
+        {
+            return Ok(());
+        }
+        let first = lbn - (i - group_of(self.units, i).start) as u64;
+        if first >= self.blocks {
+            return Err(Error::corrupt(format!(
+                "logical block {first} lies beyond the end of the disk"
+            )));
+        }
+        let mut head = [0u8; 10];
+        head[0] = REC_UNIT;
+        put_u64(&mut head, 1, first);
+        head[9] = e.k;
+        self.w.put(&head)?;
+        for pbn in e.pbn..e.pbn + u64::from(e.k) {
+            self.w.put(&read_raw(self.st, pbn)?[..])?;
+        }
+        self.sum.data_blocks += 1;
+        (self.progress)(self.w.bytes);
+        Ok(())
+    }
+}
+
+/// The stream version of a volume whose compression units are `units`.
+fn stream_version(units: Option<u8>) -> u32 {
+    if units.is_some() {
+        STREAM_VERSION_UNITS
+    } else {
+        STREAM_VERSION
+    }
+}
+
+/// The entries of leaf entry `i`'s group.
+fn group_of(units: Option<u8>, i: usize) -> std::ops::Range<usize> {
+    let n = 1usize << units.unwrap_or(0);
+    i - i % n..i - i % n + n
+}
+
+/// The first entry of `group` in `page` that references the unit `e` references.
+fn first_reference(page: &[u8], group: std::ops::Range<usize>, e: &LeafEntry) -> Result<usize> {
+    for j in group {
+        let o = LeafEntry::decode(page, j)?;
+        if o.k > 0 && o.pbn == e.pbn {
+            return Ok(j);
+        }
+    }
+    Err(Error::corrupt("internal: a unit entry is not in its group"))
+}
+
+/// The base's entry of the same group referencing the same sealed unit as `e` (same key
+/// epoch field, nonce and tag; stored wherever the base has it), if any.
+fn base_unit(
+    base_page: Option<&Page>,
+    group: std::ops::Range<usize>,
+    e: &LeafEntry,
+) -> Result<Option<LeafEntry>> {
+    let Some(bp) = base_page else {
+        return Ok(None);
+    };
+    for j in group {
+        let b = LeafEntry::decode(&bp[..], j)?;
+        if same_data(&b, e) {
+            return Ok(Some(b));
+        }
+    }
+    Ok(None)
 }
 
 /// Whether `base` (pointer, level) holds the subtree at `level` whose portable MAC is `pmac`.
@@ -386,7 +490,12 @@ fn child_base(
 
 /// Whether two leaf entries name the same sealed block (wherever it is stored).
 fn same_data(a: &LeafEntry, b: &LeafEntry) -> bool {
-    a.pbn != 0 && b.pbn != 0 && a.key_epoch == b.key_epoch && a.nonce == b.nonce && a.tag == b.tag
+    a.pbn != 0
+        && b.pbn != 0
+        && a.key_epoch == b.key_epoch
+        && a.k == b.k
+        && a.nonce == b.nonce
+        && a.tag == b.tag
 }
 
 /// A reader that hashes what it reads.
@@ -425,10 +534,13 @@ pub fn read_stream_head(r: &mut dyn Read) -> Result<(StreamHead, blake3::Hasher)
         return Err(Error::corrupt("this is not a qvol send stream"));
     }
     let version = get_u32(&pre, 8);
-    if version != STREAM_VERSION {
+    if version != STREAM_VERSION && version != STREAM_VERSION_UNITS {
         return Err(Error::new(
             ErrorKind::Unsupported,
-            format!("the stream has version {version}; this build reads version {STREAM_VERSION}"),
+            format!(
+                "the stream has version {version}; this build reads versions {STREAM_VERSION} \
+                 and {STREAM_VERSION_UNITS}"
+            ),
         ));
     }
     let flags = get_u32(&pre, 12);
@@ -438,7 +550,12 @@ pub fn read_stream_head(r: &mut dyn Read) -> Result<(StreamHead, blake3::Hasher)
     let base = (flags & FLAG_INCREMENTAL != 0).then(|| get_array(&pre, 16));
     let mut header_area = vec![0u8; HEADER_AREA_LEN];
     h.take(&mut header_area)?;
-    decode_header(&header_area[..BS])?;
+    // Version 2 exactly for a volume with compression units (FORMAT.md §18.3 rule 4).
+    if stream_version(decode_header(&header_area[..BS])?.units()) != version {
+        return Err(Error::corrupt(format!(
+            "a stream of version {version} does not fit the volume's compression units"
+        )));
+    }
     decode_keyslots(&header_area[BS..])?;
     let mut entry = vec![0u8; ENTRY_LEN];
     h.take(&mut entry)?;
@@ -473,6 +590,13 @@ impl Volume {
             return Err(Error::new(
                 ErrorKind::Refused,
                 "the stream is of another volume",
+            ));
+        }
+        let sent_units = decode_header(&head.header_area[..BS])?.units();
+        if sent_units != self.header.units() {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                "the stream's compression units are not this image's",
             ));
         }
         let keys = self.keys();
@@ -673,10 +797,33 @@ impl Receiver<'_, '_> {
             }
             _ => None,
         };
+        if level == 0 {
+            crate::group::check_groups(&page[..], vol.header.units())?;
+        }
+        // Units received (or found in the base) for this leaf, by group (one unit a group:
+        // `check_groups`); never by the sender's pbn, which no MAC covers.
+        let mut units: Vec<(usize, LeafEntry)> = Vec::new();
         for k in 0..FANOUT as usize {
             if level == 0 {
                 let e = LeafEntry::decode(&page[..], k)?;
                 if e.pbn == 0 {
+                    continue;
+                }
+                if e.k > 0 {
+                    let lbn = index * FANOUT + k as u64;
+                    let group = group_of(vol.header.units(), k);
+                    let local = match units.iter().find(|(g, _)| *g == group.start) {
+                        Some((_, local)) => *local,
+                        None => {
+                            let local = match base_unit(base_page.as_ref(), group.clone(), &e)? {
+                                Some(b) => b,
+                                None => self.unit(lbn - (k - group.start) as u64, e)?,
+                            };
+                            units.push((group.start, local));
+                            local
+                        }
+                    };
+                    local.encode(&mut page[..], k);
                     continue;
                 }
                 let lbn = index * FANOUT + k as u64;
@@ -731,6 +878,40 @@ impl Receiver<'_, '_> {
         e.birth = self.birth;
         st.write_all_at(&block, e.pbn * BLOCK_SIZE)
             .map_err(|err| Error::io("cannot write a received data block", err))?;
+        self.data += 1;
+        (self.progress)(self.data * BLOCK_SIZE);
+        Ok(e)
+    }
+
+    /// Reads the unit record of the group from `first`, checks it against `e` by every rule
+    /// of FORMAT.md §18.2 and stores it in `k` contiguous blocks.
+    fn unit(&mut self, first: u64, mut e: LeafEntry) -> Result<LeafEntry> {
+        let vol = self.vol;
+        let st = &*vol.storage;
+        let mut head = [0u8; 10];
+        self.r.take(&mut head)?;
+        if head[0] != REC_UNIT || get_u64(&head, 1) != first || head[9] != e.k {
+            return Err(self.bad(format!(
+                "expected the compressed unit of logical block {first}"
+            )));
+        }
+        let k = u64::from(e.k);
+        let mut sealed = vec![0u8; usize::from(e.k) * BS];
+        self.r.take(&mut sealed)?;
+        let log2_n = vol.header.units().unwrap_or(0);
+        let mut opened = zeroize::Zeroizing::new(sealed.clone());
+        let mut group = crate::group::group_buffer(log2_n);
+        if crate::group::open_entry_unit(&vol.keys(), log2_n, first, &e, &mut opened, &mut group)
+            .is_err()
+        {
+            return Err(self.bad(format!(
+                "the compressed unit of logical block {first} does not open"
+            )));
+        }
+        e.pbn = vol.alloc.lock().alloc_run_anywhere(st, &vol.keys(), k)?;
+        e.birth = self.birth;
+        st.write_all_at(&sealed, e.pbn * BLOCK_SIZE)
+            .map_err(|err| Error::io("cannot write a received compressed unit", err))?;
         self.data += 1;
         (self.progress)(self.data * BLOCK_SIZE);
         Ok(e)

@@ -69,6 +69,9 @@ pub(crate) struct Kill {
     pub(crate) birth: u32,
     pub(crate) lbn: u64,
     pub(crate) punch: bool,
+    /// The blocks of the compressed unit at `pbn` (its group starts at `lbn`), 0 for a
+    /// plain block (FORMAT.md §18.3).
+    pub(crate) blocks: u8,
 }
 
 impl Kill {
@@ -80,7 +83,13 @@ impl Kill {
             birth: entry.birth,
             lbn,
             punch,
+            blocks: 0,
         }
+    }
+
+    /// The physical blocks it frees.
+    pub(crate) fn pbns(&self) -> std::ops::Range<u64> {
+        self.pbn..self.pbn + u64::from(self.blocks.max(1))
     }
 }
 
@@ -499,10 +508,36 @@ impl Volume {
                 )?);
             }
         }
+        let n = self.unit_blocks() as usize;
         for i in 0..FANOUT as usize {
             if level == 0 {
                 let e = LeafEntry::decode(&page[..], i)?;
                 if e.pbn == 0 {
+                    continue;
+                }
+                if e.k > 0 {
+                    // A unit: once, for the first entry of its group that references it,
+                    // held by another map if any entry of its group there references it
+                    // (FORMAT.md §18.3 rule 2).
+                    let group = i - i % n..i - i % n + n;
+                    let first = group.clone().find(|&j| {
+                        LeafEntry::decode(&page[..], j).is_ok_and(|o| o.k > 0 && o.pbn == e.pbn)
+                    });
+                    if first != Some(i) {
+                        continue;
+                    }
+                    let mut shared = false;
+                    for p in &pages {
+                        for j in group.clone() {
+                            let o = LeafEntry::decode(&p[..], j)?;
+                            shared |= o.k > 0 && o.pbn == e.pbn;
+                        }
+                    }
+                    if !shared {
+                        for pbn in e.pbn..e.pbn + u64::from(e.k) {
+                            f(pbn)?;
+                        }
+                    }
                     continue;
                 }
                 let mut shared = false;
@@ -540,7 +575,9 @@ impl Volume {
                 if self.snaps.may_hold(k.birth) {
                     later.push(*k);
                 } else {
-                    a.free(&*self.storage, &self.keys(), k.pbn, k.punch)?;
+                    for pbn in k.pbns() {
+                        a.free(&*self.storage, &self.keys(), pbn, k.punch)?;
+                    }
                 }
             }
         }
@@ -554,8 +591,16 @@ impl Volume {
     pub(crate) fn settle_kills(&self, a: &mut AllocState) -> Result<()> {
         let kills = std::mem::take(&mut self.snaps.lock().kills);
         for k in kills {
-            if !self.held(Position::Data(k.lbn), k.pbn, k.birth)? {
-                a.free(&*self.storage, &self.keys(), k.pbn, k.punch)?;
+            // A unit is held by any entry of its group (FORMAT.md §18.3 rule 2).
+            let group = k.lbn..k.lbn + if k.blocks > 0 { self.unit_blocks() } else { 1 };
+            let mut held = false;
+            for lbn in group {
+                held = held || self.held(Position::Data(lbn), k.pbn, k.birth)?;
+            }
+            if !held {
+                for pbn in k.pbns() {
+                    a.free(&*self.storage, &self.keys(), pbn, k.punch)?;
+                }
             }
         }
         Ok(())

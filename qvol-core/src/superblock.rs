@@ -8,6 +8,8 @@ use crate::subkeys::Subkeys;
 /// `"QVOLSUP1"`.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"QVOLSUP1";
 const OFF_MAC: usize = 480;
+/// The superblock's compression algorithm byte for zstd (FORMAT.md §18.2).
+const COMPRESS_ZSTD: u8 = 1;
 /// Where the random commit id lives (16 bytes; FORMAT.md §8).
 const OFF_COMMIT_ID: usize = 200;
 /// Where the staged keyslot area's first block lives (8 bytes; FORMAT.md §3.1).
@@ -22,8 +24,11 @@ const OFF_ROOT_BIRTH: usize = 260;
 const OFF_ROOT_PMAC: usize = 264;
 /// Where the re-encryption record lives (168 bytes, format version 5; FORMAT.md §17).
 const OFF_REKEY: usize = 280;
-/// The first reserved byte after it.
-const OFF_RESERVED: usize = 448;
+/// The compression of new writes (format version 7; FORMAT.md §18.2): algorithm (0 none,
+/// 1 zstd), then the zstd level as an `i8`, then 2 reserved bytes.
+const OFF_COMPRESS: usize = 448;
+/// The first reserved byte after it (450..452 are reserved in the compression field).
+const OFF_RESERVED: usize = 450;
 /// Flag bit of the re-encryption record: a re-encryption is in progress.
 const REKEY_ACTIVE: u32 = 1;
 /// Bytes of a superblock that carry meaning (one sector).
@@ -69,6 +74,9 @@ pub struct Superblock {
     pub staged_hash: [u8; 32],
     /// The re-encryption in progress (format version 5; FORMAT.md §17).
     pub rekey: Option<RekeyRecord>,
+    /// The zstd level new whole-unit writes are compressed at; `None`: compression off
+    /// (format version 7 with compression units; FORMAT.md §18.2).
+    pub compress: Option<i8>,
 }
 
 /// A re-encryption in progress, as its superblock records it (FORMAT.md §17): new data and
@@ -102,7 +110,7 @@ impl RekeyRecord {
     }
 
     fn decode(b: &[u8], key_epoch: u32) -> Result<Option<RekeyRecord>> {
-        let area = &b[OFF_REKEY..OFF_RESERVED];
+        let area = &b[OFF_REKEY..OFF_COMPRESS];
         if get_u32(b, OFF_REKEY + 8) != REKEY_ACTIVE {
             if area.iter().any(|&x| x != 0) {
                 return Err(Error::corrupt(
@@ -162,6 +170,10 @@ impl Superblock {
         if let Some(r) = &self.rekey {
             r.encode(&mut b);
         }
+        if let Some(level) = self.compress {
+            b[OFF_COMPRESS] = COMPRESS_ZSTD;
+            b[OFF_COMPRESS + 1] = level as u8;
+        }
         let mac = mac(keys, &b[..OFF_MAC]);
         b[OFF_MAC..].copy_from_slice(&mac);
         b
@@ -209,6 +221,15 @@ impl Superblock {
             staged_keyslots: get_u64(b, OFF_STAGED),
             staged_hash: get_array(b, OFF_STAGED_HASH),
             rekey: RekeyRecord::decode(b, get_u32(b, 68))?,
+            compress: match (b[OFF_COMPRESS], b[OFF_COMPRESS + 1]) {
+                (0, 0) => None,
+                (COMPRESS_ZSTD, level) => Some(level as i8),
+                _ => {
+                    return Err(Error::corrupt(
+                        "the superblock names a compression this build does not know",
+                    ))
+                }
+            },
         };
         let staged_ok = if sb.staged_keyslots == 0 {
             sb.staged_hash == [0; 32]
@@ -326,6 +347,7 @@ mod tests {
             staged_keyslots: 5000,
             staged_hash: [4; 32],
             rekey: None,
+            compress: Some(-5),
         }
     }
 

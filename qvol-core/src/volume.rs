@@ -1,7 +1,7 @@
 //! [`Volume`]: create, open, flush, commit, info, close. Reads and writes are in
 //! [`crate::rw`], the commit in [`crate::commit`], log replay in [`crate::replay`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::alloc::{space_capacity, AllocState, Allocator};
@@ -152,7 +152,13 @@ pub struct Volume {
     pub(crate) gather: crate::storage::gather::Gather,
     /// Logical blocks whose map an operation in flight is changing (`claim.rs`).
     pub(crate) claims: crate::claim::Claims,
+    /// The zstd level of new whole-unit writes, [`NO_COMPRESSION`] for none (the
+    /// superblock's setting, FORMAT.md §18.2).
+    pub(crate) compress: AtomicI32,
 }
+
+/// [`Volume::compress`] when new writes are not compressed.
+pub(crate) const NO_COMPRESSION: i32 = i32::MIN;
 
 impl Volume {
     /// Creates a volume on `storage` (whose previous content is discarded) and opens it.
@@ -184,9 +190,23 @@ impl Volume {
         }
         let keys = Subkeys::derive_epoch(key, opts.suite, opts.volume_id, opts.key_epoch)
             .with_portable_nodes(true);
+        if opts.key_epoch > KEY_EPOCH_MASK {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "a key epoch is at most {KEY_EPOCH_MASK}, not {}",
+                    opts.key_epoch
+                ),
+            ));
+        }
+        let units = match opts.compression {
+            Some(c) => Some(c.check()?),
+            None => None,
+        };
         let header = Header {
             key_epoch: opts.key_epoch,
-            features: FEATURE_PORTABLE_NODES,
+            features: FEATURE_PORTABLE_NODES | units.map_or(0, |_| FEATURE_UNITS),
+            unit_log2: units.map_or(0, |c| c.unit_log2),
             version: FORMAT_VERSION,
             log_len: Regions::for_size(size).log_len,
             volume_id: opts.volume_id,
@@ -214,6 +234,7 @@ impl Volume {
         let blocks = size / BLOCK_SIZE;
         let capacity = space_capacity(header.regions(), blocks);
         let sb = Superblock {
+            compress: units.and_then(|c| c.level),
             map_height: tree_height(blocks, FANOUT),
             space_height: AllocState::height_for(capacity),
             header_hash: area.header_hash,
@@ -305,6 +326,11 @@ impl Volume {
                 "the superblock's tree heights do not fit the volume size",
             ));
         }
+        if sb.compress.is_some() && header.units().is_none() {
+            return Err(Error::corrupt(
+                "the superblock turns compression on for a volume without compression units",
+            ));
+        }
         let point = CommitPoint {
             generation: sb.generation,
             root_id,
@@ -378,9 +404,10 @@ impl Volume {
         let blocks = header.size / BLOCK_SIZE;
         let regions = header.regions();
         let anchor = header.binds_log().then_some(point.root_id);
+        let compress = sb.compress.map_or(NO_COMPRESSION, i32::from);
         Volume {
             storage,
-            map: BlockMap::new(sb.map_height, sb.map_root),
+            map: BlockMap::new(sb.map_height, sb.map_root, header.units()),
             alloc: Allocator::new(
                 sb.space_height,
                 sb.space_root,
@@ -416,6 +443,7 @@ impl Volume {
             writeback: Default::default(),
             gather: Default::default(),
             claims: Default::default(),
+            compress: AtomicI32::new(compress),
         }
     }
 
@@ -465,6 +493,8 @@ impl Volume {
             keyslot_count: self.keyslots().iter().filter(|s| !s.is_empty()).count(),
             read_only: self.read_only,
             log_records: self.wal.next(),
+            unit_bytes: self.header.units().map_or(0, |l| (BS as u32) << l),
+            compress_level: self.compress_level(),
         }
     }
 

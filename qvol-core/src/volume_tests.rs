@@ -15,6 +15,7 @@ fn opts(size: u64, suite: CipherSuite) -> CreateOptions {
         name: "test".into(),
         volume_id: [0x11; 16],
         keyslots: vec![vec![1, 2, 3]],
+        compression: None,
     }
 }
 

@@ -21,6 +21,7 @@ use crate::subkeys::Subkeys;
 
 const KIND_MAP: u8 = 1;
 const KIND_UNMAP: u8 = 2;
+const KIND_MAP_UNIT: u8 = 3;
 const OFF_MAC: usize = 96;
 
 /// What a record does to the block map.
@@ -39,6 +40,16 @@ pub enum LogOp {
         lbn: u64,
         /// Number of blocks, 1..=64.
         count: u64,
+    },
+    /// Every block of the group from `lbn` now references the compressed unit `entry`
+    /// (kind 3, format version 7; FORMAT.md §18.2).
+    MapUnit {
+        /// The group's first logical block (a multiple of `N`).
+        lbn: u64,
+        /// `log2 N`.
+        log2_n: u8,
+        /// The unit: its first block, key epoch, `k` (1..N), nonce and tag.
+        entry: LeafEntry,
     },
 }
 
@@ -77,6 +88,16 @@ impl LogRecord {
                 put_u64(b, 32, lbn);
                 put_u64(b, 40, count);
             }
+            LogOp::MapUnit { lbn, log2_n, entry } => {
+                b[0] = KIND_MAP_UNIT;
+                b[1] = entry.k;
+                b[2] = log2_n;
+                put_u32(b, 4, entry.key_epoch);
+                put_u64(b, 32, lbn);
+                put_u64(b, 40, entry.pbn);
+                b[48..80].copy_from_slice(&entry.nonce);
+                b[80..96].copy_from_slice(&entry.tag);
+            }
         }
         let mac = mac(keys, anchor, &b[..OFF_MAC]);
         b[OFF_MAC..].copy_from_slice(&mac);
@@ -87,17 +108,43 @@ impl LogRecord {
         if b.len() < LOG_RECORD_LEN {
             return Err(Error::corrupt("a log record is 128 bytes"));
         }
-        if b[1..4] != [0, 0, 0] {
+        // Bytes 1..4 are reserved but in kind 3; so are bits 24..31 of the key epoch.
+        if (b[0] != KIND_MAP_UNIT && b[1..3] != [0, 0]) || b[3] != 0 || b[7] != 0 {
             return Err(Error::corrupt(
                 "the log record's reserved bytes are not zero",
             ));
         }
         let lbn = get_u64(b, 32);
         let op = match b[0] {
+            KIND_MAP_UNIT => {
+                let (k, log2_n) = (b[1], b[2]);
+                let n = 1u64 << log2_n.min(16);
+                let entry = LeafEntry {
+                    pbn: get_u64(b, 40),
+                    key_epoch: get_u32(b, 4),
+                    k,
+                    nonce: get_array(b, 48),
+                    tag: get_array(b, 80),
+                    birth: 0,
+                };
+                let valid = crate::unit::LOG2_N_RANGE.contains(&log2_n)
+                    && (1..n).contains(&u64::from(k))
+                    && lbn % n == 0
+                    && entry.pbn >= MIN_DATA_START_BLOCK
+                    && entry
+                        .pbn
+                        .checked_add(u64::from(k))
+                        .is_some_and(|end| end <= MAX_PBN);
+                if !valid {
+                    return Err(Error::corrupt("a unit log record has invalid fields"));
+                }
+                LogOp::MapUnit { lbn, log2_n, entry }
+            }
             KIND_MAP => {
                 let entry = LeafEntry {
                     pbn: get_u64(b, 40),
                     key_epoch: get_u32(b, 4),
+                    k: 0,
                     nonce: get_array(b, 48),
                     tag: get_array(b, 80),
                     // Set by replay: the snapshot epoch of the superblock the record extends.
@@ -806,6 +853,7 @@ mod tests {
             entry: LeafEntry {
                 pbn: 2000 + lbn,
                 key_epoch: 0,
+                k: 0,
                 nonce: [1; 32],
                 tag: [2; 16],
                 birth: 0,

@@ -82,6 +82,101 @@ enum Step {
     Zeroes(u64, u64),
     /// `create_snapshot` (version 4 on).
     Snapshot(&'static str),
+    /// A write of text that compresses (`common::text`).
+    Text(u64, usize, u64),
+}
+
+/// The compressed image of version 7 (`golden-v7-compressed.qvol`, 16 KiB units, zstd 3):
+/// its first session writes units, overwrites and discards blocks of some (units partly
+/// referenced), unmaps a group of zeros and stores a group that does not compress plain.
+const COMPRESSED_COMMITTED: &[Step] = &[
+    Step::Text(0, 16 * 4096, 31),                // 4 units
+    Step::Write(5 * 4096, 4096, 32),             // a plain block over unit 1's second entry
+    Step::Text(64 * 4096, 4 * 4096, 33),         // a unit in the second leaf
+    Step::Discard(65 * 4096, 4096),              // ... one of its entries discarded
+    Step::Text(128 * 4096, 8 * 4096, 34),        // 2 units
+    Step::Zeroes(128 * 4096, 4 * 4096),          // the first unmapped whole
+    Step::Write(200 * 4096, 4 * 4096, 35),       // does not compress: plain
+    Step::Text(250 * 4096 + 512, 12 * 4096, 36), // groups 63 and 64 whole, the ends plain
+];
+
+/// Its second session, in the log only: units replayed (kind-3 records), a partial write
+/// into a unit, a unit replaced whole.
+const COMPRESSED_LOGGED: &[Step] = &[
+    Step::Text(300 * 4096, 8 * 4096, 37),
+    Step::Write(301 * 4096 + 512, 512, 38),
+    Step::Text(0, 4 * 4096, 39),
+    Step::Discard(10 * 4096, 4096),
+];
+
+/// The content of the compressed image.
+fn expected_compressed() -> BlockHistory {
+    let mut model = BlockHistory::new(size(7));
+    apply(COMPRESSED_COMMITTED, &mut model, None);
+    apply(COMPRESSED_LOGGED, &mut model, None);
+    model
+}
+
+fn compressed_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden-v7-compressed.qvol")
+}
+
+/// Writes `golden-v7-compressed.qvol` (once, with the other version-7 images).
+fn write_compressed_golden() {
+    let p = compressed_path();
+    assert!(
+        !p.exists(),
+        "{} exists: golden images are never regenerated",
+        p.display()
+    );
+    let mem = Arc::new(MemStorage::new());
+    let opts = CreateOptions {
+        key_epoch: 0,
+        size: size(7),
+        suite: CipherSuite::XChaCha20Poly1305,
+        name: "golden-v7-compressed".into(),
+        volume_id: volume_id(7),
+        keyslots: keyslots(),
+        compression: Some(qvol_core::Compression {
+            unit_log2: 2,
+            level: Some(3),
+        }),
+    };
+    let mut model = BlockHistory::new(size(7));
+    let vol = Volume::create(mem.clone(), opts, &golden_key()).expect("create");
+    apply(COMPRESSED_COMMITTED, &mut model, Some(&vol));
+    vol.close().expect("close");
+    let vol = Volume::open(mem.clone(), &golden_key(), false).expect("open");
+    apply(COMPRESSED_LOGGED, &mut model, Some(&vol));
+    vol.flush().expect("flush");
+    std::mem::forget(vol); // kill -9: the second session lives in the log only
+    std::fs::write(&p, mem.to_vec()).expect("write the golden image");
+}
+
+/// The compressed version-7 image opens, replays its units and reads back its content,
+/// read-only and writable, and checks clean.
+#[test]
+fn golden_v7_compressed_image_reads_back() {
+    for read_only in [true, false] {
+        let bytes = std::fs::read(compressed_path()).expect("golden-v7-compressed.qvol");
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let info = qvol_core::read_header(&*storage).expect("header");
+        assert_eq!((info.format_version, info.unit_bytes), (7, 16384));
+        let vol = Volume::open(storage.clone(), &golden_key(), read_only).expect("open");
+        assert_eq!(vol.compress_level(), Some(3));
+        expected_compressed()
+            .check_current(&vol)
+            .unwrap_or_else(|m| panic!("compressed golden image, read_only {read_only}: {m}"));
+        let usage = vol.compression_usage().expect("usage");
+        assert!(usage.unit_lbns >= 20 && usage.ratio() > 1.5, "{usage:?}");
+        let report = vol.check(&mut |_, _| {}).expect("check");
+        assert!(report.is_clean(), "{report:#?}");
+        if !read_only {
+            vol.write_at(3 * 4096, &common::pattern(99, 4096))
+                .expect("write");
+            vol.close().expect("close");
+        }
+    }
 }
 
 const COMMITTED: &[Step] = &[
@@ -174,6 +269,13 @@ fn apply<'a>(
                 model.apply(off, &vec![0u8; len as usize]);
                 if let Some(v) = vol {
                     v.write_zeroes(off, len, false).expect("write_zeroes");
+                }
+            }
+            Step::Text(off, len, tag) => {
+                let data = common::text(tag, len);
+                model.apply(off, &data);
+                if let Some(v) = vol {
+                    v.write_at(off, &data).expect("write");
                 }
             }
             Step::Snapshot(name) => {
@@ -375,6 +477,18 @@ fn golden_v5_aegis_256_image_reads_back() {
 }
 
 #[test]
+fn golden_v7_xchacha20_poly1305_image_reads_back() {
+    check(7, CipherSuite::XChaCha20Poly1305, true);
+    check(7, CipherSuite::XChaCha20Poly1305, false);
+}
+
+#[test]
+fn golden_v7_aegis_256_image_reads_back() {
+    check(7, CipherSuite::Aegis256, true);
+    check(7, CipherSuite::Aegis256, false);
+}
+
+#[test]
 fn golden_v6_xchacha20_poly1305_image_reads_back() {
     check(6, CipherSuite::XChaCha20Poly1305, true);
     check(6, CipherSuite::XChaCha20Poly1305, false);
@@ -525,7 +639,7 @@ fn golden_v4_snapshots_revert_and_delete_cleanly() {
 /// always did.
 #[test]
 fn zeroing_the_golden_log_tail_is_detected_from_version_3() {
-    for version in [1, 2, 3, 4, 5, 6] {
+    for version in [1, 2, 3, 4, 5, 6, 7] {
         for suite in CipherSuite::ALL {
             let mut bytes = load(version, suite);
             let log_len = u64::from_le_bytes(bytes[88..96].try_into().expect("8 bytes")) as usize;
@@ -595,6 +709,7 @@ fn write_golden_images() {
             name: name(version),
             volume_id: volume_id(version),
             keyslots: keyslots(),
+            compression: None,
         };
         let mut model = BlockHistory::new(size(version));
         let vol = Volume::create(mem.clone(), opts, &golden_key()).expect("create");
@@ -624,13 +739,14 @@ fn write_golden_images() {
         std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir tests/data");
         std::fs::write(&p, image).expect("write the golden image");
     }
+    write_compressed_golden();
 }
 
 /// Keyslot changes (FORMAT.md §3.1) work on every version's images, keep their version and
 /// their data.
 #[test]
 fn golden_images_of_every_version_take_keyslot_changes() {
-    for version in [1, 2, 3, 4, 5, 6] {
+    for version in [1, 2, 3, 4, 5, 6, 7] {
         let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(load(
             version,
             CipherSuite::XChaCha20Poly1305,
@@ -661,7 +777,7 @@ fn golden_images_of_every_version_take_keyslot_changes() {
 #[test]
 fn golden_images_upgrade_crash_safely() {
     use qvol_core::storage::{CrashStorage, FaultConfig, FaultStorage, OpKinds};
-    for version in [1, 2, 3, 5] {
+    for version in [1, 2, 3, 5, 6] {
         let bytes = load(version, CipherSuite::XChaCha20Poly1305);
         let mut n = 0u64;
         loop {

@@ -58,6 +58,7 @@ fn a_flush_during_a_pipelined_commit_marks_the_epoch_it_covers() {
             name: "t".into(),
             volume_id: [7; 16],
             keyslots: keyslots(),
+            compression: None,
         },
         &golden_key(),
     )
@@ -196,6 +197,7 @@ fn a_flush_after_the_commit_threads_failed_sync_is_not_ok() {
             name: "t".into(),
             volume_id: [7; 16],
             keyslots: keyslots(),
+            compression: None,
         },
         &golden_key(),
     )

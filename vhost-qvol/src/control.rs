@@ -241,6 +241,14 @@ fn execute(control: &Control, session: &mut Session, cmd: &str, args: &Value) ->
                 .info()
                 .generation
                 .saturating_sub(control.opened_generation));
+            // A walk of the map (no data is read), for a volume with compression units;
+            // a map that cannot be read does not keep the rest of the statistics back.
+            if vol.info().unit_bytes != 0 {
+                match vol.compression_usage() {
+                    Ok(usage) => describe::add_compression_usage(&mut s["volume"], &usage),
+                    Err(e) => s["volume"]["compression_error"] = json!(error_chain(&e)),
+                }
+            }
             Ok(s)
         }
         "commit" => {
@@ -463,6 +471,8 @@ fn status(control: &Control) -> Value {
         "allocated_bytes": info.allocated_bytes,
         "log_records": info.log_records,
         "keyslots": info.keyslot_count,
+        "compression_unit_bytes": info.unit_bytes,
+        "compress_level": info.compress_level,
         "snapshots": control
             .volume
             .snapshots()

@@ -1,9 +1,11 @@
-//! The JSON descriptions of snapshots, check reports and re-encryptions: one shape for the
-//! control socket (docs/CONTROL.md) and for `qvol snapshot list --json` / `qvol check
-//! --json` / `qvol reencrypt --status --json`, so that a served image and a stopped one
-//! print the same.
+//! The JSON descriptions of snapshots, check reports, re-encryptions and compression: one
+//! shape for the control socket (docs/CONTROL.md) and for `qvol snapshot list --json` /
+//! `qvol check --json` / `qvol reencrypt --status --json` / `qvol info --json`, so that a
+//! served image and a stopped one print the same.
 
-use qvol_core::{CheckReport, Damage, Reencryption, Snapshot, SnapshotUsage, BLOCK_SIZE};
+use qvol_core::{
+    CheckReport, CompressionUsage, Damage, Reencryption, Snapshot, SnapshotUsage, BLOCK_SIZE,
+};
 use serde_json::{json, Value};
 
 /// A snapshot: `name`, `guid` (hex), `created` (Unix seconds), `generation`.
@@ -68,4 +70,17 @@ pub fn percent(r: &Reencryption) -> u64 {
         0 => 100,
         total => r.done.min(total) * 100 / total,
     }
+}
+
+/// What compression achieves on the data stored, added to `doc`: `compression_ratio`
+/// (logical data blocks per block stored) and `compression_usage` (`unit_lbns`: blocks of
+/// the disk stored in compressed units, `unit_blocks`: the blocks those units take,
+/// `plain_blocks`: blocks stored uncompressed).
+pub fn add_compression_usage(doc: &mut Value, usage: &CompressionUsage) {
+    doc["compression_ratio"] = json!(usage.ratio());
+    doc["compression_usage"] = json!({
+        "unit_lbns": usage.unit_lbns,
+        "unit_blocks": usage.unit_blocks,
+        "plain_blocks": usage.plain_blocks,
+    });
 }

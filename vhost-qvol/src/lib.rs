@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod blk_config;
+pub mod compression;
 pub mod config;
 pub mod control;
 pub mod describe;

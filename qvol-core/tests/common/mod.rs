@@ -33,6 +33,7 @@ pub fn options(size: u64, suite: CipherSuite) -> CreateOptions {
         name: "test".to_string(),
         volume_id: [0x42; 16],
         keyslots: vec![b"an opaque keyslot blob".to_vec()],
+        compression: None,
     }
 }
 
@@ -52,6 +53,22 @@ pub fn open(storage: Arc<dyn Storage>) -> qvol_core::Result<Volume> {
 }
 
 /// Deterministic pseudo-random bytes for a write tagged `tag` (SplitMix64 stream).
+/// `len` bytes of text that compresses (lines naming `tag` and their number), as files of
+/// a guest's filesystem do.
+pub fn text(tag: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 80);
+    let mut line = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(
+            format!("tag {tag} line {line}: the quick brown fox jumps over the lazy dog\n")
+                .as_bytes(),
+        );
+        line += 1;
+    }
+    out.truncate(len);
+    out
+}
+
 pub fn pattern(tag: u64, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 8);
     let mut state = tag.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5851_f42d_4c95_7f2d;

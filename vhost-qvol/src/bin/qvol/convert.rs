@@ -51,6 +51,8 @@ pub struct ImportArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
+    pub compress: crate::compress::CompressFlags,
+    #[command(flatten)]
     pub keys: KeystoreArgs,
 }
 
@@ -133,6 +135,17 @@ impl Drop for Bridge {
     }
 }
 
+/// The image [`import_image`] makes: where, its cipher suite and its compression.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    /// The qvol image to create (must not exist).
+    pub path: &'a Path,
+    /// Its data blocks' cipher suite.
+    pub suite: CipherSuite,
+    /// Its compression units (`None`: none).
+    pub compression: Option<qvol_core::Compression>,
+}
+
 /// What [`import_image`] made.
 #[derive(Debug)]
 pub struct Imported {
@@ -151,20 +164,24 @@ pub struct Imported {
 /// On any failure `dest` is removed and the keystore is left as it was.
 pub fn import_image(
     source: &Source,
-    dest: &Path,
+    dest: &Target<'_>,
     key_id: &str,
-    suite: CipherSuite,
     name: &str,
     keystore: &qvol_keys::UnlockedKeystore,
     verify: bool,
 ) -> anyhow::Result<Imported> {
+    let Target {
+        path: dest,
+        suite,
+        compression,
+    } = *dest;
     let info = qemu_img::info(source)?;
     if info.virtual_size == 0 {
         bail!("{} is empty (virtual size 0)", source.path.display());
     }
     // A volume is whole 4 KiB blocks: a tail rounds up (and reads as zeros).
     let size = info.virtual_size.div_ceil(4096) * 4096;
-    let new = NewVolume::make(dest, size, suite, name, key_id, keystore)?;
+    let new = NewVolume::make(dest, size, suite, name, key_id, keystore, compression)?;
     let bridge = Bridge::start(new.volume.clone(), false)?;
     qemu_img::convert_into(source, &bridge.uri()?)?;
     qvol_core::failpoint::hit("qvol:imported");
@@ -229,12 +246,17 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
+    let compression = args.compress.compression()?;
     let keystore = args.keys.unlock()?;
+    let target = Target {
+        path: &args.dest,
+        suite,
+        compression,
+    };
     let done = import_image(
         &source,
-        &args.dest,
+        &target,
         &args.key,
-        suite,
         &name,
         &keystore,
         !args.no_verify,

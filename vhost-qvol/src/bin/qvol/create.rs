@@ -1,13 +1,13 @@
-//! `qvol create IMAGE --size SIZE --key KEY_ID [--cipher SUITE] [--name NAME]`: a new
-//! volume with a random volume key and volume id, and one keyslot wrapping that key for
-//! the key's public key.
+//! `qvol create IMAGE --size SIZE --key KEY_ID [--cipher SUITE] [--name NAME] [--compress
+//! zstd[:LEVEL] [--compress-unit SIZE]]`: a new volume with a random volume key and volume
+//! id, and one keyslot wrapping that key for the key's public key.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
-use qvol_core::{CipherSuite, CommitPoint, CreateOptions, Volume, VolumeKey};
+use qvol_core::{CipherSuite, CommitPoint, Compression, CreateOptions, Volume, VolumeKey};
 use qvol_keys::{keyslot, Secret32, UnlockedKeystore};
 use vhost_qvol::image;
 use vhost_qvol::lock::ImageLock;
@@ -15,6 +15,7 @@ use vhost_qvol::open::{state_of, volume_id_hex};
 use vhost_qvol::size::{format_size, parse_size};
 use vhost_qvol::volume_disk::error_chain;
 
+use crate::compress::CompressFlags;
 use crate::keystore::KeystoreArgs;
 
 /// `qvol create`
@@ -36,6 +37,8 @@ pub struct CreateArgs {
     /// A name for the volume [default: the image's file name without extension].
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
+    #[command(flatten)]
+    pub compress: CompressFlags,
     #[command(flatten)]
     pub keys: KeystoreArgs,
 }
@@ -62,6 +65,7 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
         .cipher
         .parse()
         .map_err(|e| anyhow!("unknown cipher suite {}: {e}", args.cipher))?;
+    let compression = args.compress.compression()?;
     let image = &args.image;
     let name = match args.name {
         Some(name) => name,
@@ -72,11 +76,19 @@ pub fn run(args: CreateArgs) -> anyhow::Result<()> {
     };
 
     let keystore = args.keys.unlock()?;
-    let new = NewVolume::make(image, size, suite, &name, &args.key, &keystore)?;
+    let new = NewVolume::make(image, size, suite, &name, &args.key, &keystore, compression)?;
     let volume_id = new.volume_id;
     new.finish(&keystore)?;
+    // "zstd level 3 in 16 KiB units, " (nothing for a volume without compression).
+    let compressed = compression.map_or(String::new(), |c| {
+        format!(
+            "{} in {} units, ",
+            vhost_qvol::compression::describe_level(c.level),
+            format_size(4096 << c.unit_log2)
+        )
+    });
     println!(
-        "Created {} ({name}): {}, {suite}, volume id {}, keyslot 0 for key {}.",
+        "Created {} ({name}): {}, {suite}, {compressed}volume id {}, keyslot 0 for key {}.",
         image.display(),
         format_size(size),
         volume_id_hex(&volume_id),
@@ -100,7 +112,8 @@ pub struct NewVolume<'a> {
 
 impl<'a> NewVolume<'a> {
     /// Creates `image` (which must not exist) with a random volume key and volume id and
-    /// one keyslot for the current generation of `key_id`. Not yet recorded in the keystore.
+    /// one keyslot for the current generation of `key_id`, and compression units when
+    /// `compression` is given. Not yet recorded in the keystore.
     pub fn make(
         image: &'a Path,
         size: u64,
@@ -108,6 +121,7 @@ impl<'a> NewVolume<'a> {
         name: &str,
         key_id: &str,
         keystore: &UnlockedKeystore,
+        compression: Option<Compression>,
     ) -> anyhow::Result<Self> {
         // An RBD image's existence is for the cluster to say (its creation refuses one).
         if !image::is_rbd(image) && fs::symlink_metadata(image).is_ok() {
@@ -148,6 +162,7 @@ impl<'a> NewVolume<'a> {
             name: name.to_string(),
             volume_id,
             keyslots: vec![slot],
+            compression,
         };
         let volume = Volume::create(storage, opts, &volume_key).map_err(|e| {
             anyhow!(

@@ -1,12 +1,15 @@
-//! `qvol info IMAGE [--json]`: what the header says (no key needed) and, when the keystore
-//! can unlock the volume, its generation, whether it is as fresh as the keystore's record,
-//! and space used. Header text is unauthenticated: the text output escapes control
-//! characters in it (a hostile image must not drive the terminal).
+//! `qvol info IMAGE [--json]`: what the header says (no key needed: the compression unit
+//! among it) and, when the keystore can unlock the volume, its generation, whether it is as
+//! fresh as the keystore's record, space used, and the compression of new writes and what
+//! it achieves on the data stored. Header text is unauthenticated: the text output escapes
+//! control characters in it (a hostile image must not drive the terminal).
 
 use std::path::PathBuf;
 
+use qvol_core::CompressionUsage;
 use qvol_keys::keyslot;
 use serde_json::{json, Value};
+use vhost_qvol::compression;
 use vhost_qvol::open::{open_unrecorded, read_image_header, state_of, volume_id_hex, KeySource};
 use vhost_qvol::size::format_size;
 use vhost_qvol::text::escape_untrusted;
@@ -41,6 +44,12 @@ struct Unlocked {
     slot: usize,
     /// The re-encryption in progress, if any.
     reencryption: Option<qvol_core::Reencryption>,
+    /// Bytes of a compression unit as the open volume has it (0: none).
+    unit_bytes: u32,
+    /// The zstd level of new writes (`None`: off, or no compression units).
+    compress_level: Option<i8>,
+    /// What compression achieves (`None` without compression units), or why it is unknown.
+    compression_usage: Option<Result<CompressionUsage, String>>,
 }
 
 /// Runs `qvol info`.
@@ -75,11 +84,18 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "implementation": suite.implementation(),
         "key_epoch": header.key_epoch,
         "keyslots": slots,
+        "compression_unit_bytes": header.unit_bytes,
     });
     match &unlocked {
         Ok(u) => {
             doc["generation"] = json!(u.generation);
             doc["allocated_bytes"] = json!(u.allocated);
+            doc["compress_level"] = json!(u.compress_level);
+            match &u.compression_usage {
+                Some(Ok(usage)) => vhost_qvol::describe::add_compression_usage(&mut doc, usage),
+                Some(Err(why)) => doc["compression_error"] = json!(why),
+                None => {}
+            }
             doc["opened_with_keyslot"] = json!(u.slot);
             doc["reencryption"] = u.reencryption.as_ref().map_or(
                 serde_json::Value::Null,
@@ -157,10 +173,26 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
                 format_size(u.allocated),
                 u.allocated
             );
+            let achieved = match &u.compression_usage {
+                Some(Ok(usage)) => format!("; {}", compression::describe_usage(usage)),
+                Some(Err(why)) => format!("; ratio unknown: {why}"),
+                None => String::new(),
+            };
+            println!(
+                "compression:    {}{achieved}",
+                compression::describe(u.unit_bytes, u.compress_level)
+            );
         }
         Err(reason) => {
             println!("generation:     unknown (needs the volume key: {reason})");
             println!("space used:     unknown (needs the volume key)");
+            match header.unit_bytes {
+                0 => println!("compression:    {}", compression::describe(0, None)),
+                unit => println!(
+                    "compression:    {} units (the level and ratio need the volume key)",
+                    format_size(u64::from(unit))
+                ),
+            }
         }
     }
     println!(
@@ -219,6 +251,8 @@ fn unlock(
     .map_err(chain)?;
     drop(keystore);
     let info = volume.info();
+    let compression_usage =
+        (info.unit_bytes != 0).then(|| volume.compression_usage().map_err(|e| error_chain(&e)));
     let state = state_of(&volume.commit_point());
     let freshness = guard
         .as_ref()
@@ -229,6 +263,9 @@ fn unlock(
         binding: guard.map(|g| g.binding().clone()),
         allocated: info.allocated_bytes,
         reencryption: volume.reencryption(),
+        unit_bytes: info.unit_bytes,
+        compress_level: info.compress_level,
+        compression_usage,
         slot,
     })
 }

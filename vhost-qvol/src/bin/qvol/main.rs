@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod access;
 mod benchmark;
 mod check;
+mod compress;
 mod convert;
 mod create;
 mod files;
@@ -87,6 +88,9 @@ enum Command {
     Upgrade(upgrade::UpgradeArgs),
     /// Grow a volume's disk (online when a daemon serves it), or shrink it (--shrink).
     Resize(resize::ResizeArgs),
+    /// Set the compression of a volume's new writes: zstd[:LEVEL] or off (for a volume
+    /// created with --compress; what was written before stays as it is).
+    Compress(compress::CompressArgs),
     /// Take, list, revert to and delete snapshots of a volume (format version 4).
     Snapshot {
         #[command(subcommand)]
@@ -141,6 +145,7 @@ fn run(command: Command, ceph: vhost_qvol::image::CephArgs) -> anyhow::Result<()
         Command::Vm(args) => vm::run(args, ceph),
         Command::Stats(args) => stats::run(args),
         Command::Resize(args) => resize::run(args),
+        Command::Compress(args) => compress::run(args),
         Command::Snapshot { command } => snapshot::run(command),
         Command::Check(args) => check::run(args),
         Command::Send(args) => send::run(args),

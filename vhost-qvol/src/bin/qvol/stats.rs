@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
+use vhost_qvol::compression;
 use vhost_qvol::control::{connect_to_server, ControlClient};
 use vhost_qvol::size::format_size;
 
@@ -43,6 +44,24 @@ pub fn run(args: StatsArgs) -> anyhow::Result<()> {
         format_size(v["allocated_bytes"].as_u64().unwrap_or(0)),
         format_size(v["size"].as_u64().unwrap_or(0))
     );
+    // (A daemon older than compression says nothing of it.)
+    if let Some(unit) = v["compression_unit_bytes"].as_u64() {
+        let level = v["compress_level"]
+            .as_i64()
+            .and_then(|l| i8::try_from(l).ok());
+        let ratio = match (
+            v["compression_ratio"].as_f64(),
+            v["compression_error"].as_str(),
+        ) {
+            (Some(ratio), _) => format!("; ratio {ratio:.2}"),
+            (None, Some(why)) => format!("; ratio unknown: {why}"),
+            (None, None) => String::new(),
+        };
+        println!(
+            "compression:  {}{ratio}",
+            compression::describe(u32::try_from(unit).unwrap_or(0), level)
+        );
+    }
     let snapshots: Vec<&str> = v["snapshots"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())

@@ -17,7 +17,7 @@ use vhost_qvol::size::format_size;
 
 use super::config::{self, DiskConfig};
 use super::Vm;
-use crate::convert::{compare_volume, import_image};
+use crate::convert::{compare_volume, import_image, Target};
 use crate::keystore::KeystoreArgs;
 use crate::qemu_img::Source;
 
@@ -210,11 +210,15 @@ fn migrate_disks(
             let partial = partial_of(&target);
             let source = Source::new(disk.path.clone(), Some(disk.qemu_format().into()), None)?;
             made.push(partial.clone());
+            let into = Target {
+                path: &partial,
+                suite,
+                compression: None,
+            };
             let done = import_image(
                 &source,
-                &partial,
+                &into,
                 key_id,
-                suite,
                 &format!("{}-{}", vm.config.name, disk.id),
                 ks,
                 true,

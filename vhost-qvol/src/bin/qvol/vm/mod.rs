@@ -376,7 +376,7 @@ fn prepare_disks(vm: &Vm, keys: &KeystoreArgs) -> anyhow::Result<Vm> {
                 )
             })?;
             let name = format!("{}-{}", cfg.name, disk.id);
-            let new = NewVolume::make(&disk.path, size, cfg.suite, &name, &key_id, &ks)?;
+            let new = NewVolume::make(&disk.path, size, cfg.suite, &name, &key_id, &ks, None)?;
             let id = new.volume_id;
             new.finish(&ks)?;
             println!(
