@@ -8,6 +8,15 @@
 //! never garbage, never older. Half the crashes run with the storage saying each write is a
 //! round trip (as RBD does), so that writers' data and log records are gathered.
 //!
+//! Half the crashes run on a volume with compression units (FORMAT.md §18: 8 to 64 KiB,
+//! zstd level 1 or 3), whose writers also write whole aligned groups, so that kind-3 records
+//! and the units they map are in flight when the crash comes; the rest of their operations
+//! then overwrite, discard and zero parts of those units. Sector contents range from
+//! random (a group stays plain) through half random (units of about half the group) to
+//! repetitive (one-block units). The reopened volume must also pass `check`: nothing
+//! damaged, nothing leaked. Across the run, the reopened compressed volumes must have held
+//! units.
+//!
 //! `QVOL_CRASH_ITERS` sets the number of crashes (8 unless set); the long run is
 //! `QVOL_CRASH_ITERS=5000 cargo test --release -p qvol-core --lib concurrent_crash`.
 
@@ -18,7 +27,7 @@ use std::time::Duration;
 
 use crate::layout::*;
 use crate::storage::{CrashPolicy, CrashStorage};
-use crate::{CipherSuite, CreateOptions, Volume, VolumeKey};
+use crate::{CipherSuite, Compression, CreateOptions, Volume, VolumeKey};
 
 /// Logical blocks exercised (the volume is bigger).
 const BLOCKS: u64 = 192;
@@ -33,6 +42,8 @@ type Sectors = [u64; SPB];
 /// Everything the threads share.
 struct Shared {
     vol: Volume,
+    /// Blocks in a compression unit (0: the volume has none).
+    unit: u64,
     /// Per block, the sector versions after each of its operations (index = version).
     history: Vec<Mutex<Vec<Sectors>>>,
     /// Per block, the highest version whose operation returned.
@@ -55,12 +66,25 @@ impl Rng {
     }
 }
 
-/// The content of a sector of block `b` written by version `v` (never all zeros).
-fn sector(b: u64, v: u64) -> Vec<u8> {
-    let mut s: Vec<u8> = (0..512u64).map(|i| (i * 7 + b + v * 13) as u8).collect();
-    s[..8].copy_from_slice(&b.to_le_bytes());
-    s[8..16].copy_from_slice(&v.to_le_bytes());
-    s
+/// The content of sector `s` of block `b` written by version `v` (never all zeros): after
+/// `b` and `v`, a repetitive pattern, or for one version of a block in four random bytes,
+/// for another one in four half random, half pattern (so that a whole group compresses
+/// well, about in half, or not at all).
+fn sector(b: u64, s: usize, v: u64) -> Vec<u8> {
+    let mut out: Vec<u8> = (0..512u64).map(|i| (i * 7 + b + v * 13) as u8).collect();
+    let random = match (b ^ v) % 4 {
+        0 => 512,
+        1 => 256,
+        _ => 16,
+    };
+    let mut rng = Rng((b << 40) ^ (v << 4) ^ s as u64);
+    for chunk in out[16..random].chunks_mut(8) {
+        let r = rng.below(u64::MAX).to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
+    }
+    out[..8].copy_from_slice(&b.to_le_bytes());
+    out[8..16].copy_from_slice(&v.to_le_bytes());
+    out
 }
 
 impl Shared {
@@ -83,19 +107,26 @@ impl Shared {
 
     /// One random operation on the blocks `lo..hi`.
     fn operate(&self, rng: &mut Rng, lo: u64, hi: u64) {
-        let b = lo + rng.below(hi - lo);
+        let mut b = lo + rng.below(hi - lo);
         let kind = rng.below(10);
         if kind < 4 || kind == 8 {
             // Whole blocks: a write, or a discard.
-            let n = (1 + rng.below(8)).min(hi - b);
+            let mut n = (1 + rng.below(8)).min(hi - b);
+            if self.unit > 0 && kind < 2 {
+                // Whole groups, 16 to 64 KiB (at least one group): compressed units. (`lo`
+                // and `hi` are multiples of 64, so the groups stay within them.)
+                let u = self.unit;
+                b = b / u * u;
+                n = (u * (1 + rng.below((16 / u).max(1)))).min(hi - b);
+            }
             let zero = kind == 8;
             let mut buf = Vec::new();
             let versions: Vec<u64> = (b..b + n)
                 .map(|k| {
                     let v = self.next_version(k, 0, SPB, zero);
                     if !zero {
-                        for _ in 0..SPB {
-                            buf.extend(sector(k, v));
+                        for s in 0..SPB {
+                            buf.extend(sector(k, s, v));
                         }
                     }
                     v
@@ -120,7 +151,7 @@ impl Shared {
             let r = if zero {
                 self.vol.write_zeroes(off, n as u64 * 512, true)
             } else {
-                let buf: Vec<u8> = (0..n).flat_map(|_| sector(b, v)).collect();
+                let buf: Vec<u8> = (s..s + n).flat_map(|s| sector(b, s, v)).collect();
                 self.vol.write_at(off, &buf)
             };
             r.unwrap_or_else(|e| panic!("a partial operation on block {b} failed: {e}"));
@@ -172,7 +203,7 @@ fn check(iter: u64, vol: &Volume, history: &[Mutex<Vec<Sectors>>], floor: &[u64]
             }
             let v = u64::from_le_bytes(sec[8..16].try_into().expect("8 bytes"));
             assert!(
-                sec == &sector(b, v)[..],
+                sec == &sector(b, s, v)[..],
                 "crash {iter}: block {b} sector {s} holds bytes never written there"
             );
             secs[s] = v;
@@ -189,8 +220,16 @@ fn check(iter: u64, vol: &Volume, history: &[Mutex<Vec<Sectors>>], floor: &[u64]
     }
 }
 
-fn one_crash(iter: u64) {
+/// Crash `iter`; returns the blocks in compressed units the volume reopened after kill -9
+/// had.
+fn one_crash(iter: u64) -> u64 {
     let suite = CipherSuite::ALL[(iter % CipherSuite::ALL.len() as u64) as usize];
+    // Every suite, with and without round trips, with and without compression units in
+    // each 8 crashes; the unit sizes and levels in turn over 16.
+    let compression = ((iter ^ (iter >> 1) ^ (iter >> 2)) & 1 == 1).then(|| Compression {
+        unit_log2: 1 + ((iter >> 3) ^ iter) as u8 % 4,
+        level: Some(if (iter >> 3) & 1 == 0 { 3 } else { 1 }),
+    });
     let key = VolumeKey::from_bytes([0x42; 32]);
     let opts = CreateOptions {
         key_epoch: 0,
@@ -199,13 +238,14 @@ fn one_crash(iter: u64) {
         name: "crash".into(),
         volume_id: [0x11; 16],
         keyslots: vec![vec![1]],
-        compression: None,
+        compression,
     };
     let st = Arc::new(CrashStorage::new());
     // Every other crash as on RBD: writes of writers that write together go out together.
     st.set_round_trips(iter % 4 >= 2);
     let shared = Arc::new(Shared {
         vol: Volume::create(st.clone(), opts, &key).expect("create"),
+        unit: compression.map_or(0, |c| 1 << c.unit_log2),
         history: (0..BLOCKS).map(|_| Mutex::new(vec![[0; SPB]])).collect(),
         completed: (0..BLOCKS).map(|_| AtomicU64::new(0)).collect(),
         floor: Mutex::new(vec![0; BLOCKS as usize]),
@@ -249,6 +289,7 @@ fn one_crash(iter: u64) {
     for t in threads {
         t.join().expect("a test thread panicked");
     }
+    let mut in_units = 0;
     for (what, image, floor) in [
         ("power loss", crashed, floor),
         ("kill -9", killed, acknowledged),
@@ -256,8 +297,17 @@ fn one_crash(iter: u64) {
         let vol = Volume::open(image, &key, false)
             .unwrap_or_else(|e| panic!("crash {iter} ({what}): reopening failed: {e}"));
         check(iter, &vol, &shared.history, &floor);
+        let report = vol
+            .check(&mut |_, _| {})
+            .unwrap_or_else(|e| panic!("crash {iter} ({what}): check fails: {e}"));
+        assert!(
+            report.is_clean(),
+            "crash {iter} ({what}, {compression:?}): check is not clean: {report:#?}"
+        );
+        in_units = vol.compression_usage().expect("usage").unit_lbns;
         vol.close().expect("close after the crash");
     }
+    in_units
 }
 
 #[test]
@@ -266,7 +316,12 @@ fn concurrent_crash_keeps_flushed_or_later_versions() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8u64);
+    let mut in_units = 0;
     for iter in 0..iters {
-        one_crash(iter);
+        in_units += one_crash(iter);
     }
+    assert!(
+        iters < 8 || in_units > 0,
+        "no crash left a compressed unit: the test no longer covers them"
+    );
 }
