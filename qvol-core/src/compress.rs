@@ -88,17 +88,19 @@ impl Volume {
         self.commit_locked(true)
     }
 
-    /// Counts the live map's data blocks by how they are stored.
+    /// Counts the live map's data blocks by how they are stored. A leaf at a time, each
+    /// under the commit gate alone (commits go on between), read without filling the
+    /// cache: a statistic of a disk that may change meanwhile.
     pub fn compression_usage(&self) -> Result<CompressionUsage> {
         self.check_usable()?;
-        let _gate = self.shared();
         let st = &*self.storage;
-        let keys = self.keys();
         let mut usage = CompressionUsage::default();
         let leaves = self.blocks().div_ceil(FANOUT);
         let mut entries = [LeafEntry::default(); FANOUT as usize];
         let mut leaf = 0;
         while leaf < leaves {
+            let _gate = self.shared();
+            let keys = self.keys();
             let skip = self.map.absent_leaves(st, &keys, leaf)?;
             if skip > 0 {
                 leaf += skip;
@@ -106,18 +108,19 @@ impl Volume {
             }
             let first = leaf * FANOUT;
             let n = FANOUT.min(self.blocks() - first) as usize;
-            self.map.lookup(st, &keys, first, &mut entries[..n])?;
-            let mut last_unit = 0;
-            for e in entries[..n].iter().filter(|e| e.pbn != 0) {
+            self.map.peek(st, &keys, leaf, &mut entries)?;
+            let group = self.unit_blocks() as usize;
+            let mut last_group = usize::MAX;
+            for (i, e) in entries[..n].iter().enumerate().filter(|(_, e)| e.pbn != 0) {
                 if e.k == 0 {
                     usage.plain_blocks += 1;
                     continue;
                 }
                 usage.unit_lbns += 1;
                 // A group's referencing entries are one unit (FORMAT.md §18.2).
-                if e.pbn != last_unit {
+                if i / group != last_group {
                     usage.unit_blocks += u64::from(e.k);
-                    last_unit = e.pbn;
+                    last_group = i / group;
                 }
             }
             leaf += 1;

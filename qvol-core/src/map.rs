@@ -388,6 +388,31 @@ impl BlockMap {
 }
 
 impl BlockMap {
+    /// Copies the entries of leaf `leaf` into `out` (64 entries), from the cache or from
+    /// disk without caching it: for walks of the whole map, which must not fill the cache.
+    pub(crate) fn peek(
+        &self,
+        st: &dyn Storage,
+        keys: &Subkeys,
+        leaf: u64,
+        out: &mut [LeafEntry],
+    ) -> Result<()> {
+        {
+            let shard = self.shard(leaf).read().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = shard.get(&leaf) {
+                for (i, e) in out.iter_mut().enumerate() {
+                    *e = l.get(i);
+                }
+                return Ok(());
+            }
+        }
+        let l = self.load(st, keys, leaf)?;
+        for (i, e) in out.iter_mut().enumerate() {
+            *e = l.get(i);
+        }
+        Ok(())
+    }
+
     /// 0 if leaf `leaf` exists (cached or on disk); otherwise how many leaves from `leaf`
     /// on lie in an absent subtree (nothing to unmap there).
     pub(crate) fn absent_leaves(&self, st: &dyn Storage, keys: &Subkeys, leaf: u64) -> Result<u64> {
