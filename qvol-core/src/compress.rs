@@ -128,12 +128,59 @@ impl Volume {
         Ok(usage)
     }
 
+    /// `log2 N` and `N` when new writes are compressed.
+    pub(crate) fn compressing(&self) -> Option<(u8, u64)> {
+        let log2 = self.header.units()?;
+        self.compress_level()?;
+        Some((log2, 1 << log2))
+    }
+
+    /// The logical blocks a write of `first .. end` claims: with compression on, every
+    /// group it touches whole (it may rewrite them), within the disk.
+    pub(crate) fn groups_around(&self, first: u64, end: u64) -> std::ops::Range<u64> {
+        match self.compressing() {
+            Some((_, g)) => first - first % g..end.div_ceil(g).saturating_mul(g).min(self.blocks()),
+            None => first..end,
+        }
+    }
+
+    /// The content of group `first` as it reads now (its claim held): plain blocks, the
+    /// unit its entries reference (opened once) and holes, into a buffer wiped when dropped.
+    pub(crate) fn read_group(&self, first: u64) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        let log2_n = self.header.units().unwrap_or(0);
+        let n = 1usize << log2_n;
+        let mut group = group_buffer(log2_n);
+        let mut entries = vec![LeafEntry::default(); n];
+        self.map
+            .lookup(&*self.storage, &self.keys(), first, &mut entries)?;
+        let mut unit: Option<(u64, zeroize::Zeroizing<Vec<u8>>)> = None;
+        for (i, e) in entries.iter().enumerate() {
+            let block = &mut group[i * BS..(i + 1) * BS];
+            if e.pbn == 0 {
+                continue;
+            }
+            if e.k == 0 {
+                self.read_entry(first + i as u64, e, block)?;
+                continue;
+            }
+            if unit.as_ref().is_none_or(|(pbn, _)| *pbn != e.pbn) {
+                let mut sealed = zeroize::Zeroizing::new(vec![0u8; usize::from(e.k) * BS]);
+                let mut opened = group_buffer(log2_n);
+                self.read_blocks(e.pbn, &mut sealed)?;
+                open_entry_unit(&self.keys(), log2_n, first, e, &mut sealed, &mut opened)?;
+                unit = Some((e.pbn, opened));
+            }
+            if let Some((_, opened)) = &unit {
+                block.copy_from_slice(&opened[i * BS..(i + 1) * BS]);
+            }
+        }
+        Ok(group)
+    }
+
     /// The groups whole inside `lbn .. lbn + n` a write compresses now: (first group's
     /// first block, number of groups); `None` when compression is off or none fits.
     pub(crate) fn whole_groups(&self, lbn: u64, n: u64) -> Option<(u64, u64)> {
-        let log2 = self.header.units()?;
-        self.compress_level()?;
-        let size = 1u64 << log2;
+        let (_, size) = self.compressing()?;
         let first = lbn.div_ceil(size) * size;
         // A group reaching past the disk's end is never compressed (§18.3 rule 5).
         let end = ((lbn + n).min(self.blocks()) / size) * size;

@@ -203,8 +203,15 @@ impl Volume {
         let first = offset / BLOCK_SIZE;
         let last = (offset + data.len() as u64 - 1) / BLOCK_SIZE;
         let (_gate, mut credit) = self.enter_with_log(last - first + 1)?;
-        let _claim = self.claims.claim(first..last + 1);
+        // With compression on, a write to part of a group rewrites the group: the claim
+        // covers every group it touches.
+        let _claim = self.claims.claim(self.groups_around(first, last + 1));
         let _unwind = FailOnUnwind(self);
+        let (offset, data) = self.rewrite_partial_groups(offset, data, &mut credit)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let first = offset / BLOCK_SIZE;
         let head = (offset % BLOCK_SIZE) as usize;
         let mut pos = 0usize;
         let mut lbn = first;
@@ -224,6 +231,63 @@ impl Volume {
             self.write_partial(lbn, 0, &data[pos..], &mut credit)?;
         }
         Ok(())
+    }
+
+    /// With compression on (FORMAT.md §18.3 rule 3), the groups a write covers only in part,
+    /// at its head and its tail, are read, overlaid with the write and stored as units
+    /// when they compress; returns what is left to write as before (all of it when
+    /// compression is off or those groups do not compress).
+    fn rewrite_partial_groups<'d>(
+        &self,
+        mut offset: u64,
+        mut data: &'d [u8],
+        credit: &mut Credit<'_>,
+    ) -> Result<(u64, &'d [u8])> {
+        let Some((_, g)) = self.compressing() else {
+            return Ok((offset, data));
+        };
+        let group_bytes = g * BLOCK_SIZE;
+        let fits = |start: u64| start / BLOCK_SIZE + g <= self.blocks();
+        let end = offset + data.len() as u64;
+        let head = offset - offset % group_bytes;
+        if offset != head || end < head + group_bytes {
+            let take = (end.min(head + group_bytes) - offset) as usize;
+            if fits(head) && self.rewrite_group(head / BLOCK_SIZE, offset, &data[..take], credit)? {
+                offset += take as u64;
+                data = &data[take..];
+            }
+        }
+        let end = offset + data.len() as u64;
+        let tail = end - end % group_bytes;
+        if !data.is_empty() && end != tail && tail >= offset && tail > head && fits(tail) {
+            let keep = (tail - offset) as usize;
+            if self.rewrite_group(tail / BLOCK_SIZE, tail, &data[keep..], credit)? {
+                data = &data[..keep];
+            }
+        }
+        Ok((offset, data))
+    }
+
+    /// Reads group `first`, overlays `piece` at byte `at` and stores the group as a unit (or
+    /// unmaps it, all zeros); false, having written nothing, when it does not compress.
+    fn rewrite_group(
+        &self,
+        first: u64,
+        at: u64,
+        piece: &[u8],
+        credit: &mut Credit<'_>,
+    ) -> Result<bool> {
+        let mut group = self.read_group(first)?;
+        let from = (at - first * BLOCK_SIZE) as usize;
+        group[from..from + piece.len()].copy_from_slice(piece);
+        match self.write_group(first, &group)? {
+            GroupWrite::Plain => Ok(false),
+            GroupWrite::Zeros(op) => self.log_ops(&[op], Vec::new(), credit).map(|()| true),
+            GroupWrite::Unit(op, (pbn, sealed)) => {
+                let staged = self.stage_run(pbn, sealed)?;
+                self.log_ops(&[op], staged, credit).map(|()| true)
+            }
+        }
     }
 
     /// Writes `data` (whole blocks from `lbn`): the whole groups in it as compressed units

@@ -74,7 +74,9 @@ fn a_unit_stays_until_its_last_reference_goes() {
     write(&vol, &mut model, 0, &text(2, 4 * BS));
     let k = usage(&vol).unit_blocks;
     assert!((1..4).contains(&k));
-    // Entries 1 and 3 overwritten in place (plain), entry 2 discarded: entry 0 holds it.
+    // With compression off, writes to part of a group are plain (with it on they rewrite
+    // the group). Entries 1 and 3 overwritten in place, entry 2 discarded: entry 0 holds it.
+    vol.set_compression(None).expect("off");
     write(&vol, &mut model, BS as u64, &pattern(3, BS));
     write(&vol, &mut model, 3 * BS as u64 + 512, &pattern(4, 512));
     model.apply(2 * BS as u64, &[0; BS]);
@@ -130,11 +132,32 @@ fn zeros_are_unmapped_and_incompressible_groups_stay_plain() {
 fn unaligned_writes_compress_their_whole_groups_only() {
     let (_mem, vol) = compressed(2, Some(3));
     let mut model = BlockHistory::new(SIZE);
-    // From block 1 + 512 bytes to the end of block 12: groups 1 and 2 are whole; blocks
-    // 1 (in part), 2, 3 and 12 are plain.
+    // From block 1 + 512 bytes to the end of block 12: groups 1 and 2 are whole; groups 0
+    // and 3, written in part, are read, overlaid and stored as units too (§18.3 rule 3).
     write(&vol, &mut model, BS as u64 + 512, &text(9, 12 * BS - 512));
     let u = usage(&vol);
-    assert_eq!((u.unit_lbns, u.plain_blocks), (8, 4), "{u:?}");
+    assert_eq!((u.unit_lbns, u.plain_blocks), (16, 0), "{u:?}");
+    model.check_current(&vol).expect("reads back");
+    assert_clean(&vol, "partial groups rewritten");
+    // Small writes one block at a time (a guest's small files): each rewrites its group,
+    // which ends as one unit; a 512-byte write too; the old units are freed.
+    for lbn in 32..40u64 {
+        write(&vol, &mut model, lbn * BS as u64, &text(100 + lbn, BS));
+    }
+    write(&vol, &mut model, 33 * BS as u64 + 512, &text(200, 512));
+    let u = usage(&vol);
+    assert_eq!((u.unit_lbns, u.plain_blocks), (24, 0), "{u:?}");
+    vol.commit().expect("commit");
+    assert_clean(&vol, "small writes");
+    model.check_current(&vol).expect("reads back");
+    // A group that does not compress after the overlay: only the written block is stored,
+    // plain, and the rest of the group keeps its unit.
+    write(&vol, &mut model, 64 * BS as u64, &text(300, 4 * BS));
+    write(&vol, &mut model, 65 * BS as u64, &pattern(301, BS));
+    let before = usage(&vol);
+    write(&vol, &mut model, 68 * BS as u64, &pattern(302, 3 * BS));
+    let after = usage(&vol);
+    assert_eq!(after.plain_blocks, before.plain_blocks + 3, "{after:?}");
     model.check_current(&vol).expect("reads back");
     // The last group of the disk reaches past its end when the size is not a multiple: its
     // blocks that exist, written whole, stay plain.
