@@ -51,7 +51,7 @@ pub(crate) fn check_groups(page: &[u8], units: Option<u8>) -> Result<()> {
 /// Applies `op` (whose blocks all lie in `leaf`, leaf number `leaf_no`) to the leaf and
 /// pushes onto `kills` what the live group stopped referencing: each plain block an entry
 /// stopped pointing to, and each unit no entry of its group references any more, once
-/// (§18.3 rule 2; `punch`: an unmap). Runs in the leaf's critical section, so that two
+/// (§18.3 rule 2). Runs in the leaf's critical section, so that two
 /// writers of one group cannot both see the last reference go. Returns whether any entry
 /// changed.
 pub(crate) fn apply(
@@ -76,7 +76,11 @@ pub(crate) fn apply(
         false
     };
     let mut changed = false;
-    let punch = matches!(op, LogOp::Unmap { .. });
+    // Blocks a discard frees are punched out of the file, and so are those a unit replaces
+    // and every unit freed: with compression, groups are rewritten in place of their old
+    // blocks (§18.3 rule 3), which would otherwise stay allocated in the host file until the
+    // allocator came back to them.
+    let punch = matches!(op, LogOp::Unmap { .. } | LogOp::MapUnit { .. });
     match *op {
         LogOp::Map { lbn, entry } => changed |= set(lbn, &entry, leaf),
         LogOp::Unmap { lbn, count } => {
@@ -106,7 +110,7 @@ pub(crate) fn apply(
         if !referenced && !listed {
             kills.push(Kill {
                 blocks: old.k,
-                ..Kill::of(&old, first, punch)
+                ..Kill::of(&old, first, true)
             });
         }
     }
