@@ -144,15 +144,16 @@ impl Volume {
         }
     }
 
-    /// The content of group `first` as it reads now (its claim held): plain blocks, the
-    /// unit its entries reference (opened once) and holes, into a buffer wiped when dropped.
-    pub(crate) fn read_group(&self, first: u64) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    /// The content of group `first`, whose map entries are `entries`, as it reads now (its
+    /// claim held): plain blocks, the unit its entries reference (opened once) and holes,
+    /// into a buffer wiped when dropped.
+    pub(crate) fn read_group(
+        &self,
+        first: u64,
+        entries: &[LeafEntry],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>> {
         let log2_n = self.header.units().unwrap_or(0);
-        let n = 1usize << log2_n;
         let mut group = group_buffer(log2_n);
-        let mut entries = vec![LeafEntry::default(); n];
-        self.map
-            .lookup(&*self.storage, &self.keys(), first, &mut entries)?;
         let mut unit: Option<(u64, zeroize::Zeroizing<Vec<u8>>)> = None;
         for (i, e) in entries.iter().enumerate() {
             let block = &mut group[i * BS..(i + 1) * BS];

@@ -202,7 +202,9 @@ impl Volume {
     fn write_chunk(&self, offset: u64, data: &[u8]) -> Result<()> {
         let first = offset / BLOCK_SIZE;
         let last = (offset + data.len() as u64 - 1) / BLOCK_SIZE;
-        let (_gate, mut credit) = self.enter_with_log(last - first + 1)?;
+        // A group rewritten plain (`rewrite_group`) takes a record a block: room for two.
+        let spare = self.header.units().map_or(0, |l| 2 << l);
+        let (_gate, mut credit) = self.enter_with_log(last - first + 1 + spare)?;
         // With compression on, a write to part of a group rewrites the group: the claim
         // covers every group it touches.
         let _claim = self.claims.claim(self.groups_around(first, last + 1));
@@ -269,7 +271,12 @@ impl Volume {
     }
 
     /// Reads group `first`, overlays `piece` at byte `at` and stores the group as a unit (or
-    /// unmaps it, all zeros); false, having written nothing, when it does not compress.
+    /// unmaps it, all zeros). When it does not compress: false, having written nothing, so
+    /// that the caller writes `piece` plain; but a group whose other entries reference a
+    /// unit is written whole plain instead, which frees the unit (else it would stay, partly
+    /// referenced, beside the plain blocks). A group all of whose blocks are plain stays so
+    /// without a read (it did not compress when it was written: random data's small writes
+    /// pay nothing for compression).
     fn rewrite_group(
         &self,
         first: u64,
@@ -277,10 +284,19 @@ impl Volume {
         piece: &[u8],
         credit: &mut Credit<'_>,
     ) -> Result<bool> {
-        let mut group = self.read_group(first)?;
+        let mut entries = vec![LeafEntry::default(); self.unit_blocks() as usize];
+        self.map
+            .lookup(&*self.storage, &self.keys(), first, &mut entries)?;
+        if entries.iter().all(|e| e.pbn != 0 && e.k == 0) {
+            return Ok(false);
+        }
+        let mut group = self.read_group(first, &entries)?;
         let from = (at - first * BLOCK_SIZE) as usize;
         group[from..from + piece.len()].copy_from_slice(piece);
         match self.write_group(first, &group)? {
+            GroupWrite::Plain if entries.iter().any(|e| e.k > 0) => {
+                self.write_plain(first, &group, credit).map(|()| true)
+            }
             GroupWrite::Plain => Ok(false),
             GroupWrite::Zeros(op) => self.log_ops(&[op], Vec::new(), credit).map(|()| true),
             GroupWrite::Unit(op, (pbn, sealed)) => {

@@ -159,6 +159,25 @@ fn unaligned_writes_compress_their_whole_groups_only() {
     let after = usage(&vol);
     assert_eq!(after.plain_blocks, before.plain_blocks + 3, "{after:?}");
     model.check_current(&vol).expect("reads back");
+    // A group written in two halves of random data: the first half compresses (with holes),
+    // the whole does not; the group ends plain, its unit freed (not kept beside the plain
+    // blocks).
+    let before = usage(&vol);
+    write(&vol, &mut model, 80 * BS as u64, &pattern(303, 2 * BS));
+    assert_eq!(usage(&vol).unit_lbns, before.unit_lbns + 4);
+    write(&vol, &mut model, 82 * BS as u64, &pattern(304, 2 * BS));
+    let after = usage(&vol);
+    assert_eq!(
+        (after.unit_lbns, after.plain_blocks),
+        (before.unit_lbns, before.plain_blocks + 4),
+        "{after:?}"
+    );
+    // A plain group stays plain under small writes, compressible or not.
+    write(&vol, &mut model, 81 * BS as u64, &text(305, BS));
+    assert_eq!(usage(&vol), after);
+    vol.commit().expect("commit");
+    assert_clean(&vol, "halves");
+    model.check_current(&vol).expect("reads back");
     // The last group of the disk reaches past its end when the size is not a multiple: its
     // blocks that exist, written whole, stay plain.
     let mem = Arc::new(MemStorage::new());
