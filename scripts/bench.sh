@@ -27,6 +27,21 @@
 #                               # $CEPH_CONF if QVOL_BENCH_CEPH_CONF=existing;
 #                               # QVOL_BENCH_RBD_CACHE=off runs qsd's rbd driver with librbd's
 #                               # cache off (cache.direct=on), the guarantee qvol gives
+#   scripts/bench.sh --compress [--quick ...]
+#                               # compression (issue 16): vhost-qvol on plain volumes and on
+#                               # `qvol create --compress zstd` ones (xchacha, xchacha-zstd,
+#                               # aegis, aegis-zstd) with compressible data (--data text: log
+#                               # lines, 2 blocks per 16 KiB unit), 1 queue; a table of each
+#                               # compressed backend beside its plain twin (zstd / plain, CPU
+#                               # per GB), the images' host bytes after the prefill and after
+#                               # the workloads, and issue 16's goals. Random reads run before
+#                               # random writes, so that they read the units the sequential
+#                               # writes stored (what 4 KiB writes leave depends on the engine:
+#                               # plain blocks, or units rewritten by read-modify-write).
+#                               # --data random shows what incompressible data costs;
+#                               # --compress zstd:1 / --compress-unit 32K change the volumes;
+#                               # QVOL_BENCH_* variables or options override every default
+#                               # here. The guest-filesystem figures: scripts/bench-compress.sh
 #   scripts/bench.sh --reencrypt [--size-mib 1024] [--rates 0,32,64] [--suites xchacha,aegis]
 #                               # re-encryption (issue 13): `qvol reencrypt` of a filled image
 #                               # offline, then served, with a libblkio client's 4 KiB QD1
@@ -51,6 +66,16 @@ if [[ "${1:-}" == "--reencrypt" ]]; then
     cargo build --release --locked -p vhost-qvol --bins >&2
     cargo build --release --locked -p benches --bin reencrypt >&2
     exec target/release/reencrypt "$@"
+fi
+
+if [[ "${1:-}" == "--compress" ]]; then
+    shift
+    # Defaults of the compression run; an option on the command line wins over these.
+    export QVOL_BENCH_BACKENDS=${QVOL_BENCH_BACKENDS:-xchacha,xchacha-zstd,aegis,aegis-zstd}
+    export QVOL_BENCH_DATA=${QVOL_BENCH_DATA:-text}
+    export QVOL_BENCH_QUEUES=${QVOL_BENCH_QUEUES:-1}
+    export QVOL_BENCH_SYNC_MIB=${QVOL_BENCH_SYNC_MIB:-0}
+    export QVOL_BENCH_WORKLOADS=${QVOL_BENCH_WORKLOADS:-seq-write-1M-qd8,seq-read-1M-qd8,rand-read-4K-qd32,lat-read-4K-qd1,rand-write-4K-qd32,lat-write-4K-qd1}
 fi
 
 rbd=0

@@ -12,8 +12,10 @@ use benches::compare::backend::{self, BackendKind, Tools};
 use benches::compare::disksync::{self, DiskSync};
 use benches::compare::machine::Machine;
 use benches::compare::procstat;
-use benches::compare::report::{Measurement, Report, Skipped, IDLE_SECONDS};
-use benches::compare::run::{self, connect};
+use benches::compare::report::{
+    DataUnits, Measurement, Report, Skipped, AFTER_PREFILL, AFTER_WORKLOADS, IDLE_SECONDS,
+};
+use benches::compare::run::{self, connect_with, DataKind};
 use benches::compare::workload::{Metric, Workload, PREFILL, SUSTAINED, WORKLOADS};
 use clap::Parser;
 use integration::client::BlkioClient;
@@ -39,8 +41,10 @@ struct Args {
         value_delimiter = ','
     )]
     queues: Vec<String>,
-    /// Backends to run: raw, luks, xchacha, aegis; on Ceph RBD (the cluster of $CEPH_CONF,
-    /// `scripts/bench.sh --rbd` starts one): rbd-raw, rbd-luks, rbd-xchacha, rbd-aegis.
+    /// Backends to run: raw, luks, xchacha, aegis; qvol on compressed volumes (`qvol create
+    /// --compress`, see --compress): xchacha-zstd, aegis-zstd; on Ceph RBD (the cluster of
+    /// $CEPH_CONF, `scripts/bench.sh --rbd` starts one): rbd-raw, rbd-luks, rbd-xchacha,
+    /// rbd-aegis.
     #[arg(
         long,
         env = "QVOL_BENCH_BACKENDS",
@@ -69,6 +73,18 @@ struct Args {
     /// measurement, no sustained write unless asked for): under two minutes.
     #[arg(long, env = "QVOL_BENCH_QUICK")]
     quick: bool,
+    /// What the client writes, the same for every backend: random (incompressible) or text
+    /// (log lines, about 3× by zstd; a 16 KiB unit of it takes 2 blocks).
+    #[arg(long, env = "QVOL_BENCH_DATA", default_value = "random")]
+    data: String,
+    /// The compression of the *-zstd backends, as `qvol create --compress` takes it:
+    /// zstd or zstd:LEVEL.
+    #[arg(long, env = "QVOL_BENCH_COMPRESS", default_value = "zstd")]
+    compress: String,
+    /// The compression unit of the *-zstd backends (`qvol create --compress-unit`): 8K,
+    /// 16K, 32K or 64K.
+    #[arg(long, env = "QVOL_BENCH_COMPRESS_UNIT", default_value = "16K")]
+    compress_unit: String,
     /// Where the images and sockets go (one filesystem for all).
     #[arg(long, env = "QVOL_BENCH_DIR", default_value = "target/bench/work")]
     dir: PathBuf,
@@ -88,6 +104,9 @@ struct Config {
     sync_bytes: u64,
     dir: PathBuf,
     out: PathBuf,
+    data: DataKind,
+    compress: String,
+    compress_unit: String,
 }
 
 impl TryFrom<Args> for Config {
@@ -127,15 +146,11 @@ impl TryFrom<Args> for Config {
         }
         let mut backends = Vec::new();
         for b in &a.backends {
-            let kind = BackendKind::ALL
-                .into_iter()
-                .chain(BackendKind::RBD)
+            let kind = BackendKind::every()
                 .find(|k| k.short() == b)
                 .ok_or_else(|| {
-                    format!(
-                        "--backends: unknown backend {b:?} (raw, luks, xchacha, aegis, rbd-raw, \
-                         rbd-luks, rbd-xchacha, rbd-aegis)"
-                    )
+                    let names: Vec<&str> = BackendKind::every().map(BackendKind::short).collect();
+                    format!("--backends: unknown backend {b:?} ({})", names.join(", "))
                 })?;
             backends.push(kind);
         }
@@ -159,6 +174,10 @@ impl TryFrom<Args> for Config {
         if a.sustained && !workloads.iter().any(|w| w.name == SUSTAINED.name) {
             workloads.push(SUSTAINED);
         }
+        let data = DataKind::parse(&a.data)
+            .ok_or_else(|| format!("--data: {:?} is neither random nor text", a.data))?;
+        compress_level(&a.compress)?;
+        unit_bytes(&a.compress_unit)?;
         Ok(Config {
             workloads,
             sustained: Duration::from_secs_f64(a.sustained_seconds),
@@ -170,8 +189,71 @@ impl TryFrom<Args> for Config {
             backends,
             dir: a.dir,
             out: a.out,
+            data,
+            compress: a.compress,
+            compress_unit: a.compress_unit,
         })
     }
+}
+
+/// The zstd level of a `--compress` value (`zstd` is level 3).
+fn compress_level(spec: &str) -> Result<i32, String> {
+    match spec.split_once(':') {
+        None if spec == "zstd" => Ok(3),
+        Some(("zstd", level)) => level
+            .parse::<i32>()
+            .ok()
+            .filter(|l| (-7..=22).contains(l) && *l != 0)
+            .ok_or_else(|| format!("--compress: {level:?} is not a zstd level (-7..-1, 1..22)")),
+        _ => Err(format!("--compress: {spec:?} is not zstd or zstd:LEVEL")),
+    }
+}
+
+/// The bytes of a `--compress-unit` value.
+fn unit_bytes(spec: &str) -> Result<u64, String> {
+    match spec {
+        "8K" => Ok(8 << 10),
+        "16K" => Ok(16 << 10),
+        "32K" => Ok(32 << 10),
+        "64K" => Ok(64 << 10),
+        _ => Err(format!(
+            "--compress-unit: {spec:?} is not 8K, 16K, 32K or 64K"
+        )),
+    }
+}
+
+/// What qvol's unit codec makes of the client's data: the buffer of one queue, filled as
+/// the client fills it, cut into units and packed.
+fn data_units(cfg: &Config) -> Result<DataUnits, String> {
+    let unit = unit_bytes(&cfg.compress_unit)? as usize;
+    let level = compress_level(&cfg.compress)?;
+    let mut buf = vec![0u8; benches::compare::workload::max_queue_buffer()];
+    run::fill_data(&mut buf, cfg.data);
+    let (mut units, mut blocks, mut frames) = (0u64, 0u64, 0u64);
+    for group in buf.chunks_exact(unit) {
+        units += 1;
+        match qvol_core::unit::pack(group, level).map_err(|e| e.to_string())? {
+            Some(p) => {
+                blocks += u64::from(p.k);
+                frames += u64::from(u32::from_le_bytes([
+                    p.bytes[0], p.bytes[1], p.bytes[2], p.bytes[3],
+                ]));
+            }
+            None => {
+                blocks += (unit / 4096) as u64;
+                frames += unit as u64;
+            }
+        }
+    }
+    let plain = units * (unit / 4096) as u64;
+    Ok(DataUnits {
+        unit_bytes: unit as u64,
+        level,
+        units,
+        blocks,
+        saving: plain as f64 / blocks.max(1) as f64,
+        zstd_ratio: (units * unit as u64) as f64 / frames.max(1) as f64,
+    })
 }
 
 fn progress(line: &str) {
@@ -180,21 +262,31 @@ fn progress(line: &str) {
     let _ = err.flush();
 }
 
-/// Runs every workload on one backend with `queues` queues.
+/// What a run collects besides measurements: its progress, and the images' space.
+struct Tally {
+    /// Workloads run so far.
+    step: usize,
+    /// Workloads to run.
+    steps: usize,
+    /// The space of the images, as read.
+    space: Vec<backend::ImageSpace>,
+}
+
+/// Runs every workload on one backend with `queues` queues; with `prefill`, first fills the
+/// image once and reads its space with the backend stopped.
 fn run_backend(
     tools: &Tools,
     prepared: &backend::Prepared,
     queues: usize,
     cfg: &Config,
     prefill: bool,
-    step: &mut usize,
-    steps: usize,
+    tally: &mut Tally,
 ) -> Result<Vec<Measurement>, String> {
     let kind = prepared.kind;
     let running = backend::start(tools, prepared, queues)?;
     let pid = running.pid();
-    let mut client =
-        connect(&running.socket, queues).map_err(|e| format!("{}: {e}", kind.label()))?;
+    let mut client = connect_with(&running.socket, queues, cfg.data)
+        .map_err(|e| format!("{}: {e}", kind.label()))?;
     let capacity = run::capacity(&client).map_err(|e| format!("{}: {e}", kind.label()))?;
     if capacity < cfg.size {
         return Err(format!(
@@ -204,6 +296,9 @@ fn run_backend(
         ));
     }
     run::verify(&mut client).map_err(|e| format!("{} data check: {e}", kind.label()))?;
+    // The check wrote through the start of the buffer: fill it again, so that every write
+    // carries the run's data (a random block there would change what compresses).
+    run::fill_buffer_with(&mut client, cfg.data);
     if prefill {
         progress(&format!(
             "{} q{queues}: filling the image once",
@@ -217,20 +312,30 @@ fn run_backend(
             st.total_bytes >> 20,
             st.total_bytes as f64 / st.window.as_secs_f64() / 1e9
         ));
+        // The space of the image written once, whole: read with the backend stopped (qvol's
+        // figures are then those of a committed, closed volume), then serve it again.
+        drop(client);
+        running.stop();
+        tally
+            .space
+            .push(backend::image_space(tools, prepared, AFTER_PREFILL));
+        return run_backend(tools, prepared, queues, cfg, false, tally);
     }
     let mut out = Vec::new();
     for w in &cfg.workloads {
-        *step += 1;
+        tally.step += 1;
         progress(&format!(
-            "[{}/{steps}] {} q{queues} {} ...",
-            *step,
+            "[{}/{}] {} q{queues} {} ...",
+            tally.step,
+            tally.steps,
             kind.label(),
             w.name
         ));
         let m = measure(&mut client, pid, kind, queues, w, cfg)?;
         progress(&format!(
-            "[{}/{steps}] {} q{queues} {}: {}",
-            *step,
+            "[{}/{}] {} q{queues} {}: {}",
+            tally.step,
+            tally.steps,
             kind.label(),
             w.name,
             headline(&m)
@@ -341,11 +446,17 @@ fn disk_sync(cfg: &Config, when: &str) -> Option<DiskSync> {
     }
 }
 
-/// How to reproduce the run: the arguments given, and the environment the daemons read.
+/// How to reproduce the run: the arguments given, the environment the daemons read, and
+/// the `QVOL_BENCH_*` settings (which `scripts/bench.sh --compress` uses for its defaults).
 fn command_line() -> String {
+    let mut bench: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("QVOL_BENCH_") && !QVOL_DAEMON_ENV.contains(&k.as_str()))
+        .collect();
+    bench.sort();
     let mut parts: Vec<String> = QVOL_DAEMON_ENV
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .chain(bench.into_iter().map(|(k, v)| format!("{k}={v}")))
         .collect();
     parts.push("scripts/bench.sh".to_owned());
     parts.extend(std::env::args().skip(1));
@@ -367,15 +478,32 @@ fn run(cfg: Config) -> Result<Report, String> {
     disk.extend(disk_sync(&cfg, "before"));
     let mut measurements = Vec::new();
     let mut skipped = Vec::new();
-    let steps = cfg.backends.len() * cfg.queues.len() * cfg.workloads.len();
-    let mut step = 0;
+    let compressed = cfg
+        .backends
+        .iter()
+        .any(|b| matches!(b, BackendKind::QvolZstd(_)));
+    let data_units = if compressed {
+        Some(data_units(&cfg)?)
+    } else {
+        None
+    };
+    let mut tally = Tally {
+        step: 0,
+        steps: cfg.backends.len() * cfg.queues.len() * cfg.workloads.len(),
+        space: Vec::new(),
+    };
     for &kind in &cfg.backends {
         progress(&format!(
             "{}: creating a {} MiB image",
             kind.label(),
             cfg.size >> 20
         ));
-        let prepared = match backend::prepare(&tools, kind, &cfg.dir, cfg.size) {
+        let compress = [
+            cfg.compress.as_str(),
+            "--compress-unit",
+            cfg.compress_unit.as_str(),
+        ];
+        let prepared = match backend::prepare_with(&tools, kind, &cfg.dir, cfg.size, &compress) {
             Ok(p) => p,
             Err(reason) => {
                 eprintln!("\nskipping {}: {reason}", kind.label());
@@ -383,12 +511,12 @@ fn run(cfg: Config) -> Result<Report, String> {
                     backend: kind.label().to_owned(),
                     reason,
                 });
-                step += cfg.queues.len() * cfg.workloads.len();
+                tally.step += cfg.queues.len() * cfg.workloads.len();
                 continue;
             }
         };
         for (i, &q) in cfg.queues.iter().enumerate() {
-            match run_backend(&tools, &prepared, q, &cfg, i == 0, &mut step, steps) {
+            match run_backend(&tools, &prepared, q, &cfg, i == 0, &mut tally) {
                 Ok(m) => measurements.extend(m),
                 // qemu-storage-daemon failing is an error; a qvol backend that cannot run yet
                 // is skipped with its reason, so the other rows still come out.
@@ -402,6 +530,9 @@ fn run(cfg: Config) -> Result<Report, String> {
                 Err(e) => return Err(e),
             }
         }
+        tally
+            .space
+            .push(backend::image_space(&tools, &prepared, AFTER_WORKLOADS));
         backend::remove_image(&prepared);
         eprintln!();
     }
@@ -428,6 +559,12 @@ fn run(cfg: Config) -> Result<Report, String> {
         queue_counts: cfg.queues.clone(),
         measurements,
         skipped,
+        data: cfg.data,
+        workloads: cfg.workloads.iter().map(|w| w.name.to_owned()).collect(),
+        compress: compressed
+            .then(|| format!("{} --compress-unit {}", cfg.compress, cfg.compress_unit)),
+        data_units,
+        space: tally.space,
     })
 }
 

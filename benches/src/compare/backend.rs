@@ -1,6 +1,7 @@
 //! The backends under comparison: how to create their images and start their processes.
 
 use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +24,10 @@ pub enum BackendKind {
     QsdRbdLuks,
     /// vhost-qvol serving `rbd:POOL/IMAGE` with the given suite.
     QvolRbd(CipherSuite),
+    /// vhost-qvol with the given suite on a volume created with `--compress` (zstd in
+    /// 16 KiB units by default, docs/FORMAT.md §18; `compare --compress` sets the level and
+    /// unit).
+    QvolZstd(CipherSuite),
 }
 
 impl BackendKind {
@@ -44,6 +49,29 @@ impl BackendKind {
         BackendKind::QvolRbd(CipherSuite::Aegis256),
     ];
 
+    /// The qvol backends on compressed volumes (each compared with its plain twin,
+    /// [`BackendKind::plain_twin`]).
+    pub const ZSTD: [BackendKind; 2] = [
+        BackendKind::QvolZstd(CipherSuite::XChaCha20Poly1305),
+        BackendKind::QvolZstd(CipherSuite::Aegis256),
+    ];
+
+    /// Every backend `--backends` knows, in table order.
+    pub fn every() -> impl Iterator<Item = BackendKind> {
+        BackendKind::ALL
+            .into_iter()
+            .chain(BackendKind::ZSTD)
+            .chain(BackendKind::RBD)
+    }
+
+    /// For a compressed qvol backend, the same suite without compression.
+    pub fn plain_twin(self) -> Option<BackendKind> {
+        match self {
+            BackendKind::QvolZstd(suite) => Some(BackendKind::Qvol(suite)),
+            _ => None,
+        }
+    }
+
     /// Name in tables and JSON.
     pub fn label(self) -> &'static str {
         match self {
@@ -55,6 +83,8 @@ impl BackendKind {
             BackendKind::QsdRbdLuks => "qsd rbd LUKS",
             BackendKind::QvolRbd(CipherSuite::XChaCha20Poly1305) => "qvol rbd xchacha20-poly1305",
             BackendKind::QvolRbd(CipherSuite::Aegis256) => "qvol rbd aegis-256",
+            BackendKind::QvolZstd(CipherSuite::XChaCha20Poly1305) => "qvol xchacha20-poly1305 zstd",
+            BackendKind::QvolZstd(CipherSuite::Aegis256) => "qvol aegis-256 zstd",
         }
     }
 
@@ -69,12 +99,17 @@ impl BackendKind {
             BackendKind::QsdRbdLuks => "rbd-luks",
             BackendKind::QvolRbd(CipherSuite::XChaCha20Poly1305) => "rbd-xchacha",
             BackendKind::QvolRbd(CipherSuite::Aegis256) => "rbd-aegis",
+            BackendKind::QvolZstd(CipherSuite::XChaCha20Poly1305) => "xchacha-zstd",
+            BackendKind::QvolZstd(CipherSuite::Aegis256) => "aegis-zstd",
         }
     }
 
     /// Whether vhost-qvol serves it.
     pub fn is_qvol(self) -> bool {
-        matches!(self, BackendKind::Qvol(_) | BackendKind::QvolRbd(_))
+        matches!(
+            self,
+            BackendKind::Qvol(_) | BackendKind::QvolRbd(_) | BackendKind::QvolZstd(_)
+        )
     }
 
     /// Whether its image is in Ceph RBD.
@@ -210,12 +245,29 @@ fn run_tool(cmd: &mut Command, what: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// Creates the image of `kind` (size `size` bytes) in `dir`, replacing an old one.
+/// The compression of the `*-zstd` backends when none is named: `qvol create --compress
+/// zstd` (level 3, 16 KiB units).
+pub const DEFAULT_COMPRESS: &str = "zstd";
+
+/// Creates the image of `kind` (size `size` bytes) in `dir`, replacing an old one; a
+/// compressed qvol backend gets [`DEFAULT_COMPRESS`].
 pub fn prepare(
     tools: &Tools,
     kind: BackendKind,
     dir: &Path,
     size: u64,
+) -> Result<Prepared, String> {
+    prepare_with(tools, kind, dir, size, &[DEFAULT_COMPRESS])
+}
+
+/// [`prepare`], with `compress` as the arguments of `qvol create --compress` for a
+/// compressed qvol backend (e.g. `["zstd:1"]` or `["zstd", "--compress-unit", "32K"]`).
+pub fn prepare_with(
+    tools: &Tools,
+    kind: BackendKind,
+    dir: &Path,
+    size: u64,
+    compress: &[&str],
 ) -> Result<Prepared, String> {
     let image = if kind.is_rbd() {
         PathBuf::from(format!("rbd:{}/{}", rbd_pool(), rbd_image(kind)))
@@ -279,7 +331,7 @@ pub fn prepare(
                 }
             }
         }
-        BackendKind::Qvol(suite) | BackendKind::QvolRbd(suite) => {
+        BackendKind::Qvol(suite) | BackendKind::QvolRbd(suite) | BackendKind::QvolZstd(suite) => {
             let (qvol, _) = tools.qvol.as_ref().map_err(Clone::clone)?;
             // The comparison program removes the keystore when it starts, so this runs
             // once per run.
@@ -302,21 +354,23 @@ pub fn prepare(
                 "qvol key new",
             )?;
             let key = key.lines().last().unwrap_or("").trim().to_owned();
-            run_tool(
-                Command::new(qvol)
-                    .env("QVOL_KEYSTORE", keystore)
-                    .arg("create")
-                    .arg(image)
-                    .args([
-                        "--size",
-                        &format!("{}K", size / 1024),
-                        "--key",
-                        &key,
-                        "--cipher",
-                        suite.name(),
-                    ]),
-                "qvol create",
-            )?;
+            let mut create = Command::new(qvol);
+            create
+                .env("QVOL_KEYSTORE", keystore)
+                .arg("create")
+                .arg(image)
+                .args([
+                    "--size",
+                    &format!("{}K", size / 1024),
+                    "--key",
+                    &key,
+                    "--cipher",
+                    suite.name(),
+                ]);
+            if matches!(kind, BackendKind::QvolZstd(_)) {
+                create.arg("--compress").args(compress);
+            }
+            run_tool(&mut create, "qvol create")?;
         }
     }
     Ok(prepared)
@@ -327,6 +381,84 @@ impl Prepared {
     pub fn keystore(&self) -> &Path {
         &self.keystore
     }
+}
+
+/// The space an image takes, read while no backend serves it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ImageSpace {
+    /// Backend label.
+    pub backend: String,
+    /// When it was read, e.g. "after the prefill".
+    pub when: String,
+    /// The image file's length (`None` for an RBD image).
+    pub file_bytes: Option<u64>,
+    /// The host bytes the image file takes (`st_blocks * 512`; `None` for an RBD image).
+    pub host_allocated_bytes: Option<u64>,
+    /// qvol: `qvol info --json`'s `allocated_bytes` (data blocks and metadata nodes in use).
+    pub qvol_allocated_bytes: Option<u64>,
+    /// qvol with compression units: `compression_ratio` (logical data blocks per physical
+    /// data block).
+    pub compression_ratio: Option<f64>,
+    /// qvol with compression units: logical blocks stored in units.
+    pub unit_lbns: Option<u64>,
+    /// qvol with compression units: the physical blocks those units take.
+    pub unit_blocks: Option<u64>,
+    /// qvol with compression units: logical blocks stored plain.
+    pub plain_blocks: Option<u64>,
+    /// Why the qvol figures are missing, if `qvol info` failed.
+    pub error: Option<String>,
+}
+
+/// Reads the space the image of `p` takes: the file's allocated blocks and, for qvol,
+/// `qvol info --json` (allocation and compression usage). Call it with the backend stopped,
+/// so that qvol's figures are those of a committed, closed volume.
+pub fn image_space(tools: &Tools, p: &Prepared, when: &str) -> ImageSpace {
+    let mut space = ImageSpace {
+        backend: p.kind.label().to_owned(),
+        when: when.to_owned(),
+        ..ImageSpace::default()
+    };
+    if !p.kind.is_rbd() {
+        if let Ok(meta) = fs::metadata(&p.image) {
+            space.file_bytes = Some(meta.len());
+            space.host_allocated_bytes = Some(meta.blocks() * 512);
+        }
+    }
+    if !p.kind.is_qvol() {
+        return space;
+    }
+    let info = tools
+        .qvol
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|(qvol, _)| {
+            run_tool(
+                Command::new(qvol)
+                    .env("QVOL_KEYSTORE", &p.keystore)
+                    .args(["info", "--json"])
+                    .arg(&p.image),
+                "qvol info --json",
+            )
+        });
+    let doc = info.and_then(|text| {
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| format!("qvol info --json printed no JSON: {e}"))
+    });
+    match doc {
+        Ok(v) => {
+            space.qvol_allocated_bytes = v["allocated_bytes"].as_u64();
+            space.compression_ratio = v["compression_ratio"].as_f64();
+            let usage = &v["compression_usage"];
+            space.unit_lbns = usage["unit_lbns"].as_u64();
+            space.unit_blocks = usage["unit_blocks"].as_u64();
+            space.plain_blocks = usage["plain_blocks"].as_u64();
+            if let Some(e) = v["compression_error"].as_str() {
+                space.error = Some(e.to_owned());
+            }
+        }
+        Err(e) => space.error = Some(e),
+    }
+    space
 }
 
 /// A running backend process; stopped (SIGTERM, then SIGKILL) on drop.
@@ -430,7 +562,7 @@ pub fn start(tools: &Tools, p: &Prepared, queues: usize) -> Result<Running, Stri
             ));
             c
         }
-        BackendKind::Qvol(_) | BackendKind::QvolRbd(_) => {
+        BackendKind::Qvol(_) | BackendKind::QvolRbd(_) | BackendKind::QvolZstd(_) => {
             let (_, vhost) = tools.qvol.as_ref().map_err(Clone::clone)?;
             let mut c = Command::new(vhost);
             let volume_id = integration::fixture::volume_id_of(&p.image)?;

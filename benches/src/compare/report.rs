@@ -4,10 +4,18 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::backend::BackendKind;
+use super::backend::{BackendKind, ImageSpace};
 use super::disksync::DiskSync;
 use super::machine::Machine;
+use super::run::DataKind;
 use super::workload::{Metric, Workload, SUSTAINED, WORKLOADS};
+
+/// When [`ImageSpace`] is read the first time: the image written once, whole, with the
+/// run's data.
+pub const AFTER_PREFILL: &str = "after the prefill";
+
+/// When [`ImageSpace`] is read the second time.
+pub const AFTER_WORKLOADS: &str = "after the workloads";
 
 /// One backend, one queue count, one workload.
 #[derive(Clone, Debug, Serialize)]
@@ -92,6 +100,34 @@ pub struct Report {
     pub measurements: Vec<Measurement>,
     /// Backends left out, with the reason.
     pub skipped: Vec<Skipped>,
+    /// What the client's writes carried (the same for every backend).
+    pub data: DataKind,
+    /// The workloads, in the order they ran on each backend.
+    pub workloads: Vec<String>,
+    /// `qvol create --compress` arguments of the compressed qvol backends (when any ran).
+    pub compress: Option<String>,
+    /// What qvol's unit codec makes of the client's data (when a compressed backend ran).
+    pub data_units: Option<DataUnits>,
+    /// The space each image took: after the prefill, and after the workloads.
+    pub space: Vec<ImageSpace>,
+}
+
+/// The client's buffer cut into compression units and packed by qvol's unit codec
+/// (`qvol_core::unit::pack`): the saving a volume gets when the data is written whole.
+#[derive(Clone, Debug, Serialize)]
+pub struct DataUnits {
+    /// Unit size in bytes.
+    pub unit_bytes: u64,
+    /// zstd level.
+    pub level: i32,
+    /// Units packed.
+    pub units: u64,
+    /// Blocks they would take (a unit that saves no block counts as its `N` plain blocks).
+    pub blocks: u64,
+    /// Plain blocks / stored blocks.
+    pub saving: f64,
+    /// zstd's own ratio (unit bytes / frame bytes) over the units.
+    pub zstd_ratio: f64,
 }
 
 fn find<'a>(
@@ -247,6 +283,33 @@ impl Report {
                 figures.join(", ")
             );
         }
+        let _ = writeln!(
+            s,
+            "\nData written: {} ({}). Workloads in the order they ran on each backend: {}.",
+            self.data.name(),
+            match self.data {
+                DataKind::Random => "pseudo-random bytes, incompressible",
+                DataKind::Text => {
+                    "log lines with varying timestamps, addresses, paths and ids, the same \
+                     bytes for every backend"
+                }
+            },
+            self.workloads.join(", ")
+        );
+        if let (Some(c), Some(u)) = (&self.compress, &self.data_units) {
+            let _ = writeln!(
+                s,
+                "\nCompressed backends: `qvol create --compress {c}`. qvol's unit codec (zstd \
+                 level {}) packs the client's buffer, cut into {} KiB units, into {} blocks \
+                 for {} plain: {:.2}× when written whole (zstd alone: {:.2}×).",
+                u.level,
+                u.unit_bytes >> 10,
+                u.blocks,
+                u.units * (u.unit_bytes / 4096),
+                u.saving,
+                u.zstd_ratio
+            );
+        }
         for skipped in &self.skipped {
             let _ = writeln!(s, "\n**Skipped {}**: {}", skipped.backend, skipped.reason);
         }
@@ -257,10 +320,234 @@ impl Report {
                 }
             }
             s.push_str(&self.write_latency(q));
+            s.push_str(&self.compression_tables(q));
         }
-        if BackendKind::ALL.iter().any(|&b| self.measured(b, 1)) {
+        s.push_str(&self.space_table());
+        // Issue 6's goals compare with qemu-storage-daemon: only when it ran.
+        if [BackendKind::QsdRaw, BackendKind::QsdLuks]
+            .iter()
+            .any(|&b| self.measured(b, 1))
+        {
             s.push_str(&self.goals());
             s.push_str(&self.sustained_goals());
+        }
+        s.push_str(&self.compression_goals());
+        s
+    }
+
+    /// The compressed qvol backends measured with `q` queues whose plain twin was measured
+    /// too, with it.
+    fn zstd_pairs(&self, q: usize) -> Vec<(BackendKind, BackendKind)> {
+        BackendKind::ZSTD
+            .into_iter()
+            .filter_map(|z| Some((z, z.plain_twin()?)))
+            .filter(|&(z, p)| self.measured(z, q) && self.measured(p, q))
+            .collect()
+    }
+
+    /// The workloads measured, in table order.
+    fn measured_workloads(&self) -> Vec<&'static Workload> {
+        WORKLOADS
+            .iter()
+            .chain([&SUSTAINED])
+            .filter(|w| self.measurements.iter().any(|m| m.workload == w.name))
+            .collect()
+    }
+
+    /// Each compressed qvol backend beside the same suite without compression: throughput
+    /// (ratio compressed / plain, above 1 is faster; for latency, p99 compressed / plain,
+    /// above 1 is slower) and CPU seconds per GB.
+    fn compression_tables(&self, q: usize) -> String {
+        let mut s = String::new();
+        let pairs = self.zstd_pairs(q);
+        if pairs.is_empty() {
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "\n## Compression, {q} queue{} ({} data)\n",
+            if q == 1 { "" } else { "s" },
+            self.data.name()
+        );
+        let _ = write!(s, "| workload |");
+        for (z, p) in &pairs {
+            let _ = write!(s, " {} | {} | zstd / plain |", p.label(), z.label());
+        }
+        let _ = writeln!(s, "\n|---|{}", "---|".repeat(pairs.len() * 3));
+        for w in self.measured_workloads() {
+            let _ = write!(s, "| {} |", w.name);
+            for &(z, p) in &pairs {
+                let (mz, mp) = (find(self, z, q, w), find(self, p, q, w));
+                let _ = write!(s, " {} | {} | {} |", cell(mp), cell(mz), ratio(mz, mp));
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(
+            s,
+            "\nBackend CPU seconds per GB moved (user + system, all threads):\n"
+        );
+        let _ = write!(s, "| workload |");
+        for (z, p) in &pairs {
+            let _ = write!(s, " {} | {} | zstd − plain |", p.label(), z.label());
+        }
+        let _ = writeln!(s, "\n|---|{}", "---|".repeat(pairs.len() * 3));
+        for w in self.measured_workloads() {
+            let _ = write!(s, "| {} |", w.name);
+            for &(z, p) in &pairs {
+                let cpu = |b| find(self, b, q, w).map(|m| m.backend_cpu_s_per_gb);
+                let f = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.2}"));
+                let diff = match (cpu(z), cpu(p)) {
+                    (Some(a), Some(b)) => format!("{:+.2}", a - b),
+                    _ => "—".to_owned(),
+                };
+                let _ = write!(s, " {} | {} | {diff} |", f(cpu(p)), f(cpu(z)));
+            }
+            let _ = writeln!(s);
+        }
+        s
+    }
+
+    /// The space of every image, after the prefill and after the workloads.
+    fn space_table(&self) -> String {
+        let mut s = String::new();
+        if self.space.is_empty() {
+            return s;
+        }
+        let mib =
+            |b: Option<u64>| b.map_or("—".to_owned(), |b| format!("{:.1}", b as f64 / 1048576.0));
+        let _ = writeln!(
+            s,
+            "\nSpace (read with the backend stopped): the image file's length and the host \
+             bytes it takes (`st_blocks` × 512); for qvol, `qvol info --json`'s allocated \
+             bytes and compression usage (logical blocks in units / the blocks those units \
+             take / plain blocks). Saving = the plain twin's host bytes / these, at the same \
+             point:\n"
+        );
+        let _ = writeln!(
+            s,
+            "| backend | when | file MiB | host allocated MiB | qvol allocated MiB | ratio | \
+             units (lbns / blocks) | plain blocks | saving vs plain |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        for sp in &self.space {
+            let twin = BackendKind::ZSTD
+                .into_iter()
+                .find(|z| z.label() == sp.backend)
+                .and_then(BackendKind::plain_twin)
+                .and_then(|p| {
+                    self.space
+                        .iter()
+                        .find(|o| o.backend == p.label() && o.when == sp.when)
+                });
+            let saving = match (
+                twin.and_then(|t| t.host_allocated_bytes),
+                sp.host_allocated_bytes,
+            ) {
+                (Some(a), Some(b)) if b > 0 => format!("{:.2}×", a as f64 / b as f64),
+                _ => "—".to_owned(),
+            };
+            let units = match (sp.unit_lbns, sp.unit_blocks) {
+                (Some(l), Some(b)) => format!("{l} / {b}"),
+                _ => "—".to_owned(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {units} | {} | {saving} |",
+                sp.backend,
+                sp.when,
+                mib(sp.file_bytes),
+                mib(sp.host_allocated_bytes),
+                mib(sp.qvol_allocated_bytes),
+                sp.compression_ratio
+                    .map_or("—".to_owned(), |r| format!("{r:.2}")),
+                sp.plain_blocks.map_or("—".to_owned(), |p| p.to_string()),
+            );
+        }
+        for sp in self.space.iter().filter(|sp| sp.error.is_some()) {
+            let _ = writeln!(
+                s,
+                "\n{} ({}): {}",
+                sp.backend,
+                sp.when,
+                sp.error.as_deref().unwrap_or("")
+            );
+        }
+        s
+    }
+
+    /// Issue 16's throughput goals (1 queue), compressed against plain; the space goal is
+    /// for a guest's filesystem (scripts/bench-compress.sh), so here it is only shown for
+    /// this run's data.
+    fn compression_goals(&self) -> String {
+        let mut s = String::new();
+        let q = 1;
+        let pairs = self.zstd_pairs(q);
+        if pairs.is_empty() {
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "\n## Goals (issue 16, compression, 1 queue, {} data)\n",
+            self.data.name()
+        );
+        let verdict = |met: bool| if met { "met" } else { "MISSED" };
+        let w = |name: &str| WORKLOADS.iter().find(|w| w.name == name);
+        for (z, p) in pairs {
+            for (wname, goal, what) in [
+                ("seq-read-1M-qd8", 0.75, "≤ 25 % loss"),
+                ("rand-read-4K-qd32", 0.7, "≥ 0.7×"),
+            ] {
+                let Some(wl) = w(wname) else { continue };
+                match (
+                    find(self, z, q, wl).and_then(key_figure),
+                    find(self, p, q, wl).and_then(key_figure),
+                ) {
+                    (Some(a), Some(b)) if b > 0.0 => {
+                        let r = a / b;
+                        let _ = writeln!(
+                            s,
+                            "- {} {wname}: {r:.2}× {} (goal {what}): {}",
+                            z.label(),
+                            p.label(),
+                            verdict(r >= goal)
+                        );
+                    }
+                    _ => {
+                        let _ = writeln!(s, "- {} {wname}: not measured", z.label());
+                    }
+                }
+            }
+            let host = |b: BackendKind| {
+                self.space
+                    .iter()
+                    .find(|sp| sp.backend == b.label() && sp.when == AFTER_PREFILL)
+                    .and_then(|sp| sp.host_allocated_bytes)
+            };
+            if let (Some(a), Some(b)) = (host(p), host(z)) {
+                if b > 0 && self.data == DataKind::Random {
+                    let _ = writeln!(
+                        s,
+                        "- {}: {:.2}× the host space of {} {AFTER_PREFILL} (random data: \
+                         nothing to save; the space goal is for a guest's filesystem, \
+                         scripts/bench-compress.sh)",
+                        z.label(),
+                        b as f64 / a as f64,
+                        p.label()
+                    );
+                } else if b > 0 {
+                    let r = a as f64 / b as f64;
+                    let _ = writeln!(
+                        s,
+                        "- {}: {r:.2}× less host space than {} {AFTER_PREFILL} (goal ≥ 1.8× \
+                         on a guest's filesystem, measured by scripts/bench-compress.sh; \
+                         here on this run's {} data): {}",
+                        z.label(),
+                        p.label(),
+                        self.data.name(),
+                        verdict(r >= 1.8)
+                    );
+                }
+            }
         }
         s
     }
