@@ -88,7 +88,7 @@ enum Command {
     Upgrade(upgrade::UpgradeArgs),
     /// Grow a volume's disk (online when a daemon serves it), or shrink it (--shrink).
     Resize(resize::ResizeArgs),
-    /// Set the compression of a volume's new writes: zstd[:LEVEL] or off (for a volume
+    /// Set the compression of a volume's new writes: zstd, zstd:LEVEL or off (for a volume
     /// created with --compress; what was written before stays as it is).
     Compress(compress::CompressArgs),
     /// Take, list, revert to and delete snapshots of a volume (format version 4).
