@@ -128,18 +128,18 @@ impl Volume {
         Ok(usage)
     }
 
-    /// `log2 N` and `N` when new writes are compressed.
-    pub(crate) fn compressing(&self) -> Option<(u8, u64)> {
+    /// `N` when new writes are compressed.
+    pub(crate) fn compressing(&self) -> Option<u64> {
         let log2 = self.header.units()?;
         self.compress_level()?;
-        Some((log2, 1 << log2))
+        Some(1 << log2)
     }
 
     /// The logical blocks a write of `first .. end` claims: with compression on, every
     /// group it touches whole (it may rewrite them), within the disk.
     pub(crate) fn groups_around(&self, first: u64, end: u64) -> std::ops::Range<u64> {
         match self.compressing() {
-            Some((_, g)) => first - first % g..end.div_ceil(g).saturating_mul(g).min(self.blocks()),
+            Some(g) => first - first % g..end.div_ceil(g).saturating_mul(g).min(self.blocks()),
             None => first..end,
         }
     }
@@ -165,11 +165,7 @@ impl Volume {
                 continue;
             }
             if unit.as_ref().is_none_or(|(pbn, _)| *pbn != e.pbn) {
-                let mut sealed = zeroize::Zeroizing::new(vec![0u8; usize::from(e.k) * BS]);
-                let mut opened = group_buffer(log2_n);
-                self.read_blocks(e.pbn, &mut sealed)?;
-                open_entry_unit(&self.keys(), log2_n, first, e, &mut sealed, &mut opened)?;
-                unit = Some((e.pbn, opened));
+                unit = Some((e.pbn, self.open_unit_of(first, e)?));
             }
             if let Some((_, opened)) = &unit {
                 block.copy_from_slice(&opened[i * BS..(i + 1) * BS]);
@@ -181,7 +177,7 @@ impl Volume {
     /// The groups whole inside `lbn .. lbn + n` a write compresses now: (first group's
     /// first block, number of groups); `None` when compression is off or none fits.
     pub(crate) fn whole_groups(&self, lbn: u64, n: u64) -> Option<(u64, u64)> {
-        let (_, size) = self.compressing()?;
+        let size = self.compressing()?;
         let first = lbn.div_ceil(size) * size;
         // A group reaching past the disk's end is never compressed (§18.3 rule 5).
         let end = ((lbn + n).min(self.blocks()) / size) * size;
@@ -251,18 +247,20 @@ impl Volume {
             self.read_blocks(e.pbn, buf)?;
             return open_block(&keys, lbn, e, buf);
         }
-        let log2_n = self.map.units().unwrap_or(0);
-        let mut sealed = zeroize::Zeroizing::new(vec![0u8; usize::from(e.k) * BS]);
-        let mut group = group_buffer(log2_n);
-        let read = self.read_blocks(e.pbn, &mut sealed);
-        let opened =
-            read.and_then(|()| open_entry_unit(&keys, log2_n, lbn, e, &mut sealed, &mut group));
-        if let Err(err) = opened {
-            buf.fill(0);
-            return Err(err);
-        }
-        let at = (lbn % (1 << log2_n)) as usize * BS;
+        let group = self.open_unit_of(lbn, e).inspect_err(|_| buf.fill(0))?;
+        let at = (lbn % self.unit_blocks()) as usize * BS;
         buf.copy_from_slice(&group[at..at + BS]);
         Ok(())
+    }
+
+    /// Reads and opens the unit `e` (an entry of logical block `lbn`'s group) references:
+    /// the group's `N` blocks as the unit holds them, wiped when dropped.
+    fn open_unit_of(&self, lbn: u64, e: &LeafEntry) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        let log2_n = self.header.units().unwrap_or(0);
+        let mut sealed = zeroize::Zeroizing::new(vec![0u8; usize::from(e.k) * BS]);
+        let mut group = group_buffer(log2_n);
+        self.read_blocks(e.pbn, &mut sealed)?;
+        open_entry_unit(&self.keys(), log2_n, lbn, e, &mut sealed, &mut group)?;
+        Ok(group)
     }
 }

@@ -10,6 +10,7 @@ use crate::layout::*;
 use crate::map::Leaf;
 use crate::node::LeafEntry;
 use crate::snapshot::Kill;
+use crate::storage::Storage;
 use crate::subkeys::Subkeys;
 use crate::unit::{open_unit, UnitPlace};
 use crate::wal::LogOp;
@@ -46,6 +47,27 @@ pub(crate) fn check_groups(page: &[u8], units: Option<u8>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The entries of leaf entry `i`'s group (`units` = `log2 N`).
+pub(crate) fn group_of(units: Option<u8>, i: usize) -> std::ops::Range<usize> {
+    let n = 1usize << units.unwrap_or(0);
+    i - i % n..i - i % n + n
+}
+
+/// The first entry of `group` in the leaf `page` that references the unit at `pbn`, if any.
+pub(crate) fn first_reference(
+    page: &[u8],
+    group: std::ops::Range<usize>,
+    pbn: u64,
+) -> Result<Option<usize>> {
+    for j in group {
+        let o = LeafEntry::decode(page, j)?;
+        if o.k > 0 && o.pbn == pbn {
+            return Ok(Some(j));
+        }
+    }
+    Ok(None)
 }
 
 /// Applies `op` (whose blocks all lie in `leaf`, leaf number `leaf_no`) to the leaf and
@@ -153,12 +175,27 @@ pub(crate) fn group_buffer(log2_n: u8) -> Zeroizing<Vec<u8>> {
     Zeroizing::new(vec![0u8; BS << log2_n])
 }
 
-/// Re-seals the unit `e` references (its `k` sealed blocks in `buf`, in place) under the
-/// new keys' epoch with a fresh nonce, after opening it by every rule of §18.2 under the
-/// old keys (FORMAT.md §18.3 rule 4: same `k`, the same compressed bytes). Returns its new
-/// entry without a physical block. A unit that does not open stops the caller: re-encryption
-/// never turns a damaged unit into a valid one.
+/// Reads the unit `e` references from `st` and re-seals it under the new keys' epoch with a
+/// fresh nonce, after opening it by every rule of §18.2 under the old keys (FORMAT.md §18.3
+/// rule 4: same `k`, the same compressed bytes). Returns its new entry without a physical
+/// block, and its `k` sealed blocks. A unit that does not open stops the caller:
+/// re-encryption never turns a damaged unit into a valid one.
 pub(crate) fn reseal_unit(
+    st: &dyn Storage,
+    (old, new): (&Subkeys, &Subkeys),
+    log2_n: u8,
+    lbn: u64,
+    e: &LeafEntry,
+) -> Result<(LeafEntry, Vec<u8>)> {
+    let mut sealed = vec![0u8; usize::from(e.k) * BS];
+    st.read_exact_at(&mut sealed, e.pbn * BLOCK_SIZE)
+        .map_err(|err| Error::io(format!("cannot read physical block {}", e.pbn), err))?;
+    let entry = reseal_in_place(old, new, log2_n, lbn, e, &mut sealed)?;
+    Ok((entry, sealed))
+}
+
+/// [`reseal_unit`] of the unit's sealed blocks in `buf`, in place.
+fn reseal_in_place(
     old: &Subkeys,
     new: &Subkeys,
     log2_n: u8,

@@ -100,6 +100,11 @@ impl Header {
         (self.features & FEATURE_UNITS != 0).then_some(self.unit_log2)
     }
 
+    /// Bytes of a compression unit, 0 without units.
+    pub(crate) fn unit_bytes(&self) -> u32 {
+        self.units().map_or(0, |l| (BS as u32) << l)
+    }
+
     /// Whether node MACs are portable (FORMAT.md §6.2).
     pub(crate) fn portable_nodes(&self) -> bool {
         self.features & FEATURE_PORTABLE_NODES != 0
@@ -377,7 +382,7 @@ pub fn read_header(storage: &dyn Storage) -> Result<HeaderInfo> {
         suite: header.suite,
         key_epoch: header.key_epoch,
         size: header.size,
-        unit_bytes: header.units().map_or(0, |l| (BS as u32) << l),
+        unit_bytes: header.unit_bytes(),
         name: header.name,
         keyslots,
     })

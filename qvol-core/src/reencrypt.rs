@@ -523,11 +523,8 @@ impl Volume {
     ) -> Result<LeafEntry> {
         let st = &*self.storage;
         let keys = self.keys();
-        let mut buf = vec![0u8; usize::from(e.k) * BS];
-        st.read_exact_at(&mut buf, e.pbn * BLOCK_SIZE)
-            .map_err(|err| Error::io(format!("cannot read physical block {}", e.pbn), err))?;
         let log2_n = self.header.units().unwrap_or(0);
-        let mut copy = crate::group::reseal_unit(&keys, &keys, log2_n, first, e, &mut buf)?;
+        let (mut copy, buf) = crate::group::reseal_unit(st, (&keys, &keys), log2_n, first, e)?;
         let k = u64::from(e.k);
         copy.pbn = self.alloc.lock().alloc_run_anywhere(st, &keys, k)?;
         let queued = buf

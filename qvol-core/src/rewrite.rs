@@ -199,12 +199,8 @@ impl<'a> Rewrite<'a> {
             return Ok(copy);
         }
         if e.k > 0 {
-            let mut buf = vec![0u8; usize::from(e.k) * BS];
-            self.st
-                .read_exact_at(&mut buf, e.pbn * BLOCK_SIZE)
-                .map_err(|err| Error::io(format!("cannot read physical block {}", e.pbn), err))?;
-            let mut sealed =
-                crate::group::reseal_unit(self.old, self.new, self.log2_n, lbn, e, &mut buf)?;
+            let keys = (self.old, self.new);
+            let (mut sealed, buf) = crate::group::reseal_unit(self.st, keys, self.log2_n, lbn, e)?;
             sealed.pbn = self.a.alloc_run_anywhere(self.st, self.old, blocks)?;
             for (i, block) in buf.chunks_exact(BS).enumerate() {
                 self.data_out.push(sealed.pbn + i as u64, block)?;

@@ -245,7 +245,7 @@ impl Volume {
         mut data: &'d [u8],
         credit: &mut Credit<'_>,
     ) -> Result<(u64, &'d [u8])> {
-        let Some((_, g)) = self.compressing() else {
+        let Some(g) = self.compressing() else {
             return Ok((offset, data));
         };
         let group_bytes = g * BLOCK_SIZE;

@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 
 use crate::datablock::open_block;
 use crate::error::{Error, ErrorKind, Result};
+use crate::group::{first_reference, group_of};
 use crate::header::{decode_header, decode_keyslots, HEADER_AREA_LEN};
 use crate::layout::*;
 use crate::node::{
@@ -63,7 +64,7 @@ impl StreamHead {
             suite: header.suite,
             key_epoch: header.key_epoch,
             size: header.size,
-            unit_bytes: header.units().map_or(0, |l| (BS as u32) << l),
+            unit_bytes: header.unit_bytes(),
             name: header.name,
             keyslots: decode_keyslots(&self.header_area[BS..])?,
         })
@@ -397,7 +398,7 @@ impl<W: Write> Sender<'_, W> {
         e: &LeafEntry,
     ) -> Result<()> {
         let group = group_of(self.units, i);
-        if first_reference(&page[..], group.clone(), e)? != i
+        if first_reference(&page[..], group.clone(), e.pbn)? != Some(i)
             || base_unit(base_page, group, e)?.is_some()
         {
             return Ok(());
@@ -429,23 +430,6 @@ fn stream_version(units: Option<u8>) -> u32 {
     } else {
         STREAM_VERSION
     }
-}
-
-/// The entries of leaf entry `i`'s group.
-fn group_of(units: Option<u8>, i: usize) -> std::ops::Range<usize> {
-    let n = 1usize << units.unwrap_or(0);
-    i - i % n..i - i % n + n
-}
-
-/// The first entry of `group` in `page` that references the unit `e` references.
-fn first_reference(page: &[u8], group: std::ops::Range<usize>, e: &LeafEntry) -> Result<usize> {
-    for j in group {
-        let o = LeafEntry::decode(page, j)?;
-        if o.k > 0 && o.pbn == e.pbn {
-            return Ok(j);
-        }
-    }
-    Err(Error::corrupt("internal: a unit entry is not in its group"))
 }
 
 /// The base's entry of the same group referencing the same sealed unit as `e` (same key

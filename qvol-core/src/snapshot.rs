@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use crate::alloc::AllocState;
 use crate::error::{Error, ErrorKind, Result};
+use crate::group::{first_reference, group_of};
 use crate::layout::*;
 use crate::node::{decode_interior_entry, node_mac, LeafEntry, NodePtr, TreeKind};
 use crate::storage::Storage;
@@ -508,7 +509,6 @@ impl Volume {
                 )?);
             }
         }
-        let n = self.unit_blocks() as usize;
         for i in 0..FANOUT as usize {
             if level == 0 {
                 let e = LeafEntry::decode(&page[..], i)?;
@@ -519,19 +519,13 @@ impl Volume {
                     // A unit: once, for the first entry of its group that references it,
                     // held by another map if any entry of its group there references it
                     // (FORMAT.md §18.3 rule 2).
-                    let group = i - i % n..i - i % n + n;
-                    let first = group.clone().find(|&j| {
-                        LeafEntry::decode(&page[..], j).is_ok_and(|o| o.k > 0 && o.pbn == e.pbn)
-                    });
-                    if first != Some(i) {
+                    let group = group_of(self.header.units(), i);
+                    if first_reference(&page[..], group.clone(), e.pbn)? != Some(i) {
                         continue;
                     }
                     let mut shared = false;
                     for p in &pages {
-                        for j in group.clone() {
-                            let o = LeafEntry::decode(&p[..], j)?;
-                            shared |= o.k > 0 && o.pbn == e.pbn;
-                        }
+                        shared |= first_reference(&p[..], group.clone(), e.pbn)?.is_some();
                     }
                     if !shared {
                         for pbn in e.pbn..e.pbn + u64::from(e.k) {

@@ -493,7 +493,7 @@ impl Volume {
             keyslot_count: self.keyslots().iter().filter(|s| !s.is_empty()).count(),
             read_only: self.read_only,
             log_records: self.wal.next(),
-            unit_bytes: self.header.units().map_or(0, |l| (BS as u32) << l),
+            unit_bytes: self.header.unit_bytes(),
             compress_level: self.compress_level(),
         }
     }
